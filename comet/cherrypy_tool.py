@@ -1,0 +1,260 @@
+"""CherryPy integration: the ``@comet`` decorator, ``tools.comet`` and the
+engine plugin. This is the only module that imports CherryPy.
+
+Three spellings of the same thing, with the same option names and defaults
+(:class:`comet.Options`)::
+
+    @cherrypy.expose
+    @comet(transport="sse", heartbeat=15)
+    def events(self, last_event_id=None): ...
+
+    @cherrypy.expose
+    @cherrypy.tools.comet(transport="sse")
+    def events(self, last_event_id=None): ...
+
+    config = {"/events": {"tools.comet.on": True, "tools.comet.transport": "sse"}}
+
+A handler that accepts ``last_event_id`` receives the client's resume cursor:
+the ``Last-Event-ID`` header when present (EventSource sends it on
+reconnect), else the ``last_event_id`` query parameter.
+
+Process-wide settings live in the ``comet`` config namespace::
+
+    cherrypy.config.update({"comet.max_streams": 500, "comet.retry_after": 5})
+
+``max_streams`` defaults to the server's ``thread_pool`` less a reserve of
+``max(2, thread_pool // 10)`` threads, because every open stream holds a
+worker thread and ordinary pages need some left.
+
+The engine plugin ends every stream when the engine stops, before the HTTP
+server joins its worker threads (priority 10 < the server's 25), so shutdown
+does not wait for idle streams. Hubs given to :meth:`CometPlugin.add_hub`
+also wake their waiters at once.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import cherrypy
+from cherrypy.process.plugins import SimplePlugin
+
+from .errors import InvalidEventId, StreamsExhausted
+from .hub import Hub
+from .options import Options
+from .stream import Stream, StreamPool, http_error
+from .wsgi import resume_id, socket_probe
+
+__all__ = ["comet", "CometTool", "CometPlugin", "engine_plugin"]
+
+
+class CometPlugin(SimplePlugin):
+    """Holds the process's :class:`~comet.stream.StreamPool` and ends streams
+    (and registered hubs' subscriptions) when the engine stops."""
+
+    def __init__(self, bus: Any) -> None:
+        super().__init__(bus)
+        self.pool = StreamPool()
+        self.hubs: list[Hub] = []
+        self._cap_configured = False
+
+    def add_hub(self, hub: Hub) -> Hub:
+        """Wake and end *hub*'s subscriptions when the engine stops.
+
+        >>> hub = engine_plugin().add_hub(Hub())
+        """
+        if hub not in self.hubs:
+            self.hubs.append(hub)
+        return hub
+
+    def configure(self, max_streams: int | None = None, retry_after: int | None = None) -> None:
+        """Set the admission cap and ``Retry-After`` (what ``comet.*`` config does)."""
+        StreamPool(max_streams=max_streams, retry_after=5 if retry_after is None else retry_after)  # validates
+        if max_streams is not None:
+            self.pool.max_streams = max_streams
+            self._cap_configured = True
+        if retry_after is not None:
+            self.pool.retry_after = retry_after
+
+    def ensure_cap(self) -> None:
+        # The thread pool size is only final once config is loaded, so the
+        # default cap is derived at the first stream, not at import.
+        if not self._cap_configured and self.pool.max_streams is None:
+            threads = int(getattr(cherrypy.server, "thread_pool", 10) or 10)
+            self.pool.max_streams = max(1, threads - max(2, threads // 10))
+
+    def start(self) -> None:
+        self.pool.reopen()
+
+    def stop(self) -> None:
+        self.pool.close_all()
+        for hub in self.hubs:
+            hub.end_subscriptions()
+
+    stop.priority = 10  # before the HTTP server's stop (25) joins its threads
+
+
+def engine_plugin(engine: Any = None) -> CometPlugin:
+    """The :class:`CometPlugin` of *engine* (default ``cherrypy.engine``),
+    created and subscribed on first use."""
+    engine = engine if engine is not None else cherrypy.engine
+    plugin = getattr(engine, "_comet_plugin", None)
+    if plugin is None:
+        plugin = CometPlugin(engine)
+        plugin.subscribe()
+        engine._comet_plugin = plugin
+    return plugin
+
+
+def _config_namespace(key: str, value: Any) -> None:
+    if key not in ("max_streams", "retry_after"):
+        raise ValueError(f"unknown config key comet.{key}; known: comet.max_streams, comet.retry_after")
+    engine_plugin().configure(**{key: value})
+
+
+cherrypy.config.namespaces["comet"] = _config_namespace
+
+
+def _serve(call: Callable[[], Any], options: Options) -> Any:
+    """Run one streaming request: admit, prime, send headers, stream."""
+    request, response = cherrypy.serving.request, cherrypy.serving.response
+    plugin = engine_plugin()
+    plugin.ensure_cap()
+    pool = plugin.pool
+    try:
+        ticket = pool.admit(options.transport)
+    except StreamsExhausted as exc:
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return _refuse(503, str(exc))
+    stream = None
+    try:
+        items = call()
+        stream = Stream(items, options, pool, ticket, probe=socket_probe(request.wsgi_environ),
+                        resume_id=request.comet_last_event_id)
+        stream.prime()
+    except Exception as exc:
+        if stream is not None:
+            stream.close()
+        else:
+            pool.release(ticket)
+        error = http_error(exc)
+        if error is None:
+            raise
+        return _refuse(*error)
+    for name, value in stream.headers():
+        response.headers[name] = value
+    if options.transport == "longpoll":
+        try:
+            return stream.longpoll_body()
+        finally:
+            stream.close()
+    response.stream = True
+    # Runs when cheroot closes the response: at the end, on a failed write
+    # (client gone) and on errors. Closing our stream runs the handler's
+    # finally, whatever wrappers (the encode tool's) sit in between.
+    request.hooks.attach("on_end_request", stream.close)
+    return stream
+
+
+def _refuse(status: int, reason: str) -> bytes:
+    """A short plain-text error: stream clients (EventSource, comet.js, curl)
+    show the reason, and no traceback page leaks for bad input."""
+    response = cherrypy.serving.response
+    response.status = status
+    response.headers["Content-Type"] = "text/plain; charset=utf-8"
+    response.headers["Cache-Control"] = "no-cache"
+    return (reason + "\n").encode("utf-8")
+
+
+def _takes_last_event_id(func: Callable) -> bool:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "last_event_id" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _resolve_resume(kwargs: dict, wants: bool) -> None:
+    request = cherrypy.serving.request
+    value = resume_id(request.headers.get("Last-Event-ID"), kwargs.get("last_event_id"))
+    request.comet_last_event_id = value
+    if wants:
+        kwargs["last_event_id"] = value
+    else:
+        kwargs.pop("last_event_id", None)
+
+
+def comet(transport: str = "sse", **options: Any) -> Callable[[Callable], Callable]:
+    """Make a generator page handler a stream. Put it under ``@cherrypy.expose``.
+
+    Keywords are the :class:`comet.Options` names; invalid values fail here,
+    at decoration time.
+
+    >>> from comet import comet, Hub
+    >>> hub = Hub()
+    >>> class Root:
+    ...     @cherrypy.expose
+    ...     @comet(transport="sse")
+    ...     def events(self, last_event_id=None):
+    ...         yield from hub.subscribe("lobby", last_id=last_event_id)
+    """
+    opts = Options.from_mapping({"transport": transport, **options})
+
+    def decorate(func: Callable) -> Callable:
+        wants = _takes_last_event_id(func)
+
+        @functools.wraps(func)
+        def handler(*args: Any, **kwargs: Any) -> Any:
+            try:
+                _resolve_resume(kwargs, wants)
+            except InvalidEventId as exc:
+                return _refuse(400, str(exc))
+            return _serve(lambda: func(*args, **kwargs), opts)
+
+        handler.comet_options = opts
+        return handler
+
+    return decorate
+
+
+class CometTool(cherrypy.Tool):
+    """``tools.comet``: the decorator as a CherryPy Tool, configured with
+    ``tools.comet.<option>`` keys. It wraps the page handler at
+    ``before_handler`` with priority 50, inside the encode tool's wrapper (70),
+    so the encoder sees a streaming response rather than consuming it."""
+
+    def __init__(self) -> None:
+        super().__init__("before_handler", self._wrap, name="comet", priority=50)
+        self._cache: dict[tuple, Options] = {}
+
+    def _options(self, config: dict) -> Options:
+        key = tuple(sorted(config.items()))
+        opts = self._cache.get(key)
+        if opts is None:
+            opts = self._cache[key] = Options.from_mapping(config)
+        return opts
+
+    def _wrap(self, **config: Any) -> None:
+        request = cherrypy.serving.request
+        inner = request.handler
+        if inner is None:
+            return
+        opts = self._options(config)
+        target = getattr(inner, "callable", inner)
+        wants = _takes_last_event_id(target)
+
+        def handler(*args: Any, **kwargs: Any) -> Any:
+            # PageHandler keeps the request params in .kwargs; resolve the
+            # resume cursor there so the page function receives it.
+            params = getattr(inner, "kwargs", kwargs)
+            try:
+                _resolve_resume(params, wants)
+            except InvalidEventId as exc:
+                return _refuse(400, str(exc))
+            return _serve(inner, opts)
+
+        request.handler = handler
+
+
+cherrypy.tools.comet = CometTool()

@@ -1,0 +1,307 @@
+"""Signal hubs: channels, ids, a replay buffer, and threads that wait on them.
+
+Design
+------
+Each channel keeps a bounded buffer of its last events and one
+``threading.Condition``. ``publish()`` appends once and wakes every waiter;
+it never touches a subscriber, so a slow or stuck consumer cannot block it.
+
+A subscription is a *cursor* (the sequence number of the last event it
+handed out), not a queue of copies. Whenever it wakes it takes everything
+after its cursor. An event published while the stream was busy writing is
+therefore still in the buffer when the stream comes back: the race of the
+classic "wait, then send" loop (notify while nobody waits = lost) cannot
+happen. A cursor that fell out of the buffer is told so with an explicit
+:data:`GAP` event, never a silent loss.
+
+Ids are ``"<epoch>-<seq>"``: the epoch is the hub's creation time in
+milliseconds and ``seq`` counts per channel, the same shape as Redis stream
+ids. They compare as ``(epoch, seq)``. A cursor from an older epoch (the
+server restarted, the memory hub forgot) gets a gap event and then everything
+the new hub still holds; a cursor from the future is rejected with
+:class:`~comet.errors.InvalidEventId`.
+
+Subscriptions yield ``None`` whenever they are caught up and again every
+``idle`` seconds while nothing happens. ``None`` means "nothing to send right
+now": the stream layer uses it to write heartbeats, notice disconnected
+clients and end streams at shutdown, without the hub knowing about HTTP.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterator
+
+from .errors import HubClosed, InvalidEvent, InvalidEventId
+from .framing import DEFAULT_MAX_EVENT_BYTES, Event
+
+__all__ = ["Hub", "GAP", "parse_id"]
+
+#: Name of the event a subscription receives when events it should have seen
+#: are no longer available. Its ``data`` is ``{"last_id": <the client's
+#: cursor>, "resume_id": <id of the gap event>}``; its ``id`` is the cursor to
+#: resume from, so clients that store ids need no special case.
+GAP = "comet.gap"
+
+_ID = re.compile(r"(\d{1,19})-(\d{1,19})")
+_MAX_CHANNEL = 200
+
+View = Callable[[Event], Any]
+
+
+def parse_id(value: str) -> tuple[int, int]:
+    """``"<epoch>-<seq>"`` to a comparable tuple, or :class:`InvalidEventId`.
+
+    >>> parse_id("1700000000000-42")
+    (1700000000000, 42)
+    """
+    if not isinstance(value, str):
+        raise InvalidEventId(f"event id must be a str, got {type(value).__name__}")
+    match = _ID.fullmatch(value)
+    if not match:
+        raise InvalidEventId(f"malformed event id {value[:80]!r}: expected '<epoch>-<seq>' digits")
+    return int(match[1]), int(match[2])
+
+
+class _Channel:
+    __slots__ = ("cond", "events", "seq")
+
+    def __init__(self, size: int) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.events: deque[Event] = deque(maxlen=size)
+        self.seq = 0  # seq of the newest event; events[-1] when any
+
+    def after(self, cursor: int) -> tuple[bool, int, list[Event]]:
+        """(fell_behind, seq of the first returned event, events after
+        *cursor*); the caller holds ``cond``."""
+        new = self.seq - cursor
+        if new <= 0:
+            return False, 0, []
+        held = len(self.events)
+        if new > held:
+            return True, self.seq - held + 1, list(self.events)
+        # Index from the right end: O(new), not O(buffer), for a caught-up cursor.
+        events = self.events
+        return False, cursor + 1, [events[i] for i in range(held - new, held)]
+
+
+class Hub:
+    """Channels of events that any thread may publish to and subscribe from.
+
+    >>> hub = Hub()
+    >>> first = hub.publish("lobby", "alice joined")
+    >>> sub = hub.subscribe("lobby", last_id=hub.before(first))
+    >>> next(sub).data
+    'alice joined'
+    >>> sub.close()
+
+    ``buffer_size`` events are kept per channel for resume and history;
+    ``max_event_bytes`` bounds one event's data; ``idle`` is how often (in
+    seconds) an idle subscription yields ``None`` so its stream can look
+    around (heartbeat, disconnect, shutdown).
+    """
+
+    def __init__(self, buffer_size: int = 1000, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0) -> None:
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}")
+        if not isinstance(max_event_bytes, int) or max_event_bytes < 1:
+            raise ValueError(f"max_event_bytes must be a positive int, got {max_event_bytes!r}")
+        if not isinstance(idle, (int, float)) or idle <= 0:
+            raise ValueError(f"idle must be a positive number of seconds, got {idle!r}")
+        self.buffer_size = buffer_size
+        self.max_event_bytes = max_event_bytes
+        self.idle = float(idle)
+        self.epoch = time.time_ns() // 1_000_000
+        self._lock = threading.Lock()
+        self._channels: dict[str, _Channel] = {}
+        self._generation = 0
+        self._closed = False
+        self._subscriptions = 0
+        self.published = 0
+
+    # -- publishing ---------------------------------------------------------
+
+    def publish(self, channel: str, data: Any, event: str | None = None, *, retry: int | None = None) -> str:
+        """Append an event to *channel*, wake its subscribers, return its id.
+
+        Safe from any thread; never blocks on subscribers. Raises
+        ``TypeError`` for data that is not text or JSON-serialisable and
+        ``ValueError`` for CR/LF in names or oversize data, before anything
+        is stored.
+
+        >>> hub = Hub()
+        >>> hub.publish("chat", {"text": "hi"}, event="shout").endswith("-1")
+        True
+        """
+        self._check_channel(channel)
+        proto = Event(data, name=event, channel=channel, retry=retry)
+        size = proto.size()  # serialises once, here, outside the lock
+        if size > self.max_event_bytes:
+            raise InvalidEvent(f"event data of {size} bytes exceeds max_event_bytes={self.max_event_bytes}")
+        if self._closed:
+            raise HubClosed("publish on a closed hub")
+        ch = self._channel(channel)
+        with ch.cond:
+            ch.seq += 1
+            event_id = f"{self.epoch}-{ch.seq}"
+            stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
+            stored._wire["text"] = proto.text()
+            ch.events.append(stored)
+            self.published += 1
+            ch.cond.notify_all()
+        return event_id
+
+    # -- subscribing --------------------------------------------------------
+
+    def subscribe(self, channel: str, last_id: str | None = None, *, view: View | None = None, idle: float | None = None) -> Iterator[Event | None]:
+        """Iterate *channel*'s events after *last_id*, in publish order.
+
+        ``last_id=None`` starts with the next event published. Otherwise every
+        event after ``last_id`` still in the buffer comes first; if some are
+        gone, a :data:`GAP` event says so. ``view(event)`` may return the
+        event, a changed one (``event.replace(...)``), other data for the same
+        id, or ``None`` to hide it from this subscriber.
+
+        Yields ``None`` when caught up and every ``idle`` seconds while idle.
+        Validation happens here, at the call: a malformed or future
+        ``last_id`` raises :class:`~comet.errors.InvalidEventId` at once.
+
+        >>> hub = Hub()
+        >>> _ = hub.publish("c", "secret", event="highlight")
+        >>> public = hub.subscribe("c", "0-0", view=lambda e: None if e.name == "highlight" else e)
+        >>> next(public).name   # the gap: the cursor is from before this hub
+        'comet.gap'
+        >>> next(public) is None   # highlight hidden; caught up
+        True
+        """
+        self._check_channel(channel)
+        if self._closed:
+            raise HubClosed("subscribe on a closed hub")
+        if view is not None and not callable(view):
+            raise TypeError("view must be callable")
+        ch = self._channel(channel)
+        with ch.cond:
+            cursor, gap = self._resolve(channel, ch, last_id)
+        return self._iterate(ch, channel, cursor, gap, view, self.idle if idle is None else idle)
+
+    def _resolve(self, channel: str, ch: _Channel, last_id: str | None) -> tuple[int, Event | None]:
+        if last_id is None or last_id == "":
+            return ch.seq, None
+        epoch, seq = parse_id(last_id)
+        if epoch > self.epoch or (epoch == self.epoch and seq > ch.seq):
+            raise InvalidEventId(f"event id {last_id!r} is from the future: channel {channel!r} is at {self.epoch}-{ch.seq}")
+        first = ch.seq - len(ch.events) + 1
+        if epoch == self.epoch and seq >= first - 1:
+            return seq, None
+        # Older epoch or evicted: everything held is new to the client.
+        return first - 1, self._gap(channel, last_id, first - 1)
+
+    def _gap(self, channel: str, last_id: str | None, resume_seq: int) -> Event:
+        resume = f"{self.epoch}-{resume_seq}"
+        return Event({"last_id": last_id, "resume_id": resume}, id=resume, name=GAP, channel=channel)
+
+    def _iterate(self, ch: _Channel, channel: str, cursor: int, gap: Event | None, view: View | None, idle: float) -> Iterator[Event | None]:
+        generation = self._generation
+        with self._lock:
+            self._subscriptions += 1
+        try:
+            if gap is not None:
+                yield gap
+            wait = False  # first pass: report "caught up" at once, so streams can send headers
+            while True:
+                with ch.cond:
+                    behind, start, batch = ch.after(cursor)
+                    if not batch:
+                        if self._closed or generation != self._generation:
+                            return
+                        if wait:
+                            ch.cond.wait(idle)
+                            behind, start, batch = ch.after(cursor)
+                wait = True
+                if behind:
+                    # Evicted while this consumer was busy: say so, go on from what is held.
+                    yield self._gap(channel, f"{self.epoch}-{cursor}", start - 1)
+                for cursor, event in enumerate(batch, start):
+                    shown = event if view is None else view(event)
+                    if shown is None:
+                        continue
+                    if not isinstance(shown, Event):
+                        shown = event.replace(data=shown)
+                    yield shown
+                yield None
+        finally:
+            with self._lock:
+                self._subscriptions -= 1
+
+    # -- reading ------------------------------------------------------------
+
+    def history(self, channel: str, limit: int | None = None) -> list[Event]:
+        """The newest ``limit`` buffered events of *channel*, oldest first.
+
+        Render them into a page, then subscribe with the last one's id: the
+        stream resumes exactly after it, with no gap and no duplicate.
+        """
+        self._check_channel(channel)
+        ch = self._channel(channel)
+        with ch.cond:
+            events = list(ch.events)
+        return events if limit is None else events[-limit:] if limit > 0 else []
+
+    def last_id(self, channel: str) -> str:
+        """Id of the newest event in *channel* (``"<epoch>-0"`` when none yet):
+        a cursor for "everything after now"."""
+        ch = self._channel(channel)
+        with ch.cond:
+            return f"{self.epoch}-{ch.seq}"
+
+    def before(self, event_id: str) -> str:
+        """The cursor just before *event_id* (to replay from that event on)."""
+        epoch, seq = parse_id(event_id)
+        return f"{epoch}-{max(seq - 1, 0)}"
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions currently open (leak checks count these)."""
+        return self._subscriptions
+
+    def channels(self) -> list[str]:
+        """Names of the channels that exist so far."""
+        with self._lock:
+            return list(self._channels)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def end_subscriptions(self) -> None:
+        """End every open subscription now (engine stop); the hub stays usable."""
+        with self._lock:
+            self._generation += 1
+            channels = list(self._channels.values())
+        for ch in channels:
+            with ch.cond:
+                ch.cond.notify_all()
+
+    def close(self) -> None:
+        """End every subscription and refuse further use."""
+        self._closed = True
+        self.end_subscriptions()
+
+    # -- helpers ------------------------------------------------------------
+
+    def _channel(self, name: str) -> _Channel:
+        ch = self._channels.get(name)
+        if ch is None:
+            with self._lock:
+                ch = self._channels.setdefault(name, _Channel(self.buffer_size))
+        return ch
+
+    @staticmethod
+    def _check_channel(channel: str) -> None:
+        if not isinstance(channel, str) or not channel:
+            raise InvalidEvent(f"channel must be a non-empty str, got {channel!r}")
+        if len(channel) > _MAX_CHANNEL or any(c in channel for c in "\r\n\x00"):
+            raise InvalidEvent(f"channel must be at most {_MAX_CHANNEL} characters without CR, LF or NUL: {channel[:80]!r}")
+
+    def __repr__(self) -> str:
+        return f"<Hub epoch={self.epoch} channels={len(self._channels)} subscriptions={self._subscriptions}>"

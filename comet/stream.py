@@ -1,0 +1,298 @@
+"""Streams: a handler's generator turned into response bytes, engine-agnostic.
+
+A :class:`Stream` wraps the generator a handler returns. It is primed before
+any header goes out (so bad input found by the handler, a malformed cursor
+say, still becomes a 4xx), then iterated by the server thread, one chunk per
+item, flushed at once by the server.
+
+The handler may yield ``None`` to say "nothing to send right now";
+:meth:`comet.Hub.subscribe` does so when caught up and every ``idle`` second.
+Each ``None`` is a tick at which the stream writes a heartbeat if the
+connection has been silent for ``heartbeat`` seconds, ends if the client has
+gone (``probe``) or the server is stopping (:meth:`StreamPool.close_all`), or
+the stream's ``max_duration`` is over. A handler that blocks without yielding
+cannot be interrupted: yield ``None`` from long waits.
+
+:meth:`Stream.close` always reaches the handler: it closes the generator, so
+the handler's ``finally`` blocks run and its subscription is released,
+whether the stream ended, the client went away, or the server stopped.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import CometError, StreamsExhausted
+from .framing import content_type, encode_item, encode_longpoll, heartbeat, longpoll_item, new_boundary, preamble
+from .framing import Event
+from .options import Options
+
+__all__ = ["Stream", "StreamPool"]
+
+log = logging.getLogger("comet")
+
+#: At most this many items go into one long-poll answer.
+LONGPOLL_MAX_BATCH = 1000
+#: Minimum seconds between two disconnect probes of one busy stream.
+_PROBE_EVERY = 0.25
+
+Probe = Callable[[], bool]
+
+
+class StreamPool:
+    """Open streams of one server: admission control, counters, shutdown.
+
+    Every stream holds a server worker thread while it is open (thread mode),
+    so ``max_streams`` must stay below the server's thread pool or ordinary
+    pages stop being served. Beyond the cap :meth:`admit` raises
+    :class:`~comet.errors.StreamsExhausted` and adapters answer ``503`` with
+    ``Retry-After: retry_after``.
+
+    >>> pool = StreamPool(max_streams=1)
+    >>> ticket = pool.admit("sse")
+    >>> pool.admit("sse")
+    Traceback (most recent call last):
+    ...
+    comet.errors.StreamsExhausted: too many open streams (1 of 1); retry later
+    >>> pool.release(ticket)
+    """
+
+    def __init__(self, max_streams: int | None = None, retry_after: int = 5) -> None:
+        if max_streams is not None and (not isinstance(max_streams, int) or max_streams < 1):
+            raise ValueError(f"max_streams must be a positive int or None, got {max_streams!r}")
+        if not isinstance(retry_after, int) or retry_after < 0:
+            raise ValueError(f"retry_after must be a non-negative int of seconds, got {retry_after!r}")
+        self.max_streams = max_streams
+        self.retry_after = retry_after
+        self._cond = threading.Condition()
+        self._open: dict[int, "Stream | None"] = {}
+        self._next = 0
+        self.counters = {"opened": 0, "closed": 0, "refused": 0, "disconnects": 0, "heartbeats": 0, "items": 0, "bytes": 0}
+        self.stopping = False
+
+    def admit(self, transport: str) -> int:
+        """Reserve a place for one stream, or raise ``StreamsExhausted``."""
+        with self._cond:
+            if self.max_streams is not None and len(self._open) >= self.max_streams:
+                self.counters["refused"] += 1
+                raise StreamsExhausted(f"too many open streams ({len(self._open)} of {self.max_streams}); retry later", self.retry_after)
+            self._next += 1
+            self._open[self._next] = None
+            self.counters["opened"] += 1
+            return self._next
+
+    def attach(self, ticket: int, stream: "Stream") -> None:
+        with self._cond:
+            if ticket in self._open:
+                self._open[ticket] = stream
+        if self.stopping:
+            stream.stop()
+
+    def release(self, ticket: int) -> None:
+        with self._cond:
+            if self._open.pop(ticket, False) is not False:
+                self.counters["closed"] += 1
+            self._cond.notify_all()
+
+    @property
+    def open_streams(self) -> int:
+        """How many streams are open now."""
+        return len(self._open)
+
+    def close_all(self) -> None:
+        """Ask every open stream to end at its next tick (server stopping).
+
+        Callable from any thread: it only raises flags; each stream's own
+        thread closes its generator.
+        """
+        self.stopping = True
+        with self._cond:
+            streams = [s for s in self._open.values() if s is not None]
+        for stream in streams:
+            stream.stop()
+
+    def reopen(self) -> None:
+        """Admit streams again after :meth:`close_all` (engine restart)."""
+        self.stopping = False
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait until no stream is open; ``False`` if some still are at timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._open, timeout)
+
+
+class Stream:
+    """One response: the handler's items as bytes for ``options.transport``.
+
+    Adapters do: ``admit`` a ticket, build the stream, :meth:`prime` it (a
+    :class:`~comet.errors.CometError` with ``http_status`` becomes a 4xx),
+    send :meth:`headers`, then either iterate it (streaming transports) or
+    send :meth:`longpoll_body`, and finally :meth:`close` it.
+    """
+
+    def __init__(self, items: Iterable[Any], options: Options, pool: StreamPool, ticket: int, *,
+                 probe: Probe | None = None, resume_id: str | None = None) -> None:
+        self.options = options
+        self.transport = options.transport
+        self.boundary = options.boundary or (new_boundary() if options.transport == "multipart" else "")
+        self.resume_id = resume_id
+        self._items: Iterator[Any] = iter(items)
+        self._pool = pool
+        self._ticket = ticket
+        self._probe = probe
+        self._stopping = False
+        self._closed = False
+        self._primed = False
+        self._pending: list[Any] = []
+        self._preamble = preamble(self.transport, options.retry)
+        now = time.monotonic()
+        self._last_write = now
+        self._last_probe = now
+        self._deadline = now + options.max_duration if options.max_duration else None
+        self._heartbeat_bytes = heartbeat(self.transport)
+        self.disconnected = False
+        pool.attach(ticket, self)
+
+    # -- setup --------------------------------------------------------------
+
+    def prime(self) -> None:
+        """Run the handler up to its first item, before any header is sent.
+
+        Errors the handler raises here propagate to the adapter, which turns
+        a ``CometError`` with ``http_status`` into a 4xx response.
+        """
+        if self._primed:
+            return
+        self._primed = True
+        try:
+            self._pending.append(next(self._items))
+        except StopIteration:
+            self._stopping = True
+
+    def headers(self) -> list[tuple[str, str]]:
+        """Response headers: type, no caching, no proxy buffering."""
+        return [
+            ("Content-Type", content_type(self.transport, self.boundary, self.options.content_type)),
+            ("Cache-Control", "no-cache"),
+            # nginx reads this to turn off proxy buffering for this response.
+            ("X-Accel-Buffering", "no"),
+        ]
+
+    # -- streaming ----------------------------------------------------------
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> bytes:
+        if self._preamble:
+            chunk, self._preamble = self._preamble, b""
+            return self._count(chunk)
+        while True:
+            if self._closed or self._stopping:
+                raise StopIteration
+            item = self._pull()
+            if item is None:
+                now = time.monotonic()
+                if self._expired(now):
+                    raise StopIteration
+                if now - self._last_write >= self.options.heartbeat and self._heartbeat_bytes:
+                    self._last_write = now
+                    self._pool.counters["heartbeats"] += 1
+                    return self._count(self._heartbeat_bytes)
+                continue
+            try:
+                data = encode_item(item, self.transport, self.boundary, self.options.max_event_bytes)
+            except (ValueError, TypeError) as exc:
+                # Headers are out: the only safe answer is to end the stream
+                # cleanly rather than write something malformed.
+                log.error("comet: ending %s stream, cannot encode %r: %s", self.transport, type(item).__name__, exc)
+                self._stopping = True
+                raise StopIteration from None
+            self._last_write = time.monotonic()
+            self._pool.counters["items"] += 1
+            return self._count(data)
+
+    def _pull(self) -> Any:
+        if self._pending:
+            return self._pending.pop()
+        try:
+            return next(self._items)
+        except StopIteration:
+            self._stopping = True
+            raise
+
+    def _count(self, data: bytes) -> bytes:
+        self._pool.counters["bytes"] += len(data)
+        return data
+
+    def _expired(self, now: float) -> bool:
+        """At a tick: has the client gone, the server begun stopping, or the
+        stream's time run out?"""
+        if self._stopping:
+            return True
+        if self._deadline is not None and now >= self._deadline:
+            return True
+        if self._probe is not None and now - self._last_probe >= _PROBE_EVERY:
+            self._last_probe = now
+            if self._probe():
+                self.disconnected = True
+                self._pool.counters["disconnects"] += 1
+                return True
+        return False
+
+    # -- long-poll ----------------------------------------------------------
+
+    def longpoll_body(self) -> bytes:
+        """Wait for at least one item (or ``poll_timeout``), then answer with
+        everything available at once and the cursor to send back next time."""
+        deadline = time.monotonic() + self.options.poll_timeout
+        entries: list[str] = []
+        cursor = self.resume_id
+        while len(entries) < LONGPOLL_MAX_BATCH and not self._stopping:
+            try:
+                item = self._pull()
+            except StopIteration:
+                break
+            if item is None:
+                now = time.monotonic()
+                if entries or now >= deadline or self._expired(now):
+                    break
+                continue
+            entries.append(longpoll_item(item))
+            if isinstance(item, Event) and item.id is not None:
+                cursor = item.id
+        self._pool.counters["items"] += len(entries)
+        body = encode_longpoll(entries, cursor)
+        self._count(body)
+        return body
+
+    # -- ending -------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the stream to end at its next tick; safe from any thread."""
+        self._stopping = True
+
+    def close(self) -> None:
+        """End the stream: close the handler's generator (its ``finally``
+        runs) and give back the admission ticket. Idempotent; call it from the
+        thread that iterates the stream."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
+        except Exception:  # a handler's finally failing must not leak the ticket
+            log.exception("comet: error while closing a stream handler")
+        finally:
+            self._pool.release(self._ticket)
+
+
+def http_error(exc: BaseException) -> tuple[int, str] | None:
+    """``(status, reason)`` for errors that describe bad input, else ``None``."""
+    if isinstance(exc, CometError) and exc.http_status is not None:
+        return exc.http_status, str(exc)
+    return None

@@ -1,0 +1,588 @@
+"""Tools for testing apps that stream: a threaded client, transport parsers,
+live servers on a free 127.0.0.1 port, and pytest fixtures.
+
+>>> from comet.testing import StreamClient
+>>> def test_say(comet_cherrypy):                       # doctest: +SKIP
+...     server = comet_cherrypy(Root())
+...     with StreamClient(server.url + "/events", transport="sse") as client:
+...         urllib.request.urlopen(server.url + "/say?text=hi")
+...         [event] = client.wait_for(1)
+...         assert event.data == "hi"
+
+Enable the fixtures with ``pytest_plugins = ["comet.testing"]`` in your
+``conftest.py``. The client reads in a background thread; ``wait_for``
+blocks with a deadline and re-raises anything the reader hit (a 500, a
+malformed stream), so a broken server fails the test instead of hanging it.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+from urllib.parse import urlencode, urlsplit
+
+from .framing import Event, Part
+
+__all__ = [
+    "StreamClient", "SSEParser", "MultipartParser", "NDJSONParser", "StreamClosed", "HTTPStatusError",
+    "CherryPyServer", "WSGIServer", "wait_until", "http_get",
+]
+
+
+class HTTPStatusError(AssertionError):
+    """The server answered a stream request with a status other than 200."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {body[:500]!r}")
+        self.status = status
+        self.body = body
+
+
+class StreamClosed(Exception):
+    """The server ended the stream before the awaited events arrived."""
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01, what: str = "condition") -> Any:
+    """Poll *predicate* until it returns something truthy; ``TimeoutError``
+    naming *what* after *timeout* seconds. For state with no event to wait on
+    (a counter in another thread); prefer :meth:`StreamClient.wait_for`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_get(url: str, headers: dict | None = None, timeout: float = 10.0, method: str = "GET", body: bytes | None = None) -> tuple[int, dict, bytes]:
+    """One plain request: ``(status, headers, body)``; never raises on 4xx/5xx."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        path = parts.path + ("?" + parts.query if parts.query else "")
+        conn.request(method, path or "/", body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+# -- parsers ----------------------------------------------------------------
+
+
+class SSEParser:
+    """Incremental ``text/event-stream`` parser following the WHATWG rules
+    (CRLF, LF or CR end lines; a leading BOM is dropped; one space after the
+    colon is removed; ``id`` with NUL is ignored; a blank line dispatches).
+
+    >>> p = SSEParser()
+    >>> p.feed(b"id: 1\\r\\ndata: a\\ndata: b\\n\\n:hb\\n\\n")
+    [Event(data='a\\nb', id='1', name=None, channel=None, retry=None)]
+    >>> p.comments
+    1
+    """
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._decoder_tail = b""
+        self._data: list[str] = []
+        self._name: str | None = None
+        self._first = True
+        self._cr_pending = False
+        self.last_event_id = ""
+        self.retry: int | None = None
+        self.comments = 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        raw = self._decoder_tail + data
+        try:
+            text = raw.decode("utf-8")
+            self._decoder_tail = b""
+        except UnicodeDecodeError as exc:
+            if exc.start < len(raw) - 3:
+                raise ValueError(f"invalid UTF-8 in event stream at byte {exc.start}") from None
+            text, self._decoder_tail = raw[:exc.start].decode("utf-8"), raw[exc.start:]
+        if self._first and text:
+            text = text.lstrip("\ufeff")
+            self._first = False
+        if self._cr_pending and text.startswith("\n"):
+            text = text[1:]
+        self._cr_pending = False
+        self._buf += text
+        out: list[Event] = []
+        while True:
+            match = re.search(r"\r\n|\r|\n", self._buf)
+            if not match:
+                break
+            if match.group() == "\r" and match.end() == len(self._buf):
+                self._cr_pending = True  # a CRLF may be split across reads
+            line, self._buf = self._buf[:match.start()], self._buf[match.end():]
+            event = self._line(line)
+            if event is not None:
+                out.append(event)
+        return out
+
+    def _line(self, line: str) -> Event | None:
+        if line == "":
+            if not self._data:
+                self._name = None
+                return None
+            event = Event("\n".join(self._data), id=self.last_event_id or None, name=self._name)
+            self._data, self._name = [], None
+            return event
+        if line.startswith(":"):
+            self.comments += 1
+            return None
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._name = value
+        elif name == "id" and "\x00" not in value:
+            self.last_event_id = value
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value)
+        return None
+
+
+class MultipartParser:
+    """Incremental ``multipart/x-mixed-replace`` parser: parts are delimited
+    by ``--boundary`` lines and sized by ``Content-Length`` (falling back to
+    the next delimiter). Bytes between parts (heartbeats) are counted.
+
+    >>> p = MultipartParser("B")
+    >>> p.feed(b"--B\\r\\nContent-Type: text/plain\\r\\nContent-Length: 2\\r\\n\\r\\nhi\\r\\n\\r\\n")
+    [Part(body=b'hi', content_type='text/plain', headers=(('Content-Length', '2'),))]
+    >>> p.padding
+    1
+    """
+
+    def __init__(self, boundary: str) -> None:
+        self.delimiter = b"--" + boundary.encode("ascii")
+        self._buf = b""
+        self.padding = 0
+
+    def feed(self, data: bytes) -> list[Part]:
+        self._buf += data
+        out = []
+        while True:
+            part = self._next()
+            if part is None:
+                return out
+            out.append(part)
+
+    def _next(self) -> Part | None:
+        buf = self._buf
+        # Skip padding (heartbeat CRLFs) before the next delimiter.
+        while buf.startswith(b"\r\n"):
+            buf = buf[2:]
+            self.padding += 1
+        self._buf = buf
+        if not buf or len(buf) < len(self.delimiter) + 2:
+            return None
+        if not buf.startswith(self.delimiter):
+            raise ValueError(f"multipart stream out of sync: {buf[:40]!r}")
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end < 0:
+            return None
+        lines = buf[len(self.delimiter):head_end].decode("latin-1").split("\r\n")
+        if lines and lines[0].strip() == "--":
+            raise StreamClosed("multipart stream ended")
+        headers = [tuple(h.split(": ", 1)) for h in lines[1:] if h]
+        header_map = {k.lower(): v for k, v in headers}
+        start = head_end + 4
+        if "content-length" in header_map:
+            end = start + int(header_map["content-length"])
+            if len(buf) < end + 2:
+                return None
+            body, rest = buf[start:end], buf[end + 2:]
+        else:
+            end = buf.find(b"\r\n" + self.delimiter, start)
+            if end < 0:
+                return None
+            body, rest = buf[start:end], buf[end + 2:]
+        self._buf = rest
+        ctype = header_map.get("content-type", "text/plain")
+        extra = tuple((k, v) for k, v in headers if k.lower() != "content-type")
+        return Part(body, ctype, extra)
+
+
+class NDJSONParser:
+    """Lines of a chunked NDJSON stream: JSON values, or ``str`` for lines
+    that are not JSON. Empty lines (heartbeats) are counted, not returned.
+
+    >>> NDJSONParser().feed(b'{"a":1}\\nplain\\n\\n')
+    [{'a': 1}, 'plain']
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.blank = 0
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        out = []
+        for line in lines:
+            if not line.strip():
+                self.blank += 1
+                continue
+            text = line.decode("utf-8")
+            try:
+                out.append(json.loads(text))
+            except ValueError:
+                out.append(text)
+        return out
+
+
+# -- the client -------------------------------------------------------------
+
+
+class StreamClient:
+    """Read a live stream in a background thread.
+
+    ``transport`` picks the parser: ``sse`` gives :class:`~comet.Event`
+    objects, ``multipart`` gives :class:`~comet.Part` objects, ``chunked``
+    gives NDJSON values, ``longpoll`` repeats requests with the returned
+    cursor and gives :class:`~comet.Event` objects. ``last_event_id`` is
+    sent as the ``Last-Event-ID`` header (``sse``) or the ``last_event_id``
+    query parameter (others).
+
+    >>> client = StreamClient("http://127.0.0.1:8080/events")  # doctest: +SKIP
+    >>> with client:                                           # doctest: +SKIP
+    ...     events = client.wait_for(lambda evs: len(evs) >= 2, timeout=5)
+    """
+
+    __test__ = False
+
+    def __init__(self, url: str, transport: str = "sse", *, last_event_id: str | None = None,
+                 headers: dict | None = None, timeout: float = 30.0) -> None:
+        self.url = url
+        self.transport = transport
+        self.last_event_id = last_event_id
+        self.extra_headers = dict(headers or {})
+        self.timeout = timeout
+        self.events: list[Any] = []
+        self.raw = bytearray()
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.ended = False
+        self.requests = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._closing = False
+        self._conn: http.client.HTTPConnection | None = None
+        self._thread: threading.Thread | None = None
+        self._opened = threading.Event()
+        self.parser: Any = None
+
+    # -- life cycle --
+
+    def open(self, wait: bool = True) -> "StreamClient":
+        """Connect and start reading; waits for the response headers and
+        raises :class:`HTTPStatusError` unless the status is 200."""
+        self._thread = threading.Thread(target=self._run, name=f"comet-client {self.url}", daemon=True)
+        self._thread.start()
+        if wait:
+            if not self._opened.wait(self.timeout):
+                raise TimeoutError(f"no response headers from {self.url} in {self.timeout}s")
+            self._raise_error()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Disconnect and join the reader thread (with a deadline)."""
+        self._closing = True
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"stream client thread for {self.url} did not stop in {timeout}s")
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> "StreamClient":
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- waiting --
+
+    def wait_for(self, what: int | Callable[[list], Any] = 1, timeout: float = 5.0) -> list:
+        """Block until *what* (a count of items, or a predicate over the item
+        list) holds; return the items so far. Raises ``TimeoutError`` (with
+        what arrived), :class:`StreamClosed`, or the reader's error."""
+        predicate = (lambda items: len(items) >= what) if isinstance(what, int) else what
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._raise_error()
+                if predicate(self.events):
+                    return list(self.events)
+                if self.ended:
+                    raise StreamClosed(f"stream ended after {len(self.events)} items: {self.events[-5:]!r}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"timed out after {timeout}s with {len(self.events)} items: {self.events[-5:]!r}")
+                self._cond.wait(remaining)
+
+    def wait_closed(self, timeout: float = 5.0) -> None:
+        """Block until the server ends the stream."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.ended or self._error is not None, timeout):
+                raise TimeoutError(f"stream {self.url} still open after {timeout}s")
+        self._raise_error()
+
+    @property
+    def heartbeats(self) -> int:
+        """Heartbeats seen so far (SSE comments, multipart padding, blank NDJSON lines)."""
+        p = self.parser
+        if isinstance(p, SSEParser):
+            return max(p.comments - 1, 0)  # the first comment is the stream-open preamble
+        if isinstance(p, MultipartParser):
+            return p.padding
+        if isinstance(p, NDJSONParser):
+            return p.blank
+        return 0
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- reading --
+
+    def _connect(self, query: dict | None = None) -> http.client.HTTPResponse:
+        parts = urlsplit(self.url)
+        path = parts.path or "/"
+        params = parts.query
+        if query:
+            params = (params + "&" if params else "") + urlencode(query)
+        if params:
+            path += "?" + params
+        headers = {"Accept": _ACCEPT[self.transport], **self.extra_headers}
+        if self.transport == "sse" and self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
+        self._conn.request("GET", path, headers=headers)
+        resp = self._conn.getresponse()
+        self.requests += 1
+        self.status = resp.status
+        self.headers = {k.lower(): v for k, v in resp.getheaders()}
+        if resp.status != 200:
+            raise HTTPStatusError(resp.status, resp.read())
+        return resp
+
+    def _run(self) -> None:
+        try:
+            if self.transport == "longpoll":
+                self._run_longpoll()
+            else:
+                self._run_stream()
+        except BaseException as exc:  # handed to the test thread by wait_for
+            if not self._closing:
+                self._error = exc
+        finally:
+            with self._cond:
+                self.ended = True
+                self._cond.notify_all()
+            self._opened.set()
+
+    def _run_stream(self) -> None:
+        query = {"last_event_id": self.last_event_id} if self.transport != "sse" and self.last_event_id else None
+        resp = self._connect(query)
+        if self.transport == "sse":
+            self.parser = SSEParser()
+        elif self.transport == "multipart":
+            match = re.search(r'boundary="?([^";]+)"?', self.headers.get("content-type", ""))
+            if not match:
+                raise ValueError(f"multipart response without boundary: {self.headers.get('content-type')!r}")
+            self.parser = MultipartParser(match[1])
+        else:
+            self.parser = NDJSONParser()
+        self._opened.set()
+        while not self._closing:
+            try:
+                data = resp.read1(65536)
+            except (OSError, http.client.HTTPException, ValueError):
+                if self._closing:
+                    return
+                raise
+            if not data:
+                return
+            items = self.parser.feed(data)
+            with self._cond:
+                self.raw += data
+                self.events.extend(items)
+                self._cond.notify_all()
+
+    def _run_longpoll(self) -> None:
+        cursor = self.last_event_id
+        while not self._closing:
+            resp = self._connect({"last_event_id": cursor} if cursor else None)
+            self._opened.set()
+            body = resp.read()
+            self._conn.close()
+            doc = json.loads(body)
+            items = [Event(e.get("data"), id=e.get("id"), name=e.get("event")) for e in doc["events"]]
+            cursor = doc.get("cursor") or cursor
+            with self._cond:
+                self.raw += body
+                self.events.extend(items)
+                self.last_event_id = cursor
+                self._cond.notify_all()
+
+
+_ACCEPT = {"sse": "text/event-stream", "multipart": "multipart/x-mixed-replace", "chunked": "application/x-ndjson",
+           "longpoll": "application/json"}
+
+
+# -- servers ----------------------------------------------------------------
+
+
+class CherryPyServer:
+    """Run a CherryPy app on a free 127.0.0.1 port for a test.
+
+    CherryPy has one engine per process, so one of these runs at a time.
+
+    >>> with CherryPyServer(Root(), thread_pool=20) as server:   # doctest: +SKIP
+    ...     http_get(server.url + "/")
+    """
+
+    def __init__(self, root: Any, config: dict | None = None, *, thread_pool: int = 30, global_config: dict | None = None) -> None:
+        self.root = root
+        self.config = config or {}
+        self.thread_pool = thread_pool
+        self.global_config = global_config or {}
+        self.url = ""
+
+    def start(self) -> "CherryPyServer":
+        import cherrypy
+        from .cherrypy_tool import engine_plugin
+
+        cherrypy.config.reset()
+        cherrypy.config.update({
+            "server.socket_host": "127.0.0.1", "server.socket_port": 0, "server.thread_pool": self.thread_pool,
+            "engine.autoreload.on": False, "log.screen": False, "checker.on": False,
+            "server.shutdown_timeout": 2,
+            **self.global_config,
+        })
+        plugin = engine_plugin()
+        if "comet.max_streams" not in self.global_config:
+            plugin.pool.max_streams = None
+            plugin._cap_configured = False
+        cherrypy.tree.apps.clear()
+        cherrypy.tree.mount(self.root, "", self.config)
+        cherrypy.server.httpserver = None  # rebuilt from the config above
+        cherrypy.engine.start()
+        host, port = cherrypy.server.bound_addr
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def stop(self) -> float:
+        """Stop the engine; returns how long that took, in seconds."""
+        import cherrypy
+
+        started = time.monotonic()
+        cherrypy.engine.stop()
+        elapsed = time.monotonic() - started
+        cherrypy.tree.apps.clear()
+        return elapsed
+
+    def __enter__(self) -> "CherryPyServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class WSGIServer:
+    """Run a WSGI app under cheroot on a free 127.0.0.1 port for a test.
+
+    ``pools`` are the :class:`~comet.stream.StreamPool` objects to end at
+    stop (a ``comet_app``'s own pool is found at ``app.pool``).
+    """
+
+    def __init__(self, app: Callable, *, pools: list | None = None, numthreads: int = 30) -> None:
+        from cheroot import wsgi
+
+        self.app = app
+        self.pools = list(pools or ([app.pool] if hasattr(app, "pool") else []))
+        self.server = wsgi.Server(("127.0.0.1", 0), app, numthreads=numthreads, shutdown_timeout=2)
+        self.url = ""
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "WSGIServer":
+        self.server.prepare()
+        host, port = self.server.bind_addr[:2]
+        self.url = f"http://{host}:{port}"
+        self._thread = threading.Thread(target=self.server.serve, name="comet-wsgi-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> float:
+        started = time.monotonic()
+        for pool in self.pools:
+            pool.close_all()
+        self.server.stop()
+        if self._thread is not None:
+            self._thread.join(10)
+        return time.monotonic() - started
+
+    def __enter__(self) -> "WSGIServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# -- pytest fixtures ----------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture
+    def comet_cherrypy() -> Iterator[Callable[..., CherryPyServer]]:
+        """Factory: ``comet_cherrypy(root, config=None, **kw)`` starts a
+        CherryPy app on a free port and stops it after the test."""
+        started: list[CherryPyServer] = []
+
+        def start(root: Any, config: dict | None = None, **kw: Any) -> CherryPyServer:
+            server = CherryPyServer(root, config, **kw).start()
+            started.append(server)
+            return server
+
+        yield start
+        for server in started:
+            server.stop()
+
+    @pytest.fixture
+    def comet_wsgi() -> Iterator[Callable[..., WSGIServer]]:
+        """Factory: ``comet_wsgi(app, **kw)`` serves a WSGI app under cheroot
+        on a free port and stops it after the test."""
+        started: list[WSGIServer] = []
+
+        def start(app: Callable, **kw: Any) -> WSGIServer:
+            server = WSGIServer(app, **kw).start()
+            started.append(server)
+            return server
+
+        yield start
+        for server in started:
+            server.stop()

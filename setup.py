@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="comet",
+    version="0.1.0",
+    description="Real-time server push over plain HTTP (SSE, multipart, chunked, long-poll) for CherryPy and WSGI",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["comet", "comet.*"]),
+    package_data={"comet": ["py.typed", "static/*"]},
+    python_requires=">=3.10",
+    install_requires=["cherrypy>=18.8", "cheroot>=10", "jinja2>=3.1"],
+    extras_require={
+        "redis": ["redis>=5"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "redis>=5"],
+    },
+    # The fixtures (comet_cherrypy, comet_wsgi) are available to any test suite
+    # once comet is installed, like other pytest plugins.
+    entry_points={"pytest11": ["comet = comet.testing"]},
+    classifiers=[
+        "Framework :: CherryPy",
+        "Programming Language :: Python :: 3",
+        "Topic :: Internet :: WWW/HTTP :: WSGI",
+    ],
+)

@@ -1,0 +1,162 @@
+"""Shared test helpers.
+
+``RawStream`` speaks HTTP/1.1 over a bare socket and decodes chunked framing
+itself, so wire-format tests do not depend on comet.testing's parsers.
+The ``comet_cherrypy`` / ``comet_wsgi`` fixtures come from comet.testing
+(installed as a pytest plugin), the same ones users get.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import cherrypy
+import pytest
+
+from comet import Event, Hub, Part, comet
+
+
+class RawStream:
+    """GET over a raw socket; read the status, headers, then chunks."""
+
+    def __init__(self, url: str, headers: dict | None = None, timeout: float = 10.0) -> None:
+        parts = urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        path = parts.path + ("?" + parts.query if parts.query else "")
+        lines = [f"GET {path} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.buf = b""
+        head = self._until(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split()[1])
+        self.headers = {k.lower(): v for k, v in (h.split(": ", 1) for h in header_lines)}
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("connection closed")
+        self.buf += data
+
+    def _until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(marker)
+        return head
+
+    def chunk(self) -> bytes:
+        """The next HTTP/1.1 chunk's payload (b"" for the last chunk)."""
+        size = int(self._until(b"\r\n").split(b";")[0], 16)
+        while len(self.buf) < size + 2:
+            self._fill()
+        data, tail, self.buf = self.buf[:size], self.buf[size:size + 2], self.buf[size + 2:]
+        assert tail == b"\r\n", f"chunk not followed by CRLF: {tail!r}"
+        return data
+
+    def body(self) -> bytes:
+        """The whole body of a Content-Length response."""
+        n = int(self.headers["content-length"])
+        while len(self.buf) < n:
+            self._fill()
+        return self.buf[:n]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "RawStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Tracker:
+    """Counts handler generators that started and whose finally ran."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.finished = 0
+        self.lock = threading.Lock()
+
+    def track(self, items):
+        with self.lock:
+            self.started += 1
+        try:
+            yield from items
+        finally:
+            with self.lock:
+                self.finished += 1
+
+    @property
+    def open(self) -> int:
+        return self.started - self.finished
+
+
+def make_root(hub: Hub, tracker: Tracker, heartbeat: float = 15.0, **extra):
+    """An app with one hub endpoint per transport plus plain pages."""
+
+    class Root:
+        @cherrypy.expose
+        def index(self):
+            return "plain page"
+
+        @cherrypy.expose
+        def say(self, text="", event=None, channel="lobby"):
+            return hub.publish(channel, text, event=event or None)
+
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=heartbeat, **extra)
+        def sse(self, last_event_id=None, channel="lobby"):
+            yield from tracker.track(hub.subscribe(channel, last_id=last_event_id))
+
+        @cherrypy.expose
+        @comet(transport="multipart", heartbeat=heartbeat)
+        def multipart(self, last_event_id=None):
+            yield from tracker.track(hub.subscribe("lobby", last_id=last_event_id))
+
+        @cherrypy.expose
+        @comet(transport="chunked", heartbeat=heartbeat)
+        def chunked(self, last_event_id=None):
+            yield from tracker.track(hub.subscribe("lobby", last_id=last_event_id))
+
+        @cherrypy.expose
+        @comet(transport="longpoll", poll_timeout=2)
+        def longpoll(self, last_event_id=None):
+            yield from tracker.track(hub.subscribe("lobby", last_id=last_event_id))
+
+    return Root()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def settle(predicate, timeout: float = 5.0, what: str = "state to settle"):
+    """wait_until for tests; re-exported so tests read the same everywhere."""
+    from comet.testing import wait_until
+
+    return wait_until(predicate, timeout=timeout, what=what)
+
+
+@pytest.fixture
+def hub():
+    h = Hub(idle=0.2)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def tracker():
+    return Tracker()
+
+
+@pytest.fixture
+def app(comet_cherrypy, hub, tracker):
+    """A live CherryPy server with make_root's endpoints; heartbeat 0.5 s."""
+    return comet_cherrypy(make_root(hub, tracker, heartbeat=0.5))
+
+
+__all__ = ["RawStream", "Tracker", "make_root", "open_fds", "settle", "Event", "Part", "time"]
