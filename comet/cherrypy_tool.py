@@ -86,6 +86,9 @@ class CometPlugin(SimplePlugin):
 
     def start(self) -> None:
         self.pool.reopen()
+        check_tool_config()
+
+    start.priority = 60  # before the HTTP server starts (75): bad config fails startup
 
     def stop(self) -> None:
         self.pool.close_all()
@@ -105,6 +108,23 @@ def engine_plugin(engine: Any = None) -> CometPlugin:
         plugin.subscribe()
         engine._comet_plugin = plugin
     return plugin
+
+
+def check_tool_config() -> None:
+    """Validate every ``tools.comet.*`` section of the mounted apps, so a typo
+    or bad value stops the engine from starting, naming the key and path,
+    instead of answering 500 later."""
+    for script_name, app in cherrypy.tree.apps.items():
+        for path, section in getattr(app, "config", {}).items():
+            if not isinstance(section, dict):
+                continue
+            values = {k[len("tools.comet."):]: v for k, v in section.items()
+                      if k.startswith("tools.comet.") and k not in ("tools.comet.on", "tools.comet.priority")}
+            if values:
+                try:
+                    Options.from_mapping(values)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"config {script_name or '/'} [{path}]: tools.comet: {exc}") from None
 
 
 def _config_namespace(key: str, value: Any) -> None:
@@ -245,16 +265,22 @@ class CometTool(cherrypy.Tool):
         wants = _takes_last_event_id(target)
 
         def handler(*args: Any, **kwargs: Any) -> Any:
-            # PageHandler keeps the request params in .kwargs; resolve the
-            # resume cursor there so the page function receives it.
-            params = getattr(inner, "kwargs", kwargs)
+            # The page's params live on the PageHandler; LateParamPageHandler
+            # (the default dispatcher's) returns a copy, so assign it back.
+            params = dict(getattr(inner, "kwargs", kwargs))
             try:
                 _resolve_resume(params, wants)
             except InvalidEventId as exc:
                 return _refuse(400, str(exc))
-            return _serve(inner, opts)
+            if hasattr(inner, "kwargs"):
+                inner.kwargs = params
+                return _serve(inner, opts)
+            return _serve(lambda: inner(*args, **params), opts)
 
         request.handler = handler
 
 
 cherrypy.tools.comet = CometTool()
+# Subscribe the engine plugin now, so its start hook (config checks) and stop
+# hook (ending streams) run however the app is started.
+engine_plugin()

@@ -62,10 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--threads", type=int, default=120,
+                        help="server worker threads; each open stream holds one (default 120)")
     args = parser.parse_args(argv)
     hub = engine_plugin().add_hub(Hub())
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
-                            "server.thread_pool": 50, "engine.autoreload.on": False})
+                            "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"comet demo on http://{html.escape(args.host)}:{args.port}/  (curl -N http://{args.host}:{args.port}/events)")
     cherrypy.quickstart(Demo(hub), "/")
 

@@ -299,13 +299,15 @@ def heartbeat(transport: str) -> bytes:
 
 
 def preamble(transport: str, retry: int | None = None) -> bytes:
-    """Bytes sent right after the headers, so proxies and clients see the
-    stream open at once. For SSE: a comment, and ``retry:`` if configured."""
+    """First body bytes of a stream. WSGI servers (cheroot included) send the
+    response headers only with the first non-empty body chunk, so without
+    these a client would not see the stream open until the first event or
+    heartbeat. SSE: a comment (and ``retry:`` if set); multipart: a CRLF,
+    which RFC 2046 calls the preamble and readers ignore; chunked: a blank
+    line, which NDJSON readers skip like a heartbeat."""
     if transport == "sse":
         return b":ok\n\n" if retry is None else b":ok\nretry: %d\n\n" % retry
-    if transport == "multipart":
-        return b""
-    return b""
+    return heartbeat(transport)
 
 
 def longpoll_item(item: Any) -> str:

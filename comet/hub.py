@@ -21,10 +21,13 @@ server restarted, the memory hub forgot) gets a gap event and then everything
 the new hub still holds; a cursor from the future is rejected with
 :class:`~comet.errors.InvalidEventId`.
 
-Subscriptions yield ``None`` whenever they are caught up and again every
-``idle`` seconds while nothing happens. ``None`` means "nothing to send right
-now": the stream layer uses it to write heartbeats, notice disconnected
-clients and end streams at shutdown, without the hub knowing about HTTP.
+Subscriptions yield an :class:`Idle` marker whenever they are caught up and
+again every ``idle`` seconds while nothing happens. It is falsy like
+``None`` (which a handler may yield for the same purpose) and means "nothing
+to send right now": the stream layer uses it to write heartbeats, notice
+disconnected clients and end streams at shutdown, without the hub knowing
+about HTTP. It carries the subscription's cursor, so a long-poll answer with
+no events still tells the client exactly where to resume.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from typing import Any, Callable, Iterator
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event
 
-__all__ = ["Hub", "GAP", "parse_id"]
+__all__ = ["Hub", "Idle", "GAP", "parse_id"]
 
 #: Name of the event a subscription receives when events it should have seen
 #: are no longer available. Its ``data`` is ``{"last_id": <the client's
@@ -63,6 +66,28 @@ def parse_id(value: str) -> tuple[int, int]:
     if not match:
         raise InvalidEventId(f"malformed event id {value[:80]!r}: expected '<epoch>-<seq>' digits")
     return int(match[1]), int(match[2])
+
+
+class Idle:
+    """Falsy "nothing new" marker with the cursor (``last_id``) reached so far.
+
+    >>> bool(Idle("1-5")), Idle("1-5").last_id
+    (False, '1-5')
+    """
+
+    __slots__ = ("last_id",)
+
+    def __init__(self, last_id: str) -> None:
+        self.last_id = last_id
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Idle) and other.last_id == self.last_id
+
+    def __repr__(self) -> str:
+        return f"Idle({self.last_id!r})"
 
 
 class _Channel:
@@ -155,7 +180,7 @@ class Hub:
 
     # -- subscribing --------------------------------------------------------
 
-    def subscribe(self, channel: str, last_id: str | None = None, *, view: View | None = None, idle: float | None = None) -> Iterator[Event | None]:
+    def subscribe(self, channel: str, last_id: str | None = None, *, view: View | None = None, idle: float | None = None) -> Iterator[Event | Idle]:
         """Iterate *channel*'s events after *last_id*, in publish order.
 
         ``last_id=None`` starts with the next event published. Otherwise every
@@ -164,7 +189,8 @@ class Hub:
         event, a changed one (``event.replace(...)``), other data for the same
         id, or ``None`` to hide it from this subscriber.
 
-        Yields ``None`` when caught up and every ``idle`` seconds while idle.
+        Yields a falsy :class:`Idle` when caught up and every ``idle`` seconds
+        while idle.
         Validation happens here, at the call: a malformed or future
         ``last_id`` raises :class:`~comet.errors.InvalidEventId` at once.
 
@@ -173,8 +199,8 @@ class Hub:
         >>> public = hub.subscribe("c", "0-0", view=lambda e: None if e.name == "highlight" else e)
         >>> next(public).name   # the gap: the cursor is from before this hub
         'comet.gap'
-        >>> next(public) is None   # highlight hidden; caught up
-        True
+        >>> next(public)   # highlight hidden; caught up
+        Idle('...-1')
         """
         self._check_channel(channel)
         if self._closed:
@@ -202,7 +228,7 @@ class Hub:
         resume = f"{self.epoch}-{resume_seq}"
         return Event({"last_id": last_id, "resume_id": resume}, id=resume, name=GAP, channel=channel)
 
-    def _iterate(self, ch: _Channel, channel: str, cursor: int, gap: Event | None, view: View | None, idle: float) -> Iterator[Event | None]:
+    def _iterate(self, ch: _Channel, channel: str, cursor: int, gap: Event | None, view: View | None, idle: float) -> Iterator[Event | Idle]:
         generation = self._generation
         with self._lock:
             self._subscriptions += 1
@@ -230,7 +256,7 @@ class Hub:
                     if not isinstance(shown, Event):
                         shown = event.replace(data=shown)
                     yield shown
-                yield None
+                yield Idle(f"{self.epoch}-{cursor}")
         finally:
             with self._lock:
                 self._subscriptions -= 1

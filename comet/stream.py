@@ -6,8 +6,9 @@ say, still becomes a 4xx), then iterated by the server thread, one chunk per
 item, flushed at once by the server.
 
 The handler may yield ``None`` to say "nothing to send right now";
-:meth:`comet.Hub.subscribe` does so when caught up and every ``idle`` second.
-Each ``None`` is a tick at which the stream writes a heartbeat if the
+:meth:`comet.Hub.subscribe` yields an :class:`~comet.hub.Idle` marker (which
+also carries its cursor) when caught up and every ``idle`` second. Each is a
+tick at which the stream writes a heartbeat if the
 connection has been silent for ``heartbeat`` seconds, ends if the client has
 gone (``probe``) or the server is stopping (:meth:`StreamPool.close_all`), or
 the stream's ``max_duration`` is over. A handler that blocks without yielding
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .errors import CometError, StreamsExhausted
 from .framing import content_type, encode_item, encode_longpoll, heartbeat, longpoll_item, new_boundary, preamble
 from .framing import Event
+from .hub import Idle
 from .options import Options
 
 __all__ = ["Stream", "StreamPool"]
@@ -193,7 +195,7 @@ class Stream:
             if self._closed or self._stopping:
                 raise StopIteration
             item = self._pull()
-            if item is None:
+            if item is None or item.__class__ is Idle:
                 now = time.monotonic()
                 if self._expired(now):
                     raise StopIteration
@@ -255,7 +257,9 @@ class Stream:
                 item = self._pull()
             except StopIteration:
                 break
-            if item is None:
+            if item is None or item.__class__ is Idle:
+                if item is not None and not entries:
+                    cursor = item.last_id  # where the subscription stands, even with nothing new
                 now = time.monotonic()
                 if entries or now >= deadline or self._expired(now):
                     break

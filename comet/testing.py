@@ -300,18 +300,25 @@ class StreamClient:
     def close(self, timeout: float = 5.0) -> None:
         """Disconnect and join the reader thread (with a deadline)."""
         self._closing = True
-        conn = self._conn
-        if conn is not None and conn.sock is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+        deadline = time.monotonic() + timeout
+        while True:
+            # Shut down whichever connection is current: a long-poll reader
+            # may have opened a new one since the last look.
+            conn = self._conn
+            if conn is not None and conn.sock is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if self._thread is None:
+                break
+            self._thread.join(0.05)
+            if not self._thread.is_alive():
+                break
+            if time.monotonic() >= deadline:
                 raise TimeoutError(f"stream client thread for {self.url} did not stop in {timeout}s")
-        if conn is not None:
-            conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def __enter__(self) -> "StreamClient":
         return self.open()
@@ -350,12 +357,13 @@ class StreamClient:
     def heartbeats(self) -> int:
         """Heartbeats seen so far (SSE comments, multipart padding, blank NDJSON lines)."""
         p = self.parser
+        # Each transport's stream-open preamble looks like one heartbeat.
         if isinstance(p, SSEParser):
-            return max(p.comments - 1, 0)  # the first comment is the stream-open preamble
+            return max(p.comments - 1, 0)
         if isinstance(p, MultipartParser):
-            return p.padding
+            return max(p.padding - 1, 0)
         if isinstance(p, NDJSONParser):
-            return p.blank
+            return max(p.blank - 1, 0)
         return 0
 
     def _raise_error(self) -> None:
@@ -364,7 +372,7 @@ class StreamClient:
 
     # -- reading --
 
-    def _connect(self, query: dict | None = None) -> http.client.HTTPResponse:
+    def _connect(self, query: dict | None = None, sent: threading.Event | None = None) -> http.client.HTTPResponse:
         parts = urlsplit(self.url)
         path = parts.path or "/"
         params = parts.query
@@ -377,6 +385,8 @@ class StreamClient:
             headers["Last-Event-ID"] = self.last_event_id
         self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
         self._conn.request("GET", path, headers=headers)
+        if sent is not None:
+            sent.set()  # long-poll: its headers only come with the answer
         resp = self._conn.getresponse()
         self.requests += 1
         self.status = resp.status
@@ -395,6 +405,8 @@ class StreamClient:
             if not self._closing:
                 self._error = exc
         finally:
+            if self._conn is not None:
+                self._conn.close()  # also when open() failed: nothing is left to the GC
             with self._cond:
                 self.ended = True
                 self._cond.notify_all()
@@ -431,8 +443,7 @@ class StreamClient:
     def _run_longpoll(self) -> None:
         cursor = self.last_event_id
         while not self._closing:
-            resp = self._connect({"last_event_id": cursor} if cursor else None)
-            self._opened.set()
+            resp = self._connect({"last_event_id": cursor} if cursor else None, sent=self._opened)
             body = resp.read()
             self._conn.close()
             doc = json.loads(body)

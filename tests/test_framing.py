@@ -127,6 +127,7 @@ def test_heartbeats_and_preambles():
     assert heartbeat("chunked") == b"\n"
     assert preamble("sse") == b":ok\n\n"
     assert preamble("sse", retry=2500) == b":ok\nretry: 2500\n\n"
+    assert preamble("multipart") == b"\r\n" and preamble("chunked") == b"\n"
     # heartbeats are invisible to each transport's reader
     assert SSEParser().feed(b":ok\n\n" + heartbeat("sse") * 3) == []
     assert NDJSONParser().feed(heartbeat("chunked") * 3) == []

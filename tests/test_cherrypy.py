@@ -1,0 +1,422 @@
+"""The CherryPy adapter against a live cheroot server on 127.0.0.1."""
+import json
+import re
+import threading
+import time
+
+import cherrypy
+import pytest
+
+from comet import Hub, InvalidEventId, Part, comet
+from comet.cherrypy_tool import engine_plugin
+from comet.testing import CherryPyServer, HTTPStatusError, StreamClient, http_get
+
+from conftest import RawStream, Tracker, make_root, open_fds, settle
+
+TRANSPORTS = ["sse", "multipart", "chunked", "longpoll"]
+
+
+def data_of(item):
+    """The published text of an item, whatever transport parsed it."""
+    if isinstance(item, Part):
+        return json.loads(item.body)["data"]
+    if isinstance(item, dict):
+        return item["data"]
+    return item.data
+
+
+# -- wire bytes, read from a raw socket ---------------------------------------
+
+
+def test_sse_bytes_on_the_wire(app, hub):
+    with RawStream(app.url + "/sse") as raw:
+        assert raw.status == 200
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        assert raw.headers["cache-control"] == "no-cache"
+        assert raw.headers["x-accel-buffering"] == "no"
+        assert raw.headers["transfer-encoding"] == "chunked"
+        assert raw.chunk() == b":ok\n\n"
+        event_id = hub.publish("lobby", "two\nlines", event="join")
+        assert raw.chunk() == f"id: {event_id}\nevent: join\ndata: two\ndata: lines\n\n".encode()
+        event_id = hub.publish("lobby", {"score": 3, "who": "\u00e9ve"})
+        assert raw.chunk() == f'id: {event_id}\ndata: {{"score":3,"who":"\u00e9ve"}}\n\n'.encode()
+
+
+def test_multipart_bytes_on_the_wire(app, hub):
+    with RawStream(app.url + "/multipart") as raw, RawStream(app.url + "/multipart") as other:
+        boundary = re.fullmatch(r"multipart/x-mixed-replace; boundary=(\S+)", raw.headers["content-type"])[1]
+        assert boundary != other.headers["content-type"].split("boundary=")[1], "boundary must be random per response"
+        assert raw.chunk() == b"\r\n"  # preamble: headers go out at once
+        event_id = hub.publish("lobby", "hi")
+        body = f'{{"id":"{event_id}","event":null,"data":"hi"}}'.encode()
+        assert raw.chunk() == (f"--{boundary}\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {len(body)}\r\n\r\n").encode() + body + b"\r\n"
+
+
+def test_chunked_one_chunk_per_item(app, hub):
+    with RawStream(app.url + "/chunked") as raw:
+        assert raw.headers["content-type"].startswith("application/x-ndjson")
+        assert raw.chunk() == b"\n"
+        ids = [hub.publish("lobby", n) for n in range(3)]
+        for n, event_id in enumerate(ids):
+            assert raw.chunk() == f'{{"id":"{event_id}","event":null,"data":{n}}}\n'.encode()
+
+
+def test_longpoll_bytes_on_the_wire(app, hub):
+    first = hub.publish("lobby", "a")
+    second = hub.publish("lobby", "b", event="e")
+    with RawStream(app.url + "/longpoll?last_event_id=" + hub.before(first)) as raw:
+        assert raw.status == 200 and raw.headers["content-type"].startswith("application/json")
+        assert raw.body() == (f'{{"events":[{{"id":"{first}","event":null,"data":"a"}},'
+                              f'{{"id":"{second}","event":"e","data":"b"}}],"cursor":"{second}"}}').encode()
+
+
+def test_longpoll_waits_for_an_event_then_times_out_empty(app, hub):
+    cursor = hub.last_id("lobby")
+    threading.Timer(0.3, hub.publish, ("lobby", "later")).start()
+    status, _, body = http_get(app.url + "/longpoll?last_event_id=" + cursor)
+    doc = json.loads(body)
+    assert status == 200 and [e["data"] for e in doc["events"]] == ["later"]
+    started = time.monotonic()
+    status, _, body = http_get(app.url + "/longpoll?last_event_id=" + doc["cursor"])
+    assert status == 200 and json.loads(body) == {"events": [], "cursor": doc["cursor"]}
+    assert 1.5 < time.monotonic() - started < 10  # poll_timeout=2
+
+
+# -- delivery ----------------------------------------------------------------
+
+
+def test_each_item_is_flushed_while_the_handler_still_runs(comet_cherrypy):
+    gate, handler_done = threading.Event(), threading.Event()
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="chunked")
+        def slow(self):
+            yield "first\n"
+            while not gate.is_set():  # still running, not yet returned
+                gate.wait(0.05)
+                yield None
+            yield "second\n"
+            handler_done.set()
+
+    server = comet_cherrypy(Root())
+    with RawStream(server.url + "/slow") as raw:
+        assert raw.chunk() == b"\n"
+        assert raw.chunk() == b"first\n"
+        assert not handler_done.is_set() and not gate.is_set()
+        gate.set()
+        assert raw.chunk() == b"second\n"
+        assert raw.chunk() == b""  # the terminating chunk: the stream ended
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_publish_reaches_every_client(app, hub, transport):
+    clients = [StreamClient(app.url + "/" + transport, transport=transport).open() for _ in range(3)]
+    try:
+        if transport == "longpoll":
+            settle(lambda: hub.subscriptions >= 3, what="3 long-polls waiting")
+        hub.publish("lobby", "one")
+        hub.publish("lobby", "two")
+        for client in clients:
+            assert [data_of(i) for i in client.wait_for(2)] == ["one", "two"]
+    finally:
+        for client in clients:
+            client.close()
+
+
+@pytest.mark.parametrize("transport", ["sse", "multipart", "chunked"])
+def test_heartbeats_on_idle_streams(app, transport):
+    with RawStream(app.url + "/" + transport) as raw:
+        assert raw.chunk() == {"sse": b":ok\n\n", "multipart": b"\r\n", "chunked": b"\n"}[transport]
+        beat = {"sse": b":\n\n", "multipart": b"\r\n", "chunked": b"\n"}[transport]
+        started = time.monotonic()
+        assert raw.chunk() == beat and raw.chunk() == beat
+        assert time.monotonic() - started < 10  # heartbeat=0.5: two within a generous bound
+
+
+def test_sse_retry_field(comet_cherrypy, hub):
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", retry=1500)
+        def events(self):
+            yield from hub.subscribe("c")
+
+    with RawStream(comet_cherrypy(Root()).url + "/events") as raw:
+        assert raw.chunk() == b":ok\nretry: 1500\n\n"
+
+
+def test_mjpeg_style_image_parts(comet_cherrypy):
+    frames = [b"\xff\xd8frame%d\xff\xd9" % i for i in range(3)]
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="multipart")
+        def camera(self):
+            for frame in frames:
+                yield Part(frame, "image/jpeg")
+
+    with StreamClient(comet_cherrypy(Root()).url + "/camera", transport="multipart") as client:
+        parts = client.wait_for(3)
+        client.wait_closed()
+    assert [(p.content_type, p.body) for p in parts] == [("image/jpeg", f) for f in frames]
+
+
+# -- resume, gaps -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_resume_after_reconnect_loses_and_repeats_nothing(app, hub, tracker, transport):
+    url = app.url + "/" + transport
+    with StreamClient(url, transport=transport) as client:
+        if transport == "longpoll":
+            settle(lambda: hub.subscriptions == 1, what="long-poll waiting")
+        for n in range(5):
+            hub.publish("lobby", f"m{n}")
+        seen = client.wait_for(5)
+    last = seen[-1]
+    last_id = json.loads(last.body)["id"] if isinstance(last, Part) else last["id"] if isinstance(last, dict) else last.id
+    for n in range(5, 8):  # published while nobody is connected
+        hub.publish("lobby", f"m{n}")
+    with StreamClient(url, transport=transport, last_event_id=last_id) as again:
+        hub.publish("lobby", "m8")
+        rest = again.wait_for(4)
+    assert [data_of(i) for i in seen + rest] == [f"m{n}" for n in range(9)]
+
+
+def test_last_event_id_header_wins_over_query(app, hub):
+    ids = [hub.publish("lobby", n) for n in range(4)]
+    with StreamClient(app.url + "/sse?last_event_id=" + ids[0], last_event_id=ids[2]) as client:
+        assert [e.data for e in client.wait_for(1)] == ["3"]
+
+
+def test_gap_event_over_http(comet_cherrypy):
+    hub, tracker = Hub(buffer_size=3, idle=0.2), Tracker()
+    server = comet_cherrypy(make_root(hub, tracker))
+    ids = [hub.publish("lobby", n) for n in range(6)]
+    with StreamClient(server.url + "/sse", last_event_id=ids[0]) as client:
+        gap, *rest = client.wait_for(4)
+    assert gap.name == "comet.gap" and gap.id == ids[2]
+    assert json.loads(gap.data) == {"last_id": ids[0], "resume_id": ids[2]}
+    assert [e.data for e in rest] == ["3", "4", "5"]
+
+
+# -- lifecycle -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["sse", "multipart", "chunked"])
+def test_disconnect_closes_handler_within_a_heartbeat(comet_cherrypy, transport):
+    heartbeat = 3.0
+    hub, tracker = Hub(idle=0.2), Tracker()
+    server = comet_cherrypy(make_root(hub, tracker, heartbeat=heartbeat))
+    client = StreamClient(server.url + "/" + transport, transport=transport).open()
+    settle(lambda: hub.subscriptions == 1, what="subscription open")
+    client.close()
+    gone = time.monotonic()
+    settle(lambda: tracker.finished == 1 and hub.subscriptions == 0, timeout=heartbeat * 3, what="handler finally")
+    assert time.monotonic() - gone < heartbeat, "an idle stream must be released within one heartbeat interval"
+    assert engine_plugin().pool.counters["disconnects"] >= 1
+
+
+def test_disconnect_of_a_busy_stream(app, hub, tracker):
+    stop = threading.Event()
+
+    def publisher():
+        while not stop.is_set():
+            hub.publish("lobby", "x" * 200)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    try:
+        client = StreamClient(app.url + "/sse").open()
+        client.wait_for(20)
+        client.close()
+        settle(lambda: tracker.open == 0 and hub.subscriptions == 0, what="busy stream released")
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_nothing_leaks_after_many_cycles(app, hub, tracker):
+    pool = engine_plugin().pool
+    # one warm-up cycle per transport so lazily created state exists before counting
+    for transport in TRANSPORTS:
+        StreamClient(app.url + "/" + transport, transport=transport).open().close()
+    settle(lambda: hub.subscriptions == 0 and pool.open_streams == 0, what="warm-up released")
+    threads, fds = threading.active_count(), open_fds()
+    for cycle in range(60):
+        transport = TRANSPORTS[cycle % 4]
+        client = StreamClient(app.url + "/" + transport, transport=transport, last_event_id=hub.last_id("lobby")).open()
+        if cycle % 2:
+            hub.publish("lobby", cycle)
+            client.wait_for(1)
+        client.close()
+    settle(lambda: hub.subscriptions == 0 and pool.open_streams == 0 and tracker.open == 0, what="all released")
+    settle(lambda: threading.active_count() <= threads, what=f"threads back to {threads}")
+    settle(lambda: open_fds() <= fds + 2, what=f"fds back to {fds}")  # +2: cheroot keep-alive slack
+    assert tracker.started == tracker.finished >= 60
+
+
+def test_engine_stop_with_100_idle_streams_is_fast():
+    hub, tracker = Hub(idle=30), Tracker()  # only the engine plugin can end these waits quickly
+    engine_plugin().add_hub(hub)
+    server = CherryPyServer(make_root(hub, tracker), thread_pool=120).start()
+    clients = []
+    try:
+        for _ in range(100):
+            clients.append(StreamClient(server.url + "/sse").open())
+        settle(lambda: hub.subscriptions == 100, what="100 streams open")
+    finally:
+        elapsed = server.stop()
+        engine_plugin().hubs.remove(hub)
+    assert elapsed < 2.0, f"engine.stop() took {elapsed:.2f}s with 100 open streams"
+    for client in clients:
+        client.wait_closed(5)
+        client.close()
+    assert tracker.open == 0 and hub.subscriptions == 0
+
+
+def test_admission_cap_answers_503_and_pages_still_load(comet_cherrypy, hub, tracker):
+    server = comet_cherrypy(make_root(hub, tracker), thread_pool=10, global_config={"comet.max_streams": 2, "comet.retry_after": 7})
+    a = StreamClient(server.url + "/sse").open()
+    b = StreamClient(server.url + "/chunked", transport="chunked").open()
+    try:
+        status, headers, body = http_get(server.url + "/sse")
+        assert status == 503 and headers["retry-after"] == "7"
+        assert b"too many open streams (2 of 2)" in body
+        started = time.monotonic()
+        assert http_get(server.url + "/")[0] == 200
+        assert time.monotonic() - started < 2
+        with pytest.raises(HTTPStatusError) as refused:
+            StreamClient(server.url + "/multipart", transport="multipart").open()
+        assert refused.value.status == 503
+    finally:
+        a.close()
+    settle(lambda: engine_plugin().pool.open_streams == 1, what="a released")
+    with StreamClient(server.url + "/sse") as c:
+        hub.publish("lobby", "admitted again")
+        assert c.wait_for(1)[0].data == "admitted again"
+    b.close()
+
+
+def test_default_cap_leaves_threads_for_pages(comet_cherrypy, hub, tracker):
+    comet_cherrypy(make_root(hub, tracker), thread_pool=10)
+    plugin = engine_plugin()
+    plugin.ensure_cap()
+    assert plugin.pool.max_streams == 8
+
+
+# -- bad input -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path,headers,reason", [
+    ("/sse", {"Last-Event-ID": "garbage"}, "malformed event id"),
+    ("/sse?last_event_id=1-x", {}, "malformed event id"),
+    ("/chunked?last_event_id=%0A1-1", {}, "CR, LF or NUL"),
+    ("/longpoll?last_event_id=" + "9" * 300, {}, "at most 256"),
+    ("/multipart?last_event_id=99999999999999-1", {}, "from the future"),
+    ("/sse?channel=bad%0Achannel", {}, "channel"),
+])
+def test_bad_input_gets_400_with_reason(app, hub, tracker, path, headers, reason):
+    status, got_headers, body = http_get(app.url + path, headers=headers)
+    assert status == 400, body
+    assert got_headers["content-type"].startswith("text/plain")
+    assert reason.encode() in body
+    settle(lambda: tracker.open == 0 and engine_plugin().pool.open_streams == 0, what="nothing held")
+
+
+def test_future_id_of_current_epoch_is_400(app, hub):
+    hub.publish("lobby", "x")
+    status, _, body = http_get(app.url + f"/sse?last_event_id={hub.epoch}-5")
+    assert status == 400 and b"from the future" in body
+
+
+def test_api_misuse_fails_at_definition():
+    with pytest.raises(ValueError, match=r"transport must be one of \('sse', 'multipart', 'chunked', 'longpoll'\), got 'ws'"):
+        comet(transport="ws")
+    with pytest.raises(ValueError, match="heartbeat"):
+        comet(heartbeat=0)
+    with pytest.raises(TypeError, match="unknown comet option"):
+        comet(hearbeat=5)
+
+
+def test_oversize_item_ends_the_stream_cleanly(comet_cherrypy):
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", max_event_bytes=100)
+        def events(self):
+            yield "small"
+            yield "x" * 1000
+            yield "never sent"
+
+    with RawStream(comet_cherrypy(Root()).url + "/events") as raw:
+        assert raw.chunk() == b":ok\n\n"
+        assert raw.chunk() == b"data: small\n\n"
+        assert raw.chunk() == b""  # ended with a proper terminating chunk, nothing malformed
+
+
+def test_handler_raising_input_error_before_first_item_is_400(comet_cherrypy):
+    class Root:
+        @cherrypy.expose
+        @comet(transport="chunked")
+        def events(self, room=""):
+            if not room.isalnum():
+                raise InvalidEventId("room must be alphanumeric")
+            yield room
+
+    server = comet_cherrypy(Root())
+    assert http_get(server.url + "/events?room=a%20b")[:1] == (400,)
+    assert http_get(server.url + "/events?room=ab")[2] == b"\nab"  # preamble, then the item
+
+
+# -- the Tool ----------------------------------------------------------------------
+
+
+def test_tool_in_config_and_as_decorator(comet_cherrypy, hub):
+    class Root:
+        @cherrypy.expose
+        def feed(self, last_event_id=None):
+            yield from hub.subscribe("lobby", last_id=last_event_id)
+
+        @cherrypy.expose
+        @cherrypy.tools.comet(transport="sse", heartbeat=0.5)
+        def decorated(self, last_event_id=None):
+            yield from hub.subscribe("lobby", last_id=last_event_id)
+
+    config = {"/feed": {"tools.comet.on": True, "tools.comet.transport": "chunked", "tools.comet.heartbeat": 0.5}}
+    server = comet_cherrypy(Root(), config)
+    first = hub.publish("lobby", "before")
+    with StreamClient(server.url + "/feed", transport="chunked", last_event_id=hub.before(first)) as feed, \
+            StreamClient(server.url + "/decorated", last_event_id=hub.before(first)) as deco:
+        hub.publish("lobby", "after")
+        assert [i["data"] for i in feed.wait_for(2)] == ["before", "after"]
+        assert [e.data for e in deco.wait_for(2)] == ["before", "after"]
+        assert feed.headers["content-type"].startswith("application/x-ndjson")
+        feed.wait_for(lambda _: feed.heartbeats >= 1, timeout=10)
+
+
+BAD_CONFIG_APP = """
+import cherrypy, comet.cherrypy_tool
+class Root:
+    @cherrypy.expose
+    def feed(self):
+        yield "x"
+cherrypy.config.update({"server.socket_host": "127.0.0.1", "server.socket_port": 0, "log.screen": True})
+cherrypy.tree.mount(Root(), "", {"/feed": {"tools.comet.on": True, "tools.comet.transport": "ws"}})
+cherrypy.engine.start()
+print("STARTED")
+cherrypy.engine.exit()
+"""
+
+
+def test_bad_tool_config_fails_engine_start_naming_the_key():
+    # CherryPy ends the process (exit code 70) when a start listener fails,
+    # so this runs in its own interpreter.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", BAD_CONFIG_APP], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 70, done.stdout + done.stderr
+    assert "STARTED" not in done.stdout
+    assert "config / [/feed]: tools.comet: transport must be one of" in done.stderr + done.stdout
