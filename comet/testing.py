@@ -597,3 +597,12 @@ if pytest is not None:
         yield start
         for server in started:
             server.stop()
+
+    def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+        """Exit a CherryPy engine the fixtures left stopped, so the process
+        ends cleanly instead of CherryPy warning at interpreter exit."""
+        import sys
+
+        cp = sys.modules.get("cherrypy")
+        if cp is not None and cp.engine.state == cp.engine.states.STOPPED:
+            cp.engine.exit()
