@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 from typing import Any, Callable
 
 import cherrypy
@@ -46,7 +47,10 @@ from .options import Options
 from .stream import Stream, StreamPool, http_error
 from .wsgi import resume_id, socket_probe
 
-__all__ = ["comet", "CometTool", "CometPlugin", "engine_plugin"]
+__all__ = ["comet", "CometTool", "CometPlugin", "engine_plugin", "static_config", "STATIC_DIR"]
+
+#: Where ``comet.js`` lives inside the installed package.
+STATIC_DIR = str(Path(__file__).resolve().parent / "static")
 
 
 class CometPlugin(SimplePlugin):
@@ -125,6 +129,16 @@ def check_tool_config() -> None:
                     Options.from_mapping(values)
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"config {script_name or '/'} [{path}]: tools.comet: {exc}") from None
+
+
+def static_config(url: str = "/comet") -> dict:
+    """App config that serves ``comet.js`` at ``<url>/comet.js``: one line.
+
+    >>> config = {**static_config("/comet")}
+    >>> config["/comet"]["tools.staticdir.on"]
+    True
+    """
+    return {url: {"tools.staticdir.on": True, "tools.staticdir.dir": STATIC_DIR}}
 
 
 def _config_namespace(key: str, value: Any) -> None:

@@ -1,0 +1,269 @@
+/*
+ * comet.js: the browser client for comet streams. No build step, no dependencies.
+ *
+ *   const sub = Comet.subscribe("/events", {
+ *     transport: "sse",                 // "sse" | "multipart" | "chunked" | "longpoll"
+ *     events: ["join", "leave"],        // SSE event names to listen for ("message" always)
+ *     lastEventId: "1700000000000-41",  // resume after this id (e.g. the last rendered one)
+ *     onEvent(ev) { ... },              // ev = {id, event, data}; data is parsed JSON when it can be
+ *     onStatus(status) { ... },         // "connecting" | "open" | "reconnecting" | "closed"
+ *     onGap(ev) { ... },                // events were lost for this client: reload state
+ *   });
+ *   sub.close();
+ *
+ * On any transport, a broken connection is retried with exponential backoff
+ * plus jitter, resuming after the last event id seen (the server's
+ * `last_event_id` query parameter), so nothing is lost or shown twice across a
+ * reconnect. EventSource's own retry is not used: it cannot back off, and it
+ * gives up for good on a non-200 answer (a 503 from admission control).
+ */
+(function (global) {
+  "use strict";
+
+  const GAP = "comet.gap";
+
+  function parseData(text) {
+    if (typeof text !== "string") return text;
+    try { return JSON.parse(text); } catch (e) { return text; }
+  }
+
+  function withCursor(url, id) {
+    if (!id) return url;
+    const u = new URL(url, global.location ? global.location.href : undefined);
+    u.searchParams.set("last_event_id", id);
+    return u.toString();
+  }
+
+  /* Incremental parser of multipart/x-mixed-replace bodies: parts are sized
+   * by Content-Length (falling back to the next delimiter); bytes between
+   * parts (heartbeats, the preamble) are skipped. */
+  class MultipartParser {
+    constructor(boundary) {
+      this.delimiter = new TextEncoder().encode("--" + boundary);
+      this.buf = new Uint8Array(0);
+    }
+    feed(chunk) {
+      const merged = new Uint8Array(this.buf.length + chunk.length);
+      merged.set(this.buf); merged.set(chunk, this.buf.length);
+      this.buf = merged;
+      const out = [];
+      for (;;) {
+        const part = this._next();
+        if (!part) return out;
+        out.push(part);
+      }
+    }
+    _indexOf(needle, from) {
+      const b = this.buf;
+      outer: for (let i = from; i <= b.length - needle.length; i++) {
+        for (let j = 0; j < needle.length; j++) if (b[i + j] !== needle[j]) continue outer;
+        return i;
+      }
+      return -1;
+    }
+    _next() {
+      let start = 0;
+      while (this.buf.length - start >= 2 && this.buf[start] === 13 && this.buf[start + 1] === 10) start += 2;
+      this.buf = this.buf.subarray(start);
+      const d = this.delimiter;
+      if (this.buf.length < d.length + 2) return null;
+      if (this._indexOf(d, 0) !== 0) throw new Error("multipart stream out of sync");
+      const headEnd = this._indexOf(new Uint8Array([13, 10, 13, 10]), 0);
+      if (headEnd < 0) return null;
+      const lines = new TextDecoder("latin1").decode(this.buf.subarray(d.length, headEnd)).split("\r\n");
+      const headers = {};
+      for (const line of lines.slice(1)) {
+        const k = line.indexOf(":");
+        if (k > 0) headers[line.slice(0, k).trim().toLowerCase()] = line.slice(k + 1).trim();
+      }
+      const bodyStart = headEnd + 4;
+      let body, rest;
+      if ("content-length" in headers) {
+        const end = bodyStart + parseInt(headers["content-length"], 10);
+        if (this.buf.length < end + 2) return null;
+        body = this.buf.slice(bodyStart, end); rest = end + 2;
+      } else {
+        const crlfDelim = new Uint8Array(d.length + 2); crlfDelim.set([13, 10]); crlfDelim.set(d, 2);
+        const end = this._indexOf(crlfDelim, bodyStart);
+        if (end < 0) return null;
+        body = this.buf.slice(bodyStart, end); rest = end + 2;
+      }
+      this.buf = this.buf.subarray(rest);
+      return { contentType: headers["content-type"] || "text/plain", headers: headers, body: body };
+    }
+  }
+
+  /* Incremental NDJSON parser: complete lines as JSON values (or strings);
+   * blank lines (heartbeats) are skipped; a line split across chunks waits. */
+  class NDJSONParser {
+    constructor() { this.text = ""; this.decoder = new TextDecoder("utf-8"); }
+    feed(chunk) {
+      this.text += this.decoder.decode(chunk, { stream: true });
+      const lines = this.text.split("\n");
+      this.text = lines.pop();
+      return lines.filter((l) => l.trim() !== "").map(parseData);
+    }
+  }
+
+  /* An item from any transport -> {id, event, data}. */
+  function toEvent(value) {
+    if (value && typeof value === "object" && !Array.isArray(value) && "data" in value && "id" in value) {
+      return { id: value.id, event: value.event || "message", data: value.data };
+    }
+    return { id: null, event: "message", data: value };
+  }
+
+  function partToEvent(part) {
+    const type = part.contentType.split(";")[0].trim();
+    if (type === "application/json") return toEvent(JSON.parse(new TextDecoder().decode(part.body)));
+    if (type.startsWith("text/")) return { id: null, event: "message", data: new TextDecoder().decode(part.body) };
+    return { id: null, event: "part", data: new Blob([part.body], { type: part.contentType }) };
+  }
+
+  class Subscription {
+    constructor(url, options) {
+      this.url = url;
+      this.options = Object.assign({
+        transport: "sse", events: [], lastEventId: null,
+        minDelay: 500, maxDelay: 30000,
+        onEvent: () => {}, onStatus: () => {}, onGap: null,
+      }, options || {});
+      this.lastEventId = this.options.lastEventId || null;
+      this.status = null;
+      this.attempt = 0;
+      this.closed = false;
+      this._timer = null;
+      this._abort = null;
+      this._source = null;
+      this._connect();
+    }
+
+    close() {
+      this.closed = true;
+      clearTimeout(this._timer);
+      if (this._source) this._source.close();
+      if (this._abort) this._abort.abort();
+      this._setStatus("closed");
+    }
+
+    _setStatus(status) {
+      if (status === this.status) return;
+      this.status = status;
+      try { this.options.onStatus(status); } catch (e) { console.error(e); }
+    }
+
+    _deliver(ev) {
+      if (ev.id) {
+        if (this.lastEventId && ev.id === this.lastEventId) return; // already shown
+        this.lastEventId = ev.id;
+      }
+      if (this.status !== "open") this._opened();
+      if (ev.event === GAP && this.options.onGap) {
+        try { this.options.onGap(ev); } catch (e) { console.error(e); }
+        return;
+      }
+      try { this.options.onEvent(ev); } catch (e) { console.error(e); }
+    }
+
+    _opened() { this.attempt = 0; this._setStatus("open"); }
+
+    _retry() {
+      if (this.closed) return;
+      this._setStatus("reconnecting");
+      // Exponential backoff with full jitter: many clients dropped at once by a
+      // restart do not all come back in the same instant.
+      const ceiling = Math.min(this.options.maxDelay, this.options.minDelay * Math.pow(2, this.attempt));
+      const delay = this.options.minDelay / 2 + Math.random() * ceiling;
+      this.attempt += 1;
+      clearTimeout(this._timer);
+      this._timer = setTimeout(() => this._connect(), delay);
+    }
+
+    _connect() {
+      if (this.closed) return;
+      if (this.status !== "reconnecting") this._setStatus("connecting");
+      const t = this.options.transport;
+      if (t === "sse") this._sse();
+      else if (t === "longpoll") this._longpoll();
+      else if (t === "multipart" || t === "chunked") this._fetchStream(t);
+      else throw new Error("unknown transport " + t);
+    }
+
+    _sse() {
+      const source = new EventSource(withCursor(this.url, this.lastEventId));
+      this._source = source;
+      const handler = (e) => this._deliver({ id: e.lastEventId || null, event: e.type, data: parseData(e.data) });
+      source.onopen = () => this._opened();
+      source.onmessage = handler;
+      for (const name of new Set([GAP].concat(this.options.events))) source.addEventListener(name, handler);
+      source.onerror = () => {
+        source.close();
+        if (this._source === source) this._source = null;
+        this._retry();
+      };
+    }
+
+    async _fetchStream(transport) {
+      const abort = new AbortController();
+      this._abort = abort;
+      try {
+        const response = await fetch(withCursor(this.url, this.lastEventId), {
+          signal: abort.signal, cache: "no-store",
+          headers: { Accept: transport === "multipart" ? "multipart/x-mixed-replace" : "application/x-ndjson" },
+        });
+        if (response.status !== 200 || !response.body) throw new Error("HTTP " + response.status);
+        let parser;
+        if (transport === "multipart") {
+          const m = /boundary="?([^";]+)"?/.exec(response.headers.get("Content-Type") || "");
+          if (!m) throw new Error("multipart response without boundary");
+          parser = new MultipartParser(m[1]);
+        } else {
+          parser = new NDJSONParser();
+        }
+        this._opened();
+        const reader = response.body.getReader();
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          for (const item of parser.feed(value)) {
+            this._deliver(transport === "multipart" ? partToEvent(item) : toEvent(item));
+          }
+        }
+      } catch (e) {
+        if (this.closed) return;
+      }
+      if (this._abort === abort) this._abort = null;
+      this._retry(); // the server ended the stream or it broke: come back and resume
+    }
+
+    async _longpoll() {
+      while (!this.closed) {
+        const abort = new AbortController();
+        this._abort = abort;
+        try {
+          const response = await fetch(withCursor(this.url, this.lastEventId), {
+            signal: abort.signal, cache: "no-store", headers: { Accept: "application/json" },
+          });
+          if (response.status !== 200) throw new Error("HTTP " + response.status);
+          const doc = await response.json();
+          this._opened();
+          for (const item of doc.events) this._deliver(toEvent(item));
+          if (doc.cursor) this.lastEventId = doc.cursor;
+        } catch (e) {
+          if (this.closed) return;
+          this._retry();
+          return;
+        }
+      }
+    }
+  }
+
+  global.Comet = {
+    subscribe: (url, options) => new Subscription(url, options),
+    Subscription: Subscription,
+    MultipartParser: MultipartParser,
+    NDJSONParser: NDJSONParser,
+    toEvent: toEvent,
+    GAP: GAP,
+  };
+})(typeof window !== "undefined" ? window : globalThis);

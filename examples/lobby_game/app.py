@@ -1,0 +1,135 @@
+"""The lobby game's web side: pages, JSON actions, and one SSE stream per page.
+
+    python -m examples.lobby_game [--host 127.0.0.1] [--port 8080] [--size 4]
+
+Each page subscribes to ``/events/<lobby>?player=<token>``; the stream is the
+player's presence (open = online; closed for ``grace`` seconds = gone).
+Actions are POSTs carrying the player's token, which the page keeps in
+``sessionStorage``: one player per tab, so three tabs are three players.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import cherrypy
+import jinja2
+
+import comet
+from comet import Event, Hub, comet as stream
+from comet.cherrypy_tool import engine_plugin, static_config
+
+from .game import GameError, Lobbies
+
+HERE = Path(__file__).parent
+templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
+
+
+def json_action(func):
+    """POST-only JSON endpoint; a GameError becomes its status and reason."""
+
+    @cherrypy.expose
+    @cherrypy.tools.allow(methods=["POST"])
+    @cherrypy.tools.json_out()
+    @functools.wraps(func)
+    def action(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except GameError as exc:
+            cherrypy.response.status = exc.status
+            return {"error": str(exc)}
+
+    return action
+
+
+class LobbyApp:
+    def __init__(self, hub: Hub, lobbies: Lobbies) -> None:
+        self.hub = hub
+        self.lobbies = lobbies
+
+    def _lobby(self, name: str, create: bool = True):
+        try:
+            return self.lobbies.get(name, create=create)
+        except GameError as exc:
+            raise cherrypy.HTTPError(exc.status, str(exc)) from None
+
+    @cherrypy.expose
+    def index(self, lobby: str | None = None):
+        if lobby is not None:  # the "go to lobby" form
+            raise cherrypy.HTTPRedirect(f"/lobby/{self._lobby(lobby.strip().lower()).name}", 303)
+        lobbies = [l.state() for l in self.lobbies.all()]
+        return templates.get_template("index.html").render(lobbies=lobbies, comet_version=comet.__version__)
+
+    @cherrypy.expose
+    def lobby(self, name: str):
+        lobby = self._lobby(name)
+        return templates.get_template("lobby.html").render(state=lobby.state())
+
+    @cherrypy.expose
+    @stream(transport="sse")
+    def events(self, name: str, player: str | None = None, last_event_id: str | None = None):
+        lobby = self._lobby(name)
+        me = lobby.player(player)
+        # Take the cursor before the snapshot: anything published in between
+        # arrives again (whole states, so harmless), nothing is missed.
+        cursor = last_event_id or self.hub.last_id(lobby.channel)
+        if me is not None:
+            lobby.connected(me)
+        try:
+            if not last_event_id:
+                yield Event(lobby.state(), name="state")
+            yield from self.hub.subscribe(lobby.channel, last_id=cursor)
+        finally:
+            if me is not None:
+                lobby.disconnected(me)
+
+    @json_action
+    def join(self, name: str, player: str = "", token: str | None = None):
+        joined = self._lobby(name).join(player, token)
+        return {"name": joined.name, "token": joined.token}
+
+    @json_action
+    def start(self, name: str, token: str = ""):
+        self._lobby(name, create=False).start(token)
+        return {"ok": True}
+
+    @json_action
+    def click(self, name: str, token: str = ""):
+        return {"message": self._lobby(name, create=False).click(token)}
+
+    @json_action
+    def leave(self, name: str, token: str = ""):
+        self._lobby(name, create=False).leave(token)
+        return {"ok": True}
+
+
+def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, **lobby_options):
+    """The app and its config, for ``cherrypy.tree.mount`` or a test fixture."""
+    hub = hub or Hub()
+    lobbies = Lobbies(hub, size=size, grace=grace, **lobby_options)
+    engine_plugin().add_hub(hub)
+    cherrypy.engine.subscribe("stop", lobbies.close)
+    config = {
+        "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
+        **static_config("/comet"),
+    }
+    return LobbyApp(hub, lobbies), config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="comet lobby game")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--size", type=int, default=4, help="players per lobby (the game starts when full)")
+    parser.add_argument("--threads", type=int, default=120, help="server threads; each open page holds one")
+    args = parser.parse_args(argv)
+    app, config = make_app(size=args.size)
+    cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
+                            "server.thread_pool": args.threads, "engine.autoreload.on": False})
+    print(f"lobby game on http://{args.host}:{args.port}/")
+    cherrypy.quickstart(app, "/", config)
+
+
+if __name__ == "__main__":
+    main()

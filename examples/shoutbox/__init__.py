@@ -1,0 +1,1 @@
+"""Live chat with history: ``python -m examples.shoutbox``."""

@@ -1,0 +1,216 @@
+"""The shoutbox: live chat with history, moderation, and nothing lost.
+
+    python -m examples.shoutbox [--host 127.0.0.1] [--port 8081] [--mod-secret S]
+
+The page renders the last 50 shouts on the server and hands the id of the
+newest event to the stream, which resumes exactly after it: no gap and no
+duplicate between the page and the stream.
+
+One channel, two views: guests and moderators subscribe to the same channel;
+a per-subscriber ``view`` hides moderator notices from guests. A moderator's
+delete publishes a ``delete`` event and every page removes the shout live.
+
+No server-side sessions: a long-lived stream would hold CherryPy's session
+lock and block the same browser's posts. CSRF uses a double-submit cookie
+(the form field must match the cookie); moderators carry an HMAC-signed cookie.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import cherrypy
+import jinja2
+
+from comet import Hub, comet as stream
+from comet.cherrypy_tool import engine_plugin, static_config
+
+HERE = Path(__file__).parent
+templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
+CHANNEL = "shouts"
+NICK = re.compile(r"[^\W_][\w \-]{0,19}")
+
+
+class RateLimiter:
+    """At most ``limit`` actions per ``window`` seconds per client key."""
+
+    def __init__(self, limit: int = 5, window: float = 10.0) -> None:
+        self.limit, self.window = limit, window
+        self._hits: dict[str, collections.deque] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> float:
+        """0 if allowed now (and counted), else seconds until it would be."""
+        now = time.monotonic()
+        with self._lock:
+            hits = self._hits.setdefault(key, collections.deque())
+            while hits and hits[0] <= now - self.window:
+                hits.popleft()
+            if len(hits) >= self.limit:
+                return hits[0] + self.window - now
+            hits.append(now)
+            if len(self._hits) > 10_000:  # forget idle clients
+                self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self.window}
+            return 0.0
+
+
+def guest_view(event):
+    """What a guest sees of the channel: everything but moderator notices."""
+    return None if event.name == "mod" else event
+
+
+class Shoutbox:
+    def __init__(self, hub: Hub, mod_secret: str, rate: RateLimiter | None = None) -> None:
+        self.hub = hub
+        self.mod_secret = mod_secret
+        self._key = secrets.token_bytes(32)
+        self.rate = rate or RateLimiter()
+        self.deleted: set[str] = set()
+
+    # -- identity ---------------------------------------------------------
+
+    def _csrf(self) -> str:
+        cookie = cherrypy.request.cookie.get("csrf")
+        if cookie and re.fullmatch(r"[\w-]{20,64}", cookie.value):
+            return cookie.value
+        token = secrets.token_urlsafe(24)
+        out = cherrypy.response.cookie
+        out["csrf"] = token
+        out["csrf"]["path"] = "/"
+        out["csrf"]["samesite"] = "Strict"
+        out["csrf"]["httponly"] = True
+        return token
+
+    CSRF_REASON = "missing or wrong CSRF token: reload the page"
+
+    def _csrf_ok(self, token: str | None) -> bool:
+        cookie = cherrypy.request.cookie.get("csrf")
+        return bool(token) and cookie is not None and secrets.compare_digest(token, cookie.value)
+
+    def _check_csrf(self, token: str | None) -> None:
+        if not self._csrf_ok(token):
+            raise cherrypy.HTTPError(403, self.CSRF_REASON)
+
+    def _mod_token(self) -> str:
+        return hmac.new(self._key, b"moderator", hashlib.sha256).hexdigest()
+
+    def is_moderator(self) -> bool:
+        cookie = cherrypy.request.cookie.get("mod")
+        return cookie is not None and secrets.compare_digest(cookie.value, self._mod_token())
+
+    # -- pages ------------------------------------------------------------
+
+    @cherrypy.expose
+    def index(self):
+        events = self.hub.history(CHANNEL)
+        # Resume after the newest event of any kind that this render saw.
+        cursor = events[-1].id if events else f"{self.hub.epoch}-0"
+        shouts = [e for e in events if e.name == "shout" and e.id not in self.deleted][-50:]
+        return templates.get_template("index.html").render(
+            shouts=shouts, cursor=cursor, csrf=self._csrf(), moderator=self.is_moderator())
+
+    @cherrypy.expose
+    @stream(transport="sse")
+    def events(self, last_event_id=None):
+        view = None if self.is_moderator() else guest_view
+        yield from self.hub.subscribe(CHANNEL, last_id=last_event_id, view=view)
+
+    def _fail(self, status: int, reason: str, retry_after: float | None = None) -> dict:
+        cherrypy.response.status = status
+        if retry_after is not None:
+            cherrypy.response.headers["Retry-After"] = str(max(1, round(retry_after)))
+        return {"error": reason}
+
+    @cherrypy.expose
+    @cherrypy.tools.allow(methods=["POST"])
+    @cherrypy.tools.json_out()
+    def shout(self, nick: str = "", text: str = "", csrf: str = ""):
+        if not self._csrf_ok(csrf):
+            return self._fail(403, self.CSRF_REASON)
+        nick, text = nick.strip(), text.strip()
+        if not NICK.fullmatch(nick):
+            return self._fail(400, "nickname must be 1-20 letters, digits, spaces, '-' or '_'")
+        if not 1 <= len(text) <= 500:
+            return self._fail(400, "a shout is 1 to 500 characters")
+        client = f"{cherrypy.request.remote.ip}:{csrf}"
+        wait = self.rate.allow(client)
+        if wait:
+            self.hub.publish(CHANNEL, {"notice": f"{nick} hit the rate limit"}, event="mod")
+            return self._fail(429, f"slow down: try again in {max(1, round(wait))} s", wait)
+        event_id = self.hub.publish(CHANNEL, {"nick": nick, "text": text, "at": int(time.time())}, event="shout")
+        return {"id": event_id}
+
+    @cherrypy.expose
+    @cherrypy.tools.allow(methods=["POST"])
+    @cherrypy.tools.json_out()
+    def delete(self, id: str = "", csrf: str = ""):
+        if not self._csrf_ok(csrf):
+            return self._fail(403, self.CSRF_REASON)
+        if not self.is_moderator():
+            return self._fail(403, "only moderators can delete")
+        if not any(e.id == id and e.name == "shout" for e in self.hub.history(CHANNEL)):
+            return self._fail(404, "no such shout")
+        self.deleted.add(id)
+        self.hub.publish(CHANNEL, {"target": id}, event="delete")
+        self.hub.publish(CHANNEL, {"notice": f"deleted {id}"}, event="mod")
+        return {"ok": True}
+
+    @cherrypy.expose
+    def login(self, secret: str | None = None, csrf: str = ""):
+        if cherrypy.request.method == "POST":
+            self._check_csrf(csrf)
+            if secret is not None and secrets.compare_digest(secret, self.mod_secret):
+                out = cherrypy.response.cookie
+                out["mod"] = self._mod_token()
+                out["mod"]["path"] = "/"
+                out["mod"]["httponly"] = True
+                out["mod"]["samesite"] = "Strict"
+                raise cherrypy.HTTPRedirect("/", 303)
+            cherrypy.response.status = 403
+            return templates.get_template("login.html").render(csrf=self._csrf(), error="wrong secret")
+        return templates.get_template("login.html").render(csrf=self._csrf(), error=None)
+
+    @cherrypy.expose
+    @cherrypy.tools.allow(methods=["POST"])
+    def logout(self, csrf: str = ""):
+        self._check_csrf(csrf)
+        cherrypy.response.cookie["mod"] = ""
+        cherrypy.response.cookie["mod"]["path"] = "/"
+        cherrypy.response.cookie["mod"]["max-age"] = 0
+        raise cherrypy.HTTPRedirect("/", 303)
+
+
+def make_app(hub: Hub | None = None, *, mod_secret: str = "letmein", rate: RateLimiter | None = None):
+    """The app and its config, for ``cherrypy.tree.mount`` or a test fixture."""
+    hub = hub or Hub(buffer_size=1000)
+    engine_plugin().add_hub(hub)
+    config = {
+        "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
+        **static_config("/comet"),
+    }
+    return Shoutbox(hub, mod_secret, rate), config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="comet shoutbox")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--mod-secret", default="letmein", help="moderator password (default: letmein)")
+    parser.add_argument("--threads", type=int, default=120, help="server threads; each open page holds one")
+    args = parser.parse_args(argv)
+    app, config = make_app(mod_secret=args.mod_secret)
+    cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
+                            "server.thread_pool": args.threads, "engine.autoreload.on": False})
+    print(f"shoutbox on http://{args.host}:{args.port}/  (moderator login at /login)")
+    cherrypy.quickstart(app, "/", config)
+
+
+if __name__ == "__main__":
+    main()
