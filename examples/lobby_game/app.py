@@ -39,6 +39,9 @@ def json_action(func):
         except GameError as exc:
             cherrypy.response.status = exc.status
             return {"error": str(exc)}
+        except cherrypy.HTTPError as exc:
+            cherrypy.response.status = exc.status
+            return {"error": exc._message}
 
     return action
 
