@@ -1,0 +1,128 @@
+"""comet.js in a real browser: its parsers (with input split at every byte)
+and live streams on every transport, forced to reconnect and resume."""
+import json
+
+import cherrypy
+import pytest
+
+from comet import Hub, comet
+from comet.cherrypy_tool import engine_plugin, static_config
+from comet.testing import wait_until
+
+UNIT_JS = r"""
+window.results = {};
+const enc = new TextEncoder();
+function check(name, fn) { try { fn(); results[name] = "ok"; } catch (e) { results[name] = String(e && e.stack || e); } }
+function eq(a, b) { const x = JSON.stringify(a), y = JSON.stringify(b); if (x !== y) throw new Error(x + " != " + y); }
+function concat(...arrays) {
+  const out = new Uint8Array(arrays.reduce((n, a) => n + a.length, 0)); let i = 0;
+  for (const a of arrays) { out.set(a, i); i += a.length; } return out;
+}
+function feedSplit(make, wire, cut) {
+  const p = make(); return p.feed(wire.slice(0, cut)).concat(p.feed(wire.slice(cut)));
+}
+check("multipart parts split at every byte", () => {
+  const json = enc.encode('{"id":"1-1","event":"e","data":{"k":"\u00e9"}}');
+  const jpeg = new Uint8Array([0xff, 0xd8, 13, 10, 45, 45, 66, 0xff, 0xd9]);  // contains CRLF--B
+  const wire = concat(enc.encode("\r\n--B\r\nContent-Type: application/json\r\nContent-Length: " + json.length + "\r\n\r\n"),
+                      json, enc.encode("\r\n\r\n\r\n--B\r\nContent-Type: image/jpeg\r\nContent-Length: 9\r\n\r\n"), jpeg,
+                      enc.encode("\r\n"));
+  for (let cut = 0; cut <= wire.length; cut++) {
+    const parts = feedSplit(() => new Comet.MultipartParser("B"), wire, cut);
+    eq(parts.length, 2);
+    eq(parts[0].contentType, "application/json");
+    eq(JSON.parse(new TextDecoder().decode(parts[0].body)), {id: "1-1", event: "e", data: {k: "\u00e9"}});
+    eq(parts[1].contentType, "image/jpeg");
+    eq(Array.from(parts[1].body), Array.from(jpeg));
+  }
+});
+check("ndjson lines split at every byte, multibyte too", () => {
+  const wire = enc.encode('\n{"id":"1-2","event":null,"data":"\u2603"}\n\nplain text\n[1,2]\n');
+  for (let cut = 0; cut <= wire.length; cut++) {
+    const items = feedSplit(() => new Comet.NDJSONParser(), wire, cut);
+    eq(items, [{id: "1-2", event: null, data: "\u2603"}, "plain text", [1, 2]]);
+  }
+});
+check("items become events", () => {
+  eq(Comet.toEvent({id: "1-3", event: "join", data: 5}), {id: "1-3", event: "join", data: 5});
+  eq(Comet.toEvent({id: "1-3", event: null, data: 5}), {id: "1-3", event: "message", data: 5});
+  eq(Comet.toEvent("raw"), {id: null, event: "message", data: "raw"});
+});
+window.live = {};
+for (const t of ["sse", "multipart", "chunked", "longpoll"]) {
+  live[t] = {events: [], statuses: []};
+  live[t].sub = Comet.subscribe("/stream/" + t, {
+    transport: t, events: ["tick"], lastEventId: document.body.dataset.cursor, minDelay: 100, maxDelay: 400,
+    onEvent: (ev) => live[t].events.push({id: ev.id, event: ev.event, data: ev.data}),
+    onStatus: (s) => live[t].statuses.push(s),
+  });
+}
+"""
+
+
+@pytest.fixture
+def unit_server(comet_cherrypy):
+    hub = Hub(idle=0.2)
+    engine_plugin().add_hub(hub)
+
+    def streamer(transport):
+        # max_duration ends every stream after a second: the client must
+        # reconnect and resume, on every transport, without loss or repeats.
+        @comet(transport=transport, heartbeat=0.5, max_duration=1, poll_timeout=1)
+        def handler(self, last_event_id=None):
+            yield from hub.subscribe("unit", last_id=last_event_id)
+        return handler
+
+    class Stream:
+        pass
+
+    for t in ["sse", "multipart", "chunked", "longpoll"]:
+        setattr(Stream, t, cherrypy.expose(streamer(t)))
+
+    class Root:
+        stream = Stream()
+
+        @cherrypy.expose
+        def index(self):
+            return (f'<!doctype html><body data-cursor="{hub.last_id("unit")}">'
+                    '<script src="/comet/comet.js"></script><script src="/unit.js"></script></body>')
+
+        @cherrypy.expose
+        def unit_js(self):
+            cherrypy.response.headers["Content-Type"] = "text/javascript"
+            return UNIT_JS
+
+    server = comet_cherrypy(Root(), static_config("/comet"))
+    yield server, hub
+    engine_plugin().hubs.remove(hub)
+
+
+def test_comet_js_parsers_and_live_resume_on_every_transport(context, unit_server):
+    server, hub = unit_server
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url + "/")
+    page.wait_for_function("window.results && Object.keys(window.results).length === 3")
+    results = page.evaluate("window.results")
+    assert results == {name: "ok" for name in results}, results
+    wait_until(lambda: hub.subscriptions >= 4, timeout=10, what="four transports connected")
+    sent = []
+    for n in range(12):  # over ~3 s: each stream is cut and resumed about three times
+        sent.append(hub.publish("unit", {"n": n}, event="tick" if n % 2 else None))
+        page.wait_for_timeout(250)
+    try:
+        page.wait_for_function("Object.values(window.live).every(l => l.events.length >= 12)", timeout=20_000)
+    except Exception:
+        raise AssertionError(page.evaluate("JSON.stringify(Object.fromEntries(Object.entries(window.live).map(([k, v]) => [k, [v.events.map(e => e.data), v.statuses]])))")) from None
+    page.wait_for_timeout(500)  # nothing more may arrive
+    live = page.evaluate("Object.fromEntries(Object.entries(window.live).map(([k, v]) => [k, {events: v.events, statuses: v.statuses}]))")
+    for transport, got in live.items():
+        assert [e["data"] for e in got["events"]] == [{"n": n} for n in range(12)], transport
+        assert [e["id"] for e in got["events"]] == sent, transport
+        assert [e["event"] for e in got["events"]] == ["message" if n % 2 == 0 else "tick" for n in range(12)], transport
+        if transport != "longpoll":  # each poll is a new request; the streams were cut and resumed
+            assert "reconnecting" in got["statuses"], (transport, got["statuses"])
+        assert got["statuses"][-1] == "open", (transport, got["statuses"])
+    assert not errors
+    page.close()
