@@ -12,7 +12,9 @@ setup(
     install_requires=["cherrypy>=18.8", "cheroot>=10", "jinja2>=3.1"],
     extras_require={
         "redis": ["redis>=5"],
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "redis>=5"],
+        # playwright drives the system Chromium (Debian's package); it never
+        # downloads a browser of its own here.
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "redis>=5", "playwright>=1.40"],
     },
     # The fixtures (comet_cherrypy, comet_wsgi) are available to any test suite
     # once comet is installed, like other pytest plugins.

@@ -1,0 +1,120 @@
+"""The example apps, for real: server processes, headless Chromium pages."""
+import re
+import urllib.parse
+import urllib.request
+import http.cookiejar
+
+from comet.testing import http_get, wait_until
+
+
+def post_shout(base: str, nick: str, text: str) -> None:
+    """Post like a fresh browser would: get the CSRF cookie and field, then POST."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    html = opener.open(base + "/", timeout=10).read().decode()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', html)[1]
+    data = urllib.parse.urlencode({"nick": nick, "text": text, "csrf": csrf}).encode()
+    assert opener.open(base + "/shout", data=data, timeout=10).status == 200
+
+
+def lobby_players(base: str, lobby: str) -> list[str]:
+    html = http_get(f"{base}/lobby/{lobby}")[2].decode()
+    block = html.split('<ul id="players">', 1)[1].split("</ul>", 1)[0]
+    return re.findall(r"<li>(.*?)</li>", block)
+
+
+def test_three_tabs_join_a_lobby_and_play_a_round(context, example_server):
+    server = example_server("examples.lobby_game", "--size", "4")
+    names = ["ann", "bob", "cat"]
+    # One browser context, three tabs: each tab is its own player (sessionStorage).
+    pages = [context.new_page() for _ in names]
+    for page, name in zip(pages, names):
+        page.goto(server.url + "/lobby/friday")
+        page.fill("#name", name)
+        page.click("#join button")
+        page.wait_for_selector("#players li.me")
+    for page in pages:
+        page.wait_for_function("document.querySelectorAll('#players li').length === 3")
+        assert page.inner_text("#status") == "open"
+        assert page.locator("#players li").all_inner_texts() == ["ann", "bob", "cat"]
+        assert page.locator("#players li.host").all_inner_texts() == ["ann"]
+    assert pages[1].is_hidden("#start") and pages[0].is_visible("#start")
+    pages[0].click("#start")  # the host starts: same countdown for everyone
+    for page in pages:
+        page.wait_for_selector('#board[data-phase="countdown"]')
+    for page in pages:
+        page.wait_for_selector('#board[data-phase="go"]', timeout=10_000)
+    pages[1].click("#play")
+    for page in pages:
+        page.wait_for_selector('#board[data-phase="finished"]')
+        assert re.fullmatch(r"bob won in \d+ ms", page.inner_text("#phase"))
+    assert pages[1].inner_text("#message") == "you win!"
+    # closing the tabs: the players leave the lobby (disconnect + grace period)
+    for page in pages:
+        page.close()
+    wait_until(lambda: lobby_players(server.url, "friday") == [], timeout=20, interval=0.2, what="lobby empty")
+
+
+def test_shouts_appear_in_every_page_and_xss_stays_text(context, example_server):
+    server = example_server("examples.shoutbox")
+    pages = [context.new_page() for _ in range(3)]
+    for page in pages:
+        page.goto(server.url + "/")
+        page.wait_for_selector('#status[data-status="open"]')
+    pages[0].fill("#nick", "eve")
+    pages[0].fill("#text", "hello from page one")
+    pages[0].click("#shout button")
+    for page in pages:
+        page.wait_for_selector("#shouts li:has-text('hello from page one')")
+    payloads = ['<img src=x onerror="window.__xss=1">', "<script>window.__xss=2</script>"]
+    for payload in payloads:
+        pages[0].fill("#text", payload)
+        pages[0].click("#shout button")
+    for page in pages:
+        page.wait_for_function("document.querySelectorAll('#shouts li').length === 3")
+        texts = page.locator("#shouts .what").all_inner_texts()
+        assert texts[:2] == payloads[::-1]  # shown as text, newest first
+        assert page.locator("#shouts img, #shouts script").count() == 0
+        assert page.evaluate("window.__xss") is None
+    # a reload renders the same history server-side, escaped, and resumes after it
+    pages[2].reload()
+    pages[2].wait_for_selector('#status[data-status="open"]')
+    assert pages[2].locator("#shouts .what").all_inner_texts()[:2] == payloads[::-1]
+    assert pages[2].evaluate("window.__xss") is None
+    # a rule violation shows a clear error in the page and keeps the text
+    for n in range(6):
+        pages[1].fill("#nick", "spammer")
+        pages[1].fill("#text", f"spam {n}")
+        pages[1].click("#shout button")
+        pages[1].wait_for_function("document.getElementById('text').value === '' || document.getElementById('error').textContent !== ''")
+    assert "slow down" in pages[1].inner_text("#error")
+    assert pages[1].input_value("#text") == "spam 5"
+    for page in pages:
+        page.close()
+
+
+def test_pages_reconnect_after_server_restart_and_show_what_was_sent(context, example_server):
+    server = example_server("examples.shoutbox")
+    pages = [context.new_page() for _ in range(2)]
+    for page in pages:
+        page.goto(server.url + "/")
+        page.wait_for_selector('#status[data-status="open"]')
+    post_shout(server.url, "ann", "before the restart")
+    for page in pages:
+        page.wait_for_selector("#shouts li:has-text('before the restart')")
+    server.stop()
+    for page in pages:
+        page.wait_for_selector('#status[data-status="reconnecting"]')
+    restarted = example_server("examples.shoutbox", port=server.port)
+    post_shout(restarted.url, "bob", "sent while you were away")
+    post_shout(restarted.url, "bob", "and another one")
+    for page in pages:
+        # the old cursor belongs to the old server: a gap event makes the page
+        # re-render from the new server's history, then stream on
+        page.wait_for_selector("#shouts li:has-text('and another one')", timeout=30_000)
+        page.wait_for_selector('#status[data-status="open"]')
+        assert page.locator("#shouts .what").all_inner_texts()[:2] == ["and another one", "sent while you were away"]
+    post_shout(restarted.url, "cat", "live again")
+    for page in pages:
+        page.wait_for_selector("#shouts li:has-text('live again')")
+        page.close()
