@@ -1,16 +1,19 @@
 """Tools for testing apps that stream: a threaded client, transport parsers,
 live servers on a free 127.0.0.1 port, and pytest fixtures.
 
->>> from comet.testing import StreamClient
->>> def test_say(comet_cherrypy):                       # doctest: +SKIP
-...     server = comet_cherrypy(Root())
-...     with StreamClient(server.url + "/events", transport="sse") as client:
-...         urllib.request.urlopen(server.url + "/say?text=hi")
-...         [event] = client.wait_for(1)
-...         assert event.data == "hi"
+Example::
 
-Enable the fixtures with ``pytest_plugins = ["comet.testing"]`` in your
-``conftest.py``. The client reads in a background thread; ``wait_for``
+    from comet.testing import StreamClient, http_get
+
+    def test_say(comet_cherrypy):
+        server = comet_cherrypy(Root())
+        with StreamClient(server.url + "/events", transport="sse") as client:
+            http_get(server.url + "/say?text=hi")
+            [event] = client.wait_for(1)
+            assert event.data == "hi"
+
+The fixtures are registered as a pytest plugin when comet is installed.
+The client reads in a background thread; ``wait_for``
 blocks with a deadline and re-raises anything the reader hit (a 500, a
 malformed stream), so a broken server fails the test instead of hanging it.
 """
@@ -256,9 +259,10 @@ class StreamClient:
     sent as the ``Last-Event-ID`` header (``sse``) or the ``last_event_id``
     query parameter (others).
 
-    >>> client = StreamClient("http://127.0.0.1:8080/events")  # doctest: +SKIP
-    >>> with client:                                           # doctest: +SKIP
-    ...     events = client.wait_for(lambda evs: len(evs) >= 2, timeout=5)
+    Example::
+
+        with StreamClient("http://127.0.0.1:8080/events") as client:
+            events = client.wait_for(lambda evs: len(evs) >= 2, timeout=5)
     """
 
     __test__ = False
@@ -468,8 +472,10 @@ class CherryPyServer:
 
     CherryPy has one engine per process, so one of these runs at a time.
 
-    >>> with CherryPyServer(Root(), thread_pool=20) as server:   # doctest: +SKIP
-    ...     http_get(server.url + "/")
+    Example::
+
+        with CherryPyServer(Root(), thread_pool=20) as server:
+            status, headers, body = http_get(server.url + "/")
     """
 
     def __init__(self, root: Any, config: dict | None = None, *, thread_pool: int = 30, global_config: dict | None = None) -> None:

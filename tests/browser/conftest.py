@@ -40,10 +40,14 @@ def browser():
 
 @pytest.fixture
 def context(browser):
+    """A fresh browser profile; any uncaught exception in its pages fails the test."""
     ctx = browser.new_context()
     ctx.set_default_timeout(15_000)
+    errors: list[str] = []
+    ctx.on("weberror", lambda web_error: errors.append(str(web_error.error)))
     yield ctx
     ctx.close()
+    assert not errors, f"uncaught errors in the pages: {errors}"
 
 
 def free_port() -> int:
