@@ -35,12 +35,12 @@ import re
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event
 
-__all__ = ["Hub", "Idle", "GAP", "parse_id"]
+__all__ = ["Hub", "Subscription", "Idle", "GAP", "parse_id"]
 
 #: Name of the event a subscription receives when events it should have seen
 #: are no longer available. Its ``data`` is ``{"last_id": <the client's
@@ -91,12 +91,13 @@ class Idle:
 
 
 class _Channel:
-    __slots__ = ("cond", "events", "seq")
+    __slots__ = ("cond", "events", "seq", "watchers")
 
     def __init__(self, size: int) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.events: deque[Event] = deque(maxlen=size)
         self.seq = 0  # seq of the newest event; events[-1] when any
+        self.watchers: tuple[Callable[[], None], ...] = ()
 
     def after(self, cursor: int) -> tuple[bool, int, list[Event]]:
         """(fell_behind, seq of the first returned event, events after
@@ -176,11 +177,15 @@ class Hub:
             ch.events.append(stored)
             self.published += 1
             ch.cond.notify_all()
+            watchers = ch.watchers
+        for wake in watchers:  # e.g. the parked-stream writer: one call per channel, not per stream
+            wake()
         return event_id
 
     # -- subscribing --------------------------------------------------------
 
-    def subscribe(self, channel: str, last_id: str | None = None, *, view: View | None = None, idle: float | None = None) -> Iterator[Event | Idle]:
+    def subscribe(self, channel: str, last_id: str | None = None, *, view: View | None = None, idle: float | None = None,
+                  initial: Iterable[Any] = ()) -> "Subscription":
         """Iterate *channel*'s events after *last_id*, in publish order.
 
         ``last_id=None`` starts with the next event published. Otherwise every
@@ -190,7 +195,12 @@ class Hub:
         id, or ``None`` to hide it from this subscriber.
 
         Yields a falsy :class:`Idle` when caught up and every ``idle`` seconds
-        while idle.
+        while idle. ``initial`` items (a snapshot of state, say) come first.
+
+        The result is a :class:`Subscription`. A stream handler that
+        *returns* it (rather than iterating it) lets comet park the stream on
+        its writer thread instead of holding a server thread (see
+        ``comet.parked``).
         Validation happens here, at the call: a malformed or future
         ``last_id`` raises :class:`~comet.errors.InvalidEventId` at once.
 
@@ -210,7 +220,8 @@ class Hub:
         ch = self._channel(channel)
         with ch.cond:
             cursor, gap = self._resolve(channel, ch, last_id)
-        return self._iterate(ch, channel, cursor, gap, view, self.idle if idle is None else idle)
+        pending = list(initial) + ([gap] if gap is not None else [])
+        return Subscription(self, ch, channel, cursor, pending, view, self.idle if idle is None else idle)
 
     def _resolve(self, channel: str, ch: _Channel, last_id: str | None) -> tuple[int, Event | None]:
         if last_id is None or last_id == "":
@@ -227,39 +238,6 @@ class Hub:
     def _gap(self, channel: str, last_id: str | None, resume_seq: int) -> Event:
         resume = f"{self.epoch}-{resume_seq}"
         return Event({"last_id": last_id, "resume_id": resume}, id=resume, name=GAP, channel=channel)
-
-    def _iterate(self, ch: _Channel, channel: str, cursor: int, gap: Event | None, view: View | None, idle: float) -> Iterator[Event | Idle]:
-        generation = self._generation
-        with self._lock:
-            self._subscriptions += 1
-        try:
-            if gap is not None:
-                yield gap
-            wait = False  # first pass: report "caught up" at once, so streams can send headers
-            while True:
-                with ch.cond:
-                    behind, start, batch = ch.after(cursor)
-                    if not batch:
-                        if self._closed or generation != self._generation:
-                            return
-                        if wait:
-                            ch.cond.wait(idle)
-                            behind, start, batch = ch.after(cursor)
-                wait = True
-                if behind:
-                    # Evicted while this consumer was busy: say so, go on from what is held.
-                    yield self._gap(channel, f"{self.epoch}-{cursor}", start - 1)
-                for cursor, event in enumerate(batch, start):
-                    shown = event if view is None else view(event)
-                    if shown is None:
-                        continue
-                    if not isinstance(shown, Event):
-                        shown = event.replace(data=shown)
-                    yield shown
-                yield Idle(f"{self.epoch}-{cursor}")
-        finally:
-            with self._lock:
-                self._subscriptions -= 1
 
     # -- reading ------------------------------------------------------------
 
@@ -297,6 +275,24 @@ class Hub:
         with self._lock:
             return list(self._channels)
 
+    def watch(self, channel: str, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake()`` (from the publishing thread, after the event is
+        stored) on every publish to *channel*, and on :meth:`end_subscriptions`.
+        Returns the function that stops watching. Keep ``wake`` tiny."""
+        ch = self._channel(channel)
+        with ch.cond:
+            ch.watchers = ch.watchers + (wake,)
+
+        def unwatch() -> None:
+            with ch.cond:
+                ch.watchers = tuple(w for w in ch.watchers if w is not wake)
+
+        return unwatch
+
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self._subscriptions += delta
+
     # -- lifecycle ----------------------------------------------------------
 
     def end_subscriptions(self) -> None:
@@ -307,6 +303,9 @@ class Hub:
         for ch in channels:
             with ch.cond:
                 ch.cond.notify_all()
+                watchers = ch.watchers
+            for wake in watchers:
+                wake()
 
     def close(self) -> None:
         """End every subscription and refuse further use."""
@@ -331,3 +330,134 @@ class Hub:
 
     def __repr__(self) -> str:
         return f"<Hub epoch={self.epoch} channels={len(self._channels)} subscriptions={self._subscriptions}>"
+
+
+class Subscription:
+    """A cursor into one channel: what :meth:`Hub.subscribe` returns.
+
+    Iterate it (thread mode: blocks up to ``idle`` seconds at a time, yielding
+    :class:`Idle` ticks), or call :meth:`take` for what is ready now without
+    blocking (parked mode). :meth:`close` ends it and runs the callbacks
+    given to :meth:`on_close`, exactly once, whoever serves it.
+
+    >>> hub = Hub()
+    >>> sub = hub.subscribe("room", initial=["snapshot"])
+    >>> _ = hub.publish("room", "hello")
+    >>> [getattr(item, "data", item) for item in sub.take()]
+    ['snapshot', 'hello']
+    >>> sub.close()
+    """
+
+    def __init__(self, hub: Hub, ch: _Channel, channel: str, cursor: int, pending: list, view: View | None, idle: float) -> None:
+        self.hub = hub
+        self.channel = channel
+        self.view = view
+        self.idle = idle
+        self.cursor = cursor  # seq of the last event taken
+        self._ch = ch
+        self._pending = pending
+        self._generation = hub._generation
+        self._gen: Iterator[Any] | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._counted = False
+        self.closed = False
+
+    @property
+    def last_id(self) -> str:
+        """The id to resume after: the last event taken."""
+        return f"{self.hub.epoch}-{self.cursor}"
+
+    @property
+    def ended(self) -> bool:
+        """True once the hub closed or ended its subscriptions (engine stop)."""
+        return self.closed or self.hub._closed or self._generation != self.hub._generation
+
+    def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run *callback* when the subscription closes (the client went away,
+        the server stopped): presence, cleanup. Usable as a decorator."""
+        self._callbacks.append(callback)
+        return callback
+
+    def start(self) -> None:
+        """Count this subscription as open (iteration and parking do this)."""
+        if not self._counted and not self.closed:
+            self._counted = True
+            self.hub._count(1)
+
+    def take(self) -> list[Any]:
+        """Everything ready for this subscriber now, cursor advanced; never blocks.
+
+        A subscriber that fell behind the buffer gets a :data:`GAP` event
+        first. ``view`` is applied here, once per event for this subscriber.
+        """
+        out, self._pending = self._pending, []
+        ch = self._ch
+        with ch.cond:
+            behind, start, batch = ch.after(self.cursor)
+        if behind:
+            out.append(self.hub._gap(self.channel, self.last_id, start - 1))
+        if batch:
+            self.cursor = start + len(batch) - 1
+            view = self.view
+            if view is None:
+                out.extend(batch)
+            else:
+                for event in batch:
+                    shown = view(event)
+                    if shown is None:
+                        continue
+                    out.append(shown if isinstance(shown, Event) else event.replace(data=shown))
+        return out
+
+    def __iter__(self) -> "Subscription":
+        return self
+
+    def __next__(self) -> Any:
+        if self._gen is None:
+            if self.closed:
+                raise StopIteration
+            self.start()
+            self._gen = self._iterate()
+        try:
+            return next(self._gen)
+        except StopIteration:
+            self.close()  # ended by the hub: release it as a close would
+            raise
+
+    def _iterate(self) -> Iterator[Any]:
+        ch = self._ch
+        wait = False  # first pass: report "caught up" at once, so streams can send headers
+        while True:
+            items = self.take()
+            if not items:
+                if self.ended:
+                    return
+                if wait:
+                    with ch.cond:
+                        if ch.seq == self.cursor and not self.ended:
+                            ch.cond.wait(self.idle)
+                    items = self.take()
+            wait = True
+            yield from items
+            yield Idle(self.last_id)
+
+    def close(self) -> None:
+        """End the subscription; runs the ``on_close`` callbacks once."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._gen is not None:
+            self._gen.close()
+        if self._counted:
+            self.hub._count(-1)
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # one failing cleanup must not skip the others
+                import logging
+
+                logging.getLogger("comet").exception("comet: on_close callback failed")
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.channel!r} at {self.last_id}{' closed' if self.closed else ''}>"
