@@ -45,7 +45,7 @@ from .errors import InvalidEventId, StreamsExhausted
 from .hub import Hub
 from .options import Options
 from .stream import Stream, StreamPool, http_error
-from .wsgi import resume_id, socket_probe
+from .wsgi import cheroot_handoff, install_gateway, resume_id, socket_probe
 
 __all__ = ["comet", "CometTool", "CometPlugin", "engine_plugin", "static_config", "STATIC_DIR"]
 
@@ -91,6 +91,14 @@ class CometPlugin(SimplePlugin):
     def start(self) -> None:
         self.pool.reopen()
         check_tool_config()
+        # Build the HTTP server now (its own start would) and give it the
+        # gateway that lets streams be parked. Other Server objects serve
+        # streams in thread mode.
+        server = cherrypy.server
+        if getattr(server, "httpserver", None) is None and getattr(server, "_socket_host", None) is not None:
+            server.httpserver, server.bind_addr = server.httpserver_from_self()
+        if getattr(server, "httpserver", None) is not None and hasattr(server.httpserver, "gateway"):
+            install_gateway(server.httpserver)
 
     start.priority = 60  # before the HTTP server starts (75): bad config fails startup
 
@@ -164,8 +172,9 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
     stream = None
     try:
         items = call()
-        stream = Stream(items, options, pool, ticket, probe=socket_probe(request.wsgi_environ),
-                        resume_id=request.comet_last_event_id)
+        environ = request.wsgi_environ
+        stream = Stream(items, options, pool, ticket, probe=socket_probe(environ),
+                        resume_id=request.comet_last_event_id, handoff=cheroot_handoff(environ))
         stream.prime()
     except Exception as exc:
         if stream is not None:

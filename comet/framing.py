@@ -138,11 +138,13 @@ class Event:
 
     def encode(self, transport: str, boundary: str = "") -> bytes:
         """Exact bytes of this event on *transport*; cached per transport."""
-        key = transport if transport != "multipart" else "multipart:" + boundary
-        wire = self._wire.get(key)
+        if transport == "multipart":
+            # Boundaries are random per response: caching per boundary would
+            # keep one copy per stream. The JSON body inside is cached.
+            return _multipart(self, boundary)
+        wire = self._wire.get(transport)
         if wire is None:
-            wire = _ENCODERS[transport](self, boundary)
-            self._wire[key] = wire
+            wire = self._wire[transport] = _ENCODERS[transport](self, boundary)
         return wire
 
 

@@ -48,6 +48,11 @@ class Options:
     max_event_bytes
         Largest single item a stream will write; larger ones end the stream
         with an error logged rather than flood the socket.
+    mode
+        ``"auto"`` (default): a handler that returns a hub
+        :class:`~comet.hub.Subscription` is *parked* on the writer thread once
+        its headers are out, freeing the server thread; anything else, TLS
+        connections and long-polls keep their thread. ``"thread"``: never park.
 
     >>> Options(transport="sse", heartbeat=5).heartbeat
     5
@@ -65,6 +70,7 @@ class Options:
     boundary: str | None = None
     content_type: str | None = None
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    mode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -78,6 +84,8 @@ class Options:
             check_boundary(self.boundary)
         if self.content_type is not None and (not isinstance(self.content_type, str) or "\n" in self.content_type or "\r" in self.content_type):
             raise ValueError(f"content_type must be a header-safe str, got {self.content_type!r}")
+        if self.mode not in ("auto", "thread"):
+            raise ValueError(f"mode must be one of ('auto', 'thread'), got {self.mode!r}")
         if isinstance(self.max_event_bytes, bool) or not isinstance(self.max_event_bytes, int) or self.max_event_bytes <= 0:
             raise ValueError(f"max_event_bytes must be a positive int, got {self.max_event_bytes!r}")
 
@@ -90,7 +98,7 @@ class Options:
         >>> Options.from_mapping({"hearbeat": 2})
         Traceback (most recent call last):
         ...
-        TypeError: unknown comet option(s): hearbeat; known: transport, heartbeat, retry, poll_timeout, max_duration, boundary, content_type, max_event_bytes
+        TypeError: unknown comet option(s): hearbeat; known: transport, heartbeat, retry, poll_timeout, max_duration, boundary, content_type, max_event_bytes, mode
         """
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(values) - set(known))

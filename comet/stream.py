@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .errors import CometError, StreamsExhausted
 from .framing import content_type, encode_item, encode_longpoll, heartbeat, longpoll_item, new_boundary, preamble
 from .framing import Event
-from .hub import Idle
+from .hub import Idle, Subscription
 from .options import Options
 
 __all__ = ["Stream", "StreamPool"]
@@ -41,6 +41,12 @@ LONGPOLL_MAX_BATCH = 1000
 _PROBE_EVERY = 0.25
 
 Probe = Callable[[], bool]
+#: Takes the connection over from the server once headers are out: returns
+#: ``(socket, chunked)`` or ``None`` when this connection cannot be parked.
+Handoff = Callable[[], "tuple[Any, bool] | None"]
+
+#: Default cap on parked streams per process (each is one socket, ~10 KB).
+DEFAULT_MAX_PARKED = 20_000
 
 
 class StreamPool:
@@ -61,25 +67,38 @@ class StreamPool:
     >>> pool.release(ticket)
     """
 
-    def __init__(self, max_streams: int | None = None, retry_after: int = 5) -> None:
+    def __init__(self, max_streams: int | None = None, retry_after: int = 5, max_parked: int = DEFAULT_MAX_PARKED) -> None:
         if max_streams is not None and (not isinstance(max_streams, int) or max_streams < 1):
             raise ValueError(f"max_streams must be a positive int or None, got {max_streams!r}")
+        if not isinstance(max_parked, int) or max_parked < 0:
+            raise ValueError(f"max_parked must be a non-negative int, got {max_parked!r}")
         if not isinstance(retry_after, int) or retry_after < 0:
             raise ValueError(f"retry_after must be a non-negative int of seconds, got {retry_after!r}")
         self.max_streams = max_streams
+        self.max_parked = max_parked
         self.retry_after = retry_after
         self._cond = threading.Condition()
         self._open: dict[int, "Stream | None"] = {}
+        self._parked: set[int] = set()
+        self._parker: Any = None
         self._next = 0
-        self.counters = {"opened": 0, "closed": 0, "refused": 0, "disconnects": 0, "heartbeats": 0, "items": 0, "bytes": 0}
+        self.counters = {"opened": 0, "closed": 0, "refused": 0, "disconnects": 0, "heartbeats": 0, "items": 0,
+                         "bytes": 0, "parked": 0}
         self.stopping = False
 
     def admit(self, transport: str) -> int:
         """Reserve a place for one stream, or raise ``StreamsExhausted``."""
         with self._cond:
-            if self.max_streams is not None and len(self._open) >= self.max_streams:
+            # Parked streams hold no server thread: only threaded ones count
+            # against max_streams; parked ones have their own, larger cap.
+            threaded = len(self._open) - len(self._parked)
+            if self.max_streams is not None and threaded >= self.max_streams:
                 self.counters["refused"] += 1
-                raise StreamsExhausted(f"too many open streams ({len(self._open)} of {self.max_streams}); retry later", self.retry_after)
+                raise StreamsExhausted(f"too many open streams ({threaded} of {self.max_streams}); retry later", self.retry_after)
+            if len(self._parked) >= self.max_parked > 0:
+                self.counters["refused"] += 1
+                raise StreamsExhausted(f"too many open streams ({len(self._parked)} parked of {self.max_parked}); retry later",
+                                       self.retry_after)
             self._next += 1
             self._open[self._next] = None
             self.counters["opened"] += 1
@@ -96,7 +115,27 @@ class StreamPool:
         with self._cond:
             if self._open.pop(ticket, False) is not False:
                 self.counters["closed"] += 1
+            self._parked.discard(ticket)
             self._cond.notify_all()
+
+    def park(self, ticket: int, stream: Any) -> None:
+        """Move an admitted stream to the parked writer; its thread is free."""
+        with self._cond:
+            if self._parker is None:
+                from .parked import Parker
+
+                self._parker = Parker(self)
+            self._parked.add(ticket)
+            self.counters["parked"] += 1
+            parker = self._parker
+        parker.park(stream)
+        if self.stopping:
+            parker.stop()
+
+    @property
+    def parked_streams(self) -> int:
+        """How many open streams are parked (holding no server thread)."""
+        return len(self._parked)
 
     @property
     def open_streams(self) -> int:
@@ -112,8 +151,11 @@ class StreamPool:
         self.stopping = True
         with self._cond:
             streams = [s for s in self._open.values() if s is not None]
+            parker, self._parker = self._parker, None
         for stream in streams:
             stream.stop()
+        if parker is not None:
+            parker.stop()
 
     def reopen(self) -> None:
         """Admit streams again after :meth:`close_all` (engine restart)."""
@@ -135,7 +177,7 @@ class Stream:
     """
 
     def __init__(self, items: Iterable[Any], options: Options, pool: StreamPool, ticket: int, *,
-                 probe: Probe | None = None, resume_id: str | None = None) -> None:
+                 probe: Probe | None = None, resume_id: str | None = None, handoff: Handoff | None = None) -> None:
         self.options = options
         self.transport = options.transport
         self.boundary = options.boundary or (new_boundary() if options.transport == "multipart" else "")
@@ -155,6 +197,11 @@ class Stream:
         self._deadline = now + options.max_duration if options.max_duration else None
         self._heartbeat_bytes = heartbeat(self.transport)
         self.disconnected = False
+        self.parked = False
+        # Only a hub Subscription can be parked: it never blocks, and the
+        # writer thread reads it with take(). Generators keep their thread.
+        self._handoff = handoff if (isinstance(items, Subscription) and options.mode == "auto"
+                                    and self.transport != "longpoll") else None
         pool.attach(ticket, self)
 
     # -- setup --------------------------------------------------------------
@@ -168,6 +215,8 @@ class Stream:
         if self._primed:
             return
         self._primed = True
+        if isinstance(self._items, Subscription):
+            return  # validated when it was created; pulling now would start thread-mode iteration
         try:
             self._pending.append(next(self._items))
         except StopIteration:
@@ -191,6 +240,10 @@ class Stream:
         if self._preamble:
             chunk, self._preamble = self._preamble, b""
             return self._count(chunk)
+        if self._handoff is not None:
+            handoff, self._handoff = self._handoff, None
+            if self._park(handoff):
+                raise StopIteration
         while True:
             if self._closed or self._stopping:
                 raise StopIteration
@@ -215,6 +268,23 @@ class Stream:
             self._last_write = time.monotonic()
             self._pool.counters["items"] += 1
             return self._count(data)
+
+    def _park(self, handoff: Handoff) -> bool:
+        """Headers and preamble are out: give the connection to the writer
+        thread and let the server thread go."""
+        taken = handoff()
+        if taken is None:
+            return False
+        from .parked import ParkedStream
+
+        sock, chunked = taken
+        options = self.options
+        deadline = time.monotonic() + options.max_duration if options.max_duration else None
+        self.parked = True
+        self._items.start()
+        self._pool.park(self._ticket, ParkedStream(sock, self._items, self.transport, self.boundary, chunked,
+                                                   options.heartbeat, deadline, options.max_event_bytes, self._ticket))
+        return True
 
     def _pull(self) -> Any:
         if self._pending:
@@ -285,6 +355,8 @@ class Stream:
         if self._closed:
             return
         self._closed = True
+        if self.parked:
+            return  # the writer thread owns the subscription and the ticket now
         try:
             close = getattr(self._items, "close", None)
             if close is not None:

@@ -537,7 +537,10 @@ class WSGIServer:
 
         self.app = app
         self.pools = list(pools or ([app.pool] if hasattr(app, "pool") else []))
+        from .wsgi import install_gateway
+
         self.server = wsgi.Server(("127.0.0.1", 0), app, numthreads=numthreads, shutdown_timeout=2)
+        install_gateway(self.server)
         self.url = ""
         self._thread: threading.Thread | None = None
 

@@ -28,7 +28,7 @@ from .errors import InvalidEventId, StreamsExhausted
 from .options import Options
 from .stream import Probe, Stream, StreamPool, http_error
 
-__all__ = ["comet_app", "resume_id", "socket_probe"]
+__all__ = ["comet_app", "resume_id", "socket_probe", "install_gateway", "cheroot_handoff"]
 
 _MAX_ID = 256
 _QUERY_KEY = "last_event_id"
@@ -100,6 +100,59 @@ def socket_probe(environ: dict) -> Probe | None:
     return probe
 
 
+def install_gateway(server: Any) -> None:
+    """Let comet park streams on a cheroot server: its gateway adds the
+    cheroot request to the environ (``comet.request``), which is what a
+    stream needs to take its connection over. Idempotent.
+
+    >>> from cheroot import wsgi
+    >>> server = wsgi.Server(("127.0.0.1", 0), lambda e, s: [])
+    >>> install_gateway(server)
+    >>> server.gateway.__name__
+    'CometGateway'
+    """
+    base = server.gateway
+    if getattr(base, "comet", False):
+        return
+
+    class CometGateway(base):
+        comet = True
+
+        def get_environ(self):
+            environ = super().get_environ()
+            environ["comet.request"] = self.req
+            return environ
+
+    server.gateway = CometGateway
+
+
+def cheroot_handoff(environ: dict) -> Callable[[], tuple[socket.socket, bool] | None] | None:
+    """How to take this request's connection from cheroot once the headers
+    are out, or ``None`` if it cannot be (no comet gateway, TLS).
+
+    Taking over means: no terminating chunk from cheroot (``chunked_write``
+    off: the writer thread frames chunks itself), no keep-alive
+    (``close_connection``), and no close of the socket when cheroot lets the
+    connection go (``linger``, the flag cheroot has for exactly this).
+    """
+    req = environ.get("comet.request")
+    conn = getattr(req, "conn", None)
+    sock = getattr(conn, "socket", None)
+    if type(sock) is not socket.socket:  # TLS (ssl.SSLSocket, pyOpenSSL) keeps its thread
+        return None
+
+    def handoff() -> tuple[socket.socket, bool] | None:
+        if conn.rfile.has_data():
+            return None  # a pipelined request is buffered: let cheroot serve it
+        chunked = bool(req.chunked_write)
+        req.chunked_write = False
+        req.close_connection = True
+        conn.linger = True
+        return sock, chunked
+
+    return handoff
+
+
 def _reply(start_response: Callable, status: int, reason: str, headers: list[tuple[str, str]] = ()) -> list[bytes]:
     body = (reason + "\n").encode("utf-8")
     start_response(f"{status} {HTTPStatus(status).phrase}",
@@ -131,8 +184,8 @@ def comet_app(handler: Callable[[dict], Iterable[Any]] | None = None, *, pool: S
                 return _reply(start_response, 400, str(exc))
             stream = None
             try:
-                stream = Stream(func(environ), opts, shared, ticket,
-                                probe=socket_probe(environ), resume_id=environ["comet.last_event_id"])
+                stream = Stream(func(environ), opts, shared, ticket, probe=socket_probe(environ),
+                                resume_id=environ["comet.last_event_id"], handoff=cheroot_handoff(environ))
                 stream.prime()
                 if opts.transport == "longpoll":
                     body = stream.longpoll_body()
