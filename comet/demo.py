@@ -47,7 +47,7 @@ class Demo:
     @cherrypy.expose
     @comet(transport="sse")
     def events(self, last_event_id=None):
-        yield from self.hub.subscribe("demo", last_id=last_event_id)
+        return self.hub.subscribe("demo", last_id=last_event_id)
 
     @cherrypy.expose
     @cherrypy.tools.allow(methods=["POST"])

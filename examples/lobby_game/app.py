@@ -73,19 +73,18 @@ class LobbyApp:
     @stream(transport="sse")
     def events(self, name: str, player: str | None = None, last_event_id: str | None = None):
         lobby = self._lobby(name)
-        me = lobby.player(player)
         # Take the cursor before the snapshot: anything published in between
         # arrives again (whole states, so harmless), nothing is missed.
         cursor = last_event_id or self.hub.last_id(lobby.channel)
-        if me is not None:
+        snapshot = [] if last_event_id else [Event(lobby.state(), name="state")]
+        sub = self.hub.subscribe(lobby.channel, last_id=cursor, initial=snapshot)
+        me = lobby.player(player)
+        if me is not None:  # this page's stream is the player's presence
             lobby.connected(me)
-        try:
-            if not last_event_id:
-                yield Event(lobby.state(), name="state")
-            yield from self.hub.subscribe(lobby.channel, last_id=cursor)
-        finally:
-            if me is not None:
-                lobby.disconnected(me)
+            sub.on_close(lambda: lobby.disconnected(me))
+        # Returned, not iterated: comet parks the stream on its writer thread,
+        # so an open lobby page costs a socket, not a server thread.
+        return sub
 
     @json_action
     def join(self, name: str, player: str = "", token: str | None = None):

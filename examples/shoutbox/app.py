@@ -120,7 +120,8 @@ class Shoutbox:
     @stream(transport="sse")
     def events(self, last_event_id=None):
         view = None if self.is_moderator() else guest_view
-        yield from self.hub.subscribe(CHANNEL, last_id=last_event_id, view=view)
+        # Returned, not iterated: the stream is parked on comet's writer thread.
+        return self.hub.subscribe(CHANNEL, last_id=last_event_id, view=view)
 
     def _fail(self, status: int, reason: str, retry_after: float | None = None) -> dict:
         cherrypy.response.status = status
