@@ -44,7 +44,7 @@ from cherrypy.process.plugins import SimplePlugin
 from .errors import InvalidEventId, StreamsExhausted
 from .hub import Hub
 from .options import Options
-from .stream import Stream, StreamPool, http_error
+from .stream import Stream, StreamPool, _close_quietly, http_error
 from .wsgi import cheroot_handoff, install_gateway, resume_id, socket_probe
 
 __all__ = ["comet", "CometTool", "CometPlugin", "engine_plugin", "static_config", "STATIC_DIR"]
@@ -169,7 +169,7 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
     except StreamsExhausted as exc:
         response.headers["Retry-After"] = str(exc.retry_after)
         return _refuse(503, str(exc))
-    stream = None
+    stream = items = None
     try:
         items = call()
         environ = request.wsgi_environ
@@ -181,6 +181,9 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
             stream.close()
         else:
             pool.release(ticket)
+            _close_quietly(items)
+        if isinstance(exc, StreamsExhausted):
+            response.headers["Retry-After"] = str(exc.retry_after)
         error = http_error(exc)
         if error is None:
             raise

@@ -158,12 +158,16 @@ class Parker:
             self._wake_w.close()
 
     def _drain_wake(self) -> None:
-        self._woken = False  # before reading the dirty set: a later publish wakes us again
         try:
             while self._wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        # Clear the flag after draining (a byte sent meanwhile must not be
+        # swallowed with the flag still set: every later wake would be
+        # skipped) and before reading the dirty set (a mark that saw the flag
+        # set is in the set we are about to read).
+        self._woken = False
 
     def _take_adds(self) -> None:
         with self._lock:

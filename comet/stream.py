@@ -60,6 +60,7 @@ class StreamPool:
 
     >>> pool = StreamPool(max_streams=1)
     >>> ticket = pool.admit("sse")
+    >>> pool.attach(ticket, object())  # its handler returned a generator: it keeps the thread
     >>> pool.admit("sse")
     Traceback (most recent call last):
     ...
@@ -80,6 +81,7 @@ class StreamPool:
         self._cond = threading.Condition()
         self._open: dict[int, "Stream | None"] = {}
         self._parked: set[int] = set()
+        self._setup: set[int] = set()
         self._parker: Any = None
         self._next = 0
         self.counters = {"opened": 0, "closed": 0, "refused": 0, "disconnects": 0, "heartbeats": 0, "items": 0,
@@ -87,25 +89,50 @@ class StreamPool:
         self.stopping = False
 
     def admit(self, transport: str) -> int:
-        """Reserve a place for one stream, or raise ``StreamsExhausted``."""
+        """Reserve a place for one stream, or raise ``StreamsExhausted``.
+
+        Checks the thread cap: a stream holds a server thread at least while
+        its handler runs. :meth:`attach` checks again once it is known
+        whether the stream will be parked (which then counts against
+        ``max_parked`` only).
+        """
         with self._cond:
-            # Parked streams hold no server thread: only threaded ones count
-            # against max_streams; parked ones have their own, larger cap.
-            threaded = len(self._open) - len(self._parked)
-            if self.max_streams is not None and threaded >= self.max_streams:
-                self.counters["refused"] += 1
-                raise StreamsExhausted(f"too many open streams ({threaded} of {self.max_streams}); retry later", self.retry_after)
-            if len(self._parked) >= self.max_parked > 0:
-                self.counters["refused"] += 1
-                raise StreamsExhausted(f"too many open streams ({len(self._parked)} parked of {self.max_parked}); retry later",
-                                       self.retry_after)
+            self._check(parkable=False, own=0)
             self._next += 1
             self._open[self._next] = None
+            self._setup.add(self._next)
             self.counters["opened"] += 1
             return self._next
 
-    def attach(self, ticket: int, stream: "Stream") -> None:
+    def _check(self, parkable: bool, own: int) -> None:
+        # Threaded streams hold a thread for life; streams still being set up
+        # (handler running) hold one for a moment and count only at admit.
+        # ``own`` discounts the caller's own place when re-checking.
+        if parkable:
+            if len(self._parked) >= self.max_parked > 0:
+                self.counters["refused"] += 1
+                raise StreamsExhausted(f"too many open streams ({len(self._parked)} parked of {self.max_parked}); "
+                                       "retry later", self.retry_after)
+            return
+        threaded = len(self._open) - len(self._parked) - len(self._setup) - own
+        if self.max_streams is not None and threaded >= self.max_streams:
+            self.counters["refused"] += 1
+            raise StreamsExhausted(f"too many open streams ({threaded} of {self.max_streams}); retry later", self.retry_after)
+
+    def attach(self, ticket: int, stream: "Stream", parkable: bool = False) -> None:
+        """Register the stream for *ticket*. A stream that will be parked is
+        re-checked against ``max_parked`` (raising ``StreamsExhausted`` and
+        releasing the ticket when full)."""
         with self._cond:
+            self._setup.discard(ticket)
+            try:
+                self._check(parkable, own=0 if parkable else 1)
+            except StreamsExhausted:
+                self._open.pop(ticket, None)
+                self._cond.notify_all()
+                raise
+            if parkable:
+                self._parked.add(ticket)  # counts as parked from now: it holds no thread for long
             if ticket in self._open:
                 self._open[ticket] = stream
         if self.stopping:
@@ -116,6 +143,7 @@ class StreamPool:
             if self._open.pop(ticket, False) is not False:
                 self.counters["closed"] += 1
             self._parked.discard(ticket)
+            self._setup.discard(ticket)
             self._cond.notify_all()
 
     def park(self, ticket: int, stream: Any) -> None:
@@ -131,6 +159,11 @@ class StreamPool:
         parker.park(stream)
         if self.stopping:
             parker.stop()
+
+    def unpark(self, ticket: int) -> None:
+        """The hand-off declined at the last moment: the stream keeps its thread."""
+        with self._cond:
+            self._parked.discard(ticket)
 
     @property
     def parked_streams(self) -> int:
@@ -202,7 +235,7 @@ class Stream:
         # writer thread reads it with take(). Generators keep their thread.
         self._handoff = handoff if (isinstance(items, Subscription) and options.mode == "auto"
                                     and self.transport != "longpoll") else None
-        pool.attach(ticket, self)
+        pool.attach(ticket, self, parkable=self._handoff is not None)
 
     # -- setup --------------------------------------------------------------
 
@@ -274,6 +307,7 @@ class Stream:
         thread and let the server thread go."""
         taken = handoff()
         if taken is None:
+            self._pool.unpark(self._ticket)
             return False
         from .parked import ParkedStream
 
@@ -365,6 +399,17 @@ class Stream:
             log.exception("comet: error while closing a stream handler")
         finally:
             self._pool.release(self._ticket)
+
+
+def _close_quietly(items: Any) -> None:
+    """Close what a handler returned when no stream was built around it
+    (admission refused it): its ``finally`` or ``on_close`` cleanup runs."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("comet: error while closing a refused stream's handler")
 
 
 def http_error(exc: BaseException) -> tuple[int, str] | None:

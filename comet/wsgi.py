@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 
 from .errors import InvalidEventId, StreamsExhausted
 from .options import Options
-from .stream import Probe, Stream, StreamPool, http_error
+from .stream import Probe, Stream, StreamPool, _close_quietly, http_error
 
 __all__ = ["comet_app", "resume_id", "socket_probe", "install_gateway", "cheroot_handoff"]
 
@@ -182,9 +182,10 @@ def comet_app(handler: Callable[[dict], Iterable[Any]] | None = None, *, pool: S
                 return _reply(start_response, 503, str(exc), [("Retry-After", str(exc.retry_after))])
             except InvalidEventId as exc:
                 return _reply(start_response, 400, str(exc))
-            stream = None
+            stream = items = None
             try:
-                stream = Stream(func(environ), opts, shared, ticket, probe=socket_probe(environ),
+                items = func(environ)
+                stream = Stream(items, opts, shared, ticket, probe=socket_probe(environ),
                                 resume_id=environ["comet.last_event_id"], handoff=cheroot_handoff(environ))
                 stream.prime()
                 if opts.transport == "longpoll":
@@ -194,6 +195,9 @@ def comet_app(handler: Callable[[dict], Iterable[Any]] | None = None, *, pool: S
                     stream.close()
                 else:
                     shared.release(ticket)
+                    _close_quietly(items)
+                if isinstance(exc, StreamsExhausted):
+                    return _reply(start_response, 503, str(exc), [("Retry-After", str(exc.retry_after))])
                 error = http_error(exc)
                 if error is None:
                     raise

@@ -73,6 +73,45 @@ def test_parked_sse_bytes_with_chunk_framing(parked):
         assert raw.chunk() == b":\n\n"  # heartbeat from the writer thread
 
 
+def test_parked_delivery_is_immediate_publish_after_publish(parked):
+    """Every publish wakes the writer: no event waits for the periodic scan."""
+    server, hub, _ = parked
+    # Streams parking at the same moment race the writer's wake-up handling
+    # (as a crowd connecting does); so do concurrent publishers below.
+    clients = [StreamClient(server.url + "/sse") for _ in range(60)]
+    openers = [threading.Thread(target=c.open) for c in clients]
+    for t in openers:
+        t.start()
+    for t in openers:
+        t.join(30)
+    try:
+        wait_until(lambda: engine_plugin().pool.parked_streams == 60, timeout=20, what="parked")
+        # Concurrent publishers race the writer's wake-up handling; a lost
+        # wake-up would leave every later publish waiting for the 1 s scan.
+        workers = [threading.Thread(target=lambda: [hub.publish("lobby", "burst") for _ in range(200)]) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(30)
+        for c in clients:
+            c.wait_for(800, timeout=30)
+        clients_seen = [len(c.events) for c in clients]
+        delays = []
+        for n in range(30):
+            started = time.monotonic()
+            hub.publish("lobby", n)
+            for c, seen in zip(clients, clients_seen):
+                c.wait_for(seen + n + 1)
+            delays.append(time.monotonic() - started)
+            if n % 3 == 0:
+                time.sleep(0.05)  # let the writer go idle in select() between some publishes
+        delays.sort()
+        assert delays[len(delays) // 2] < 0.25, f"median delivery {delays[len(delays) // 2]:.3f}s: a wake-up was lost"
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_parked_multipart_and_chunked_bytes(parked):
     server, hub, _ = parked
     with RawStream(server.url + "/multipart") as mp, RawStream(server.url + "/chunked") as ch:

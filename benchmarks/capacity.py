@@ -1,0 +1,432 @@
+"""Capacity: comet (thread and parked mode) side by side with aiohttp and
+sse-starlette on uvicorn, in one run.
+
+    .venv/bin/python -m benchmarks.capacity [--n 100 1000 5000 10000] [--broadcasts 20] [--servers ...]
+
+For each server and each N: start the server process, open N SSE streams from
+load-client processes (asyncio, raw sockets, uvloop when present), then
+
+* one broadcast at a time: POST /publish with a send timestamp in the payload,
+  wait until every stream has it; latency to the *last* stream per broadcast
+  (p50/p99/max) and the median per-stream latency;
+* a fixed rate: ``--rate`` broadcasts per second for ``--seconds``;
+* lost / duplicated / out-of-order events, counted per stream by sequence;
+* server RSS per stream (VmRSS after connecting minus before, over N),
+  connect time, server CPU per event per stream, idle CPU over ``--idle``
+  seconds, a page request's time while all streams are open, and the time
+  to exit on SIGTERM with every stream open.
+
+Then one stream: POST /burst?n=... and events/s received.
+
+Prints a table and one JSON line (with ratios of comet parked to each peer).
+Talks to 127.0.0.1 only; every process it starts is stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVERS = {
+    "comet-parked": ["-m", "benchmarks.peers.comet_app", "{port}", "parked"],
+    "comet-thread": ["-m", "benchmarks.peers.comet_app", "{port}", "thread", "{n}"],
+    "aiohttp": ["-m", "benchmarks.peers.aiohttp_app", "{port}"],
+    "starlette-uvloop": ["-m", "benchmarks.peers.starlette_app", "{port}", "uvloop"],
+    "starlette-asyncio": ["-m", "benchmarks.peers.starlette_app", "{port}", "asyncio"],
+}
+EVENT = re.compile(rb"data: (\d+) ([\d.]+)\r?\n")  # sse-starlette ends lines with CRLF
+BURST = re.compile(rb"data: b(\d+)\r?\n")
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+# -- load client (runs in its own processes) ---------------------------------
+
+
+class _Stream(asyncio.Protocol):
+    def __init__(self, client: "_Client") -> None:
+        self.client = client
+        self.head = b""
+        self.tail = b""
+        self.open = False
+        self.last = -1
+        self.bursts = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        if not self.open:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, _, data = self.head.partition(b"\r\n\r\n")
+            self.open = True
+            self.client.opened(self, head)
+        buf = self.tail + data
+        end = buf.rfind(b"\n")  # every benchmark event is one data line: complete lines suffice
+        if end < 0:
+            self.tail = buf
+            return
+        complete, self.tail = buf[:end + 1], buf[end + 1:]
+        for match in EVENT.finditer(complete):
+            seq = int(match[1])
+            if seq <= self.last:
+                self.client.bad["duplicate_or_out_of_order"] += 1
+                continue
+            if seq > self.last + 1 and self.last >= 0:
+                self.client.bad["lost"] += seq - self.last - 1
+            self.last = seq
+            self.client.received(seq, now - float(match[2]))
+        if self.client.burst_mode:
+            self.bursts += len(BURST.findall(complete))
+            self.client.burst_progress(self, now)
+
+    def connection_lost(self, exc) -> None:
+        self.client.lost_connection(self)
+
+
+class _Client:
+    def __init__(self, port: int, n: int, pipe) -> None:
+        self.port, self.n, self.pipe = port, n, pipe
+        self.streams: list[_Stream] = []
+        self.opened_count = 0
+        self.latencies: dict[int, list[float]] = {}
+        self.bad = {"lost": 0, "duplicate_or_out_of_order": 0, "closed": 0, "status": 0}
+        self.burst_mode = False
+        self.burst_target = 0
+        self.burst_start = None
+        self.loop = asyncio.get_event_loop()
+        self.all_open = asyncio.Event()
+
+    def opened(self, stream: _Stream, head: bytes) -> None:
+        if not head.startswith(b"HTTP/1.1 200"):
+            self.bad["status"] += 1
+        self.opened_count += 1
+        if self.opened_count == self.n:
+            self.all_open.set()
+
+    def received(self, seq: int, latency: float) -> None:
+        got = self.latencies.setdefault(seq, [])
+        got.append(latency)
+        if len(got) == self.n:
+            got.sort()
+            self.pipe.send(("seq", seq, got[-1], got[len(got) // 2], dict(self.bad)))
+            del self.latencies[seq]
+
+    def burst_progress(self, stream: _Stream, now: float) -> None:
+        if self.burst_start is None:
+            self.burst_start = now
+        if stream.bursts >= self.burst_target:
+            self.pipe.send(("burst", stream.bursts, now - self.burst_start))
+            self.burst_mode = False
+
+    def lost_connection(self, stream: _Stream) -> None:
+        self.bad["closed"] += 1
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        gate = asyncio.Semaphore(256)
+
+        async def connect():
+            async with gate:
+                for attempt in range(50):
+                    try:
+                        _, stream = await self.loop.create_connection(lambda: _Stream(self), "127.0.0.1", self.port)
+                        self.streams.append(stream)
+                        return
+                    except OSError:
+                        await asyncio.sleep(0.05 * (attempt + 1))
+                raise RuntimeError("cannot connect")
+
+        await asyncio.gather(*(connect() for _ in range(self.n)))
+        await asyncio.wait_for(self.all_open.wait(), 120)
+        self.pipe.send(("open", time.monotonic() - started))
+        while True:
+            if await self.loop.run_in_executor(None, self.pipe.poll, 0.2):
+                command = self.pipe.recv()
+                if command[0] == "stop":
+                    break
+                if command[0] == "burst":
+                    self.burst_mode, self.burst_target, self.burst_start = True, command[1], None
+        for stream in self.streams:
+            stream.transport.close()
+        self.pipe.send(("bye", dict(self.bad)))
+
+
+def _client_main(port: int, n: int, pipe) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(_Client(port, n, pipe).run())
+
+
+# -- the driver ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_kb(pid: int) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", text)[1])
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def _request(port: int, method: str, path: str, timeout: float = 30) -> tuple[int, float]:
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, time.perf_counter() - started
+    finally:
+        conn.close()
+
+
+def _pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] if values else float("nan")
+
+
+def run_one(name: str, n: int, args) -> dict:
+    port = _free_port()
+    argv = [sys.executable] + [a.format(port=port, n=n) for a in SERVERS[name]]
+    server = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result: dict = {"server": name, "n": n}
+    pipes, procs = [], []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if _request(port, "GET", "/", 2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.1)
+        rss0 = _rss_kb(server.pid)
+        k = max(1, min(args.clients, n // 500 or 1))
+        shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
+        for share in shares:
+            parent, child = mp.Pipe()
+            proc = mp.Process(target=_client_main, args=(port, share, child), daemon=True)
+            proc.start()
+            pipes.append(parent)
+            procs.append(proc)
+        opened = []
+        for pipe in pipes:
+            if not pipe.poll(180):
+                raise RuntimeError("clients did not connect")
+            opened.append(pipe.recv()[1])
+        result["connect_s"] = round(max(opened), 3)
+        time.sleep(0.5)
+        rss1 = _rss_kb(server.pid)
+        result["rss_per_stream_kb"] = round((rss1 - rss0) / n, 1)
+        result["page_ms"] = round(_request(port, "GET", "/")[1] * 1000, 2)
+
+        def broadcast(seq: int, wait: bool) -> None:
+            _request(port, "POST", f"/publish?seq={seq}&ts={time.time():.6f}")
+
+        def collect(seq_set: set, timeout: float) -> tuple[dict, dict]:
+            last, median, bad = {}, {}, {}
+            pending = {(i, s) for i in range(len(pipes)) for s in seq_set}
+            end = time.monotonic() + timeout
+            while pending and time.monotonic() < end:
+                for i, pipe in enumerate(pipes):
+                    while pipe.poll(0.001):
+                        kind, seq, worst, mid, counts = pipe.recv()
+                        pending.discard((i, seq))
+                        last[seq] = max(last.get(seq, 0.0), worst)
+                        median.setdefault(seq, []).append(mid)
+                        for key, value in counts.items():
+                            bad[key] = max(bad.get(key, 0), value) if i == 0 else bad.get(key, 0) + 0
+            if pending:
+                raise TimeoutError(f"{len(pending)} (client, broadcast) pairs never arrived")
+            return last, {s: statistics.median(v) for s, v in median.items()}
+
+        cpu0 = _cpu_s(server.pid)
+        lasts, mids = [], []
+        for seq in range(args.broadcasts):
+            broadcast(seq, True)
+            last, median = collect({seq}, 60)
+            lasts.append(last[seq])
+            mids.append(median[seq])
+        cpu1 = _cpu_s(server.pid)
+        result.update({
+            "last_p50_ms": round(_pct(lasts, 50) * 1000, 1), "last_p99_ms": round(_pct(lasts, 99) * 1000, 1),
+            "last_max_ms": round(max(lasts) * 1000, 1), "stream_p50_ms": round(statistics.median(mids) * 1000, 1),
+            "cpu_us_per_event_stream": round((cpu1 - cpu0) / (args.broadcasts * n) * 1e6, 2),
+        })
+        # a fixed rate, not waiting between broadcasts
+        base = args.broadcasts
+        count = int(args.rate * args.seconds)
+        started = time.monotonic()
+        for i in range(count):
+            broadcast(base + i, False)
+            time.sleep(max(0.0, started + (i + 1) / args.rate - time.monotonic()))
+        last, _ = collect(set(range(base, base + count)), 120)
+        values = list(last.values())
+        result.update({"rate": args.rate, "rate_last_p50_ms": round(_pct(values, 50) * 1000, 1),
+                       "rate_last_p99_ms": round(_pct(values, 99) * 1000, 1)})
+        # idle cost
+        cpu0 = _cpu_s(server.pid)
+        time.sleep(args.idle)
+        result["idle_cpu_pct"] = round((_cpu_s(server.pid) - cpu0) / args.idle * 100, 2)
+        result["page_ms_loaded"] = round(_request(port, "GET", "/")[1] * 1000, 2)
+        # SIGTERM with every stream open
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(10)
+            result["sigterm_exit_s"] = round(time.monotonic() - started, 3)
+        except subprocess.TimeoutExpired:
+            result["sigterm_exit_s"] = None
+        bad_total = {"lost": 0, "duplicate_or_out_of_order": 0, "status": 0}
+        for pipe in pipes:
+            pipe.send(("stop",))
+        for pipe in pipes:
+            while pipe.poll(10):
+                message = pipe.recv()
+                if message[0] == "bye":
+                    for key in bad_total:
+                        bad_total[key] += message[1].get(key, 0)
+                    break
+        result.update(bad_total)
+    except Exception as exc:  # a server that cannot take N streams is a result too
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for pipe in pipes:
+            try:
+                pipe.send(("stop",))
+            except OSError:
+                pass
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    return result
+
+
+def run_burst(name: str, args) -> dict:
+    port = _free_port()
+    argv = [sys.executable] + [a.format(port=port, n=1) for a in SERVERS[name]]
+    server = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent, child = mp.Pipe()
+    proc = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if _request(port, "GET", "/", 2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.1)
+        proc = mp.Process(target=_client_main, args=(port, 1, child), daemon=True)
+        proc.start()
+        parent.recv()  # open
+        parent.send(("burst", args.burst))
+        time.sleep(0.3)
+        _request(port, "POST", f"/burst?n={args.burst}", timeout=120)
+        if not parent.poll(120):
+            raise TimeoutError("burst never completed")
+        _, got, seconds = parent.recv()
+        return {"server": name, "one_stream_events_per_s": round(got / seconds) if seconds else None}
+    except Exception as exc:
+        return {"server": name, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        try:
+            parent.send(("stop",))
+        except OSError:
+            pass
+        if proc is not None:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+COLUMNS = ["server", "n", "connect_s", "last_p50_ms", "last_p99_ms", "stream_p50_ms", "rate_last_p50_ms",
+           "cpu_us_per_event_stream", "rss_per_stream_kb", "idle_cpu_pct", "page_ms_loaded", "sigterm_exit_s",
+           "lost", "duplicate_or_out_of_order", "error"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[100, 1000, 5000, 10000])
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    parser.add_argument("--broadcasts", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=5.0, help="broadcasts per second in the fixed-rate phase")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measurement")
+    parser.add_argument("--clients", type=int, default=1, help="load-client processes (at most one per 500 streams)")
+    parser.add_argument("--burst", type=int, default=20_000, help="events in the one-stream burst")
+    parser.add_argument("--json", type=Path, help="also write all results here")
+    args = parser.parse_args()
+    rows = []
+    for n in args.n:
+        for name in args.servers:
+            if name == "comet-thread" and n > 5000:
+                rows.append({"server": name, "n": n, "error": "skipped: one thread per stream"})
+                continue
+            row = run_one(name, n, args)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    bursts = [run_burst(name, args) for name in args.servers]
+    print(" | ".join(COLUMNS))
+    for row in rows:
+        print(" | ".join(str(row.get(c, "")) for c in COLUMNS))
+    print()
+    for b in bursts:
+        print(f"{b['server']}: one stream {b.get('one_stream_events_per_s', b.get('error'))} events/s")
+    ratios = {}
+    for n in args.n:
+        ours = next((r for r in rows if r["server"] == "comet-parked" and r["n"] == n and "error" not in r), None)
+        for row in rows:
+            if ours and row["n"] == n and row["server"] != "comet-parked" and "error" not in row and row.get("last_p50_ms"):
+                ratios[f"{n}:{row['server']}"] = round(ours["last_p50_ms"] / row["last_p50_ms"], 2)
+    summary = {"bench": "capacity", "rows": rows, "bursts": bursts, "last_p50_ratio_comet_parked_to": ratios}
+    print(json.dumps(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""comet under test: `python -m benchmarks.peers.comet_app PORT thread|parked [STREAMS]`."""
+import sys
+
+import cherrypy
+
+from comet import Hub, comet
+from comet.cherrypy_tool import engine_plugin
+
+port, mode = int(sys.argv[1]), sys.argv[2]
+streams = int(sys.argv[3]) if len(sys.argv) > 3 else 100
+hub = engine_plugin().add_hub(Hub(buffer_size=20_000))
+
+
+class Root:
+    @cherrypy.expose
+    def index(self):
+        return "ok"
+
+    @cherrypy.expose
+    @comet(transport="sse", mode="auto" if mode == "parked" else "thread")
+    def events(self, last_event_id=None):
+        return hub.subscribe("b", last_id=last_event_id)
+
+    @cherrypy.expose
+    def publish(self, seq, ts):
+        hub.publish("b", f"{seq} {ts}")
+        return "ok"
+
+    @cherrypy.expose
+    def burst(self, n):
+        for i in range(int(n)):
+            hub.publish("b", f"b{i}")
+        return "ok"
+
+
+# Thread mode needs a thread per stream (plus a few for pages); parked needs a few.
+threads = streams + 20 if mode == "thread" else 8
+cherrypy.config.update({"server.socket_host": "127.0.0.1", "server.socket_port": port, "server.thread_pool": threads,
+                        "server.socket_queue_size": 4096, "engine.autoreload.on": False, "log.screen": False,
+                        "comet.max_streams": threads, "server.shutdown_timeout": 1})
+cherrypy.quickstart(Root(), "/", {"/": {"log.access_file": ""}})
