@@ -43,6 +43,7 @@ SERVERS = {
     "comet-parked": ["-m", "benchmarks.peers.comet_app", "{port}", "parked"],
     "comet-thread": ["-m", "benchmarks.peers.comet_app", "{port}", "thread", "{n}"],
     "aiohttp": ["-m", "benchmarks.peers.aiohttp_app", "{port}"],
+    "aiohttp-direct": ["-m", "benchmarks.peers.aiohttp_direct_app", "{port}"],
     "starlette-uvloop": ["-m", "benchmarks.peers.starlette_app", "{port}", "uvloop"],
     "starlette-asyncio": ["-m", "benchmarks.peers.starlette_app", "{port}", "asyncio"],
 }

@@ -20,7 +20,7 @@ reconnect), else the ``last_event_id`` query parameter.
 
 Process-wide settings live in the ``comet`` config namespace::
 
-    cherrypy.config.update({"comet.max_streams": 500, "comet.retry_after": 5})
+    cherrypy.config.update({"comet.max_streams": 500, "comet.max_parked": 20000, "comet.retry_after": 5})
 
 ``max_streams`` defaults to the server's ``thread_pool`` less a reserve of
 ``max(2, thread_pool // 10)`` threads, because every open stream holds a
@@ -72,9 +72,12 @@ class CometPlugin(SimplePlugin):
             self.hubs.append(hub)
         return hub
 
-    def configure(self, max_streams: int | None = None, retry_after: int | None = None) -> None:
-        """Set the admission cap and ``Retry-After`` (what ``comet.*`` config does)."""
-        StreamPool(max_streams=max_streams, retry_after=5 if retry_after is None else retry_after)  # validates
+    def configure(self, max_streams: int | None = None, retry_after: int | None = None, max_parked: int | None = None) -> None:
+        """Set the admission caps and ``Retry-After`` (what ``comet.*`` config does)."""
+        StreamPool(max_streams=max_streams, retry_after=5 if retry_after is None else retry_after,
+                   max_parked=20_000 if max_parked is None else max_parked)  # validates
+        if max_parked is not None:
+            self.pool.max_parked = max_parked
         if max_streams is not None:
             self.pool.max_streams = max_streams
             self._cap_configured = True
@@ -150,8 +153,8 @@ def static_config(url: str = "/comet") -> dict:
 
 
 def _config_namespace(key: str, value: Any) -> None:
-    if key not in ("max_streams", "retry_after"):
-        raise ValueError(f"unknown config key comet.{key}; known: comet.max_streams, comet.retry_after")
+    if key not in ("max_streams", "retry_after", "max_parked"):
+        raise ValueError(f"unknown config key comet.{key}; known: comet.max_streams, comet.max_parked, comet.retry_after")
     engine_plugin().configure(**{key: value})
 
 

@@ -494,12 +494,17 @@ class CherryPyServer:
             "server.socket_host": "127.0.0.1", "server.socket_port": 0, "server.thread_pool": self.thread_pool,
             "engine.autoreload.on": False, "log.screen": False, "checker.on": False,
             "server.shutdown_timeout": 2,
+            # server.* settings live on the Server object and survive
+            # config.reset(): clear TLS so one test's HTTPS is not the next one's.
+            "server.ssl_certificate": None, "server.ssl_private_key": None, "server.ssl_certificate_chain": None,
             **self.global_config,
         })
         plugin = engine_plugin()
         if "comet.max_streams" not in self.global_config:
             plugin.pool.max_streams = None
             plugin._cap_configured = False
+        if "comet.max_parked" not in self.global_config:
+            plugin.pool.max_parked = 20_000
         cherrypy.tree.apps.clear()
         cherrypy.tree.mount(self.root, "", self.config)
         cherrypy.server.httpserver = None  # rebuilt from the config above

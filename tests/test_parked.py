@@ -209,8 +209,7 @@ def test_engine_stop_with_300_parked_streams_is_fast():
 
 def test_parked_admission_cap(comet_cherrypy, hub):
     closes = Closes()
-    server = comet_cherrypy(parked_root(hub, closes), thread_pool=4)
-    engine_plugin().pool.max_parked = 3
+    server = comet_cherrypy(parked_root(hub, closes), thread_pool=4, global_config={"comet.max_parked": 3})
     try:
         clients = [StreamClient(server.url + "/sse").open() for _ in range(3)]
         wait_until(lambda: engine_plugin().pool.parked_streams == 3, what="3 parked")
@@ -218,6 +217,8 @@ def test_parked_admission_cap(comet_cherrypy, hub):
             StreamClient(server.url + "/sse").open()
         assert refused.value.status == 503 and b"parked" in refused.value.body
         assert http_get(server.url + "/")[0] == 200
+        # a refused stream's subscription was closed: its on_close ran, nothing is held
+        wait_until(lambda: closes.count == 1 and hub.subscriptions == 3, what="refused stream cleaned up")
         for c in clients:
             c.close()
     finally:
@@ -230,7 +231,7 @@ def test_slow_consumer_is_disconnected_and_never_blocks_publish(parked):
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.sendall(b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read again
     with StreamClient(server.url + "/sse") as healthy:
-        wait_until(lambda: engine_plugin().pool.parked_streams == 2, what="both parked")
+        wait_until(lambda: engine_plugin().pool.parked_streams == 2, what=f"both parked (now {engine_plugin().pool.parked_streams}, open {engine_plugin().pool.open_streams})")
         blob = "x" * 60_000
         publishing = 0.0
         for batch in range(15):  # ~9 MB: past the kernel buffers (up to 4 MB on loopback) and the 1 MiB cap
