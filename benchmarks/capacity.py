@@ -216,23 +216,31 @@ def _pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] if values else float("nan")
 
 
-def run_one(name: str, n: int, args) -> dict:
+def _start_server(name: str, n: int) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     argv = [sys.executable] + [a.format(port=port, n=n) for a in SERVERS[name]]
-    server = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port
+
+
+def _wait_up(name: str, server: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if _request(port, "GET", "/", 2)[0] == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise RuntimeError(f"{name} did not start")
+        time.sleep(0.1)
+
+
+def run_one(name: str, n: int, args) -> dict:
+    server, port = _start_server(name, n)
     result: dict = {"server": name, "n": n}
     pipes, procs = [], []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if _request(port, "GET", "/", 2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"{name} did not start")
-            time.sleep(0.1)
+        _wait_up(name, server, port)
         rss0 = _rss_kb(server.pid)
         k = max(1, min(args.clients, n // 500 or 1))
         shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
@@ -340,22 +348,11 @@ def run_one(name: str, n: int, args) -> dict:
 
 
 def run_burst(name: str, args) -> dict:
-    port = _free_port()
-    argv = [sys.executable] + [a.format(port=port, n=1) for a in SERVERS[name]]
-    server = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port = _start_server(name, 1)
     parent, child = mp.Pipe()
     proc = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if _request(port, "GET", "/", 2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start")
-            time.sleep(0.1)
+        _wait_up(name, server, port)
         proc = mp.Process(target=_client_main, args=(port, 1, child), daemon=True)
         proc.start()
         parent.recv()  # open

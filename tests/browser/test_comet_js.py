@@ -151,32 +151,8 @@ def test_comet_js_parsers_and_live_resume_on_every_transport(context, unit_serve
     page.wait_for_timeout(500)  # nothing more may arrive
     live = page.evaluate("Object.fromEntries(Object.entries(window.live).map(([k, v]) => [k, {events: v.events, statuses: v.statuses}]))")
     check_live(live, sent)
-
-
-def test_comet_js_in_firefox(unit_server):
-    """The same page in Firefox (Debian's firefox-esr, headless). No WebDriver
-    for Firefox can be installed here, so the page reports its results to the
-    server itself and --screenshot mode exits once the page has loaded."""
-    firefox = shutil.which("firefox-esr") or shutil.which("firefox")
-    assert firefox, "Firefox is not installed: ./run test installs Debian's firefox-esr"
-    server, hub = unit_server
-    profile = tempfile.mkdtemp(prefix="comet-ff-")
-    shot = os.path.join(profile, "page.png")
-    proc = subprocess.Popen([firefox, "--headless", "--no-remote", "--profile", profile, "--screenshot", shot,
-                             server.url + "/?hold=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: hub.subscriptions >= 4, timeout=30, what="Firefox connected on four transports")
-        sent = publish_ticks(hub, lambda: time.sleep(0.25))
-        assert server.reported.wait(40), "Firefox never reported"
-        results = server.report["results"]
-        assert results and results == {name: "ok" for name in results}, results
-        check_live(server.report["live"], sent)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        shutil.rmtree(profile, ignore_errors=True)
+    assert not errors
+    page.close()
 
 
 def publish_ticks(hub, pause):
