@@ -128,10 +128,6 @@ class Event:
             self._wire["text"] = cached
         return cached
 
-    def as_dict(self) -> dict:
-        """``{"id", "event", "data"}``: the JSON shape used by the non-SSE transports."""
-        return {"id": self.id, "event": self.name, "data": self.data}
-
     def size(self) -> int:
         """Bytes of the data's wire text (what size limits are checked against)."""
         return len(self.text().encode("utf-8"))

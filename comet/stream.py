@@ -194,11 +194,6 @@ class StreamPool:
         """Admit streams again after :meth:`close_all` (engine restart)."""
         self.stopping = False
 
-    def wait_closed(self, timeout: float) -> bool:
-        """Wait until no stream is open; ``False`` if some still are at timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._open, timeout)
-
 
 class Stream:
     """One response: the handler's items as bytes for ``options.transport``.
