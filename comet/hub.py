@@ -48,7 +48,8 @@ __all__ = ["Hub", "Subscription", "Idle", "GAP", "parse_id"]
 #: resume from, so clients that store ids need no special case.
 GAP = "comet.gap"
 
-_ID = re.compile(r"(\d{1,19})-(\d{1,19})")
+_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_MAX_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
 _MAX_CHANNEL = 200
 
 View = Callable[[Event], Any]
@@ -63,7 +64,7 @@ def parse_id(value: str) -> tuple[int, int]:
     if not isinstance(value, str):
         raise InvalidEventId(f"event id must be a str, got {type(value).__name__}")
     match = _ID.fullmatch(value)
-    if not match:
+    if not match or int(match[1]) > _MAX_PART or int(match[2]) > _MAX_PART:
         raise InvalidEventId(f"malformed event id {value[:80]!r}: expected '<epoch>-<seq>' digits")
     return int(match[1]), int(match[2])
 
@@ -91,26 +92,65 @@ class Idle:
 
 
 class _Channel:
-    __slots__ = ("cond", "events", "seq", "watchers")
+    """One channel's buffer. ``seq`` numbers events locally (a cursor is a
+    seq, so a caught-up take is O(new)); ``floor`` is the id of the newest
+    event known to exist but no longer (or never) held, so any cursor at or
+    after it is served without a gap."""
 
-    def __init__(self, size: int) -> None:
+    __slots__ = ("cond", "events", "seq", "watchers", "floor", "live")
+
+    def __init__(self, size: int, floor: str) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.events: deque[Event] = deque(maxlen=size)
         self.seq = 0  # seq of the newest event; events[-1] when any
         self.watchers: tuple[Callable[[], None], ...] = ()
+        self.floor = floor
+        self.live = False  # backends: the buffer mirrors the shared store
 
-    def after(self, cursor: int) -> tuple[bool, int, list[Event]]:
+    def append(self, event: Event) -> None:
+        """Store *event* as the newest; the caller holds ``cond``."""
+        if len(self.events) == self.events.maxlen:
+            self.floor = self.events[0].id
+        self.events.append(event)
+        self.seq += 1
+
+    def reset(self, floor: str) -> None:
+        """Forget the buffer: events up to *floor* may exist that nobody here
+        saw, so every cursor before it gets a gap. The caller holds ``cond``."""
+        self.events.clear()
+        self.floor = floor
+        self.seq += 1
+
+    def tail_id(self) -> str:
+        return self.events[-1].id if self.events else self.floor
+
+    def first_seq(self) -> int:
+        """seq of the oldest held event (``seq + 1`` when none)."""
+        return self.seq - len(self.events) + 1
+
+    def count_upto(self, key: tuple[int, int]) -> int:
+        """How many held events have ids <= *key* (bisect: ids are sorted)."""
+        events, lo, hi = self.events, 0, len(self.events)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if parse_id(events[mid].id) <= key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def after(self, cursor: int) -> tuple[bool, int, list[Event], str]:
         """(fell_behind, seq of the first returned event, events after
-        *cursor*); the caller holds ``cond``."""
+        *cursor*, floor); the caller holds ``cond``."""
         new = self.seq - cursor
         if new <= 0:
-            return False, 0, []
+            return False, 0, [], self.floor
         held = len(self.events)
         if new > held:
-            return True, self.seq - held + 1, list(self.events)
+            return True, self.seq - held + 1, list(self.events), self.floor
         # Index from the right end: O(new), not O(buffer), for a caught-up cursor.
         events = self.events
-        return False, cursor + 1, [events[i] for i in range(held - new, held)]
+        return False, cursor + 1, [events[i] for i in range(held - new, held)], self.floor
 
 
 class Hub:
@@ -161,26 +201,36 @@ class Hub:
         >>> hub.publish("chat", {"text": "hi"}, event="shout").endswith("-1")
         True
         """
+        proto = self._prepare(channel, data, event, retry)
+        ch = self._channel(channel)
+        with ch.cond:
+            event_id = f"{self.epoch}-{ch.seq + 1}"
+            stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
+            stored._wire["text"] = proto.text()
+            ch.append(stored)
+            self.published += 1
+        self._wake(ch)
+        return event_id
+
+    def _prepare(self, channel: str, data: Any, event: str | None, retry: int | None) -> Event:
+        """Validate and serialise an event to publish, before anything is stored."""
         self._check_channel(channel)
         proto = Event(data, name=event, channel=channel, retry=retry)
-        size = proto.size()  # serialises once, here, outside the lock
+        size = proto.size()  # serialises once, here, outside any lock
         if size > self.max_event_bytes:
             raise InvalidEvent(f"event data of {size} bytes exceeds max_event_bytes={self.max_event_bytes}")
         if self._closed:
             raise HubClosed("publish on a closed hub")
-        ch = self._channel(channel)
+        return proto
+
+    @staticmethod
+    def _wake(ch: _Channel) -> None:
+        """Wake *ch*'s waiters, then its watchers (outside the lock)."""
         with ch.cond:
-            ch.seq += 1
-            event_id = f"{self.epoch}-{ch.seq}"
-            stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
-            stored._wire["text"] = proto.text()
-            ch.events.append(stored)
-            self.published += 1
             ch.cond.notify_all()
             watchers = ch.watchers
         for wake in watchers:  # e.g. the parked-stream writer: one call per channel, not per stream
             wake()
-        return event_id
 
     # -- subscribing --------------------------------------------------------
 
@@ -218,25 +268,37 @@ class Hub:
         if view is not None and not callable(view):
             raise TypeError("view must be callable")
         ch = self._channel(channel)
+        key = None if last_id is None or last_id == "" else parse_id(last_id)
+        caught_up = False
         with ch.cond:
-            cursor, gap = self._resolve(channel, ch, last_id)
+            if key is not None and key > parse_id(ch.tail_id()):
+                caught_up = self._catch_up(channel, ch)  # another process may be ahead of our mirror
+            cursor, resumed, gap = self._resolve(channel, ch, last_id, key)
+        if caught_up:
+            self._wake(ch)
         pending = list(initial) + ([gap] if gap is not None else [])
-        return Subscription(self, ch, channel, cursor, pending, view, self.idle if idle is None else idle)
+        return Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
 
-    def _resolve(self, channel: str, ch: _Channel, last_id: str | None) -> tuple[int, Event | None]:
-        if last_id is None or last_id == "":
-            return ch.seq, None
-        epoch, seq = parse_id(last_id)
-        if epoch > self.epoch or (epoch == self.epoch and seq > ch.seq):
-            raise InvalidEventId(f"event id {last_id!r} is from the future: channel {channel!r} is at {self.epoch}-{ch.seq}")
-        first = ch.seq - len(ch.events) + 1
-        if epoch == self.epoch and seq >= first - 1:
-            return seq, None
+    def _resolve(self, channel: str, ch: _Channel, last_id: str | None,
+                 key: tuple[int, int] | None) -> tuple[int, str, Event | None]:
+        """(cursor seq, its id, gap event or None) for a client at *last_id*."""
+        if key is None:
+            return ch.seq, ch.tail_id(), None
+        tail = ch.tail_id()
+        if key > parse_id(tail):
+            raise InvalidEventId(f"event id {last_id!r} is from the future: channel {channel!r} is at {tail}")
+        if key >= parse_id(ch.floor):
+            return ch.first_seq() - 1 + ch.count_upto(key), last_id, None
         # Older epoch or evicted: everything held is new to the client.
-        return first - 1, self._gap(channel, last_id, first - 1)
+        return ch.first_seq() - 1, ch.floor, self._gap(channel, last_id, ch.floor)
 
-    def _gap(self, channel: str, last_id: str | None, resume_seq: int) -> Event:
-        resume = f"{self.epoch}-{resume_seq}"
+    def _catch_up(self, channel: str, ch: _Channel) -> bool:
+        """Backends: append events the shared store has and the mirror lacks
+        yet (the caller holds ``ch.cond``); True if any. The memory hub is
+        always current."""
+        return False
+
+    def _gap(self, channel: str, last_id: str | None, resume: str) -> Event:
         return Event({"last_id": last_id, "resume_id": resume}, id=resume, name=GAP, channel=channel)
 
     # -- reading ------------------------------------------------------------
@@ -256,14 +318,22 @@ class Hub:
     def last_id(self, channel: str) -> str:
         """Id of the newest event in *channel* (``"<epoch>-0"`` when none yet):
         a cursor for "everything after now"."""
+        self._check_channel(channel)
         ch = self._channel(channel)
         with ch.cond:
-            return f"{self.epoch}-{ch.seq}"
+            return ch.tail_id()
 
-    def before(self, event_id: str) -> str:
-        """The cursor just before *event_id* (to replay from that event on)."""
+    @staticmethod
+    def before(event_id: str) -> str:
+        """The cursor just before *event_id* (to replay from that event on).
+
+        >>> Hub.before("7-3"), Hub.before("7-0")
+        ('7-2', '6-18446744073709551615')
+        """
         epoch, seq = parse_id(event_id)
-        return f"{epoch}-{max(seq - 1, 0)}"
+        if seq:
+            return f"{epoch}-{seq - 1}"
+        return f"{epoch - 1}-{_MAX_PART}" if epoch else "0-0"
 
     @property
     def subscriptions(self) -> int:
@@ -301,11 +371,7 @@ class Hub:
             self._generation += 1
             channels = list(self._channels.values())
         for ch in channels:
-            with ch.cond:
-                ch.cond.notify_all()
-                watchers = ch.watchers
-            for wake in watchers:
-                wake()
+            self._wake(ch)
 
     def close(self) -> None:
         """End every subscription and refuse further use."""
@@ -318,7 +384,7 @@ class Hub:
         ch = self._channels.get(name)
         if ch is None:
             with self._lock:
-                ch = self._channels.setdefault(name, _Channel(self.buffer_size))
+                ch = self._channels.setdefault(name, _Channel(self.buffer_size, f"{self.epoch}-0"))
         return ch
 
     @staticmethod
@@ -348,12 +414,14 @@ class Subscription:
     >>> sub.close()
     """
 
-    def __init__(self, hub: Hub, ch: _Channel, channel: str, cursor: int, pending: list, view: View | None, idle: float) -> None:
+    def __init__(self, hub: Hub, ch: _Channel, channel: str, cursor: int, last_id: str, pending: list,
+                 view: View | None, idle: float) -> None:
         self.hub = hub
         self.channel = channel
         self.view = view
         self.idle = idle
-        self.cursor = cursor  # seq of the last event taken
+        self.cursor = cursor  # local seq of the last event taken
+        self._last_id = last_id  # ... and its id
         self._ch = ch
         self._pending = pending
         self._generation = hub._generation
@@ -365,7 +433,12 @@ class Subscription:
     @property
     def last_id(self) -> str:
         """The id to resume after: the last event taken."""
-        return f"{self.hub.epoch}-{self.cursor}"
+        return self._last_id
+
+    def _jump(self, cursor: int, last_id: str) -> None:
+        """Advance as another subscription at the same cursor just did (the
+        parked writer shares one take() among equal cursors)."""
+        self.cursor, self._last_id = cursor, last_id
 
     @property
     def ended(self) -> bool:
@@ -393,11 +466,13 @@ class Subscription:
         out, self._pending = self._pending, []
         ch = self._ch
         with ch.cond:
-            behind, start, batch = ch.after(self.cursor)
+            behind, start, batch, floor = ch.after(self.cursor)
         if behind:
-            out.append(self.hub._gap(self.channel, self.last_id, start - 1))
+            out.append(self.hub._gap(self.channel, self._last_id, floor))
+            self.cursor, self._last_id = start - 1, floor
         if batch:
             self.cursor = start + len(batch) - 1
+            self._last_id = batch[-1].id
             view = self.view
             if view is None:
                 out.extend(batch)

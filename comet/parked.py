@@ -202,7 +202,7 @@ class Parker:
         bytes: one take(), one join, then one send() each. Everything else
         (views, multipart boundaries, backlogs) goes through _feed.
         """
-        shared: dict[tuple[int, str], tuple[int, bytes, int]] = {}
+        shared: dict[tuple[int, str], tuple[int, bytes, int, str]] = {}
         now = time.monotonic()
         items = sent_bytes = 0
         for stream in streams:
@@ -224,9 +224,9 @@ class Parker:
                     log.error("comet: ending parked %s stream, cannot encode: %s", stream.transport, exc)
                     self._end(stream)
                     continue
-                hit = shared[key] = (sub.cursor, data, len(taken))
+                hit = shared[key] = (sub.cursor, data, len(taken), sub.last_id)
             else:
-                sub.cursor = hit[0]
+                sub._jump(hit[0], hit[3])
             data = hit[1]
             if not data:
                 continue

@@ -111,7 +111,7 @@ class Shoutbox:
     def index(self):
         events = self.hub.history(CHANNEL)
         # Resume after the newest event of any kind that this render saw.
-        cursor = events[-1].id if events else f"{self.hub.epoch}-0"
+        cursor = events[-1].id if events else self.hub.last_id(CHANNEL)
         shouts = [e for e in events if e.name == "shout" and e.id not in self.deleted][-50:]
         return templates.get_template("index.html").render(
             shouts=shouts, cursor=cursor, csrf=self._csrf(), moderator=self.is_moderator())
