@@ -185,7 +185,7 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
         else:
             pool.release(ticket)
             _close_quietly(items)
-        if isinstance(exc, StreamsExhausted):
+        if getattr(exc, "retry_after", None) is not None:  # full, or the backend is down
             response.headers["Retry-After"] = str(exc.retry_after)
         error = http_error(exc)
         if error is None:

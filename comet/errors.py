@@ -54,3 +54,15 @@ class HubClosed(CometError, RuntimeError):
     published to it or subscribed from it any more."""
 
     http_status = 503
+
+
+class BackendUnavailable(CometError, ConnectionError):
+    """The shared backend (Redis) cannot be reached: a publish, or the first
+    subscription to a channel in this process, failed. Nothing was stored
+    twice: comet does not retry a publish (see :mod:`comet.backends.redis`).
+
+    Adapters answer ``503 Service Unavailable`` with ``Retry-After``.
+    """
+
+    http_status = 503
+    retry_after = 2

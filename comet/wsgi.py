@@ -196,7 +196,7 @@ def comet_app(handler: Callable[[dict], Iterable[Any]] | None = None, *, pool: S
                 else:
                     shared.release(ticket)
                     _close_quietly(items)
-                if isinstance(exc, StreamsExhausted):
+                if getattr(exc, "retry_after", None) is not None:  # full, or the backend is down
                     return _reply(start_response, 503, str(exc), [("Retry-After", str(exc.retry_after))])
                 error = http_error(exc)
                 if error is None:

@@ -1,0 +1,367 @@
+"""The same hub across processes and machines, on Redis Streams.
+
+:class:`RedisHub` has :class:`~comet.Hub`'s API. Swap it in and every
+process that points at the same Redis shares every channel::
+
+    hub = RedisHub("redis://127.0.0.1:6379/0")      # instead of Hub()
+
+Design
+------
+Each channel is one Redis stream (key ``<prefix><channel>``). ``publish()``
+is one ``XADD ... MAXLEN ~ maxlen`` (in a tiny Lua script) and returns Redis'
+id, so ids are global per channel and sort in publish order everywhere: a
+client that reconnects to another process hands back its ``Last-Event-ID``
+and resumes there exactly. The script also stores each entry's predecessor
+id (field ``p``): whoever reads an entry knows whether anything came between
+it and what they already hold, even after trimming removed it, so a gap is
+always detected exactly (no spurious gap for a cursor that is exactly the
+newest trimmed event, no silent loss). Redis 7.0's ``XINFO`` cannot tell:
+trimming does not update ``max-deleted-entry-id``.
+
+Each process keeps the in-memory hub's machinery as a *mirror*: a channel
+becomes live here the first time something subscribes to it, reads its
+history or watches it (``XREVRANGE``: the newest ``buffer_size`` events),
+and from then on **one reader thread per process** follows every live
+channel with a blocking ``XREAD`` and appends what it reads to the local
+buffers. Appending wakes local waiters and the parked-stream writer exactly
+as a local publish does, so the per-event cost is one read per process plus
+the local fan-out, whatever the number of local streams. A new live channel
+interrupts the blocked read with ``CLIENT UNBLOCK`` so it joins at once.
+
+Order: every process appends in Redis' order, so all subscribers everywhere
+see one order per channel. A process also receives its own publishes through
+the reader (one round trip later), which keeps that order single.
+
+Failure model
+-------------
+* Redis unreachable at ``publish()``: :class:`~comet.errors.BackendUnavailable`
+  at once (after redis-py's connect timeout). comet does **not** retry a
+  publish: ``XADD`` is not idempotent, and a retry after a reply was lost
+  would store the event twice. The caller decides (the examples answer 503).
+* The first subscription to a channel in a process needs Redis (to load the
+  history); if it is down, that subscribe raises ``BackendUnavailable`` and
+  the adapters answer 503 with ``Retry-After``.
+* The reader reconnects with exponential backoff (``backoff=(first, max)``
+  seconds, with jitter) and resumes every channel from the last id it
+  appended, so nothing Redis kept is lost. Streams stay open meanwhile:
+  heartbeats come from the local machinery, not from Redis.
+* If Redis trimmed events this process never read (it was cut off longer
+  than ``maxlen`` events), the predecessor ids show the hole and local
+  subscribers get the usual :data:`~comet.GAP` event, never a silent loss.
+* A Redis restarted *without* persistence forgets its streams; new ids keep
+  growing (they are timestamps), so clients simply continue.
+
+Connection settings (password, ``rediss://`` TLS, db, timeouts, ...) go in
+the URL or as keyword arguments, passed through to ``redis.Redis.from_url``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..errors import BackendUnavailable
+from ..framing import DEFAULT_MAX_EVENT_BYTES, Event
+from ..hub import Hub, _Channel, parse_id
+
+__all__ = ["RedisHub"]
+
+log = logging.getLogger("comet")
+
+_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+# KEYS[1] stream; ARGV: maxlen, "~" or "=", then field/value pairs.
+# Reading the newest id and adding happen atomically, so "p" is exact.
+_PUBLISH = """
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = '0-0'
+if #newest > 0 then prev = newest[1][1] end
+return redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], ARGV[1], '*', 'p', prev, unpack(ARGV, 3))
+"""
+
+
+class RedisHub(Hub):
+    """A :class:`~comet.Hub` whose channels live in Redis streams.
+
+    Example (``tests/test_redis.py`` runs the same against a real server)::
+
+        hub = RedisHub("redis://127.0.0.1:6379/0", maxlen=500)
+        first = hub.publish("lobby", {"player": "ann"}, event="joined")
+        sub = hub.subscribe("lobby", last_id=hub.before(first))
+        assert next(sub).data == {"player": "ann"}   # in this or any process
+        sub.close()
+        hub.close()
+
+    ``maxlen`` bounds each channel's history in Redis (``approximate`` trims
+    in whole macro nodes, cheaply; the exact bound may be exceeded by up to
+    about a hundred events). ``buffer_size`` (default ``maxlen``) is what
+    each process mirrors. ``block`` is the reader's longest ``XREAD`` wait in
+    seconds; ``backoff`` its reconnect delays. Other keywords (``password``,
+    ``socket_timeout``, ``ssl_ca_certs``, ``client_name``, ...) go to
+    ``redis.Redis.from_url``.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, maxlen: int = 1000, approximate: bool = True,
+                 prefix: str = "comet:", buffer_size: int | None = None,
+                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0, block: float = 5.0,
+                 backoff: tuple[float, float] = (0.05, 5.0), **redis_options: Any) -> None:
+        if not isinstance(maxlen, int) or maxlen < 1:
+            raise ValueError(f"maxlen must be a positive int, got {maxlen!r}")
+        if not isinstance(prefix, str) or any(c in prefix for c in "\r\n\x00"):
+            raise ValueError(f"prefix must be a str without CR, LF or NUL, got {prefix!r}")
+        if not isinstance(block, (int, float)) or not 0 < block <= 60:
+            raise ValueError(f"block must be between 0 and 60 seconds, got {block!r}")
+        if len(backoff) != 2 or not 0 < backoff[0] <= backoff[1]:
+            raise ValueError(f"backoff must be (first, max) seconds with 0 < first <= max, got {backoff!r}")
+        super().__init__(buffer_size or maxlen, max_event_bytes=max_event_bytes, idle=idle)
+        self.epoch = 0  # ids are Redis', so the first cursor of an empty channel is "0-0"
+        self.url = url
+        self.maxlen = maxlen
+        self.approximate = approximate
+        self.prefix = prefix
+        self.block = float(block)
+        self.backoff = (float(backoff[0]), float(backoff[1]))
+        # No retry: XADD is not idempotent (see the module docstring). Bounded
+        # timeouts: a publishing request thread never hangs on a dead Redis.
+        options = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0, "retry": Retry(NoBackoff(), 0),
+                   "health_check_interval": 0, **redis_options}
+        self.redis = redis.Redis.from_url(url, **options)
+        self._publish_script = self.redis.register_script(_PUBLISH)
+        read_timeout = self.block + (options["socket_timeout"] or 5.0)
+        self._reader_options = {**options, "socket_timeout": read_timeout}
+        self._where = self.redis.connection_pool.connection_kwargs.get("host", url)
+        self._live: dict[bytes, str] = {}  # stream key -> channel, for the reader
+        self._version = 0  # bumped when a channel becomes live
+        self._seen_version = 0  # the version the reader's current XREAD covers
+        self._reader_id: int | None = None
+        self._stop = threading.Event()
+        self._changed = threading.Event()
+        #: True while the reader holds a working connection to Redis.
+        self.connected = False
+        #: Times the reader (re)connected; 1 after the first connect.
+        self.connects = 0
+        self._reader = threading.Thread(target=self._read_loop, name="comet-redis-reader", daemon=True)
+        self._reader.start()
+
+    # -- publishing ---------------------------------------------------------
+
+    def publish(self, channel: str, data: Any, event: str | None = None, *, retry: int | None = None) -> str:
+        """``XADD`` the event to *channel*'s stream and return Redis' id.
+
+        Every process subscribed to *channel* receives it, in one order.
+        Raises :class:`~comet.errors.BackendUnavailable` if Redis cannot be
+        reached; nothing is retried (no duplicates).
+        """
+        proto = self._prepare(channel, data, event, retry)
+        args: list[Any] = [self.maxlen, "~" if self.approximate else "=",
+                           "d", proto.text(), "k", "s" if isinstance(proto.data, str) else "j"]
+        if event is not None:
+            args += ["e", event]
+        if retry is not None:
+            args += ["r", retry]
+        try:
+            # Script() reloads itself after NOSCRIPT (a restarted Redis): that
+            # is no retry of a publish, the first attempt never ran.
+            event_id = self._publish_script(keys=[self._key(channel)], args=args)
+        except _DOWN as exc:
+            raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
+        self.published += 1
+        return event_id.decode()
+
+    # -- reading (read-your-writes: catch up before answering) --------------
+
+    def history(self, channel: str, limit: int | None = None) -> list:
+        self._check_channel(channel)
+        ch = self._channel(channel)
+        with ch.cond:
+            caught_up = self._catch_up(channel, ch)
+        if caught_up:
+            self._wake(ch)
+        return super().history(channel, limit)
+
+    history.__doc__ = Hub.history.__doc__
+
+    def last_id(self, channel: str) -> str:
+        self._check_channel(channel)
+        ch = self._channel(channel)
+        with ch.cond:
+            caught_up = self._catch_up(channel, ch)
+            tail = ch.tail_id()
+        if caught_up:
+            self._wake(ch)
+        return tail
+
+    last_id.__doc__ = Hub.last_id.__doc__
+
+    # -- the local mirror ---------------------------------------------------
+
+    def _key(self, channel: str) -> str:
+        return self.prefix + channel
+
+    def _channel(self, name: str) -> _Channel:
+        ch = super()._channel(name)
+        if not ch.live:
+            self._activate(name, ch)
+        return ch
+
+    def _activate(self, name: str, ch: _Channel) -> None:
+        """Load *name*'s history into the mirror and have the reader follow it."""
+        key = self._key(name)
+        with ch.cond:
+            if ch.live:
+                return
+            try:
+                entries = self.redis.xrevrange(key, count=self.buffer_size)
+            except _DOWN as exc:
+                raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} is unreachable ({exc})") from exc
+            entries.reverse()
+            self._append(name, ch, entries)  # the oldest entry's predecessor becomes the floor
+            ch.live = True
+            with self._lock:
+                self._live[key.encode()] = name
+                self._version += 1
+                version = self._version
+        self._nudge(version)
+
+    def _catch_up(self, channel: str, ch: _Channel) -> bool:
+        try:
+            entries = self.redis.xrange(self._key(channel), min="(" + ch.tail_id(), count=self.buffer_size)
+        except _DOWN as exc:
+            raise BackendUnavailable(f"cannot read channel {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
+        return self._append(channel, ch, entries)
+
+    def _append(self, channel: str, ch: _Channel, entries: list) -> bool:
+        """Append entries newer than the mirror's tail; the caller holds ``ch.cond``.
+
+        An entry whose predecessor is newer than our tail means events were
+        trimmed before we read them: the buffer is reset there, so every
+        cursor before the hole gets a gap event.
+        """
+        tail = parse_id(ch.tail_id())
+        added = False
+        for event_id, fields in entries:
+            key = parse_id(event_id.decode())
+            if key <= tail:
+                continue
+            prev = fields.get(b"p")
+            if prev is not None and parse_id(prev.decode()) > tail:
+                if ch.events or ch.live:
+                    log.warning("comet: events of %r up to %s were trimmed before this process read them",
+                                channel, prev.decode())
+                ch.reset(prev.decode())
+            ch.append(self._event(channel, event_id, fields))
+            tail = key
+            added = True
+        return added
+
+    @staticmethod
+    def _event(channel: str, event_id: bytes, fields: dict) -> Event:
+        text = fields[b"d"].decode()
+        name = fields.get(b"e")
+        retry = fields.get(b"r")
+        event = Event(json.loads(text) if fields.get(b"k") == b"j" else text, id=event_id.decode(),
+                      name=name.decode() if name is not None else None, channel=channel,
+                      retry=int(retry) if retry is not None else None)
+        event._wire["text"] = text  # the publisher's serialisation, reused by every stream
+        return event
+
+    # -- the reader thread --------------------------------------------------
+
+    def _nudge(self, version: int) -> None:
+        """Make the reader's XREAD include channels up to *version* now.
+
+        CLIENT UNBLOCK only affects a client that is already blocked, so it
+        is repeated until the reader is either unblocked or has picked the
+        new channel up by itself (a bounded handshake, at most ~0.5 s).
+        """
+        self._changed.set()
+        for _ in range(100):
+            if self._seen_version >= version or not self.connected or self._reader_id is None:
+                return
+            try:
+                if self.redis.client_unblock(self._reader_id):
+                    return
+            except _DOWN:
+                return
+            self._stop.wait(0.005)
+
+    def _read_loop(self) -> None:
+        delay = self.backoff[0]
+        conn: redis.Redis | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = redis.Redis.from_url(self.url, **self._reader_options)
+                    self._reader_id = conn.client_id()
+                    self.connects += 1
+                    self.connected = True
+                    delay = self.backoff[0]
+                    log.info("comet: Redis reader connected to %s", self._where)
+                self._read_once(conn)
+            except _DOWN as exc:
+                if self._stop.is_set():
+                    break
+                if self.connected:
+                    log.warning("comet: lost Redis at %s (%s); reconnecting", self._where, exc)
+                self.connected = False
+                self._reader_id = None
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                self._stop.wait(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.backoff[1])
+            except Exception:  # a bug must not silently stop delivery for the whole process
+                log.exception("comet: Redis reader failed; restarting it")
+                self._stop.wait(delay)
+        self.connected = False
+        if conn is not None:
+            conn.close()
+
+    def _read_once(self, conn: redis.Redis) -> None:
+        self._changed.clear()  # before the snapshot: a channel added after it sets it again
+        with self._lock:
+            version = self._version
+            live = list(self._live.items())
+        if not live:
+            self._seen_version = version
+            self._changed.wait(self.block)
+            return
+        streams = {}
+        for key, name in live:
+            ch = self._channels[name]
+            with ch.cond:
+                streams[key] = ch.tail_id()
+        self._seen_version = version
+        reply = conn.xread(streams, count=1000, block=int(self.block * 1000))
+        for key, entries in reply or ():
+            name = self._live[key]
+            ch = self._channels[name]
+            with ch.cond:
+                added = self._append(name, ch, entries)
+            if added:
+                self._wake(ch)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def close(self) -> None:
+        """End every subscription, stop the reader thread, close connections."""
+        super().close()
+        self._stop.set()
+        self._changed.set()
+        if self._reader_id is not None:
+            try:
+                self.redis.client_unblock(self._reader_id)
+            except _DOWN:
+                pass
+        self._reader.join(self.block + 10)
+        self.redis.close()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<RedisHub {self._where} {state} channels={len(self._channels)} subscriptions={self._subscriptions}>"

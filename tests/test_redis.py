@@ -1,0 +1,295 @@
+"""RedisHub against a real redis-server: two hubs in one test stand for two
+processes (each has its own connections and reader thread, and shares
+nothing else). The multi-process deployment behind nginx is in
+tests/test_deploy.py."""
+from __future__ import annotations
+
+import itertools
+import subprocess
+import threading
+
+import cherrypy
+import pytest
+import redis
+
+from comet import GAP, BackendUnavailable, InvalidEventId, comet
+from comet.backends import hub_from_url
+from comet.backends.redis import RedisHub
+from comet.hub import Hub, Idle
+from comet.testing import RedisServer, StreamClient, free_port, http_get, wait_until
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def prefix():
+    """Keys of their own per test: the Redis server is shared by the session."""
+    return f"t{next(_names)}:"
+
+
+@pytest.fixture
+def hubs(comet_redis, prefix):
+    """Factory of RedisHubs on the session's Redis; all closed after the test,
+    and their reader threads must be gone."""
+    made: list[RedisHub] = []
+
+    def make(url: str | None = None, **options) -> RedisHub:
+        options.setdefault("prefix", prefix)
+        hub = RedisHub(url or comet_redis.url, **options)
+        made.append(hub)
+        return hub
+
+    yield make
+    for hub in made:
+        hub.close()
+    assert not [t for t in threading.enumerate() if t.name == "comet-redis-reader"]
+
+
+def drain(sub, n: int, timeout: float = 5.0) -> list:
+    """The next *n* events of a subscription, Idle ticks skipped."""
+    got: list = []
+    wait_until(lambda: got.extend(e for e in sub.take() if e) or len(got) >= n, timeout, what=f"{n} events")
+    return got
+
+
+def test_publish_in_one_process_reaches_the_other(hubs):
+    a, b = hubs(), hubs()
+    sub = b.subscribe("room")
+    first = a.publish("room", {"text": "hi"}, event="say")
+    second = a.publish("room", "plain text", retry=1500)
+    got = drain(sub, 2)
+    assert [(e.id, e.name, e.data, e.retry) for e in got] == [
+        (first, "say", {"text": "hi"}, None), (second, None, "plain text", 1500)]
+    assert got[0].encode("sse") == f'id: {first}\nevent: say\ndata: {{"text":"hi"}}\n\n'.encode()
+    sub.close()
+
+
+def test_one_order_everywhere_under_concurrent_publishers(hubs):
+    a, b, c = hubs(), hubs(), hubs()
+    subs = [a.subscribe("race"), b.subscribe("race"), c.subscribe("race")]
+
+    def publish(hub, who):
+        for i in range(100):
+            hub.publish("race", f"{who}{i}")
+
+    threads = [threading.Thread(target=publish, args=(h, w)) for h, w in ((a, "a"), (b, "b"), (c, "c"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    seen = [[(e.id, e.data) for e in drain(s, 300, timeout=15)] for s in subs]
+    assert len(seen[0]) == 300 and seen[0] == seen[1] == seen[2]
+    for who in "abc":  # each publisher's own order kept
+        mine = [d for _, d in seen[0] if d[0] == who]
+        assert mine == [f"{who}{i}" for i in range(100)]
+    for s in subs:
+        s.close()
+
+
+def test_resume_on_another_process_without_loss_or_duplicate(hubs):
+    a, b = hubs(), hubs()
+    ids = [a.publish("feed", i) for i in range(10)]
+    on_a = a.subscribe("feed", last_id=a.before(ids[0]))
+    first_half = drain(on_a, 5)[:5]
+    on_a.close()  # the client disconnects after event 4 ...
+    on_b = b.subscribe("feed", last_id=first_half[-1].id)  # ... and reconnects elsewhere
+    rest = drain(on_b, 5)
+    assert [e.data for e in first_half + rest] == list(range(10))
+    assert [e.id for e in first_half + rest] == ids
+    on_b.close()
+
+
+def test_a_cursor_ahead_of_the_local_mirror_is_caught_up_not_refused(hubs):
+    # The client saw an event on process A that B's reader has not read yet.
+    a, b = hubs(), hubs()
+    b.subscribe("fast").close()  # the channel is live on B
+    for i in range(30):
+        event_id = a.publish("fast", i)
+        sub = b.subscribe("fast", last_id=event_id)  # no InvalidEventId: B asks Redis
+        assert sub.last_id == event_id
+        sub.close()
+    with pytest.raises(InvalidEventId, match="future"):
+        b.subscribe("fast", last_id="99999999999999-0")
+
+
+def test_history_is_bounded_and_an_evicted_cursor_gets_a_gap(hubs, comet_redis, prefix):
+    a, b = hubs(maxlen=5, approximate=False), hubs(maxlen=5, approximate=False)
+    ids = [a.publish("short", i) for i in range(12)]
+    assert redis.Redis.from_url(comet_redis.url).xlen(prefix + "short") == 5
+    sub = b.subscribe("short", last_id=ids[2])
+    gap, *rest = drain(sub, 6)
+    assert gap.name == GAP and gap.data == {"last_id": ids[2], "resume_id": ids[6]} and gap.id == ids[6]
+    assert [e.data for e in rest] == [7, 8, 9, 10, 11]
+    sub.close()
+    ok = b.subscribe("short", last_id=ids[6])  # the newest trimmed id: nothing missing
+    assert [e.data for e in drain(ok, 5)] == [7, 8, 9, 10, 11]
+    ok.close()
+    assert [e.data for e in b.history("short")] == [7, 8, 9, 10, 11]
+
+
+def test_approximate_trimming_still_bounds_history(hubs, comet_redis, prefix):
+    a = hubs(maxlen=100)
+    for i in range(1000):
+        a.publish("big", i)
+    assert 100 <= redis.Redis.from_url(comet_redis.url).xlen(prefix + "big") < 300
+    sub = a.subscribe("big", last_id="0-1")
+    assert sub.take()[0].name == GAP
+    sub.close()
+
+
+def test_one_reader_thread_per_hub_whatever_the_subscriptions(hubs):
+    before = threading.active_count()
+    a = hubs()
+    subs = [a.subscribe(f"ch{i % 10}") for i in range(200)]
+    assert threading.active_count() == before + 1
+    b = hubs()
+    b.publish("ch3", "x")
+    for s in subs:
+        if s.channel == "ch3":
+            assert [e.data for e in drain(s, 1)] == ["x"]
+    assert not [e for s in subs for e in s.take() if e]
+    assert threading.active_count() == before + 2
+    for s in subs:
+        s.close()
+    assert a.subscriptions == 0
+
+
+def test_redis_restart_mid_stream_loses_nothing_redis_kept(prefix):
+    with RedisServer() as server:
+        a = RedisHub(server.url, prefix=prefix, backoff=(0.05, 0.5))
+        b = RedisHub(server.url, prefix=prefix, backoff=(0.05, 0.5))
+        try:
+            sub = b.subscribe("live")
+            ids = [a.publish("live", i) for i in range(5)]
+            assert [e.id for e in drain(sub, 5)] == ids
+            server.stop()
+            with pytest.raises(BackendUnavailable, match="unreachable"):
+                a.publish("live", "lost")  # a clear error, not a hang and not a retry
+            wait_until(lambda: not b.connected, 10, what="reader notices")
+            ticks = [item for item in sub.take()]
+            assert not any(ticks)
+            server.start()
+            ids += [a.publish("live", i) for i in range(5, 10)]
+            got = drain(sub, 5, timeout=15)
+            assert [e.id for e in got] == ids[5:] and [e.data for e in got] == list(range(5, 10))
+            assert b.connects >= 2
+            # and the history survived the restart (append-only file)
+            assert [e.data for e in RedisHub.history(a, "live")] == list(range(10))
+        finally:
+            a.close()
+            b.close()
+
+
+def test_events_trimmed_while_the_reader_was_away_become_a_gap(prefix):
+    with RedisServer() as server:
+        a = RedisHub(server.url, prefix=prefix, maxlen=5, approximate=False)
+        b = RedisHub(server.url, prefix=prefix, maxlen=5, approximate=False, backoff=(1.0, 1.0))
+        try:
+            sub = b.subscribe("hole")
+            seen = a.publish("hole", "seen")
+            assert drain(sub, 1)[0].id == seen
+            # Cut B's reader off; while it waits to reconnect, more than
+            # maxlen events come and go.
+            a.redis.execute_command("CLIENT", "KILL", "ID", b._reader_id)
+            wait_until(lambda: not b.connected, 5, what="reader cut off")
+            ids = [a.publish("hole", i) for i in range(12)]
+            gap, *rest = drain(sub, 6, timeout=10)
+            assert gap.name == GAP and gap.data == {"last_id": seen, "resume_id": ids[-6]}
+            assert [e.id for e in rest] == ids[-5:]
+        finally:
+            a.close()
+            b.close()
+
+
+def test_password_db_tls_and_timeouts_pass_through_to_redis_py(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    with RedisServer(password="s3cret") as plain:
+        hub = RedisHub(f"redis://:s3cret@127.0.0.1:{plain.port}/3", client_name="comet-test", socket_timeout=2.5)
+        try:
+            hub.publish("c", "in db 3")
+            admin = redis.Redis(port=plain.port, password="s3cret", db=3)
+            assert admin.xlen("comet:c") == 1
+            names = [c["name"] for c in admin.client_list()]
+            assert "comet-test" in names
+            assert hub.redis.connection_pool.connection_kwargs["socket_timeout"] == 2.5
+        finally:
+            hub.close()
+        wrong = RedisHub(f"redis://:nope@127.0.0.1:{plain.port}/0")
+        try:
+            with pytest.raises(BackendUnavailable, match="unreachable"):
+                wrong.publish("c", "x")
+        finally:
+            wrong.close()
+    with RedisServer(tls=(str(cert), str(key))) as tls:
+        assert tls.url.startswith("rediss://")
+        a = RedisHub(tls.url, ssl_ca_certs=str(cert))
+        b = RedisHub(tls.url, ssl_ca_certs=str(cert))
+        try:
+            sub = b.subscribe("secure")
+            event_id = a.publish("secure", "over TLS")
+            assert [e.id for e in drain(sub, 1)] == [event_id]
+            sub.close()
+        finally:
+            a.close()
+            b.close()
+
+
+def test_bad_settings_fail_at_construction():
+    for kwargs, message in (({"maxlen": 0}, "maxlen"), ({"block": 0}, "block"), ({"prefix": "a\nb"}, "prefix"),
+                            ({"backoff": (2, 1)}, "backoff")):
+        with pytest.raises(ValueError, match=message):
+            RedisHub("redis://127.0.0.1:1/0", **kwargs)
+    with pytest.raises(ValueError, match="redis://"):
+        hub_from_url("http://example.org")
+    assert type(hub_from_url(None)) is Hub
+
+
+def test_streams_over_http_from_a_redis_hub(comet_cherrypy, hubs):
+    web, other = hubs(), hubs()
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse")
+        def events(self, last_event_id=None):
+            return web.subscribe("web", last_id=last_event_id)  # parked
+
+        @cherrypy.expose
+        @comet(transport="sse", mode="thread")
+        def threaded(self, last_event_id=None):
+            yield from web.subscribe("web", last_id=last_event_id)
+
+    server = comet_cherrypy(Root())
+    with StreamClient(server.url + "/events") as parked, StreamClient(server.url + "/threaded") as threaded:
+        ids = [other.publish("web", {"n": i}) for i in range(3)]
+        for client in (parked, threaded):
+            assert [(e.id, e.data) for e in client.wait_for(3)] == [(i, f'{{"n":{n}}}') for n, i in enumerate(ids)]
+    with StreamClient(server.url + "/events", last_event_id=ids[0]) as resumed:
+        assert [e.id for e in resumed.wait_for(2)] == ids[1:]
+
+
+def test_a_stream_whose_channel_cannot_be_loaded_gets_503(comet_cherrypy, prefix):
+    down = RedisHub(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix, socket_connect_timeout=0.5)
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse")
+        def events(self):
+            return down.subscribe("nowhere")
+
+    try:
+        server = comet_cherrypy(Root())
+        status, headers, body = http_get(server.url + "/events")
+        assert status == 503 and "unreachable" in body.decode() and headers["retry-after"] == "2"
+    finally:
+        down.close()
+
+
+def test_idle_ticks_carry_the_redis_cursor(hubs):
+    a = hubs()
+    event_id = a.publish("tick", "x")
+    sub = a.subscribe("tick", last_id=event_id, idle=0.05)
+    assert next(iter(sub)) == Idle(event_id)
+    sub.close()
