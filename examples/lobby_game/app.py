@@ -1,6 +1,10 @@
 """The lobby game's web side: pages, JSON actions, and one SSE stream per page.
 
-    python -m examples.lobby_game [--host 127.0.0.1] [--port 8080] [--size 4]
+    python -m examples.lobby_game [--host 127.0.0.1] [--port 8080] [--size 4] [--redis URL]
+
+With ``--redis redis://host:port/db`` the lobbies and their event channels
+live in Redis, so any number of processes (behind nginx, say) serve the same
+game: see docs/deployment.md.
 
 Each page subscribes to ``/events/<lobby>?player=<token>``; the stream is the
 player's presence (open = online; closed for ``grace`` seconds = gone).
@@ -20,7 +24,9 @@ import comet
 from comet import Event, Hub, comet as stream
 from comet.cherrypy_tool import engine_plugin, static_config
 
-from .game import GameError, Lobbies
+from comet.backends import hub_from_url
+
+from .game import GameError, Lobbies, RedisStore
 
 HERE = Path(__file__).parent
 templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
@@ -38,6 +44,11 @@ def json_action(func):
             return func(*args, **kwargs)
         except GameError as exc:
             cherrypy.response.status = exc.status
+            return {"error": str(exc)}
+        except comet.CometError as exc:  # e.g. BackendUnavailable: Redis is down
+            if exc.http_status is None:
+                raise
+            cherrypy.response.status = exc.http_status
             return {"error": str(exc)}
         except cherrypy.HTTPError as exc:
             cherrypy.response.status = exc.status
@@ -78,10 +89,14 @@ class LobbyApp:
         cursor = last_event_id or self.hub.last_id(lobby.channel)
         snapshot = [] if last_event_id else [Event(lobby.state(), name="state")]
         sub = self.hub.subscribe(lobby.channel, last_id=cursor, initial=snapshot)
-        me = lobby.player(player)
-        if me is not None:  # this page's stream is the player's presence
-            lobby.connected(me)
-            sub.on_close(lambda: lobby.disconnected(me))
+        try:
+            me = lobby.player(player)
+            if me is not None:  # this page's stream is the player's presence
+                lobby.connected(me)
+                sub.on_close(lambda: lobby.disconnected(me))
+        except GameError as exc:
+            sub.close()
+            raise cherrypy.HTTPError(exc.status, str(exc)) from None
         # Returned, not iterated: comet parks the stream on its writer thread,
         # so an open lobby page costs a socket, not a server thread.
         return sub
@@ -106,10 +121,13 @@ class LobbyApp:
         return {"ok": True}
 
 
-def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, **lobby_options):
-    """The app and its config, for ``cherrypy.tree.mount`` or a test fixture."""
+def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None, **lobby_options):
+    """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
+
+    ``store`` holds the lobbies' state: a ``MemoryStore`` (default) or a
+    ``RedisStore`` shared by every process of the game."""
     hub = hub or Hub()
-    lobbies = Lobbies(hub, size=size, grace=grace, **lobby_options)
+    lobbies = Lobbies(hub, size=size, grace=grace, store=store, **lobby_options)
     engine_plugin().add_hub(hub)
     cherrypy.engine.subscribe("stop", lobbies.close)
     config = {
@@ -124,13 +142,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--size", type=int, default=4, help="players per lobby (the game starts when full)")
-    parser.add_argument("--threads", type=int, default=120, help="server threads; each open page holds one")
+    parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
+    parser.add_argument("--redis", metavar="URL", help="share lobbies and events through Redis, e.g. redis://127.0.0.1:6379/0")
     args = parser.parse_args(argv)
-    app, config = make_app(size=args.size)
+    hub = hub_from_url(args.redis)
+    store = RedisStore.from_url(args.redis) if args.redis else None
+    app, config = make_app(hub, size=args.size, store=store)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"lobby game on http://{args.host}:{args.port}/")
-    cherrypy.quickstart(app, "/", config)
+    try:
+        cherrypy.quickstart(app, "/", config)
+    finally:
+        hub.close()
 
 
 if __name__ == "__main__":

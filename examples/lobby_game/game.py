@@ -9,15 +9,29 @@ something is whole again with the next event.
 Presence: each open stream of a player counts as a connection. When the last
 one closes, the seat is kept for ``grace`` seconds so a reload or a network
 blip does not cost it; after that the player leaves and everyone sees it.
+
+State lives in a *store*: :class:`MemoryStore` in this process (the
+default), or :class:`RedisStore` so that several processes behind a load
+balancer share every lobby: a player whose page streams from process A is
+online for a player on process B, and a click on C can win. Every change is
+one atomic read-modify-write of the lobby's state (a lock, or Redis
+``WATCH``/``MULTI``) and carries a ``version``; pages ignore a state older
+than the one they show, since two processes may publish in either order.
+Timers (countdown, seat grace) run in the process whose action started
+them and re-check the stored state when they fire. Times are wall-clock
+(``time.time()``), so machines serving one lobby need synchronised clocks.
 """
 from __future__ import annotations
 
+import copy
+import json
 import random
 import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from comet import Hub
 
@@ -46,197 +60,342 @@ def check_lobby(name: str) -> str:
     return name
 
 
-@dataclass
+@dataclass(frozen=True)
 class Player:
     name: str
     token: str
-    connections: int = 0
-    left_timer: threading.Timer | None = field(default=None, repr=False)
+
+
+#: change(state) -> (new state to save or None for "no change", result, announce?)
+Change = Callable[[dict | None], tuple[dict | None, Any, bool]]
+
+
+class MemoryStore:
+    """Lobby states in this process. Announcing happens under the same lock
+    as the change, so this process publishes states in commit order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._states: dict[str, dict] = {}
+
+    def get(self, name: str) -> dict | None:
+        with self._lock:
+            return copy.deepcopy(self._states.get(name))
+
+    def update(self, name: str, change: Change, announce: Callable[[dict], None]) -> Any:
+        with self._lock:
+            new, result, loud = change(copy.deepcopy(self._states.get(name)))
+            if new is not None:
+                new["version"] += 1
+                self._states[name] = new
+                if loud:
+                    announce(new)
+            return result
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._states)
+
+
+def _redis_errors(method):
+    """Redis down is a 503 with a reason, like comet's own BackendUnavailable."""
+
+    def call(self, *args, **kwargs):
+        import redis
+
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise GameError(f"the game store is unreachable ({exc})", 503) from exc
+
+    return call
+
+
+class RedisStore:
+    """Lobby states in Redis, shared by every process: one JSON value per
+    lobby, changed with optimistic ``WATCH``/``MULTI``/``EXEC`` (retried on a
+    concurrent change, so ``change`` must be a pure function of the state)."""
+
+    def __init__(self, client: Any, prefix: str = "lobby:") -> None:
+        self.redis = client
+        self.prefix = prefix
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "lobby:") -> "RedisStore":
+        import redis
+
+        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2), prefix)
+
+    @_redis_errors
+    def get(self, name: str) -> dict | None:
+        raw = self.redis.get(self.prefix + "state:" + name)
+        return json.loads(raw) if raw else None
+
+    @_redis_errors
+    def update(self, name: str, change: Change, announce: Callable[[dict], None]) -> Any:
+        import redis
+
+        key = self.prefix + "state:" + name
+        for _ in range(50):
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    new, result, loud = change(json.loads(raw) if raw else None)
+                    if new is None:
+                        pipe.unwatch()
+                        return result
+                    new["version"] += 1
+                    pipe.multi()
+                    pipe.set(key, json.dumps(new))
+                    pipe.sadd(self.prefix + "names", name)
+                    pipe.execute()
+                except redis.WatchError:
+                    continue
+            if loud:
+                announce(new)
+            return result
+        raise GameError("the lobby is too busy right now, try again", 503)
+
+    @_redis_errors
+    def names(self) -> list[str]:
+        return sorted(n.decode() for n in self.redis.smembers(self.prefix + "names"))
+
+
+def _fresh(name: str, size: int) -> dict:
+    return {"lobby": name, "phase": "waiting", "count": None, "round": 0, "size": size, "winner": None,
+            "reaction_ms": None, "false_starts": [], "go_at": None, "players": [], "version": 0}
+
+
+def _find(state: dict, name: str | None = None, token: str | None = None) -> dict | None:
+    for p in state["players"]:
+        if name is not None and p["name"] == name:
+            return p
+        if token and secrets.compare_digest(token, p["token"]):
+            return p
+    return None
+
+
+def public(state: dict) -> dict:
+    """What every page sees: no tokens, no server clock."""
+    players = state["players"]
+    return {
+        "lobby": state["lobby"], "phase": state["phase"], "count": state["count"], "round": state["round"],
+        "size": state["size"], "host": players[0]["name"] if players else None, "winner": state["winner"],
+        "reaction_ms": state["reaction_ms"], "false_starts": sorted(state["false_starts"]),
+        "players": [{"name": p["name"], "online": p["connections"] > 0} for p in players],
+        "version": state["version"],
+    }
 
 
 class Lobby:
-    """One lobby. Thread-safe: handlers, timers and stream cleanups call in."""
+    """One lobby: a handle on its stored state. Thread-safe, and
+    process-safe with a :class:`RedisStore`."""
 
-    def __init__(self, name: str, hub: Hub, size: int = 4, grace: float = 3.0, countdown: int = 3,
-                 go_delay: tuple[float, float] = (0.5, 1.5)) -> None:
+    def __init__(self, name: str, hub: Hub, store: MemoryStore | RedisStore | None = None, size: int = 4,
+                 grace: float = 3.0, countdown: int = 3, go_delay: tuple[float, float] = (0.5, 1.5)) -> None:
         self.name = name
         self.hub = hub
+        self.store = store if store is not None else MemoryStore()
         self.size = size
         self.grace = grace
         self.countdown = countdown
         self.go_delay = go_delay
         self.channel = f"lobby:{name}"
-        self._lock = threading.RLock()
-        self._players: dict[str, Player] = {}
+        self._lock = threading.Lock()
         self._timers: list[threading.Timer] = []
-        self.phase = "waiting"
-        self.count: int | None = None
-        self.round = 0
-        self._go_at: float | None = None
-        self.winner: str | None = None
-        self.reaction_ms: int | None = None
-        self.false_starts: set[str] = set()
         self.closed = False
+
+    def _update(self, change: Change) -> Any:
+        def guarded(state: dict | None):
+            return change(state if state is not None else _fresh(self.name, self.size))
+
+        return self.store.update(self.name, guarded, self._announce)
+
+    def _announce(self, state: dict) -> None:
+        self.hub.publish(self.channel, public(state), event="state")
 
     # -- joining and leaving -------------------------------------------------
 
     def join(self, name: str, token: str | None = None) -> Player:
         """Take a seat, or get yours back with the token you were given."""
         name = check_name(name)
-        with self._lock:
-            player = self._players.get(name)
-            if player is not None:
-                if token and secrets.compare_digest(token, player.token):
-                    return player  # a reconnect: same seat
+        new_token = token or secrets.token_urlsafe(16)
+
+        def change(s):
+            mine = _find(s, name=name)
+            if mine is not None:
+                if token and secrets.compare_digest(token, mine["token"]):
+                    return None, (Player(name, mine["token"]), None), False  # a reconnect: same seat
                 raise GameError(f"the name {name!r} is taken in this lobby")
-            if self.phase != "waiting":
+            if s["phase"] != "waiting":
                 raise GameError("a round is being played; join when it is over")
-            if len(self._players) >= self.size:
+            if len(s["players"]) >= self.size:
                 raise GameError(f"this lobby is full ({self.size} players)")
-            player = Player(name, token or secrets.token_urlsafe(16))
-            self._players[name] = player
-            # A seat nobody ever connects to (the page never loaded) is given
-            # up too; a stream that opens cancels this.
-            player.left_timer = self._later(max(self.grace, 10.0), self._gone, player)
-            self._publish()
-            if len(self._players) == self.size:
-                self._start_countdown()
-            return player
+            s["players"].append({"name": name, "token": new_token, "connections": 0, "since": time.time()})
+            started = self._start_countdown(s) if len(s["players"]) == self.size else None
+            return s, (Player(name, new_token), started), True
+
+        player, started = self._update(change)
+        # A seat nobody ever connects to (the page never loaded) is given up
+        # too; a stream that opens keeps it.
+        self._later(max(self.grace, 10.0), self._gone, player)
+        if started is not None:
+            self._later(1.0, self._tick, started)
+        return player
 
     def player(self, token: str | None) -> Player | None:
         if not token:
             return None
-        with self._lock:
-            for player in self._players.values():
-                if secrets.compare_digest(token, player.token):
-                    return player
-        return None
+        state = self.store.get(self.name)
+        mine = _find(state, token=token) if state else None
+        return Player(mine["name"], mine["token"]) if mine else None
 
     def leave(self, token: str) -> None:
-        with self._lock:
-            player = self.player(token)
-            if player is None:
+        def change(s):
+            mine = _find(s, token=token)
+            if mine is None:
                 raise GameError("you are not in this lobby", 403)
-            self._remove(player)
+            self._remove(s, mine)
+            return s, None, True
 
-    def _remove(self, player: Player) -> None:
-        if self._players.get(player.name) is not player:
-            return
-        if player.left_timer:
-            player.left_timer.cancel()
-        del self._players[player.name]
-        if not self._players and self.phase != "waiting":
-            self._reset()
-        self._publish()
+        self._update(change)
+
+    def _remove(self, s: dict, mine: dict) -> None:
+        s["players"].remove(mine)
+        if not s["players"] and s["phase"] != "waiting":
+            self._reset(s)
 
     def connected(self, player: Player) -> None:
-        with self._lock:
-            player.connections += 1
-            if player.left_timer:
-                player.left_timer.cancel()
-                player.left_timer = None
-            if player.connections == 1:
-                self._publish()
+        def change(s):
+            mine = _find(s, token=player.token)
+            if mine is None:
+                return None, None, False
+            mine["connections"] += 1
+            return s, None, mine["connections"] == 1
+
+        self._update(change)
 
     def disconnected(self, player: Player) -> None:
-        with self._lock:
-            player.connections -= 1
-            if player.connections > 0 or self.closed:
-                return
-            self._publish()
-            player.left_timer = self._later(self.grace, self._gone, player)
+        def change(s):
+            mine = _find(s, token=player.token)
+            if mine is None or mine["connections"] == 0:
+                return None, False, False
+            mine["connections"] -= 1
+            if mine["connections"]:
+                return s, False, False
+            mine["since"] = time.time()
+            return s, True, True
+
+        if self._update(change) and not self.closed:
+            self._later(self.grace, self._gone, player)
 
     def _gone(self, player: Player) -> None:
-        with self._lock:
-            if player.connections == 0:
-                self._remove(player)
+        def change(s):
+            mine = _find(s, token=player.token)
+            # Wall-clock grace, not "this timer's": the player may have come
+            # and gone again on another process since this timer was set.
+            if mine is None or mine["connections"] or time.time() - mine["since"] < self.grace - 0.05:
+                return None, None, False
+            self._remove(s, mine)
+            return s, None, True
+
+        self._update(change)
 
     # -- the round ---------------------------------------------------------------
 
     def start(self, token: str) -> None:
-        with self._lock:
-            player = self.player(token)
-            if player is None:
+        def change(s):
+            mine = _find(s, token=token)
+            if mine is None:
                 raise GameError("join the lobby first", 403)
-            if player.name != self.host:
+            if mine is not s["players"][0]:
                 raise GameError("only the host can start the game", 403)
-            if self.phase == "finished":
-                self._reset()
-            elif self.phase != "waiting":
+            if s["phase"] == "finished":
+                self._reset(s)
+            elif s["phase"] != "waiting":
                 raise GameError("the game has already started")
-            self._start_countdown()
+            return s, self._start_countdown(s), True
 
-    def _start_countdown(self) -> None:
-        self.round += 1
-        self.phase, self.count = "countdown", self.countdown
-        self.winner, self.reaction_ms, self.false_starts = None, None, set()
-        self._publish()
-        self._later(1.0, self._tick, self.round)
+        round_no = self._update(change)
+        self._later(1.0, self._tick, round_no)
+
+    def _start_countdown(self, s: dict) -> int:
+        s["round"] += 1
+        s["phase"], s["count"] = "countdown", self.countdown
+        s["winner"], s["reaction_ms"], s["false_starts"], s["go_at"] = None, None, [], None
+        return s["round"]
 
     def _tick(self, round_no: int) -> None:
-        with self._lock:
-            if self.round != round_no or self.phase != "countdown":
-                return
-            if self.count > 1:
-                self.count -= 1
-                self._publish()
-                self._later(1.0, self._tick, round_no)
-            else:
-                self.count = 0
-                self._publish()  # "get ready": the pause before GO is random
-                self._later(random.uniform(*self.go_delay), self._go, round_no)
+        def change(s):
+            if s["round"] != round_no or s["phase"] != "countdown":
+                return None, None, False
+            if s["count"] > 1:
+                s["count"] -= 1
+                return s, "tick", True
+            s["count"] = 0  # "get ready": the pause before GO is random
+            return s, "go", True
+
+        next_step = self._update(change)
+        if next_step == "tick":
+            self._later(1.0, self._tick, round_no)
+        elif next_step == "go":
+            self._later(random.uniform(*self.go_delay), self._go, round_no)
 
     def _go(self, round_no: int) -> None:
-        with self._lock:
-            if self.round != round_no or self.phase != "countdown":
-                return
-            self.phase, self._go_at = "go", time.monotonic()
-            self._publish()
+        def change(s):
+            if s["round"] != round_no or s["phase"] != "countdown":
+                return None, None, False
+            s["phase"], s["go_at"] = "go", time.time()
+            return s, None, True
+
+        self._update(change)
 
     def click(self, token: str) -> str:
         """A player clicked; returns what to tell them."""
-        now = time.monotonic()
-        with self._lock:
-            player = self.player(token)
-            if player is None:
-                raise GameError("join the lobby first", 403)
-            if self.phase == "countdown":
-                if player.name not in self.false_starts:
-                    self.false_starts.add(player.name)
-                    self._publish()
-                return "too early! you are out of this round"
-            if self.phase == "go":
-                if player.name in self.false_starts:
-                    return "you jumped the gun this round"
-                self.phase, self.winner = "finished", player.name
-                self.reaction_ms = round((now - self._go_at) * 1000)
-                self._publish()
-                return "you win!"
-            if self.phase == "finished":
-                return "you win!" if self.winner == player.name else f"too late: {self.winner} won"
-            return "the round has not started"
+        now = time.time()
 
-    def _reset(self) -> None:
-        self.phase, self.count, self.winner, self.reaction_ms = "waiting", None, None, None
-        self.false_starts = set()
+        def change(s):
+            mine = _find(s, token=token)
+            if mine is None:
+                raise GameError("join the lobby first", 403)
+            name = mine["name"]
+            if s["phase"] == "countdown":
+                if name in s["false_starts"]:
+                    return None, "too early! you are out of this round", False
+                s["false_starts"].append(name)
+                return s, "too early! you are out of this round", True
+            if s["phase"] == "go":
+                if name in s["false_starts"]:
+                    return None, "you jumped the gun this round", False
+                s["phase"], s["winner"] = "finished", name
+                s["reaction_ms"] = max(0, round((now - s["go_at"]) * 1000))
+                return s, "you win!", True
+            if s["phase"] == "finished":
+                return None, "you win!" if s["winner"] == name else f"too late: {s['winner']} won", False
+            return None, "the round has not started", False
+
+        return self._update(change)
+
+    @staticmethod
+    def _reset(s: dict) -> None:
+        s["phase"], s["count"], s["winner"], s["reaction_ms"], s["go_at"] = "waiting", None, None, None, None
+        s["false_starts"] = []
 
     # -- state ---------------------------------------------------------------------
 
     @property
     def host(self) -> str | None:
-        return next(iter(self._players), None)
+        return self.state()["host"]
 
     def state(self) -> dict:
-        with self._lock:
-            return {
-                "lobby": self.name, "phase": self.phase, "count": self.count, "round": self.round,
-                "size": self.size, "host": self.host, "winner": self.winner, "reaction_ms": self.reaction_ms,
-                "false_starts": sorted(self.false_starts),
-                "players": [{"name": p.name, "online": p.connections > 0} for p in self._players.values()],
-            }
+        """The public state, as pages see it."""
+        return public(self.store.get(self.name) or _fresh(self.name, self.size))
 
-    def _publish(self) -> None:
-        self.hub.publish(self.channel, self.state(), event="state")
+    def ensure(self) -> None:
+        """Store the empty lobby if it does not exist yet (so it is listed)."""
+        self.store.update(self.name, lambda s: (_fresh(self.name, self.size), None, False) if s is None else (None, None, False),
+                          self._announce)
 
     def _later(self, delay: float, func, *args) -> threading.Timer:
         timer = threading.Timer(delay, func, args)
@@ -244,8 +403,8 @@ class Lobby:
         with self._lock:
             self._timers = [t for t in self._timers if t.is_alive()]
             self._timers.append(timer)
-        if not self.closed:
-            timer.start()
+            if not self.closed:
+                timer.start()
         return timer
 
     def close(self) -> None:
@@ -258,12 +417,16 @@ class Lobby:
 
 
 class Lobbies:
-    """All lobbies of one server, created on first use."""
+    """Handles on every lobby in the store, created on first use."""
 
-    def __init__(self, hub: Hub, size: int = 4, grace: float = 3.0, **lobby_options) -> None:
+    MAX_LOBBIES = 1000
+
+    def __init__(self, hub: Hub, size: int = 4, grace: float = 3.0, store: MemoryStore | RedisStore | None = None,
+                 **lobby_options) -> None:
         self.hub = hub
         self.size = size
         self.grace = grace
+        self.store = store if store is not None else MemoryStore()
         self.options = lobby_options
         self._lock = threading.Lock()
         self._lobbies: dict[str, Lobby] = {}
@@ -272,18 +435,27 @@ class Lobbies:
         name = check_lobby(name)
         with self._lock:
             lobby = self._lobbies.get(name)
-            if lobby is None:
-                if not create:
-                    raise GameError(f"no lobby named {name!r}", 404)
-                if len(self._lobbies) >= 1000:
-                    raise GameError("too many lobbies", 503)
-                lobby = self._lobbies[name] = Lobby(name, self.hub, self.size, self.grace, **self.options)
+        if lobby is not None:
             return lobby
+        exists = self.store.get(name) is not None
+        if not exists:
+            if not create:
+                raise GameError(f"no lobby named {name!r}", 404)
+            if len(self.store.names()) >= self.MAX_LOBBIES:
+                raise GameError("too many lobbies", 503)
+        with self._lock:
+            lobby = self._lobbies.get(name)
+            if lobby is None:
+                lobby = self._lobbies[name] = Lobby(name, self.hub, self.store, self.size, self.grace, **self.options)
+        if not exists:
+            lobby.ensure()
+        return lobby
 
     def all(self) -> list[Lobby]:
-        with self._lock:
-            return list(self._lobbies.values())
+        return [self.get(name) for name in self.store.names()]
 
     def close(self) -> None:
-        for lobby in self.all():
+        with self._lock:
+            lobbies = list(self._lobbies.values())
+        for lobby in lobbies:
             lobby.close()

@@ -1,6 +1,6 @@
 """The shoutbox: live chat with history, moderation, and nothing lost.
 
-    python -m examples.shoutbox [--host 127.0.0.1] [--port 8081] [--mod-secret S]
+    python -m examples.shoutbox [--host 127.0.0.1] [--port 8081] [--mod-secret S] [--redis URL]
 
 The page renders the last 50 shouts on the server and hands the id of the
 newest event to the stream, which resumes exactly after it: no gap and no
@@ -13,11 +13,18 @@ delete publishes a ``delete`` event and every page removes the shout live.
 No server-side sessions: a long-lived stream would hold CherryPy's session
 lock and block the same browser's posts. CSRF uses a double-submit cookie
 (the form field must match the cookie); moderators carry an HMAC-signed cookie.
+
+Nothing lives only in one process, so ``--redis URL`` is all it takes to run
+several behind a load balancer: shouts and deletions are events on the
+(Redis) hub, deleted shouts are found from its history, the moderator
+cookie's key derives from the moderator secret, and the rate limit counts in
+Redis (:class:`RedisRateLimiter`).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import hmac
 import re
@@ -29,7 +36,8 @@ from pathlib import Path
 import cherrypy
 import jinja2
 
-from comet import Hub, comet as stream
+from comet import BackendUnavailable, Hub, comet as stream
+from comet.backends import hub_from_url
 from comet.cherrypy_tool import engine_plugin, static_config
 
 HERE = Path(__file__).parent
@@ -61,18 +69,64 @@ class RateLimiter:
             return 0.0
 
 
+class RedisRateLimiter:
+    """:class:`RateLimiter`'s rule counted in Redis, for every process at once:
+    a sorted set of hit times per client, trimmed to the window, in one
+    atomic script."""
+
+    _SCRIPT = """
+    local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+    if redis.call('ZCARD', KEYS[1]) >= limit then
+        local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+        return tostring(tonumber(oldest[2]) + window - now)
+    end
+    redis.call('ZADD', KEYS[1], now, ARGV[4])
+    redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+    return '0'
+    """
+
+    def __init__(self, client, limit: int = 5, window: float = 10.0, prefix: str = "shoutbox:rate:") -> None:
+        self.redis, self.limit, self.window, self.prefix = client, limit, window, prefix
+        self._script = client.register_script(self._SCRIPT)
+
+    def allow(self, key: str) -> float:
+        """0 if allowed now (and counted), else seconds until it would be."""
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        wait = self._script(keys=[self.prefix + digest],
+                            args=[time.time(), self.window, self.limit, secrets.token_hex(8)])
+        return float(wait)
+
+
 def guest_view(event):
     """What a guest sees of the channel: everything but moderator notices."""
     return None if event.name == "mod" else event
+
+
+def _unavailable_is_503(action):
+    """Redis down: a 503 with the reason in JSON, not a 500 page."""
+
+    @functools.wraps(action)
+    def guarded(*args, **kwargs):
+        try:
+            return action(*args, **kwargs)
+        except BackendUnavailable as exc:
+            return Shoutbox._fail(503, str(exc), exc.retry_after)
+        except Exception as exc:
+            if type(exc).__module__.startswith("redis"):  # the rate limiter's Redis
+                return Shoutbox._fail(503, f"the shoutbox store is unreachable ({exc})", 2)
+            raise
+
+    return guarded
 
 
 class Shoutbox:
     def __init__(self, hub: Hub, mod_secret: str, rate: RateLimiter | None = None) -> None:
         self.hub = hub
         self.mod_secret = mod_secret
-        self._key = secrets.token_bytes(32)
+        # From the secret, not random: every process must accept the cookie.
+        self._key = hashlib.sha256(b"comet-shoutbox-moderator:" + mod_secret.encode()).digest()
         self.rate = rate or RateLimiter()
-        self.deleted: set[str] = set()
 
     # -- identity ---------------------------------------------------------
 
@@ -112,7 +166,8 @@ class Shoutbox:
         events = self.hub.history(CHANNEL)
         # Resume after the newest event of any kind that this render saw.
         cursor = events[-1].id if events else self.hub.last_id(CHANNEL)
-        shouts = [e for e in events if e.name == "shout" and e.id not in self.deleted][-50:]
+        deleted = {e.data.get("target") for e in events if e.name == "delete" and isinstance(e.data, dict)}
+        shouts = [e for e in events if e.name == "shout" and e.id not in deleted][-50:]
         return templates.get_template("index.html").render(
             shouts=shouts, cursor=cursor, csrf=self._csrf(), moderator=self.is_moderator())
 
@@ -123,7 +178,8 @@ class Shoutbox:
         # Returned, not iterated: the stream is parked on comet's writer thread.
         return self.hub.subscribe(CHANNEL, last_id=last_event_id, view=view)
 
-    def _fail(self, status: int, reason: str, retry_after: float | None = None) -> dict:
+    @staticmethod
+    def _fail(status: int, reason: str, retry_after: float | None = None) -> dict:
         cherrypy.response.status = status
         if retry_after is not None:
             cherrypy.response.headers["Retry-After"] = str(max(1, round(retry_after)))
@@ -132,6 +188,7 @@ class Shoutbox:
     @cherrypy.expose
     @cherrypy.tools.allow(methods=["POST"])
     @cherrypy.tools.json_out()
+    @_unavailable_is_503
     def shout(self, nick: str = "", text: str = "", csrf: str = ""):
         if not self._csrf_ok(csrf):
             return self._fail(403, self.CSRF_REASON)
@@ -151,6 +208,7 @@ class Shoutbox:
     @cherrypy.expose
     @cherrypy.tools.allow(methods=["POST"])
     @cherrypy.tools.json_out()
+    @_unavailable_is_503
     def delete(self, id: str = "", csrf: str = ""):
         if not self._csrf_ok(csrf):
             return self._fail(403, self.CSRF_REASON)
@@ -158,7 +216,6 @@ class Shoutbox:
             return self._fail(403, "only moderators can delete")
         if not any(e.id == id and e.name == "shout" for e in self.hub.history(CHANNEL)):
             return self._fail(404, "no such shout")
-        self.deleted.add(id)
         self.hub.publish(CHANNEL, {"target": id}, event="delete")
         self.hub.publish(CHANNEL, {"notice": f"deleted {id}"}, event="mod")
         return {"ok": True}
@@ -204,13 +261,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--mod-secret", default="letmein", help="moderator password (default: letmein)")
-    parser.add_argument("--threads", type=int, default=120, help="server threads; each open page holds one")
+    parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
+    parser.add_argument("--redis", metavar="URL", help="share shouts and rate limits through Redis, e.g. redis://127.0.0.1:6379/0")
     args = parser.parse_args(argv)
-    app, config = make_app(mod_secret=args.mod_secret)
+    hub = hub_from_url(args.redis, maxlen=1000) if args.redis else Hub(buffer_size=1000)
+    rate = None
+    if args.redis:
+        import redis
+
+        rate = RedisRateLimiter(redis.Redis.from_url(args.redis, socket_timeout=5, socket_connect_timeout=2))
+    app, config = make_app(hub, mod_secret=args.mod_secret, rate=rate)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"shoutbox on http://{args.host}:{args.port}/  (moderator login at /login)")
-    cherrypy.quickstart(app, "/", config)
+    try:
+        cherrypy.quickstart(app, "/", config)
+    finally:
+        hub.close()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
   const key = "comet-lobby:" + lobby;  // sessionStorage: one player per tab
   let me = JSON.parse(sessionStorage.getItem(key) || "null");
   let sub = null;
+  let shown = -1;  // version of the state on screen
 
   function say(text) { $("message").textContent = text || ""; }
 
@@ -18,6 +19,10 @@
   }
 
   function render(state) {
+    // Several server processes may publish two changes in either order;
+    // the version says which is newer.
+    if (state.version < shown) return;
+    shown = state.version;
     $("board").dataset.phase = state.phase;
     $("count").textContent = state.players.length + "/" + state.size;
     const list = $("players");
