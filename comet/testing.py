@@ -21,23 +21,19 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
-import shutil
-import signal
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterator
 from urllib.parse import urlencode, urlsplit
 
 from .framing import Event, Part
+from .processes import AppProcess, NginxServer, RedisServer, free_port
 
 __all__ = [
     "StreamClient", "SSEParser", "MultipartParser", "NDJSONParser", "StreamClosed", "HTTPStatusError",
-    "CherryPyServer", "WSGIServer", "RedisServer", "free_port", "wait_until", "http_get",
+    "CherryPyServer", "WSGIServer", "RedisServer", "NginxServer", "AppProcess", "free_port", "wait_until", "http_get",
 ]
 
 
@@ -576,111 +572,6 @@ class WSGIServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for servers that need a
-    number up front, such as redis-server or nginx)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A real ``redis-server`` on a free 127.0.0.1 port, data in a temp dir.
-
-    Append-only persistence is on, so :meth:`restart` keeps every stream (a
-    graceful restart, as a deploy or ``systemctl restart`` does).
-
-    Example::
-
-        with RedisServer() as server:
-            hub = RedisHub(server.url)
-
-    ``password`` turns on ``requirepass``; ``tls=(certfile, keyfile)`` serves
-    TLS only (``rediss://``); extra ``args`` go to redis-server.
-    """
-
-    def __init__(self, *, password: str | None = None, tls: tuple[str, str] | None = None,
-                 args: tuple[str, ...] = (), binary: str = "redis-server") -> None:
-        path = shutil.which(binary)
-        if path is None:
-            raise RuntimeError(f"{binary} not found: install Debian's redis-server (./run test does)")
-        self.binary = path
-        self.password = password
-        self.tls = tls
-        self.args = tuple(args)
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="comet-redis-")
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> "RedisServer":
-        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-               "--save", "", "--appendonly", "yes", "--daemonize", "no", "--protected-mode", "no",
-               "--logfile", os.path.join(self.dir, "redis.log"), *self.args]
-        if self.password:
-            cmd += ["--requirepass", self.password]
-        if self.tls:
-            cmd += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls[0],
-                    "--tls-key-file", self.tls[1], "--tls-auth-clients", "no"]
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._answers, timeout, 0.02, what=f"redis-server on port {self.port}")
-        return self
-
-    def _answers(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            log = os.path.join(self.dir, "redis.log")
-            tail = open(log).read()[-2000:] if os.path.exists(log) else ""
-            raise RuntimeError(f"redis-server exited with {self.process.returncode}: {tail}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
-                sock = raw
-                if self.tls:
-                    import ssl
-
-                    context = ssl.create_default_context()
-                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only "is it up?"
-                    sock = context.wrap_socket(raw)
-                try:
-                    sock.sendall(b"PING\r\n")
-                    return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-                finally:
-                    sock.close()
-        except OSError:
-            return False
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (redis flushes its append-only file), then wait."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.process = None
-
-    def restart(self) -> None:
-        """Stop and start again on the same port with the same data."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> "RedisServer":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # -- pytest fixtures ----------------------------------------------------------

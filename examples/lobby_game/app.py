@@ -142,12 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--size", type=int, default=4, help="players per lobby (the game starts when full)")
+    parser.add_argument("--grace", type=float, default=3.0, help="seconds a disconnected player keeps the seat")
+    parser.add_argument("--countdown", type=int, default=3, help="countdown seconds before GO")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
     parser.add_argument("--redis", metavar="URL", help="share lobbies and events through Redis, e.g. redis://127.0.0.1:6379/0")
     args = parser.parse_args(argv)
     hub = hub_from_url(args.redis)
     store = RedisStore.from_url(args.redis) if args.redis else None
-    app, config = make_app(hub, size=args.size, store=store)
+    app, config = make_app(hub, size=args.size, store=store, grace=args.grace, countdown=args.countdown)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"lobby game on http://{args.host}:{args.port}/")

@@ -1,0 +1,274 @@
+"""Real servers for tests and benchmarks: redis-server, nginx, and app
+processes, each on a free 127.0.0.1 port with its files in a temp dir,
+stopped (and waited for) by ``stop()``/``close()`` or the ``with`` block.
+
+Example: the deployment that docs/deployment.md describes, for real::
+
+    with RedisServer() as redis_server:
+        apps = [AppProcess(["-m", "examples.shoutbox", "--redis", redis_server.url]) for _ in range(3)]
+        for app in apps:
+            app.start()
+        with NginxServer("deploy/nginx-comet.conf", [app.port for app in apps]) as nginx:
+            ...   # talk to nginx.url
+        for app in apps:
+            app.stop()
+
+Debian packages: redis-server, nginx (``./run test`` installs them).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["RedisServer", "NginxServer", "AppProcess", "free_port"]
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _terminate(process: subprocess.Popen | None, timeout: float) -> int | None:
+    """SIGTERM, wait up to *timeout*, then SIGKILL; the exit code."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return process.returncode
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers that need a
+    number up front, such as redis-server or nginx)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free 127.0.0.1 port, data in a temp dir.
+
+    Append-only persistence is on, so :meth:`restart` keeps every stream (a
+    graceful restart, as a deploy or ``systemctl restart`` does).
+
+    Example::
+
+        with RedisServer() as server:
+            hub = RedisHub(server.url)
+
+    ``password`` turns on ``requirepass``; ``tls=(certfile, keyfile)`` serves
+    TLS only (``rediss://``); extra ``args`` go to redis-server.
+    """
+
+    def __init__(self, *, password: str | None = None, tls: tuple[str, str] | None = None,
+                 args: tuple[str, ...] = (), binary: str = "redis-server") -> None:
+        path = shutil.which(binary)
+        if path is None:
+            raise RuntimeError(f"{binary} not found: install Debian's redis-server (./run test does)")
+        self.binary = path
+        self.password = password
+        self.tls = tls
+        self.args = tuple(args)
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="comet-redis-")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+               "--save", "", "--appendonly", "yes", "--daemonize", "no", "--protected-mode", "no",
+               "--logfile", os.path.join(self.dir, "redis.log"), *self.args]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        if self.tls:
+            cmd += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls[0],
+                    "--tls-key-file", self.tls[1], "--tls-auth-clients", "no"]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(self._answers, timeout, f"redis-server on port {self.port}")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            log = os.path.join(self.dir, "redis.log")
+            tail = open(log).read()[-2000:] if os.path.exists(log) else ""
+            raise RuntimeError(f"redis-server exited with {self.process.returncode}: {tail}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                sock = raw
+                if self.tls:
+                    import ssl
+
+                    context = ssl.create_default_context()
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only "is it up?"
+                    sock = context.wrap_socket(raw)
+                try:
+                    sock.sendall(b"PING\r\n")
+                    return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+                finally:
+                    sock.close()
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (redis flushes its append-only file), then wait."""
+        _terminate(self.process, timeout)
+        self.process = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port with the same data."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class NginxServer:
+    """nginx on a free port in front of app processes, configured with a
+    site file such as ``deploy/nginx-comet.conf`` used *as documented*: its
+    ``upstream`` server lines are replaced by *ports* and its ``listen`` port
+    by a free one; every directive is kept.
+    """
+
+    def __init__(self, site: str | os.PathLike, ports: Sequence[int], *, binary: str = "nginx") -> None:
+        path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
+        if path is None:
+            raise RuntimeError(f"{binary} not found: install Debian's nginx (./run test does)")
+        self.binary = path
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="comet-nginx-")
+        text = Path(site).read_text()
+        servers = "".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n" for p in ports)
+        text, n = re.subn(r"(upstream\s+\w+\s*\{\n)(?:\s*server\s[^;]*;[^\n]*\n)+", lambda m: m[1] + servers, text)
+        if n != 1:
+            raise ValueError(f"{site}: expected one upstream block with server lines")
+        text, n = re.subn(r"listen\s+\d+;", f"listen 127.0.0.1:{self.port};", text)
+        if n != 1:
+            raise ValueError(f"{site}: expected one 'listen <port>;'")
+        Path(self.dir, "site.conf").write_text(text)
+        temp = "".join(f"    {kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        Path(self.dir, "nginx.conf").write_text(
+            f"user root;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log warn;\n"
+            f"events {{ worker_connections 4096; }}\n"
+            f"http {{\n    access_log off;\n{temp}    include {self.dir}/site.conf;\n}}\n")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "NginxServer":
+        self.process = subprocess.Popen([self.binary, "-p", self.dir, "-c", f"{self.dir}/nginx.conf", "-g", "daemon off;"],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def up() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.process.returncode}: {self.process.stderr.read().decode()[-2000:]}")
+            return _port_open(self.port)
+
+        _wait(up, timeout, f"nginx on port {self.port}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is not None:
+            _terminate(self.process, timeout)
+            self.process.stderr.close()
+            self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "NginxServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AppProcess:
+    """A Python app in its own process on a free port: ``AppProcess(["-m",
+    "examples.lobby_game", "--redis", url])`` runs ``python -m ... --port N``.
+    Its output goes to a log file (``log()`` reads it), not to a pipe that
+    could fill up and stall it."""
+
+    def __init__(self, args: Sequence[str], *, port: int | None = None, env: dict | None = None,
+                 cwd: str | os.PathLike | None = None) -> None:
+        self.port = port or free_port()
+        self.args = [sys.executable, *args, "--port", str(self.port)]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cwd = cwd
+        self.logfile = tempfile.NamedTemporaryFile(prefix="comet-app-", suffix=".log", delete=False)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "AppProcess":
+        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT,
+                                        env=self.env, cwd=self.cwd)
+
+        def up() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{' '.join(self.args)} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            return _port_open(self.port)
+
+        _wait(up, timeout, f"app on port {self.port}")
+        return self
+
+    def log(self) -> str:
+        return Path(self.logfile.name).read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait: the exit code (None if it was not running)."""
+        code = _terminate(self.process, timeout)
+        self.process = None
+        return code
+
+    def close(self) -> None:
+        self.stop()
+        self.logfile.close()
+        os.unlink(self.logfile.name)
+
+    def __enter__(self) -> "AppProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

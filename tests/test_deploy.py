@@ -1,0 +1,192 @@
+"""The deployment of docs/deployment.md, for real: one redis-server, three
+processes of each example app, nginx in front with deploy/nginx-comet.conf.
+
+Processes are addressed directly (by port) where a test needs to say "on
+process 1" and "on process 3", and through nginx where the point is that the
+client does not care which process serves it.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from comet.testing import AppProcess, NginxServer, RedisServer, StreamClient, http_get, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = ROOT / "deploy" / "nginx-comet.conf"
+
+
+class Cluster:
+    def __init__(self, redis_server: RedisServer, module: str, extra: tuple[str, ...] = ()) -> None:
+        self.apps = [AppProcess(["-m", module, "--redis", redis_server.url, "--threads", "20", *extra], cwd=ROOT)
+                     for _ in range(3)]
+        for app in self.apps:
+            app.start()
+        self.nginx = NginxServer(SITE, [app.port for app in self.apps]).start()
+
+    def by_port(self, port: int) -> AppProcess:
+        return next(app for app in self.apps if app.port == port)
+
+    def close(self) -> None:
+        self.nginx.close()
+        for app in self.apps:
+            code = app.stop()
+            assert code in (0, None), f"app on {app.port} exited with {code}:\n{app.log()[-3000:]}"
+            app.close()
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shoutbox(redis_server):
+    cluster = Cluster(redis_server, "examples.shoutbox")
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def lobby(redis_server):
+    cluster = Cluster(redis_server, "examples.lobby_game", ("--size", "2", "--grace", "0.5", "--countdown", "1"))
+    yield cluster
+    cluster.close()
+
+
+def post(base: str, path: str, fields: dict, cookies: dict | None = None) -> tuple[int, dict, dict]:
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if cookies:
+        headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    status, head, body = http_get(base + path, headers, method="POST", body=urllib.parse.urlencode(fields).encode())
+    return status, head, json.loads(body) if body.startswith(b"{") else {"raw": body.decode(errors="replace")}
+
+
+def shout(base: str, text: str, token: str | None = None) -> tuple[int, dict]:
+    """POST /shout with a double-submit CSRF token (a fresh one: its own
+    rate-limit bucket, unless *token* is given)."""
+    token = token or secrets.token_urlsafe(24)
+    status, _, doc = post(base, "/shout", {"nick": "tester", "text": text, "csrf": token}, {"csrf": token})
+    return status, doc
+
+
+def shout_ok(base: str, text: str, timeout: float = 20.0) -> str:
+    """Shout until it is accepted (503 while Redis restarts); its id."""
+    result = {}
+
+    def attempt():
+        status, doc = shout(base, text)
+        if status == 200:
+            result["id"] = doc["id"]
+            return True
+        assert status == 503, (status, doc)
+        return False
+
+    wait_until(attempt, timeout, 0.1, what=f"shout {text!r} accepted")
+    return result["id"]
+
+
+def shouts(client: StreamClient) -> list:
+    return [e for e in client.events if e.name == "shout"]
+
+
+def test_a_shout_on_process_3_reaches_a_client_on_process_1(shoutbox):
+    one, _, three = shoutbox.apps
+    with StreamClient(one.url + "/events") as client:
+        status, doc = shout(three.url, "from three")
+        assert status == 200
+        event = client.wait_for(lambda evs: any(e.name == "shout" and e.id == doc["id"] for e in evs), timeout=10)[-1]
+        assert json.loads(event.data)["text"] == "from three"
+    # and a page rendered by process 2 lists it
+    status, _, body = http_get(shoutbox.apps[1].url + "/")
+    assert status == 200 and b"from three" in body
+
+
+def test_reconnect_through_nginx_to_another_process_resumes_without_loss(shoutbox):
+    nginx = shoutbox.nginx
+    first = StreamClient(nginx.url + "/events").open()
+    served_by = int(first.headers["x-upstream"].rsplit(":", 1)[1])
+    sent = [shout_ok(nginx.url, f"before {i}") for i in range(3)]
+    first.wait_for(lambda evs: [e.id for e in shouts(first)][-3:] == sent, timeout=10)
+    last_seen = first.events[-1].id
+
+    victim = shoutbox.by_port(served_by)
+    assert victim.stop() == 0  # the process serving the stream goes away (SIGTERM) ...
+    first.wait_closed(10)
+    first.close()
+    sent += [shout_ok(nginx.url, f"while away {i}") for i in range(3)]  # ... events keep coming ...
+    try:
+        with StreamClient(nginx.url + "/events", last_event_id=last_seen) as again:  # ... and the client comes back
+            assert int(again.headers["x-upstream"].rsplit(":", 1)[1]) != served_by
+            sent += [shout_ok(nginx.url, "after")]
+            again.wait_for(lambda evs: sent[-1] in [e.id for e in evs], timeout=10)
+            received = [e.id for e in shouts(first)] + [e.id for e in shouts(again)]
+            assert received[-len(sent):] == sent  # in order, nothing lost
+            assert len(set(received)) == len(received)  # nothing twice
+    finally:
+        victim.start()
+
+
+def test_redis_restart_mid_stream_loses_nothing(shoutbox, redis_server):
+    with StreamClient(shoutbox.nginx.url + "/events") as client:
+        sent = [shout_ok(shoutbox.nginx.url, f"pre {i}") for i in range(3)]
+        client.wait_for(lambda evs: sent[-1] in [e.id for e in evs], timeout=10)
+        redis_server.stop()
+        status, doc = shout(shoutbox.nginx.url, "into the void")
+        assert status == 503 and "unreachable" in doc["error"]  # a clear error, not a hang
+        time.sleep(0.5)  # the stream outlives the outage (heartbeats are local) ...
+        assert not client.ended
+        redis_server.start()
+        sent += [shout_ok(shoutbox.nginx.url, f"post {i}") for i in range(3)]
+        client.wait_for(lambda evs: sent[-1] in [e.id for e in evs], timeout=20)
+        received = [e.id for e in shouts(client)]
+        assert received[-6:] == sent and len(set(received)) == len(received)
+        assert not client.ended and client.requests == 1  # ... the very same stream
+
+
+def test_rate_limit_and_moderator_cookie_hold_across_processes(shoutbox):
+    token = secrets.token_urlsafe(24)
+    codes = [shout(app.url, f"spam {i}", token)[0] for i, app in enumerate(shoutbox.apps * 2)]
+    assert codes == [200] * 5 + [429]  # 5 per window, counted in Redis, whichever process
+
+    one, two, _ = shoutbox.apps
+    status, head, _ = http_get(one.url + "/login", {"Cookie": f"csrf={token}", "Content-Type": "application/x-www-form-urlencoded"},
+                               method="POST", body=urllib.parse.urlencode({"secret": "letmein", "csrf": token}).encode())
+    assert status == 303
+    mod = head["set-cookie"].split("mod=", 1)[1].split(";", 1)[0]
+    status, doc = shout(two.url, "delete me")
+    status, _, result = post(two.url, "/delete", {"id": doc["id"], "csrf": token}, {"csrf": token, "mod": mod})
+    assert status == 200 and result == {"ok": True}
+    status, _, body = http_get(shoutbox.apps[2].url + "/")
+    assert b"delete me" not in body
+
+
+def test_lobby_presence_and_a_round_across_processes(lobby):
+    one, two, three = lobby.apps
+    name = "x" + secrets.token_hex(4)
+    status, _, ann = post(one.url, "/join", {"name": name, "player": "ann"})
+    assert status == 200, ann
+    with StreamClient(f"{one.url}/events/{name}?player={ann['token']}") as on_one:
+        status, _, bob = post(two.url, "/join", {"name": name, "player": "bob"})
+        assert status == 200, bob
+        with StreamClient(f"{two.url}/events/{name}?player={bob['token']}") as on_two:
+            def latest(client):
+                states = [json.loads(e.data) for e in client.events if e.name == "state"]
+                return max(states, key=lambda s: s["version"]) if states else None
+
+            # both online, seen from both processes; the lobby is full (size 2), so it starts
+            for client in (on_one, on_two):
+                client.wait_for(lambda evs: (s := latest(client)) and s["players"] == [
+                    {"name": "ann", "online": True}, {"name": "bob", "online": True}], timeout=10)
+            on_two.wait_for(lambda evs: latest(on_two)["phase"] == "go", timeout=15)
+            status, _, said = post(three.url, "/click", {"name": name, "token": bob["token"]})
+            assert status == 200 and said == {"message": "you win!"}
+            on_one.wait_for(lambda evs: latest(on_one)["winner"] == "bob", timeout=10)
+        # bob's page (on process 2) closes: ann (on process 1) sees him go
+        on_one.wait_for(lambda evs: [p["name"] for p in latest(on_one)["players"]] == ["ann"], timeout=10)
