@@ -166,7 +166,8 @@ class NginxServer:
     by a free one; every directive is kept.
     """
 
-    def __init__(self, site: str | os.PathLike, ports: Sequence[int], *, binary: str = "nginx") -> None:
+    def __init__(self, site: str | os.PathLike, ports: Sequence[int], *, binary: str = "nginx",
+                 worker_connections: int = 4096) -> None:
         path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
         if path is None:
             raise RuntimeError(f"{binary} not found: install Debian's nginx (./run test does)")
@@ -184,8 +185,9 @@ class NginxServer:
         Path(self.dir, "site.conf").write_text(text)
         temp = "".join(f"    {kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         Path(self.dir, "nginx.conf").write_text(
-            f"user root;\nworker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log warn;\n"
-            f"events {{ worker_connections 4096; }}\n"
+            f"user root;\nworker_processes 1;\nworker_rlimit_nofile {2 * worker_connections + 100};\n"
+            f"pid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log warn;\n"
+            f"events {{ worker_connections {worker_connections}; }}\n"
             f"http {{\n    access_log off;\n{temp}    include {self.dir}/site.conf;\n}}\n")
         self.process: subprocess.Popen | None = None
 
@@ -224,14 +226,18 @@ class NginxServer:
 
 class AppProcess:
     """A Python app in its own process on a free port: ``AppProcess(["-m",
-    "examples.lobby_game", "--redis", url])`` runs ``python -m ... --port N``.
+    "examples.lobby_game", "--redis", url])`` runs ``python -m ... --port N``
+    (an app that takes its port otherwise says where with ``"{port}"``).
     Its output goes to a log file (``log()`` reads it), not to a pipe that
     could fill up and stall it."""
 
     def __init__(self, args: Sequence[str], *, port: int | None = None, env: dict | None = None,
                  cwd: str | os.PathLike | None = None) -> None:
         self.port = port or free_port()
-        self.args = [sys.executable, *args, "--port", str(self.port)]
+        if any("{port}" in a for a in args):
+            self.args = [sys.executable, *(a.replace("{port}", str(self.port)) for a in args)]
+        else:
+            self.args = [sys.executable, *args, "--port", str(self.port)]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.cwd = cwd
         self.logfile = tempfile.NamedTemporaryFile(prefix="comet-app-", suffix=".log", delete=False)

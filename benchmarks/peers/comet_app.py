@@ -1,4 +1,7 @@
-"""comet under test: `python -m benchmarks.peers.comet_app PORT thread|parked [STREAMS]`."""
+"""comet under test: `python -m benchmarks.peers.comet_app PORT thread|parked [STREAMS [REDIS_URL]]`.
+
+With REDIS_URL the hub is a RedisHub (benchmarks/scaleout.py runs several
+of these behind nginx)."""
 import sys
 
 import cherrypy
@@ -8,7 +11,12 @@ from comet.cherrypy_tool import engine_plugin
 
 port, mode = int(sys.argv[1]), sys.argv[2]
 streams = int(sys.argv[3]) if len(sys.argv) > 3 else 100
-hub = engine_plugin().add_hub(Hub(buffer_size=20_000))
+if len(sys.argv) > 4:
+    from comet.backends.redis import RedisHub
+
+    hub = engine_plugin().add_hub(RedisHub(sys.argv[4], maxlen=20_000, prefix="bench:"))
+else:
+    hub = engine_plugin().add_hub(Hub(buffer_size=20_000))
 
 
 class Root:

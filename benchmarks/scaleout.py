@@ -1,0 +1,219 @@
+"""Scale-out: comet on 1, 2 and 4 processes behind nginx, sharing one Redis,
+side by side with one process on the in-memory hub, in one run.
+
+    .venv/bin/python -m benchmarks.scaleout [--processes 1 2 4] [--n 1000 5000] [--broadcasts 30]
+
+For each setup: start redis-server, the comet processes
+(``benchmarks/peers/comet_app.py`` with a RedisHub, parked streams) and
+nginx with ``deploy/nginx-comet.conf`` (the documented config), open N SSE
+streams *through nginx* (round-robin spreads them over the processes), then
+
+* one broadcast at a time: POST /publish through nginx (it lands on any
+  process, goes through Redis to every process): latency to the *last*
+  stream, p50/p99/max, and lost/duplicated/out-of-order counts;
+* CPU of all comet processes, nginx and redis-server per event per stream;
+* events/s through Redis: one stream, one process publishing a burst of
+  ``--burst`` events (each one an XADD), time until the stream has them all.
+
+The reference row "memory-direct" is one process on the in-memory hub with
+no nginx and no Redis: the ratios say what the shared backend and the proxy
+cost. Prints a table and one JSON line. 127.0.0.1 only; every process it
+starts is stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.capacity import _client_main, _cpu_s, _pct, _request
+from comet.processes import AppProcess, NginxServer, RedisServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = ROOT / "deploy" / "nginx-comet.conf"
+
+
+class Setup:
+    """``processes`` comet apps (RedisHub) behind nginx, or with
+    ``processes=0`` one app on the in-memory hub, no proxy."""
+
+    def __init__(self, processes: int) -> None:
+        self.name = f"redis-{processes}p-nginx" if processes else "memory-direct"
+        self.redis = RedisServer().start() if processes else None
+        count = processes or 1
+        extra = [self.redis.url] if self.redis else []
+        self.apps = [AppProcess(["-m", "benchmarks.peers.comet_app", "{port}", "parked", "100", *extra], cwd=ROOT)
+                     for _ in range(count)]
+        for app in self.apps:
+            app.start()
+        self.nginx = NginxServer(SITE, [a.port for a in self.apps], worker_connections=30_000).start() if processes else None
+        self.port = self.nginx.port if self.nginx else self.apps[0].port
+
+    def pids(self) -> list[int]:
+        pids = [a.process.pid for a in self.apps]
+        if self.nginx:
+            pids.append(self.nginx.process.pid)
+            pids += _children(self.nginx.process.pid)
+        if self.redis:
+            pids.append(self.redis.process.pid)
+        return pids
+
+    def cpu(self) -> float:
+        return sum(_cpu_s(pid) for pid in self.pids())
+
+    def close(self) -> None:
+        if self.nginx:
+            self.nginx.close()
+        for app in self.apps:
+            app.close()
+        if self.redis:
+            self.redis.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def run_broadcasts(setup: Setup, n: int, args) -> dict:
+    result: dict = {"setup": setup.name, "processes": len(setup.apps), "n": n}
+    k = max(1, min(args.clients, n // 500 or 1))
+    shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    pipes, procs = [], []
+    try:
+        for share in shares:
+            parent, child = mp.Pipe()
+            proc = mp.Process(target=_client_main, args=(setup.port, share, child), daemon=True)
+            proc.start()
+            pipes.append(parent)
+            procs.append(proc)
+        opened = []
+        for pipe in pipes:
+            if not pipe.poll(180):
+                raise RuntimeError("clients did not connect")
+            opened.append(pipe.recv()[1])
+        result["connect_s"] = round(max(opened), 2)
+        time.sleep(0.5)
+        cpu0 = setup.cpu()
+        lasts, mids, bad = [], [], {}
+        for seq in range(args.broadcasts):
+            _request(setup.port, "POST", f"/publish?seq={seq}&ts={time.time():.6f}")
+            pending, worst, mid = set(range(len(pipes))), 0.0, []
+            deadline = time.monotonic() + 60
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"broadcast {seq} never reached every stream")
+                for i in list(pending):
+                    if pipes[i].poll(0.001):
+                        _, got_seq, last, median, counts = pipes[i].recv()
+                        if got_seq == seq:
+                            pending.discard(i)
+                            worst = max(worst, last)
+                            mid.append(median)
+                            for key, value in counts.items():
+                                bad[(i, key)] = value
+            lasts.append(worst)
+            mids.append(statistics.median(mid))
+        cpu1 = setup.cpu()
+        result.update({
+            "last_p50_ms": round(_pct(lasts, 50) * 1000, 1), "last_p99_ms": round(_pct(lasts, 99) * 1000, 1),
+            "last_max_ms": round(max(lasts) * 1000, 1), "stream_p50_ms": round(statistics.median(mids) * 1000, 1),
+            "cpu_us_per_event_stream": round((cpu1 - cpu0) / (args.broadcasts * n) * 1e6, 2),
+        })
+        for key in ("lost", "duplicate_or_out_of_order", "closed", "status"):
+            result[key] = sum(v for (i, k2), v in bad.items() if k2 == key)
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for pipe in pipes:
+            try:
+                pipe.send(("stop",))
+            except OSError:
+                pass
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    return result
+
+
+def run_burst(setup: Setup, args) -> dict:
+    parent, child = mp.Pipe()
+    proc = mp.Process(target=_client_main, args=(setup.port, 1, child), daemon=True)
+    proc.start()
+    try:
+        parent.recv()  # open
+        parent.send(("burst", args.burst))
+        time.sleep(0.3)
+        started = time.monotonic()
+        _request(setup.apps[-1].port, "POST", f"/burst?n={args.burst}", timeout=300)
+        publish_s = time.monotonic() - started
+        if not parent.poll(300):
+            raise TimeoutError("burst never completed")
+        _, got, seconds = parent.recv()
+        return {"setup": setup.name, "burst_events_per_s": round(got / seconds) if seconds else None,
+                "publish_events_per_s": round(args.burst / publish_s)}
+    except Exception as exc:
+        return {"setup": setup.name, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        try:
+            parent.send(("stop",))
+        except OSError:
+            pass
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
+COLUMNS = ["setup", "n", "connect_s", "last_p50_ms", "last_p99_ms", "last_max_ms", "stream_p50_ms",
+           "cpu_us_per_event_stream", "lost", "duplicate_or_out_of_order", "error"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--n", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--broadcasts", type=int, default=30)
+    parser.add_argument("--clients", type=int, default=1, help="load-client processes (at most one per 500 streams)")
+    parser.add_argument("--burst", type=int, default=20_000)
+    parser.add_argument("--json", type=Path, help="also write all results here")
+    args = parser.parse_args()
+    rows, bursts = [], []
+    for processes in [0, *args.processes]:
+        setup = Setup(processes)
+        try:
+            for n in args.n:
+                row = run_broadcasts(setup, n, args)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+            bursts.append(run_burst(setup, args))
+            print(json.dumps(bursts[-1]), file=sys.stderr, flush=True)
+        finally:
+            setup.close()
+    print(" | ".join(COLUMNS))
+    for row in rows:
+        print(" | ".join(str(row.get(c, "")) for c in COLUMNS))
+    print()
+    for b in bursts:
+        print(f"{b['setup']}: one stream {b.get('burst_events_per_s', b.get('error'))} events/s delivered, "
+              f"{b.get('publish_events_per_s')} events/s published by one process")
+    ratios = {}
+    for n in args.n:
+        base = next((r for r in rows if r["setup"] == "memory-direct" and r["n"] == n and "error" not in r), None)
+        for row in rows:
+            if base and row["n"] == n and row is not base and "error" not in row:
+                ratios[f"{n}:{row['setup']}"] = round(row["last_p50_ms"] / base["last_p50_ms"], 2)
+    summary = {"bench": "scaleout", "rows": rows, "bursts": bursts, "last_p50_ratio_to_memory_direct": ratios}
+    print(json.dumps(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
