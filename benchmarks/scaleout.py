@@ -46,7 +46,7 @@ class Setup:
         self.redis = RedisServer().start() if processes else None
         count = processes or 1
         extra = [self.redis.url] if self.redis else []
-        self.apps = [AppProcess(["-m", "benchmarks.peers.comet_app", "{port}", "parked", "100", *extra], cwd=ROOT)
+        self.apps = [AppProcess(["-m", "benchmarks.peers.comet_app", "{port}", "parked", "100", *extra], cwd=ROOT, ready=None)
                      for _ in range(count)]
         for app in self.apps:
             app.start()

@@ -228,11 +228,15 @@ class AppProcess:
     """A Python app in its own process on a free port: ``AppProcess(["-m",
     "examples.lobby_game", "--redis", url])`` runs ``python -m ... --port N``
     (an app that takes its port otherwise says where with ``"{port}"``).
+    ``start()`` returns once the port accepts connections *and* ``ready``
+    appears in the output (CherryPy's "Bus STARTED": a port answers before
+    the engine has finished starting, and a SIGTERM then makes CherryPy exit
+    with 70); ``ready=None`` for apps that log nothing.
     Its output goes to a log file (``log()`` reads it), not to a pipe that
     could fill up and stall it."""
 
     def __init__(self, args: Sequence[str], *, port: int | None = None, env: dict | None = None,
-                 cwd: str | os.PathLike | None = None) -> None:
+                 cwd: str | os.PathLike | None = None, ready: str | None = "ENGINE Bus STARTED") -> None:
         self.port = port or free_port()
         if any("{port}" in a for a in args):
             self.args = [sys.executable, *(a.replace("{port}", str(self.port)) for a in args)]
@@ -240,6 +244,7 @@ class AppProcess:
             self.args = [sys.executable, *args, "--port", str(self.port)]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.cwd = cwd
+        self.ready = ready
         self.logfile = tempfile.NamedTemporaryFile(prefix="comet-app-", suffix=".log", delete=False)
         self.process: subprocess.Popen | None = None
 
@@ -248,13 +253,14 @@ class AppProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "AppProcess":
+        seen = len(self.log())  # a restart must find "ready" anew
         self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT,
                                         env=self.env, cwd=self.cwd)
 
         def up() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{' '.join(self.args)} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            return _port_open(self.port)
+            return _port_open(self.port) and (self.ready is None or self.ready in self.log()[seen:])
 
         _wait(up, timeout, f"app on port {self.port}")
         return self

@@ -190,3 +190,17 @@ def test_lobby_presence_and_a_round_across_processes(lobby):
             on_one.wait_for(lambda evs: latest(on_one)["winner"] == "bob", timeout=10)
         # bob's page (on process 2) closes: ann (on process 1) sees him go
         on_one.wait_for(lambda evs: [p["name"] for p in latest(on_one)["players"]] == ["ann"], timeout=10)
+
+
+def test_the_systemd_units_command_line_serves(redis_server):
+    """deploy/comet@.service's ExecStart, with this checkout for /srv/comet
+    and a free port for %i, starts a working app on the shared Redis."""
+    unit = (ROOT / "deploy" / "comet@.service").read_text()
+    command = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = command.replace("redis://127.0.0.1:6379/0", redis_server.url).split()
+    assert argv[0] == "/srv/comet/.venv/bin/python" and "%i" in argv
+    app = AppProcess([a.replace("%i", "{port}") for a in argv[1:]], cwd=ROOT)
+    with app:
+        status, _, body = http_get(app.url + "/")
+        assert status == 200 and b"Lobby" in body
+        assert app.stop() == 0  # KillSignal=SIGTERM: a clean exit
