@@ -37,6 +37,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
+from .counters import Counters
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event
 
@@ -185,7 +186,13 @@ class Hub:
         self._generation = 0
         self._closed = False
         self._subscriptions = 0
-        self.published = 0
+        #: ``published`` events and ``gaps`` reported to subscribers, since start.
+        self.counters = Counters(("published", "gaps"))
+
+    @property
+    def published(self) -> int:
+        """Events published through this hub (this process) since start."""
+        return self.counters["published"]
 
     # -- publishing ---------------------------------------------------------
 
@@ -208,7 +215,7 @@ class Hub:
             stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
             stored._wire["text"] = proto.text()
             ch.append(stored)
-            self.published += 1
+        self.counters.add("published")
         self._wake(ch)
         return event_id
 
@@ -299,6 +306,7 @@ class Hub:
         return False
 
     def _gap(self, channel: str, last_id: str | None, resume: str) -> Event:
+        self.counters.add("gaps")
         return Event({"last_id": last_id, "resume_id": resume}, id=resume, name=GAP, channel=channel)
 
     # -- reading ------------------------------------------------------------

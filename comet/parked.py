@@ -236,7 +236,7 @@ class Parker:
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self.pool.counters["disconnects"] += 1
+                self.pool.counters.add("disconnects")
                 self._end(stream)
                 continue
             sent_bytes += sent
@@ -245,9 +245,8 @@ class Parker:
                 stream.out.append(memoryview(data)[sent:])
                 stream.out_size += len(data) - sent
                 self._flush(stream)  # registers for writability, enforces the cap
-        counters = self.pool.counters
-        counters["items"] += items
-        counters["bytes"] += sent_bytes
+        self.pool.counters.add("items", items)
+        self.pool.counters.add("bytes", sent_bytes)
 
     def _feed(self, stream: ParkedStream) -> None:
         sub = stream.sub
@@ -270,7 +269,7 @@ class Parker:
             stream.out.append(data)
             stream.out_size += len(data)
         if items:
-            self.pool.counters["items"] += len(items)
+            self.pool.counters.add("items", len(items))
             self._flush(stream)
 
     def _wire(self, stream: ParkedStream, item: Any) -> bytes:
@@ -292,7 +291,7 @@ class Parker:
             while out:
                 data = out[0]
                 sent = sock.send(data)
-                self.pool.counters["bytes"] += sent
+                self.pool.counters.add("bytes", sent)
                 stream.out_size -= sent
                 if sent < len(data):
                     out[0] = memoryview(data)[sent:]
@@ -301,14 +300,14 @@ class Parker:
         except BlockingIOError:
             pass
         except OSError:
-            self.pool.counters["disconnects"] += 1
+            self.pool.counters.add("disconnects")
             self._end(stream)
             return
         stream.last_write = time.monotonic()
         if out:
             if stream.out_size > self.max_buffer:
                 log.info("comet: disconnecting a slow consumer (%d bytes unsent)", stream.out_size)
-                self.pool.counters["slow_consumers"] = self.pool.counters.get("slow_consumers", 0) + 1
+                self.pool.counters.add("slow_consumers")
                 self._end(stream)
                 return
             if not stream.writing:
@@ -326,7 +325,7 @@ class Parker:
         except OSError:
             data = b""
         if not data:  # EOF: the client went away
-            self.pool.counters["disconnects"] += 1
+            self.pool.counters.add("disconnects")
             self._end(stream)
         # Anything else is a pipelined request we will never answer; ignore it.
 
@@ -340,7 +339,7 @@ class Parker:
                 beat = heartbeat(stream.transport)
                 stream.out.append(_chunk(beat) if stream.chunked else beat)
                 stream.out_size += len(stream.out[-1])
-                self.pool.counters["heartbeats"] += 1
+                self.pool.counters.add("heartbeats")
                 self._flush(stream)
 
     def _end(self, stream: ParkedStream, final: bool = False) -> None:

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+from .counters import Counters
 from .errors import CometError, StreamsExhausted
 from .framing import content_type, encode_item, encode_longpoll, heartbeat, longpoll_item, new_boundary, preamble
 from .framing import Event
@@ -84,8 +85,12 @@ class StreamPool:
         self._setup: set[int] = set()
         self._parker: Any = None
         self._next = 0
-        self.counters = {"opened": 0, "closed": 0, "refused": 0, "disconnects": 0, "heartbeats": 0, "items": 0,
-                         "bytes": 0, "parked": 0}
+        #: What happened since start (``comet.stats`` shows it): streams
+        #: opened, closed, refused (admission) and parked, client disconnects,
+        #: heartbeats, items (events and parts) and bytes written, slow
+        #: consumers dropped.
+        self.counters = Counters(("opened", "closed", "refused", "parked", "disconnects", "heartbeats", "items", "bytes",
+                                  "slow_consumers"))
         self.stopping = False
 
     def admit(self, transport: str) -> int:
@@ -101,7 +106,7 @@ class StreamPool:
             self._next += 1
             self._open[self._next] = None
             self._setup.add(self._next)
-            self.counters["opened"] += 1
+            self.counters.add("opened")
             return self._next
 
     def _check(self, parkable: bool, own: int) -> None:
@@ -110,13 +115,13 @@ class StreamPool:
         # ``own`` discounts the caller's own place when re-checking.
         if parkable:
             if len(self._parked) >= self.max_parked > 0:
-                self.counters["refused"] += 1
+                self.counters.add("refused")
                 raise StreamsExhausted(f"too many open streams ({len(self._parked)} parked of {self.max_parked}); "
                                        "retry later", self.retry_after)
             return
         threaded = len(self._open) - len(self._parked) - len(self._setup) - own
         if self.max_streams is not None and threaded >= self.max_streams:
-            self.counters["refused"] += 1
+            self.counters.add("refused")
             raise StreamsExhausted(f"too many open streams ({threaded} of {self.max_streams}); retry later", self.retry_after)
 
     def attach(self, ticket: int, stream: "Stream", parkable: bool = False) -> None:
@@ -141,7 +146,7 @@ class StreamPool:
     def release(self, ticket: int) -> None:
         with self._cond:
             if self._open.pop(ticket, False) is not False:
-                self.counters["closed"] += 1
+                self.counters.add("closed")
             self._parked.discard(ticket)
             self._setup.discard(ticket)
             self._cond.notify_all()
@@ -154,7 +159,7 @@ class StreamPool:
 
                 self._parker = Parker(self)
             self._parked.add(ticket)
-            self.counters["parked"] += 1
+            self.counters.add("parked")
             parker = self._parker
         parker.park(stream)
         if self.stopping:
@@ -174,6 +179,21 @@ class StreamPool:
     def open_streams(self) -> int:
         """How many streams are open now."""
         return len(self._open)
+
+    def census(self) -> dict[str, Any]:
+        """Open streams now: in all, parked, by transport and by channel
+        (``"?"`` for generators whose channel cannot be told). O(open streams)."""
+        with self._cond:
+            streams = [s for s in self._open.values() if s is not None]
+            parked, setup = len(self._parked), len(self._setup)
+        by_transport: dict[str, int] = {}
+        by_channel: dict[str, int] = {}
+        for stream in streams:
+            by_transport[stream.transport] = by_transport.get(stream.transport, 0) + 1
+            channel = stream.channel or "?"
+            by_channel[channel] = by_channel.get(channel, 0) + 1
+        return {"open": len(streams) + setup, "parked": parked, "threaded": len(streams) - parked + setup,
+                "by_transport": by_transport, "by_channel": by_channel}
 
     def close_all(self) -> None:
         """Ask every open stream to end at its next tick (server stopping).
@@ -226,11 +246,18 @@ class Stream:
         self._heartbeat_bytes = heartbeat(self.transport)
         self.disconnected = False
         self.parked = False
+        self._channel: str | None = items.channel if isinstance(items, Subscription) else None
         # Only a hub Subscription can be parked: it never blocks, and the
         # writer thread reads it with take(). Generators keep their thread.
         self._handoff = handoff if (isinstance(items, Subscription) and options.mode == "auto"
                                     and self.transport != "longpoll") else None
         pool.attach(ticket, self, parkable=self._handoff is not None)
+
+    @property
+    def channel(self) -> str | None:
+        """The hub channel this stream follows, if it can be told: a returned
+        subscription, or one a generator was seen doing ``yield from``."""
+        return self._channel
 
     # -- setup --------------------------------------------------------------
 
@@ -247,6 +274,7 @@ class Stream:
             return  # validated when it was created; pulling now would start thread-mode iteration
         try:
             self._pending.append(next(self._items))
+            self._see_channel()
         except StopIteration:
             self._stopping = True
 
@@ -282,7 +310,7 @@ class Stream:
                     raise StopIteration
                 if now - self._last_write >= self.options.heartbeat and self._heartbeat_bytes:
                     self._last_write = now
-                    self._pool.counters["heartbeats"] += 1
+                    self._pool.counters.add("heartbeats")
                     return self._count(self._heartbeat_bytes)
                 continue
             try:
@@ -294,7 +322,7 @@ class Stream:
                 self._stopping = True
                 raise StopIteration from None
             self._last_write = time.monotonic()
-            self._pool.counters["items"] += 1
+            self._pool.counters.add("items")
             return self._count(data)
 
     def _park(self, handoff: Handoff) -> bool:
@@ -319,13 +347,23 @@ class Stream:
         if self._pending:
             return self._pending.pop()
         try:
-            return next(self._items)
+            item = next(self._items)
         except StopIteration:
             self._stopping = True
             raise
+        if self._channel is None:
+            self._see_channel()
+        return item
+
+    def _see_channel(self) -> None:
+        # Only a *suspended* generator shows what it delegates to, so look
+        # between items (stats: streams per channel), never from other threads.
+        inner = getattr(self._items, "gi_yieldfrom", None)
+        if isinstance(inner, Subscription):
+            self._channel = inner.channel
 
     def _count(self, data: bytes) -> bytes:
-        self._pool.counters["bytes"] += len(data)
+        self._pool.counters.add("bytes", len(data))
         return data
 
     def _expired(self, now: float) -> bool:
@@ -339,7 +377,7 @@ class Stream:
             self._last_probe = now
             if self._probe():
                 self.disconnected = True
-                self._pool.counters["disconnects"] += 1
+                self._pool.counters.add("disconnects")
                 return True
         return False
 
@@ -366,7 +404,7 @@ class Stream:
             entries.append(longpoll_item(item))
             if isinstance(item, Event) and item.id is not None:
                 cursor = item.id
-        self._pool.counters["items"] += len(entries)
+        self._pool.counters.add("items", len(entries))
         body = encode_longpoll(entries, cursor)
         self._count(body)
         return body

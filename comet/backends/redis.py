@@ -171,7 +171,7 @@ class RedisHub(Hub):
             event_id = self._publish_script(keys=[self._key(channel)], args=args)
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
-        self.published += 1
+        self.counters.add("published")
         return event_id.decode()
 
     # -- reading (read-your-writes: catch up before answering) --------------

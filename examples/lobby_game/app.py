@@ -21,6 +21,7 @@ import cherrypy
 import jinja2
 
 import comet
+import comet.stats
 from comet import Event, Hub, comet as stream
 from comet.cherrypy_tool import engine_plugin, static_config
 
@@ -134,7 +135,9 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }
-    return LobbyApp(hub, lobbies), config
+    root = LobbyApp(hub, lobbies)
+    comet.stats.mount(root)  # the live operations page: /comet/stats
+    return root, config
 
 
 def main(argv: list[str] | None = None) -> None:

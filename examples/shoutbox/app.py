@@ -36,6 +36,7 @@ from pathlib import Path
 import cherrypy
 import jinja2
 
+import comet.stats
 from comet import BackendUnavailable, Hub, comet as stream
 from comet.backends import hub_from_url
 from comet.cherrypy_tool import engine_plugin, static_config
@@ -253,7 +254,9 @@ def make_app(hub: Hub | None = None, *, mod_secret: str = "letmein", rate: RateL
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }
-    return Shoutbox(hub, mod_secret, rate), config
+    root = Shoutbox(hub, mod_secret, rate)
+    comet.stats.mount(root)  # the live operations page: /comet/stats
+    return root, config
 
 
 def main(argv: list[str] | None = None) -> None:

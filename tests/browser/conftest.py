@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from comet.testing import http_get, wait_until
+from comet.testing import AppProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
@@ -50,56 +46,18 @@ def context(browser):
     assert not errors, f"uncaught errors in the pages: {errors}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ExampleServer:
-    """``python -m examples.<name>`` as a child process."""
-
-    def __init__(self, module: str, *args: str, port: int | None = None) -> None:
-        self.module, self.args = module, args
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "ExampleServer":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "--port", str(self.port), "--threads", "60", *self.args],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-        def up() -> bool:
-            assert self.proc.poll() is None, f"{self.module} exited with {self.proc.returncode}"
-            try:
-                return http_get(self.url + "/", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        wait_until(up, timeout=20, interval=0.1, what=f"{self.module} listening")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-
 @pytest.fixture
 def example_server():
-    started: list[ExampleServer] = []
 
-    def start(module: str, *args: str, port: int | None = None) -> ExampleServer:
-        server = ExampleServer(module, *args, port=port).start()
+    """Factory: ``example_server("examples.shoutbox", *args)`` runs the app in
+    its own process on a free port (or *port*) until the test ends."""
+    started: list[AppProcess] = []
+
+    def start(module: str, *args: str, port: int | None = None) -> AppProcess:
+        server = AppProcess(["-m", module, "--threads", "60", *args], port=port, cwd=ROOT).start()
         started.append(server)
         return server
 
     yield start
     for server in started:
-        server.stop()
+        server.close()

@@ -127,3 +127,29 @@ def test_pages_reconnect_after_server_restart_and_show_what_was_sent(context, ex
     for page in pages:
         page.wait_for_selector("#shouts li:has-text('live again')")
         page.close()
+
+
+def test_the_live_stats_page_renders_and_moves(context, example_server):
+    lobby = example_server("examples.lobby_game", "--size", "4")
+    shoutbox = example_server("examples.shoutbox")
+    game = context.new_page()
+    game.goto(lobby.url + "/lobby/stats-room")  # one stream open on the lobby's channel
+    game.wait_for_function("document.getElementById('status').textContent === 'open'")
+    stats = context.new_page()
+    stats.goto(lobby.url + "/comet/stats")  # CherryPy redirects to /comet/stats/
+    stats.wait_for_function("Number(document.body.dataset.samples || 0) >= 2", timeout=15_000)
+    assert stats.get_attribute("#status", "data-state") == "live"
+    # the lobby page's stream and the stats page's own stream
+    stats.wait_for_function("Number(document.getElementById('open').textContent) >= 2")
+    channels = stats.locator("#channels td:first-child").all_inner_texts()
+    assert "lobby:stats-room" in channels
+    assert "sse" in stats.locator("#transports td:first-child").all_inner_texts()
+    points = stats.get_attribute("#spark-open polyline", "points")
+    assert points and len(points.split()) >= 2  # the sparkline is drawn
+    # a shout on the shoutbox moves its published/delivered counters live
+    page = context.new_page()
+    page.goto(shoutbox.url + "/comet/stats/")
+    page.wait_for_function("document.getElementById('published').textContent !== '–'")
+    before = int(page.inner_text("#published").replace(",", ""))
+    post_shout(shoutbox.url, "ops", "hello stats")
+    page.wait_for_function(f"Number(document.getElementById('published').textContent.replace(/,/g, '')) > {before}")

@@ -1,0 +1,181 @@
+"""Live stats: what comet is doing in this process, as JSON and as a page.
+
+:func:`snapshot` reads the counters of a stream pool and of hubs::
+
+    {"streams": {"open": 3, "parked": 2, "threaded": 1,
+                 "by_transport": {"sse": 3}, "by_channel": {"lobby:a": 2, "?": 1}},
+     "events": {"published": 41, "delivered": 97, "gaps": 0},
+     "bytes_written": 18204, "disconnects": 4, "refused": 0, ...}
+
+Counts are exact (see :class:`comet.counters.Counters`), since the process
+started. ``by_channel`` names the hub channel a stream follows (``"?"`` for
+a generator that is not inside ``yield from hub.subscribe(...)`` right now).
+
+Mount it in one line:
+
+* CherryPy: ``comet.stats.mount(root)`` serves ``/comet/stats`` (a live
+  page that streams its own numbers through comet and draws them),
+  ``/comet/stats/json`` and ``/comet/stats/stream`` (SSE, one snapshot a
+  second). ``cherrypy.tree.mount(StatsApp(), "/comet/stats")`` does the same
+  as an app of its own.
+* Plain WSGI: ``stats_wsgi(pool, hubs)`` is a WSGI app answering the JSON.
+
+The numbers are for operators: protect the URL like any admin page (the
+examples leave it open because they are demos).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .framing import Event
+from .hub import Hub
+from .stream import StreamPool
+
+__all__ = ["snapshot", "StatsApp", "mount", "stats_wsgi"]
+
+_STARTED = time.time()
+_PAGE = Path(__file__).resolve().parent / "static" / "stats.html"
+
+
+def snapshot(pool: StreamPool, hubs: Iterable[Hub] = ()) -> dict[str, Any]:
+    """The numbers, as one JSON-ready dict.
+
+    >>> from comet import Hub
+    >>> hub = Hub(); _ = hub.publish("c", "x")
+    >>> stats = snapshot(StreamPool(), [hub])
+    >>> stats["events"]["published"], stats["streams"]["open"]
+    (1, 0)
+    """
+    counts = pool.counters.snapshot()
+    hubs = list(hubs)
+    hub_counts = [h.counters.snapshot() for h in hubs]
+    return {
+        "time": round(time.time(), 3),
+        "uptime_s": round(time.time() - _STARTED, 1),
+        "streams": pool.census(),
+        "events": {
+            "published": sum(c.get("published", 0) for c in hub_counts),
+            "delivered": counts.get("items", 0),
+            "gaps": sum(c.get("gaps", 0) for c in hub_counts),
+        },
+        "bytes_written": counts.get("bytes", 0),
+        "disconnects": counts.get("disconnects", 0),
+        "refused": counts.get("refused", 0),
+        "opened": counts.get("opened", 0),
+        "closed": counts.get("closed", 0),
+        "parked_total": counts.get("parked", 0),
+        "heartbeats": counts.get("heartbeats", 0),
+        "slow_consumers": counts.get("slow_consumers", 0),
+        "hubs": [{"type": type(h).__name__, "channels": len(h.channels()), "subscriptions": h.subscriptions,
+                  **c} for h, c in zip(hubs, hub_counts)],
+    }
+
+
+def _cherrypy_snapshot() -> dict[str, Any]:
+    from .cherrypy_tool import engine_plugin
+
+    plugin = engine_plugin()
+    return snapshot(plugin.pool, plugin.hubs)
+
+
+def _page() -> str:
+    return _PAGE.read_text(encoding="utf-8")
+
+
+class StatsApp:
+    """CherryPy handlers for the stats of this process's comet plugin (its
+    stream pool and the hubs given to ``engine_plugin().add_hub``).
+
+    ``index``: the live page; ``json``: one snapshot; ``stream``: SSE, a
+    snapshot every ``interval`` seconds.
+
+    >>> import cherrypy
+    >>> class Root: pass
+    >>> root = Root(); app = mount(root)   # /comet/stats
+    >>> isinstance(root.comet.stats, StatsApp)
+    True
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        if not isinstance(interval, (int, float)) or interval <= 0:
+            raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
+        self.interval = float(interval)
+        self._stopped = threading.Event()
+        import cherrypy
+
+        from . import comet
+
+        # Before comet's own stop (10): a stats stream waiting for its next
+        # tick wakes and ends instead of holding up shutdown for a tick.
+        cherrypy.engine.subscribe("stop", self._stopped.set, priority=5)
+        cherrypy.engine.subscribe("start", self._stopped.clear)
+
+        @cherrypy.expose
+        def index() -> str:
+            cherrypy.response.headers["Content-Type"] = "text/html; charset=utf-8"
+            cherrypy.response.headers["Cache-Control"] = "no-cache"
+            return _page()
+
+        @cherrypy.expose
+        @cherrypy.tools.json_out()
+        def json_() -> dict:
+            cherrypy.response.headers["Cache-Control"] = "no-cache"
+            return _cherrypy_snapshot()
+
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=15)
+        def stream():
+            # A generator in thread mode: an admin page or two, not thousands.
+            # The wait wakes at engine stop, so shutdown never waits on it.
+            while True:
+                yield Event(_cherrypy_snapshot(), name="stats")
+                if self._stopped.wait(self.interval):
+                    return
+
+        self.index = index
+        self.json = json_
+        self.stream = stream
+
+
+def mount(root: Any, path: str = "/comet/stats", interval: float = 1.0) -> StatsApp:
+    """Attach a :class:`StatsApp` to a CherryPy *root* object at *path*
+    (intermediate objects are created as needed) and return it."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    if not parts:
+        raise ValueError("path must name where to mount, e.g. '/comet/stats'")
+    node = root
+    for name in parts[:-1]:
+        child = getattr(node, name, None)
+        if child is None:
+            child = type("StatsBranch", (), {})()
+            setattr(node, name, child)
+        node = child
+    app = StatsApp(interval)
+    setattr(node, parts[-1], app)
+    return app
+
+
+def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = ()) -> Callable:
+    """A WSGI app answering :func:`snapshot` as JSON, for plain WSGI servers.
+
+    >>> app = stats_wsgi(StreamPool())
+    >>> body = app({"REQUEST_METHOD": "GET"}, lambda status, headers: None)
+    >>> json.loads(b"".join(body))["streams"]["open"]
+    0
+    """
+    hubs = list(hubs)
+
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")])
+            return [b"GET only\n"]
+        body = json.dumps(snapshot(pool, hubs)).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Cache-Control", "no-cache"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app

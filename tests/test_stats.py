@@ -1,0 +1,158 @@
+"""Live stats: counters under a scripted load, the JSON and SSE endpoints,
+exactness under threads. (The page itself renders in
+tests/browser/test_examples_browser.py.)"""
+from __future__ import annotations
+
+import json
+import threading
+
+import cherrypy
+import pytest
+
+
+from comet import GAP, Hub, comet
+from comet.cherrypy_tool import engine_plugin
+from comet.counters import Counters
+from comet.stats import mount, snapshot, stats_wsgi
+from comet.stream import StreamPool
+from comet.testing import StreamClient, http_get, wait_until
+from comet.wsgi import comet_app
+
+
+@pytest.fixture
+def stats_server(comet_cherrypy):
+    hub = engine_plugin().add_hub(Hub(buffer_size=5, idle=0.2))
+
+    class Root:
+        @cherrypy.expose
+        def say(self, channel="room", n="1"):
+            for i in range(int(n)):
+                hub.publish(channel, f"m{i}")
+            return "ok"
+
+        @cherrypy.expose
+        @comet(transport="sse")
+        def parked(self, channel="room", last_event_id=None):
+            return hub.subscribe(channel, last_id=last_event_id)
+
+        @cherrypy.expose
+        @comet(transport="sse")
+        def threaded(self, channel="room", last_event_id=None):
+            yield from hub.subscribe(channel, last_id=last_event_id)
+
+        @cherrypy.expose
+        @comet(transport="multipart")
+        def parts(self, channel="room"):
+            return hub.subscribe(channel)
+
+    root = Root()
+    mount(root)
+    server = comet_cherrypy(root, global_config={"comet.max_streams": 2})
+    yield server, hub
+    engine_plugin().hubs.remove(hub)
+
+
+def stats(server) -> dict:
+    status, headers, body = http_get(server.url + "/comet/stats/json")
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    return json.loads(body)
+
+
+def test_counters_follow_a_scripted_load(stats_server):
+    server, hub = stats_server
+    before = stats(server)
+    clients = [StreamClient(server.url + "/parked?channel=room").open() for _ in range(3)]
+    clients.append(StreamClient(server.url + "/threaded?channel=side").open())
+    clients.append(StreamClient(server.url + "/parts?channel=room", transport="multipart").open())
+    now = wait_until(lambda: (s := stats(server))["streams"]["open"] == 5 and s, what="5 streams open")
+    streams = now["streams"]
+    assert streams["by_transport"] == {"sse": 4, "multipart": 1}
+    assert streams["by_channel"] == {"room": 4, "side": 1}  # the generator's channel seen through yield from
+    assert streams["parked"] == 4 and streams["threaded"] == 1
+
+    http_get(server.url + "/say?channel=room&n=3")
+    http_get(server.url + "/say?channel=side&n=2")
+    for client in clients[:3]:
+        client.wait_for(3)
+    clients[3].wait_for(2)
+    clients[4].wait_for(3)
+    after = wait_until(lambda: (s := stats(server))["events"]["delivered"] - before["events"]["delivered"] >= 14 and s,
+                       what="deliveries counted")
+    assert after["events"]["published"] - before["events"]["published"] == 5
+    assert after["events"]["delivered"] - before["events"]["delivered"] == 3 * 3 + 2 + 3
+    assert after["bytes_written"] > before["bytes_written"]
+
+    # clients go away: disconnects counted, streams closed
+    for client in clients[:2]:
+        client.close()
+    gone = wait_until(lambda: (s := stats(server))["streams"]["open"] == 3 and s, what="two streams closed")
+    assert gone["disconnects"] - before["disconnects"] >= 2
+    assert gone["closed"] - before["closed"] >= 2
+
+    # admission: the thread cap is 2 and one threaded stream is open
+    refused_client = StreamClient(server.url + "/threaded?channel=x").open()
+    with pytest.raises(Exception, match="503"):
+        StreamClient(server.url + "/threaded?channel=y").open()
+    assert stats(server)["refused"] - before["refused"] == 1
+    refused_client.close()
+    wait_until(lambda: stats(server)["streams"]["threaded"] == 1, what="the extra threaded stream closed")
+
+    # a cursor that fell out of the buffer (5 events) is a gap
+    http_get(server.url + "/say?channel=gappy&n=10")
+    first = hub.history("gappy")[0].id
+    with StreamClient(server.url + "/parked?channel=gappy", last_event_id="0-0") as late:
+        assert late.wait_for(1)[0].name == GAP
+    assert first and stats(server)["events"]["gaps"] - before["events"]["gaps"] == 1
+    for client in clients[2:]:
+        client.close()
+    wait_until(lambda: stats(server)["streams"]["open"] == 0, what="all closed")
+
+
+def test_the_stats_stream_is_an_sse_stream_of_snapshots(stats_server):
+    server, _ = stats_server
+    with StreamClient(server.url + "/comet/stats/stream") as client:
+        first, second = client.wait_for(2, timeout=10)[:2]
+        assert first.name == second.name == "stats"
+        a, b = json.loads(first.data), json.loads(second.data)
+        assert b["time"] > a["time"] and a["streams"]["by_channel"] == {"?": 1}  # itself, a generator
+    assert http_get(server.url + "/comet/stats")[0] == 301  # CherryPy: to /comet/stats/
+    status, headers, body = http_get(server.url + "/comet/stats/")
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"EventSource" in body
+
+
+def test_counters_are_exact_under_threads():
+    counters = Counters(("n",))
+    hub = Hub()
+
+    def work(i):
+        for _ in range(5000):
+            counters.add("n")
+            hub.publish(f"ch{i}", "x")  # different channels: different locks
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert counters["n"] == 40_000 and hub.published == 40_000
+
+
+def test_stats_as_plain_wsgi(comet_wsgi):
+    hub = Hub()
+    pool = StreamPool()
+    events = comet_app(lambda environ: hub.subscribe("w"), pool=pool, transport="sse")
+    stats_app = stats_wsgi(pool, [hub])
+
+    def app(environ, start_response):
+        return (stats_app if environ["PATH_INFO"] == "/stats" else events)(environ, start_response)
+
+    server = comet_wsgi(app, pools=[pool])
+    with StreamClient(server.url + "/events") as client:
+        hub.publish("w", "hello")
+        client.wait_for(1)
+        status, _, body = http_get(server.url + "/stats")
+        doc = json.loads(body)
+        assert status == 200 and doc["streams"]["open"] == 1 and doc["streams"]["by_channel"] == {"w": 1}
+        assert doc["events"] == {"published": 1, "delivered": 1, "gaps": 0}
+    assert http_get(server.url + "/stats", method="POST", body=b"")[0] == 405
+    assert snapshot(pool, [hub])["hubs"][0]["type"] == "Hub"
