@@ -14,7 +14,10 @@ setup(
         "redis": ["redis>=5"],
         # playwright drives the system Chromium (Debian's package); it never
         # downloads a browser of its own here.
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "redis>=5", "playwright>=1.40"],
+        "docs": ["sphinx>=7", "myst-parser>=2"],
+        # the suite builds the docs (warnings are errors) and runs their snippets
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "redis>=5", "playwright>=1.40",
+                 "sphinx>=7", "myst-parser>=2"],
     },
     # The fixtures (comet_cherrypy, comet_wsgi) are available to any test suite
     # once comet is installed, like other pytest plugins.
