@@ -332,48 +332,54 @@ def run_one(name: str, n: int, args) -> dict:
     except Exception as exc:  # a server that cannot take N streams is a result too
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        for pipe in pipes:
-            try:
-                pipe.send(("stop",))
-            except OSError:
-                pass
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
+        stop_clients(pipes, procs)
         if server.poll() is None:
             server.kill()
             server.wait(10)
     return result
 
 
-def run_burst(name: str, args) -> dict:
-    server, port = _start_server(name, 1)
+def stop_clients(pipes: list, procs: list) -> None:
+    """Tell load-client processes to stop, then make sure they did."""
+    for pipe in pipes:
+        try:
+            pipe.send(("stop",))
+        except OSError:
+            pass
+    for proc in procs:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def one_stream_burst(stream_port: int, publish_port: int, n: int, timeout: float = 120) -> tuple[float, float]:
+    """One stream on *stream_port*; POST /burst?n= to *publish_port*:
+    (events/s the stream received, events/s the publisher managed)."""
     parent, child = mp.Pipe()
-    proc = None
+    proc = mp.Process(target=_client_main, args=(stream_port, 1, child), daemon=True)
+    proc.start()
     try:
-        _wait_up(name, server, port)
-        proc = mp.Process(target=_client_main, args=(port, 1, child), daemon=True)
-        proc.start()
         parent.recv()  # open
-        parent.send(("burst", args.burst))
-        time.sleep(0.3)
-        _request(port, "POST", f"/burst?n={args.burst}", timeout=120)
-        if not parent.poll(120):
+        parent.send(("burst", n))
+        time.sleep(0.3)  # the client switches to burst counting (a pipe message, no reply to wait on)
+        publish_s = _request(publish_port, "POST", f"/burst?n={n}", timeout=timeout)[1]
+        if not parent.poll(timeout):
             raise TimeoutError("burst never completed")
         _, got, seconds = parent.recv()
-        return {"server": name, "one_stream_events_per_s": round(got / seconds) if seconds else None}
+        return (got / seconds if seconds else float("nan")), n / publish_s
+    finally:
+        stop_clients([parent], [proc])
+
+
+def run_burst(name: str, args) -> dict:
+    server, port = _start_server(name, 1)
+    try:
+        _wait_up(name, server, port)
+        received, _ = one_stream_burst(port, port, args.burst)
+        return {"server": name, "one_stream_events_per_s": round(received)}
     except Exception as exc:
         return {"server": name, "error": f"{type(exc).__name__}: {exc}"}
     finally:
-        try:
-            parent.send(("stop",))
-        except OSError:
-            pass
-        if proc is not None:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
         server.terminate()
         try:
             server.wait(10)

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.capacity import _client_main, _cpu_s, _pct, _request
+from benchmarks.capacity import _client_main, _cpu_s, _pct, _request, one_stream_burst, stop_clients
 from comet.processes import AppProcess, NginxServer, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,44 +131,16 @@ def run_broadcasts(setup: Setup, n: int, args) -> dict:
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        for pipe in pipes:
-            try:
-                pipe.send(("stop",))
-            except OSError:
-                pass
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
+        stop_clients(pipes, procs)
     return result
 
 
 def run_burst(setup: Setup, args) -> dict:
-    parent, child = mp.Pipe()
-    proc = mp.Process(target=_client_main, args=(setup.port, 1, child), daemon=True)
-    proc.start()
     try:
-        parent.recv()  # open
-        parent.send(("burst", args.burst))
-        time.sleep(0.3)
-        started = time.monotonic()
-        _request(setup.apps[-1].port, "POST", f"/burst?n={args.burst}", timeout=300)
-        publish_s = time.monotonic() - started
-        if not parent.poll(300):
-            raise TimeoutError("burst never completed")
-        _, got, seconds = parent.recv()
-        return {"setup": setup.name, "burst_events_per_s": round(got / seconds) if seconds else None,
-                "publish_events_per_s": round(args.burst / publish_s)}
+        received, published = one_stream_burst(setup.port, setup.apps[-1].port, args.burst, timeout=300)
+        return {"setup": setup.name, "burst_events_per_s": round(received), "publish_events_per_s": round(published)}
     except Exception as exc:
         return {"setup": setup.name, "error": f"{type(exc).__name__}: {exc}"}
-    finally:
-        try:
-            parent.send(("stop",))
-        except OSError:
-            pass
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
 
 
 COLUMNS = ["setup", "n", "connect_s", "last_p50_ms", "last_p99_ms", "last_max_ms", "stream_p50_ms",

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,36 @@ def test_run_script_commands_in_the_docs_exist():
         for body in blocks(page, "sh"):
             for sub in re.findall(r"\./run (\w+)", body):
                 assert f"  {sub})" in script, f"{page.name}: ./run {sub} is not a command of ./run"
+
+
+def test_the_quickstart_runs_as_a_script_and_curl_shows_the_stream(tmp_path):
+    """docs/quickstart.md end to end: its app.py under ``__main__`` (the
+    CherryPy default port swapped for a free one), then its curl commands."""
+    from comet.processes import AppProcess, free_port
+    from comet.testing import wait_until
+
+    page = DOCS / "quickstart.md"
+    app = next(b for b in blocks(page, "python") if "cherrypy.quickstart" in b)
+    port = free_port()
+    (tmp_path / "app.py").write_text(
+        f"import cherrypy\ncherrypy.config.update({{'server.socket_port': {port}}})\n" + app)
+    shell = next(b for b in blocks(page, "sh") if "curl -N" in b)
+    listen, say = [line.replace("8080", str(port)) for line in shell.splitlines() if line.startswith("curl")]
+    # "{port}" keeps AppProcess from appending --port; app.py ignores its argv
+    server = AppProcess([str(tmp_path / "app.py"), "{port}"], port=port, env={"PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    with server:
+        watcher = subprocess.Popen(listen.split() + ["--max-time", "5", "-s"], stdout=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(watcher.stdout), daemon=True)
+        reader.start()
+        try:
+            wait_until(lambda: ":ok\n" in lines, timeout=10, what="curl shows the preamble")  # subscribed
+            said = subprocess.run(say.replace('"', "").split() + ["-s"], capture_output=True, text=True, timeout=10)
+            assert said.stdout == "ok"
+            wait_until(lambda: "data: hello\n" in lines, timeout=10, what="curl shows the event")
+        finally:
+            watcher.kill()
+            watcher.wait(5)
+            reader.join(5)
+            watcher.stdout.close()
+        assert lines[0] == ":ok\n" and re.fullmatch(r"id: \d+-1\n", lines[lines.index("data: hello\n") - 1])
