@@ -137,6 +137,9 @@ class RedisHub(Hub):
         self._reader_options = {**options, "socket_timeout": read_timeout}
         self._where = self.redis.connection_pool.connection_kwargs.get("host", url)
         self._live: dict[bytes, str] = {}  # stream key -> channel, for the reader
+        # stream key -> id of the newest event mirrored: the reader's XREAD
+        # arguments, kept current by _append so a read costs no per-channel work
+        self._cursors: dict[bytes, str] = {}
         self._version = 0  # bumped when a channel becomes live
         self._seen_version = 0  # the version the reader's current XREAD covers
         self._reader_id: int | None = None
@@ -225,6 +228,7 @@ class RedisHub(Hub):
             ch.live = True
             with self._lock:
                 self._live[key.encode()] = name
+                self._cursors[key.encode()] = ch.tail_id()
                 self._version += 1
                 version = self._version
         self._nudge(version)
@@ -258,6 +262,8 @@ class RedisHub(Hub):
             ch.append(self._event(channel, event_id, fields))
             tail = key
             added = True
+        if added and ch.live:
+            self._cursors[self._key(channel).encode()] = ch.tail_id()
         return added
 
     @staticmethod
@@ -327,16 +333,11 @@ class RedisHub(Hub):
         self._changed.clear()  # before the snapshot: a channel added after it sets it again
         with self._lock:
             version = self._version
-            live = list(self._live.items())
-        if not live:
+            streams = dict(self._cursors)
+        if not streams:
             self._seen_version = version
             self._changed.wait(self.block)
             return
-        streams = {}
-        for key, name in live:
-            ch = self._channels[name]
-            with ch.cond:
-                streams[key] = ch.tail_id()
         self._seen_version = version
         reply = conn.xread(streams, count=1000, block=int(self.block * 1000))
         for key, entries in reply or ():
