@@ -215,8 +215,11 @@ class Hub:
             stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
             stored._wire["text"] = proto.text()
             ch.append(stored)
+            ch.cond.notify_all()  # in the same lock hold as the append: the hot path
+            watchers = ch.watchers
         self.counters.add("published")
-        self._wake(ch)
+        for wake in watchers:  # e.g. the parked-stream writer: one call per channel, not per stream
+            wake()
         return event_id
 
     def _prepare(self, channel: str, data: Any, event: str | None, retry: int | None) -> Event:
