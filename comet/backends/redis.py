@@ -134,7 +134,8 @@ class RedisHub(Hub):
         self.redis = redis.Redis.from_url(url, **options)
         self._publish_script = self.redis.register_script(_PUBLISH)
         read_timeout = self.block + (options["socket_timeout"] or 5.0)
-        self._reader_options = {**options, "socket_timeout": read_timeout}
+        # One connection, always the same: CLIENT UNBLOCK must name the one that blocks.
+        self._reader_options = {**options, "socket_timeout": read_timeout, "single_connection_client": True}
         self._where = self.redis.connection_pool.connection_kwargs.get("host", url)
         self._live: dict[bytes, str] = {}  # stream key -> channel, for the reader
         # stream key -> id of the newest event mirrored: the reader's XREAD
