@@ -242,20 +242,7 @@ def run_one(name: str, n: int, args) -> dict:
     try:
         _wait_up(name, server, port)
         rss0 = _rss_kb(server.pid)
-        k = max(1, min(args.clients, n // 500 or 1))
-        shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
-        for share in shares:
-            parent, child = mp.Pipe()
-            proc = mp.Process(target=_client_main, args=(port, share, child), daemon=True)
-            proc.start()
-            pipes.append(parent)
-            procs.append(proc)
-        opened = []
-        for pipe in pipes:
-            if not pipe.poll(180):
-                raise RuntimeError("clients did not connect")
-            opened.append(pipe.recv()[1])
-        result["connect_s"] = round(max(opened), 3)
+        result["connect_s"] = round(start_clients(port, n, args.clients, pipes, procs), 3)
         time.sleep(0.5)
         rss1 = _rss_kb(server.pid)
         result["rss_per_stream_kb"] = round((rss1 - rss0) / n, 1)
@@ -337,6 +324,26 @@ def run_one(name: str, n: int, args) -> dict:
             server.kill()
             server.wait(10)
     return result
+
+
+def start_clients(port: int, n: int, clients: int, pipes: list, procs: list) -> float:
+    """Open *n* streams on *port* from up to *clients* load-client processes
+    (at most one per 500 streams). Their pipes and processes are appended to
+    *pipes*/*procs* as they start, so the caller's ``finally`` can stop them.
+    Returns the seconds until every stream was open."""
+    k = max(1, min(clients, n // 500 or 1))
+    for i in range(k):
+        parent, child = mp.Pipe()
+        proc = mp.Process(target=_client_main, args=(port, n // k + (1 if i < n % k else 0), child), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    opened = []
+    for pipe in pipes:
+        if not pipe.poll(180):
+            raise RuntimeError("clients did not connect")
+        opened.append(pipe.recv()[1])
+    return max(opened)
 
 
 def stop_clients(pipes: list, procs: list) -> None:

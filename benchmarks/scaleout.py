@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.capacity import _client_main, _cpu_s, _pct, _request, one_stream_burst, stop_clients
+from benchmarks.capacity import _cpu_s, _pct, _request, one_stream_burst, start_clients, stop_clients
 from comet.processes import AppProcess, NginxServer, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,22 +82,9 @@ def _children(pid: int) -> list[int]:
 
 def run_broadcasts(setup: Setup, n: int, args) -> dict:
     result: dict = {"setup": setup.name, "processes": len(setup.apps), "n": n}
-    k = max(1, min(args.clients, n // 500 or 1))
-    shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
     pipes, procs = [], []
     try:
-        for share in shares:
-            parent, child = mp.Pipe()
-            proc = mp.Process(target=_client_main, args=(setup.port, share, child), daemon=True)
-            proc.start()
-            pipes.append(parent)
-            procs.append(proc)
-        opened = []
-        for pipe in pipes:
-            if not pipe.poll(180):
-                raise RuntimeError("clients did not connect")
-            opened.append(pipe.recv()[1])
-        result["connect_s"] = round(max(opened), 2)
+        result["connect_s"] = round(start_clients(setup.port, n, args.clients, pipes, procs), 2)
         time.sleep(0.5)
         cpu0 = setup.cpu()
         lasts, mids, bad = [], [], {}

@@ -203,7 +203,7 @@ def test_history_then_stream_has_no_gap_and_no_duplicate(shout_server):
         hub.publish("shouts", {"nick": "bot", "text": f"m{n}", "at": 0}, event="shout")
     with StreamClient(server.url + "/events", last_event_id=cursor) as c:
         hub.publish("shouts", {"nick": "bot", "text": "m63", "at": 0}, event="shout")
-        events = c.wait_for(4)
+        c.wait_for(4)
         time.sleep(0.3)  # nothing else may follow
         assert [json.loads(e.data)["text"] for e in c.events] == ["m60", "m61", "m62", "m63"]
 

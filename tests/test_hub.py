@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comet import GAP, Event, Hub, HubClosed, InvalidEvent, InvalidEventId
+from comet import GAP, Event, Hub, HubClosed, InvalidEventId
 from comet.hub import Idle, parse_id
 
 

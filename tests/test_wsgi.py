@@ -5,17 +5,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from comet import Hub
 from comet.stream import StreamPool
 from comet.testing import StreamClient, http_get, wait_until
 from comet.wsgi import comet_app
 
-from conftest import RawStream, Tracker
+from conftest import RawStream
 
 
 @pytest.fixture
