@@ -150,6 +150,13 @@ def test_redis_restart_mid_stream_loses_nothing(shoutbox, redis_server):
         assert not client.ended and client.requests == 1  # ... the very same stream
 
 
+def test_redirects_and_stats_through_nginx_keep_its_address(shoutbox):
+    status, headers, _ = http_get(shoutbox.nginx.url + "/comet/stats")
+    assert status == 301 and headers["location"] == shoutbox.nginx.url + "/comet/stats/"
+    status, _, body = http_get(shoutbox.nginx.url + "/comet/stats/json")
+    assert status == 200 and json.loads(body)["hubs"][0]["type"] == "RedisHub"
+
+
 def test_rate_limit_and_moderator_cookie_hold_across_processes(shoutbox):
     token = secrets.token_urlsafe(24)
     codes = [shout(app.url, f"spam {i}", token)[0] for i, app in enumerate(shoutbox.apps * 2)]
