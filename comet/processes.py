@@ -274,6 +274,13 @@ class AppProcess:
         self.process = None
         return code
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no cleanup runs in the app."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
     def close(self) -> None:
         self.stop()
         self.logfile.close()

@@ -55,7 +55,8 @@ def shoutbox(redis_server):
 
 @pytest.fixture(scope="module")
 def lobby(redis_server):
-    cluster = Cluster(redis_server, "examples.lobby_game", ("--size", "2", "--grace", "0.5", "--countdown", "1"))
+    cluster = Cluster(redis_server, "examples.lobby_game",
+                      ("--size", "2", "--grace", "0.5", "--countdown", "1", "--lease", "1.5"))
     yield cluster
     cluster.close()
 
@@ -197,6 +198,32 @@ def test_lobby_presence_and_a_round_across_processes(lobby):
             on_one.wait_for(lambda evs: latest(on_one)["winner"] == "bob", timeout=10)
         # bob's page (on process 2) closes: ann (on process 1) sees him go
         on_one.wait_for(lambda evs: [p["name"] for p in latest(on_one)["players"]] == ["ann"], timeout=10)
+
+
+def test_a_crashed_process_s_players_go_offline_then_leave(lobby):
+    """Connections are counted per process under a lease: when a process
+    dies without cleaning up (SIGKILL), the others notice and its players
+    leave, instead of haunting the lobby forever."""
+    one, two, _ = lobby.apps
+    name = "c" + secrets.token_hex(4)
+    status, _, ann = post(one.url, "/join", {"name": name, "player": "ann"})
+    assert status == 200
+    on_one = StreamClient(f"{one.url}/events/{name}?player={ann['token']}").open()
+    status, _, bob = post(two.url, "/join", {"name": name, "player": "bob"})
+    with StreamClient(f"{two.url}/events/{name}?player={bob['token']}") as on_two:
+        def players():
+            states = [json.loads(e.data) for e in on_two.events if e.name == "state"]
+            return max(states, key=lambda s: s["version"])["players"] if states else None
+
+        on_two.wait_for(lambda evs: players() == [{"name": "ann", "online": True}, {"name": "bob", "online": True}],
+                        timeout=10)
+        one.kill()  # process 1 crashes: no on_close, no cleanup
+        on_one.close()
+        try:
+            # lease 1.5 s + a sweep (0.5 s) + grace 0.5 s, with room for a busy machine
+            on_two.wait_for(lambda evs: players() == [{"name": "bob", "online": True}], timeout=15)
+        finally:
+            one.start()
 
 
 def test_the_systemd_units_command_line_serves(redis_server):

@@ -48,6 +48,7 @@ def lobby_server(comet_cherrypy):
     server = comet_cherrypy(root, config)
     yield server, hub, root
     cherrypy.engine.unsubscribe("stop", root.lobbies.close)
+    cherrypy.engine.unsubscribe("start", root.lobbies.start)
     engine_plugin().hubs.remove(hub)
 
 

@@ -122,14 +122,16 @@ class LobbyApp:
         return {"ok": True}
 
 
-def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None, **lobby_options):
+def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None, lease: float = 6.0,
+             **lobby_options):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
 
     ``store`` holds the lobbies' state: a ``MemoryStore`` (default) or a
     ``RedisStore`` shared by every process of the game."""
     hub = hub or Hub()
-    lobbies = Lobbies(hub, size=size, grace=grace, store=store, **lobby_options)
+    lobbies = Lobbies(hub, size=size, grace=grace, store=store, lease=lease, **lobby_options)
     engine_plugin().add_hub(hub)
+    cherrypy.engine.subscribe("start", lobbies.start)
     cherrypy.engine.subscribe("stop", lobbies.close)
     config = {
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
@@ -147,12 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=4, help="players per lobby (the game starts when full)")
     parser.add_argument("--grace", type=float, default=3.0, help="seconds a disconnected player keeps the seat")
     parser.add_argument("--countdown", type=int, default=3, help="countdown seconds before GO")
+    parser.add_argument("--lease", type=float, default=6.0,
+                        help="seconds after which a dead process's players go offline (with --redis)")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
     parser.add_argument("--redis", metavar="URL", help="share lobbies and events through Redis, e.g. redis://127.0.0.1:6379/0")
     args = parser.parse_args(argv)
     hub = hub_from_url(args.redis)
     store = RedisStore.from_url(args.redis) if args.redis else None
-    app, config = make_app(hub, size=args.size, store=store, grace=args.grace, countdown=args.countdown)
+    app, config = make_app(hub, size=args.size, store=store, grace=args.grace, countdown=args.countdown,
+                           lease=args.lease)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"lobby game on http://{args.host}:{args.port}/")

@@ -18,13 +18,17 @@ one atomic read-modify-write of the lobby's state (a lock, or Redis
 ``WATCH``/``MULTI``) and carries a ``version``; pages ignore a state older
 than the one they show, since two processes may publish in either order.
 Timers (countdown, seat grace) run in the process whose action started
-them and re-check the stored state when they fire. Times are wall-clock
+them and re-check the stored state when they fire. Connections are counted
+per process, and each process holds a lease in the store that it renews
+every ``lease / 3`` seconds: if a process dies, the others see its lease
+expire, drop its connections, and its players leave after the usual grace. Times are wall-clock
 (``time.time()``), so machines serving one lobby need synchronised clocks.
 """
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import random
 import re
 import secrets
@@ -35,6 +39,7 @@ from typing import Any, Callable
 
 from comet import Hub
 
+log = logging.getLogger("lobby")
 NAME = re.compile(r"[^\W_][\w \-]{0,19}")
 LOBBY = re.compile(r"[a-z0-9][a-z0-9\-]{0,31}")
 
@@ -95,6 +100,16 @@ class MemoryStore:
     def names(self) -> list[str]:
         with self._lock:
             return list(self._states)
+
+    def states(self) -> dict[str, dict]:
+        with self._lock:
+            return copy.deepcopy(self._states)
+
+    def renew(self, process: str, ttl: float) -> None:
+        """One process: it is alive as long as it runs."""
+
+    def alive(self, processes: set[str]) -> set[str]:
+        return set(processes)
 
 
 def _redis_errors(method):
@@ -161,10 +176,33 @@ class RedisStore:
     def names(self) -> list[str]:
         return sorted(n.decode() for n in self.redis.smembers(self.prefix + "names"))
 
+    @_redis_errors
+    def states(self) -> dict[str, dict]:
+        names = self.names()
+        raws = self.redis.mget([self.prefix + "state:" + n for n in names]) if names else []
+        return {n: json.loads(raw) for n, raw in zip(names, raws) if raw}
+
+    @_redis_errors
+    def renew(self, process: str, ttl: float) -> None:
+        """This process is alive for another *ttl* seconds."""
+        self.redis.set(self.prefix + "process:" + process, "1", px=int(ttl * 1000))
+
+    @_redis_errors
+    def alive(self, processes: set[str]) -> set[str]:
+        """Which of *processes* hold a lease now."""
+        names = sorted(processes)
+        leases = self.redis.mget([self.prefix + "process:" + p for p in names]) if names else []
+        return {p for p, lease in zip(names, leases) if lease}
+
 
 def _fresh(name: str, size: int) -> dict:
     return {"lobby": name, "phase": "waiting", "count": None, "round": 0, "size": size, "winner": None,
             "reaction_ms": None, "false_starts": [], "go_at": None, "players": [], "version": 0}
+
+
+def _online(player: dict) -> int:
+    """Open streams of *player*, over every process."""
+    return sum(player["connections"].values())
 
 
 def _find(state: dict, name: str | None = None, token: str | None = None) -> dict | None:
@@ -183,7 +221,7 @@ def public(state: dict) -> dict:
         "lobby": state["lobby"], "phase": state["phase"], "count": state["count"], "round": state["round"],
         "size": state["size"], "host": players[0]["name"] if players else None, "winner": state["winner"],
         "reaction_ms": state["reaction_ms"], "false_starts": sorted(state["false_starts"]),
-        "players": [{"name": p["name"], "online": p["connections"] > 0} for p in players],
+        "players": [{"name": p["name"], "online": _online(p) > 0} for p in players],
         "version": state["version"],
     }
 
@@ -193,8 +231,10 @@ class Lobby:
     process-safe with a :class:`RedisStore`."""
 
     def __init__(self, name: str, hub: Hub, store: MemoryStore | RedisStore | None = None, size: int = 4,
-                 grace: float = 3.0, countdown: int = 3, go_delay: tuple[float, float] = (0.5, 1.5)) -> None:
+                 grace: float = 3.0, countdown: int = 3, go_delay: tuple[float, float] = (0.5, 1.5),
+                 process: str = "local") -> None:
         self.name = name
+        self.process = process  # whose connections this handle counts
         self.hub = hub
         self.store = store if store is not None else MemoryStore()
         self.size = size
@@ -232,7 +272,7 @@ class Lobby:
                 raise GameError("a round is being played; join when it is over")
             if len(s["players"]) >= self.size:
                 raise GameError(f"this lobby is full ({self.size} players)")
-            s["players"].append({"name": name, "token": new_token, "connections": 0, "since": time.time()})
+            s["players"].append({"name": name, "token": new_token, "connections": {}, "since": time.time()})
             started = self._start_countdown(s) if len(s["players"]) == self.size else None
             return s, (Player(name, new_token), started), True
 
@@ -271,18 +311,22 @@ class Lobby:
             mine = _find(s, token=player.token)
             if mine is None:
                 return None, None, False
-            mine["connections"] += 1
-            return s, None, mine["connections"] == 1
+            here = mine["connections"]
+            here[self.process] = here.get(self.process, 0) + 1
+            return s, None, _online(mine) == 1
 
         self._update(change)
 
     def disconnected(self, player: Player) -> None:
         def change(s):
             mine = _find(s, token=player.token)
-            if mine is None or mine["connections"] == 0:
+            here = mine["connections"] if mine is not None else {}
+            if not here.get(self.process):
                 return None, False, False
-            mine["connections"] -= 1
-            if mine["connections"]:
+            here[self.process] -= 1
+            if not here[self.process]:
+                del here[self.process]
+            if _online(mine):
                 return s, False, False
             mine["since"] = time.time()
             return s, True, True
@@ -290,12 +334,30 @@ class Lobby:
         if self._update(change) and not self.closed:
             self._later(self.grace, self._gone, player)
 
+    def forget(self, dead: set[str]) -> None:
+        """Drop the connections of processes whose lease expired; their
+        players go offline and, after the grace period, leave."""
+        def change(s):
+            changed, offline = False, []
+            for mine in s["players"]:
+                if dead & mine["connections"].keys():
+                    changed = True
+                    before = _online(mine)
+                    mine["connections"] = {p: n for p, n in mine["connections"].items() if p not in dead}
+                    if before and not _online(mine):
+                        mine["since"] = time.time()
+                        offline.append(Player(mine["name"], mine["token"]))
+            return (s, offline, bool(offline)) if changed else (None, [], False)
+
+        for player in self._update(change):
+            self._later(self.grace, self._gone, player)
+
     def _gone(self, player: Player) -> None:
         def change(s):
             mine = _find(s, token=player.token)
             # Wall-clock grace, not "this timer's": the player may have come
             # and gone again on another process since this timer was set.
-            if mine is None or mine["connections"] or time.time() - mine["since"] < self.grace - 0.05:
+            if mine is None or _online(mine) or time.time() - mine["since"] < self.grace - 0.05:
                 return None, None, False
             self._remove(s, mine)
             return s, None, True
@@ -407,6 +469,11 @@ class Lobby:
                 timer.start()
         return timer
 
+    def open(self) -> None:
+        """Accept timers again (engine start after a stop)."""
+        with self._lock:
+            self.closed = False
+
     def close(self) -> None:
         """Cancel every pending timer (engine stop)."""
         with self._lock:
@@ -422,14 +489,18 @@ class Lobbies:
     MAX_LOBBIES = 1000
 
     def __init__(self, hub: Hub, size: int = 4, grace: float = 3.0, store: MemoryStore | RedisStore | None = None,
-                 **lobby_options) -> None:
+                 lease: float = 6.0, **lobby_options) -> None:
         self.hub = hub
         self.size = size
         self.grace = grace
         self.store = store if store is not None else MemoryStore()
+        self.lease = lease
+        self.process = secrets.token_hex(6)  # this process, in every player's connection counts
         self.options = lobby_options
         self._lock = threading.Lock()
         self._lobbies: dict[str, Lobby] = {}
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
 
     def get(self, name: str, create: bool = True) -> Lobby:
         name = check_lobby(name)
@@ -446,7 +517,8 @@ class Lobbies:
         with self._lock:
             lobby = self._lobbies.get(name)
             if lobby is None:
-                lobby = self._lobbies[name] = Lobby(name, self.hub, self.store, self.size, self.grace, **self.options)
+                lobby = self._lobbies[name] = Lobby(name, self.hub, self.store, self.size, self.grace,
+                                                    process=self.process, **self.options)
         if not exists:
             lobby.ensure()
         return lobby
@@ -454,8 +526,48 @@ class Lobbies:
     def all(self) -> list[Lobby]:
         return [self.get(name) for name in self.store.names()]
 
-    def close(self) -> None:
+    # -- process leases -------------------------------------------------------
+
+    def start(self) -> None:
+        """Renew this process's lease and sweep dead processes' connections,
+        every ``lease / 3`` seconds, until :meth:`close` (engine start/stop)."""
         with self._lock:
             lobbies = list(self._lobbies.values())
+            if self._keeper is not None and self._keeper.is_alive():
+                return
+            self._stop.clear()
+            self._keeper = threading.Thread(target=self._keep, name="lobby-lease", daemon=True)
+            self._keeper.start()
+        for lobby in lobbies:
+            lobby.open()
+
+    def _keep(self) -> None:
+        while True:
+            try:
+                self.store.renew(self.process, self.lease)
+                self.sweep()
+            except GameError as exc:  # the store is down: try again next round
+                log.warning("lobby: lease/sweep failed: %s", exc)
+            if self._stop.wait(self.lease / 3):
+                return
+
+    def sweep(self) -> None:
+        """Forget the connections of processes whose lease expired."""
+        states = self.store.states()
+        counted = {p for s in states.values() for player in s["players"] for p in player["connections"]}
+        dead = counted - self.store.alive(counted) - {self.process}
+        if not dead:
+            return
+        for name, state in states.items():
+            if any(dead & player["connections"].keys() for player in state["players"]):
+                self.get(name).forget(dead)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            lobbies = list(self._lobbies.values())
+            keeper = self._keeper
+        if keeper is not None:
+            keeper.join(5)
         for lobby in lobbies:
             lobby.close()
