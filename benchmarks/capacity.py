@@ -359,8 +359,9 @@ def stop_clients(pipes: list, procs: list) -> None:
             proc.kill()
 
 
-def one_stream_burst(stream_port: int, publish_port: int, n: int, timeout: float = 120) -> tuple[float, float]:
-    """One stream on *stream_port*; POST /burst?n= to *publish_port*:
+def one_stream_burst(stream_port: int, publish_port: int, n: int, timeout: float = 120,
+                     batch: int = 1) -> tuple[float, float]:
+    """One stream on *stream_port*; POST /burst?n=&batch= to *publish_port*:
     (events/s the stream received, events/s the publisher managed)."""
     parent, child = mp.Pipe()
     proc = mp.Process(target=_client_main, args=(stream_port, 1, child), daemon=True)
@@ -369,7 +370,7 @@ def one_stream_burst(stream_port: int, publish_port: int, n: int, timeout: float
         parent.recv()  # open
         parent.send(("burst", n))
         time.sleep(0.3)  # the client switches to burst counting (a pipe message, no reply to wait on)
-        publish_s = _request(publish_port, "POST", f"/burst?n={n}", timeout=timeout)[1]
+        publish_s = _request(publish_port, "POST", f"/burst?n={n}&batch={batch}", timeout=timeout)[1]
         if not parent.poll(timeout):
             raise TimeoutError("burst never completed")
         _, got, seconds = parent.recv()

@@ -13,7 +13,8 @@ streams *through nginx* (round-robin spreads them over the processes), then
   stream, p50/p99/max, and lost/duplicated/out-of-order counts;
 * CPU of all comet processes, nginx and redis-server per event per stream;
 * events/s through Redis: one stream, one process publishing a burst of
-  ``--burst`` events (each one an XADD), time until the stream has them all.
+  ``--burst`` events (each one an XADD), time until the stream has them all;
+  then the same with ``publish_many`` in batches of 100 (one round trip each).
 
 The reference row "memory-direct" is one process on the in-memory hub with
 no nginx and no Redis: the ratios say what the shared backend and the proxy
@@ -122,9 +123,12 @@ def run_broadcasts(setup: Setup, n: int, args) -> dict:
 
 
 def run_burst(setup: Setup, args) -> dict:
+    """One event per publish(), then batches of 100 with publish_many()."""
     try:
         received, published = one_stream_burst(setup.port, setup.apps[-1].port, args.burst, timeout=300)
-        return {"setup": setup.name, "burst_events_per_s": round(received), "publish_events_per_s": round(published)}
+        batched, _ = one_stream_burst(setup.port, setup.apps[-1].port, args.burst, timeout=300, batch=100)
+        return {"setup": setup.name, "burst_events_per_s": round(received), "publish_events_per_s": round(published),
+                "batched_events_per_s": round(batched)}
     except Exception as exc:
         return {"setup": setup.name, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -160,7 +164,8 @@ def main() -> None:
     print()
     for b in bursts:
         print(f"{b['setup']}: one stream {b.get('burst_events_per_s', b.get('error'))} events/s delivered, "
-              f"{b.get('publish_events_per_s')} events/s published by one process")
+              f"{b.get('publish_events_per_s')} events/s published by one process; "
+              f"{b.get('batched_events_per_s')} events/s delivered with publish_many (batches of 100)")
     ratios = {}
     for n in args.n:
         base = next((r for r in rows if r["setup"] == "memory-direct" and r["n"] == n and "error" not in r), None)

@@ -275,3 +275,19 @@ def test_property_every_subscriber_sees_every_event_once_in_order(publishers, pe
             mine = [e.data["i"] for e in events if e.name != GAP and e.data["p"] == n]
             assert mine == sorted(mine)
     assert hub.subscriptions == 0
+
+
+def test_publish_many_is_ordered_validated_first_and_wakes_once():
+    hub = Hub()
+    woken = []
+    hub.watch("batch", lambda: woken.append(1))
+    sub = hub.subscribe("batch")
+    ids = hub.publish_many("batch", ["a", {"b": 2}, Event("c", name="named", retry=100)], event="plain")
+    assert [parse_id(i)[1] for i in ids] == [1, 2, 3] and len(woken) == 1
+    got = sub.take()
+    assert [(e.data, e.name, e.retry) for e in got] == [("a", "plain", None), ({"b": 2}, "plain", None), ("c", "named", 100)]
+    with pytest.raises(ValueError):
+        hub.publish_many("batch", ["ok", "x" * (hub.max_event_bytes + 1)])
+    assert sub.take() == [] and hub.published == 3  # nothing of the bad batch was stored
+    assert hub.publish_many("batch", []) == []
+    sub.close()

@@ -293,3 +293,16 @@ def test_idle_ticks_carry_the_redis_cursor(hubs):
     sub = a.subscribe("tick", last_id=event_id, idle=0.05)
     assert next(iter(sub)) == Idle(event_id)
     sub.close()
+
+
+def test_publish_many_is_one_round_trip_in_order_for_every_process(hubs):
+    a, b = hubs(), hubs()
+    sub = b.subscribe("bulk")
+    ids = a.publish_many("bulk", [{"n": i} for i in range(200)], event="tick")
+    got = drain(sub, 200)
+    assert [e.id for e in got] == ids and [e.data["n"] for e in got] == list(range(200))
+    assert all(e.name == "tick" for e in got) and a.published == 200
+    with pytest.raises(ValueError):  # validated before anything is sent
+        a.publish_many("bulk", ["fine", "x" * (a.max_event_bytes + 1)])
+    assert b.history("bulk")[-1].id == ids[-1]
+    sub.close()

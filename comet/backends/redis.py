@@ -163,20 +163,42 @@ class RedisHub(Hub):
         reached; nothing is retried (no duplicates).
         """
         proto = self._prepare(channel, data, event, retry)
-        args: list[Any] = [self.maxlen, "~" if self.approximate else "=",
-                           "d", proto.text(), "k", "s" if isinstance(proto.data, str) else "j"]
-        if event is not None:
-            args += ["e", event]
-        if retry is not None:
-            args += ["r", retry]
         try:
             # Script() reloads itself after NOSCRIPT (a restarted Redis): that
             # is no retry of a publish, the first attempt never ran.
-            event_id = self._publish_script(keys=[self._key(channel)], args=args)
+            event_id = self._publish_script(keys=[self._key(channel)], args=self._fields(proto))
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
         self.counters.add("published")
         return event_id.decode()
+
+    def publish_many(self, channel: str, items: Any, event: str | None = None, *, retry: int | None = None) -> list[str]:
+        """Publish several events in one round trip (``MULTI``/``EXEC``: all
+        of them or none); their Redis ids. See :meth:`Hub.publish_many`."""
+        protos = [self._prepare(channel, item.data, item.name, item.retry) if isinstance(item, Event)
+                  else self._prepare(channel, item, event, retry) for item in items]
+        if not protos:
+            return []
+        key = self._key(channel)
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                for proto in protos:
+                    self._publish_script(keys=[key], args=self._fields(proto), client=pipe)
+                ids = pipe.execute()
+        except _DOWN as exc:
+            raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
+        self.counters.add("published", len(ids))
+        return [i.decode() for i in ids]
+
+    def _fields(self, proto: Event) -> list[Any]:
+        """The publish script's arguments for one event."""
+        args: list[Any] = [self.maxlen, "~" if self.approximate else "=",
+                           "d", proto.text(), "k", "s" if isinstance(proto.data, str) else "j"]
+        if proto.name is not None:
+            args += ["e", proto.name]
+        if proto.retry is not None:
+            args += ["r", proto.retry]
+        return args
 
     # -- reading (read-your-writes: catch up before answering) --------------
 
