@@ -306,3 +306,21 @@ def test_publish_many_is_one_round_trip_in_order_for_every_process(hubs):
         a.publish_many("bulk", ["fine", "x" * (a.max_event_bytes + 1)])
     assert b.history("bulk")[-1].id == ids[-1]
     sub.close()
+
+
+def test_connections_and_threads_are_released_on_close(comet_redis, prefix):
+    admin = redis.Redis.from_url(comet_redis.url)
+    baseline = len(admin.client_list())
+    threads = threading.active_count()
+    made = [RedisHub(comet_redis.url, prefix=prefix) for _ in range(3)]
+    subs = [hub.subscribe(f"c{i}") for i, hub in enumerate(made) for _ in range(5)]
+    made[0].publish("c1", "x")
+    wait_until(lambda: all(h.connected for h in made), what="readers connected")
+    assert len(admin.client_list()) >= baseline + 3  # a reader connection each, at least
+    for sub in subs:
+        sub.close()
+    for hub in made:
+        hub.close()
+    wait_until(lambda: len(admin.client_list()) == baseline, what="every Redis connection closed")
+    assert threading.active_count() == threads
+    admin.close()
