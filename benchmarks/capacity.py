@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVERS = {
+    "comet-fast": ["-m", "benchmarks.peers.comet_app", "{port}", "fast"],
     "comet-parked": ["-m", "benchmarks.peers.comet_app", "{port}", "parked"],
     "comet-thread": ["-m", "benchmarks.peers.comet_app", "{port}", "thread", "{n}"],
     "aiohttp": ["-m", "benchmarks.peers.aiohttp_app", "{port}"],

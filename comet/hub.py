@@ -341,6 +341,12 @@ class Hub:
         always current."""
         return False
 
+    def _local(self, channel: str, last_id: str | None) -> bool:
+        """Would :meth:`subscribe` answer without waiting on the network?
+        (``comet.fastpath`` subscribes on cheroot's accepting thread only
+        then.) Always, for the memory hub."""
+        return True
+
     def _gap(self, channel: str, last_id: str | None, resume: str) -> Event:
         self.counters.add("gaps")
         return Event({"last_id": last_id, "resume_id": resume}, id=resume, name=GAP, channel=channel)

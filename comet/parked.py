@@ -70,6 +70,13 @@ class ParkedStream:
         self.key = (id(sub.hub), sub.channel)
         self.on_end = on_end
 
+    @property
+    def channel(self) -> str:
+        return self.sub.channel
+
+    def stop(self) -> None:
+        """Nothing to do: :meth:`Parker.stop` ends every parked stream."""
+
 
 class Parker:
     """The writer thread for parked streams of one :class:`~comet.stream.StreamPool`."""
@@ -187,6 +194,8 @@ class Parker:
                 self._unwatch[key] = stream.sub.hub.watch(stream.sub.channel, lambda: self._mark(key))
             group.add(stream)
             self._feed(stream)  # initial items, a gap, or what was published meanwhile
+            if stream.out and not stream.writing and not stream.done:
+                self._flush(stream)  # header bytes a fast route could not send at once
 
     def _dispatch(self) -> None:
         with self._lock:

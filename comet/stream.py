@@ -88,9 +88,10 @@ class StreamPool:
         #: What happened since start (``comet.stats`` shows it): streams
         #: opened, closed, refused (admission) and parked, client disconnects,
         #: heartbeats, items (events and parts) and bytes written, slow
-        #: consumers dropped.
+        #: consumers dropped, and streams opened by a fast route at accept
+        #: time or through its WSGI middleware (``comet.fastpath``).
         self.counters = Counters(("opened", "closed", "refused", "parked", "disconnects", "heartbeats", "items", "bytes",
-                                  "slow_consumers"))
+                                  "slow_consumers", "routed_fast", "routed_wsgi"))
         self.stopping = False
 
     def admit(self, transport: str) -> int:

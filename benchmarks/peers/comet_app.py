@@ -1,4 +1,8 @@
-"""comet under test: `python -m benchmarks.peers.comet_app PORT thread|parked [STREAMS [REDIS_URL]]`.
+"""comet under test: `python -m benchmarks.peers.comet_app PORT thread|parked|fast [STREAMS [REDIS_URL]]`.
+
+thread: a @comet handler that keeps its thread; parked: the same handler's
+stream parked once its headers are out; fast: /events is a fast route
+(comet.fastpath), answered where cheroot accepts the connection.
 
 With REDIS_URL the hub is a RedisHub (benchmarks/scaleout.py runs several
 of these behind nginx)."""
@@ -17,6 +21,8 @@ if len(sys.argv) > 4:
     hub = engine_plugin().add_hub(RedisHub(sys.argv[4], maxlen=20_000, prefix="bench:"))
 else:
     hub = engine_plugin().add_hub(Hub(buffer_size=20_000))
+if mode == "fast":
+    engine_plugin().route("/events", hub, channel="b")
 
 
 class Root:

@@ -256,6 +256,17 @@ class RedisHub(Hub):
                 version = self._version
         self._nudge(version)
 
+    def _local(self, channel: str, last_id: str | None) -> bool:
+        ch = self._channels.get(channel)
+        if ch is None or not ch.live or not self.connected:
+            return False  # first use reads Redis; a reader cut off may be behind
+        if not last_id:
+            return True
+        try:
+            return parse_id(last_id) <= parse_id(ch.tail_id())  # else a catch-up read
+        except ValueError:
+            return True  # subscribe refuses it without I/O
+
     def _catch_up(self, channel: str, ch: _Channel) -> bool:
         try:
             entries = self.redis.xrange(self._key(channel), min="(" + ch.tail_id(), count=self.buffer_size)

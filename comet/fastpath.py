@@ -1,0 +1,357 @@
+"""Fast routes: a hub channel served from accept to park, with no worker thread.
+
+A parked stream (:mod:`comet.parked`) holds no thread once its headers are
+out, but getting there still costs a whole request: cheroot parses it on a
+worker thread and CherryPy runs its pipeline, about 1.5 ms of CPU per connect
+on a small machine. When every client reconnects at once (a deploy, a network
+blip, a proxy restart) 10,000 of them take over 10 s to get back.
+
+A *fast route* is a stream that needs nothing from the framework: a path, a
+hub, a channel and stream options. For those, comet looks at each new
+connection the moment cheroot accepts it: it peeks at the request head
+without consuming it, and if the head is complete and names a fast route, it
+answers from the accepting thread (subscribe, headers, park) and cheroot
+never sees the request. Everything else, including a fast route's request
+whose head has not fully arrived yet, goes to cheroot unchanged; there a
+WSGI middleware in front of the application serves fast routes with the
+same code as :func:`comet.wsgi.comet_app` (still parked, still without
+CherryPy's pipeline). Both ways give the same bytes and the same errors.
+
+What a fast route does not have, by design: CherryPy tools, sessions,
+authentication, access logging. Use it for streams anyone may follow (a
+lobby, a scoreboard, a public feed) or whose channel name is itself an
+unguessable token; keep ``@comet`` handlers for the rest.
+
+>>> from comet import Hub
+>>> routes = FastRoutes()
+>>> hub = Hub()
+>>> route = routes.add("/rooms/{room}/events", hub, channel="room:{room}", heartbeat=10)
+>>> routes.match("/rooms/lobby-1/events")[1]
+{'room': 'lobby-1'}
+>>> route.channel_for({"room": "lobby-1"})
+'room:lobby-1'
+>>> routes.match("/rooms/a/b/events") is None
+True
+
+With CherryPy, :meth:`comet.cherrypy_tool.CometPlugin.route` does this on
+the engine's pool and server; with a plain cheroot ``wsgi.Server``, call
+``routes.install(server)`` before ``server.start()``.
+"""
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import socket
+import time
+from http import HTTPStatus
+from typing import Any, Callable
+from urllib.parse import parse_qs
+
+from .errors import StreamsExhausted
+from .framing import content_type, new_boundary, preamble
+from .hub import Hub
+from .options import Options
+from .parked import ParkedStream, _chunk
+from .stream import StreamPool, http_error
+from .wsgi import _reply, comet_app, install_gateway, resume_id
+
+__all__ = ["FastRoutes", "FastRoute"]
+
+log = logging.getLogger("comet")
+
+#: A request head larger than this is never taken on the fast path.
+MAX_HEAD = 8192
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: What a ``{name}`` path segment may hold: safe in a URL and a channel name.
+_SEGMENT = r"[A-Za-z0-9_.~:@!$&'()*+,;=-]{1,128}"
+_NEED_MORE = object()
+_QUERY_KEY = "last_event_id"
+
+
+class FastRoute:
+    """One fast route: a path template, a hub, a channel template, options."""
+
+    def __init__(self, path: str, hub: Hub, channel: str, options: Options, pool: StreamPool) -> None:
+        if not isinstance(path, str) or not path.startswith("/") or "?" in path or "%" in path:
+            raise ValueError(f"path must be an absolute path without query or %-escapes, got {path!r}")
+        if not isinstance(hub, Hub):
+            raise TypeError(f"hub must be a comet Hub, got {type(hub).__name__}")
+        if options.transport == "longpoll" or options.mode != "auto":
+            raise ValueError("a fast route streams parked: transport sse, chunked or multipart, mode 'auto'")
+        self.path = path
+        self.hub = hub
+        self.channel = channel
+        self.options = options
+        self.params = _PARAM.findall(path)
+        pattern, last = "", 0
+        for m in _PARAM.finditer(path):
+            pattern += re.escape(path[last:m.start()]) + f"(?P<{m.group(1)}>{_SEGMENT})"
+            last = m.end()
+        self._regex = re.compile(pattern + re.escape(path[last:]))
+        try:
+            Hub._check_channel(self.channel_for({name: "x" for name in self.params}))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"channel {channel!r} must be a str using only the path's parameters {self.params}") from exc
+        # The same route served through cheroot (head not complete at accept,
+        # TLS, a pipelined request): comet_app, parked, on the same pool.
+        self.app = comet_app(self._subscribe, pool=pool, **{f: getattr(options, f) for f in options.__dataclass_fields__})
+
+    def match(self, path: str) -> dict[str, str] | None:
+        m = self._regex.fullmatch(path)
+        return None if m is None else m.groupdict()
+
+    def channel_for(self, params: dict[str, str]) -> str:
+        """The hub channel for the values of the path's ``{name}`` segments."""
+        return self.channel.format(**params) if self.params else self.channel
+
+    def _subscribe(self, environ: dict) -> Any:
+        return self.hub.subscribe(self.channel_for(environ["comet.route"]), last_id=environ["comet.last_event_id"])
+
+    def __repr__(self) -> str:
+        return f"FastRoute({self.path!r} -> {self.channel!r} on {self.hub!r})"
+
+
+class FastRoutes:
+    """The fast routes of one server, sharing one :class:`StreamPool`
+    (admission caps, counters, shutdown).
+
+    :meth:`add` routes; :meth:`install` puts them in front of a cheroot
+    server; :meth:`wsgi` alone wraps any WSGI app (no accept-time path, but
+    still no framework in the way).
+    """
+
+    def __init__(self, pool: StreamPool | None = None) -> None:
+        self.pool = pool if pool is not None else StreamPool()
+        self._routes: list[FastRoute] = []
+        self._date = (0, b"")
+
+    def add(self, path: str, hub: Hub, channel: str, **options: Any) -> FastRoute:
+        """Serve *channel* of *hub* at *path*. ``{name}`` segments of *path*
+        match one URL segment each and may be used in *channel*
+        (``"/rooms/{room}/events"``, ``"room:{room}"``). Keywords are the
+        :class:`~comet.Options` names; resume (``Last-Event-ID`` or
+        ``?last_event_id=``), heartbeats, gaps and caps work as for ``@comet``.
+        """
+        route = FastRoute(path, hub, channel, Options.from_mapping(options), self.pool)
+        for other in self._routes:
+            if other._regex.pattern == route._regex.pattern:
+                raise ValueError(f"a fast route for {path!r} exists already")
+        self._routes.append(route)
+        return route
+
+    @property
+    def routes(self) -> list[FastRoute]:
+        return list(self._routes)
+
+    def match(self, path: str) -> tuple[FastRoute, dict[str, str]] | None:
+        for route in self._routes:
+            params = route.match(path)
+            if params is not None:
+                return route, params
+        return None
+
+    # -- inside WSGI ---------------------------------------------------------
+
+    def wsgi(self, app: Callable | None = None) -> Callable:
+        """A WSGI app serving the fast routes and passing everything else to
+        *app* (404 without one)."""
+        def fast_routes(environ: dict, start_response: Callable) -> Any:
+            found = self.match(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
+            if found is None:
+                if app is None:
+                    return _reply(start_response, 404, "no such stream")
+                return app(environ, start_response)
+            if environ.get("REQUEST_METHOD") != "GET":
+                return _reply(start_response, 405, "a stream answers GET only", [("Allow", "GET")])
+            route, environ["comet.route"] = found
+            self.pool.counters.add("routed_wsgi")
+            return route.app(environ, start_response)
+
+        fast_routes.comet_routes = self
+        return fast_routes
+
+    # -- at accept -------------------------------------------------------------
+
+    def install(self, server: Any) -> None:
+        """Serve the routes on cheroot *server*: at accept time when the
+        request head is already there, else through a WSGI middleware in
+        front of ``server.wsgi_app``. Idempotent; one ``FastRoutes`` per server.
+        """
+        current = getattr(server, "_comet_routes", None)
+        if current is self:
+            return
+        if current is not None:
+            raise ValueError("this server already has other fast routes installed")
+        install_gateway(server)
+        server.wsgi_app = self.wsgi(server.wsgi_app)
+        original = server.process_conn
+
+        def process_conn(conn: Any) -> None:
+            # Runs on cheroot's connection-manager thread: must never raise or block.
+            try:
+                if self._take(server, conn):
+                    return
+            except Exception:
+                log.exception("comet: fast route failed; closing the connection")
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+                return
+            original(conn)
+
+        server.process_conn = process_conn
+        server._comet_routes = self
+
+    def _take(self, server: Any, conn: Any) -> bool:
+        """Serve *conn*'s request here if it is a complete fast-route request;
+        False (nothing read) to leave it to cheroot."""
+        sock = getattr(conn, "socket", None)
+        if (not self._routes or type(sock) is not socket.socket or getattr(server, "ssl_adapter", None) is not None
+                or conn.rfile.has_data()):
+            return False
+        try:
+            sock.setblocking(False)
+            try:
+                head = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                head = b""
+        except OSError:
+            head = b""
+        parsed = self._parse(head) if head else None
+        if parsed is None or parsed is _NEED_MORE:
+            sock.settimeout(server.timeout)
+            return False
+        head_len, http10, route, params, query, header_id = parsed
+        channel = route.channel_for(params)
+        if not route.hub._local(channel, header_id or None):
+            sock.settimeout(server.timeout)  # the subscribe would wait on the network: not on this thread
+            return False
+        if len(sock.recv(head_len)) != head_len:  # the peeked bytes are there; never short
+            raise OSError("request head vanished between peek and read")
+        for f in (conn.rfile, conn.wfile):  # drop cheroot's file objects' claims on the socket
+            try:
+                f.close()
+            except Exception:
+                pass
+        self._open(sock, route, channel, http10, query, header_id)
+        return True
+
+    def _parse(self, head: bytes) -> Any:
+        """``None`` (not ours), ``_NEED_MORE``, or the parts of a complete
+        fast-route GET. Anything irregular is left to cheroot, which answers
+        malformed requests itself."""
+        if not head.startswith(b"GET /"):
+            return None
+        line_end = head.find(b"\r\n")
+        if line_end < 0:
+            return _NEED_MORE if len(head) < MAX_HEAD else None
+        parts = head[:line_end].split(b" ")
+        if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+            return None
+        path, _, query = parts[1].partition(b"?")
+        if b"%" in path or b"#" in parts[1]:
+            return None  # escaped paths: cheroot decodes them, the middleware routes them
+        found = self.match(path.decode("latin-1"))
+        if found is None:
+            return None
+        end = head.find(b"\r\n\r\n", line_end)
+        if end < 0:
+            return _NEED_MORE if len(head) < MAX_HEAD else None
+        last_event_id = None
+        has_host = False
+        if end > line_end:
+            for line in head[line_end + 2:end].split(b"\r\n"):
+                name, sep, value = line.partition(b":")
+                if not sep or not name or name != name.strip() or b" " in name or b"\t" in name:
+                    return None
+                name = name.lower()
+                if name in (b"content-length", b"transfer-encoding", b"expect", b"upgrade"):
+                    return None  # a body or a protocol switch: not a stream request
+                if name == b"host":
+                    has_host = True
+                elif name == b"last-event-id":
+                    last_event_id = value.strip().decode("latin-1")
+        http10 = parts[2] == b"HTTP/1.0"
+        if not http10 and not has_host:
+            return None  # cheroot answers 400
+        route, params = found
+        return end + 4, http10, route, params, query.decode("latin-1"), last_event_id
+
+    def _open(self, sock: socket.socket, route: FastRoute, channel: str, http10: bool, query: str,
+              header_id: str | None) -> None:
+        """The head is consumed: answer, and park the stream."""
+        pool, opts = self.pool, route.options
+        ticket = sub = None
+        try:
+            if pool.stopping:
+                raise StreamsExhausted("the server is shutting down; retry later", pool.retry_after)
+            last_id = resume_id(header_id, parse_qs(query).get(_QUERY_KEY, [None])[-1])
+            ticket = pool.admit(opts.transport)
+            sub = route.hub.subscribe(channel, last_id=last_id)
+            boundary = opts.boundary or (new_boundary() if opts.transport == "multipart" else "")
+            deadline = time.monotonic() + opts.max_duration if opts.max_duration else None
+            stream = ParkedStream(sock, sub, opts.transport, boundary, not http10, opts.heartbeat, deadline,
+                                  opts.max_event_bytes, ticket)
+            pool.attach(ticket, stream, parkable=True)
+        except Exception as exc:
+            if sub is not None:
+                sub.close()
+            if ticket is not None:
+                pool.release(ticket)
+            self._refuse(sock, exc)
+            return
+        sub.start()
+        body = preamble(opts.transport, opts.retry)
+        data = self._headers(opts, boundary, http10) + (_chunk(body) if not http10 else body)
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            pool.counters.add("disconnects")
+            sub.close()
+            pool.release(ticket)
+            sock.close()
+            return
+        if sent < len(data):  # never for a fresh socket's few hundred bytes; the writer flushes it
+            stream.out.append(memoryview(data)[sent:])
+            stream.out_size += len(data) - sent
+        pool.counters.add("bytes", len(data))
+        pool.counters.add("routed_fast")
+        pool.park(ticket, stream)
+
+    def _headers(self, opts: Options, boundary: str, http10: bool) -> bytes:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, email.utils.formatdate(now, usegmt=True).encode())
+        return b"".join([
+            b"HTTP/1.1 200 OK\r\nContent-Type: ", content_type(opts.transport, boundary, opts.content_type).encode(),
+            b"\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n",
+            b"" if http10 else b"Transfer-Encoding: chunked\r\n",
+            b"Connection: close\r\nDate: ", self._date[1], b"\r\n\r\n",
+        ])
+
+    @staticmethod
+    def _refuse(sock: socket.socket, exc: BaseException) -> None:
+        """The same plain-text answers :func:`comet.wsgi.comet_app` gives."""
+        extra = b""
+        if getattr(exc, "retry_after", None) is not None:
+            status, reason = 503, str(exc)
+            extra = b"Retry-After: %d\r\n" % exc.retry_after
+        else:
+            error = http_error(exc)
+            if error is None:
+                log.error("comet: fast route failed", exc_info=exc)
+                error = (500, "internal server error")
+            status, reason = error
+        body = (reason + "\n").encode("utf-8")
+        data = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s" % (
+            status, HTTPStatus(status).phrase.encode(), len(body), extra, body)
+        try:
+            sock.send(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        sock.close()
