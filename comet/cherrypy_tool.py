@@ -96,6 +96,12 @@ class CometPlugin(SimplePlugin):
             self._routes.install(server)
         return route
 
+    def clear_routes(self) -> None:
+        """Forget every fast route (they take effect on the next engine start).
+        ``comet.testing.CherryPyServer.stop`` calls this so one test's routes
+        are not the next one's."""
+        self._routes = None
+
     def configure(self, max_streams: int | None = None, retry_after: int | None = None, max_parked: int | None = None) -> None:
         """Set the admission caps and ``Retry-After`` (what ``comet.*`` config does)."""
         StreamPool(max_streams=max_streams, retry_after=5 if retry_after is None else retry_after,

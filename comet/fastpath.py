@@ -62,6 +62,8 @@ log = logging.getLogger("comet")
 
 #: A request head larger than this is never taken on the fast path.
 MAX_HEAD = 8192
+#: Seconds a fast-route request head may take to arrive before a worker reads it.
+HEAD_WAIT = 5.0
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: What a ``{name}`` path segment may hold: safe in a URL and a channel name.
 _SEGMENT = r"[A-Za-z0-9_.~:@!$&'()*+,;=-]{1,128}"
@@ -215,13 +217,15 @@ class FastRoutes:
             sock.setblocking(False)
             try:
                 head = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+                parsed = self._parse(head) if head else None  # b"": the client closed; cheroot cleans up
             except (BlockingIOError, InterruptedError):
-                head = b""
+                parsed = _NEED_MORE  # accepted before the request arrived: usual when the server keeps up
         except OSError:
-            head = b""
-        parsed = self._parse(head) if head else None
+            parsed = None
         if parsed is None or parsed is _NEED_MORE:
             sock.settimeout(server.timeout)
+            if parsed is _NEED_MORE and self._wait_for_head(server, conn):
+                return True
             return False
         head_len, http10, route, params, query, header_id = parsed
         channel = route.channel_for(params)
@@ -236,6 +240,24 @@ class FastRoutes:
             except Exception:
                 pass
         self._open(sock, route, channel, http10, query, header_id)
+        return True
+
+    @staticmethod
+    def _wait_for_head(server: Any, conn: Any) -> bool:
+        """Let cheroot's selector watch *conn* (as it does idle keep-alive
+        connections) and hand it back here when more bytes arrive, so a
+        request that is not all there yet holds no worker thread. After
+        ``HEAD_WAIT`` seconds of trickling, a worker takes it as usual."""
+        manager = getattr(server, "_connections", None)
+        if manager is None or not hasattr(manager, "put"):
+            return False
+        now = time.monotonic()
+        since = getattr(conn, "_comet_head_since", None)
+        if since is None:
+            conn._comet_head_since = since = now
+        if now - since > HEAD_WAIT:
+            return False
+        manager.put(conn)  # closed by cheroot if nothing comes within server.timeout
         return True
 
     def _parse(self, head: bytes) -> Any:
@@ -260,7 +282,6 @@ class FastRoutes:
         if end < 0:
             return _NEED_MORE if len(head) < MAX_HEAD else None
         last_event_id = None
-        has_host = False
         if end > line_end:
             for line in head[line_end + 2:end].split(b"\r\n"):
                 name, sep, value = line.partition(b":")
@@ -269,15 +290,10 @@ class FastRoutes:
                 name = name.lower()
                 if name in (b"content-length", b"transfer-encoding", b"expect", b"upgrade"):
                     return None  # a body or a protocol switch: not a stream request
-                if name == b"host":
-                    has_host = True
-                elif name == b"last-event-id":
+                if name == b"last-event-id":
                     last_event_id = value.strip().decode("latin-1")
-        http10 = parts[2] == b"HTTP/1.0"
-        if not http10 and not has_host:
-            return None  # cheroot answers 400
         route, params = found
-        return end + 4, http10, route, params, query.decode("latin-1"), last_event_id
+        return end + 4, parts[2] == b"HTTP/1.0", route, params, query.decode("latin-1"), last_event_id
 
     def _open(self, sock: socket.socket, route: FastRoute, channel: str, http10: bool, query: str,
               header_id: str | None) -> None:
@@ -304,21 +320,10 @@ class FastRoutes:
             return
         sub.start()
         body = preamble(opts.transport, opts.retry)
-        data = self._headers(opts, boundary, http10) + (_chunk(body) if not http10 else body)
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            pool.counters.add("disconnects")
-            sub.close()
-            pool.release(ticket)
-            sock.close()
-            return
-        if sent < len(data):  # never for a fresh socket's few hundred bytes; the writer flushes it
-            stream.out.append(memoryview(data)[sent:])
-            stream.out_size += len(data) - sent
-        pool.counters.add("bytes", len(data))
+        # The writer thread sends the head first, then events: one send()
+        # for both when something was published meanwhile.
+        stream.out.append(self._headers(opts, boundary, http10) + (_chunk(body) if not http10 else body))
+        stream.out_size += len(stream.out[0])
         pool.counters.add("routed_fast")
         pool.park(ticket, stream)
 
@@ -329,8 +334,10 @@ class FastRoutes:
         return b"".join([
             b"HTTP/1.1 200 OK\r\nContent-Type: ", content_type(opts.transport, boundary, opts.content_type).encode(),
             b"\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n",
-            b"" if http10 else b"Transfer-Encoding: chunked\r\n",
-            b"Connection: close\r\nDate: ", self._date[1], b"\r\n\r\n",
+            # As the middleware's (cheroot's) answer: HTTP/1.1 streams end with
+            # the last chunk, HTTP/1.0 ones by closing.
+            b"Connection: close\r\n" if http10 else b"Transfer-Encoding: chunked\r\n",
+            b"Date: ", self._date[1], b"\r\n\r\n",
         ])
 
     @staticmethod

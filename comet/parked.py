@@ -195,7 +195,7 @@ class Parker:
             group.add(stream)
             self._feed(stream)  # initial items, a gap, or what was published meanwhile
             if stream.out and not stream.writing and not stream.done:
-                self._flush(stream)  # header bytes a fast route could not send at once
+                self._flush(stream)  # a fast route's response head
 
     def _dispatch(self) -> None:
         with self._lock:

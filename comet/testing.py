@@ -285,6 +285,7 @@ class StreamClient:
         self._cond = threading.Condition()
         self._closing = False
         self._conn: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._opened = threading.Event()
         self.parser: Any = None
@@ -309,10 +310,12 @@ class StreamClient:
         while True:
             # Shut down whichever connection is current: a long-poll reader
             # may have opened a new one since the last look.
-            conn = self._conn
-            if conn is not None and conn.sock is not None:
+            # (The socket itself: on "Connection: close" http.client hands it
+            # to the response and forgets it, conn.sock is None.)
+            sock = self._sock
+            if sock is not None:
                 try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
+                    sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
             if self._thread is None:
@@ -390,6 +393,7 @@ class StreamClient:
             headers["Last-Event-ID"] = self.last_event_id
         self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
         self._conn.request("GET", path, headers=headers)
+        self._sock = self._conn.sock
         if sent is not None:
             sent.set()  # long-poll: its headers only come with the answer
         resp = self._conn.getresponse()
@@ -515,13 +519,16 @@ class CherryPyServer:
         return self
 
     def stop(self) -> float:
-        """Stop the engine; returns how long that took, in seconds."""
+        """Stop the engine; returns how long that took, in seconds. The
+        apps and fast routes (``engine_plugin().route``) are forgotten."""
         import cherrypy
+        from .cherrypy_tool import engine_plugin
 
         started = time.monotonic()
         cherrypy.engine.stop()
         elapsed = time.monotonic() - started
         cherrypy.tree.apps.clear()
+        engine_plugin().clear_routes()
         return elapsed
 
     def __enter__(self) -> "CherryPyServer":
@@ -534,11 +541,13 @@ class CherryPyServer:
 class WSGIServer:
     """Run a WSGI app under cheroot on a free 127.0.0.1 port for a test.
 
-    ``pools`` are the :class:`~comet.stream.StreamPool` objects to end at
+    ``routes`` (a :class:`comet.fastpath.FastRoutes`) are served in front of
+    *app* (which may then be ``None``: 404 for anything else). ``pools`` are the :class:`~comet.stream.StreamPool` objects to end at
     stop (a ``comet_app``'s own pool is found at ``app.pool``).
     """
 
-    def __init__(self, app: Callable, *, pools: list | None = None, numthreads: int = 30) -> None:
+    def __init__(self, app: Callable | None, *, pools: list | None = None, numthreads: int = 30,
+                 routes: Any = None) -> None:
         from cheroot import wsgi
 
         self.app = app
@@ -547,6 +556,10 @@ class WSGIServer:
 
         self.server = wsgi.Server(("127.0.0.1", 0), app, numthreads=numthreads, shutdown_timeout=2)
         install_gateway(self.server)
+        if routes is not None:  # a comet.fastpath.FastRoutes, in front of app
+            routes.install(self.server)
+            if routes.pool not in self.pools:
+                self.pools.append(routes.pool)
         self.url = ""
         self._thread: threading.Thread | None = None
 

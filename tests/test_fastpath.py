@@ -1,0 +1,436 @@
+"""Fast routes: hub streams answered and parked where cheroot accepts the
+connection. The same guarantees as ``@comet`` parked streams (framing,
+heartbeats, resume, gaps, admission, disconnect, shutdown), the same bytes
+whichever way (accept time or the WSGI middleware) a request is served."""
+import http.client
+import socket
+import ssl
+import threading
+
+import cherrypy
+import pytest
+
+from comet import Hub, comet
+from comet.backends.redis import RedisHub
+from comet.cherrypy_tool import engine_plugin
+from comet.fastpath import FastRoutes
+from comet.testing import CherryPyServer, HTTPStatusError, StreamClient, http_get, wait_until
+
+from conftest import RawStream, open_fds
+
+
+class Root:
+    @cherrypy.expose
+    def index(self):
+        return "plain page"
+
+    @cherrypy.expose
+    def missing_page_neighbour(self):
+        return "neighbour"
+
+
+def port_of(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def raw_request(port: int, request: bytes, until: bytes | None = b"\r\n\r\n", timeout: float = 10.0) -> bytes:
+    """Send *request* on a fresh socket; read until *until* appears, or EOF
+    (``until=None``: the server must close after its answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while until is None or until not in data:
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+        return data
+
+
+@pytest.fixture
+def fast(comet_cherrypy, hub):
+    plugin = engine_plugin()
+    plugin.route("/events", hub, "lobby", heartbeat=0.5)
+    plugin.route("/rooms/{room}/events", hub, "room:{room}", heartbeat=0.5)
+    plugin.route("/multipart", hub, "lobby", transport="multipart", boundary="frame", heartbeat=0.5)
+    plugin.route("/ndjson", hub, "lobby", transport="chunked", heartbeat=0.5, retry=None)
+    # Two server threads: every stream beyond that is proof nothing holds one.
+    server = comet_cherrypy(Root(), thread_pool=2)
+    return server, hub, plugin.pool
+
+
+_BASE: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def routed_baseline():
+    # The engine's pool (and its counters) outlive each test: count from here.
+    _BASE.clear()
+    _BASE.update(engine_plugin().pool.counters.snapshot())
+
+
+def counts(pool):
+    """Streams opened (at accept time, through the middleware) during this test."""
+    base = _BASE if pool is engine_plugin().pool else {}
+    return (pool.counters["routed_fast"] - base.get("routed_fast", 0),
+            pool.counters["routed_wsgi"] - base.get("routed_wsgi", 0))
+
+
+def test_sse_bytes_at_accept(fast):
+    server, hub, pool = fast
+    with RawStream(server.url + "/events") as raw:
+        assert raw.status == 200
+        assert raw.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert raw.headers["transfer-encoding"] == "chunked" and raw.headers["x-accel-buffering"] == "no"
+        assert raw.headers["cache-control"] == "no-cache" and "date" in raw.headers
+        assert raw.chunk() == b":ok\n\n"
+        assert counts(pool) == (1, 0) and pool.parked_streams == 1
+        event_id = hub.publish("lobby", "two\nlines", event="join")
+        assert raw.chunk() == f"id: {event_id}\nevent: join\ndata: two\ndata: lines\n\n".encode()
+        assert raw.chunk() == b":\n\n"  # heartbeat from the writer thread
+
+
+def test_the_middleware_serves_the_same_bytes(fast):
+    """A request cheroot gets (here: a %-escaped path, which the accept-time
+    parser leaves alone) is served by the WSGI middleware: same stream."""
+    server, hub, pool = fast
+    with RawStream(server.url + "/events") as a, RawStream(server.url + "/%65vents") as b:
+        assert counts(pool) == (1, 1)
+        for key in ("content-type", "transfer-encoding", "x-accel-buffering", "cache-control"):
+            assert a.headers[key] == b.headers[key], key
+        assert a.chunk() == b.chunk() == b":ok\n\n"
+        wait_until(lambda: pool.parked_streams == 2, what="both parked")
+        hub.publish("lobby", {"n": 1})
+        assert a.chunk() == b.chunk()
+
+
+def test_heads_in_pieces_hold_no_worker(fast):
+    """Requests whose heads have not fully arrived wait in cheroot's selector
+    (like idle keep-alive connections), not on worker threads: with two
+    workers and five half-sent heads, pages still load, then all five
+    streams open at accept time once their heads complete."""
+    server, hub, pool = fast
+    socks = [socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) for _ in range(5)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n")
+        status, _, body = http_get(server.url + "/", timeout=5)
+        assert (status, body) == (200, b"plain page")
+        for sock in socks:
+            sock.sendall(b"\r\n")
+        for sock in socks:
+            data = b""
+            while b":ok\n\n" not in data:
+                data += sock.recv(4096)
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        wait_until(lambda: pool.parked_streams == 5, what="parked")
+        assert counts(pool) == (5, 0)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_head_not_there_in_time_goes_to_a_worker(fast, monkeypatch):
+    """Past HEAD_WAIT (here: at once) a worker reads the head as cheroot
+    always does, and the middleware serves the route: same stream."""
+    import comet.fastpath
+
+    monkeypatch.setattr(comet.fastpath, "HEAD_WAIT", -1.0)
+    server, hub, pool = fast
+    workers = cherrypy.server.httpserver.requests
+    idle = workers.idle
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
+        wait_until(lambda: workers.idle == idle - 1, what="a worker waiting for the head")
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b":ok\n\n" not in data:
+            data += sock.recv(4096)
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and counts(pool) == (0, 1)
+        wait_until(lambda: pool.parked_streams == 1, what="parked")
+        hub.publish("lobby", "after")
+        while b"data: after\n" not in data:
+            data += sock.recv(4096)
+
+
+def test_multipart_chunked_and_http10(fast):
+    server, hub, pool = fast
+    with RawStream(server.url + "/multipart") as mp, RawStream(server.url + "/ndjson") as nd:
+        assert mp.headers["content-type"] == "multipart/x-mixed-replace; boundary=frame"
+        assert nd.headers["content-type"] == "application/x-ndjson; charset=utf-8"
+        assert mp.chunk() == b"\r\n" and nd.chunk() == b"\n"
+        event_id = hub.publish("lobby", {"k": 1})
+        body = f'{{"id":"{event_id}","event":null,"data":{{"k":1}}}}'.encode()
+        assert mp.chunk() == f"--frame\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body + b"\r\n"
+        assert nd.chunk() == body + b"\n"
+    # HTTP/1.0: no chunked framing; the body runs until the connection closes.
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
+        sock.sendall(b"GET /events HTTP/1.0\r\n\r\n")
+        data = b""
+        while b":ok\n\n" not in data:
+            data += sock.recv(4096)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+        assert body == b":ok\n\n"
+        wait_until(lambda: pool.parked_streams == 1, what="parked")
+        event_id = hub.publish("lobby", "plain")
+        while b"data: plain\n\n" not in body:
+            body += sock.recv(4096)
+        assert body == f":ok\n\nid: {event_id}\ndata: plain\n\n".encode()
+
+
+def test_path_parameters_pick_the_channel(fast):
+    server, hub, pool = fast
+    with StreamClient(server.url + "/rooms/a/events") as a, StreamClient(server.url + "/rooms/b.2/events") as b:
+        wait_until(lambda: pool.parked_streams == 2, what="parked")
+        hub.publish("room:a", "for a")
+        hub.publish("room:b.2", "for b")
+        hub.publish("lobby", "for nobody here")
+        assert [e.data for e in a.wait_for(1)] == ["for a"]
+        assert [e.data for e in b.wait_for(1)] == ["for b"]
+        assert pool.census()["by_channel"] == {"room:a": 1, "room:b.2": 1}
+    assert counts(pool) == (2, 0)
+    # not a route: CherryPy answers as usual
+    assert http_get(server.url + "/rooms/a/b/events")[0] == 404
+
+
+def test_resume_from_header_or_query_and_gap(comet_cherrypy):
+    hub = Hub(buffer_size=3, idle=0.2)
+    engine_plugin().route("/events", hub, "lobby", heartbeat=0.5)
+    server = comet_cherrypy(Root(), thread_pool=2)
+    ids = [hub.publish("lobby", n) for n in range(5)]
+    with StreamClient(server.url + "/events", last_event_id=ids[2]) as c:
+        assert [e.data for e in c.wait_for(2)] == ["3", "4"]
+    with StreamClient(f"{server.url}/events?last_event_id={ids[3]}") as c:
+        assert [e.data for e in c.wait_for(1)] == ["4"]
+    with StreamClient(server.url + "/events", last_event_id=ids[0]) as c:  # evicted: a gap, then what is held
+        events = c.wait_for(4)
+        assert events[0].name == "comet.gap" and [e.data for e in events[1:]] == ["2", "3", "4"]
+    assert counts(engine_plugin().pool) == (3, 0)
+    hub.close()
+
+
+@pytest.mark.parametrize("header, reason", [
+    ("not-an-id", b"malformed event id"),
+    ("9999999999999-0", b"from the future"),
+    ("x" * 300, b"at most 256"),
+])
+def test_bad_cursor_is_a_400_with_a_reason(fast, header, reason):
+    server, hub, pool = fast
+    hub.publish("lobby", "x")
+    before = pool.counters.snapshot()
+    data = raw_request(port_of(server), f"GET /events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {header}\r\n\r\n".encode(),
+                       until=None)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request") and b"text/plain" in head
+    assert reason in body, body
+    assert pool.open_streams == 0 and hub.subscriptions == 0
+    assert pool.counters["closed"] - before["closed"] == pool.counters["opened"] - before["opened"]
+
+
+def test_other_methods_and_malformed_requests(fast):
+    server, hub, pool = fast
+    port = port_of(server)
+    for method in ("POST", "HEAD", "PUT"):
+        data = raw_request(port, f"{method} /events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        assert data.startswith(b"HTTP/1.1 405") and b"Allow: GET" in data, data
+    # a malformed header line: cheroot's own 400, no hang, nothing opened
+    data = raw_request(port, b"GET /events HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400"), data
+    assert pool.open_streams == 0 and hub.subscriptions == 0
+    assert http_get(server.url + "/")[2] == b"plain page"
+
+
+def test_a_keep_alive_connection_can_become_a_stream(fast):
+    server, hub, pool = fast
+    conn = http.client.HTTPConnection("127.0.0.1", port_of(server), timeout=10)
+    try:
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"plain page"
+        conn.request("GET", "/events")  # the same socket, back from cheroot's keep-alive selector
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
+        assert response.read1(4096) == b":ok\n\n"
+        wait_until(lambda: pool.parked_streams == 1, what="parked")
+        hub.publish("lobby", "kept")
+        data = b""
+        while b"data: kept" not in data:
+            data += response.read1(4096)
+        response.close()  # "Connection: close" handed the socket to the response
+    finally:
+        conn.close()
+    wait_until(lambda: pool.open_streams == 0 and hub.subscriptions == 0, what="released")
+
+
+def test_admission_cap_answers_503_with_retry_after(comet_cherrypy, hub):
+    engine_plugin().route("/events", hub, "lobby", heartbeat=0.5)
+    server = comet_cherrypy(Root(), thread_pool=2, global_config={"comet.max_parked": 3, "comet.retry_after": 7})
+    pool = engine_plugin().pool
+    clients = [StreamClient(server.url + "/events").open() for _ in range(3)]
+    try:
+        refused_before = pool.counters["refused"]
+        with pytest.raises(HTTPStatusError) as refused:
+            StreamClient(server.url + "/events").open()
+        assert refused.value.status == 503 and b"parked" in refused.value.body
+        assert pool.counters["refused"] - refused_before == 1
+        status, headers, _ = http_get(server.url + "/")  # pages still load
+        assert status == 200
+        data = raw_request(port_of(server), b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n", until=None)
+        assert data.startswith(b"HTTP/1.1 503") and b"Retry-After: 7\r\n" in data
+        assert hub.subscriptions == 3
+    finally:
+        for c in clients:
+            c.close()
+        engine_plugin().pool.max_parked = 20_000
+        engine_plugin().pool.retry_after = 5
+
+
+def test_disconnect_cycles_release_everything(fast):
+    server, hub, pool = fast
+    StreamClient(server.url + "/events").open().close()
+    wait_until(lambda: pool.open_streams == 0, what="warm-up released")
+    threads, fds = threading.active_count(), open_fds()
+    for n in range(60):
+        path, transport = [("/events", "sse"), ("/multipart", "multipart"), ("/ndjson", "chunked")][n % 3]
+        c = StreamClient(server.url + path, transport=transport).open()
+        if n % 2:
+            wait_until(lambda: pool.parked_streams == 1, what="parked")
+            hub.publish("lobby", n)
+            c.wait_for(1)
+        c.close()
+        wait_until(lambda: pool.open_streams == 0 and hub.subscriptions == 0, what="released")
+    assert counts(pool) == (61, 0)
+    wait_until(lambda: threading.active_count() <= threads, what="threads back")
+    wait_until(lambda: open_fds() <= fds + 2, what="fds back")
+
+
+def test_engine_stop_with_300_fast_streams_is_fast():
+    hub = Hub(idle=30)
+    engine_plugin().route("/events", hub, "lobby")
+    server = CherryPyServer(Root(), thread_pool=2).start()
+    clients = []
+    try:
+        for _ in range(300):
+            clients.append(StreamClient(server.url + "/events").open())
+        wait_until(lambda: engine_plugin().pool.parked_streams == 300, timeout=20, what="300 parked")
+        assert hub.subscriptions == 300
+    finally:
+        elapsed = server.stop()
+    assert elapsed < 2.0, f"engine.stop() took {elapsed:.2f}s with 300 fast streams"
+    for client in clients:
+        client.wait_closed(5)  # each saw the terminating chunk
+        client.close()
+    assert hub.subscriptions == 0 and engine_plugin().pool.open_streams == 0
+
+
+def test_plain_wsgi_server(comet_wsgi, hub):
+    routes = FastRoutes()
+    routes.add("/events", hub, "lobby", heartbeat=0.5)
+
+    def pages(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"page " + environ["PATH_INFO"].encode()]
+
+    server = comet_wsgi(pages, numthreads=2, routes=routes)
+    clients = [StreamClient(server.url + "/events").open() for _ in range(10)]
+    wait_until(lambda: routes.pool.parked_streams == 10, what="10 parked on 2 threads")
+    assert http_get(server.url + "/x")[2] == b"page /x"
+    hub.publish("lobby", "hi")
+    assert all(c.wait_for(1)[0].data == "hi" for c in clients)
+    for c in clients:
+        c.close()
+    wait_until(lambda: routes.pool.open_streams == 0 and hub.subscriptions == 0, what="released")
+    assert counts(routes.pool) == (10, 0)
+    # once the pool is closing, new streams are refused with 503, not parked into a stopped writer
+    routes.pool.close_all()
+    data = raw_request(port_of(server), b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n", until=None)
+    assert data.startswith(b"HTTP/1.1 503") and b"shutting down" in data
+    assert hub.subscriptions == 0
+
+
+def test_tls_server_serves_routes_through_the_middleware(comet_cherrypy, hub, tmp_path):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    engine_plugin().route("/events", hub, "lobby", heartbeat=0.5)
+    server = comet_cherrypy(Root(), thread_pool=4, global_config={
+        "server.ssl_module": "builtin", "server.ssl_certificate": str(cert), "server.ssl_private_key": str(key)})
+    pool = engine_plugin().pool
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port_of(server))) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b":ok\n\n" not in data:
+            data += tls.recv(4096)
+        wait_until(lambda: hub.subscriptions == 1, what="subscribed")
+        assert counts(pool) == (0, 1) and pool.parked_streams == 0  # TLS keeps its thread
+        hub.publish("lobby", "over tls")
+        while b"data: over tls" not in data:
+            data += tls.recv(4096)
+    wait_until(lambda: hub.subscriptions == 0 and pool.open_streams == 0, what="released after the TLS client left")
+
+
+def test_redis_hub_first_use_goes_through_a_worker_then_accept_time(comet_cherrypy, comet_redis):
+    """The accepting thread never waits on Redis: a channel's first subscribe
+    (which reads its history) is served by the middleware on a worker."""
+    hub = RedisHub(comet_redis.url, prefix="fastpath:")
+    try:
+        engine_plugin().route("/events", hub, "lobby", heartbeat=0.5)
+        server = comet_cherrypy(Root(), thread_pool=2)
+        pool = engine_plugin().pool
+        first_id = hub.publish("lobby", "before")
+        with StreamClient(server.url + "/events", last_event_id=hub.before(first_id)) as first:
+            assert [e.data for e in first.wait_for(1)] == ["before"]
+            assert counts(pool) == (0, 1)
+            wait_until(lambda: hub.connected, what="reader connected")
+            with StreamClient(server.url + "/events", last_event_id=hub.before(first_id)) as second:
+                assert [e.data for e in second.wait_for(1)] == ["before"]
+                assert counts(pool) == (1, 1)
+                wait_until(lambda: pool.parked_streams == 2, what="parked")
+                hub.publish("lobby", "after")
+                assert first.wait_for(2)[1].data == second.wait_for(2)[1].data == "after"
+    finally:
+        hub.close()
+
+
+def test_routes_are_checked_when_declared():
+    routes, hub = FastRoutes(), Hub()
+    with pytest.raises(ValueError, match="parameters"):
+        routes.add("/rooms/{room}", hub, "room:{name}")
+    with pytest.raises(ValueError, match="absolute path"):
+        routes.add("events", hub, "lobby")
+    with pytest.raises(ValueError, match="parked"):
+        routes.add("/poll", hub, "lobby", transport="longpoll")
+    with pytest.raises(TypeError, match="unknown comet option"):
+        routes.add("/events", hub, "lobby", hearbeat=3)
+    routes.add("/events", hub, "lobby")
+    with pytest.raises(ValueError, match="exists already"):
+        routes.add("/events", hub, "other")
+    hub.close()
+
+
+def test_fast_route_and_comet_handler_side_by_side(comet_cherrypy, hub):
+    """A fast route answers before a CherryPy handler at the same path; the
+    app's other handlers are untouched."""
+    class App(Root):
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=0.5)
+        def events(self, last_event_id=None):
+            return hub.subscribe("handler-channel", last_id=last_event_id)
+
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=0.5)
+        def other(self, last_event_id=None):
+            return hub.subscribe("handler-channel", last_id=last_event_id)
+
+    engine_plugin().route("/events", hub, "lobby", heartbeat=0.5)
+    server = comet_cherrypy(App(), thread_pool=4)
+    with StreamClient(server.url + "/events") as fast_client, StreamClient(server.url + "/other") as handler_client:
+        wait_until(lambda: engine_plugin().pool.parked_streams == 2, what="parked")
+        hub.publish("lobby", "fast")
+        hub.publish("handler-channel", "handler")
+        assert fast_client.wait_for(1)[0].data == "fast"
+        assert handler_client.wait_for(1)[0].data == "handler"
