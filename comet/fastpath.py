@@ -229,7 +229,8 @@ class FastRoutes:
             return False
         head_len, http10, route, params, query, header_id = parsed
         channel = route.channel_for(params)
-        if not route.hub._local(channel, header_id or None):
+        cursor = header_id or parse_qs(query).get(_QUERY_KEY, [None])[-1]
+        if not route.hub._local(channel, cursor or None):
             sock.settimeout(server.timeout)  # the subscribe would wait on the network: not on this thread
             return False
         if len(sock.recv(head_len)) != head_len:  # the peeked bytes are there; never short

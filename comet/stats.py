@@ -70,6 +70,9 @@ def snapshot(pool: StreamPool, hubs: Iterable[Hub] = ()) -> dict[str, Any]:
         "parked_total": counts.get("parked", 0),
         "heartbeats": counts.get("heartbeats", 0),
         "slow_consumers": counts.get("slow_consumers", 0),
+        # Streams opened by a fast route (comet.fastpath): at accept time, or
+        # through its middleware on a worker thread.
+        "routed": {"at_accept": counts.get("routed_fast", 0), "through_wsgi": counts.get("routed_wsgi", 0)},
         "hubs": [{"type": type(h).__name__, "channels": len(h.channels()), "subscriptions": h.subscriptions,
                   **c} for h, c in zip(hubs, hub_counts)],
     }

@@ -1,0 +1,38 @@
+"""The benchmark scripts keep working: a tiny run of each comet server in
+``benchmarks.capacity`` (timings are not checked, only that every stream got
+every broadcast once, in order, and every process was stopped)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_capacity_benchmark_runs_on_comet_servers():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.capacity", "--n", "40", "--servers", "comet-fast", "comet-parked",
+         "comet-thread", "--broadcasts", "3", "--seconds", "1", "--rate", "3", "--idle", "0.5", "--burst", "300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = {row["server"]: row for row in summary["rows"]}
+    assert set(rows) == {"comet-fast", "comet-parked", "comet-thread"}
+    for name, row in rows.items():
+        assert "error" not in row, (name, row)
+        assert row["lost"] == 0 and row["duplicate_or_out_of_order"] == 0, (name, row)
+        assert row["status"] == 0, (name, row)  # exited cleanly on SIGTERM
+    assert all(b.get("one_stream_events_per_s", 0) > 0 for b in summary["bursts"]), summary["bursts"]
+    assert not _running("benchmarks.peers.comet_app"), "the benchmark left a server running"
+
+
+def _running(needle: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and needle in cmdline:
+            found.append(cmdline)
+    return found
