@@ -12,7 +12,7 @@ load-client processes (asyncio, raw sockets, uvloop when present), then
 * a fixed rate: ``--rate`` broadcasts per second for ``--seconds``;
 * lost / duplicated / out-of-order events, counted per stream by sequence;
 * server RSS per stream (VmRSS after connecting minus before, over N),
-  connect time, server CPU per event per stream, idle CPU over ``--idle``
+  connect time and server CPU per connect, server CPU per event per stream, idle CPU over ``--idle``
   seconds, a page request's time while all streams are open, and the time
   to exit on SIGTERM with every stream open.
 
@@ -243,8 +243,10 @@ def run_one(name: str, n: int, args) -> dict:
     pipes, procs = [], []
     try:
         _wait_up(name, server, port)
-        rss0 = _rss_kb(server.pid)
+        rss0, cpu0 = _rss_kb(server.pid), _cpu_s(server.pid)
         result["connect_s"] = round(start_clients(port, n, args.clients, pipes, procs), 3)
+        # server CPU per stream connect (clock ticks: coarse below ~1,000 streams)
+        result["connect_cpu_ms"] = round((_cpu_s(server.pid) - cpu0) * 1000 / n, 3)
         time.sleep(0.5)
         rss1 = _rss_kb(server.pid)
         result["rss_per_stream_kb"] = round((rss1 - rss0) / n, 1)
@@ -397,7 +399,7 @@ def run_burst(name: str, args) -> dict:
             server.kill()
 
 
-COLUMNS = ["server", "n", "connect_s", "last_p50_ms", "last_p99_ms", "stream_p50_ms", "rate_last_p50_ms",
+COLUMNS = ["server", "n", "connect_s", "connect_cpu_ms", "last_p50_ms", "last_p99_ms", "stream_p50_ms", "rate_last_p50_ms",
            "cpu_us_per_event_stream", "rss_per_stream_kb", "idle_cpu_pct", "page_ms_loaded", "sigterm_exit_s",
            "lost", "duplicate_or_out_of_order", "error"]
 
