@@ -378,7 +378,9 @@ def one_stream_burst(stream_port: int, publish_port: int, n: int, timeout: float
         if not parent.poll(timeout):
             raise TimeoutError("burst never completed")
         _, got, seconds = parent.recv()
-        return (got / seconds if seconds else float("nan")), n / publish_s
+        if not seconds:
+            raise ValueError(f"all {got} events arrived at once: use a larger burst to time it")
+        return got / seconds, n / publish_s
     finally:
         stop_clients([parent], [proc])
 

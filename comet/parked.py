@@ -34,7 +34,7 @@ from typing import Any
 from .framing import Event, encode_item, heartbeat
 from .hub import Subscription
 
-__all__ = ["Parker", "ParkedStream"]
+__all__ = ["Parker", "ParkedStream", "end_parked"]
 
 log = logging.getLogger("comet")
 
@@ -97,15 +97,22 @@ class Parker:
         self._unwatch: dict[tuple, Any] = {}
         self._streams: set[ParkedStream] = set()
         self._stopping = False
+        self._exited = False
         self._thread = threading.Thread(target=self._run, name="comet-parker", daemon=True)
         self._thread.start()
 
     # -- from other threads ---------------------------------------------------
 
     def park(self, stream: ParkedStream) -> None:
-        """Hand a stream over (from the worker thread that sent its headers)."""
+        """Hand a stream over (from the worker thread that sent its headers).
+        A writer that has already exited ends the stream at once instead."""
         with self._lock:
-            self._adds.append(stream)
+            if not self._exited:
+                self._adds.append(stream)
+                stream = None
+        if stream is not None:
+            end_parked(self.pool, stream, final=True)
+            return
         self._wake()
 
     def _wake(self) -> None:
@@ -158,7 +165,10 @@ class Parker:
         except Exception:
             log.exception("comet: parked-stream writer crashed; ending its streams")
         finally:
-            for stream in list(self._streams) + self._adds:
+            with self._lock:
+                self._exited = True  # later park() calls end their stream themselves
+                adds, self._adds = self._adds, []
+            for stream in list(self._streams) + adds:
                 self._end(stream, final=True)
             self._selector.close()
             self._wake_r.close()
@@ -368,19 +378,36 @@ class Parker:
             self._selector.unregister(stream.sock)
         except (KeyError, ValueError, OSError):
             pass
-        sock = stream.sock
-        try:
-            if final and stream.chunked and not stream.out:
-                sock.send(b"0\r\n\r\n")  # end the response properly: the client may reconnect at once
-        except OSError:
-            pass
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
-        stream.out.clear()
-        try:
-            stream.sub.close()  # runs the handler's on_close callbacks (presence, cleanup)
-        finally:
-            self.pool.release(stream.ticket)
+        end_parked(self.pool, stream, final)
+
+
+def end_parked(pool: Any, stream: ParkedStream, final: bool = False) -> None:
+    """Close a parked stream's response and release what it holds: its
+    socket, its subscription (whose ``on_close`` callbacks run) and its
+    place in *pool*. ``final``: end it properly (what is queued, then the
+    terminating chunk) as far as the socket takes it without blocking."""
+    stream.done = True
+    sock = stream.sock
+    try:
+        if final:
+            sock.setblocking(False)
+            while stream.out:
+                data = stream.out[0]
+                sent = sock.send(data)
+                if sent < len(data):
+                    break
+                stream.out.popleft()
+            if stream.chunked and not stream.out:
+                sock.send(b"0\r\n\r\n")  # the client may reconnect at once
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+    stream.out.clear()
+    try:
+        stream.sub.close()  # runs the handler's on_close callbacks (presence, cleanup)
+    finally:
+        pool.release(stream.ticket)

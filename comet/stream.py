@@ -153,18 +153,25 @@ class StreamPool:
             self._cond.notify_all()
 
     def park(self, ticket: int, stream: Any) -> None:
-        """Move an admitted stream to the parked writer; its thread is free."""
-        with self._cond:
-            if self._parker is None:
-                from .parked import Parker
+        """Move an admitted stream to the parked writer; its thread is free.
 
-                self._parker = Parker(self)
+        While the pool is stopping (:meth:`close_all` ran) no writer is
+        started: the stream is ended at once, as the writer would have.
+        """
+        from .parked import Parker, end_parked
+
+        with self._cond:
             self._parked.add(ticket)
             self.counters.add("parked")
-            parker = self._parker
-        parker.park(stream)
-        if self.stopping:
-            parker.stop()
+            parker = None
+            if not self.stopping:
+                if self._parker is None:
+                    self._parker = Parker(self)
+                parker = self._parker
+        if parker is None:
+            end_parked(self, stream, final=True)
+        else:
+            parker.park(stream)
 
     def unpark(self, ticket: int) -> None:
         """The hand-off declined at the last moment: the stream keeps its thread."""

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_capacity_benchmark_runs_on_comet_servers():
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.capacity", "--n", "40", "--servers", "comet-fast", "comet-parked",
-         "comet-thread", "--broadcasts", "3", "--seconds", "1", "--rate", "3", "--idle", "0.5", "--burst", "300"],
+         "comet-thread", "--broadcasts", "3", "--seconds", "1", "--rate", "3", "--idle", "0.5", "--burst", "5000"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])

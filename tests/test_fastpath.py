@@ -138,10 +138,11 @@ def test_a_head_not_there_in_time_goes_to_a_worker(fast, monkeypatch):
     monkeypatch.setattr(comet.fastpath, "HEAD_WAIT", -1.0)
     server, hub, pool = fast
     workers = cherrypy.server.httpserver.requests
-    idle = workers.idle
+    wait_until(lambda: workers.idle == 2, what="both workers idle")  # thread_pool=2, nothing else running
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
-        wait_until(lambda: workers.idle == idle - 1, what="a worker waiting for the head")
-        sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /events HTTP/1.1\r\n")
+        wait_until(lambda: workers.idle == 1, what="a worker waiting for the rest of the head")
+        sock.sendall(b"Host: x\r\n\r\n")
         data = b""
         while b":ok\n\n" not in data:
             data += sock.recv(4096)

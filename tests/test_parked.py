@@ -316,3 +316,50 @@ def test_tls_streams_fall_back_to_thread_mode(comet_cherrypy, hub, certificate):
         while b"data: over tls" not in data:
             data += tls.recv(4096)
     wait_until(lambda: closes.count == 1, what="released after the TLS client left")
+
+
+def test_a_stream_parked_while_the_pool_stops_is_ended_and_the_next_start_parks_again():
+    """A stream that reaches park() after close_all (a client reconnecting
+    while the engine stops) is ended and released at once; it must not
+    leave a stopped writer behind for the pool's next start."""
+    from comet.parked import ParkedStream
+    from comet.stream import StreamPool
+
+    hub, pool = Hub(idle=30), StreamPool()
+
+    def parked_pair():
+        ticket = pool.admit("sse")
+        server_side, client_side = socket.socketpair()
+        sub = hub.subscribe("lobby")
+        stream = ParkedStream(server_side, sub, "sse", "", True, 15, None, 1 << 20, ticket)
+        pool.attach(ticket, stream, parkable=True)
+        sub.start()
+        stream.out.append(b"5\r\n:ok\n\n\r\n")
+        return stream, client_side
+
+    def read_until(sock, marker):
+        sock.settimeout(5)
+        data = b""
+        while marker not in data:
+            more = sock.recv(4096)
+            if not more:
+                break
+            data += more
+        return data
+
+    first, first_client = parked_pair()
+    pool.close_all()
+    pool.park(first.ticket, first)
+    assert read_until(first_client, b"0\r\n\r\n") == b"5\r\n:ok\n\n\r\n0\r\n\r\n"  # head, then the last chunk
+    assert first_client.recv(10) == b""  # and closed
+    assert pool.open_streams == 0 and pool.parked_streams == 0 and hub.subscriptions == 0
+    pool.reopen()
+    second, second_client = parked_pair()
+    pool.park(second.ticket, second)
+    hub.publish("lobby", "after restart")
+    assert b"data: after restart" in read_until(second_client, b"data: after restart")
+    pool.close_all()
+    wait_until(lambda: pool.open_streams == 0 and hub.subscriptions == 0, what="released")
+    first_client.close()
+    second_client.close()
+    hub.close()
