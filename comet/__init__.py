@@ -1,5 +1,5 @@
 """comet: real-time server push over plain HTTP for CherryPy and WSGI."""
-from .errors import BackendUnavailable, CometError, HubClosed, InvalidEvent, InvalidEventId, StreamsExhausted, UnserializableData
+from .errors import BackendUnavailable, CometError, Forbidden, HubClosed, InvalidEvent, InvalidEventId, StreamsExhausted, UnserializableData
 from .framing import Event, Part
 from .hub import GAP, Hub
 from .options import Options
@@ -9,6 +9,6 @@ from .cherrypy_tool import comet
 
 __all__ = [
     "comet", "Hub", "Event", "Part", "Options", "GAP",
-    "BackendUnavailable", "CometError", "HubClosed", "InvalidEvent", "InvalidEventId", "StreamsExhausted", "UnserializableData",
+    "BackendUnavailable", "CometError", "Forbidden", "HubClosed", "InvalidEvent", "InvalidEventId", "StreamsExhausted", "UnserializableData",
 ]
 __version__ = "0.1.0"

@@ -79,7 +79,9 @@ class CometPlugin(SimplePlugin):
         accepts the connection, without a worker thread or CherryPy's request
         pipeline, so thousands of clients (re)connect in seconds. It answers
         before any CherryPy app mounted at the same path. Keywords are the
-        :class:`~comet.Options` names.
+        :class:`~comet.Options` names, and ``authorize``: a callable deciding
+        from a :class:`~comet.fastpath.StreamRequest` who may follow the
+        stream (see :meth:`comet.fastpath.FastRoutes.add`).
 
         >>> from cherrypy.process.wspbus import Bus
         >>> plugin = CometPlugin(Bus())  # in an app: engine_plugin()

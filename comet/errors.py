@@ -36,6 +36,19 @@ class UnserializableData(CometError, TypeError):
     or ``bytes``)."""
 
 
+class Forbidden(CometError, PermissionError):
+    """The request may not follow this stream: a fast route's ``authorize``
+    callback refused it. Adapters answer ``403 Forbidden`` with the message.
+
+    >>> def authorize(request):
+    ...     if request.query.get("token") != "s3cret":
+    ...         raise Forbidden("a valid token is needed for this room")
+    ...     return True
+    """
+
+    http_status = 403
+
+
 class StreamsExhausted(CometError):
     """Admission control refused a stream: the cap on open streams is reached.
 

@@ -18,9 +18,13 @@ same code as :func:`comet.wsgi.comet_app` (still parked, still without
 CherryPy's pipeline). Both ways give the same bytes and the same errors.
 
 What a fast route does not have, by design: CherryPy tools, sessions,
-authentication, access logging. Use it for streams anyone may follow (a
-lobby, a scoreboard, a public feed) or whose channel name is itself an
-unguessable token; keep ``@comet`` handlers for the rest.
+access logging. Who may follow a stream is decided by the route's optional
+``authorize(request)`` callback, shown a :class:`StreamRequest` (path
+parameters, query, headers, cookies, peer address); it runs on the thread
+that accepts every connection, so it must decide from the request alone
+(a signed token, a lookup in memory), never wait on a database or the
+network. Streams that need more (sessions, presence, per-user views) stay
+``@comet`` handlers.
 
 >>> from comet import Hub
 >>> routes = FastRoutes()
@@ -40,6 +44,7 @@ the engine's pool and server; with a plain cheroot ``wsgi.Server``, call
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import re
 import socket
@@ -48,7 +53,7 @@ from http import HTTPStatus
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
-from .errors import StreamsExhausted
+from .errors import Forbidden, StreamsExhausted
 from .framing import content_type, new_boundary, preamble
 from .hub import Hub
 from .options import Options
@@ -56,7 +61,7 @@ from .parked import ParkedStream, _chunk
 from .stream import StreamPool, http_error
 from .wsgi import _reply, comet_app, install_gateway, resume_id
 
-__all__ = ["FastRoutes", "FastRoute"]
+__all__ = ["FastRoutes", "FastRoute", "StreamRequest"]
 
 log = logging.getLogger("comet")
 
@@ -71,16 +76,69 @@ _NEED_MORE = object()
 _QUERY_KEY = "last_event_id"
 
 
-class FastRoute:
-    """One fast route: a path template, a hub, a channel template, options."""
+class StreamRequest:
+    """What a fast route's ``authorize`` callback sees of a request.
 
-    def __init__(self, path: str, hub: Hub, channel: str, options: Options, pool: StreamPool) -> None:
+    ``headers`` has lower-case names (repeated headers joined as HTTP
+    allows); ``remote_addr`` is the peer's IP address (behind a proxy, the
+    proxy's: read ``X-Forwarded-For`` from ``headers`` if you trust it).
+
+    >>> request = StreamRequest("/rooms/a/events", {"room": "a"}, "token=abc&x=1",
+    ...                         {"cookie": "sid=42; theme=dark"}, "127.0.0.1")
+    >>> request.params["room"], request.query["token"], request.cookies["sid"]
+    ('a', 'abc', '42')
+    """
+
+    def __init__(self, path: str, params: dict[str, str], query_string: str, headers: dict[str, str],
+                 remote_addr: str) -> None:
+        self.path = path
+        self.params = params
+        self.query_string = query_string
+        self.headers = headers
+        self.remote_addr = remote_addr
+
+    @functools.cached_property
+    def query(self) -> dict[str, str]:
+        """The query's fields, the last value of each."""
+        return {name: values[-1] for name, values in parse_qs(self.query_string, keep_blank_values=True).items()}
+
+    @functools.cached_property
+    def cookies(self) -> dict[str, str]:
+        """The ``Cookie`` header's pairs (the first of a repeated name, as browsers send the most specific first)."""
+        found: dict[str, str] = {}
+        for pair in self.headers.get("cookie", "").split(";"):
+            name, sep, value = pair.partition("=")
+            name, value = name.strip(), value.strip()
+            if sep and name and name not in found:
+                found[name] = value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value
+        return found
+
+    @classmethod
+    def from_environ(cls, environ: dict, params: dict[str, str]) -> "StreamRequest":
+        headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
+        return cls(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), params,
+                   environ.get("QUERY_STRING", ""), headers, environ.get("REMOTE_ADDR", ""))
+
+    def __repr__(self) -> str:
+        return f"StreamRequest({self.path!r}, params={self.params!r}, from {self.remote_addr})"
+
+
+class FastRoute:
+    """One fast route: a path template, a hub, a channel template, options,
+    and who may follow it."""
+
+    def __init__(self, path: str, hub: Hub, channel: str, options: Options, pool: StreamPool,
+                 authorize: Callable[[StreamRequest], bool] | None = None) -> None:
         if not isinstance(path, str) or not path.startswith("/") or "?" in path or "%" in path:
             raise ValueError(f"path must be an absolute path without query or %-escapes, got {path!r}")
         if not isinstance(hub, Hub):
             raise TypeError(f"hub must be a comet Hub, got {type(hub).__name__}")
         if options.transport == "longpoll" or options.mode != "auto":
             raise ValueError("a fast route streams parked: transport sse, chunked or multipart, mode 'auto'")
+        if authorize is not None and not callable(authorize):
+            raise TypeError(f"authorize must be a callable taking a StreamRequest, got {authorize!r}")
+        self.authorize = authorize
+        self._pool = pool
         self.path = path
         self.hub = hub
         self.channel = channel
@@ -107,6 +165,23 @@ class FastRoute:
         """The hub channel for the values of the path's ``{name}`` segments."""
         return self.channel.format(**params) if self.params else self.channel
 
+    def check(self, request: StreamRequest) -> None:
+        """Raise :class:`~comet.Forbidden` unless ``authorize`` allows *request*
+        (a falsy answer or a ``PermissionError`` refuses; anything else it
+        raises is a server error, and refuses too)."""
+        if self.authorize is None:
+            return
+        try:
+            allowed = self.authorize(request)
+        except PermissionError as exc:
+            self._pool.counters.add("forbidden")
+            if isinstance(exc, Forbidden):
+                raise
+            raise Forbidden(str(exc) or "not allowed to follow this stream") from exc
+        if not allowed:
+            self._pool.counters.add("forbidden")
+            raise Forbidden("not allowed to follow this stream")
+
     def _subscribe(self, environ: dict) -> Any:
         return self.hub.subscribe(self.channel_for(environ["comet.route"]), last_id=environ["comet.last_event_id"])
 
@@ -128,14 +203,20 @@ class FastRoutes:
         self._routes: list[FastRoute] = []
         self._date = (0, b"")
 
-    def add(self, path: str, hub: Hub, channel: str, **options: Any) -> FastRoute:
+    def add(self, path: str, hub: Hub, channel: str, *, authorize: Callable[[StreamRequest], bool] | None = None,
+            **options: Any) -> FastRoute:
         """Serve *channel* of *hub* at *path*. ``{name}`` segments of *path*
         match one URL segment each and may be used in *channel*
         (``"/rooms/{room}/events"``, ``"room:{room}"``). Keywords are the
         :class:`~comet.Options` names; resume (``Last-Event-ID`` or
         ``?last_event_id=``), heartbeats, gaps and caps work as for ``@comet``.
+
+        *authorize*, if given, is called with a :class:`StreamRequest` before
+        anything else; a falsy answer, :class:`~comet.Forbidden` or any
+        ``PermissionError`` gets ``403`` with the error's message. It must be
+        quick and must not block (see the module's introduction).
         """
-        route = FastRoute(path, hub, channel, Options.from_mapping(options), self.pool)
+        route = FastRoute(path, hub, channel, Options.from_mapping(options), self.pool, authorize)
         for other in self._routes:
             if other._regex.pattern == route._regex.pattern:
                 raise ValueError(f"a fast route for {path!r} exists already")
@@ -167,6 +248,11 @@ class FastRoutes:
             if environ.get("REQUEST_METHOD") != "GET":
                 return _reply(start_response, 405, "a stream answers GET only", [("Allow", "GET")])
             route, environ["comet.route"] = found
+            try:
+                route.check(StreamRequest.from_environ(environ, environ["comet.route"]))
+            except Exception as exc:
+                status, reason, headers = _error_answer(exc)
+                return _reply(start_response, status, reason, headers)
             self.pool.counters.add("routed_wsgi")
             return route.app(environ, start_response)
 
@@ -227,7 +313,7 @@ class FastRoutes:
             if parsed is _NEED_MORE and self._wait_for_head(server, conn):
                 return True
             return False
-        head_len, http10, route, params, query, header_id = parsed
+        head_len, http10, route, params, query, header_id, request = parsed
         channel = route.channel_for(params)
         cursor = header_id or parse_qs(query).get(_QUERY_KEY, [None])[-1]
         if not route.hub._local(channel, cursor or None):
@@ -240,7 +326,9 @@ class FastRoutes:
                 f.close()
             except Exception:
                 pass
-        self._open(sock, route, channel, http10, query, header_id)
+        if request is not None:
+            request.remote_addr = conn.remote_addr or ""
+        self._open(sock, route, channel, http10, query, header_id, request)
         return True
 
     @staticmethod
@@ -282,7 +370,9 @@ class FastRoutes:
         end = head.find(b"\r\n\r\n", line_end)
         if end < 0:
             return _NEED_MORE if len(head) < MAX_HEAD else None
+        route, params = found
         last_event_id = None
+        headers: dict[str, str] | None = {} if route.authorize is not None else None
         if end > line_end:
             for line in head[line_end + 2:end].split(b"\r\n"):
                 name, sep, value = line.partition(b":")
@@ -293,15 +383,24 @@ class FastRoutes:
                     return None  # a body or a protocol switch: not a stream request
                 if name == b"last-event-id":
                     last_event_id = value.strip().decode("latin-1")
-        route, params = found
-        return end + 4, parts[2] == b"HTTP/1.0", route, params, query.decode("latin-1"), last_event_id
+                if headers is not None:
+                    key, text = name.decode("latin-1"), value.strip().decode("latin-1")
+                    if key in headers:  # as cheroot folds repeated headers into environ
+                        text = headers[key] + ("; " if key == "cookie" else ", ") + text
+                    headers[key] = text
+        request = None
+        if headers is not None:
+            request = StreamRequest(path.decode("latin-1"), params, query.decode("latin-1"), headers, "")
+        return end + 4, parts[2] == b"HTTP/1.0", route, params, query.decode("latin-1"), last_event_id, request
 
     def _open(self, sock: socket.socket, route: FastRoute, channel: str, http10: bool, query: str,
-              header_id: str | None) -> None:
+              header_id: str | None, request: StreamRequest | None) -> None:
         """The head is consumed: answer, and park the stream."""
         pool, opts = self.pool, route.options
         ticket = sub = None
         try:
+            if request is not None:
+                route.check(request)
             if pool.stopping:
                 raise StreamsExhausted("the server is shutting down; retry later", pool.retry_after)
             last_id = resume_id(header_id, parse_qs(query).get(_QUERY_KEY, [None])[-1])
@@ -344,16 +443,8 @@ class FastRoutes:
     @staticmethod
     def _refuse(sock: socket.socket, exc: BaseException) -> None:
         """The same plain-text answers :func:`comet.wsgi.comet_app` gives."""
-        extra = b""
-        if getattr(exc, "retry_after", None) is not None:
-            status, reason = 503, str(exc)
-            extra = b"Retry-After: %d\r\n" % exc.retry_after
-        else:
-            error = http_error(exc)
-            if error is None:
-                log.error("comet: fast route failed", exc_info=exc)
-                error = (500, "internal server error")
-            status, reason = error
+        status, reason, headers = _error_answer(exc)
+        extra = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers)
         body = (reason + "\n").encode("utf-8")
         data = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s" % (
             status, HTTPStatus(status).phrase.encode(), len(body), extra, body)
@@ -363,3 +454,14 @@ class FastRoutes:
         except OSError:
             pass
         sock.close()
+
+
+def _error_answer(exc: BaseException) -> tuple[int, str, list[tuple[str, str]]]:
+    """Status, reason and extra headers for an error refusing a fast-route stream."""
+    if getattr(exc, "retry_after", None) is not None:  # full, stopping, or the backend is down
+        return 503, str(exc), [("Retry-After", str(exc.retry_after))]
+    error = http_error(exc)
+    if error is None:
+        log.error("comet: fast route failed", exc_info=exc)
+        return 500, "internal server error", []
+    return error[0], error[1], []

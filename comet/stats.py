@@ -65,6 +65,7 @@ def snapshot(pool: StreamPool, hubs: Iterable[Hub] = ()) -> dict[str, Any]:
         "bytes_written": counts.get("bytes", 0),
         "disconnects": counts.get("disconnects", 0),
         "refused": counts.get("refused", 0),
+        "forbidden": counts.get("forbidden", 0),
         "opened": counts.get("opened", 0),
         "closed": counts.get("closed", 0),
         "parked_total": counts.get("parked", 0),

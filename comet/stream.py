@@ -91,7 +91,7 @@ class StreamPool:
         #: consumers dropped, and streams opened by a fast route at accept
         #: time or through its WSGI middleware (``comet.fastpath``).
         self.counters = Counters(("opened", "closed", "refused", "parked", "disconnects", "heartbeats", "items", "bytes",
-                                  "slow_consumers", "routed_fast", "routed_wsgi"))
+                                  "slow_consumers", "routed_fast", "routed_wsgi", "forbidden"))
         self.stopping = False
 
     def admit(self, transport: str) -> int:

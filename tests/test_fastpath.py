@@ -2,6 +2,8 @@
 connection. The same guarantees as ``@comet`` parked streams (framing,
 heartbeats, resume, gaps, admission, disconnect, shutdown), the same bytes
 whichever way (accept time or the WSGI middleware) a request is served."""
+import hashlib
+import hmac
 import http.client
 import socket
 import ssl
@@ -10,10 +12,10 @@ import threading
 import cherrypy
 import pytest
 
-from comet import Hub, comet
+from comet import Forbidden, Hub, comet
 from comet.backends.redis import RedisHub
 from comet.cherrypy_tool import engine_plugin
-from comet.fastpath import FastRoutes
+from comet.fastpath import FastRoutes, StreamRequest
 from comet.testing import CherryPyServer, HTTPStatusError, StreamClient, http_get, wait_until
 
 from conftest import RawStream, open_fds
@@ -435,3 +437,110 @@ def test_fast_route_and_comet_handler_side_by_side(comet_cherrypy, hub):
         hub.publish("handler-channel", "handler")
         assert fast_client.wait_for(1)[0].data == "fast"
         assert handler_client.wait_for(1)[0].data == "handler"
+
+
+# -- who may follow a fast route ------------------------------------------------
+
+SECRET = b"test-secret"
+
+
+def token_for(channel: str) -> str:
+    return hmac.new(SECRET, channel.encode(), hashlib.sha256).hexdigest()
+
+
+def room_token(request):
+    """What an app does: the page (behind CherryPy's own auth) hands out a
+    token signed for one channel; the stream checks it without any I/O."""
+    if not hmac.compare_digest(request.query.get("token", ""), token_for("room:" + request.params["room"])):
+        raise Forbidden("a valid token for this room is needed")
+    return True
+
+
+def answer(port: int, path: str, headers: str = "") -> tuple[bytes, bytes]:
+    """Head and body of a refused stream request (``Connection: close`` so
+    that the middleware's answer, on a keep-alive capable server, ends too)."""
+    data = raw_request(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode(), until=None)
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_authorize_admits_a_signed_token_and_refuses_others_with_403(comet_cherrypy, hub):
+    plugin = engine_plugin()
+    plugin.route("/rooms/{room}/events", hub, "room:{room}", heartbeat=0.5, authorize=room_token)
+    server = comet_cherrypy(Root(), thread_pool=2)
+    pool, port = plugin.pool, port_of(server)
+    forbidden = pool.counters["forbidden"]
+    with StreamClient(f"{server.url}/rooms/a/events?token={token_for('room:a')}") as allowed:
+        wait_until(lambda: pool.parked_streams == 1, what="parked")
+        hub.publish("room:a", "members only")
+        assert allowed.wait_for(1)[0].data == "members only"
+        assert counts(pool) == (1, 0)
+        refusals = [
+            f"/rooms/b/events?token={token_for('room:a')}",  # another room's token
+            "/rooms/b/events",                                # none
+            "/rooms/b/events?token=",
+            f"/rooms/%62/events?token={token_for('room:a')}",  # through the middleware
+        ]
+        for path in refusals:
+            head, body = answer(port, path)
+            assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"text/plain; charset=utf-8" in head, head
+            assert body == b"a valid token for this room is needed\n"
+            # answered at accept (comet's own head) or by cheroot (which names itself)
+            assert (b"\r\nServer: " in head) == ("%" in path), (path, head)
+        assert pool.counters["forbidden"] - forbidden == len(refusals)
+        assert hub.subscriptions == 1 and pool.open_streams == 1 and counts(pool) == (1, 0)
+        # the middleware also admits a good token
+        with StreamClient(f"{server.url}/rooms/%62/events?token={token_for('room:b')}") as via_wsgi:
+            wait_until(lambda: pool.parked_streams == 2, what="parked")
+            hub.publish("room:b", "b only")
+            assert via_wsgi.wait_for(1)[0].data == "b only"
+            assert counts(pool) == (1, 1)
+    wait_until(lambda: pool.open_streams == 0 and hub.subscriptions == 0, what="released")
+
+
+def test_authorize_sees_headers_cookies_and_the_peer_either_way(comet_cherrypy, hub, caplog):
+    seen = []
+
+    def authorize(request):
+        seen.append(request)
+        if request.headers.get("authorization") == "Bearer bug":
+            raise RuntimeError("a bug in the callback")
+        if request.cookies.get("member") == "banned":
+            raise PermissionError("banned from the lobby")
+        return request.cookies.get("member") == "yes"
+
+    engine_plugin().route("/events", hub, "lobby", heartbeat=0.5, authorize=authorize)
+    server = comet_cherrypy(Root(), thread_pool=2)
+    pool, port = engine_plugin().pool, port_of(server)
+    for path in ("/events", "/%65vents"):  # at accept, through the middleware
+        seen.clear()
+        headers = {"Cookie": 'theme=dark; member="yes"', "Authorization": "Bearer ok", "X-Forwarded-For": "10.1.2.3"}
+        with RawStream(f"{server.url}{path}?room=x&room=y&flag", headers=headers) as raw:
+            assert raw.status == 200 and raw.chunk() == b":ok\n\n"
+        [request] = seen
+        assert request.path == "/events" and request.params == {}
+        assert request.query == {"room": "y", "flag": ""}
+        assert request.cookies == {"theme": "dark", "member": "yes"}
+        assert request.headers["authorization"] == "Bearer ok" and request.headers["x-forwarded-for"] == "10.1.2.3"
+        assert request.remote_addr == "127.0.0.1"
+        # a falsy answer, a PermissionError, a bug: 403, 403 with its message, 500 (logged); never a stream
+        head, body = answer(port, path, "Cookie: member=no\r\n")
+        assert head.startswith(b"HTTP/1.1 403") and body == b"not allowed to follow this stream\n"
+        head, body = answer(port, path, "Cookie: member=banned\r\n")
+        assert head.startswith(b"HTTP/1.1 403") and body == b"banned from the lobby\n"
+        caplog.clear()
+        head, body = answer(port, path, "Cookie: member=yes\r\nAuthorization: Bearer bug\r\n")
+        assert head.startswith(b"HTTP/1.1 500") and body == b"internal server error\n"
+        assert "a bug in the callback" in caplog.text
+        wait_until(lambda: pool.open_streams == 0 and hub.subscriptions == 0, what="nothing left open")
+    assert http_get(server.url + "/")[2] == b"plain page"
+
+
+def test_stream_request_reads_what_browsers_send():
+    request = StreamRequest("/r/1", {"r": "1"}, "a=1&a=2&b=%20x&empty=", {
+        "cookie": 'sid=abc; sid=shadowed; quoted="v 1"; junk; =nameless'}, "::1")
+    assert request.query == {"a": "2", "b": " x", "empty": ""}
+    assert request.cookies == {"sid": "abc", "quoted": "v 1"}
+    assert StreamRequest("/", {}, "", {}, "").cookies == {} and "from ::1" in repr(request)
+    with pytest.raises(TypeError, match="authorize must be a callable"):
+        FastRoutes().add("/events", Hub(), "lobby", authorize="yes")
