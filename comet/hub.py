@@ -98,7 +98,7 @@ class _Channel:
     event known to exist but no longer (or never) held, so any cursor at or
     after it is served without a gap."""
 
-    __slots__ = ("cond", "events", "seq", "watchers", "floor", "live")
+    __slots__ = ("cond", "events", "seq", "watchers", "floor", "live", "refs", "dead")
 
     def __init__(self, size: int, floor: str) -> None:
         self.cond = threading.Condition(threading.Lock())
@@ -107,6 +107,8 @@ class _Channel:
         self.watchers: tuple[Callable[[], None], ...] = ()
         self.floor = floor
         self.live = False  # backends: the buffer mirrors the shared store
+        self.refs = 0  # subscriptions and watchers holding it (under the hub's lock)
+        self.dead = False  # forgotten by the hub: look the channel up again
 
     def append(self, event: Event) -> None:
         """Store *event* as the newest; the caller holds ``cond``."""
@@ -209,14 +211,18 @@ class Hub:
         True
         """
         proto = self._prepare(channel, data, event, retry)
-        ch = self._channel(channel)
-        with ch.cond:
-            event_id = f"{self.epoch}-{ch.seq + 1}"
-            stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
-            stored._wire["text"] = proto.text()
-            ch.append(stored)
-            ch.cond.notify_all()  # in the same lock hold as the append: the hot path
-            watchers = ch.watchers
+        while True:
+            ch = self._channel(channel)
+            with ch.cond:
+                if ch.dead:  # forgotten as we looked it up: publish into its successor
+                    continue
+                event_id = f"{self.epoch}-{ch.seq + 1}"
+                stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
+                stored._wire["text"] = proto.text()
+                ch.append(stored)
+                ch.cond.notify_all()  # in the same lock hold as the append: the hot path
+                watchers = ch.watchers
+            break
         self.counters.add("published")
         for wake in watchers:  # e.g. the parked-stream writer: one call per channel, not per stream
             wake()
@@ -239,17 +245,20 @@ class Hub:
                   else self._prepare(channel, item, event, retry) for item in items]
         if not protos:
             return []
-        ch = self._channel(channel)
-        ids = []
-        with ch.cond:
-            for proto in protos:
-                event_id = f"{self.epoch}-{ch.seq + 1}"
-                stored = Event(proto.data, id=event_id, name=proto.name, channel=channel, retry=proto.retry)
-                stored._wire["text"] = proto.text()
-                ch.append(stored)
-                ids.append(event_id)
-            ch.cond.notify_all()
-            watchers = ch.watchers
+        ids: list[str] = []
+        while not ids:
+            ch = self._channel(channel)
+            with ch.cond:
+                if ch.dead:
+                    continue
+                for proto in protos:
+                    event_id = f"{self.epoch}-{ch.seq + 1}"
+                    stored = Event(proto.data, id=event_id, name=proto.name, channel=channel, retry=proto.retry)
+                    stored._wire["text"] = proto.text()
+                    ch.append(stored)
+                    ids.append(event_id)
+                ch.cond.notify_all()
+                watchers = ch.watchers
         self.counters.add("published", len(ids))
         for wake in watchers:
             wake()
@@ -310,13 +319,17 @@ class Hub:
             raise HubClosed("subscribe on a closed hub")
         if view is not None and not callable(view):
             raise TypeError("view must be callable")
-        ch = self._channel(channel)
         key = None if last_id is None or last_id == "" else parse_id(last_id)
+        ch = self._acquire(channel)
         caught_up = False
-        with ch.cond:
-            if key is not None and key > parse_id(ch.tail_id()):
-                caught_up = self._catch_up(channel, ch)  # another process may be ahead of our mirror
-            cursor, resumed, gap = self._resolve(channel, ch, last_id, key)
+        try:
+            with ch.cond:
+                if key is not None and key > parse_id(ch.tail_id()):
+                    caught_up = self._catch_up(channel, ch)  # another process may be ahead of our mirror
+                cursor, resumed, gap = self._resolve(channel, ch, last_id, key)
+        except BaseException:
+            self._release(channel, ch)
+            raise
         if caught_up:
             self._wake(ch)
         pending = list(initial) + ([gap] if gap is not None else [])
@@ -360,7 +373,9 @@ class Hub:
         stream resumes exactly after it, with no gap and no duplicate.
         """
         self._check_channel(channel)
-        ch = self._channel(channel)
+        ch = self._channels.get(channel)  # reading creates nothing
+        if ch is None:
+            return []
         with ch.cond:
             events = list(ch.events)
         return events if limit is None else events[-limit:] if limit > 0 else []
@@ -369,7 +384,9 @@ class Hub:
         """Id of the newest event in *channel* (``"<epoch>-0"`` when none yet):
         a cursor for "everything after now"."""
         self._check_channel(channel)
-        ch = self._channel(channel)
+        ch = self._channels.get(channel)
+        if ch is None:
+            return f"{self.epoch}-0"
         with ch.cond:
             return ch.tail_id()
 
@@ -391,7 +408,10 @@ class Hub:
         return self._subscriptions
 
     def channels(self) -> list[str]:
-        """Names of the channels that exist so far."""
+        """Names of the channels that exist: every channel published to, and
+        those with an open subscription or watcher. (A channel nobody ever
+        published to is forgotten when its last subscriber leaves, so clients
+        asking for made-up channels cannot grow the hub.)"""
         with self._lock:
             return list(self._channels)
 
@@ -399,13 +419,18 @@ class Hub:
         """Call ``wake()`` (from the publishing thread, after the event is
         stored) on every publish to *channel*, and on :meth:`end_subscriptions`.
         Returns the function that stops watching. Keep ``wake`` tiny."""
-        ch = self._channel(channel)
+        ch = self._acquire(channel)
         with ch.cond:
             ch.watchers = ch.watchers + (wake,)
+        done = []
 
         def unwatch() -> None:
+            if done:
+                return
+            done.append(True)
             with ch.cond:
                 ch.watchers = tuple(w for w in ch.watchers if w is not wake)
+            self._release(channel, ch)
 
         return unwatch
 
@@ -436,6 +461,31 @@ class Hub:
             with self._lock:
                 ch = self._channels.setdefault(name, _Channel(self.buffer_size, f"{self.epoch}-0"))
         return ch
+
+    #: Forget a channel nobody ever published to once nobody holds it. A
+    #: forgotten pristine channel comes back exactly as it was (no events,
+    #: floor ``<epoch>-0``), so no cursor can tell. Backends that follow
+    #: channels elsewhere keep theirs.
+    _forget_pristine = True
+
+    def _acquire(self, name: str) -> _Channel:
+        """*name*'s channel, held (by a subscription or watcher) until :meth:`_release`."""
+        while True:
+            ch = self._channel(name)
+            with self._lock:
+                if self._channels.get(name) is ch:  # not forgotten in between
+                    ch.refs += 1
+                    return ch
+
+    def _release(self, name: str, ch: _Channel) -> None:
+        with self._lock:
+            ch.refs -= 1
+            if ch.refs or not self._forget_pristine or self._channels.get(name) is not ch:
+                return
+            with ch.cond:  # a publish holds this while it appends: never forget a channel mid-publish
+                if ch.seq == 0 and not ch.watchers:
+                    ch.dead = True
+                    del self._channels[name]
 
     @staticmethod
     def _check_channel(channel: str) -> None:
@@ -575,6 +625,7 @@ class Subscription:
             self._gen.close()
         if self._counted:
             self.hub._count(-1)
+        self.hub._release(self.channel, self._ch)
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             try:

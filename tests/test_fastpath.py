@@ -544,3 +544,19 @@ def test_stream_request_reads_what_browsers_send():
     assert StreamRequest("/", {}, "", {}, "").cookies == {} and "from ::1" in repr(request)
     with pytest.raises(TypeError, match="authorize must be a callable"):
         FastRoutes().add("/events", Hub(), "lobby", authorize="yes")
+
+
+def test_made_up_rooms_do_not_grow_the_hub(fast):
+    """Anyone may ask for ``/rooms/<anything>/events``: channels nobody
+    published to go away with their last stream, whichever way it was served."""
+    server, hub, pool = fast
+    hub.publish("room:real", "kept")
+    for n in range(150):
+        path = f"/rooms/made-up-{n}/events" if n % 3 else f"/rooms/made%2Dup-{n}/events"  # %-escaped: the middleware
+        with StreamClient(server.url + path) as client:
+            client.wait_for(0)
+            if n % 2:
+                wait_until(lambda: pool.parked_streams == 1, what="parked")
+    wait_until(lambda: pool.open_streams == 0 and hub.subscriptions == 0, what="released")
+    assert counts(pool) == (100, 50)
+    assert hub.channels() == ["room:real"]

@@ -291,3 +291,92 @@ def test_publish_many_is_ordered_validated_first_and_wakes_once():
     assert sub.take() == [] and hub.published == 3  # nothing of the bad batch was stored
     assert hub.publish_many("batch", []) == []
     sub.close()
+
+
+def test_channels_nobody_published_to_are_forgotten_with_their_last_holder():
+    """Clients asking for made-up channels (a fast route's ``{room}``) must
+    not grow the hub: a channel never published to goes when its last
+    subscription or watcher does, and comes back as it was."""
+    hub = Hub()
+    subs = [hub.subscribe(f"made-up-{n}") for n in range(1000)]
+    assert len(hub.channels()) == 1000
+    for sub in subs:
+        sub.close()
+    assert hub.channels() == []
+    assert hub.history("made-up-1") == [] and hub.last_id("made-up-1") == f"{hub.epoch}-0"
+    assert hub.channels() == []  # reading creates nothing
+    # the same cursor is valid before and after: nothing can tell
+    sub = hub.subscribe("room", last_id=f"{hub.epoch}-0")
+    unwatch = hub.watch("room", lambda: None)
+    sub.close()
+    assert hub.channels() == ["room"]  # still watched
+    unwatch()
+    unwatch()  # twice is harmless
+    assert hub.channels() == []
+    sub = hub.subscribe("room", last_id=f"{hub.epoch}-0")
+    assert sub.take() == []
+    # a channel that has events is kept: its history and ids matter
+    first = hub.publish("room", "kept")
+    sub.close()
+    assert hub.channels() == ["room"] and [e.data for e in hub.history("room")] == ["kept"]
+    assert [e.data for e in hub.subscribe("room", last_id=hub.before(first)).take()] == ["kept"]
+    # a refused subscribe holds nothing
+    with pytest.raises(InvalidEventId):
+        hub.subscribe("refused", last_id="9999999999999-1")
+    assert hub.channels() == ["room"]
+
+
+class Gate:
+    """Wraps a lock or condition: the first time *thread_name* enters, it
+    stops there until ``go`` is set. Lets a test put another thread's work
+    exactly inside a race window."""
+
+    def __init__(self, inner, thread_name):
+        self.inner, self.thread_name = inner, thread_name
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __enter__(self):
+        if threading.current_thread().name == self.thread_name and not self.reached.is_set():
+            self.reached.set()
+            assert self.go.wait(10)
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_publish_racing_the_last_close_lands_in_the_channel_everyone_sees():
+    hub = Hub()
+    leaving = hub.subscribe("room")
+    ch = hub._channels["room"]
+    ch.cond = gate = Gate(ch.cond, "publisher")
+    ids = []
+    publisher = threading.Thread(target=lambda: ids.append(hub.publish("room", "hello")), name="publisher")
+    publisher.start()
+    assert gate.reached.wait(10)  # the publisher holds the old channel object, not yet its lock
+    leaving.close()  # last holder: the pristine channel is forgotten now
+    assert hub.channels() == []
+    gate.go.set()
+    publisher.join(10)
+    assert ids and [e.data for e in hub.history("room")] == ["hello"]
+    assert [e.data for e in hub.subscribe("room", last_id=hub.before(ids[0])).take()] == ["hello"]
+
+
+def test_a_subscribe_racing_the_last_close_holds_the_channel_publishes_go_to():
+    hub = Hub()
+    leaving = hub.subscribe("room")
+    hub._lock = gate = Gate(hub._lock, "joiner")
+    joined = []
+    joiner = threading.Thread(target=lambda: joined.append(hub.subscribe("room")), name="joiner")
+    joiner.start()
+    assert gate.reached.wait(10)  # the joiner looked the channel up, has not counted itself yet
+    leaving.close()
+    gate.go.set()
+    joiner.join(10)
+    hub.publish("room", "hello")
+    assert [e.data for e in joined[0].take()] == ["hello"]
+    joined[0].close()
+    assert hub.subscriptions == 0

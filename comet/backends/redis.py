@@ -107,6 +107,10 @@ class RedisHub(Hub):
     ``redis.Redis.from_url``.
     """
 
+    # The reader follows every channel this process used; forgetting one is
+    # unfollowing it in XREAD as well (not done yet), so none is forgotten.
+    _forget_pristine = False
+
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, maxlen: int = 1000, approximate: bool = True,
                  prefix: str = "comet:", buffer_size: int | None = None,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0, block: float = 5.0,
