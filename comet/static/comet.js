@@ -8,6 +8,7 @@
  *     onEvent(ev) { ... },              // ev = {id, event, data}; data is parsed JSON when it can be
  *     onStatus(status) { ... },         // "connecting" | "open" | "reconnecting" | "closed"
  *     onGap(ev) { ... },                // events were lost for this client: reload state
+ *     onDenied(info) { ... },           // {status, reason}: the server refused this stream for good
  *   });
  *   sub.close();
  *
@@ -16,6 +17,14 @@
  * `last_event_id` query parameter), so nothing is lost or shown twice across a
  * reconnect. EventSource's own retry is not used: it cannot back off, and it
  * gives up for good on a non-200 answer (a 503 from admission control).
+ *
+ * What the server answers decides what happens next: 5xx, 408, 429 and
+ * network errors are retried; a 400 for a cursor the server cannot resume
+ * from is a gap (onGap, then the stream restarts from now); any other 4xx
+ * (403 from an `authorize` check, 404) ends the subscription with onDenied
+ * and status "closed", as retrying cannot help. EventSource does not show
+ * the status, so when an SSE connection fails before it ever opened, one
+ * fetch of the same URL asks.
  */
 (function (global) {
   "use strict";
@@ -126,7 +135,7 @@
       this.options = Object.assign({
         transport: "sse", events: [], lastEventId: null,
         minDelay: 500, maxDelay: 30000,
-        onEvent: () => {}, onStatus: () => {}, onGap: null,
+        onEvent: () => {}, onStatus: () => {}, onGap: null, onDenied: null,
       }, options || {});
       this.lastEventId = this.options.lastEventId || null;
       this.status = null;
@@ -167,13 +176,56 @@
 
     _opened() { this.attempt = 0; this._setStatus("open"); }
 
-    _retry() {
+    /* A non-200 answer: true if it was dealt with here (no plain retry). */
+    async _refused(response) {
+      const status = response.status;
+      if (status < 400 || status >= 500 || status === 408 || status === 429) return false;
+      let reason = "";
+      try { reason = (await response.text()).trim(); } catch (e) { /* the reason is a courtesy */ }
+      if (this.closed) return true;
+      if (status === 400 && this.lastEventId) {
+        // The cursor cannot be resumed from (another server's, or corrupted):
+        // say what the server would have said with a gap, start from now.
+        const gap = { id: null, event: GAP, data: { last_id: this.lastEventId, resume_id: null, reason: reason } };
+        this.lastEventId = null;
+        const handler = this.options.onGap || this.options.onEvent;
+        try { handler(gap); } catch (e) { console.error(e); }
+        this._retry(true);
+        return true;
+      }
+      this.close();
+      if (this.options.onDenied) {
+        try { this.options.onDenied({ status: status, reason: reason }); } catch (e) { console.error(e); }
+      } else {
+        console.error("comet: " + this.url + " refused with " + status + ": " + reason);
+      }
+      return true;
+    }
+
+    /* EventSource failed before it opened: fetch the URL once to learn why. */
+    async _probe() {
+      const abort = new AbortController();
+      this._abort = abort;
+      try {
+        const response = await fetch(withCursor(this.url, this.lastEventId), {
+          signal: abort.signal, cache: "no-store", headers: { Accept: "text/event-stream" },
+        });
+        if (response.status !== 200 && await this._refused(response)) return;
+        abort.abort(); // a stream (or a 5xx): the EventSource retry below takes it from here
+      } catch (e) {
+        if (this.closed) return;
+      }
+      if (this._abort === abort) this._abort = null;
+      this._retry();
+    }
+
+    _retry(now) {
       if (this.closed) return;
       this._setStatus("reconnecting");
       // Exponential backoff with full jitter: many clients dropped at once by a
       // restart do not all come back in the same instant.
       const ceiling = Math.min(this.options.maxDelay, this.options.minDelay * Math.pow(2, this.attempt));
-      const delay = this.options.minDelay / 2 + Math.random() * ceiling;
+      const delay = now ? 0 : this.options.minDelay / 2 + Math.random() * ceiling;
       this.attempt += 1;
       clearTimeout(this._timer);
       this._timer = setTimeout(() => this._connect(), delay);
@@ -193,13 +245,16 @@
       const source = new EventSource(withCursor(this.url, this.lastEventId));
       this._source = source;
       const handler = (e) => this._deliver({ id: e.lastEventId || null, event: e.type, data: parseData(e.data) });
-      source.onopen = () => this._opened();
+      let opened = false;
+      source.onopen = () => { opened = true; this._opened(); };
       source.onmessage = handler;
       for (const name of new Set([GAP].concat(this.options.events))) source.addEventListener(name, handler);
       source.onerror = () => {
         source.close();
         if (this._source === source) this._source = null;
-        this._retry();
+        if (this.closed) return;
+        if (opened) this._retry();
+        else this._probe();
       };
     }
 
@@ -211,6 +266,7 @@
           signal: abort.signal, cache: "no-store",
           headers: { Accept: transport === "multipart" ? "multipart/x-mixed-replace" : "application/x-ndjson" },
         });
+        if (response.status !== 200 && await this._refused(response)) return;
         if (response.status !== 200 || !response.body) throw new Error("HTTP " + response.status);
         let parser;
         if (transport === "multipart") {
@@ -244,6 +300,7 @@
           const response = await fetch(withCursor(this.url, this.lastEventId), {
             signal: abort.signal, cache: "no-store", headers: { Accept: "application/json" },
           });
+          if (response.status !== 200 && await this._refused(response)) return;
           if (response.status !== 200) throw new Error("HTTP " + response.status);
           const doc = await response.json();
           this._opened();

@@ -76,3 +76,88 @@ def test_browsers_resume_on_fast_routes(context, comet_cherrypy):
         page.close()
     wait_until(lambda: hub.subscriptions == 0 and pool.open_streams == 0, timeout=10, what="released when the page closed")
     hub.close()
+
+
+REFUSED_JS = r"""
+window.out = {};
+for (const t of ["sse", "multipart", "chunked"]) {
+  // refused by the route's authorize: onDenied once, then nothing more
+  const denied = out["denied " + t] = {statuses: [], events: [], denied: null};
+  Comet.subscribe("/guarded/" + t + "?token=bad", {
+    transport: t, minDelay: 100, maxDelay: 400,
+    onEvent: (ev) => denied.events.push(ev.data), onStatus: (s) => denied.statuses.push(s),
+    onDenied: (info) => { denied.denied = info; },
+  });
+}
+for (const [name, url, t] of [["sse", "/guarded/sse?token=good", "sse"], ["multipart", "/guarded/multipart?token=good", "multipart"],
+                               ["chunked", "/guarded/chunked?token=good", "chunked"], ["longpoll", "/poll", "longpoll"]]) {
+  // a cursor the server cannot resume from (400): a gap, then the stream from now
+  const stale = out["stale " + name] = {statuses: [], events: [], gaps: []};
+  Comet.subscribe(url, {
+    transport: t, lastEventId: "9999999999999-1", minDelay: 100, maxDelay: 400,
+    onEvent: (ev) => stale.events.push(ev.data), onStatus: (s) => stale.statuses.push(s),
+    onGap: (ev) => stale.gaps.push(ev.data),
+  });
+}
+"""
+
+
+def test_comet_js_stops_on_a_refusal_and_restarts_from_a_bad_cursor(context, comet_cherrypy):
+    from comet import Forbidden, comet
+
+    hub = Hub(idle=0.2)
+    plugin = engine_plugin()
+
+    def authorize(request):
+        if request.query.get("token") != "good":
+            raise Forbidden("bad token")
+        return True
+
+    for transport in ("sse", "multipart", "chunked"):
+        plugin.route(f"/guarded/{transport}", hub, "news", transport=transport, heartbeat=0.5, authorize=authorize)
+
+    class Root:
+        @cherrypy.expose
+        def index(self):
+            return '<!doctype html><body><script src="/comet/comet.js"></script><script src="/page.js"></script></body>'
+
+        @cherrypy.expose
+        def page_js(self):
+            cherrypy.response.headers["Content-Type"] = "text/javascript"
+            return REFUSED_JS
+
+        @cherrypy.expose
+        @comet(transport="longpoll", poll_timeout=1)
+        def poll(self, last_event_id=None):
+            return hub.subscribe("news", last_id=last_event_id)
+
+    server = comet_cherrypy(Root(), static_config("/comet"), thread_pool=6)
+    pool = plugin.pool
+    forbidden = pool.counters["forbidden"]
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_function("['sse', 'multipart', 'chunked'].every(t => out['denied ' + t].denied)")
+        # SSE asks twice: EventSource (whose error has no status), then one fetch to learn why
+        wait_until(lambda: pool.counters["forbidden"] - forbidden == 4, what="four refusals")
+        wait_until(lambda: hub.subscriptions >= 3, what="the three streams back from a bad cursor")
+        page.wait_for_function("out['stale longpoll'].statuses.includes('open')")
+        hub.publish("news", "after the gap")
+        page.wait_for_function("Object.keys(out).filter(k => k.startsWith('stale')).every(k => out[k].events.length >= 1)")
+        out = page.evaluate("out")
+        for transport in ("sse", "multipart", "chunked"):
+            got = out["denied " + transport]
+            assert got["denied"] == {"status": 403, "reason": "bad token"}, transport
+            assert got["statuses"][-1] == "closed" and "open" not in got["statuses"] and got["events"] == [], got
+        for name in ("sse", "multipart", "chunked", "longpoll"):
+            got = out["stale " + name]
+            assert [g["last_id"] for g in got["gaps"]] == ["9999999999999-1"], (name, got)
+            assert "from the future" in got["gaps"][0]["reason"], got
+            assert got["events"] == ["after the gap"], (name, got)
+            assert got["statuses"][-1] == "open", (name, got)
+        # a refused subscription never came back
+        assert pool.counters["forbidden"] - forbidden == 4
+    finally:
+        page.close()
+    wait_until(lambda: hub.subscriptions == 0, timeout=10, what="released when the page closed")
+    hub.close()
