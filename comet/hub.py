@@ -480,12 +480,23 @@ class Hub:
     def _release(self, name: str, ch: _Channel) -> None:
         with self._lock:
             ch.refs -= 1
-            if ch.refs or not self._forget_pristine or self._channels.get(name) is not ch:
+            if ch.refs or ch.seq or not self._forget_pristine:
                 return
-            with ch.cond:  # a publish holds this while it appends: never forget a channel mid-publish
-                if ch.seq == 0 and not ch.watchers:
-                    ch.dead = True
-                    del self._channels[name]
+        # Lock order: a channel's, then the hub's (as a backend's activation
+        # takes them). A publish holds the channel's lock while it appends,
+        # so a channel is never forgotten in the middle of one.
+        with ch.cond:
+            if ch.seq or ch.watchers or ch.dead:
+                return
+            with self._lock:
+                if ch.refs or self._channels.get(name) is not ch:
+                    return
+                ch.dead = True
+                del self._channels[name]
+                self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Backends: stop following *name* (the caller holds both locks)."""
 
     @staticmethod
     def _check_channel(channel: str) -> None:

@@ -324,3 +324,29 @@ def test_connections_and_threads_are_released_on_close(comet_redis, prefix):
     wait_until(lambda: len(admin.client_list()) == baseline, what="every Redis connection closed")
     assert threading.active_count() == threads
     admin.close()
+
+
+def test_made_up_channels_are_unfollowed_with_their_last_subscriber(hubs, caplog):
+    """A channel nobody published to leaves the reader's XREAD with its last
+    local subscriber; one with events stays; an event that arrives as its
+    channel is being forgotten is read from Redis by the next subscriber."""
+    a, b = hubs(), hubs()
+    a.publish("real", "kept")
+    subs = [b.subscribe(f"made-up-{n}") for n in range(200)] + [b.subscribe("real")]
+    assert len(b._cursors) == 201
+    for sub in subs:
+        sub.close()
+    assert b.channels() == ["real"] and list(b._live.values()) == ["real"]
+    # forget while other processes publish: nothing is lost, the reader never trips
+    for n in range(60):
+        sub = b.subscribe(f"busy-{n}")
+        event_id = a.publish(f"busy-{n}", n)
+        if n % 2:
+            drain(sub, 1)
+        sub.close()
+        again = b.subscribe(f"busy-{n}", last_id=b.before(event_id))
+        assert [e.data for e in drain(again, 1)] == [n]
+        again.close()
+    a.publish("real", "still followed")
+    wait_until(lambda: len(b.history("real")) == 2, what="the reader still delivers")
+    assert b.connects == 1 and "reader failed" not in caplog.text

@@ -107,10 +107,6 @@ class RedisHub(Hub):
     ``redis.Redis.from_url``.
     """
 
-    # The reader follows every channel this process used; forgetting one is
-    # unfollowing it in XREAD as well (not done yet), so none is forgotten.
-    _forget_pristine = False
-
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, maxlen: int = 1000, approximate: bool = True,
                  prefix: str = "comet:", buffer_size: int | None = None,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0, block: float = 5.0,
@@ -260,6 +256,14 @@ class RedisHub(Hub):
                 version = self._version
         self._nudge(version)
 
+    def _forget(self, name: str) -> None:
+        # The reader's next XREAD leaves the key out; entries its current one
+        # still returns for it are skipped (_read_once).
+        key = self._key(name).encode()
+        self._live.pop(key, None)
+        self._cursors.pop(key, None)
+        self._version += 1
+
     def _local(self, channel: str, last_id: str | None) -> bool:
         ch = self._channels.get(channel)
         if ch is None or not ch.live or not self.connected:
@@ -379,9 +383,13 @@ class RedisHub(Hub):
         self._seen_version = version
         reply = conn.xread(streams, count=1000, block=int(self.block * 1000))
         for key, entries in reply or ():
-            name = self._live[key]
-            ch = self._channels[name]
+            name = self._live.get(key)
+            ch = self._channels.get(name) if name is not None else None
+            if ch is None:
+                continue  # forgotten meanwhile: whoever uses it next reads it from Redis
             with ch.cond:
+                if ch.dead:
+                    continue
                 added = self._append(name, ch, entries)
             if added:
                 self._wake(ch)
