@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cherrypy
+from cherrypy.lib.encoding import ResponseEncoder
 from cherrypy.process.plugins import SimplePlugin
 
 from .errors import InvalidEventId, StreamsExhausted
@@ -195,8 +196,28 @@ def _config_namespace(key: str, value: Any) -> None:
 cherrypy.config.namespaces["comet"] = _config_namespace
 
 
+def _own_charset() -> None:
+    """Keep CherryPy's encode tool (``tools.encode.on``) off our bodies.
+
+    Streams and their errors are bytes already encoded as UTF-8 (SSE is
+    UTF-8 by definition). The encoder would relabel them with whatever
+    charset ``Accept-Charset`` prefers (``text/event-stream;charset=utf-16``
+    over UTF-8 bytes) or answer ``406`` when UTF-8 is refused; it only
+    touches the label, so turning its ``add_charset`` off for this request
+    is enough.
+    """
+    handler = cherrypy.serving.request.handler
+    for _ in range(16):  # a chain of wrapping tools, bounded
+        if handler is None:
+            return
+        if isinstance(handler, ResponseEncoder):
+            handler.add_charset = False
+        handler = getattr(handler, "oldhandler", None)
+
+
 def _serve(call: Callable[[], Any], options: Options) -> Any:
     """Run one streaming request: admit, prime, send headers, stream."""
+    _own_charset()
     request, response = cherrypy.serving.request, cherrypy.serving.response
     plugin = engine_plugin()
     plugin.ensure_cap()
@@ -243,6 +264,7 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
 def _refuse(status: int, reason: str) -> bytes:
     """A short plain-text error: stream clients (EventSource, comet.js, curl)
     show the reason, and no traceback page leaks for bad input."""
+    _own_charset()
     response = cherrypy.serving.response
     response.status = status
     response.headers["Content-Type"] = "text/plain; charset=utf-8"

@@ -420,3 +420,45 @@ def test_bad_tool_config_fails_engine_start_naming_the_key():
     assert done.returncode == 70, done.stdout + done.stderr
     assert "STARTED" not in done.stdout
     assert "config / [/feed]: tools.comet: transport must be one of" in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("accept_charset", ["iso-8859-1", "utf-16", "utf-8;q=0, iso-8859-1;q=0"])
+def test_the_encode_tool_neither_relabels_nor_refuses_streams(comet_cherrypy, hub, tracker, accept_charset):
+    """With ``tools.encode.on`` (common in CherryPy apps) the encoder used to
+    label UTF-8 stream bytes with the charset the client preferred
+    (``text/event-stream;charset=utf-16``), or answer 406 when UTF-8 was
+    refused. Pages keep the encoder; streams and their errors keep UTF-8."""
+    root = make_root(hub, tracker, heartbeat=0.5)
+
+    class Parked:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=0.5)
+        def index(self, last_event_id=None):
+            return hub.subscribe("lobby", last_id=last_event_id)
+
+    class ByTool:
+        @cherrypy.expose
+        def index(self, last_event_id=None):
+            yield from hub.subscribe("lobby", last_id=last_event_id)
+
+    root.parked, root.by_tool = Parked(), ByTool()
+    server = comet_cherrypy(root, {"/by_tool": {"tools.comet.on": True, "tools.comet.heartbeat": 0.5}},
+                            global_config={"tools.encode.on": True})
+    headers = {"Accept-Charset": accept_charset}
+    status, page_headers, _ = http_get(server.url + "/", headers=headers)
+    if ";q=0" in accept_charset:
+        assert status == 406  # the encoder is on, for pages
+    else:
+        assert status == 200 and page_headers["content-type"].endswith("charset=" + accept_charset)
+    for path in ("/sse", "/parked/", "/by_tool/"):
+        with RawStream(server.url + path, headers=headers) as raw:
+            assert raw.status == 200, path
+            assert raw.headers["content-type"] == "text/event-stream; charset=utf-8", path
+            assert raw.chunk() == b":ok\n\n"
+            settle(lambda: hub.subscriptions == 1, what="subscribed")
+            event_id = hub.publish("lobby", "héllo")
+            assert raw.chunk() == f"id: {event_id}\ndata: héllo\n\n".encode("utf-8")
+        settle(lambda: hub.subscriptions == 0, what="released")
+    status, error_headers, body = http_get(server.url + "/sse", headers={**headers, "Last-Event-ID": "nonsense"})
+    assert (status, error_headers["content-type"]) == (400, "text/plain; charset=utf-8")
+    assert b"malformed event id" in body
