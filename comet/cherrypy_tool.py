@@ -215,6 +215,25 @@ def _own_charset() -> None:
         handler = getattr(handler, "oldhandler", None)
 
 
+def _release_session() -> None:
+    """Save the session now and unlock it, instead of when the stream ends.
+
+    With ``tools.sessions`` (implicit locking), a session read by a handler
+    stays locked until CherryPy saves it, and for a streamed response that
+    is the end of the stream: every other request of that user (a chat's
+    "post" button) would hang for as long as the stream is open, a long
+    poll included. So the session is saved with what the handler set before
+    its first item, and the sessions tool's own save is skipped: changes a
+    generator makes to it later are not saved.
+    """
+    session = getattr(cherrypy.serving, "session", None)
+    request = cherrypy.serving.request
+    if session is None or hasattr(request, "_sessionsaved"):
+        return
+    request._sessionsaved = True  # the guard of cherrypy.lib.sessions.save
+    session.save()
+
+
 def _serve(call: Callable[[], Any], options: Options) -> Any:
     """Run one streaming request: admit, prime, send headers, stream."""
     _own_charset()
@@ -246,6 +265,7 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
         if error is None:
             raise
         return _refuse(*error)
+    _release_session()
     for name, value in stream.headers():
         response.headers[name] = value
     if options.transport == "longpoll":

@@ -462,3 +462,47 @@ def test_the_encode_tool_neither_relabels_nor_refuses_streams(comet_cherrypy, hu
     status, error_headers, body = http_get(server.url + "/sse", headers={**headers, "Last-Event-ID": "nonsense"})
     assert (status, error_headers["content-type"]) == (400, "text/plain; charset=utf-8")
     assert b"malformed event id" in body
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS + ["parked"])
+def test_a_stream_does_not_hold_its_users_session_lock(comet_cherrypy, hub, transport):
+    """With tools.sessions, a stream handler that reads the session used to
+    keep it locked until the stream ended: the same user's other requests
+    hung. The session is saved and unlocked when the stream starts."""
+
+    class Root:
+        @cherrypy.expose
+        def login(self, name):
+            cherrypy.session["user"] = name
+            return "ok"
+
+        @cherrypy.expose
+        def whoami(self):
+            return f"{cherrypy.session.get('user')} opened {cherrypy.session.get('streams', 0)}"
+
+        @cherrypy.expose
+        @comet(transport="sse" if transport == "parked" else transport, heartbeat=0.5, poll_timeout=3)
+        def events(self, last_event_id=None):
+            cherrypy.session["streams"] = cherrypy.session.get("streams", 0) + 1  # saved: set before the stream
+            channel = "user:" + cherrypy.session["user"]
+            if transport == "parked":
+                return hub.subscribe(channel, last_id=last_event_id)
+            return self._stream(channel, last_event_id)
+
+        def _stream(self, channel, last_event_id):
+            yield from hub.subscribe(channel, last_id=last_event_id)
+
+    server = comet_cherrypy(Root(), global_config={"tools.sessions.on": True, "tools.sessions.locking": "implicit"})
+    status, headers, _ = http_get(server.url + "/login?name=ann")
+    cookie = {"Cookie": headers["set-cookie"].split(";")[0]}
+    client = StreamClient(server.url + "/events", transport="sse" if transport == "parked" else transport, headers=cookie)
+    with client:
+        settle(lambda: hub.subscriptions == 1, what="streaming")
+        status, _, body = http_get(server.url + "/whoami", headers=cookie, timeout=5)  # hung until the stream ended
+        assert (status, body) == (200, b"ann opened 1")
+        assert http_get(server.url + "/login?name=bob", headers=cookie, timeout=5)[0] == 200
+        hub.publish("user:ann", "for ann")
+        assert [data_of(e) for e in client.wait_for(1)] == ["for ann"]
+    settle(lambda: hub.subscriptions == 0, what="released")
+    # the stream's end does not write its stale copy over what came later
+    assert http_get(server.url + "/whoami", headers=cookie, timeout=5)[2].startswith(b"bob opened")
