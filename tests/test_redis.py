@@ -12,7 +12,7 @@ import cherrypy
 import pytest
 import redis
 
-from comet import GAP, BackendUnavailable, InvalidEventId, comet
+from comet import GAP, BackendUnavailable, Event, InvalidEventId, comet
 from comet.backends import hub_from_url
 from comet.backends.redis import RedisHub
 from comet.hub import Hub, Idle
@@ -350,3 +350,129 @@ def test_made_up_channels_are_unfollowed_with_their_last_subscriber(hubs, caplog
     a.publish("real", "still followed")
     wait_until(lambda: len(b.history("real")) == 2, what="the reader still delivers")
     assert b.connects == 1 and "reader failed" not in caplog.text
+
+
+# -- publishing threads share round trips (group commit) ----------------------------
+
+
+def test_concurrent_publishers_share_round_trips_and_lose_nothing(hubs):
+    a, b = hubs(), hubs()
+    subs = {c: b.subscribe(c) for c in ("x", "y")}
+    threads, per = 8, 150
+    ids: dict[int, list[tuple[str, str]]] = {}
+    start = threading.Barrier(threads)
+
+    def work(t):
+        start.wait()
+        ids[t] = [(c, a.publish(c, {"t": t, "i": i})) for i in range(per) for c in ["x" if (t + i) % 2 else "y"]]
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert sorted(ids) == list(range(threads))
+    all_ids = [(c, i) for got in ids.values() for c, i in got]
+    assert len(set(all_ids)) == threads * per
+    for got in ids.values():  # a thread's publishes keep its order, per channel
+        for channel in ("x", "y"):
+            mine = [i for c, i in got if c == channel]
+            assert [parse(i) for i in mine] == sorted(parse(i) for i in mine)
+    assert a.counters["published"] == threads * per
+    assert a.counters["round_trips"] < threads * per  # some went together
+    received = {c: drain(sub, sum(1 for _, i in all_ids if _ == c), timeout=20) for c, sub in subs.items()}
+    for channel, events in received.items():
+        assert sorted(e.id for e in events) == sorted(i for c, i in all_ids if c == channel)
+        for t in range(threads):
+            order = [e.data["i"] for e in events if e.data["t"] == t]
+            assert order == sorted(order)
+    for sub in subs.values():
+        sub.close()
+
+
+def parse(event_id: str) -> tuple[int, int]:
+    ms, seq = event_id.split("-")
+    return int(ms), int(seq)
+
+
+def test_a_batch_reports_each_publish_on_its_own(hubs, comet_redis, prefix):
+    """One failing publish (a key of the wrong type) fails alone; after a
+    SCRIPT FLUSH (a restarted Redis) a batch loads the script and stores each
+    event once."""
+    hub = hubs()
+    admin = redis.Redis.from_url(comet_redis.url)
+    admin.set(prefix + "wrong", "not a stream")
+    args = hub._fields(Event("x"))
+    results = hub._send_batch([(prefix + "ok", args), (prefix + "wrong", args), (prefix + "ok", args)])
+    assert isinstance(results[1], redis.ResponseError) and "WRONGTYPE" in str(results[1])
+    assert all(isinstance(r, bytes) for r in (results[0], results[2])) and results[0] < results[2]
+    admin.script_flush()
+    results = hub._send_batch([(prefix + "after", args), (prefix + "after", args)])
+    assert all(isinstance(r, bytes) for r in results) and admin.xlen(prefix + "after") == 2
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        hub.publish("wrong", "x")
+    assert hub.publish("ok", "still fine")
+    admin.close()
+
+
+def test_publishers_get_backend_unavailable_together_never_a_hang(hubs):
+    hub = hubs(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    errors: list = []
+    start = threading.Barrier(8)
+
+    def work():
+        start.wait()
+        for _ in range(5):
+            try:
+                hub.publish("x", "lost")
+            except BackendUnavailable as exc:
+                errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    assert not any(w.is_alive() for w in workers) and len(errors) == 40
+    assert hub.counters["published"] == 0
+
+
+def test_group_commit_hands_on_and_keeps_each_callers_result():
+    """The mechanism alone: callers arriving while a send runs go out
+    together in the next one, each with its own result or error."""
+    from comet.backends.redis import _GroupCommit
+
+    sends: list[list] = []
+    first_in = threading.Event()
+    release = threading.Event()
+
+    def send(items):
+        sends.append(list(items))
+        if len(sends) == 1:
+            first_in.set()
+            assert release.wait(10)
+        return [ValueError(f"bad {i}") if i % 5 == 4 else i * 10 for i in items]
+
+    commit = _GroupCommit(send, max_batch=3)
+    results: dict = {}
+
+    def call(i):
+        try:
+            results[i] = commit.submit(i)
+        except ValueError as exc:
+            results[i] = str(exc)
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    assert first_in.wait(10)
+    others = [threading.Thread(target=call, args=(i,)) for i in range(1, 8)]
+    for t in others:
+        t.start()
+    wait_until(lambda: len(commit._queue) == 7, what="seven callers queued behind the first send")
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert results == {i: (f"bad {i}" if i % 5 == 4 else i * 10) for i in range(8)}
+    assert sends[0] == [0] and sorted(x for s in sends[1:] for x in s) == list(range(1, 8))
+    assert [len(s) for s in sends[1:]] == [3, 3, 1]  # at most max_batch each, queued ones first come first
+    assert not commit._busy and not commit._queue

@@ -28,6 +28,13 @@ as a local publish does, so the per-event cost is one read per process plus
 the local fan-out, whatever the number of local streams. A new live channel
 interrupts the blocked read with ``CLIENT UNBLOCK`` so it joins at once.
 
+Publishing threads share round trips: while one publish is on the wire,
+others that arrive queue up, and the next of them sends the whole queue as
+one pipeline (group commit; ``batch_publishes=False`` turns it off). Each
+caller still gets its own id or its own error, a thread's publishes stay in
+its order, and a lone publisher pays nothing extra: a batch of one is a
+plain call.
+
 Order: every process appends in Redis' order, so all subscribers everywhere
 see one order per channel. A process also receives its own publishes through
 the reader (one round trip later), which keeps that order single.
@@ -72,6 +79,9 @@ from ..hub import Hub, _Channel, parse_id
 
 __all__ = ["RedisHub"]
 
+#: Most publishes one pipeline carries; the rest wait for the next one.
+MAX_BATCH = 256
+
 log = logging.getLogger("comet")
 
 _DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -102,7 +112,9 @@ class RedisHub(Hub):
     in whole macro nodes, cheaply; the exact bound may be exceeded by up to
     about a hundred events). ``buffer_size`` (default ``maxlen``) is what
     each process mirrors. ``block`` is the reader's longest ``XREAD`` wait in
-    seconds; ``backoff`` its reconnect delays. Other keywords (``password``,
+    seconds; ``backoff`` its reconnect delays. ``batch_publishes`` lets
+    concurrent publishing threads share round trips (see the module's
+    introduction); it is on by default. Other keywords (``password``,
     ``socket_timeout``, ``ssl_ca_certs``, ``client_name``, ...) go to
     ``redis.Redis.from_url``.
     """
@@ -110,7 +122,8 @@ class RedisHub(Hub):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, maxlen: int = 1000, approximate: bool = True,
                  prefix: str = "comet:", buffer_size: int | None = None,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0, block: float = 5.0,
-                 backoff: tuple[float, float] = (0.05, 5.0), **redis_options: Any) -> None:
+                 backoff: tuple[float, float] = (0.05, 5.0), batch_publishes: bool = True,
+                 **redis_options: Any) -> None:
         if not isinstance(maxlen, int) or maxlen < 1:
             raise ValueError(f"maxlen must be a positive int, got {maxlen!r}")
         if not isinstance(prefix, str) or any(c in prefix for c in "\r\n\x00"):
@@ -133,6 +146,8 @@ class RedisHub(Hub):
                    "health_check_interval": 0, **redis_options}
         self.redis = redis.Redis.from_url(url, **options)
         self._publish_script = self.redis.register_script(_PUBLISH)
+        self._batches = _GroupCommit(self._send_batch) if batch_publishes else None
+        self.counters.add("round_trips", 0)
         read_timeout = self.block + (options["socket_timeout"] or 5.0)
         # One connection, always the same: CLIENT UNBLOCK must name the one that blocks.
         self._reader_options = {**options, "socket_timeout": read_timeout, "single_connection_client": True}
@@ -163,14 +178,48 @@ class RedisHub(Hub):
         reached; nothing is retried (no duplicates).
         """
         proto = self._prepare(channel, data, event, retry)
+        key, args = self._key(channel), self._fields(proto)
         try:
-            # Script() reloads itself after NOSCRIPT (a restarted Redis): that
-            # is no retry of a publish, the first attempt never ran.
-            event_id = self._publish_script(keys=[self._key(channel)], args=self._fields(proto))
+            if self._batches is not None:
+                event_id = self._batches.submit((key, args))
+            else:
+                self.counters.add("round_trips")
+                # Script() reloads itself after NOSCRIPT (a restarted Redis):
+                # that is no retry of a publish, the first attempt never ran.
+                event_id = self._publish_script(keys=[key], args=args)
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
         self.counters.add("published")
         return event_id.decode()
+
+    def _send_batch(self, batch: list[tuple[str, list[Any]]]) -> list[Any]:
+        """One round trip for queued publishes: their ids, or the error of each
+        that failed (a wrong-type key fails its own publish, not the batch)."""
+        self.counters.add("round_trips")
+        if len(batch) == 1:
+            key, args = batch[0]
+            try:
+                return [self._publish_script(keys=[key], args=args)]
+            except redis.ResponseError as exc:
+                return [exc]
+        results = self._pipeline(batch)
+        # After a Redis restart the script is gone: those publishes never
+        # ran, so sending them again after loading it stores nothing twice.
+        again = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+        if again:
+            self.redis.script_load(_PUBLISH)
+            for i, result in zip(again, self._pipeline([batch[i] for i in again])):
+                results[i] = result
+        return results
+
+    def _pipeline(self, batch: list[tuple[str, list[Any]]]) -> list[Any]:
+        # EVALSHA by hand: a pipeline given the Script object asks SCRIPT
+        # EXISTS first, a second round trip every time.
+        sha = self._publish_script.sha
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key, args in batch:
+                pipe.evalsha(sha, 1, key, *args)
+            return pipe.execute(raise_on_error=False)
 
     def publish_many(self, channel: str, items: Any, event: str | None = None, *, retry: int | None = None) -> list[str]:
         """Publish several events in one round trip (``MULTI``/``EXEC``: all
@@ -412,3 +461,61 @@ class RedisHub(Hub):
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
         return f"<RedisHub {self._where} {state} channels={len(self._channels)} subscriptions={self._subscriptions}>"
+
+
+class _Pending:
+    __slots__ = ("item", "wake", "done", "result")
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+        self.wake: threading.Event | None = None  # only a caller that waits needs one
+        self.done = False
+        self.result: Any = None
+
+
+class _GroupCommit:
+    """Callers of :meth:`submit` share calls of ``send(items) -> results``:
+    one caller sends, those arriving meanwhile queue, and when the send
+    returns the first of them sends the whole queue. Every caller gets its
+    own result (an exception in it is raised to that caller alone)."""
+
+    def __init__(self, send: Any, max_batch: int = MAX_BATCH) -> None:
+        self._send = send
+        self._max = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._busy = False  # a caller is sending; invariant: queue non-empty => busy
+
+    def submit(self, item: Any) -> Any:
+        mine = _Pending(item)
+        with self._lock:
+            lead, self._busy = not self._busy, True
+            if not lead:
+                mine.wake = threading.Event()
+            self._queue.append(mine)
+        if not lead:
+            mine.wake.wait()  # done by a sender, or chosen to send next
+        if not mine.done:
+            self._lead()
+        if isinstance(mine.result, BaseException):
+            raise mine.result
+        return mine.result
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch, self._queue = self._queue[:self._max], self._queue[self._max:]
+        try:
+            results = self._send([p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} publishes")
+        except BaseException as exc:  # the waiters must never hang on a failed send
+            results = [exc] * len(batch)
+        for pending, result in zip(batch, results):
+            pending.result, pending.done = result, True
+            if pending.wake is not None:
+                pending.wake.set()
+        with self._lock:
+            if self._queue:
+                self._queue[0].wake.set()  # not done: it sends next
+            else:
+                self._busy = False
