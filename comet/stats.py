@@ -20,11 +20,16 @@ Mount it in one line:
   as an app of its own.
 * Plain WSGI: ``stats_wsgi(pool, hubs)`` is a WSGI app answering the JSON.
 
-The numbers are for operators: protect the URL like any admin page (the
-examples leave it open because they are demos).
+The numbers (channel names included) are for operators: give ``mount`` or
+``stats_wsgi`` a ``password`` (HTTP Basic, user ``comet``), or keep the URL
+off the public side of the proxy (``deploy/nginx-comet.conf`` allows only
+the proxy's own host).
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import json
 import threading
 import time
@@ -104,10 +109,17 @@ class StatsApp:
     True
     """
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, password: str | None = None, user: str = "comet") -> None:
         if not isinstance(interval, (int, float)) or interval <= 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self.interval = float(interval)
+        if password is not None:
+            check = _checker(user, password)
+            # CherryPy's own Basic auth, for the page, the JSON and the stream
+            # (a browser sends the credentials with the page's EventSource too).
+            self._cp_config = {"tools.auth_basic.on": True, "tools.auth_basic.realm": "comet stats",
+                               "tools.auth_basic.checkpassword": lambda realm, u, p: check(u, p),
+                               "tools.auth_basic.accept_charset": "UTF-8"}
         self._stopped = threading.Event()
         import cherrypy
 
@@ -145,9 +157,25 @@ class StatsApp:
         self.stream = stream
 
 
-def mount(root: Any, path: str = "/comet/stats", interval: float = 1.0) -> StatsApp:
+def _checker(user: str, password: str) -> Callable[[str, str], bool]:
+    if not isinstance(password, str) or not password:
+        raise ValueError("password must be a non-empty str (or None for no password)")
+    want_user, want_password = user.encode(), password.encode()
+
+    def check(given_user: str, given_password: str) -> bool:
+        # Both compared, in constant time: the answer's timing tells nothing.
+        ok_user = hmac.compare_digest(given_user.encode(), want_user)
+        return hmac.compare_digest(given_password.encode(), want_password) and ok_user
+
+    return check
+
+
+def mount(root: Any, path: str = "/comet/stats", interval: float = 1.0, password: str | None = None,
+          user: str = "comet") -> StatsApp:
     """Attach a :class:`StatsApp` to a CherryPy *root* object at *path*
-    (intermediate objects are created as needed) and return it."""
+    (intermediate objects are created as needed) and return it. With a
+    *password*, every URL under *path* asks for HTTP Basic credentials
+    (*user*, *password*)."""
     parts = [p for p in path.strip("/").split("/") if p]
     if not parts:
         raise ValueError("path must name where to mount, e.g. '/comet/stats'")
@@ -158,13 +186,14 @@ def mount(root: Any, path: str = "/comet/stats", interval: float = 1.0) -> Stats
             child = type("StatsBranch", (), {})()
             setattr(node, name, child)
         node = child
-    app = StatsApp(interval)
+    app = StatsApp(interval, password=password, user=user)
     setattr(node, parts[-1], app)
     return app
 
 
-def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = ()) -> Callable:
-    """A WSGI app answering :func:`snapshot` as JSON, for plain WSGI servers.
+def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = (), password: str | None = None, user: str = "comet") -> Callable:
+    """A WSGI app answering :func:`snapshot` as JSON, for plain WSGI servers
+    (HTTP Basic with *user* and *password* when a password is given).
 
     >>> app = stats_wsgi(StreamPool())
     >>> body = app({"REQUEST_METHOD": "GET"}, lambda status, headers: None)
@@ -172,8 +201,13 @@ def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = ()) -> Callable:
     0
     """
     hubs = list(hubs)
+    check = _checker(user, password) if password is not None else None
 
     def app(environ: dict, start_response: Callable) -> list[bytes]:
+        if check is not None and not _basic_ok(environ.get("HTTP_AUTHORIZATION", ""), check):
+            start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="comet stats", charset="UTF-8"'),
+                                                ("Content-Type", "text/plain; charset=utf-8")])
+            return [b"credentials needed\n"]
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")])
             return [b"GET only\n"]
@@ -183,3 +217,14 @@ def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = ()) -> Callable:
         return [body]
 
     return app
+
+
+def _basic_ok(header: str, check: Callable[[str, str], bool]) -> bool:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return bool(sep) and check(user, password)

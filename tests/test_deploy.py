@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import time
 import urllib.parse
 from pathlib import Path
@@ -156,6 +157,23 @@ def test_redirects_and_stats_through_nginx_keep_its_address(shoutbox):
     assert status == 301 and headers["location"] == shoutbox.nginx.url + "/comet/stats/"
     status, _, body = http_get(shoutbox.nginx.url + "/comet/stats/json")
     assert status == 200 and json.loads(body)["hubs"][0]["type"] == "RedisHub"
+
+
+def status_from(source: str, url: str) -> int:
+    """The status nginx answers a client at *source* (another loopback
+    address stands in for a remote client)."""
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10, source_address=(source, 0)) as sock:
+        sock.sendall(f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
+        head = sock.recv(4096)
+    return int(head.split(b" ", 2)[1])
+
+
+def test_the_stats_page_is_for_the_proxys_host_only(shoutbox):
+    for path in ("/comet/stats", "/comet/stats/", "/comet/stats/json", "/comet/stats/stream"):
+        assert status_from("127.0.0.2", shoutbox.nginx.url + path) == 403, path
+    assert status_from("127.0.0.2", shoutbox.nginx.url + "/") == 200  # the app itself is public
+    assert status_from("127.0.0.1", shoutbox.nginx.url + "/comet/stats/json") == 200
 
 
 def test_rate_limit_and_moderator_cookie_hold_across_processes(shoutbox):

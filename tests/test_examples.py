@@ -270,3 +270,18 @@ def test_moderator_view_and_live_delete(shout_server):
     finally:
         guest_stream.close()
         mod_stream.close()
+
+
+def test_examples_put_their_stats_behind_a_password_when_given(comet_cherrypy):
+    import base64
+
+    hub = Hub(idle=0.2)
+    root, config = make_shoutbox(hub, stats_password="ops only")
+    server = comet_cherrypy(root, config)
+    try:
+        assert http_get(server.url + "/comet/stats/json")[0] == 401
+        good = {"Authorization": "Basic " + base64.b64encode(b"comet:ops only").decode()}
+        assert http_get(server.url + "/comet/stats/json", headers=good)[0] == 200
+        assert http_get(server.url + "/")[0] == 200
+    finally:
+        engine_plugin().hubs.remove(hub)

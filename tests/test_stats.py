@@ -156,3 +156,48 @@ def test_stats_as_plain_wsgi(comet_wsgi):
         assert doc["events"] == {"published": 1, "delivered": 1, "gaps": 0}
     assert http_get(server.url + "/stats", method="POST", body=b"")[0] == 405
     assert snapshot(pool, [hub])["hubs"][0]["type"] == "Hub"
+
+
+def basic(user: str, password: str) -> dict:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_a_password_guards_the_page_the_json_and_the_stream(comet_cherrypy):
+    class Root:
+        @cherrypy.expose
+        def index(self):
+            return "public page"
+
+    root = Root()
+    mount(root, password="s3cret pass")
+    server = comet_cherrypy(root)
+    for path in ("/comet/stats/", "/comet/stats/json", "/comet/stats/stream"):
+        for headers in ({}, basic("comet", "wrong"), basic("admin", "s3cret pass")):
+            status, answer, _ = http_get(server.url + path, headers=headers)
+            assert status == 401 and answer["www-authenticate"].startswith('Basic realm="comet stats"'), (path, headers)
+        assert http_get(server.url + path, headers={"Authorization": "Basic !!"})[0] == 400  # CherryPy: malformed
+    good = basic("comet", "s3cret pass")
+    assert http_get(server.url + "/comet/stats/json", headers=good)[0] == 200
+    assert http_get(server.url + "/")[2] == b"public page"  # the rest of the app is untouched
+    with StreamClient(server.url + "/comet/stats/stream", headers=good) as client:
+        assert client.wait_for(1, timeout=10)[0].name == "stats"
+    with pytest.raises(ValueError, match="non-empty"):
+        mount(Root(), password="")
+
+
+def test_stats_wsgi_password():
+    app = stats_wsgi(StreamPool(), password="pw")
+    statuses = []
+
+    def ask(headers):
+        environ = {"REQUEST_METHOD": "GET", **{"HTTP_" + k.upper(): v for k, v in headers.items()}}
+        body = b"".join(app(environ, lambda status, hdrs: statuses.append((status, dict(hdrs)))))
+        return statuses[-1], body
+
+    (status, headers), _ = ask({})
+    assert status.startswith("401") and "Basic" in headers["WWW-Authenticate"]
+    assert ask(basic("comet", "nope"))[0][0].startswith("401")
+    (status, _), body = ask(basic("comet", "pw"))
+    assert status.startswith("200") and json.loads(body)["streams"]["open"] == 0

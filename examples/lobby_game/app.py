@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 from pathlib import Path
 
 import cherrypy
@@ -123,7 +124,7 @@ class LobbyApp:
 
 
 def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None, lease: float = 6.0,
-             **lobby_options):
+             stats_password: str | None = None, **lobby_options):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
 
     ``store`` holds the lobbies' state: a ``MemoryStore`` (default) or a
@@ -138,7 +139,9 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
         **static_config("/comet"),
     }
     root = LobbyApp(hub, lobbies)
-    comet.stats.mount(root)  # the live operations page: /comet/stats
+    # The live operations page, /comet/stats: behind a password when given
+    # (deploy/nginx-comet.conf also keeps it to the proxy's own host).
+    comet.stats.mount(root, password=stats_password)
     return root, config
 
 
@@ -153,11 +156,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds after which a dead process's players go offline (with --redis)")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
     parser.add_argument("--redis", metavar="URL", help="share lobbies and events through Redis, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--stats-password", default=os.environ.get("COMET_STATS_PASSWORD") or None,
+                        help="HTTP Basic password (user 'comet') for /comet/stats (default: $COMET_STATS_PASSWORD)")
     args = parser.parse_args(argv)
     hub = hub_from_url(args.redis)
     store = RedisStore.from_url(args.redis) if args.redis else None
     app, config = make_app(hub, size=args.size, store=store, grace=args.grace, countdown=args.countdown,
-                           lease=args.lease)
+                           lease=args.lease, stats_password=args.stats_password)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"lobby game on http://{args.host}:{args.port}/")

@@ -27,6 +27,7 @@ import collections
 import functools
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import threading
@@ -246,7 +247,8 @@ class Shoutbox:
         raise cherrypy.HTTPRedirect("/", 303)
 
 
-def make_app(hub: Hub | None = None, *, mod_secret: str = "letmein", rate: RateLimiter | None = None):
+def make_app(hub: Hub | None = None, *, mod_secret: str = "letmein", rate: RateLimiter | None = None,
+             stats_password: str | None = None):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture."""
     hub = hub or Hub(buffer_size=1000)
     engine_plugin().add_hub(hub)
@@ -255,7 +257,9 @@ def make_app(hub: Hub | None = None, *, mod_secret: str = "letmein", rate: RateL
         **static_config("/comet"),
     }
     root = Shoutbox(hub, mod_secret, rate)
-    comet.stats.mount(root)  # the live operations page: /comet/stats
+    # The live operations page, /comet/stats: behind a password when given
+    # (deploy/nginx-comet.conf also keeps it to the proxy's own host).
+    comet.stats.mount(root, password=stats_password)
     return root, config
 
 
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mod-secret", default="letmein", help="moderator password (default: letmein)")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
     parser.add_argument("--redis", metavar="URL", help="share shouts and rate limits through Redis, e.g. redis://127.0.0.1:6379/0")
+    parser.add_argument("--stats-password", default=os.environ.get("COMET_STATS_PASSWORD") or None,
+                        help="HTTP Basic password (user 'comet') for /comet/stats (default: $COMET_STATS_PASSWORD)")
     args = parser.parse_args(argv)
     hub = hub_from_url(args.redis, maxlen=1000) if args.redis else Hub(buffer_size=1000)
     rate = None
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         import redis
 
         rate = RedisRateLimiter(redis.Redis.from_url(args.redis, socket_timeout=5, socket_connect_timeout=2))
-    app, config = make_app(hub, mod_secret=args.mod_secret, rate=rate)
+    app, config = make_app(hub, mod_secret=args.mod_secret, rate=rate, stats_password=args.stats_password)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"shoutbox on http://{args.host}:{args.port}/  (moderator login at /login)")
