@@ -1,6 +1,7 @@
 """The benchmark scripts keep working: a tiny run of each comet server in
-``benchmarks.capacity`` (timings are not checked, only that every stream got
-every broadcast once, in order, and every process was stopped)."""
+``benchmarks.capacity`` and of ``benchmarks.redis_publish`` (timings are not
+checked, only that every event arrived once, in order, and every process
+was stopped)."""
 import json
 import subprocess
 import sys
@@ -24,6 +25,20 @@ def test_capacity_benchmark_runs_on_comet_servers():
         assert row["status"] == 0, (name, row)  # exited cleanly on SIGTERM
     assert all(b.get("one_stream_events_per_s", 0) > 0 for b in summary["bursts"]), summary["bursts"]
     assert not _running("benchmarks.peers.comet_app"), "the benchmark left a server running"
+
+
+def test_redis_publish_benchmark_runs():
+    before = len(_running("redis-server"))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.redis_publish", "--events", "400", "--threads", "1", "8"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["threads"], r["batched"]) for r in summary["rows"]] == [(1, False), (1, True), (8, False), (8, True)]
+    for row in summary["rows"]:
+        assert row["all_once"] and row["failures"] == 0, row
+    assert summary["rows"][0]["round_trips"] == 400  # unbatched: one each
+    assert set(summary["batched_to_plain_per_s"]) == {"1", "8"}
+    assert len(_running("redis-server")) == before, "the benchmark left its redis-server running"
 
 
 def _running(needle: str) -> list[str]:
