@@ -262,6 +262,11 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
         if getattr(exc, "retry_after", None) is not None:  # full, or the backend is down
             response.headers["Retry-After"] = str(exc.retry_after)
         error = http_error(exc)
+        if error is None and isinstance(exc, cherrypy.HTTPError) and exc.code < 500:
+            # The handler's own refusal (403 "not your seat"): plain text like
+            # comet's, so EventSource, comet.js's onDenied and curl show the
+            # reason rather than CherryPy's HTML page.
+            error = (exc.code, exc._message)
         if error is None:
             raise
         return _refuse(*error)

@@ -370,6 +370,41 @@ def test_handler_raising_input_error_before_first_item_is_400(comet_cherrypy):
     assert http_get(server.url + "/events?room=ab")[2] == b"\nab"  # preamble, then the item
 
 
+@pytest.mark.parametrize("mode", ["parked", "thread"])
+def test_a_handlers_own_http_error_is_a_plain_text_refusal(comet_cherrypy, hub, mode):
+    """cherrypy.HTTPError(403, "...") from a stream handler reaches the client
+    as the same plain text as comet's own refusals (comet.js hands it to
+    onDenied); a 5xx stays CherryPy's error page."""
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=0.5)
+        def events(self, seat=""):
+            if mode == "thread":
+                return self._stream(seat)
+            if seat != "ok":
+                raise cherrypy.HTTPError(403, "you are not in this lobby")
+            return hub.subscribe("lobby")
+
+        def _stream(self, seat):
+            if seat == "boom":
+                raise cherrypy.HTTPError(502, "upstream gone")
+            if seat != "ok":
+                raise cherrypy.HTTPError(403, "you are not in this lobby")
+            yield from hub.subscribe("lobby")
+
+    server = comet_cherrypy(Root())
+    status, headers, body = http_get(server.url + "/events?seat=stolen")
+    assert (status, headers["content-type"], body) == (403, "text/plain; charset=utf-8", b"you are not in this lobby\n")
+    assert hub.subscriptions == 0 and engine_plugin().pool.open_streams == 0
+    if mode == "thread":
+        status, headers, _ = http_get(server.url + "/events?seat=boom")
+        assert status == 502 and headers["content-type"].startswith("text/html")
+    with StreamClient(server.url + "/events?seat=ok") as client:
+        settle(lambda: hub.subscriptions == 1, what="subscribed")
+        hub.publish("lobby", "in")
+        assert client.wait_for(1)[0].data == "in"
+
+
 # -- the Tool ----------------------------------------------------------------------
 
 
