@@ -55,6 +55,31 @@ def test_three_tabs_join_a_lobby_and_play_a_round(context, example_server):
     wait_until(lambda: lobby_players(server.url, "friday") == [], timeout=20, interval=0.2, what="lobby empty")
 
 
+def test_a_lobby_page_shows_the_restarted_servers_state(context, example_server):
+    """The in-memory game forgets its lobbies on restart. The page's old cursor
+    gets a gap; the page must then show the new server's state (its seat is
+    gone), not keep showing the old one, and the player can join again."""
+    server = example_server("examples.lobby_game")
+    page = context.new_page()
+    page.goto(server.url + "/lobby/saturday")
+    page.fill("#name", "ann")
+    page.click("#join button")
+    page.wait_for_selector("#players li.me")
+    server.stop()
+    page.wait_for_selector('#status[data-status="reconnecting"]')
+    restarted = example_server("examples.lobby_game", port=server.port)
+    # before the fix the old screen stayed: the new server's state has a lower version
+    page.wait_for_function("document.querySelectorAll('#players li').length === 0", timeout=30_000)
+    page.wait_for_selector('#status[data-status="open"]')
+    assert page.inner_text("#message") == "You left the lobby."
+    assert page.is_visible("#join") and page.evaluate("sessionStorage.getItem('comet-lobby:saturday')") is None
+    page.fill("#name", "ann")
+    page.click("#join button")
+    page.wait_for_selector("#players li.me")
+    assert lobby_players(restarted.url, "saturday") == ["ann"]
+    page.close()
+
+
 def test_shouts_appear_in_every_page_and_xss_stays_text(context, example_server):
     server = example_server("examples.shoutbox")
     pages = [context.new_page() for _ in range(3)]

@@ -68,6 +68,10 @@
       transport: "sse",
       events: ["state"],
       onEvent: (ev) => { if (ev.event === "state") render(ev.data); },
+      // Missed states (the server restarted and forgot, or we fell behind):
+      // start over without a cursor, which brings a fresh snapshot, whose
+      // version may be lower than what is on screen (a restarted store).
+      onGap: () => { shown = -1; connect(); },
       onStatus: (status) => { $("status").dataset.status = status; $("status").textContent = status; },
     });
   }
