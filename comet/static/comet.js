@@ -19,7 +19,7 @@
  * gives up for good on a non-200 answer (a 503 from admission control).
  *
  * What the server answers decides what happens next: 5xx, 408, 429 and
- * network errors are retried; a 400 for a cursor the server cannot resume
+ * network errors are retried (no sooner than a 503's or 429's Retry-After); a 400 for a cursor the server cannot resume
  * from is a gap (onGap, then the stream restarts from now); any other 4xx
  * (403 from an `authorize` check, 404) ends the subscription with onDenied
  * and status "closed", as retrying cannot help. EventSource does not show
@@ -144,6 +144,7 @@
       this._timer = null;
       this._abort = null;
       this._source = null;
+      this._retryAfter = 0;  // ms a 503 or 429 asked us to wait
       this._connect();
     }
 
@@ -179,6 +180,13 @@
     /* A non-200 answer: true if it was dealt with here (no plain retry). */
     async _refused(response) {
       const status = response.status;
+      const after = response.headers.get("Retry-After");
+      if (after && (status === 503 || status === 429)) {
+        // The server says when (admission control, a backend outage): not sooner.
+        const seconds = Number(after);
+        const ms = Number.isFinite(seconds) ? seconds * 1000 : Date.parse(after) - Date.now();
+        if (ms > 0) this._retryAfter = Math.min(ms, 300000);
+      }
       if (status < 400 || status >= 500 || status === 408 || status === 429) return false;
       let reason = "";
       try { reason = (await response.text()).trim(); } catch (e) { /* the reason is a courtesy */ }
@@ -225,7 +233,12 @@
       // Exponential backoff with full jitter: many clients dropped at once by a
       // restart do not all come back in the same instant.
       const ceiling = Math.min(this.options.maxDelay, this.options.minDelay * Math.pow(2, this.attempt));
-      const delay = now ? 0 : this.options.minDelay / 2 + Math.random() * ceiling;
+      let delay = now ? 0 : this.options.minDelay / 2 + Math.random() * ceiling;
+      if (this._retryAfter) {
+        // Up to 20% later: a crowd told the same Retry-After does not return at once.
+        delay = Math.max(delay, this._retryAfter * (1 + Math.random() * 0.2));
+        this._retryAfter = 0;
+      }
       this.attempt += 1;
       clearTimeout(this._timer);
       this._timer = setTimeout(() => this._connect(), delay);

@@ -161,3 +161,71 @@ def test_comet_js_stops_on_a_refusal_and_restarts_from_a_bad_cursor(context, com
         page.close()
     wait_until(lambda: hub.subscriptions == 0, timeout=10, what="released when the page closed")
     hub.close()
+
+
+RETRY_AFTER_JS = r"""
+window.got = {};
+for (const t of ["sse", "multipart", "chunked", "longpoll"]) {
+  got[t] = [];
+  Comet.subscribe("/busy/" + t, {transport: t, minDelay: 100, maxDelay: 400, onEvent: (ev) => got[t].push(ev.data)});
+}
+"""
+
+
+def test_comet_js_waits_as_long_as_retry_after_says(context, comet_cherrypy):
+    """A 503 with Retry-After (admission control, Redis down) is retried no
+    sooner than it says, on every transport, whatever the client's own
+    backoff (here 100-400 ms), then the stream opens."""
+    import time
+
+    from comet import StreamsExhausted, comet
+
+    hub = Hub(idle=0.2)
+    calls: dict[str, list[float]] = {}
+
+    def busy_twice(transport):
+        @comet(transport=transport, heartbeat=0.5, poll_timeout=1)
+        def handler(self, last_event_id=None):
+            calls.setdefault(transport, []).append(time.monotonic())
+            if len(calls[transport]) <= 2:
+                raise StreamsExhausted("busy, come back later", retry_after=2)
+            return hub.subscribe("news", last_id=last_event_id or hub.last_id("news"))
+        return cherrypy.expose(handler)
+
+    class Busy:
+        sse, multipart, chunked, longpoll = (busy_twice(t) for t in ("sse", "multipart", "chunked", "longpoll"))
+
+    class Root:
+        busy = Busy()
+
+        @cherrypy.expose
+        def index(self):
+            return '<!doctype html><body><script src="/comet/comet.js"></script><script src="/page.js"></script></body>'
+
+        @cherrypy.expose
+        def page_js(self):
+            cherrypy.response.headers["Content-Type"] = "text/javascript"
+            return RETRY_AFTER_JS
+
+    server = comet_cherrypy(Root(), static_config("/comet"), thread_pool=8)
+    page = context.new_page()
+    try:
+        page.goto(server.url + "/")
+        # SSE: EventSource's failure, then one fetch to read the status: two calls a round
+        wait_until(lambda: all(len(calls.get(t, [])) >= 3 for t in ("sse", "multipart", "chunked", "longpoll")),
+                   timeout=30, what="every transport past its two refusals")
+        wait_until(lambda: hub.subscriptions >= 3, timeout=10, what="the streams open")
+        hub.publish("news", "finally")
+        page.wait_for_function("Object.values(got).every(events => events.includes('finally'))", timeout=15_000)
+    finally:
+        page.close()
+    for transport in ("multipart", "chunked", "longpoll"):
+        first, second, third = calls[transport][:3]
+        # a lower bound only (a slow machine makes it longer): the client's own backoff is 100-400 ms
+        assert second - first >= 1.9 and third - second >= 1.9, (transport, calls[transport])
+    # SSE: EventSource is refused, the probe right after reads the 503 and its
+    # Retry-After, and only then, 2 s later, EventSource comes back
+    sse = calls["sse"]
+    assert sse[2] - sse[1] >= 1.9, sse
+    wait_until(lambda: hub.subscriptions == 0, timeout=10, what="released when the page closed")
+    hub.close()
