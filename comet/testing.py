@@ -260,6 +260,12 @@ class StreamClient:
     sent as the ``Last-Event-ID`` header (``sse``) or the ``last_event_id``
     query parameter (others).
 
+    :meth:`open` returns once the response headers are in, except for a
+    long-poll, whose headers only come with its answer: it returns once the
+    first request is sent. Without ``last_event_id`` that request starts
+    "from now" whenever the server gets it, so a test that publishes right
+    after opening a long-poll passes ``last_event_id=hub.last_id(channel)``.
+
     Example::
 
         with StreamClient("http://127.0.0.1:8080/events") as client:
