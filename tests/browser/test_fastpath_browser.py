@@ -214,7 +214,8 @@ def test_comet_js_waits_as_long_as_retry_after_says(context, comet_cherrypy):
         # SSE: EventSource's failure, then one fetch to read the status: two calls a round
         wait_until(lambda: all(len(calls.get(t, [])) >= 3 for t in ("sse", "multipart", "chunked", "longpoll")),
                    timeout=30, what="every transport past its two refusals")
-        wait_until(lambda: hub.subscriptions >= 3, timeout=10, what="the streams open")
+        # all four, the long-poll included: its first answered poll starts "from now"
+        wait_until(lambda: hub.subscriptions >= 4, timeout=10, what="the streams open and the long-poll waiting")
         hub.publish("news", "finally")
         page.wait_for_function("Object.values(got).every(events => events.includes('finally'))", timeout=15_000)
     finally:
