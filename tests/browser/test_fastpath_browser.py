@@ -78,6 +78,20 @@ def test_browsers_resume_on_fast_routes(context, comet_cherrypy):
     hub.close()
 
 
+class ScriptPage:
+    """A page loading comet.js, then the class's ``script``."""
+    script = ""
+
+    @cherrypy.expose
+    def index(self):
+        return '<!doctype html><body><script src="/comet/comet.js"></script><script src="/page.js"></script></body>'
+
+    @cherrypy.expose
+    def page_js(self):
+        cherrypy.response.headers["Content-Type"] = "text/javascript"
+        return self.script
+
+
 REFUSED_JS = r"""
 window.out = {};
 for (const t of ["sse", "multipart", "chunked"]) {
@@ -116,15 +130,8 @@ def test_comet_js_stops_on_a_refusal_and_restarts_from_a_bad_cursor(context, com
     for transport in ("sse", "multipart", "chunked"):
         plugin.route(f"/guarded/{transport}", hub, "news", transport=transport, heartbeat=0.5, authorize=authorize)
 
-    class Root:
-        @cherrypy.expose
-        def index(self):
-            return '<!doctype html><body><script src="/comet/comet.js"></script><script src="/page.js"></script></body>'
-
-        @cherrypy.expose
-        def page_js(self):
-            cherrypy.response.headers["Content-Type"] = "text/javascript"
-            return REFUSED_JS
+    class Root(ScriptPage):
+        script = REFUSED_JS
 
         @cherrypy.expose
         @comet(transport="longpoll", poll_timeout=1)
@@ -195,17 +202,9 @@ def test_comet_js_waits_as_long_as_retry_after_says(context, comet_cherrypy):
     class Busy:
         sse, multipart, chunked, longpoll = (busy_twice(t) for t in ("sse", "multipart", "chunked", "longpoll"))
 
-    class Root:
+    class Root(ScriptPage):
+        script = RETRY_AFTER_JS
         busy = Busy()
-
-        @cherrypy.expose
-        def index(self):
-            return '<!doctype html><body><script src="/comet/comet.js"></script><script src="/page.js"></script></body>'
-
-        @cherrypy.expose
-        def page_js(self):
-            cherrypy.response.headers["Content-Type"] = "text/javascript"
-            return RETRY_AFTER_JS
 
     server = comet_cherrypy(Root(), static_config("/comet"), thread_pool=8)
     page = context.new_page()
