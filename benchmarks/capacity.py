@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVERS = {
     "comet-fast": ["-m", "benchmarks.peers.comet_app", "{port}", "fast"],
     "comet-parked": ["-m", "benchmarks.peers.comet_app", "{port}", "parked"],
+    "comet-generator": ["-m", "benchmarks.peers.comet_app", "{port}", "generator"],
     "comet-thread": ["-m", "benchmarks.peers.comet_app", "{port}", "thread", "{n}"],
     "aiohttp": ["-m", "benchmarks.peers.aiohttp_app", "{port}"],
     "aiohttp-direct": ["-m", "benchmarks.peers.aiohttp_direct_app", "{port}"],
@@ -435,12 +436,14 @@ def main() -> None:
     for b in bursts:
         print(f"{b['server']}: one stream {b.get('one_stream_events_per_s', b.get('error'))} events/s")
     ratios = {}
-    for ours_name in ("comet-fast", "comet-parked"):
+    for ours_name in ("comet-fast", "comet-parked", "comet-generator"):
         for n in args.n:
             ours = next((r for r in rows if r["server"] == ours_name and r["n"] == n and "error" not in r), None)
             for row in rows:
-                if (ours and row["n"] == n and not row["server"].startswith("comet") and "error" not in row
-                        and row.get("last_p50_ms")):
+                # the generator handler is also compared with the returned subscription (one model: same cost)
+                if (ours and row["n"] == n and (not row["server"].startswith("comet") or (
+                        ours_name == "comet-generator" and row["server"] == "comet-parked"))
+                        and "error" not in row and row.get("last_p50_ms")):
                     ratios.setdefault(ours_name, {})[f"{n}:{row['server']}"] = round(ours["last_p50_ms"] / row["last_p50_ms"], 2)
     summary = {"bench": "capacity", "rows": rows, "bursts": bursts, "last_p50_ratio_to_peers": ratios}
     print(json.dumps(summary))

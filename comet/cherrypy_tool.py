@@ -22,14 +22,17 @@ Process-wide settings live in the ``comet`` config namespace::
 
     cherrypy.config.update({"comet.max_streams": 500, "comet.max_parked": 20000, "comet.retry_after": 5})
 
-``max_streams`` defaults to the server's ``thread_pool`` less a reserve of
-``max(2, thread_pool // 10)`` threads, because every open stream holds a
-worker thread and ordinary pages need some left.
+Under cheroot every stream is parked once its headers are out: it holds no
+worker thread, whatever the handler's shape (``comet.writer``).
+``max_parked`` caps those. ``max_streams`` caps streams that keep a thread
+(TLS, ``mode="thread"``); it defaults to the server's ``thread_pool`` less a
+reserve of ``max(2, thread_pool // 10)`` threads, so ordinary pages always
+have some left.
 
 The engine plugin ends every stream when the engine stops, before the HTTP
 server joins its worker threads (priority 10 < the server's 25), so shutdown
-does not wait for idle streams. Hubs given to :meth:`CometPlugin.add_hub`
-also wake their waiters at once.
+does not wait for idle streams; the hubs those streams follow are woken too,
+with no registration.
 """
 from __future__ import annotations
 
@@ -39,14 +42,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import cherrypy
-from cherrypy.lib.encoding import ResponseEncoder
 from cherrypy.process.plugins import SimplePlugin
 
-from .errors import InvalidEventId, StreamsExhausted
+from .errors import InvalidEventId
 from .hub import Hub
+from .internals import connection_for, install_gateway, keep_charset, release_session
 from .options import Options
-from .stream import Stream, StreamPool, _close_quietly, http_error
-from .wsgi import cheroot_handoff, install_gateway, resume_id, socket_probe
+from .pipeline import Refusal, open_stream
+from .pool import StreamPool
+from .wsgi import resume_id
 
 __all__ = ["comet", "CometTool", "CometPlugin", "engine_plugin", "static_config", "STATIC_DIR"]
 
@@ -55,23 +59,27 @@ STATIC_DIR = str(Path(__file__).resolve().parent / "static")
 
 
 class CometPlugin(SimplePlugin):
-    """Holds the process's :class:`~comet.stream.StreamPool` and ends streams
-    (and registered hubs' subscriptions) when the engine stops."""
+    """Holds the process's :class:`~comet.pool.StreamPool` and ends its
+    streams when the engine stops."""
 
     def __init__(self, bus: Any) -> None:
         super().__init__(bus)
         self.pool = StreamPool()
-        self.hubs: list[Hub] = []
         self._cap_configured = False
         self._routes: Any = None
 
+    @property
+    def hubs(self) -> list[Hub]:
+        """The hubs this process's streams follow (found automatically)."""
+        return list(self.pool._hubs)
+
     def add_hub(self, hub: Hub) -> Hub:
-        """Wake and end *hub*'s subscriptions when the engine stops.
+        """Not needed any more: the hubs streams follow are found
+        automatically. Kept so older code keeps working; returns *hub*.
 
         >>> hub = engine_plugin().add_hub(Hub())
         """
-        if hub not in self.hubs:
-            self.hubs.append(hub)
+        self.pool.follow(hub)
         return hub
 
     def route(self, path: str, hub: Hub, channel: str, **options: Any) -> Any:
@@ -92,7 +100,7 @@ class CometPlugin(SimplePlugin):
             from .fastpath import FastRoutes
 
             self._routes = FastRoutes(self.pool)
-        self.add_hub(hub)
+        self.pool.follow(hub)
         route = self._routes.add(path, hub, channel, **options)
         server = getattr(cherrypy.server, "httpserver", None)
         if server is not None and hasattr(server, "process_conn") and self.bus.state == self.bus.states.STARTED:
@@ -133,17 +141,19 @@ class CometPlugin(SimplePlugin):
         server = cherrypy.server
         if getattr(server, "httpserver", None) is None and getattr(server, "_socket_host", None) is not None:
             server.httpserver, server.bind_addr = server.httpserver_from_self()
-        if getattr(server, "httpserver", None) is not None and hasattr(server.httpserver, "gateway"):
-            install_gateway(server.httpserver)
-            if self._routes is not None and hasattr(server.httpserver, "process_conn"):
-                self._routes.install(server.httpserver)
+        httpserver = getattr(server, "httpserver", None)
+        if httpserver is not None and hasattr(httpserver, "gateway") and hasattr(httpserver, "process_conn"):
+            install_gateway(httpserver)
+            if self._routes is not None:
+                self._routes.install(httpserver)
 
     start.priority = 60  # before the HTTP server starts (75): bad config fails startup
 
     def stop(self) -> None:
         self.pool.close_all()
-        for hub in self.hubs:
-            hub.end_subscriptions()
+        hook = getattr(getattr(cherrypy.server, "httpserver", None), "_comet_accept", None)
+        if hook is not None:
+            hook.stop()
 
     stop.priority = 10  # before the HTTP server's stop (25) joins its threads
 
@@ -196,105 +206,76 @@ def _config_namespace(key: str, value: Any) -> None:
 cherrypy.config.namespaces["comet"] = _config_namespace
 
 
-def _own_charset() -> None:
-    """Keep CherryPy's encode tool (``tools.encode.on``) off our bodies.
-
-    Streams and their errors are bytes already encoded as UTF-8 (SSE is
-    UTF-8 by definition). The encoder would relabel them with whatever
-    charset ``Accept-Charset`` prefers (``text/event-stream;charset=utf-16``
-    over UTF-8 bytes) or answer ``406`` when UTF-8 is refused; it only
-    touches the label, so turning its ``add_charset`` off for this request
-    is enough.
-    """
-    handler = cherrypy.serving.request.handler
-    for _ in range(16):  # a chain of wrapping tools, bounded
-        if handler is None:
-            return
-        if isinstance(handler, ResponseEncoder):
-            handler.add_charset = False
-        handler = getattr(handler, "oldhandler", None)
-
-
-def _release_session() -> None:
-    """Save the session now and unlock it, instead of when the stream ends.
-
-    With ``tools.sessions`` (implicit locking), a session read by a handler
-    stays locked until CherryPy saves it, and for a streamed response that
-    is the end of the stream: every other request of that user (a chat's
-    "post" button) would hang for as long as the stream is open, a long
-    poll included. So the session is saved with what the handler set before
-    its first item, and the sessions tool's own save is skipped: changes a
-    generator makes to it later are not saved.
-    """
-    session = getattr(cherrypy.serving, "session", None)
-    request = cherrypy.serving.request
-    if session is None or hasattr(request, "_sessionsaved"):
-        return
-    request._sessionsaved = True  # the guard of cherrypy.lib.sessions.save
-    session.save()
-
-
 def _serve(call: Callable[[], Any], options: Options) -> Any:
-    """Run one streaming request: admit, prime, send headers, stream."""
-    _own_charset()
+    """Run one streaming request through :func:`comet.pipeline.open_stream`
+    and give CherryPy what it opened."""
+    keep_charset()
     request, response = cherrypy.serving.request, cherrypy.serving.response
     plugin = engine_plugin()
     plugin.ensure_cap()
-    pool = plugin.pool
     try:
-        ticket = pool.admit(options.transport)
-    except StreamsExhausted as exc:
-        response.headers["Retry-After"] = str(exc.retry_after)
-        return _refuse(503, str(exc))
-    stream = items = None
-    try:
-        items = call()
-        environ = request.wsgi_environ
-        stream = Stream(items, options, pool, ticket, probe=socket_probe(environ),
-                        resume_id=request.comet_last_event_id, handoff=cheroot_handoff(environ))
-        stream.prime()
-    except Exception as exc:
-        if stream is not None:
-            stream.close()
-        else:
-            pool.release(ticket)
-            _close_quietly(items)
-        if getattr(exc, "retry_after", None) is not None:  # full, or the backend is down
-            response.headers["Retry-After"] = str(exc.retry_after)
-        error = http_error(exc)
-        if error is None and isinstance(exc, cherrypy.HTTPError) and exc.code < 500:
-            # The handler's own refusal (403 "not your seat"): plain text like
-            # comet's, so EventSource, comet.js's onDenied and curl show the
-            # reason rather than CherryPy's HTML page.
-            error = (exc.code, exc._message)
-        if error is None:
+        opened = open_stream(call, options, plugin.pool, method=request.method,
+                             resume_id=request.comet_last_event_id, connection=connection_for(request.wsgi_environ))
+    except Refusal as refusal:
+        return _refuse(refusal)
+    except cherrypy.HTTPError as exc:
+        if exc.code >= 500:
             raise
-        return _refuse(*error)
-    _release_session()
-    for name, value in stream.headers():
+        # The handler's own refusal (403 "not your seat"): plain text like
+        # comet's, so EventSource, comet.js's onDenied and curl show the
+        # reason rather than CherryPy's HTML page.
+        return _refuse(Refusal(exc.code, exc._message))
+    release_session()
+    for name, value in opened.headers:
         response.headers[name] = value
-    if options.transport == "longpoll":
-        try:
-            return stream.longpoll_body()
-        finally:
-            stream.close()
+    if isinstance(opened.body, list):  # HEAD, or a long-poll answered in thread mode
+        return b"".join(opened.body)
     response.stream = True
     # Runs when cheroot closes the response: at the end, on a failed write
-    # (client gone) and on errors. Closing our stream runs the handler's
-    # finally, whatever wrappers (the encode tool's) sit in between.
-    request.hooks.attach("on_end_request", stream.close)
-    return stream
+    # (client gone) and on errors. Closing the body ends the stream (its
+    # handler's finally runs) unless the writer owns it by then.
+    request.hooks.attach("on_end_request", opened.body.close)
+    return opened.body
 
 
-def _refuse(status: int, reason: str) -> bytes:
+def _refuse(refusal: Refusal) -> bytes:
     """A short plain-text error: stream clients (EventSource, comet.js, curl)
     show the reason, and no traceback page leaks for bad input."""
-    _own_charset()
+    keep_charset()
     response = cherrypy.serving.response
-    response.status = status
+    response.status = refusal.status
     response.headers["Content-Type"] = "text/plain; charset=utf-8"
     response.headers["Cache-Control"] = "no-cache"
-    return (reason + "\n").encode("utf-8")
+    for name, value in refusal.headers:
+        response.headers[name] = value
+    return refusal.body()
+
+
+def _check_params(signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse parameters the handler does not take (a cache-buster ``?_=1``,
+    a form field) with a 400 naming them, instead of a TypeError's 500."""
+    if signature is None:
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        params = signature.parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            unexpected: list[str] = []
+        else:
+            unexpected = sorted(name for name in kwargs if name not in params)
+        takes = ", ".join(name for name, p in params.items() if name != "self" and p.kind in
+                          (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or "no parameters"
+        if unexpected:
+            raise Refusal(400, f"unexpected parameter(s) {', '.join(unexpected)}; this stream takes: {takes}") from None
+        raise Refusal(400, f"missing or malformed parameters; this stream takes: {takes}") from None
+
+
+def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
 
 
 def _takes_last_event_id(func: Callable) -> bool:
@@ -331,16 +312,22 @@ def comet(transport: str = "sse", **options: Any) -> Callable[[Callable], Callab
     """
     opts = Options.from_mapping({"transport": transport, **options})
 
-    def decorate(func: Callable) -> Callable:
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         wants = _takes_last_event_id(func)
+        signature = _signature(func)
 
         @functools.wraps(func)
         def handler(*args: Any, **kwargs: Any) -> Any:
             try:
                 _resolve_resume(kwargs, wants)
             except InvalidEventId as exc:
-                return _refuse(400, str(exc))
-            return _serve(lambda: func(*args, **kwargs), opts)
+                return _refuse(Refusal(400, str(exc)))
+
+            def call() -> Any:
+                _check_params(signature, args, kwargs)
+                return func(*args, **kwargs)
+
+            return _serve(call, opts)
 
         handler.comet_options = opts
         return handler
@@ -374,6 +361,8 @@ class CometTool(cherrypy.Tool):
         target = getattr(inner, "callable", inner)
         wants = _takes_last_event_id(target)
 
+        signature = _signature(target)
+
         def handler(*args: Any, **kwargs: Any) -> Any:
             # The page's params live on the PageHandler; LateParamPageHandler
             # (the default dispatcher's) returns a copy, so assign it back.
@@ -381,11 +370,18 @@ class CometTool(cherrypy.Tool):
             try:
                 _resolve_resume(params, wants)
             except InvalidEventId as exc:
-                return _refuse(400, str(exc))
+                return _refuse(Refusal(400, str(exc)))
             if hasattr(inner, "kwargs"):
                 inner.kwargs = params
-                return _serve(inner, opts)
-            return _serve(lambda: inner(*args, **params), opts)
+
+                def call() -> Any:
+                    _check_params(signature, tuple(getattr(inner, "args", ())), params)
+                    return inner()
+            else:
+                def call() -> Any:
+                    _check_params(signature, args, params)
+                    return inner(*args, **params)
+            return _serve(call, opts)
 
         request.handler = handler
 

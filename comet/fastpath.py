@@ -11,11 +11,13 @@ hub, a channel and stream options. For those, comet looks at each new
 connection the moment cheroot accepts it: it peeks at the request head
 without consuming it, and if the head is complete and names a fast route, it
 answers from the accepting thread (subscribe, headers, park) and cheroot
-never sees the request. Everything else, including a fast route's request
-whose head has not fully arrived yet, goes to cheroot unchanged; there a
-WSGI middleware in front of the application serves fast routes with the
-same code as :func:`comet.wsgi.comet_app` (still parked, still without
-CherryPy's pipeline). Both ways give the same bytes and the same errors.
+never sees the request (a head still arriving waits without a thread, see
+:class:`comet.internals.AcceptHook`). Everything else goes to cheroot
+unchanged; there a WSGI middleware in front of the application serves fast
+routes that reach it (TLS, ``%``-escaped paths, pipelined requests) with
+:func:`comet.wsgi.comet_app`: still parked, still without CherryPy's
+pipeline. Both ways open the stream with :func:`comet.pipeline.open_stream`:
+the same bytes and the same errors.
 
 What a fast route does not have, by design: CherryPy tools, sessions,
 access logging. Who may follow a stream is decided by the route's optional
@@ -49,31 +51,37 @@ import logging
 import re
 import socket
 import time
-from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 from urllib.parse import parse_qs
 
-from .errors import Forbidden, StreamsExhausted
-from .framing import content_type, new_boundary, preamble
+from .errors import Forbidden
 from .hub import Hub
+from .internals import MAX_HEAD, install_accept_hook, install_gateway
 from .options import Options
-from .parked import ParkedStream, _chunk
-from .stream import StreamPool, http_error
-from .wsgi import _reply, comet_app, install_gateway, resume_id
+from .pipeline import Parking, Refusal, open_stream, refusal_for
+from .pool import StreamPool
+from .wsgi import StartResponse, comet_app, refuse, resume_id
 
 __all__ = ["FastRoutes", "FastRoute", "StreamRequest"]
 
 log = logging.getLogger("comet")
 
-#: A request head larger than this is never taken on the fast path.
-MAX_HEAD = 8192
-#: Seconds a fast-route request head may take to arrive before a worker reads it.
-HEAD_WAIT = 5.0
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: What a ``{name}`` path segment may hold: safe in a URL and a channel name.
 _SEGMENT = r"[A-Za-z0-9_.~:@!$&'()*+,;=-]{1,128}"
-_NEED_MORE = object()
 _QUERY_KEY = "last_event_id"
+
+
+class _Head(NamedTuple):
+    """A complete fast-route GET, parsed at accept time."""
+
+    length: int
+    http10: bool
+    route: "FastRoute"
+    params: dict[str, str]
+    query: str
+    last_event_id: str | None
+    request: "StreamRequest | None"
 
 
 class StreamRequest:
@@ -91,6 +99,7 @@ class StreamRequest:
 
     def __init__(self, path: str, params: dict[str, str], query_string: str, headers: dict[str, str],
                  remote_addr: str) -> None:
+        """See the class docstring."""
         self.path = path
         self.params = params
         self.query_string = query_string
@@ -114,7 +123,7 @@ class StreamRequest:
         return found
 
     @classmethod
-    def from_environ(cls, environ: dict, params: dict[str, str]) -> "StreamRequest":
+    def from_environ(cls, environ: dict[str, Any], params: dict[str, str]) -> "StreamRequest":
         headers = {key[5:].replace("_", "-").lower(): value for key, value in environ.items() if key.startswith("HTTP_")}
         return cls(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), params,
                    environ.get("QUERY_STRING", ""), headers, environ.get("REMOTE_ADDR", ""))
@@ -182,7 +191,7 @@ class FastRoute:
             self._pool.counters.add("forbidden")
             raise Forbidden("not allowed to follow this stream")
 
-    def _subscribe(self, environ: dict) -> Any:
+    def _subscribe(self, environ: dict[str, Any]) -> Any:
         return self.hub.subscribe(self.channel_for(environ["comet.route"]), last_id=environ["comet.last_event_id"])
 
     def __repr__(self) -> str:
@@ -236,35 +245,33 @@ class FastRoutes:
 
     # -- inside WSGI ---------------------------------------------------------
 
-    def wsgi(self, app: Callable | None = None) -> Callable:
+    def wsgi(self, app: Callable[..., Any] | None = None) -> Callable[..., Any]:
         """A WSGI app serving the fast routes and passing everything else to
         *app* (404 without one)."""
-        def fast_routes(environ: dict, start_response: Callable) -> Any:
+        def fast_routes(environ: dict[str, Any], start_response: StartResponse) -> Any:
             found = self.match(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
             if found is None:
                 if app is None:
-                    return _reply(start_response, 404, "no such stream")
+                    return refuse(start_response, Refusal(404, "no such stream"))
                 return app(environ, start_response)
-            if environ.get("REQUEST_METHOD") != "GET":
-                return _reply(start_response, 405, "a stream answers GET only", [("Allow", "GET")])
             route, environ["comet.route"] = found
-            try:
-                route.check(StreamRequest.from_environ(environ, environ["comet.route"]))
-            except Exception as exc:
-                status, reason, headers = _error_answer(exc)
-                return _reply(start_response, status, reason, headers)
-            self.pool.counters.add("routed_wsgi")
+            if environ.get("REQUEST_METHOD") == "GET":
+                try:
+                    route.check(StreamRequest.from_environ(environ, environ["comet.route"]))
+                except Exception as exc:
+                    return refuse(start_response, _refusal(exc))
+                self.pool.counters.add("routed_wsgi")
             return route.app(environ, start_response)
 
-        fast_routes.comet_routes = self
+        fast_routes.comet_routes = self  # type: ignore[attr-defined]
         return fast_routes
 
     # -- at accept -------------------------------------------------------------
 
     def install(self, server: Any) -> None:
         """Serve the routes on cheroot *server*: at accept time when the
-        request head is already there, else through a WSGI middleware in
-        front of ``server.wsgi_app``. Idempotent; one ``FastRoutes`` per server.
+        request head is complete, else through a WSGI middleware in front of
+        ``server.wsgi_app``. Idempotent; one ``FastRoutes`` per server.
         """
         current = getattr(server, "_comet_routes", None)
         if current is self:
@@ -273,91 +280,57 @@ class FastRoutes:
             raise ValueError("this server already has other fast routes installed")
         install_gateway(server)
         server.wsgi_app = self.wsgi(server.wsgi_app)
-        original = server.process_conn
-
-        def process_conn(conn: Any) -> None:
-            # Runs on cheroot's connection-manager thread: must never raise or block.
-            try:
-                if self._take(server, conn):
-                    return
-            except Exception:
-                log.exception("comet: fast route failed; closing the connection")
-                try:
-                    conn.close()
-                except OSError:
-                    pass
-                return
-            original(conn)
-
-        server.process_conn = process_conn
+        install_accept_hook(server, self.take)
         server._comet_routes = self
 
-    def _take(self, server: Any, conn: Any) -> bool:
-        """Serve *conn*'s request here if it is a complete fast-route request;
-        False (nothing read) to leave it to cheroot."""
-        sock = getattr(conn, "socket", None)
-        if (not self._routes or type(sock) is not socket.socket or getattr(server, "ssl_adapter", None) is not None
-                or conn.rfile.has_data()):
+    def take(self, sock: socket.socket, head: bytes, remote_addr: str) -> bool:
+        """Serve a complete request *head* peeked from *sock* if it is a
+        fast-route GET (True); else False, with nothing read."""
+        if not self._routes:
             return False
-        try:
-            sock.setblocking(False)
-            try:
-                head = sock.recv(MAX_HEAD, socket.MSG_PEEK)
-                parsed = self._parse(head) if head else None  # b"": the client closed; cheroot cleans up
-            except (BlockingIOError, InterruptedError):
-                parsed = _NEED_MORE  # accepted before the request arrived: usual when the server keeps up
-        except OSError:
-            parsed = None
-        if parsed is None or parsed is _NEED_MORE:
-            sock.settimeout(server.timeout)
-            if parsed is _NEED_MORE and self._wait_for_head(server, conn):
-                return True
+        parsed = self._parse(head)
+        if parsed is None:
             return False
-        head_len, http10, route, params, query, header_id, request = parsed
-        channel = route.channel_for(params)
-        cursor = header_id or parse_qs(query).get(_QUERY_KEY, [None])[-1]
+        route = parsed.route
+        channel = route.channel_for(parsed.params)
+        cursor = parsed.last_event_id or parse_qs(parsed.query).get(_QUERY_KEY, [None])[-1]
         if not route.hub._local(channel, cursor or None):
-            sock.settimeout(server.timeout)  # the subscribe would wait on the network: not on this thread
-            return False
-        if len(sock.recv(head_len)) != head_len:  # the peeked bytes are there; never short
-            raise OSError("request head vanished between peek and read")
-        for f in (conn.rfile, conn.wfile):  # drop cheroot's file objects' claims on the socket
-            try:
-                f.close()
-            except Exception:
-                pass
-        if request is not None:
-            request.remote_addr = conn.remote_addr or ""
-        self._open(sock, route, channel, http10, query, header_id, request)
+            return False  # the subscribe would wait on the network: not on this thread
+        if parsed.request is not None:
+            parsed.request.remote_addr = remote_addr
+        try:
+            if parsed.request is not None:
+                route.check(parsed.request)
+            last_id = resume_id(parsed.last_event_id, parse_qs(parsed.query).get(_QUERY_KEY, [None])[-1])
+            opened = open_stream(lambda: route.hub.subscribe(channel, last_id=last_id), route.options, self.pool,
+                                 resume_id=last_id, connection=_OWNED)
+        except Exception as exc:
+            refusal = _refusal(exc)
+            _consume(sock, parsed.length)
+            _write_refusal(sock, refusal)
+            return True
+        body = opened.body
+        assert isinstance(body, Parking)
+        try:
+            _consume(sock, parsed.length)
+        except OSError:
+            body.close()
+            sock.close()
+            return True
+        self.pool.counters.add("routed_fast")
+        body.park(sock, not parsed.http10, self._head(opened.headers, parsed.http10))
         return True
 
-    @staticmethod
-    def _wait_for_head(server: Any, conn: Any) -> bool:
-        """Let cheroot's selector watch *conn* (as it does idle keep-alive
-        connections) and hand it back here when more bytes arrive, so a
-        request that is not all there yet holds no worker thread. After
-        ``HEAD_WAIT`` seconds of trickling, a worker takes it as usual."""
-        manager = getattr(server, "_connections", None)
-        if manager is None or not hasattr(manager, "put"):
-            return False
-        now = time.monotonic()
-        since = getattr(conn, "_comet_head_since", None)
-        if since is None:
-            conn._comet_head_since = since = now
-        if now - since > HEAD_WAIT:
-            return False
-        manager.put(conn)  # closed by cheroot if nothing comes within server.timeout
-        return True
-
-    def _parse(self, head: bytes) -> Any:
-        """``None`` (not ours), ``_NEED_MORE``, or the parts of a complete
-        fast-route GET. Anything irregular is left to cheroot, which answers
-        malformed requests itself."""
+    def _parse(self, head: bytes) -> _Head | None:
+        """The parts of a complete fast-route GET, or ``None`` (not ours).
+        Anything irregular is left to cheroot, which answers malformed
+        requests itself."""
         if not head.startswith(b"GET /"):
             return None
         line_end = head.find(b"\r\n")
-        if line_end < 0:
-            return _NEED_MORE if len(head) < MAX_HEAD else None
+        end = head.find(b"\r\n\r\n")
+        if line_end < 0 or end < 0:
+            return None
         parts = head[:line_end].split(b" ")
         if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
             return None
@@ -367,9 +340,6 @@ class FastRoutes:
         found = self.match(path.decode("latin-1"))
         if found is None:
             return None
-        end = head.find(b"\r\n\r\n", line_end)
-        if end < 0:
-            return _NEED_MORE if len(head) < MAX_HEAD else None
         route, params = found
         last_event_id = None
         headers: dict[str, str] | None = {} if route.authorize is not None else None
@@ -391,77 +361,60 @@ class FastRoutes:
         request = None
         if headers is not None:
             request = StreamRequest(path.decode("latin-1"), params, query.decode("latin-1"), headers, "")
-        return end + 4, parts[2] == b"HTTP/1.0", route, params, query.decode("latin-1"), last_event_id, request
+        return _Head(end + 4, parts[2] == b"HTTP/1.0", route, params, query.decode("latin-1"), last_event_id, request)
 
-    def _open(self, sock: socket.socket, route: FastRoute, channel: str, http10: bool, query: str,
-              header_id: str | None, request: StreamRequest | None) -> None:
-        """The head is consumed: answer, and park the stream."""
-        pool, opts = self.pool, route.options
-        ticket = sub = None
-        try:
-            if request is not None:
-                route.check(request)
-            if pool.stopping:
-                raise StreamsExhausted("the server is shutting down; retry later", pool.retry_after)
-            last_id = resume_id(header_id, parse_qs(query).get(_QUERY_KEY, [None])[-1])
-            ticket = pool.admit(opts.transport)
-            sub = route.hub.subscribe(channel, last_id=last_id)
-            boundary = opts.boundary or (new_boundary() if opts.transport == "multipart" else "")
-            deadline = time.monotonic() + opts.max_duration if opts.max_duration else None
-            stream = ParkedStream(sock, sub, opts.transport, boundary, not http10, opts.heartbeat, deadline,
-                                  opts.max_event_bytes, ticket)
-            pool.attach(ticket, stream, parkable=True)
-        except Exception as exc:
-            if sub is not None:
-                sub.close()
-            if ticket is not None:
-                pool.release(ticket)
-            self._refuse(sock, exc)
-            return
-        sub.start()
-        body = preamble(opts.transport, opts.retry)
-        # The writer thread sends the head first, then events: one send()
-        # for both when something was published meanwhile.
-        stream.out.append(self._headers(opts, boundary, http10) + (_chunk(body) if not http10 else body))
-        stream.out_size += len(stream.out[0])
-        pool.counters.add("routed_fast")
-        pool.park(ticket, stream)
-
-    def _headers(self, opts: Options, boundary: str, http10: bool) -> bytes:
+    def _head(self, headers: list[tuple[str, str]], http10: bool) -> bytes:
         now = int(time.time())
         if self._date[0] != now:
             self._date = (now, email.utils.formatdate(now, usegmt=True).encode())
         return b"".join([
-            b"HTTP/1.1 200 OK\r\nContent-Type: ", content_type(opts.transport, boundary, opts.content_type).encode(),
-            b"\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+            *(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers),
             # As the middleware's (cheroot's) answer: HTTP/1.1 streams end with
             # the last chunk, HTTP/1.0 ones by closing.
             b"Connection: close\r\n" if http10 else b"Transfer-Encoding: chunked\r\n",
             b"Date: ", self._date[1], b"\r\n\r\n",
         ])
 
-    @staticmethod
-    def _refuse(sock: socket.socket, exc: BaseException) -> None:
-        """The same plain-text answers :func:`comet.wsgi.comet_app` gives."""
-        status, reason, headers = _error_answer(exc)
-        extra = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers)
-        body = (reason + "\n").encode("utf-8")
-        data = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s" % (
-            status, HTTPStatus(status).phrase.encode(), len(body), extra, body)
-        try:
-            sock.send(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        sock.close()
+
+class _Owned:
+    """The connection of a fast route: comet owns its socket already."""
+
+    parkable = True
+
+    def closed(self) -> bool:  # pragma: no cover - parked streams never poll
+        return False
+
+    def take(self) -> tuple[socket.socket, bool]:  # pragma: no cover - FastRoutes.take parks directly
+        raise RuntimeError("a fast route parks its own socket")
 
 
-def _error_answer(exc: BaseException) -> tuple[int, str, list[tuple[str, str]]]:
-    """Status, reason and extra headers for an error refusing a fast-route stream."""
-    if getattr(exc, "retry_after", None) is not None:  # full, stopping, or the backend is down
-        return 503, str(exc), [("Retry-After", str(exc.retry_after))]
-    error = http_error(exc)
-    if error is None:
+_OWNED = _Owned()
+
+
+def _consume(sock: socket.socket, length: int) -> None:
+    """Read the peeked head for good (it is there: never short)."""
+    if len(sock.recv(length, socket.MSG_DONTWAIT)) != length:
+        raise OSError("request head vanished between peek and read")
+
+
+def _refusal(exc: BaseException) -> Refusal:
+    refusal = refusal_for(exc)
+    if refusal is None:
         log.error("comet: fast route failed", exc_info=exc)
-        return 500, "internal server error", []
-    return error[0], error[1], []
+        return Refusal(500, "internal server error")
+    return refusal
+
+
+def _write_refusal(sock: socket.socket, refusal: Refusal) -> None:
+    """The same plain-text answers :func:`comet.wsgi.comet_app` gives."""
+    extra = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in refusal.headers)
+    body = refusal.body()
+    data = b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s" % (
+        refusal.status_line.encode(), len(body), extra, body)
+    try:
+        sock.send(data, socket.MSG_DONTWAIT)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()

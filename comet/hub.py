@@ -35,13 +35,14 @@ import re
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
 from .counters import Counters
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event
 
-__all__ = ["Hub", "Subscription", "Idle", "GAP", "parse_id"]
+__all__ = ["Hub", "Subscription", "Idle", "GAP", "parse_id", "Step", "cooperative"]
 
 #: Name of the event a subscription receives when events it should have seen
 #: are no longer available. Its ``data`` is ``{"last_id": <the client's
@@ -68,6 +69,52 @@ def parse_id(value: str) -> tuple[int, int]:
     if not match or int(match[1]) > _MAX_PART or int(match[2]) > _MAX_PART:
         raise InvalidEventId(f"malformed event id {value[:80]!r}: expected '<epoch>-<seq>' digits")
     return int(match[1]), int(match[2])
+
+
+class Step:
+    """What a cooperative stepper learns from one step of a generator: the
+    subscription it would have waited on (``blocked``), if any. Set
+    ``cancelled`` to end, instead, any subscription iterated in the step."""
+
+    __slots__ = ("blocked", "cancelled")
+
+    def __init__(self) -> None:
+        self.blocked: Subscription | None = None
+        self.cancelled = False
+
+
+_steps = threading.local()
+
+
+def _step() -> Step | None:
+    return getattr(_steps, "current", None)
+
+
+@contextmanager
+def cooperative(step: Step) -> Iterator[Step]:
+    """Run generator steps in which iterating a :class:`Subscription` never
+    waits: with nothing new, it records itself in ``step.blocked`` and yields
+    a tick, so the caller can suspend the generator and resume it when the
+    channel moves. This is how comet serves generator handlers without a
+    thread each (``comet.writer``); the hub itself knows nothing of streams.
+
+    >>> hub = Hub()
+    >>> def handler():
+    ...     yield "hello"
+    ...     yield from hub.subscribe("room")
+    >>> gen, step = handler(), Step()
+    >>> with cooperative(step):
+    ...     items = [next(gen), next(gen), next(gen)]
+    >>> items[0], bool(items[1]), bool(items[2]), step.blocked.channel
+    ('hello', False, False, 'room')
+    >>> gen.close()
+    """
+    previous = getattr(_steps, "current", None)
+    _steps.current = step
+    try:
+        yield step
+    finally:
+        _steps.current = previous
 
 
 class Idle:
@@ -536,7 +583,9 @@ class Subscription:
         self._ch = ch
         self._pending = pending
         self._generation = hub._generation
-        self._gen: Iterator[Any] | None = None
+        self._ready: deque[Any] = deque()  # taken, not yet handed out by __next__
+        self._tick = False  # a caught-up tick is due after the batch in _ready
+        self._waited = False
         self._callbacks: list[Callable[[], None]] = []
         self._counted = False
         self.closed = False
@@ -575,6 +624,9 @@ class Subscription:
         first. ``view`` is applied here, once per event for this subscriber.
         """
         out, self._pending = self._pending, []
+        if self._ready:  # taken by __next__, not handed out yet: first, in order
+            out[:0] = self._ready
+            self._ready.clear()
         ch = self._ch
         with ch.cond:
             behind, start, batch, floor = ch.after(self.cursor)
@@ -599,41 +651,64 @@ class Subscription:
         return self
 
     def __next__(self) -> Any:
-        if self._gen is None:
-            if self.closed:
-                raise StopIteration
-            self.start()
-            self._gen = self._iterate()
-        try:
-            return next(self._gen)
-        except StopIteration:
-            self.close()  # ended by the hub: release it as a close would
-            raise
+        """The next event, or a falsy :class:`Idle` tick: at once when caught
+        up, after each batch, and every ``idle`` seconds while nothing comes.
 
-    def _iterate(self) -> Iterator[Any]:
-        ch = self._ch
-        wait = False  # first pass: report "caught up" at once, so streams can send headers
+        Iterated by a thread, it waits on the channel. Iterated inside
+        :func:`cooperative` (how comet steps a generator handler without a
+        thread of its own), it never waits: it tells the stepper which
+        subscription it would wait on and returns a tick at once.
+        """
+        if self.closed:
+            raise StopIteration
+        self.start()
         while True:
+            if self._ready:
+                return self._ready.popleft()
+            if self._tick:
+                self._tick = False
+                return Idle(self._last_id)
             items = self.take()
-            if not items:
-                if self.ended:
-                    return
-                if wait:
-                    with ch.cond:
-                        if ch.seq == self.cursor and not self.ended:
-                            ch.cond.wait(self.idle)
-                    items = self.take()
-            wait = True
-            yield from items
-            yield Idle(self.last_id)
+            if items:
+                self._ready.extend(items)
+                self._tick = True  # a tick after each batch: "caught up"
+                continue
+            if self.ended:
+                self.close()  # ended by the hub: release it as a close would
+                raise StopIteration
+            if not self._waited:
+                self._waited = True  # report "caught up" once before any wait, so streams can send headers
+                return Idle(self._last_id)
+            step = _step()
+            if step is not None:
+                if step.cancelled:  # the stream this runs for has ended: end the handler's loop too
+                    self.close()
+                    raise StopIteration
+                if step.blocked is None:
+                    step.blocked = self
+                    return Idle(self._last_id)
+                # The handler swallowed the tick and asked again in the same
+                # step: it cannot be suspended, so this step waits (the
+                # stepper gives the stream a thread of its own meanwhile).
+            ch = self._ch
+            with ch.cond:
+                # Re-checked under the lock: a publish between take() and here
+                # has moved ch.seq, so we do not wait for it (no lost wake-up).
+                if ch.seq == self.cursor and not self.ended:
+                    ch.cond.wait(self.idle)
+            items = self.take()
+            if items:
+                self._ready.extend(items)
+                self._tick = True
+                continue
+            return Idle(self._last_id)
 
     def close(self) -> None:
         """End the subscription; runs the ``on_close`` callbacks once."""
         if self.closed:
             return
         self.closed = True
-        if self._gen is not None:
-            self._gen.close()
+        self._ready.clear()
         if self._counted:
             self.hub._count(-1)
         self.hub._release(self.channel, self._ch)

@@ -581,6 +581,9 @@ class WSGIServer:
         started = time.monotonic()
         for pool in self.pools:
             pool.close_all()
+        hook = getattr(self.server, "_comet_accept", None)
+        if hook is not None:
+            hook.stop()
         self.server.stop()
         if self._thread is not None:
             self._thread.join(10)

@@ -57,7 +57,14 @@ class RawStream:
         return data
 
     def body(self) -> bytes:
-        """The whole body of a Content-Length response."""
+        """The whole body of a Content-Length or chunked response."""
+        if self.headers.get("transfer-encoding") == "chunked":
+            parts = []
+            while True:
+                part = self.chunk()
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
         n = int(self.headers["content-length"])
         while len(self.buf) < n:
             self._fill()

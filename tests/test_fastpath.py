@@ -132,27 +132,24 @@ def test_heads_in_pieces_hold_no_worker(fast):
             sock.close()
 
 
-def test_a_head_not_there_in_time_goes_to_a_worker(fast, monkeypatch):
-    """Past HEAD_WAIT (here: at once) a worker reads the head as cheroot
-    always does, and the middleware serves the route: same stream."""
-    import comet.fastpath
-
-    monkeypatch.setattr(comet.fastpath, "HEAD_WAIT", -1.0)
+def test_a_head_arriving_in_pieces_holds_no_worker_then_streams(fast):
+    """A head still arriving waits in comet's head waiter, not on a worker;
+    once complete it is served at accept time like any other."""
     server, hub, pool = fast
     workers = cherrypy.server.httpserver.requests
+    hook = cherrypy.server.httpserver._comet_accept
     wait_until(lambda: workers.idle == 2, what="both workers idle")  # thread_pool=2, nothing else running
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
         sock.sendall(b"GET /events HTTP/1.1\r\n")
-        # This very connection on a worker (an idle count alone can be another
-        # connection, such as the server's readiness probe closing).
         port = sock.getsockname()[1]
-        wait_until(lambda: any(getattr(t.conn, "remote_port", None) == port for t in workers._threads),
-                   what="a worker waiting for the rest of the head")
+        wait_until(lambda: hook._waiter is not None and any(
+            c.remote_port == port for c, _ in list(hook._waiter._conns.values())), what="the head waiting without a worker")
+        assert workers.idle == 2 and not any(getattr(t.conn, "remote_port", None) == port for t in workers._threads)
         sock.sendall(b"Host: x\r\n\r\n")
         data = b""
         while b":ok\n\n" not in data:
             data += sock.recv(4096)
-        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and counts(pool) == (0, 1)
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and counts(pool) == (1, 0)
         wait_until(lambda: pool.parked_streams == 1, what="parked")
         hub.publish("lobby", "after")
         while b"data: after\n" not in data:
@@ -237,9 +234,15 @@ def test_bad_cursor_is_a_400_with_a_reason(fast, header, reason):
 def test_other_methods_and_malformed_requests(fast):
     server, hub, pool = fast
     port = port_of(server)
-    for method in ("POST", "HEAD", "PUT"):
+    for method in ("POST", "PUT"):
         data = raw_request(port, f"{method} /events HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
-        assert data.startswith(b"HTTP/1.1 405") and b"Allow: GET" in data, data
+        assert data.startswith(b"HTTP/1.1 405") and b"Allow: GET, HEAD, OPTIONS" in data, data
+    # HEAD: the stream's headers and no body; OPTIONS: what is allowed; neither opens a stream
+    data = raw_request(port, b"HEAD /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", until=None)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Type: text/event-stream" in head and body == b"", data
+    data = raw_request(port, b"OPTIONS /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", until=None)
+    assert data.startswith(b"HTTP/1.1 204") and b"Allow: GET, HEAD, OPTIONS" in data, data
     # a malformed header line: cheroot's own 400, no hang, nothing opened
     data = raw_request(port, b"GET /events HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400"), data

@@ -322,20 +322,25 @@ def test_a_stream_parked_while_the_pool_stops_is_ended_and_the_next_start_parks_
     """A stream that reaches park() after close_all (a client reconnecting
     while the engine stops) is ended and released at once; it must not
     leave a stopped writer behind for the pool's next start."""
-    from comet.parked import ParkedStream
-    from comet.stream import StreamPool
+    from comet.options import Options
+    from comet.pipeline import open_stream
+    from comet.pool import StreamPool
 
     hub, pool = Hub(idle=30), StreamPool()
 
+    class Owned:  # a socket comet owns already, as a fast route's
+        parkable = True
+
+        def closed(self):
+            return False
+
+        def take(self):
+            raise AssertionError("not used: the test parks the socket itself")
+
     def parked_pair():
-        ticket = pool.admit("sse")
         server_side, client_side = socket.socketpair()
-        sub = hub.subscribe("lobby")
-        stream = ParkedStream(server_side, sub, "sse", "", True, 15, None, 1 << 20, ticket)
-        pool.attach(ticket, stream, parkable=True)
-        sub.start()
-        stream.out.append(b"5\r\n:ok\n\n\r\n")
-        return stream, client_side
+        opened = open_stream(lambda: hub.subscribe("lobby"), Options(), pool, connection=Owned())
+        return (opened.body, server_side), client_side
 
     def read_until(sock, marker):
         sock.settimeout(5)
@@ -349,13 +354,13 @@ def test_a_stream_parked_while_the_pool_stops_is_ended_and_the_next_start_parks_
 
     first, first_client = parked_pair()
     pool.close_all()
-    pool.park(first.ticket, first)
+    first[0].park(first[1], True)
     assert read_until(first_client, b"0\r\n\r\n") == b"5\r\n:ok\n\n\r\n0\r\n\r\n"  # head, then the last chunk
     assert first_client.recv(10) == b""  # and closed
     assert pool.open_streams == 0 and pool.parked_streams == 0 and hub.subscriptions == 0
     pool.reopen()
     second, second_client = parked_pair()
-    pool.park(second.ticket, second)
+    second[0].park(second[1], True)
     hub.publish("lobby", "after restart")
     assert b"data: after restart" in read_until(second_client, b"data: after restart")
     pool.close_all()

@@ -36,7 +36,7 @@ def stats_server(comet_cherrypy):
             return hub.subscribe(channel, last_id=last_event_id)
 
         @cherrypy.expose
-        @comet(transport="sse")
+        @comet(transport="sse", mode="thread")
         def threaded(self, channel="room", last_event_id=None):
             yield from hub.subscribe(channel, last_id=last_event_id)
 

@@ -18,7 +18,7 @@ from conftest import RawStream
 
 @pytest.fixture
 def wsgi_app(hub, tracker):
-    pool = StreamPool(max_streams=3, retry_after=2)
+    pool = StreamPool(max_streams=3, max_parked=3, retry_after=2)  # generators are parked under cheroot
 
     @comet_app(transport="sse", heartbeat=0.5, pool=pool)
     def events(environ):

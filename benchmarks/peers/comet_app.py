@@ -1,7 +1,9 @@
-"""comet under test: `python -m benchmarks.peers.comet_app PORT thread|parked|fast [STREAMS [REDIS_URL]]`.
+"""comet under test: `python -m benchmarks.peers.comet_app PORT thread|parked|generator|fast [STREAMS [REDIS_URL]]`.
 
-thread: a @comet handler that keeps its thread; parked: the same handler's
-stream parked once its headers are out; fast: /events is a fast route
+thread: a @comet handler that keeps its thread (mode="thread"); parked: a
+handler that returns its subscription; generator: the natural handler, a
+generator that greets and then ``yield from``\ s the subscription, on
+CherryPy's default thread pool (10); fast: /events is a fast route
 (comet.fastpath), answered where cheroot accepts the connection.
 
 With REDIS_URL the hub is a RedisHub (benchmarks/scaleout.py runs several
@@ -18,9 +20,9 @@ streams = int(sys.argv[3]) if len(sys.argv) > 3 else 100
 if len(sys.argv) > 4:
     from comet.backends.redis import RedisHub
 
-    hub = engine_plugin().add_hub(RedisHub(sys.argv[4], maxlen=20_000, prefix="bench:"))
+    hub = RedisHub(sys.argv[4], maxlen=20_000, prefix="bench:")
 else:
-    hub = engine_plugin().add_hub(Hub(buffer_size=20_000))
+    hub = Hub(buffer_size=20_000)
 if mode == "fast":
     engine_plugin().route("/events", hub, channel="b")
 
@@ -30,10 +32,17 @@ class Root:
     def index(self):
         return "ok"
 
-    @cherrypy.expose
-    @comet(transport="sse", mode="auto" if mode == "parked" else "thread")
-    def events(self, last_event_id=None):
-        return hub.subscribe("b", last_id=last_event_id)
+    if mode == "generator":
+        @cherrypy.expose
+        @comet(transport="sse")
+        def events(self, last_event_id=None):
+            yield "hello"
+            yield from hub.subscribe("b", last_id=last_event_id)
+    else:
+        @cherrypy.expose
+        @comet(transport="sse", mode="auto" if mode == "parked" else "thread")
+        def events(self, last_event_id=None):
+            return hub.subscribe("b", last_id=last_event_id)
 
     @cherrypy.expose
     def publish(self, seq, ts):
@@ -52,8 +61,9 @@ class Root:
         return "ok"
 
 
-# Thread mode needs a thread per stream (plus a few for pages); parked needs a few.
-threads = streams + 20 if mode == "thread" else 8
+# Thread mode needs a thread per stream (plus a few for pages); parked needs a
+# few; the generator handler runs on CherryPy's default pool.
+threads = streams + 20 if mode == "thread" else 10 if mode == "generator" else 8
 cherrypy.config.update({"server.socket_host": "127.0.0.1", "server.socket_port": port, "server.thread_pool": threads,
                         "server.socket_queue_size": 4096, "engine.autoreload.on": False, "log.screen": False,
                         "comet.max_streams": threads, "server.shutdown_timeout": 1})

@@ -1,0 +1,488 @@
+"""Every private cheroot and CherryPy detail comet relies on, in one place.
+
+Nothing else in comet reaches into a server. Each entry says what is used
+and why; ``setup.py`` pins cheroot and CherryPy to the range the suite has
+passed on, and the suite runs on the lowest and newest of it.
+
+cheroot (``cheroot.server``, ``cheroot.connections``):
+
+===================================  ===========================================
+``HTTPServer.gateway``               subclassed (:func:`install_gateway`) to put
+                                     the cheroot request in the environ
+                                     (``comet.request``): a stream needs it to
+                                     take its connection over.
+``HTTPServer.process_conn``          replaced per server instance by
+                                     :class:`AcceptHook`: comet looks at each
+                                     connection before a worker thread does.
+``HTTPServer.ssl_adapter``,          TLS servers are left alone (an ``ssl``
+``.timeout``                         socket cannot be peeked); how long a
+                                     request head may take to arrive.
+``HTTPConnection.socket``,           the plain socket (``type(...) is
+``.rfile.has_data()``,               socket.socket``), whether cheroot buffered
+``.remote_addr``, ``.close()``,      bytes already (a pipelined request), the
+``.rfile``, ``.wfile``               peer, closing; dropping cheroot's file
+                                     objects when a fast route takes a socket.
+``HTTPConnection.linger``            set when a stream takes the connection:
+                                     cheroot then leaves the socket open
+                                     (the flag cheroot has for exactly this).
+``HTTPRequest.conn``,                to take a connection: send the head now
+``.ensure_headers_sent()``,          (also for a long-poll, whose body comes
+``.chunked_write``,                  later), learn whether it is chunked, stop
+``.close_connection``                cheroot's terminating chunk and keep-alive.
+===================================  ===========================================
+
+CherryPy (``cherrypy._cprequest``, ``cherrypy.lib``):
+
+===================================  ===========================================
+``request._sessionsaved``            the guard of ``cherrypy.lib.sessions.save``:
+                                     a stream saves and unlocks the session at
+                                     its start (:func:`release_session`).
+``ResponseEncoder.add_charset``,     the encode tool must not relabel stream
+``handler.oldhandler``               bytes (:func:`keep_charset`).
+===================================  ===========================================
+
+A failure in the accept-time hook hands the connection back to cheroot
+untouched (nothing was read from it), so an ordinary page never fails
+because of comet.
+"""
+from __future__ import annotations
+
+import errno
+import heapq
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Callable
+
+__all__ = ["install_gateway", "install_accept_hook", "AcceptHook", "CherootConnection", "connection_for",
+           "release_session", "keep_charset", "MAX_HEAD"]
+
+log = logging.getLogger("comet")
+
+#: A request head larger than this is left to cheroot as it is.
+MAX_HEAD = 8192
+#: Connections whose head is still arriving, at most, per server.
+MAX_WAITING = 50_000
+
+#: ``(socket, head, remote_addr) -> bool``: serve a complete request head
+#: here (a fast route) and say so; False leaves it to cheroot untouched.
+HeadTaker = Callable[[socket.socket, bytes, str], bool]
+
+
+# -- the gateway and the connection of one request ------------------------------
+
+
+def install_gateway(server: Any) -> None:
+    """Let comet park streams on a cheroot server, and keep incomplete
+    request heads off its worker threads (:class:`AcceptHook`). Idempotent;
+    the CherryPy plugin does it for ``cherrypy.server``.
+
+    >>> from cheroot import wsgi
+    >>> server = wsgi.Server(("127.0.0.1", 0), lambda e, s: [])
+    >>> install_gateway(server)
+    >>> server.gateway.__name__
+    'CometGateway'
+    """
+    base = server.gateway
+    if not getattr(base, "comet", False):
+        class CometGateway(base):  # type: ignore[misc, valid-type]
+            comet = True
+
+            def get_environ(self) -> dict[str, Any]:
+                environ: dict[str, Any] = super().get_environ()
+                environ["comet.request"] = self.req
+                return environ
+
+        server.gateway = CometGateway
+    install_accept_hook(server)
+
+
+class CherootConnection:
+    """The connection of one cheroot request, as :func:`comet.pipeline.open_stream` needs it."""
+
+    def __init__(self, request: Any) -> None:
+        self._req = request
+        self._conn = request.conn
+        sock = getattr(self._conn, "socket", None)
+        self._sock: socket.socket | None = sock if type(sock) is socket.socket else None
+        #: TLS (ssl.SSLSocket, pyOpenSSL) keeps its thread: writes may need reads.
+        self.parkable = self._sock is not None
+
+    def closed(self) -> bool:
+        return self._sock is None or _peer_closed(self._sock)
+
+    def take(self) -> tuple[socket.socket, bool]:
+        assert self._sock is not None
+        req = self._req
+        req.ensure_headers_sent()
+        chunked = bool(req.chunked_write)
+        req.chunked_write = False  # the writer frames chunks itself, and writes the last one
+        req.close_connection = True  # no keep-alive: the writer closes when the stream ends
+        self._conn.linger = True  # cheroot leaves the socket open when it lets the connection go
+        return self._sock, chunked
+
+
+class _SocketOnly:
+    """A connection comet can only watch (another WSGI server)."""
+
+    parkable = False
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self._sock = sock
+
+    def closed(self) -> bool:
+        return self._sock is not None and _peer_closed(self._sock)
+
+    def take(self) -> tuple[socket.socket, bool]:  # pragma: no cover - never parkable
+        raise RuntimeError("this connection cannot be taken over")
+
+
+def connection_for(environ: dict[str, Any]) -> CherootConnection | _SocketOnly:
+    """The connection of the request in *environ*: cheroot's with comet's
+    gateway can be taken over; elsewhere comet can at best notice a client
+    that went away (when it finds the socket)."""
+    request = environ.get("comet.request")
+    if request is not None and getattr(request, "conn", None) is not None:
+        return CherootConnection(request)
+    sock = environ.get("comet.socket") or _find_socket(environ.get("wsgi.input"))
+    return _SocketOnly(sock if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket) else None)
+
+
+def _find_socket(obj: Any) -> socket.socket | None:
+    # cheroot without comet's gateway: wsgi.input -> KnownLengthRFile .rfile
+    # -> StreamReader .raw -> SocketIO ._sock. Walked defensively.
+    for _ in range(5):
+        if isinstance(obj, socket.socket):
+            return obj
+        for attr in ("rfile", "raw", "_sock"):
+            nxt = getattr(obj, attr, None)
+            if nxt is not None:
+                obj = nxt
+                break
+        else:
+            return None
+    return obj if isinstance(obj, socket.socket) else None
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Has the peer closed? A streaming client sends nothing after its
+    request, so a readable socket whose peek returns no bytes means it has."""
+    try:
+        if sock.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        events = poller.poll(0)
+        if not events:
+            return False
+        if events[0][1] & (select.POLLERR | select.POLLHUP):
+            return True
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+# -- at accept -------------------------------------------------------------------
+
+
+def install_accept_hook(server: Any, routes: HeadTaker | None = None) -> "AcceptHook":
+    """Put an :class:`AcceptHook` in front of cheroot *server* (idempotent);
+    *routes*, if given, may take complete request heads (fast routes)."""
+    hook: AcceptHook | None = getattr(server, "_comet_accept", None)
+    if hook is None:
+        hook = AcceptHook(server)
+        server._comet_accept = hook
+        server.process_conn = hook.process_conn
+    if routes is not None:
+        hook.routes = routes
+    hook.start()
+    return hook
+
+
+class AcceptHook:
+    """Looks at each connection cheroot accepts (or finds readable again
+    after a keep-alive request) before a worker thread does.
+
+    * A complete request head goes to cheroot as usual, unless ``routes``
+      takes it (a fast route is answered right here).
+    * A head that has not fully arrived waits in :class:`_HeadWaiter`, one
+      thread around an edge-triggered epoll: no worker thread is held by a
+      slow or stalled client (slowloris), and no core spins on bytes that sit
+      peeked but unread. When the head is complete it goes on as above; if
+      it takes longer than the server's ``timeout``, the client gets ``408``.
+    * Anything unusual (TLS, bytes cheroot buffered already, no epoll, an
+      error in comet) goes to cheroot untouched.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.original: Callable[[Any], None] = server.process_conn
+        self.routes: HeadTaker | None = None
+        self._waiter: _HeadWaiter | None = None
+        self._lock = threading.Lock()
+
+    def process_conn(self, conn: Any) -> None:
+        # Runs on cheroot's connection-manager thread: must never raise or block.
+        try:
+            if self._look(conn):
+                return
+        except Exception:
+            log.exception("comet: accept-time hook failed; the connection goes to cheroot untouched")
+        self.original(conn)
+
+    def _look(self, conn: Any) -> bool:
+        """True if comet took *conn* (served it, or holds it until its head
+        is complete); False, with nothing read, to leave it to cheroot."""
+        sock = getattr(conn, "socket", None)
+        if type(sock) is not socket.socket or getattr(self.server, "ssl_adapter", None) is not None:
+            return False
+        if conn.rfile.has_data():
+            return False
+        head = _peek(sock)
+        if head == b"":
+            return False  # the client closed: cheroot cleans up
+        if head is None or not _complete(head):
+            if head is not None and len(head) >= MAX_HEAD:
+                return False  # too large to be a stream request: cheroot answers it
+            return self._wait(conn)
+        return self._complete(conn, sock, head)
+
+    def _complete(self, conn: Any, sock: socket.socket, head: bytes) -> bool:
+        routes = self.routes
+        if routes is None:
+            return False
+        if not routes(sock, head, conn.remote_addr or ""):
+            return False
+        for f in (conn.rfile, conn.wfile):  # drop cheroot's file objects' claims on the socket
+            try:
+                f.close()
+            except Exception:
+                pass
+        return True
+
+    def start(self) -> None:
+        """Start the head waiter (again, after :meth:`stop`): its thread
+        lives as long as the server serves."""
+        with self._lock:
+            if self._waiter is None or self._waiter.stopped:
+                try:
+                    self._waiter = _HeadWaiter(self)
+                except (OSError, AttributeError):  # no epoll here: heads are read by workers, as cheroot does
+                    self._waiter = None
+
+    def _wait(self, conn: Any) -> bool:
+        waiter = self._waiter
+        return waiter is not None and waiter.add(conn)
+
+    def ready(self, conn: Any) -> None:
+        """The waiter saw *conn*'s head complete (or its client close)."""
+        try:
+            sock = conn.socket
+            head = _peek(sock)
+            if head and _complete(head) and self._complete(conn, sock, head):
+                return
+        except Exception:
+            log.exception("comet: accept-time hook failed; the connection goes to cheroot untouched")
+        self.original(conn)
+
+    def stop(self) -> None:
+        with self._lock:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.stop()
+
+
+def _peek(sock: socket.socket) -> bytes | None:
+    """The bytes waiting on *sock*, left there; ``None`` when none yet."""
+    try:
+        return sock.recv(MAX_HEAD, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+
+
+def _complete(head: bytes) -> bool:
+    return b"\r\n\r\n" in head or b"\n\n" in head
+
+
+class _HeadWaiter:
+    """Connections whose request head is still arriving, on one thread.
+
+    Edge-triggered: a socket is reported once per arrival of new bytes, not
+    again and again for bytes that were peeked and left in place.
+    """
+
+    def __init__(self, hook: AcceptHook) -> None:
+        self.hook = hook
+        self.timeout = float(getattr(hook.server, "timeout", 10) or 10)
+        self._epoll = select.epoll()
+        self._lock = threading.Lock()
+        self._conns: dict[int, tuple[Any, float]] = {}
+        self._expiry: list[tuple[float, int, int]] = []
+        self._serial = 0
+        self.stopped = False
+        self._thread = threading.Thread(target=self._run, name="comet-heads", daemon=True)
+        self._thread.start()
+
+    def add(self, conn: Any) -> bool:
+        fd = conn.socket.fileno()
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            if self.stopped or len(self._conns) >= MAX_WAITING or fd in self._conns:
+                return False
+            self._conns[fd] = (conn, deadline)
+            self._serial += 1
+            heapq.heappush(self._expiry, (deadline, self._serial, fd))
+            try:
+                self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+            except OSError:
+                del self._conns[fd]
+                return False
+        return True
+
+    def _pop(self, fd: int) -> Any:
+        with self._lock:
+            entry = self._conns.pop(fd, None)
+            if entry is None:
+                return None
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+            return entry[0]
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped:
+                with self._lock:
+                    wait = self._expiry[0][0] - time.monotonic() if self._expiry else 1.0
+                try:
+                    events = self._epoll.poll(min(max(wait, 0.0), 1.0))
+                except InterruptedError:
+                    continue
+                for fd, mask in events:
+                    conn = self._conns.get(fd)
+                    if conn is None:
+                        continue
+                    if mask & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+                        # The client closed (or half-closed) before its head was complete: it never will be.
+                        gone = self._pop(fd)
+                        if gone is not None:
+                            _close(gone)
+                        continue
+                    try:
+                        head = _peek(conn[0].socket)
+                    except OSError:
+                        head = b""
+                    if head is None or (head and not _complete(head) and len(head) < MAX_HEAD):
+                        continue  # still arriving: wait for the next bytes
+                    taken = self._pop(fd)
+                    if taken is not None:
+                        self.hook.ready(taken)
+                self._expire(time.monotonic())
+        except Exception:
+            log.exception("comet: the request-head waiter failed")
+        finally:
+            self._close_all()
+
+    def _expire(self, now: float) -> None:
+        while True:
+            with self._lock:
+                if not self._expiry or self._expiry[0][0] > now:
+                    return
+                deadline, _, fd = heapq.heappop(self._expiry)
+                entry = self._conns.get(fd)
+                if entry is None or entry[1] != deadline:
+                    continue
+            conn = self._pop(fd)
+            if conn is not None:
+                _timeout(conn)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if threading.current_thread() is not self._thread:
+            self._thread.join(2)
+
+    def _close_all(self) -> None:
+        with self._lock:
+            self.stopped = True
+            conns = [conn for conn, _ in self._conns.values()]
+            self._conns.clear()
+            self._epoll.close()
+        for conn in conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def _close(conn: Any) -> None:
+    try:
+        conn.close()
+    except OSError:
+        pass
+
+
+def _timeout(conn: Any) -> None:
+    """A head that did not arrive in time: say so and close."""
+    body = b"the request head took too long to arrive\n"
+    try:
+        conn.socket.send(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body), socket.MSG_DONTWAIT)
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EAGAIN):
+            log.debug("comet: 408 not sent: %s", exc)
+    try:
+        conn.close()
+    except OSError:
+        pass
+
+
+# -- CherryPy ------------------------------------------------------------------
+
+
+def release_session() -> None:
+    """Save the session now and unlock it, instead of when the stream ends.
+
+    With ``tools.sessions`` (implicit locking), a session read by a handler
+    stays locked until CherryPy saves it, and for a streamed response that
+    is the end of the stream: every other request of that user (a chat's
+    "post" button) would hang for as long as the stream is open, a long
+    poll included. So the session is saved with what the handler set before
+    its first item, and the sessions tool's own save is skipped: changes a
+    generator makes to it later are not saved.
+    """
+    import cherrypy
+
+    session = getattr(cherrypy.serving, "session", None)
+    request = cherrypy.serving.request
+    if session is None or hasattr(request, "_sessionsaved"):
+        return
+    request._sessionsaved = True  # the guard of cherrypy.lib.sessions.save
+    session.save()
+
+
+def keep_charset() -> None:
+    """Keep CherryPy's encode tool (``tools.encode.on``) off our bodies.
+
+    Streams and their errors are bytes already encoded as UTF-8 (SSE is
+    UTF-8 by definition). The encoder would relabel them with whatever
+    charset ``Accept-Charset`` prefers (``text/event-stream;charset=utf-16``
+    over UTF-8 bytes) or answer ``406`` when UTF-8 is refused; it only
+    touches the label, so turning its ``add_charset`` off for this request
+    is enough.
+    """
+    import cherrypy
+    from cherrypy.lib.encoding import ResponseEncoder
+
+    handler = cherrypy.serving.request.handler
+    for _ in range(16):  # a chain of wrapping tools, bounded
+        if handler is None:
+            return
+        if isinstance(handler, ResponseEncoder):
+            handler.add_charset = False
+        handler = getattr(handler, "oldhandler", None)

@@ -1,0 +1,301 @@
+"""Opening a stream, written once for every way in.
+
+The CherryPy handler and tool (:mod:`comet.cherrypy_tool`), the WSGI app
+(:mod:`comet.wsgi`) and the accept-time routes (:mod:`comet.fastpath`) are
+thin translators around :func:`open_stream`, which does, in order:
+
+1. the method: ``GET`` streams, ``HEAD`` gets the headers alone, ``OPTIONS``
+   and anything else never open a stream;
+2. admission: a place in the :class:`~comet.pool.StreamPool`
+   (``503`` + ``Retry-After`` when full or stopping), held by an
+   :class:`~comet.pool.Admission` that releases itself on any error;
+3. the handler: called, then run up to its first item, so that bad input it
+   finds (a malformed cursor, a ``Forbidden``) is still a plain-text 4xx;
+4. how to serve it: *parked* on the writer thread when the server lets comet
+   take the connection (cheroot without TLS; every handler shape, long-polls
+   included), else in *thread mode* on the request's thread;
+5. the headers, and a body the adapter hands to its server.
+
+Errors become a :class:`Refusal` (status, reason, headers) that each adapter
+writes in its own way; nothing here knows an HTTP server.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from http import HTTPStatus
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from .errors import CometError
+from .framing import content_type, new_boundary, preamble
+from .hub import Idle, Step, Subscription, cooperative
+from .options import Options
+from .pool import Admission, StreamPool
+from .stream import Stream, close_quietly
+from .writer import ParkedStream, _chunk, inner_subscription
+
+__all__ = ["open_stream", "Opened", "Refusal", "Connection", "Parking", "refusal_for", "ALLOW"]
+
+log = logging.getLogger("comet")
+
+#: The methods a stream URL answers.
+ALLOW = "GET, HEAD, OPTIONS"
+
+
+class Refusal(Exception):
+    """A stream request answered with an error instead: ``status``, a
+    plain-text ``reason`` and extra ``headers`` (``Retry-After``, ``Allow``).
+
+    >>> Refusal(405, "a stream answers GET", [("Allow", ALLOW)]).body()
+    b'a stream answers GET\\n'
+    """
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+    @property
+    def status_line(self) -> str:
+        return f"{self.status} {HTTPStatus(self.status).phrase}"
+
+    def body(self) -> bytes:
+        return b"" if self.status in (204, 304) else (self.reason + "\n").encode("utf-8")
+
+
+def refusal_for(exc: BaseException) -> Refusal | None:
+    """The answer for an error raised while a stream is being opened, or
+    ``None`` for a server bug (the adapter lets it through as a 500).
+
+    >>> from comet.errors import StreamsExhausted
+    >>> r = refusal_for(StreamsExhausted("full", retry_after=3))
+    >>> r.status, r.headers
+    (503, [('Retry-After', '3')])
+    """
+    if isinstance(exc, Refusal):
+        return exc
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(exc, CometError) and exc.http_status is not None:
+        headers = [("Retry-After", str(retry_after))] if retry_after is not None else []
+        if exc.http_status == 503 and not headers:
+            headers = [("Retry-After", "2")]
+        return Refusal(exc.http_status, str(exc), headers)
+    return None
+
+
+class Connection(Protocol):
+    """What a server adapter offers a stream about its connection
+    (``comet.internals.CherootConnection`` is cheroot's)."""
+
+    #: Can the stream take the connection over and park?
+    parkable: bool
+
+    def closed(self) -> bool:
+        """Has the client gone? (Thread mode polls this at each tick.)"""
+
+    def take(self) -> tuple[socket.socket, bool]:
+        """Send the response head now and hand over the socket:
+        ``(socket, chunked)``. The server writes nothing more on it."""
+
+
+class Opened:
+    """What an adapter sends: ``status`` 200, ``headers`` and ``body`` (an
+    iterable of bytes: a :class:`Parking` that parks when first iterated, a
+    thread-mode :class:`~comet.stream.Stream`, or a list of bytes)."""
+
+    def __init__(self, headers: list[tuple[str, str]], body: Iterable[bytes], status: int = 200) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @property
+    def status_line(self) -> str:
+        return f"{self.status} {HTTPStatus(self.status).phrase}"
+
+
+def stream_headers(options: Options, boundary: str, *, parked_longpoll: bool = False) -> list[tuple[str, str]]:
+    """Response headers: type, no caching, no proxy buffering."""
+    headers = [
+        ("Content-Type", content_type(options.transport, boundary, options.content_type)),
+        ("Cache-Control", "no-cache"),
+        # nginx reads this to turn off proxy buffering for this response.
+        ("X-Accel-Buffering", "no"),
+    ]
+    if parked_longpoll:
+        # The writer answers and then closes: say so, so clients do not try
+        # to reuse the connection.
+        headers.append(("Connection", "close"))
+    return headers
+
+
+def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, method: str = "GET",
+                resume_id: str | None = None, connection: Connection | None = None) -> Opened:
+    """Open one stream: see the module's introduction. Raises
+    :class:`Refusal`, or whatever the handler raised that is not an input
+    error (the adapter's 500).
+
+    >>> from comet import Hub
+    >>> hub, pool = Hub(), StreamPool()
+    >>> opened = open_stream(lambda: hub.subscribe("news"), Options(transport="longpoll", poll_timeout=0.1), pool)
+    >>> opened.status, b"".join(opened.body)
+    (200, b'{"events":[],"cursor":"...-0"}')
+    >>> open_stream(lambda: None, Options(), pool, method="POST")
+    Traceback (most recent call last):
+    ...
+    comet.pipeline.Refusal: 405 a stream answers GET (and HEAD, OPTIONS)
+    """
+    method = method.upper()
+    boundary = options.boundary or (new_boundary() if options.transport == "multipart" else "")
+    if method == "HEAD":
+        return Opened(stream_headers(options, boundary), [])
+    if method == "OPTIONS":
+        raise Refusal(204, "", [("Allow", ALLOW)])
+    if method != "GET":
+        raise Refusal(405, "a stream answers GET (and HEAD, OPTIONS)", [("Allow", ALLOW)])
+    park = connection is not None and connection.parkable and options.mode == "auto"
+    items: Any = None
+    try:
+        with pool.admit(options.transport) as admission:
+            items = call()
+            if park:
+                assert connection is not None
+                body: Iterable[bytes] = Parking(items, options, admission, boundary, resume_id, connection)
+                headers = stream_headers(options, boundary, parked_longpoll=options.transport == "longpoll")
+            else:
+                stream = Stream(items, options, admission, closed=connection.closed if connection else None,
+                                resume_id=resume_id, boundary=boundary)
+                stream.prime()
+                admission.thread(stream)
+                headers = stream_headers(options, boundary)
+                if options.transport == "longpoll":
+                    try:
+                        answer = stream.longpoll_body()
+                    finally:
+                        stream.close()
+                    body = [answer]
+                    headers.append(("Content-Length", str(len(answer))))
+                else:
+                    body = stream
+            admission.hand_over()
+    except Exception as exc:
+        close_quietly(items)
+        refusal = refusal_for(exc)
+        if refusal is None:
+            raise
+        raise refusal from None
+    if isinstance(items, Subscription):
+        pool.follow(items.hub)
+    return Opened(headers, body)
+
+
+class Parking:
+    """The body of a stream to park: iterated once by the server (after the
+    headers are set), it takes the connection over, hands the stream to the
+    writer thread and ends, freeing the server's thread. ``park()`` does the
+    same for a socket comet already owns (a fast route).
+
+    A generator handler is run here up to its first item, so that errors it
+    raises at once are still answered as 4xx by the adapter.
+    """
+
+    def __init__(self, items: Any, options: Options, admission: Admission, boundary: str, resume_id: str | None,
+                 connection: Connection | None) -> None:
+        self.options = options
+        self.admission = admission
+        self.boundary = boundary
+        self.resume_id = resume_id
+        self.connection = connection
+        self.transport = options.transport
+        self._sub: Subscription | None = None
+        self._gen: Any = None
+        self._first: list[Any] = []
+        self._done = False
+        self._channel: str | None = None
+        if isinstance(items, Subscription):
+            self._sub = items
+            self._channel = items.channel
+        elif hasattr(items, "__next__") and hasattr(items, "send"):  # a generator
+            self._gen = items
+        else:  # any other iterable: a list, a tuple, an iterator over them; its items need no waiting
+            self._gen = _as_generator(items)
+        admission.park(self)  # counted (and capped) from now: the handler's first step may look at stats
+        if self._gen is not None:
+            self._prime()
+
+    @property
+    def channel(self) -> str | None:
+        return self._channel
+
+    def _prime(self) -> None:
+        step = Step()
+        with cooperative(step):
+            try:
+                first = next(self._gen)
+            except StopIteration:
+                self._gen = None
+                return
+        sub = step.blocked or inner_subscription(self._gen)
+        if sub is not None:
+            self._channel = sub.channel
+        if first is not None and first.__class__ is not Idle:
+            self._first.append(first)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._done:
+            raise StopIteration
+        assert self.connection is not None
+        sock, chunked = self.connection.take()
+        self.park(sock, chunked)
+        raise StopIteration
+
+    def park(self, sock: socket.socket, chunked: bool, head: bytes = b"") -> None:
+        """Hand the stream to the writer: *head* (a response head comet
+        writes itself), the preamble, then the stream."""
+        self._done = True
+        options = self.options
+        deadline = time.monotonic() + options.max_duration if options.max_duration else None
+        longpoll = options.poll_timeout if self.transport == "longpoll" else None
+        stream = ParkedStream(sock, self.transport, self.boundary, chunked, options.heartbeat, deadline,
+                              options.max_event_bytes, self.admission, sub=self._sub, gen=self._gen,
+                              longpoll=longpoll, cursor=self.resume_id)
+        stream.initial = self._first
+        stream.hint = self._channel
+        self.admission.served_by(stream)
+        start = preamble(self.transport, options.retry)
+        if head or start:
+            stream.queue(head + ((_chunk(start) if chunked else start) if start else b""))
+        if self._sub is not None:
+            self._sub.start()
+        writer = self.admission.pool.writer()
+        if writer is None:  # stopping: end it as the writer would have
+            from .writer import _close_connection
+
+            _close_connection(stream, final=True)
+            self._release()
+            return
+        writer.park(stream)
+
+    def close(self) -> None:
+        """The server is done with the body: if it was never parked (the
+        client went away first, an error), release everything."""
+        if not self._done:
+            self._done = True
+            self._release()
+
+    def _release(self) -> None:
+        try:
+            close_quietly(self._gen if self._gen is not None else self._sub)
+        finally:
+            self.admission.release()
+
+    def stop(self) -> None:
+        """Nothing to do before it is parked; the writer ends it after."""
+
+
+def _as_generator(items: Iterable[Any]) -> Iterator[Any]:
+    yield from items

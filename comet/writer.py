@@ -1,0 +1,796 @@
+"""The writer: every parked stream of a server, on one thread.
+
+Under cheroot a stream gives its server thread back as soon as its response
+headers are out (it is *parked*): its socket moves to the :class:`Writer`,
+one thread around a selector (epoll on Linux). That holds for every handler
+shape:
+
+* a handler that **returns** a subscription: the writer reads it with
+  :meth:`~comet.hub.Subscription.take` whenever its channel moves;
+* a **generator** handler: it is run in *steps* on a small elastic pool
+  (:mod:`comet.steps`), each step going until the generator waits on a hub
+  (:func:`comet.hub.cooperative` makes that wait return at once and say which
+  subscription it was), ends, or has produced a batch. The stream then waits
+  in the writer, costing no thread, until that subscription's channel moves.
+  A generator suspended in ``yield from subscription`` is served exactly like
+  a returned subscription (its items pass through unchanged), so fan-out does
+  not even wake it; it resumes when the subscription ends. A step that blocks
+  in the handler's own code (``time.sleep``, a database call) keeps its pool
+  thread: that stream has a thread of its own for as long as it blocks,
+  and the pool starts another thread for everyone else;
+* a **long-poll** is parked the same way: the writer answers when something
+  arrives or ``poll_timeout`` passes, then closes the connection.
+
+The writer is woken once per publish per channel (:meth:`comet.Hub.watch`).
+Events are encoded, and chunk-framed, once per transport: the same bytes
+object goes to every socket at the same cursor. Each socket has a bounded
+output buffer: a consumer whose backlog passes ``max_buffer`` bytes is
+disconnected rather than allowed to grow memory (it reconnects with its last
+id and resumes, with a gap event if it fell out of the replay buffer);
+a generator producing faster than its client reads is paused instead.
+Heartbeats, ``max_duration`` and long-poll timeouts come from a timer heap;
+a client that went away is noticed when its socket turns readable with EOF.
+:meth:`Writer.stop` ends every stream at once (terminating chunk, close) and
+runs every generator's ``finally``.
+"""
+from __future__ import annotations
+
+import collections
+import heapq
+import logging
+import selectors
+import socket
+import threading
+import time
+from typing import Any, Callable, Generator, Iterator
+
+from .framing import Event, encode_item, encode_longpoll, heartbeat, longpoll_item
+from .hub import Idle, Step, Subscription, cooperative
+from .pool import Admission, StreamPool
+from .steps import StepPool
+
+__all__ = ["Writer", "ParkedStream", "LONGPOLL_MAX_BATCH"]
+
+log = logging.getLogger("comet")
+
+#: At most this many items go into one long-poll answer.
+LONGPOLL_MAX_BATCH = 1000
+#: Items one step may produce before it yields its pool thread to others.
+STEP_BUDGET = 64
+#: A generator's unsent output above which its steps pause (bytes, items).
+STEP_HIGH_WATER = 256 * 1024
+STEP_HIGH_ITEMS = 1024
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+class ParkedStream:
+    """One parked response: its socket, what feeds it, and its output buffer.
+
+    Fed by ``sub`` (a returned subscription), or by ``gen`` (a generator run
+    in steps; ``sub`` is then the subscription it waits on, and ``direct``
+    says the generator is suspended in ``yield from sub``, so the writer
+    may read ``sub`` in its place).
+    """
+
+    __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
+                 "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
+                 "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "hint", "shut",
+                 "__weakref__")
+
+    def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
+                 deadline: float | None, max_bytes: int, admission: Admission, *, sub: Subscription | None = None,
+                 gen: Generator[Any, None, Any] | None = None, longpoll: float | None = None,
+                 cursor: str | None = None) -> None:
+        self.sock = sock
+        self.sub = sub
+        self.gen = gen
+        self.transport = transport
+        self.boundary = boundary
+        self.chunked = chunked
+        self.heartbeat = heartbeat_every
+        self.beat = heartbeat(transport)
+        self.deadline = deadline
+        self.max_bytes = max_bytes
+        self.admission = admission
+        self.out: collections.deque[bytes | memoryview] = collections.deque()
+        self.out_size = 0
+        self.last_write = time.monotonic()
+        self.writing = False
+        self.done = False
+        self.key: tuple[int, str] | None = None
+        self.direct = gen is None and sub is not None
+        self.stepping = False
+        self.step: Step | None = None
+        self.inbox_items = 0  # produced by a step, not yet taken by the writer (under the writer's lock)
+        self.drained = threading.Event()
+        #: Long-poll: when to answer at the latest (None: a streaming transport).
+        self.longpoll = None if longpoll is None else time.monotonic() + longpoll
+        self.entries: list[str] = []
+        self.cursor = cursor
+        self.closing = False  # the last bytes are queued: close once they are out
+        self.due = 0.0
+        self.initial: list[Any] = []  # items a generator produced before it was parked
+        self.hint: str | None = None  # its channel, seen before its first step
+        self.shut = False  # the socket is closed (under _SHUT)
+
+    @property
+    def channel(self) -> str | None:
+        """The channel this stream follows, as far as can be told (stats)."""
+        if self.sub is not None:
+            return self.sub.channel
+        return self.hint
+
+    def queue(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_size += len(data)
+
+    def next_due(self) -> float:
+        """When the timer heap should look at this stream again."""
+        due = self.last_write + self.heartbeat if self.beat and self.longpoll is None else float("inf")
+        if self.deadline is not None:
+            due = min(due, self.deadline)
+        if self.longpoll is not None:
+            due = min(due, self.longpoll)
+        return due
+
+    def stop(self) -> None:
+        """Nothing to do: :meth:`Writer.stop` ends every parked stream."""
+
+
+class Writer:
+    """The writer thread for the parked streams of one :class:`StreamPool`."""
+
+    def __init__(self, pool: StreamPool, max_buffer: int = 1 << 20) -> None:
+        self.pool = pool
+        self.max_buffer = max_buffer
+        self.steps = StepPool()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._adds: list[ParkedStream] = []
+        self._dirty: set[tuple[int, str]] = set()
+        self._inbox: list[tuple[ParkedStream, str, Any]] = []
+        self._woken = False
+        self._groups: dict[tuple[int, str], set[ParkedStream]] = {}
+        self._unwatch: dict[tuple[int, str], Callable[[], None]] = {}
+        self._streams: set[ParkedStream] = set()
+        self._timers: list[tuple[float, int, ParkedStream]] = []
+        self._serial = 0
+        self._stopping = False
+        self._exited = False
+        self._thread = threading.Thread(target=self._run, name="comet-writer", daemon=True)
+        self._thread.start()
+
+    # -- from other threads ---------------------------------------------------
+
+    def park(self, stream: ParkedStream) -> None:
+        """Hand a stream over (from the thread that opened it). A writer that
+        has already exited ends the stream at once instead."""
+        with self._lock:
+            if not self._exited:
+                self._adds.append(stream)
+                self._wake()
+                return
+        self._abandon(stream)
+
+    def _post(self, stream: ParkedStream, kind: str, value: Any = None) -> None:
+        # From step threads: an item produced, or how a step ended.
+        with self._lock:
+            exited = self._exited
+            if not exited:
+                if kind == "item":
+                    stream.inbox_items += 1
+                self._inbox.append((stream, kind, value))
+                self._wake()
+        if exited and kind != "item":
+            self._abandon(stream)
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # already full of wake-ups, or closing
+
+    def _mark(self, key: tuple[int, str]) -> None:
+        # Called by publishing threads: record the channel, wake the writer.
+        with self._lock:
+            self._dirty.add(key)
+            self._wake()
+
+    @property
+    def parked(self) -> int:
+        return len(self._streams) + len(self._adds)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End every parked stream and the thread; run generators' cleanup."""
+        self._stopping = True
+        with self._lock:
+            self._woken = False
+            self._wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self.steps.stop()
+
+    # -- the writer thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                timeout = None
+                if self._timers:
+                    timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                for key, mask in self._selector.select(timeout if timeout is None or timeout < 1.0 else 1.0):
+                    stream = key.data
+                    if stream is None:
+                        self._drain_wake()
+                        continue
+                    if mask & selectors.EVENT_READ and not stream.done:
+                        self._readable(stream)
+                    if mask & selectors.EVENT_WRITE and not stream.done:
+                        self._flush(stream)
+                self._take_adds()
+                self._take_inbox()
+                self._dispatch()
+                self._timers_due(time.monotonic())
+        except Exception:
+            log.exception("comet: parked-stream writer crashed; ending its streams")
+        finally:
+            with self._lock:
+                self._exited = True  # later park() calls end their stream themselves
+                adds, self._adds = self._adds, []
+                inbox, self._inbox = self._inbox, []
+            for stream in list(self._streams) + adds + [entry[0] for entry in inbox]:
+                self._end(stream, final=True)
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        # Cleared after draining (a byte sent meanwhile must not be swallowed
+        # with the flag still set) and under the lock the senders take, before
+        # reading what they queued.
+        with self._lock:
+            self._woken = False
+
+    def _take_adds(self) -> None:
+        with self._lock:
+            adds, self._adds = self._adds, []
+        for stream in adds:
+            try:
+                stream.sock.setblocking(False)
+                self._selector.register(stream.sock, selectors.EVENT_READ, stream)
+            except (OSError, ValueError):
+                self._end(stream)
+                continue
+            self._streams.add(stream)
+            self._schedule(stream)
+            initial, stream.initial = stream.initial, []
+            self._emit(stream, initial)
+            if stream.gen is not None:
+                self._submit_step(stream)
+            else:
+                assert stream.sub is not None
+                self._join(stream, stream.sub)
+                self._feed(stream)  # initial items, a gap, or what was published meanwhile
+            if stream.out and not stream.writing and not stream.done:
+                self._flush(stream)  # the head and preamble
+
+    def _join(self, stream: ParkedStream, sub: Subscription) -> None:
+        """Wait on *sub*'s channel: the writer hears of every publish to it."""
+        key = (id(sub.hub), sub.channel)
+        if stream.key == key:
+            return
+        self._leave(stream)
+        stream.key = key
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = set()
+            self._unwatch[key] = sub.hub.watch(sub.channel, lambda: self._mark(key))
+        group.add(stream)
+
+    def _leave(self, stream: ParkedStream) -> None:
+        key, stream.key = stream.key, None
+        if key is None:
+            return
+        group = self._groups.get(key)
+        if group is not None:
+            group.discard(stream)
+            if not group:
+                del self._groups[key]
+                unwatch = self._unwatch.pop(key, None)
+                if unwatch is not None:
+                    unwatch()
+
+    def _dispatch(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        for key in dirty:
+            self._fan_out(list(self._groups.get(key, ())))
+
+    def _fan_out(self, streams: list[ParkedStream]) -> None:
+        """Write what is new to every stream waiting on one channel.
+
+        The hot path of a broadcast. Streams read directly, at the same
+        cursor, with no view, nothing queued and chunked SSE/NDJSON framing
+        receive the very same bytes: one take(), one join, then one send()
+        each. Everything else goes through _feed, or (a generator that
+        transforms events) gets a step.
+        """
+        shared: dict[tuple[int, str], tuple[int, bytes, int, str]] = {}
+        now = time.monotonic()
+        items = sent_bytes = 0
+        for stream in streams:
+            if stream.done or stream.stepping:
+                continue
+            sub = stream.sub
+            assert sub is not None
+            if not stream.direct:
+                self._submit_step(stream)
+                continue
+            if (sub.view is not None or stream.out or sub._pending or not stream.chunked or sub.ended
+                    or stream.transport == "multipart" or stream.longpoll is not None):
+                self._feed(stream)
+                continue
+            key = (sub.cursor, stream.transport)
+            hit = shared.get(key)
+            if hit is None:
+                taken = sub.take()
+                try:
+                    data = b"".join([self._wire(stream, item) for item in taken])
+                except (ValueError, TypeError) as exc:
+                    log.error("comet: ending parked %s stream, cannot encode: %s", stream.transport, exc)
+                    self._finish(stream)
+                    continue
+                hit = shared[key] = (sub.cursor, data, len(taken), sub.last_id)
+            else:
+                sub._jump(hit[0], hit[3])
+            data = hit[1]
+            if not data:
+                continue
+            items += hit[2]
+            try:
+                sent = stream.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.pool.counters.add("disconnects")
+                self._end(stream)
+                continue
+            sent_bytes += sent
+            stream.last_write = now
+            if sent < len(data):
+                stream.out.append(memoryview(data)[sent:])
+                stream.out_size += len(data) - sent
+                self._flush(stream)  # registers for writability, enforces the cap
+        self.pool.counters.add("items", items)
+        self.pool.counters.add("bytes", sent_bytes)
+
+    def _feed(self, stream: ParkedStream) -> None:
+        """Write what the subscription read in place of its stream has."""
+        sub = stream.sub
+        assert sub is not None
+        if sub.ended:
+            if stream.gen is not None:
+                self._submit_step(stream)  # the generator goes on after its ``yield from``
+            else:
+                self._finish(stream)
+            return
+        try:
+            items = sub.take()
+        except Exception:
+            log.exception("comet: a parked subscription's view failed; ending the stream")
+            self._end(stream)
+            return
+        self._emit(stream, items)
+        if stream.longpoll is not None:
+            if not stream.entries:
+                stream.cursor = sub.last_id  # where the hub stands, even with nothing new
+            elif not stream.done:
+                self._answer(stream)
+
+    def _emit(self, stream: ParkedStream, items: list[Any]) -> None:
+        if not items or stream.done or stream.closing:
+            return
+        if stream.longpoll is not None:
+            for item in items:
+                if len(stream.entries) >= LONGPOLL_MAX_BATCH:
+                    break
+                try:
+                    stream.entries.append(longpoll_item(item))
+                except (ValueError, TypeError) as exc:
+                    log.error("comet: ending long-poll, cannot encode %r: %s", type(item).__name__, exc)
+                    self._end(stream)
+                    return
+                if isinstance(item, Event) and item.id is not None:
+                    stream.cursor = item.id
+            self.pool.counters.add("items", len(items))
+            return
+        for item in items:
+            try:
+                stream.queue(self._wire(stream, item))
+            except (ValueError, TypeError) as exc:
+                log.error("comet: ending parked %s stream, cannot encode %r: %s", stream.transport, type(item).__name__, exc)
+                self._finish(stream)  # headers are out: end cleanly rather than write something malformed
+                return
+        self.pool.counters.add("items", len(items))
+        self._flush(stream)
+
+    def _wire(self, stream: ParkedStream, item: Any) -> bytes:
+        # Shared events are encoded and chunk-framed once per transport; the
+        # same bytes object is written to every socket.
+        if isinstance(item, Event) and stream.transport != "multipart" and stream.chunked:
+            key = stream.transport + "+chunk"
+            wire = item._wire.get(key)
+            if wire is None:
+                wire = item._wire[key] = _chunk(encode_item(item, stream.transport, "", stream.max_bytes))
+            return wire
+        payload = encode_item(item, stream.transport, stream.boundary, stream.max_bytes)
+        return _chunk(payload) if stream.chunked else payload
+
+    def _flush(self, stream: ParkedStream) -> None:
+        out = stream.out
+        sock = stream.sock
+        try:
+            while out:
+                data = out[0]
+                sent = sock.send(data)
+                self.pool.counters.add("bytes", sent)
+                stream.out_size -= sent
+                if sent < len(data):
+                    out[0] = memoryview(data)[sent:]
+                    break
+                out.popleft()
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.pool.counters.add("disconnects")
+            self._end(stream)
+            return
+        stream.last_write = time.monotonic()
+        if out:
+            if stream.out_size > self.max_buffer:
+                log.info("comet: disconnecting a slow consumer (%d bytes unsent)", stream.out_size)
+                self.pool.counters.add("slow_consumers")
+                self._end(stream)
+                return
+            if not stream.writing:
+                stream.writing = True
+                self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, stream)
+        else:
+            if stream.writing:
+                stream.writing = False
+                self._selector.modify(sock, selectors.EVENT_READ, stream)
+            if stream.closing:
+                self._close_socket(stream)
+                return
+        if stream.gen is not None and stream.out_size <= STEP_HIGH_WATER:
+            stream.drained.set()
+
+    def _readable(self, stream: ParkedStream) -> None:
+        try:
+            data = stream.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # EOF: the client went away
+            self.pool.counters.add("disconnects")
+            self._end(stream)
+        # Anything else is a pipelined request we will never answer; ignore it.
+
+    # -- timers -----------------------------------------------------------------
+
+    def _schedule(self, stream: ParkedStream) -> None:
+        stream.due = stream.next_due()
+        if stream.due != float("inf"):
+            self._serial += 1
+            heapq.heappush(self._timers, (stream.due, self._serial, stream))
+
+    def _timers_due(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, stream = heapq.heappop(timers)
+            if stream.done or stream.closing:
+                continue
+            if (stream.deadline is not None and now >= stream.deadline) or (
+                    stream.longpoll is not None and now >= stream.longpoll):
+                if stream.longpoll is not None:
+                    self._answer(stream)
+                else:
+                    self._finish(stream)
+                continue
+            if stream.beat and stream.longpoll is None and now - stream.last_write >= stream.heartbeat and not stream.out:
+                stream.queue(_chunk(stream.beat) if stream.chunked else stream.beat)
+                self.pool.counters.add("heartbeats")
+                self._flush(stream)
+                if stream.done:
+                    continue
+            self._schedule(stream)
+
+    # -- generator steps --------------------------------------------------------
+
+    def _submit_step(self, stream: ParkedStream) -> None:
+        if stream.stepping or stream.done:
+            return
+        stream.stepping = True
+        stream.step = Step()
+        self.steps.submit(lambda: self._step(stream))
+
+    def _step(self, stream: ParkedStream) -> None:
+        """Run *stream*'s generator until it waits on a hub (on a pool thread)."""
+        gen, step = stream.gen, stream.step
+        assert gen is not None and step is not None
+        produced = 0
+        outcome, value = "again", None
+        with cooperative(step):
+            while True:
+                if step.cancelled:
+                    outcome = "cancelled"
+                    break
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    outcome = "finished"
+                    break
+                except Exception:
+                    log.exception("comet: a stream handler failed; ending its stream")
+                    outcome = "failed"
+                    break
+                if item is None or item.__class__ is Idle:
+                    if item is not None and stream.longpoll is not None:
+                        self._post(stream, "cursor", item.last_id)
+                    if step.blocked is not None:
+                        outcome, value = "waiting", step.blocked
+                        break
+                    continue  # the handler's own "nothing yet": it keeps this thread meanwhile
+                self._post(stream, "item", item)
+                produced += 1
+                if produced >= STEP_BUDGET:
+                    break  # let others have the thread; the writer steps us again
+                while not step.cancelled and (stream.out_size > STEP_HIGH_WATER or stream.inbox_items > STEP_HIGH_ITEMS):
+                    stream.drained.clear()  # the writer sets it as the backlog drains
+                    stream.drained.wait(0.25)
+        if outcome == "waiting":
+            direct = _delegates_to(gen, value)
+            self._post(stream, "waiting", (value, direct))
+        elif outcome == "again":
+            self._post(stream, "again")
+        else:
+            if outcome == "cancelled":
+                _close_generator(gen)
+            self._post(stream, outcome)
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            for stream, kind, _ in inbox:
+                if kind == "item":
+                    stream.inbox_items -= 1
+        for stream, kind, value in inbox:
+            if kind == "item":
+                if not stream.done:
+                    self._emit(stream, [value])
+                    if stream.longpoll is not None and len(stream.entries) >= LONGPOLL_MAX_BATCH:
+                        self._answer(stream)
+                continue
+            if kind == "cursor":
+                if stream.longpoll is not None and not stream.entries:
+                    stream.cursor = value
+                continue
+            stream.stepping = False
+            if kind == "waiting":
+                sub, direct = value
+                stream.sub, stream.direct = sub, direct
+                if stream.done or stream.closing:
+                    self._release_generator(stream)
+                    continue
+                self._join(stream, sub)
+                if stream.longpoll is not None and stream.entries:
+                    self._answer(stream)
+                elif sub.ended or sub._ch.seq != sub.cursor:  # moved since the step looked
+                    if direct:
+                        self._feed(stream)
+                    else:
+                        self._submit_step(stream)
+            elif kind == "again":
+                if stream.done or stream.closing:
+                    self._release_generator(stream)
+                else:
+                    self._submit_step(stream)
+            elif kind in ("finished", "failed"):
+                stream.gen = None
+                if stream.done:
+                    self._release(stream)
+                elif stream.longpoll is not None:
+                    self._answer(stream)
+                elif kind == "finished":
+                    self._finish(stream)
+                else:
+                    self._end(stream)
+            else:  # cancelled: the step closed the generator
+                stream.gen = None
+                self._release(stream)
+
+    # -- ending -------------------------------------------------------------------
+
+    def _answer(self, stream: ParkedStream) -> None:
+        """A long-poll's one answer: everything gathered, and the cursor."""
+        _queue_answer(stream)
+        self._finish(stream)
+
+    def _finish(self, stream: ParkedStream, final: bool = True) -> None:
+        """End the response properly: what is queued, the terminating chunk,
+        then close once it is all out."""
+        if stream.done:
+            return
+        if not stream.closing:  # (a long-poll's answer is queued already)
+            if final and stream.chunked and stream.transport != "longpoll":
+                stream.queue(b"0\r\n\r\n")  # the client may reconnect at once
+            stream.closing = True
+        self._flush(stream)
+        if not stream.done and stream.out:
+            self._stop_feeding(stream)  # nothing more goes in; the socket drains, then closes
+
+    def _close_socket(self, stream: ParkedStream) -> None:
+        self._end(stream)
+
+    def _stop_feeding(self, stream: ParkedStream) -> None:
+        self._leave(stream)
+        if stream.gen is not None and not stream.stepping:
+            self._release_generator(stream)
+
+    def _end(self, stream: ParkedStream, final: bool = False) -> None:
+        """Close the socket and let go of what feeds the stream."""
+        if stream.done:
+            return
+        stream.done = True
+        self._streams.discard(stream)
+        self._leave(stream)
+        try:
+            self._selector.unregister(stream.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        _close_connection(stream, final)
+        if stream.gen is not None:
+            if stream.stepping:
+                assert stream.step is not None
+                stream.step.cancelled = True  # the step closes the generator itself
+                _wake_blocked(stream)
+            else:
+                self._release_generator(stream)
+        else:
+            self._release(stream)
+
+    def _release_generator(self, stream: ParkedStream) -> None:
+        """Close the generator (its ``finally`` runs) on a pool thread, never
+        here: it is the handler's own code."""
+        gen, stream.gen = stream.gen, None
+        if gen is None:
+            return
+        stream.stepping = True
+
+        def close() -> None:
+            _close_generator(gen)
+            stream.admission.release()
+
+        self.steps.submit(close)
+
+    def _release(self, stream: ParkedStream) -> None:
+        if not stream.done:
+            return
+        try:
+            if stream.sub is not None and stream.gen is None:
+                stream.sub.close()  # runs the handler's on_close callbacks (presence, cleanup)
+        except Exception:
+            log.exception("comet: closing a parked subscription failed")
+        finally:
+            stream.admission.release()
+
+    def _abandon(self, stream: ParkedStream) -> None:
+        """End a stream after the writer has exited: from a step that ended
+        then, or a park() that came too late."""
+        stream.done = True
+        _close_connection(stream, final=True)
+        gen, stream.gen = stream.gen, None
+        if gen is not None:
+            _close_generator(gen)
+        elif stream.sub is not None:
+            stream.sub.close()
+        stream.admission.release()
+
+
+_SHUT = threading.Lock()
+
+
+def _queue_answer(stream: ParkedStream) -> None:
+    body = encode_longpoll(stream.entries, stream.cursor)
+    stream.longpoll = None
+    stream.queue(_chunk(body) + b"0\r\n\r\n" if stream.chunked else body)
+    stream.closing = True
+
+
+def _close_connection(stream: ParkedStream, final: bool) -> None:
+    """Close a parked stream's socket: with ``final``, first end the response
+    properly (a long-poll's answer, the terminating chunk) and send what is
+    queued, as far as the socket takes it without blocking."""
+    with _SHUT:  # at shutdown a step thread and the writer may both get here
+        if stream.shut:
+            return
+        stream.shut = True
+    sock = stream.sock
+    if final and not stream.closing:
+        if stream.longpoll is not None:
+            _queue_answer(stream)
+        elif stream.chunked:
+            stream.queue(b"0\r\n\r\n")  # the client may reconnect at once
+        stream.closing = True
+    try:
+        if final:
+            sock.setblocking(False)
+            while stream.out:
+                data = stream.out[0]
+                sent = sock.send(data)
+                if sent < len(data):
+                    break
+                stream.out.popleft()
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+    stream.out.clear()
+    stream.out_size = 0
+    stream.drained.set()
+
+
+def _delegates_to(gen: Generator[Any, None, Any], sub: Subscription) -> bool:
+    """Is *gen* suspended in ``yield from sub`` (through any depth of
+    ``yield from`` generators)? Then *sub*'s items are exactly what *gen*
+    would yield, and the writer may read *sub* in its place."""
+    return inner_subscription(gen) is sub
+
+
+def inner_subscription(gen: Any) -> Subscription | None:
+    """The subscription a suspended generator delegates to with ``yield
+    from`` (through any depth of generators), if any."""
+    inner: Any = gen
+    for _ in range(32):
+        inner = getattr(inner, "gi_yieldfrom", None)
+        if isinstance(inner, Subscription):
+            return inner
+        if inner is None or not hasattr(inner, "gi_yieldfrom"):
+            return None
+    return None
+
+
+def _close_generator(gen: Iterator[Any]) -> None:
+    try:
+        close = getattr(gen, "close", None)
+        if close is not None:
+            close()
+    except Exception:  # a handler's finally failing must not leak its place
+        log.exception("comet: error while closing a stream handler")
+
+
+def _wake_blocked(stream: ParkedStream) -> None:
+    """A step blocked in a subscription's wait notices it was cancelled
+    within that subscription's idle tick; wake it now instead."""
+    step = stream.step
+    sub = step.blocked if step is not None else None
+    if sub is not None:
+        sub.hub._wake(sub._ch)

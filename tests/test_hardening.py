@@ -1,0 +1,212 @@
+"""The accept path under hostile or careless clients: stray parameters,
+methods that must not open a stream, request heads that never finish
+(slowloris), and comet's own failures at accept time."""
+import socket
+import threading
+import time
+
+import cherrypy
+import pytest
+
+from comet import Hub, comet
+from comet.cherrypy_tool import engine_plugin
+from comet.testing import StreamClient, http_get, wait_until
+
+from conftest import RawStream
+
+
+class Root:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    @cherrypy.expose
+    def index(self):
+        return "plain page"
+
+    @cherrypy.expose
+    @comet(transport="sse")
+    def events(self, last_event_id=None, room="lobby"):
+        yield "hello"
+        yield from self.hub.subscribe(room, last_id=last_event_id)
+
+    @cherrypy.expose
+    @comet(transport="chunked")
+    def anything(self, **params):
+        yield {"params": sorted(params)}
+        yield from self.hub.subscribe("lobby")
+
+
+def port_of(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send *request* with ``Connection: close``; everything until the
+    server closes, within *timeout* in all."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            more = sock.recv(65536)
+            if not more:
+                return data
+            data += more
+
+
+@pytest.fixture
+def server(comet_cherrypy, hub):
+    engine_plugin().route("/fast/events", hub, "lobby")
+    # A listen backlog big enough for the flood (CherryPy's default is 5:
+    # connects beyond it wait for the kernel's SYN retries, whatever comet does).
+    return comet_cherrypy(Root(hub), thread_pool=4, global_config={"server.socket_queue_size": 4096})
+
+
+# -- stray parameters and methods ---------------------------------------------------
+
+
+@pytest.mark.parametrize("query", ["foo=1", "_=1700000000000", "room=a&extra=b"])
+def test_stray_query_parameters_get_a_400_with_the_reason(server, hub, query):
+    status, headers, body = http_get(f"{server.url}/events?{query}")
+    assert status == 400 and headers["content-type"].startswith("text/plain"), body
+    assert b"unexpected parameter" in body and b"this stream takes: last_event_id, room" in body
+    assert b"Traceback" not in body
+    wait_until(lambda: engine_plugin().pool.open_streams == 0 and hub.subscriptions == 0, what="nothing held")
+
+
+def test_a_handler_taking_kwargs_gets_every_parameter(server):
+    with RawStream(server.url + "/anything?_=1&x=2") as raw:
+        assert raw.status == 200
+        assert raw.chunk() == b"\n"  # preamble
+        assert raw.chunk() == b'{"params":["_","last_event_id","x"]}\n'  # (the resume cursor: None here)
+
+
+@pytest.mark.parametrize("path", ["/events", "/fast/events"])
+def test_head_answers_headers_only_and_opens_nothing(server, hub, path):
+    opened_before = engine_plugin().pool.counters["opened"]
+    data = exchange(port_of(server), f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Type: text/event-stream" in head, data
+    assert body == b""
+    assert engine_plugin().pool.counters["opened"] == opened_before and hub.subscriptions == 0
+
+
+@pytest.mark.parametrize("path", ["/events", "/fast/events"])
+@pytest.mark.parametrize("request_line,status", [
+    ("OPTIONS {path} HTTP/1.1", b"204"),
+    ("POST {path} HTTP/1.1", b"405"),
+    ("DELETE {path} HTTP/1.1", b"405"),
+])
+def test_options_and_post_never_open_a_stream(server, hub, path, request_line, status):
+    opened_before = engine_plugin().pool.counters["opened"]
+    body = b"text=hi"
+    data = exchange(port_of(server), (request_line.format(path=path) + "\r\nHost: x\r\nConnection: close\r\n"
+                                      "Content-Type: application/x-www-form-urlencoded\r\n"
+                                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    assert data.startswith(b"HTTP/1.1 " + status), data
+    assert b"Allow: GET, HEAD, OPTIONS" in data and b"Traceback" not in data
+    assert engine_plugin().pool.counters["opened"] == opened_before and hub.subscriptions == 0
+
+
+# -- request heads that never finish --------------------------------------------------
+
+
+def _stall(port: int, n: int, prefix: bytes) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(prefix)
+        socks.append(sock)
+    return socks
+
+
+def _page_times(url: str, n: int = 5) -> list[float]:
+    times = []
+    for _ in range(n):
+        started = time.monotonic()
+        status, _, body = http_get(url, timeout=5)
+        assert status == 200 and body == b"plain page"
+        times.append(time.monotonic() - started)
+    return times
+
+
+@pytest.mark.parametrize("count,prefix", [(500, b"GE"), (500, b"GET /fast/events HT"), (5000, b"GET / HTTP/1.1\r\nHo")])
+def test_stalled_request_heads_hold_no_worker_and_burn_no_cpu(server, count, prefix):
+    port = port_of(server)
+    workers = cherrypy.server.httpserver.requests
+    socks = _stall(port, count, prefix)
+    try:
+        hook = cherrypy.server.httpserver._comet_accept
+        wait_until(lambda: hook._waiter is not None and len(hook._waiter._conns) >= count, timeout=20,
+                   what=f"{count} stalled heads waiting")
+        assert workers.idle == 4  # none of them on a worker thread
+        cpu, wall = time.process_time(), time.monotonic()
+        times = _page_times(server.url + "/")
+        time.sleep(max(0.0, 2.0 - (time.monotonic() - wall)))  # a measuring window, not a wait for an event
+        used = (time.process_time() - cpu) / (time.monotonic() - wall)
+        assert max(times) < 1.0, times
+        assert used < 0.10, f"{used:.0%} of a core with {count} stalled heads"
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: len(hook._waiter._conns) == 0, timeout=10, what="stalled heads gone with their clients")
+
+
+def test_a_head_that_never_completes_gets_408_after_the_server_timeout(comet_cherrypy, hub):
+    server = comet_cherrypy(Root(hub), thread_pool=2, global_config={"server.socket_timeout": 1})
+    started = time.monotonic()
+    data = exchange(port_of(server), b"GET / HTTP/1.1\r\nHost", timeout=10)
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout") and b"took too long" in data, data
+    assert 0.9 < time.monotonic() - started < 5
+
+
+def test_a_head_completed_later_is_served(server, hub):
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        sock.sendall(b"GET / HTT")
+        hook = cherrypy.server.httpserver._comet_accept
+        wait_until(lambda: hook._waiter is not None and len(hook._waiter._conns) == 1, what="waiting")
+        sock.sendall(b"P/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        deadline = time.monotonic() + 5
+        while not data.endswith(b"plain page") and time.monotonic() < deadline:
+            more = sock.recv(4096)
+            if not more:
+                break
+            data += more
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"plain page"), data
+
+
+# -- comet failing at accept time -----------------------------------------------------
+
+
+def test_a_failure_in_the_accept_hook_hands_the_connection_to_cheroot(server, hub, monkeypatch):
+    """As if a cheroot internal comet peeks at were renamed: pages and
+    streams still work, through cheroot's own path."""
+    import comet.internals
+
+    def broken(sock):
+        raise AttributeError("'HTTPConnection' object has no attribute 'renamed'")
+
+    monkeypatch.setattr(comet.internals, "_peek", broken)
+    routed_before = engine_plugin().pool.counters["routed_wsgi"]
+    assert _page_times(server.url + "/", 3)
+    with StreamClient(server.url + "/fast/events") as client:
+        wait_until(lambda: hub.subscriptions == 1, what="subscribed")
+        hub.publish("lobby", "through the middleware")
+        assert client.wait_for(1)[0].data == "through the middleware"
+    assert engine_plugin().pool.counters["routed_wsgi"] == routed_before + 1
+
+
+def test_a_failure_in_a_fast_route_before_reading_hands_the_connection_back(server, hub, monkeypatch):
+    from comet.fastpath import FastRoutes
+
+    calls = []
+
+    def broken(self, head):
+        calls.append(head)
+        raise KeyError("a bug in comet")
+
+    monkeypatch.setattr(FastRoutes, "_parse", broken)
+    assert _page_times(server.url + "/", 2)
+    assert calls  # the hook ran, failed, and cheroot served the page anyway
