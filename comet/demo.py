@@ -12,6 +12,7 @@ import cherrypy
 
 from comet import Hub, comet
 from comet.cherrypy_tool import engine_plugin
+from comet.hub import Subscription
 
 PAGE = """<!doctype html>
 <meta charset="utf-8"><title>comet demo</title>
@@ -46,7 +47,7 @@ class Demo:
 
     @cherrypy.expose
     @comet(transport="sse")
-    def events(self, last_event_id=None):
+    def events(self, last_event_id: str | None = None) -> Subscription:
         return self.hub.subscribe("demo", last_id=last_event_id)
 
     @cherrypy.expose

@@ -96,7 +96,9 @@ class Event:
     name: str | None = None
     channel: str | None = None
     retry: int | None = None
-    _wire: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+    # Encodings shared by every stream: "text" and "json" hold str, each
+    # transport (and comet.parked's "<transport>+chunk") its bytes.
+    _wire: dict[str, str | bytes] = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def __post_init__(self) -> None:
         _check_field("event id", self.id)
@@ -123,7 +125,7 @@ class Event:
     def text(self) -> str:
         """The data as text: strings as they are, anything else as JSON."""
         cached = self._wire.get("text")
-        if cached is None:
+        if not isinstance(cached, str):  # not cached yet
             cached = self.data if isinstance(self.data, str) else to_json(self.data)
             self._wire["text"] = cached
         return cached
@@ -139,7 +141,7 @@ class Event:
             # keep one copy per stream. The JSON body inside is cached.
             return _multipart(self, boundary)
         wire = self._wire.get(transport)
-        if wire is None:
+        if not isinstance(wire, bytes):  # not cached yet
             wire = self._wire[transport] = _ENCODERS[transport](self, boundary)
         return wire
 
@@ -166,7 +168,7 @@ def _json_line(event: Event, _boundary: str) -> bytes:
 
 def _event_json(event: Event) -> str:
     cached = event._wire.get("json")
-    if cached is None:
+    if not isinstance(cached, str):  # not cached yet
         # For non-str data, text() already is the JSON; reuse it so a dict
         # payload is serialised once per event, whatever the transports.
         data_json = to_json(event.data) if isinstance(event.data, str) else event.text()

@@ -48,7 +48,7 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def _terminate(process: subprocess.Popen | None, timeout: float) -> int | None:
+def _terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
     """SIGTERM, wait up to *timeout*, then SIGKILL; the exit code."""
     if process is None:
         return None
@@ -67,7 +67,8 @@ def free_port() -> int:
     number up front, such as redis-server or nginx)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]  # (host, port) for AF_INET
+        return port
 
 
 class RedisServer:
@@ -96,7 +97,7 @@ class RedisServer:
         self.args = tuple(args)
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="comet-redis-")
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -166,7 +167,7 @@ class NginxServer:
     by a free one; every directive is kept.
     """
 
-    def __init__(self, site: str | os.PathLike, ports: Sequence[int], *, binary: str = "nginx",
+    def __init__(self, site: str | os.PathLike[str], ports: Sequence[int], *, binary: str = "nginx",
                  worker_connections: int = 4096) -> None:
         path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
         if path is None:
@@ -189,19 +190,22 @@ class NginxServer:
             f"pid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log warn;\n"
             f"events {{ worker_connections {worker_connections}; }}\n"
             f"http {{\n    access_log off;\n{temp}    include {self.dir}/site.conf;\n}}\n")
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> "NginxServer":
-        self.process = subprocess.Popen([self.binary, "-p", self.dir, "-c", f"{self.dir}/nginx.conf", "-g", "daemon off;"],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = self.process = subprocess.Popen(
+            [self.binary, "-p", self.dir, "-c", f"{self.dir}/nginx.conf", "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stderr = process.stderr
+        assert stderr is not None  # stderr=PIPE
 
         def up() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.process.returncode}: {self.process.stderr.read().decode()[-2000:]}")
+            if process.poll() is not None:
+                raise RuntimeError(f"nginx exited with {process.returncode}: {stderr.read().decode()[-2000:]}")
             return _port_open(self.port)
 
         _wait(up, timeout, f"nginx on port {self.port}")
@@ -210,7 +214,8 @@ class NginxServer:
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None:
             _terminate(self.process, timeout)
-            self.process.stderr.close()
+            if self.process.stderr is not None:  # always: start() asks for a pipe
+                self.process.stderr.close()
             self.process = None
 
     def close(self) -> None:
@@ -235,8 +240,8 @@ class AppProcess:
     Its output goes to a log file (``log()`` reads it), not to a pipe that
     could fill up and stall it."""
 
-    def __init__(self, args: Sequence[str], *, port: int | None = None, env: dict | None = None,
-                 cwd: str | os.PathLike | None = None, ready: str | None = "ENGINE Bus STARTED") -> None:
+    def __init__(self, args: Sequence[str], *, port: int | None = None, env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike[str] | None = None, ready: str | None = "ENGINE Bus STARTED") -> None:
         self.port = port or free_port()
         if any("{port}" in a for a in args):
             self.args = [sys.executable, *(a.replace("{port}", str(self.port)) for a in args)]
@@ -246,7 +251,7 @@ class AppProcess:
         self.cwd = cwd
         self.ready = ready
         self.logfile = tempfile.NamedTemporaryFile(prefix="comet-app-", suffix=".log", delete=False)
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -254,12 +259,12 @@ class AppProcess:
 
     def start(self, timeout: float = 20.0) -> "AppProcess":
         seen = len(self.log())  # a restart must find "ready" anew
-        self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.logfile, stderr=subprocess.STDOUT,
-                                        env=self.env, cwd=self.cwd)
+        process = self.process = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self.logfile,
+                                                  stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
 
         def up() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{' '.join(self.args)} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            if process.poll() is not None:
+                raise RuntimeError(f"{' '.join(self.args)} exited with {process.returncode}:\n{self.log()[-3000:]}")
             return _port_open(self.port) and (self.ready is None or self.ready in self.log()[seen:])
 
         _wait(up, timeout, f"app on port {self.port}")

@@ -34,11 +34,14 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .framing import Event
 from .hub import Hub
 from .stream import StreamPool
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["snapshot", "StatsApp", "mount", "stats_wsgi"]
 
@@ -138,13 +141,13 @@ class StatsApp:
 
         @cherrypy.expose
         @cherrypy.tools.json_out()
-        def json_() -> dict:
+        def json_() -> dict[str, Any]:
             cherrypy.response.headers["Cache-Control"] = "no-cache"
             return _cherrypy_snapshot()
 
         @cherrypy.expose
         @comet(transport="sse", heartbeat=15)
-        def stream():
+        def stream() -> Iterator[Event]:
             # A generator in thread mode: an admin page or two, not thousands.
             # The wait wakes at engine stop, so shutdown never waits on it.
             while True:
@@ -191,7 +194,7 @@ def mount(root: Any, path: str = "/comet/stats", interval: float = 1.0, password
     return app
 
 
-def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = (), password: str | None = None, user: str = "comet") -> Callable:
+def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = (), password: str | None = None, user: str = "comet") -> WSGIApplication:
     """A WSGI app answering :func:`snapshot` as JSON, for plain WSGI servers
     (HTTP Basic with *user* and *password* when a password is given).
 
@@ -203,7 +206,7 @@ def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = (), password: str | None 
     hubs = list(hubs)
     check = _checker(user, password) if password is not None else None
 
-    def app(environ: dict, start_response: Callable) -> list[bytes]:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         if check is not None and not _basic_ok(environ.get("HTTP_AUTHORIZATION", ""), check):
             start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="comet stats", charset="UTF-8"'),
                                                 ("Content-Type", "text/plain; charset=utf-8")])

@@ -67,11 +67,12 @@ import json
 import logging
 import random
 import threading
-from typing import Any
+from typing import Any, Callable, Generic, Iterable, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import KeyT, StreamIdT
 
 from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event
@@ -85,6 +86,14 @@ MAX_BATCH = 256
 log = logging.getLogger("comet")
 
 _DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+#: One stream entry as this module's clients return it: (id, fields). redis-py
+#: types replies for every client setting (str with ``decode_responses``,
+#: dicts with RESP3); the clients here use neither, so replies are cast once
+#: where they arrive.
+_Entry = tuple[bytes, dict[bytes, bytes]]
+#: The publish script's key and arguments for one event.
+_Publish = tuple[str, list[str | int]]
 
 # KEYS[1] stream; ARGV: maxlen, "~" or "=", then field/value pairs.
 # Reading the newest id and adding happen atomically, so "p" is exact.
@@ -142,8 +151,8 @@ class RedisHub(Hub):
         self.backoff = (float(backoff[0]), float(backoff[1]))
         # No retry: XADD is not idempotent (see the module docstring). Bounded
         # timeouts: a publishing request thread never hangs on a dead Redis.
-        options = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0, "retry": Retry(NoBackoff(), 0),
-                   "health_check_interval": 0, **redis_options}
+        options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0,
+                                   "retry": Retry(NoBackoff(), 0), "health_check_interval": 0, **redis_options}
         self.redis = redis.Redis.from_url(url, **options)
         self._publish_script = self.redis.register_script(_PUBLISH)
         self._batches = _GroupCommit(self._send_batch) if batch_publishes else None
@@ -151,7 +160,7 @@ class RedisHub(Hub):
         read_timeout = self.block + (options["socket_timeout"] or 5.0)
         # One connection, always the same: CLIENT UNBLOCK must name the one that blocks.
         self._reader_options = {**options, "socket_timeout": read_timeout, "single_connection_client": True}
-        self._where = self.redis.connection_pool.connection_kwargs.get("host", url)
+        self._where: str = self.redis.connection_pool.connection_kwargs.get("host", url)
         self._live: dict[bytes, str] = {}  # stream key -> channel, for the reader
         # stream key -> id of the newest event mirrored: the reader's XREAD
         # arguments, kept current by _append so a read costs no per-channel work
@@ -179,6 +188,7 @@ class RedisHub(Hub):
         """
         proto = self._prepare(channel, data, event, retry)
         key, args = self._key(channel), self._fields(proto)
+        event_id: bytes
         try:
             if self._batches is not None:
                 event_id = self._batches.submit((key, args))
@@ -192,7 +202,7 @@ class RedisHub(Hub):
         self.counters.add("published")
         return event_id.decode()
 
-    def _send_batch(self, batch: list[tuple[str, list[Any]]]) -> list[Any]:
+    def _send_batch(self, batch: list[_Publish]) -> list[bytes | BaseException]:
         """One round trip for queued publishes: their ids, or the error of each
         that failed (a wrong-type key fails its own publish, not the batch)."""
         self.counters.add("round_trips")
@@ -212,7 +222,7 @@ class RedisHub(Hub):
                 results[i] = result
         return results
 
-    def _pipeline(self, batch: list[tuple[str, list[Any]]]) -> list[Any]:
+    def _pipeline(self, batch: list[_Publish]) -> list[bytes | BaseException]:
         # EVALSHA by hand: a pipeline given the Script object asks SCRIPT
         # EXISTS first, a second round trip every time.
         sha = self._publish_script.sha
@@ -221,7 +231,8 @@ class RedisHub(Hub):
                 pipe.evalsha(sha, 1, key, *args)
             return pipe.execute(raise_on_error=False)
 
-    def publish_many(self, channel: str, items: Any, event: str | None = None, *, retry: int | None = None) -> list[str]:
+    def publish_many(self, channel: str, items: Iterable[Any], event: str | None = None, *,
+                     retry: int | None = None) -> list[str]:
         """Publish several events in one round trip (``MULTI``/``EXEC``: all
         of them or none); their Redis ids. See :meth:`Hub.publish_many`."""
         protos = [self._prepare(channel, item.data, item.name, item.retry) if isinstance(item, Event)
@@ -239,10 +250,10 @@ class RedisHub(Hub):
         self.counters.add("published", len(ids))
         return [i.decode() for i in ids]
 
-    def _fields(self, proto: Event) -> list[Any]:
+    def _fields(self, proto: Event) -> list[str | int]:
         """The publish script's arguments for one event."""
-        args: list[Any] = [self.maxlen, "~" if self.approximate else "=",
-                           "d", proto.text(), "k", "s" if isinstance(proto.data, str) else "j"]
+        args: list[str | int] = [self.maxlen, "~" if self.approximate else "=",
+                                 "d", proto.text(), "k", "s" if isinstance(proto.data, str) else "j"]
         if proto.name is not None:
             args += ["e", proto.name]
         if proto.retry is not None:
@@ -251,7 +262,7 @@ class RedisHub(Hub):
 
     # -- reading (read-your-writes: catch up before answering) --------------
 
-    def history(self, channel: str, limit: int | None = None) -> list:
+    def history(self, channel: str, limit: int | None = None) -> list[Event]:
         self._check_channel(channel)
         ch = self._channel(channel)
         with ch.cond:
@@ -292,7 +303,7 @@ class RedisHub(Hub):
             if ch.live:
                 return
             try:
-                entries = self.redis.xrevrange(key, count=self.buffer_size)
+                entries = cast("list[_Entry]", self.redis.xrevrange(key, count=self.buffer_size))
             except _DOWN as exc:
                 raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} is unreachable ({exc})") from exc
             entries.reverse()
@@ -326,12 +337,13 @@ class RedisHub(Hub):
 
     def _catch_up(self, channel: str, ch: _Channel) -> bool:
         try:
-            entries = self.redis.xrange(self._key(channel), min="(" + ch.tail_id(), count=self.buffer_size)
+            entries = cast("list[_Entry]", self.redis.xrange(self._key(channel), min="(" + ch.tail_id(),
+                                                             count=self.buffer_size))
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot read channel {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
         return self._append(channel, ch, entries)
 
-    def _append(self, channel: str, ch: _Channel, entries: list) -> bool:
+    def _append(self, channel: str, ch: _Channel, entries: list[_Entry]) -> bool:
         """Append entries newer than the mirror's tail; the caller holds ``ch.cond``.
 
         An entry whose predecessor is newer than our tail means events were
@@ -358,7 +370,7 @@ class RedisHub(Hub):
         return added
 
     @staticmethod
-    def _event(channel: str, event_id: bytes, fields: dict) -> Event:
+    def _event(channel: str, event_id: bytes, fields: dict[bytes, bytes]) -> Event:
         text = fields[b"d"].decode()
         name = fields.get(b"e")
         retry = fields.get(b"r")
@@ -424,17 +436,20 @@ class RedisHub(Hub):
         self._changed.clear()  # before the snapshot: a channel added after it sets it again
         with self._lock:
             version = self._version
-            streams = dict(self._cursors)
+            # a copy typed as xread asks (a dict[bytes, str] is not one: dict is invariant)
+            streams: dict[KeyT, StreamIdT] = dict(self._cursors.items())
         if not streams:
             self._seen_version = version
             self._changed.wait(self.block)
             return
         self._seen_version = version
-        reply = conn.xread(streams, count=1000, block=int(self.block * 1000))
+        # RESP2's shape: [[key, entries], ...], or None when the block timed out.
+        reply = cast("list[tuple[bytes, list[_Entry]]] | None",
+                     conn.xread(streams, count=1000, block=int(self.block * 1000)))
         for key, entries in reply or ():
             name = self._live.get(key)
             ch = self._channels.get(name) if name is not None else None
-            if ch is None:
+            if name is None or ch is None:
                 continue  # forgotten meanwhile: whoever uses it next reads it from Redis
             with ch.cond:
                 if ch.dead:
@@ -463,47 +478,52 @@ class RedisHub(Hub):
         return f"<RedisHub {self._where} {state} channels={len(self._channels)} subscriptions={self._subscriptions}>"
 
 
-class _Pending:
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+class _Pending(Generic[_Item, _Result]):
     __slots__ = ("item", "wake", "done", "result")
 
-    def __init__(self, item: Any) -> None:
+    def __init__(self, item: _Item) -> None:
         self.item = item
         self.wake: threading.Event | None = None  # only a caller that waits needs one
         self.done = False
-        self.result: Any = None
+        self.result: _Result | BaseException | None = None  # set when done
 
 
-class _GroupCommit:
+class _GroupCommit(Generic[_Item, _Result]):
     """Callers of :meth:`submit` share calls of ``send(items) -> results``:
     one caller sends, those arriving meanwhile queue, and when the send
     returns the first of them sends the whole queue. Every caller gets its
     own result (an exception in it is raised to that caller alone)."""
 
-    def __init__(self, send: Any, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, send: Callable[[list[_Item]], list[_Result | BaseException]], max_batch: int = MAX_BATCH) -> None:
         self._send = send
         self._max = max_batch
         self._lock = threading.Lock()
-        self._queue: list[_Pending] = []
+        self._queue: list[_Pending[_Item, _Result]] = []
         self._busy = False  # a caller is sending; invariant: queue non-empty => busy
 
-    def submit(self, item: Any) -> Any:
-        mine = _Pending(item)
+    def submit(self, item: _Item) -> _Result:
+        mine: _Pending[_Item, _Result] = _Pending(item)
         with self._lock:
             lead, self._busy = not self._busy, True
             if not lead:
                 mine.wake = threading.Event()
             self._queue.append(mine)
-        if not lead:
+        if mine.wake is not None:  # not the lead
             mine.wake.wait()  # done by a sender, or chosen to send next
         if not mine.done:
             self._lead()
         if isinstance(mine.result, BaseException):
             raise mine.result
-        return mine.result
+        return cast(_Result, mine.result)  # done: what send() returned for it
 
     def _lead(self) -> None:
         with self._lock:
             batch, self._queue = self._queue[:self._max], self._queue[self._max:]
+        results: list[_Result | BaseException]
         try:
             results = self._send([p.item for p in batch])
             if len(results) != len(batch):
@@ -516,6 +536,8 @@ class _GroupCommit:
                 pending.wake.set()
         with self._lock:
             if self._queue:
-                self._queue[0].wake.set()  # not done: it sends next
+                wake = self._queue[0].wake
+                assert wake is not None  # queued while another sent, so it waits
+                wake.set()  # not done: it sends next
             else:
                 self._busy = False
