@@ -35,7 +35,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -141,7 +141,6 @@ class _Finder:
         for line in self.lines:
             self.starts.append(self.starts[-1] + len(line))
         self.tree = ast.parse(source)
-        self.dump = ast.dump(self.tree)
         self.mutants: list[Mutant] = []
         self.ids: set[str] = set()
 
@@ -197,11 +196,11 @@ class _Finder:
     # recording ------------------------------------------------------------
     def add(self, at: int, op: str, family: str, edits: list[tuple[int, int, str]]) -> None:
         mutated = Mutant("", self.module, 0, 0, op, family, tuple(edits), "", "").apply(self.source)
-        try:
-            tree = ast.parse(mutated)
-        except SyntaxError:
+        if mutated == self.source:
             return
-        if ast.dump(tree) == self.dump:
+        try:
+            ast.parse(mutated)
+        except SyntaxError:
             return
         line, col = self.position(at)
         ident = f"{module_key(self.module)}:{line}:{col}:{op}"
@@ -324,21 +323,19 @@ def sample(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
     for m in mutants:
         by_module.setdefault(m.module, []).append(m)
     modules = sorted(by_module)
-    share = {mod: 0 for mod in modules}
-    if n >= len(modules):
-        for mod in modules:
-            share[mod] = 1
-    left = n - sum(share.values())
-    total = sum(len(by_module[mod]) - share[mod] for mod in modules)
-    exact = {mod: left * (len(by_module[mod]) - share[mod]) / total for mod in modules}
-    for mod in modules:
-        share[mod] += int(exact[mod])
-    rest = n - sum(share.values())
-    for mod in sorted(modules, key=lambda mod: (-(exact[mod] - int(exact[mod])), mod))[:rest]:
-        share[mod] += 1
-    if n < len(modules):   # fewer picks than modules: the modules themselves are drawn
-        chosen = random.Random(f"{seed}:modules").sample(modules, n)
+    if n < len(modules):     # fewer picks than modules: draw the modules, one mutant each
+        chosen = set(random.Random(f"{seed}:modules").sample(modules, n))
         share = {mod: int(mod in chosen) for mod in modules}
+    else:                    # one each, the rest in proportion (largest remainders)
+        share = {mod: 1 for mod in modules}
+        left = n - len(modules)
+        total = sum(len(by_module[mod]) - 1 for mod in modules)
+        exact = {mod: left * (len(by_module[mod]) - 1) / total for mod in modules}
+        for mod in modules:
+            share[mod] += int(exact[mod])
+        rest = n - sum(share.values())
+        for mod in sorted(modules, key=lambda mod: (int(exact[mod]) - exact[mod], mod))[:rest]:
+            share[mod] += 1
     picked = []
     for mod in modules:
         rng = random.Random(f"{seed}:{mod}")
@@ -383,7 +380,8 @@ COPY_IGNORE = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "
 
 
 def repo_files() -> list[str]:
-    """The files a copy holds: tracked and untracked-but-not-ignored ones."""
+    """The files a copy holds: the working tree's tracked and untracked but
+    not ignored files."""
     try:
         out = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                              check=True).stdout
@@ -391,7 +389,8 @@ def repo_files() -> list[str]:
     except (OSError, subprocess.CalledProcessError):
         files = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
                  if p.is_file() and not COPY_IGNORE & set(p.relative_to(ROOT).parts)]
-    return sorted(f for f in files if (ROOT / f).is_file() and not f.startswith("tests/mutation/results"))
+    tool = HERE.relative_to(ROOT).as_posix() + "/"     # this tool and its results: not needed, not hashed
+    return sorted(f for f in files if (ROOT / f).is_file() and not f.startswith(tool))
 
 
 def tree_hash(files: list[str]) -> str:
@@ -448,6 +447,9 @@ class Processes:
             except subprocess.TimeoutExpired:
                 self.stop(proc)
                 return None, True
+            except BaseException:       # interrupted: let pytest tear its servers down first
+                self.stop(proc, grace=5.0)
+                raise
         finally:
             self.kill_group(proc.pid)
             with self.lock:
@@ -534,6 +536,7 @@ def pytest_env(copy: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(copy) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"     # a stale .pyc must never stand in for a mutant
+    env["COLUMNS"] = "200"                   # room for the failing test's message in the summary
     return env
 
 
@@ -799,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         modules = sorted({normalize_module(i.split(":", 1)[0]) for i in wanted})
     else:
         modules = [normalize_module(m) for m in args.modules] if args.modules else default_modules()
-    mutants = all_mutants(modules)
+    mutants = every = all_mutants(modules)
     if wanted:
         known = {m.id: m for m in mutants}
         unknown = [i for i in wanted if i not in known]
@@ -832,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {**old_meta, "reruns": [*old_meta.get("reruns", []), f"{command} ({meta['commit']}, {meta['date']})"]}
 
     PROCESSES = Processes()
+
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
@@ -844,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         durations = {} if args.no_baseline else baseline(files, needed, args.per_test_timeout)
         settings = Settings(args.browser, args.per_test_timeout, args.timeout_factor, args.min_timeout,
                             args.timeout if args.no_baseline else None, durations)
-        print(f"running {len(mutants)} mutants, {args.jobs} at a time", flush=True)
+        print(f"running {len(mutants)} mutant(s), {args.jobs} at a time", flush=True)
         if not (args.only or args.resume):
             write_results(args.results, meta, [])
         done = [0]
@@ -894,11 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     survivors = [r["id"] for r in final if r["status"] == "survived" and r["id"] not in equivalent]
     if survivors:
         print("survivors (see --show ID): " + " ".join(survivors))
-    stale = [i for i in equivalent if i not in {m.id for m in all_mutants(modules)}]
+    stale = [i for i in equivalent if i not in {m.id for m in every}]
     if stale and not args.modules and not wanted:
         print(f"equivalent.txt names mutants that no longer exist (the source moved): {' '.join(stale)}")
-    print(f"results: {args.results.relative_to(ROOT) if ROOT in args.results.resolve().parents else args.results}, "
-          f"{report_path(args.results).name}")
+    where = args.results.resolve()
+    print(f"results: {where.relative_to(ROOT) if ROOT in where.parents else where}, {report_path(where).name}")
     return 0
 
 
