@@ -87,8 +87,8 @@ def http_get(url: str, headers: dict | None = None, timeout: float = 10.0, metho
     try:
         conn.connect()
         sock = conn.sock  # kept: on "Connection: close" the response takes it over
-        path = parts.path + ("?" + parts.query if parts.query else "")
-        conn.request(method, path or "/", body=body, headers=headers or {})
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        conn.request(method, path, body=body, headers=headers or {})
         sock.settimeout(left())
         resp = conn.getresponse()
         data = bytearray()
