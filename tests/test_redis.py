@@ -15,8 +15,11 @@ import redis
 from comet import GAP, BackendUnavailable, Event, InvalidEventId, comet
 from comet.backends import hub_from_url
 from comet.backends.redis import RedisHub
+from comet.cherrypy_tool import engine_plugin
+from comet.fastpath import FastRoutes
 from comet.hub import Hub, Idle
 from comet.testing import RedisServer, StreamClient, free_port, http_get, wait_until
+from comet.wsgi import comet_app
 
 _names = itertools.count()
 
@@ -476,3 +479,44 @@ def test_group_commit_hands_on_and_keeps_each_callers_result():
     assert sends[0] == [0] and sorted(x for s in sends[1:] for x in s) == list(range(1, 8))
     assert [len(s) for s in sends[1:]] == [3, 3, 1]  # at most max_batch each, queued ones first come first
     assert not commit._busy and not commit._queue
+
+
+# -- what users notice (issue 19) ----------------------------------------------------
+
+
+def test_redis_down_is_a_503_with_retry_after_on_wsgi_and_fast_routes(comet_wsgi, comet_cherrypy, prefix):
+    """comet.js backs off for a 503's ``Retry-After``: every way a stream is
+    refused because Redis is down says how long (plain WSGI, fast routes at
+    accept time or through their middleware, CherryPy's fast routes)."""
+    down = RedisHub(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix, socket_connect_timeout=0.5)
+
+    def generator(environ):
+        yield from down.subscribe("nowhere", last_id=environ["comet.last_event_id"])
+
+    apps = {
+        "/returned": comet_app(lambda environ: down.subscribe("nowhere"), transport="sse"),
+        "/generator": comet_app(generator, transport="chunked"),
+        "/poll": comet_app(generator, transport="longpoll", poll_timeout=1),
+    }
+
+    def app(environ, start_response):
+        return apps[environ["PATH_INFO"]](environ, start_response)
+
+    routes = FastRoutes()
+    routes.add("/fast", down, "nowhere")
+
+    class Root:
+        @cherrypy.expose
+        def index(self):
+            return "page"
+
+    try:
+        wsgi = comet_wsgi(app, routes=routes)
+        engine_plugin().route("/fast", down, "nowhere")
+        cp = comet_cherrypy(Root(), thread_pool=2)
+        for url in [wsgi.url + path for path in (*apps, "/fast")] + [cp.url + "/fast", cp.url + "/f%61st"]:
+            status, headers, body = http_get(url, deadline=5)
+            assert status == 503 and b"unreachable" in body, (url, status, body)
+            assert headers.get("retry-after") == "2", (url, headers)
+    finally:
+        down.close()
