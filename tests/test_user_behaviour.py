@@ -1,0 +1,233 @@
+"""What users notice, each checked against the behaviour broken on purpose
+(issue 19): delivery at once, no lost wake-up, long-poll cursors, heartbeat
+intervals, max_duration, resume on fast routes, authorize.
+
+Timing is measured against each behaviour's own setting, with margins that
+still catch a 2x error, and repeated (median) where one sample could be
+noise. Everything waits with a deadline.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlencode
+
+import cherrypy
+import pytest
+
+from comet import Event, Hub, comet
+from comet.cherrypy_tool import engine_plugin
+from comet.testing import StreamClient, http_get, wait_until
+from comet.wsgi import comet_app
+
+from conftest import RawStream, read_until
+
+
+class Page:
+    @cherrypy.expose
+    def index(self):
+        return "plain page"
+
+
+@pytest.fixture
+def served():
+    """Hubs to serve: ended with the engine (as an app's would be), closed
+    and forgotten after the test."""
+    made: list[Hub] = []
+
+    def make(**options) -> Hub:
+        hub = engine_plugin().add_hub(Hub(**options))
+        made.append(hub)
+        return hub
+
+    yield make
+    for hub in made:
+        hub.close()
+        engine_plugin().hubs.remove(hub)
+
+
+def port_of(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+# -- a subscription iterated in its own thread (what thread mode does) ----------
+
+
+def _in_a_wait(thread: threading.Thread) -> bool:
+    """Is *thread* blocked in a threading wait (Condition/Event)?"""
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code.co_filename == threading.__file__
+
+
+class Consumer:
+    """Iterates a subscription in a thread of its own and records each item
+    with the time it came out."""
+
+    def __init__(self, sub, caught_up: threading.Event | None = None) -> None:
+        self.sub = sub
+        self.items: queue.Queue = queue.Queue()
+        # set by the consumer thread at its first idle tick, before it asks for more
+        self.caught_up = caught_up or threading.Event()
+        self.thread = threading.Thread(target=self._run, name="consumer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for item in self.sub:
+            if not item:
+                self.caught_up.set()
+            self.items.put((time.monotonic(), item))
+
+    def next_event(self, timeout: float = 5.0) -> tuple[float, Event]:
+        """(time, event) of the next event, idle ticks skipped; TimeoutError after *timeout*."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                at, item = self.items.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"no event within {timeout}s") from None
+            if item:
+                return at, item
+
+    def settle(self) -> None:
+        """Wait until the consumer is parked in its wait (seen in its stack),
+        or has had 0.3 s to get there: what follows happens while it waits."""
+        started = time.monotonic()
+        wait_until(lambda: _in_a_wait(self.thread) or time.monotonic() - started > 0.3, timeout=5,
+                   interval=0.005, what="the consumer waiting")
+
+    def stop(self, hub: Hub) -> None:
+        hub.close()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+def test_a_publish_wakes_a_subscriber_waiting_in_its_thread_at_once():
+    """Breakage 1: publish() not waking waiters leaves each event to the next idle tick."""
+    hub = Hub(idle=2.0)
+    consumer = Consumer(hub.subscribe("room"))
+    try:
+        assert consumer.caught_up.wait(5)
+        delays = []
+        for n in range(5):
+            consumer.settle()
+            sent = time.monotonic()
+            hub.publish("room", n)
+            at, event = consumer.next_event()
+            assert event.data == n
+            delays.append(at - sent)
+        assert statistics.median(delays) < hub.idle / 4, f"delivered after {delays} s with idle={hub.idle}"
+    finally:
+        consumer.stop(hub)
+
+
+def test_an_event_published_between_take_and_wait_is_not_left_for_the_next_tick():
+    """Breakage 2, the lost wake-up: the subscription found nothing, and an
+    event is published before it starts waiting. Forced: its take() publishes
+    right after finding nothing, once the subscription had caught up."""
+    hub = Hub(idle=3.0)
+    sub = hub.subscribe("room")
+    caught_up = threading.Event()
+    injected: list[tuple[float, str]] = []
+    real_take = sub.take
+
+    def take():
+        items = real_take()
+        if not items and caught_up.is_set() and not injected:
+            injected.append((time.monotonic(), hub.publish("room", "in the window")))
+        return items
+
+    sub.take = take
+    consumer = Consumer(sub, caught_up)
+    try:
+        at, event = consumer.next_event(timeout=hub.idle + 5)
+        assert injected, "the race was not forced: iterating no longer goes through take()"
+        assert event.id == injected[0][1]
+        assert at - injected[0][0] < hub.idle / 3, f"waited {at - injected[0][0]:.2f}s with idle={hub.idle}"
+    finally:
+        consumer.stop(hub)
+
+
+# -- over HTTP ------------------------------------------------------------------
+
+
+def stream_root(hub: Hub, **options):
+    """The same SSE stream of channel "room" served three ways."""
+
+    class Root(Page):
+        @cherrypy.expose
+        @comet(transport="sse", mode="thread", **options)
+        def thread(self, last_event_id=None):
+            yield from hub.subscribe("room", last_id=last_event_id)
+
+        @cherrypy.expose
+        @comet(transport="sse", **options)
+        def generator(self, last_event_id=None):
+            yield from hub.subscribe("room", last_id=last_event_id)
+
+        @cherrypy.expose
+        @comet(transport="sse", **options)
+        def subscription(self, last_event_id=None):
+            return hub.subscribe("room", last_id=last_event_id)
+
+    return Root()
+
+
+@pytest.mark.parametrize("style", ["thread", "generator", "subscription"])
+def test_every_publish_reaches_an_open_stream_at_once(comet_cherrypy, served, style):
+    """Breakage 1 over HTTP: with idle=2 s, a publish must not wait for a tick."""
+    hub = served(idle=2.0)
+    server = comet_cherrypy(stream_root(hub))
+    with StreamClient(f"{server.url}/{style}") as client:
+        delays = []
+        for n in range(5):
+            # Not at the very moment the last event arrived (the server may
+            # still be on its way back to waiting): after a pause, as
+            # between real events. Short next to idle, so a publish that
+            # does not wake the stream still waits most of a tick.
+            time.sleep(0.15)
+            sent = time.monotonic()
+            event_id = hub.publish("room", n)
+            assert client.wait_for(n + 1)[-1].id == event_id
+            delays.append(time.monotonic() - sent)
+        assert statistics.median(delays) < hub.idle / 4, f"delivered after {delays} s with idle={hub.idle}"
+
+
+@pytest.mark.parametrize("mode", ["thread", "auto"])
+def test_an_event_published_as_a_stream_goes_idle_is_sent_at_once(comet_cherrypy, served, mode):
+    """Breakage 2 over HTTP: the handler's subscription publishes in the
+    window between finding nothing and waiting (forced as above)."""
+    hub = served(idle=3.0)
+    injected: list[tuple[float, str]] = []
+
+    class Root(Page):
+        @cherrypy.expose
+        @comet(transport="sse", mode=mode)
+        def events(self):
+            sub = hub.subscribe("room")
+            caught_up = False
+            real_take = sub.take
+
+            def take():
+                items = real_take()
+                if not items and caught_up and not injected:
+                    injected.append((time.monotonic(), hub.publish("room", "in the window")))
+                return items
+
+            sub.take = take
+            for item in sub:
+                caught_up = caught_up or not item
+                yield item
+
+    server = comet_cherrypy(Root())
+    with StreamClient(server.url + "/events") as client:
+        [event] = client.wait_for(1, timeout=hub.idle + 5)
+        arrived = time.monotonic()
+        assert injected, "the race was not forced: iterating no longer goes through take()"
+        assert event.id == injected[0][1]
+        assert arrived - injected[0][0] < hub.idle / 3, f"took {arrived - injected[0][0]:.2f}s with idle={hub.idle}"
