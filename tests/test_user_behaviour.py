@@ -231,3 +231,59 @@ def test_an_event_published_as_a_stream_goes_idle_is_sent_at_once(comet_cherrypy
         assert injected, "the race was not forced: iterating no longer goes through take()"
         assert event.id == injected[0][1]
         assert arrived - injected[0][0] < hub.idle / 3, f"took {arrived - injected[0][0]:.2f}s with idle={hub.idle}"
+
+
+# -- long-poll ----------------------------------------------------------------------
+
+
+def poll(url: str, cursor: str | None) -> dict:
+    """One long-poll request as a client makes it: with the cursor it holds, if any."""
+    status, _, body = http_get(url + ("?" + urlencode({"last_event_id": cursor}) if cursor else ""), deadline=10)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def _check_empty_poll_then_resume(url: str, hub: Hub) -> None:
+    hub.publish("room", "history")  # "from now" is not the channel's start
+    first = poll(url, None)  # a client's first poll: no cursor, and nothing happens
+    assert first["events"] == []
+    missed = hub.publish("room", "between polls")  # while the client is between requests
+    second = poll(url, first["cursor"])  # resumes from what the answer said
+    assert [(e["id"], e["data"]) for e in second["events"]] == [(missed, "between polls")], \
+        f"lost: the empty answer's cursor was {first['cursor']!r}"
+    assert first["cursor"] == hub.before(missed)
+
+
+def test_a_long_poll_without_a_cursor_misses_nothing_published_between_polls(comet_cherrypy, served):
+    """Breakage 3: an empty answer must carry the hub's cursor, not the request's (none)."""
+    hub = served(idle=0.1)
+
+    class Root(Page):
+        @cherrypy.expose
+        @comet(transport="longpoll", poll_timeout=0.3)
+        def generator(self, last_event_id=None):
+            yield from hub.subscribe("room", last_id=last_event_id)
+
+        @cherrypy.expose
+        @comet(transport="longpoll", poll_timeout=0.3, mode="thread")
+        def thread(self, last_event_id=None):
+            yield from hub.subscribe("room", last_id=last_event_id)
+
+        @cherrypy.expose
+        @comet(transport="longpoll", poll_timeout=0.3)
+        def subscription(self, last_event_id=None):
+            return hub.subscribe("room", last_id=last_event_id)
+
+    server = comet_cherrypy(Root())
+    for style in ("generator", "thread", "subscription"):
+        _check_empty_poll_then_resume(f"{server.url}/{style}", hub)
+
+
+def test_a_wsgi_long_poll_without_a_cursor_misses_nothing(comet_wsgi):
+    hub = Hub(idle=0.1)
+    try:
+        app = comet_app(lambda environ: hub.subscribe("room", last_id=environ["comet.last_event_id"]),
+                        transport="longpoll", poll_timeout=0.3)
+        _check_empty_poll_then_resume(comet_wsgi(app).url, hub)
+    finally:
+        hub.close()
