@@ -287,3 +287,57 @@ def test_a_wsgi_long_poll_without_a_cursor_misses_nothing(comet_wsgi):
         _check_empty_poll_then_resume(comet_wsgi(app).url, hub)
     finally:
         hub.close()
+
+
+# -- heartbeats ---------------------------------------------------------------------
+
+PREAMBLE = {"sse": b":ok\n\n", "multipart": b"\r\n", "chunked": b"\n"}
+BEAT = {"sse": b":\n\n", "multipart": b"\r\n", "chunked": b"\n"}
+
+
+def beat_times(url: str, transport: str, count: int) -> list[float]:
+    """When the stream opened, then when each of its first *count* heartbeats came."""
+    with RawStream(url, timeout=3) as raw:
+        assert raw.chunk() == PREAMBLE[transport]
+        times = [time.monotonic()]
+        while len(times) <= count:
+            assert raw.chunk() == BEAT[transport]
+            times.append(time.monotonic())
+    return times
+
+
+@pytest.mark.parametrize("mode", [
+    "thread", "auto",
+    pytest.param("parked", marks=pytest.mark.xfail(strict=True, reason=(
+        "parked heartbeats are only written by the writer's scan, once a second: heartbeat=0.5 beats every 1.0 s"))),
+])
+def test_heartbeats_come_every_heartbeat_seconds(comet_cherrypy, served, mode):
+    """Breakage 4: a heartbeat timer that is never reset beats at every idle
+    tick (here every 0.1 s) instead of every ``heartbeat`` (0.5 s)."""
+    hub = served(idle=0.1)
+
+    def endpoint(transport):
+        if mode == "parked":
+            @comet(transport=transport, heartbeat=0.5)
+            def handler(self):
+                return hub.subscribe("room")
+        else:
+            @comet(transport=transport, heartbeat=0.5, mode=mode)
+            def handler(self):
+                yield from hub.subscribe("room")
+        return cherrypy.expose(handler)
+
+    class Root(Page):
+        sse = endpoint("sse")
+        multipart = endpoint("multipart")
+        chunked = endpoint("chunked")
+
+    server = comet_cherrypy(Root())
+    with ThreadPoolExecutor(3) as pool:
+        runs = {t: pool.submit(beat_times, f"{server.url}/{t}", t, 3) for t in PREAMBLE}
+        gaps = {}
+        for transport, run in runs.items():
+            times = run.result(timeout=15)
+            gaps[transport] = [b - a for a, b in zip(times, times[1:])]
+    for transport, apart in gaps.items():
+        assert 0.35 <= statistics.median(apart) <= 0.9, f"{transport}: heartbeats {apart} s apart, heartbeat=0.5"
