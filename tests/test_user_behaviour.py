@@ -341,3 +341,31 @@ def test_heartbeats_come_every_heartbeat_seconds(comet_cherrypy, served, mode):
             gaps[transport] = [b - a for a, b in zip(times, times[1:])]
     for transport, apart in gaps.items():
         assert 0.35 <= statistics.median(apart) <= 0.9, f"{transport}: heartbeats {apart} s apart, heartbeat=0.5"
+
+
+# -- max_duration ---------------------------------------------------------------------
+
+
+def test_max_duration_ends_every_kind_of_stream(comet_cherrypy, served):
+    """Breakage 5: a parked stream (returned subscription, fast route) and a
+    thread-served one end cleanly after max_duration, so the client
+    reconnects."""
+    hub = served(idle=0.2)
+    engine_plugin().route("/fast", hub, "room", max_duration=1.5)
+    server = comet_cherrypy(stream_root(hub, max_duration=1.5))
+    started = time.monotonic()
+    clients = {path: StreamClient(server.url + path).open() for path in ("/subscription", "/thread", "/generator", "/fast")}
+    try:
+        ended: dict[str, float] = {}
+        while len(ended) < len(clients):
+            for path, client in clients.items():
+                if client.ended and path not in ended:
+                    ended[path] = time.monotonic() - started
+            assert time.monotonic() - started < 6, f"still open after 6 s (max_duration=1.5): {set(clients) - set(ended)}"
+            time.sleep(0.02)
+        for path, client in clients.items():
+            client.wait_closed(0.1)  # ended cleanly: the terminating chunk, no error
+            assert 1.45 <= ended[path] <= 4.5, f"{path} ended after {ended[path]:.2f}s (max_duration=1.5)"
+    finally:
+        for client in clients.values():
+            client.close()
