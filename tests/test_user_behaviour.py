@@ -369,3 +369,56 @@ def test_max_duration_ends_every_kind_of_stream(comet_cherrypy, served):
     finally:
         for client in clients.values():
             client.close()
+
+
+# -- fast routes ------------------------------------------------------------------------
+
+
+def test_on_fast_routes_the_last_event_id_header_wins_over_the_query(comet_cherrypy, served):
+    """Breakage 6: EventSource reconnects to the page's URL (with its original
+    ``?last_event_id=``) and sends the newest id in ``Last-Event-ID``: the
+    header must win, or the client is sent again what it already has."""
+    hub = served(idle=0.2)
+    engine_plugin().route("/events", hub, "room", heartbeat=0.5)
+    server = comet_cherrypy(Page(), thread_pool=2)
+    ids = [hub.publish("room", n) for n in range(5)]
+    expected = [ids[4]]
+    for path in ("/events", "/%65vents"):  # at accept time, through the middleware
+        with StreamClient(f"{server.url}{path}?last_event_id={ids[0]}", last_event_id=ids[3]) as client:
+            assert client.wait_for(1)[0].id == ids[4]
+            expected.append(hub.publish("room", "marker"))  # and nothing else came first
+            assert [e.id for e in client.wait_for(len(expected))] == expected
+
+
+def refusal(port: int, path: str) -> tuple[bytes, bytes]:
+    """Head and body of the answer to GET *path*; the body only when it is not a 200 stream."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = read_until(sock, b"\r\n\r\n", timeout=5)
+        head, _, body = data.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 200"):
+            return head, b""
+        return head, body + read_until(sock, None, timeout=5)
+
+
+def test_a_falsy_authorize_answer_refuses_the_stream(comet_cherrypy, served):
+    """Breakage 7: ``None``, ``0``, ``""`` (a lookup that found nothing) refuse
+    like ``False``; any truthy answer admits."""
+    hub = served(idle=0.2)
+    plugin = engine_plugin()
+    answers = {"none": None, "zero": 0, "empty": "", "false": False, "nothing": []}
+    for name, value in answers.items():
+        plugin.route(f"/deny/{name}", hub, "room", authorize=lambda request, value=value: value)
+    plugin.route("/allow", hub, "room", authorize=lambda request: "member 42")
+    server = comet_cherrypy(Page(), thread_pool=2)
+    port = port_of(server)
+    for name in answers:
+        for path in (f"/deny/{name}", f"/deny/%{ord(name[0]):02x}{name[1:]}"):  # at accept time, the middleware
+            head, body = refusal(port, path)
+            assert head.startswith(b"HTTP/1.1 403"), (path, head)
+            assert body == b"not allowed to follow this stream\n", (path, body)
+    wait_until(lambda: hub.subscriptions == 0 and plugin.pool.open_streams == 0, what="nothing open")
+    with StreamClient(server.url + "/allow") as allowed:
+        wait_until(lambda: hub.subscriptions == 1, what="subscribed")
+        event_id = hub.publish("room", "members only")
+        assert allowed.wait_for(1)[0].id == event_id
