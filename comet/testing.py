@@ -64,15 +64,45 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         time.sleep(interval)
 
 
-def http_get(url: str, headers: dict | None = None, timeout: float = 10.0, method: str = "GET", body: bytes | None = None) -> tuple[int, dict, bytes]:
-    """One plain request: ``(status, headers, body)``; never raises on 4xx/5xx."""
+def http_get(url: str, headers: dict | None = None, timeout: float = 10.0, method: str = "GET", body: bytes | None = None,
+             *, deadline: float | None = None) -> tuple[int, dict, bytes]:
+    """One plain request: ``(status, headers, body)``; never raises on 4xx/5xx.
+
+    ``deadline`` (seconds, default ``timeout``) bounds the whole exchange,
+    ``timeout`` each socket operation: a broken server that keeps streaming
+    instead of answering, or stalls, raises ``TimeoutError`` within the
+    deadline rather than hanging the test.
+    """
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    budget = timeout if deadline is None else deadline
+    ends = time.monotonic() + budget
+
+    def left() -> float:
+        remaining = ends - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{method} {url}: no complete answer within {budget}s")
+        return min(timeout, remaining)
+
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=left())
     try:
-        path = parts.path + ("?" + parts.query if parts.query else "")
-        conn.request(method, path or "/", body=body, headers=headers or {})
+        conn.connect()
+        sock = conn.sock  # kept: on "Connection: close" the response takes it over
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        conn.request(method, path, body=body, headers=headers or {})
+        sock.settimeout(left())
         resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        data = bytearray()
+        while True:
+            sock.settimeout(left())
+            more = resp.read1(65536)
+            if not more:
+                break
+            data += more
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, bytes(data)
+    except TimeoutError as exc:
+        if str(exc).startswith(f"{method} {url}:"):
+            raise
+        raise TimeoutError(f"{method} {url}: no complete answer within {budget}s ({exc})") from None
     finally:
         conn.close()
 
@@ -298,14 +328,20 @@ class StreamClient:
 
     # -- life cycle --
 
-    def open(self, wait: bool = True) -> "StreamClient":
-        """Connect and start reading; waits for the response headers and
+    def open(self, wait: bool = True, timeout: float | None = None) -> "StreamClient":
+        """Connect and start reading; waits (at most ``timeout`` seconds,
+        default the client's ``timeout``) for the response headers and
         raises :class:`HTTPStatusError` unless the status is 200."""
         self._thread = threading.Thread(target=self._run, name=f"comet-client {self.url}", daemon=True)
         self._thread.start()
         if wait:
-            if not self._opened.wait(self.timeout):
-                raise TimeoutError(f"no response headers from {self.url} in {self.timeout}s")
+            limit = self.timeout if timeout is None else timeout
+            if not self._opened.wait(limit):
+                try:
+                    self.close(1.0)  # not left reading behind the test's back
+                except TimeoutError:
+                    pass
+                raise TimeoutError(f"no response headers from {self.url} in {limit}s")
             self._raise_error()
         return self
 

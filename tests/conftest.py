@@ -20,38 +20,52 @@ from comet import Event, Hub, Part, comet
 
 
 class RawStream:
-    """GET over a raw socket; read the status, headers, then chunks."""
+    """GET over a raw socket; read the status, headers, then chunks.
+
+    Every read (the head, one chunk, the body) must complete within
+    ``timeout`` seconds in all, however the server trickles or keeps
+    streaming: ``TimeoutError`` otherwise, never a hang.
+    """
 
     def __init__(self, url: str, headers: dict | None = None, timeout: float = 10.0) -> None:
         parts = urlsplit(url)
+        self.timeout = timeout
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
         path = parts.path + ("?" + parts.query if parts.query else "")
         lines = [f"GET {path} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         self.buf = b""
-        head = self._until(b"\r\n\r\n")
+        head = self._until(b"\r\n\r\n", self._deadline())
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         self.status = int(status_line.split()[1])
         self.headers = {k.lower(): v for k, v in (h.split(": ", 1) for h in header_lines)}
 
-    def _fill(self) -> None:
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete read within {self.timeout}s; got {self.buf[-200:]!r}")
+        self.sock.settimeout(left)
         data = self.sock.recv(65536)
         if not data:
             raise EOFError("connection closed")
         self.buf += data
 
-    def _until(self, marker: bytes) -> bytes:
+    def _until(self, marker: bytes, deadline: float) -> bytes:
         while marker not in self.buf:
-            self._fill()
+            self._fill(deadline)
         head, _, self.buf = self.buf.partition(marker)
         return head
 
     def chunk(self) -> bytes:
         """The next HTTP/1.1 chunk's payload (b"" for the last chunk)."""
-        size = int(self._until(b"\r\n").split(b";")[0], 16)
+        deadline = self._deadline()
+        size = int(self._until(b"\r\n", deadline).split(b";")[0], 16)
         while len(self.buf) < size + 2:
-            self._fill()
+            self._fill(deadline)
         data, tail, self.buf = self.buf[:size], self.buf[size:size + 2], self.buf[size + 2:]
         assert tail == b"\r\n", f"chunk not followed by CRLF: {tail!r}"
         return data
@@ -65,9 +79,10 @@ class RawStream:
                 if not part:
                     return b"".join(parts)
                 parts.append(part)
+        deadline = self._deadline()
         n = int(self.headers["content-length"])
         while len(self.buf) < n:
-            self._fill()
+            self._fill(deadline)
         return self.buf[:n]
 
     def close(self) -> None:
@@ -78,6 +93,27 @@ class RawStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_until(sock: socket.socket, marker: bytes | None, timeout: float = 10.0) -> bytes:
+    """Read *sock* until *marker* has arrived (``None``: until the server
+    closes); everything read. ``TimeoutError`` after *timeout* seconds in
+    all, ``EOFError`` if the server closes first: a broken server that keeps
+    streaming, stalls or hangs up fails the test in seconds."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while marker is None or marker not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{marker!r} not read within {timeout}s; got {data[-300:]!r}")
+        sock.settimeout(left)
+        more = sock.recv(65536)
+        if not more:
+            if marker is None:
+                return data
+            raise EOFError(f"connection closed before {marker!r}; got {data[-300:]!r}")
+        data += more
+    return data
 
 
 class Tracker:
@@ -166,4 +202,4 @@ def app(comet_cherrypy, hub, tracker):
     return comet_cherrypy(make_root(hub, tracker, heartbeat=0.5))
 
 
-__all__ = ["RawStream", "Tracker", "make_root", "open_fds", "settle", "Event", "Part", "time"]
+__all__ = ["RawStream", "read_until", "Tracker", "make_root", "open_fds", "settle", "Event", "Part", "time"]

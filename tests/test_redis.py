@@ -5,6 +5,8 @@ tests/test_deploy.py."""
 from __future__ import annotations
 
 import itertools
+import queue
+import socket
 import subprocess
 import threading
 
@@ -15,8 +17,11 @@ import redis
 from comet import GAP, BackendUnavailable, Event, InvalidEventId, comet
 from comet.backends import hub_from_url
 from comet.backends.redis import RedisHub
+from comet.cherrypy_tool import engine_plugin
+from comet.fastpath import FastRoutes
 from comet.hub import Hub, Idle
 from comet.testing import RedisServer, StreamClient, free_port, http_get, wait_until
+from comet.wsgi import comet_app
 
 _names = itertools.count()
 
@@ -476,3 +481,228 @@ def test_group_commit_hands_on_and_keeps_each_callers_result():
     assert sends[0] == [0] and sorted(x for s in sends[1:] for x in s) == list(range(1, 8))
     assert [len(s) for s in sends[1:]] == [3, 3, 1]  # at most max_batch each, queued ones first come first
     assert not commit._busy and not commit._queue
+
+
+# -- what users notice (issue 19) ----------------------------------------------------
+
+
+def test_redis_down_is_a_503_with_retry_after_on_wsgi_and_fast_routes(comet_wsgi, comet_cherrypy, prefix):
+    """comet.js backs off for a 503's ``Retry-After``: every way a stream is
+    refused because Redis is down says how long (plain WSGI, fast routes at
+    accept time or through their middleware, CherryPy's fast routes)."""
+    down = RedisHub(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix, socket_connect_timeout=0.5)
+
+    def generator(environ):
+        yield from down.subscribe("nowhere", last_id=environ["comet.last_event_id"])
+
+    apps = {
+        "/returned": comet_app(lambda environ: down.subscribe("nowhere"), transport="sse"),
+        "/generator": comet_app(generator, transport="chunked"),
+        "/poll": comet_app(generator, transport="longpoll", poll_timeout=1),
+    }
+
+    def app(environ, start_response):
+        return apps[environ["PATH_INFO"]](environ, start_response)
+
+    routes = FastRoutes()
+    routes.add("/fast", down, "nowhere")
+
+    class Root:
+        @cherrypy.expose
+        def index(self):
+            return "page"
+
+    try:
+        wsgi = comet_wsgi(app, routes=routes)
+        engine_plugin().route("/fast", down, "nowhere")
+        cp = comet_cherrypy(Root(), thread_pool=2)
+        for url in [wsgi.url + path for path in (*apps, "/fast")] + [cp.url + "/fast", cp.url + "/f%61st"]:
+            status, headers, body = http_get(url, deadline=5)
+            assert status == 503 and b"unreachable" in body, (url, status, body)
+            assert headers.get("retry-after") == "2", (url, headers)
+    finally:
+        down.close()
+
+
+def _split_commands(buf: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Complete RESP commands at the start of *buf* as (NAME, raw bytes), and the rest."""
+    commands, pos = [], 0
+    while True:
+        start, end = pos, buf.find(b"\r\n", pos)
+        if end < 0:
+            break
+        assert buf[pos:pos + 1] == b"*", f"not a RESP array: {buf[pos:pos + 40]!r}"
+        count, pos, name = int(buf[pos + 1:end]), end + 2, b""
+        for i in range(count):
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            size = int(buf[pos + 1:end])
+            if len(buf) < end + 2 + size + 2:
+                break
+            if i == 0:
+                name = buf[end + 2:end + 2 + size].upper()
+            pos = end + 2 + size + 2
+        else:
+            commands.append((name, buf[start:pos]))
+            continue
+        pos = start
+        break
+    return commands, buf[pos:]
+
+
+class SplittingProxy:
+    """A TCP proxy in front of Redis that can split a client's commands.
+
+    redis-py sends a pipeline in one write and Redis runs it in one go, so a
+    reader never gets to look in the middle by chance. Armed, this proxy
+    forwards a connection's commands up to and including its first
+    ``EVALSHA`` (a publish), waits until Redis has answered that much, sets
+    ``split``, and then, as told by :meth:`go` or :meth:`cut`, forwards the
+    rest or drops the connection there.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.armed = False
+        self.split = threading.Event()
+        self._decision: queue.Queue = queue.Queue()
+        self._closing = False
+        self._socks: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def go(self) -> None:
+        self._decision.put("go")
+
+    def cut(self) -> None:
+        self._decision.put("cut")
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            server = socket.create_connection(self.target, timeout=5)
+            pair = {"client": client, "server": server, "replied": 0}
+            for sock in (client, server):
+                sock.settimeout(0.2)
+                self._socks.append(sock)
+            for pump in (self._up, self._down):
+                thread = threading.Thread(target=pump, args=(pair,), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _recv(self, sock: socket.socket) -> bytes:
+        while not self._closing:
+            try:
+                return sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return b""
+        return b""
+
+    def _up(self, pair: dict) -> None:
+        client, server, buf = pair["client"], pair["server"], b""
+        try:
+            while data := self._recv(client):
+                commands, buf = _split_commands(buf + data)
+                out = b""
+                for name, raw in commands:
+                    out += raw
+                    if self.armed and name == b"EVALSHA":
+                        self.armed = False
+                        before = pair["replied"]
+                        server.sendall(out)
+                        out = b""
+                        wait_until(lambda: pair["replied"] > before, what="Redis answering the first half")
+                        self.split.set()
+                        if self._decision.get(timeout=10) == "cut":
+                            return
+                server.sendall(out)
+        except OSError:
+            pass
+        finally:
+            self._close(pair)
+
+    def _down(self, pair: dict) -> None:
+        try:
+            while data := self._recv(pair["server"]):
+                pair["replied"] += len(data)
+                pair["client"].sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(pair)
+
+    @staticmethod
+    def _close(pair: dict) -> None:
+        for sock in (pair["client"], pair["server"]):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self.listener.close()
+        for sock in self._socks:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def splitting(comet_redis, prefix):
+    """(proxy, a RedisHub behind it, a direct admin connection)."""
+    proxy = SplittingProxy(comet_redis.port)
+    hub = RedisHub(proxy.url, prefix=prefix)
+    admin = redis.Redis.from_url(comet_redis.url)
+    yield proxy, hub, admin
+    hub.close()
+    proxy.close()
+    admin.close()
+
+
+def test_a_reader_never_sees_part_of_a_publish_many(splitting, prefix):
+    """``publish_many`` is all or nothing for everyone reading (MULTI/EXEC):
+    a reader looking while the batch is half-way to Redis sees none of it."""
+    proxy, hub, admin = splitting
+    proxy.armed = True
+    ids: list = []
+    publisher = threading.Thread(target=lambda: ids.extend(hub.publish_many("batch", ["a", "b", "c"])))
+    publisher.start()
+    try:
+        assert proxy.split.wait(10), "publish_many sent no EVALSHA"
+        seen = admin.xrange(prefix + "batch")
+    finally:
+        proxy.go()
+        publisher.join(10)
+    assert len(seen) in (0, 3), f"a reader saw {len(seen)} of a batch of 3"
+    assert [i.decode() for i, _ in admin.xrange(prefix + "batch")] == ids and len(ids) == 3
+
+
+def test_a_publish_many_cut_off_half_way_stores_nothing(splitting, prefix):
+    """The connection is lost after part of the batch reached Redis: the
+    caller gets BackendUnavailable and nothing was stored, so sending the
+    batch again stores each event once."""
+    proxy, hub, admin = splitting
+    proxy.armed = True
+    proxy.cut()
+    with pytest.raises(BackendUnavailable):
+        hub.publish_many("batch", ["a", "b", "c"])
+    assert proxy.split.is_set()
+    assert admin.xlen(prefix + "batch") == 0
+    ids = hub.publish_many("batch", ["a", "b", "c"])  # the caller tries again
+    assert [(i.decode(), f[b"d"]) for i, f in admin.xrange(prefix + "batch")] == list(zip(ids, [b"a", b"b", b"c"]))

@@ -107,7 +107,13 @@ def test_quickstart_app_exits_fast_on_signal_with_100_streams(sig):
     SIGTERM / SIGINT in under 2 s: engine.exit() ends every stream first."""
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "comet.demo", "--port", str(port), "--threads", "120"],
+    # An ignored SIGINT is inherited across exec (pytest started in the
+    # background by a script, "nohup ... &" say), and Python then installs
+    # no KeyboardInterrupt handler: the child puts it back itself, then
+    # runs the demo as "-m comet.demo" would.
+    main = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('comet.demo', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", main, "--port", str(port), "--threads", "120"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     clients = []
     try:
