@@ -10,7 +10,6 @@ import cherrypy
 import pytest
 
 from comet import GAP, Hub, comet
-from comet.cherrypy_tool import engine_plugin
 from comet.testing import StreamClient, http_get
 
 
@@ -30,15 +29,12 @@ class Chat:
     @cherrypy.expose
     @comet(transport="sse")
     def events(self, last_event_id=None):
-        return self.hub.subscribe("chat", last_id=last_event_id)
+        yield from self.hub.subscribe("chat", last_id=last_event_id)
 
 
 @pytest.fixture
 def chat(comet_cherrypy):
-    hub = engine_plugin().add_hub(Hub(buffer_size=10, idle=0.2))
-    server = comet_cherrypy(Chat(hub))   # a live server on a free 127.0.0.1 port
-    yield server
-    engine_plugin().hubs.remove(hub)
+    return comet_cherrypy(Chat(Hub(buffer_size=10, idle=0.2)))   # a live server on a free 127.0.0.1 port
 
 
 def post(server, text):
