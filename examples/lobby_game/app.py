@@ -24,7 +24,7 @@ import jinja2
 import comet
 import comet.stats
 from comet import Event, Hub, comet as stream
-from comet.cherrypy_tool import engine_plugin, static_config
+from comet.cherrypy_tool import static_config
 
 from comet.backends import hub_from_url
 
@@ -99,8 +99,9 @@ class LobbyApp:
         except GameError as exc:
             sub.close()
             raise cherrypy.HTTPError(exc.status, str(exc)) from None
-        # Returned, not iterated: comet parks the stream on its writer thread,
-        # so an open lobby page costs a socket, not a server thread.
+        # comet parks the stream on its writer thread once the headers are out
+        # (as it would with `yield from sub`), so an open lobby page costs a
+        # socket, not a server thread.
         return sub
 
     @json_action
@@ -131,7 +132,6 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
     ``RedisStore`` shared by every process of the game."""
     hub = hub or Hub()
     lobbies = Lobbies(hub, size=size, grace=grace, store=store, lease=lease, **lobby_options)
-    engine_plugin().add_hub(hub)
     cherrypy.engine.subscribe("start", lobbies.start)
     cherrypy.engine.subscribe("stop", lobbies.close)
     config = {

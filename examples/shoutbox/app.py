@@ -40,7 +40,7 @@ import jinja2
 import comet.stats
 from comet import BackendUnavailable, Hub, comet as stream
 from comet.backends import hub_from_url
-from comet.cherrypy_tool import engine_plugin, static_config
+from comet.cherrypy_tool import static_config
 
 HERE = Path(__file__).parent
 templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
@@ -177,7 +177,8 @@ class Shoutbox:
     @stream(transport="sse")
     def events(self, last_event_id=None):
         view = None if self.is_moderator() else guest_view
-        # Returned, not iterated: the stream is parked on comet's writer thread.
+        # Parked on comet's writer thread once the headers are out (as it would be
+        # with `yield from`): no server thread per open page.
         return self.hub.subscribe(CHANNEL, last_id=last_event_id, view=view)
 
     @staticmethod
@@ -251,7 +252,6 @@ def make_app(hub: Hub | None = None, *, mod_secret: str = "letmein", rate: RateL
              stats_password: str | None = None):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture."""
     hub = hub or Hub(buffer_size=1000)
-    engine_plugin().add_hub(hub)
     config = {
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
