@@ -46,7 +46,7 @@ from cherrypy.process.plugins import SimplePlugin
 
 from .errors import InvalidEventId
 from .hub import Hub
-from .internals import connection_for, install_gateway, keep_charset, release_session
+from .internals import connection_for, install_gateway, keep_charset, release_session, request_context
 from .options import Options
 from .pipeline import Refusal, open_stream
 from .pool import StreamPool
@@ -147,7 +147,7 @@ class CometPlugin(SimplePlugin):
             if self._routes is not None:
                 self._routes.install(httpserver)
 
-    start.priority = 60  # before the HTTP server starts (75): bad config fails startup
+    start.priority = 60  # type: ignore[attr-defined]  # before the HTTP server starts (75): bad config fails startup
 
     def stop(self) -> None:
         self.pool.close_all()
@@ -155,7 +155,7 @@ class CometPlugin(SimplePlugin):
         if hook is not None:
             hook.stop()
 
-    stop.priority = 10  # before the HTTP server's stop (25) joins its threads
+    stop.priority = 10  # type: ignore[attr-defined]  # before the HTTP server's stop (25) joins its threads
 
 
 def engine_plugin(engine: Any = None) -> CometPlugin:
@@ -187,7 +187,7 @@ def check_tool_config() -> None:
                     raise ValueError(f"config {script_name or '/'} [{path}]: tools.comet: {exc}") from None
 
 
-def static_config(url: str = "/comet") -> dict:
+def static_config(url: str = "/comet") -> dict[str, dict[str, Any]]:
     """App config that serves ``comet.js`` at ``<url>/comet.js``: one line.
 
     >>> config = {**static_config("/comet")}
@@ -215,7 +215,8 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
     plugin.ensure_cap()
     try:
         opened = open_stream(call, options, plugin.pool, method=request.method,
-                             resume_id=request.comet_last_event_id, connection=connection_for(request.wsgi_environ))
+                             resume_id=request.comet_last_event_id, connection=connection_for(request.wsgi_environ),
+                             context=request_context())
     except Refusal as refusal:
         return _refuse(refusal)
     except cherrypy.HTTPError as exc:
@@ -234,8 +235,9 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
     # Runs when cheroot closes the response: at the end, on a failed write
     # (client gone) and on errors. Closing the body ends the stream (its
     # handler's finally runs) unless the writer owns it by then.
-    request.hooks.attach("on_end_request", opened.body.close)
-    return opened.body
+    body: Any = opened.body  # a Parking or a thread-mode Stream: both close()
+    request.hooks.attach("on_end_request", body.close)
+    return body
 
 
 def _refuse(refusal: Refusal) -> bytes:
@@ -278,7 +280,7 @@ def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
         return None
 
 
-def _takes_last_event_id(func: Callable) -> bool:
+def _takes_last_event_id(func: Callable[..., Any]) -> bool:
     try:
         params = inspect.signature(func).parameters.values()
     except (TypeError, ValueError):
@@ -286,7 +288,7 @@ def _takes_last_event_id(func: Callable) -> bool:
     return any(p.name == "last_event_id" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _resolve_resume(kwargs: dict, wants: bool) -> None:
+def _resolve_resume(kwargs: dict[str, Any], wants: bool) -> None:
     request = cherrypy.serving.request
     value = resume_id(request.headers.get("Last-Event-ID"), kwargs.get("last_event_id"))
     request.comet_last_event_id = value
@@ -296,7 +298,7 @@ def _resolve_resume(kwargs: dict, wants: bool) -> None:
         kwargs.pop("last_event_id", None)
 
 
-def comet(transport: str = "sse", **options: Any) -> Callable[[Callable], Callable]:
+def comet(transport: str = "sse", **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make a generator page handler a stream. Put it under ``@cherrypy.expose``.
 
     Keywords are the :class:`comet.Options` names; invalid values fail here,
@@ -329,7 +331,7 @@ def comet(transport: str = "sse", **options: Any) -> Callable[[Callable], Callab
 
             return _serve(call, opts)
 
-        handler.comet_options = opts
+        setattr(handler, "comet_options", opts)  # what the decorator made, for introspection
         return handler
 
     return decorate
@@ -343,9 +345,9 @@ class CometTool(cherrypy.Tool):
 
     def __init__(self) -> None:
         super().__init__("before_handler", self._wrap, name="comet", priority=50)
-        self._cache: dict[tuple, Options] = {}
+        self._cache: dict[tuple[tuple[str, Any], ...], Options] = {}
 
-    def _options(self, config: dict) -> Options:
+    def _options(self, config: dict[str, Any]) -> Options:
         key = tuple(sorted(config.items()))
         opts = self._cache.get(key)
         if opts is None:

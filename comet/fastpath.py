@@ -142,7 +142,7 @@ class FastRoute:
             raise ValueError(f"path must be an absolute path without query or %-escapes, got {path!r}")
         if not isinstance(hub, Hub):
             raise TypeError(f"hub must be a comet Hub, got {type(hub).__name__}")
-        if options.transport == "longpoll" or options.mode != "auto":
+        if not options.framing.streaming or options.mode != "auto":
             raise ValueError("a fast route streams parked: transport sse, chunked or multipart, mode 'auto'")
         if authorize is not None and not callable(authorize):
             raise TypeError(f"authorize must be a callable taking a StreamRequest, got {authorize!r}")

@@ -43,7 +43,7 @@ from typing import Any, Iterable, Literal
 from .errors import InvalidEvent, UnserializableData
 
 __all__ = [
-    "TRANSPORTS", "Transport", "Event", "Part", "encode_item", "heartbeat",
+    "TRANSPORTS", "Transport", "Framing", "FRAMINGS", "Event", "Part", "encode_item", "heartbeat",
     "new_boundary", "content_type", "encode_longpoll", "to_json",
 ]
 
@@ -97,7 +97,7 @@ class Event:
     channel: str | None = None
     retry: int | None = None
     # Encodings shared by every stream: "text" and "json" hold str, each
-    # transport (and comet.parked's "<transport>+chunk") its bytes.
+    # transport (and comet.writer's "<transport>+chunk") its bytes.
     _wire: dict[str, str | bytes] = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +136,7 @@ class Event:
 
     def encode(self, transport: str, boundary: str = "") -> bytes:
         """Exact bytes of this event on *transport*; cached per transport."""
-        if transport == "multipart":
+        if not FRAMINGS[transport].shared_bytes:
             # Boundaries are random per response: caching per boundary would
             # keep one copy per stream. The JSON body inside is cached.
             return _multipart(self, boundary)
@@ -239,15 +239,133 @@ def check_boundary(boundary: str) -> str:
     return boundary
 
 
+class Framing:
+    """How one transport frames a stream: one small object per transport
+    (:data:`FRAMINGS`), so that what differs between transports lives here,
+    not in switches elsewhere.
+
+    >>> FRAMINGS["sse"].heartbeat, FRAMINGS["longpoll"].streaming
+    (b':\\n\\n', False)
+    """
+
+    name = ""
+    #: Many items over one response (False: long-poll, one answer per request).
+    streaming = True
+    #: An :class:`Event` is the same bytes on every stream of this transport,
+    #: so it is encoded (and chunk-framed) once and shared.
+    shared_bytes = True
+    #: Keep-alive bytes for an idle stream (see the module docstring).
+    heartbeat = b""
+
+    def boundary(self, fixed: str | None = None) -> str:
+        """The multipart boundary of one response ("" for other transports)."""
+        return ""
+
+    def content_type(self, boundary: str = "", chunked_type: str | None = None) -> str:
+        """The response ``Content-Type`` header value."""
+        return "application/json; charset=utf-8"
+
+    def preamble(self, retry: int | None = None) -> bytes:
+        """First body bytes of a stream. WSGI servers (cheroot included) send
+        the response headers only with the first non-empty body chunk, so
+        without these a client would not see the stream open until the first
+        event or heartbeat."""
+        return self.heartbeat
+
+    def encode(self, item: Any, boundary: str = "", max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
+        """Bytes for one item a handler yielded (see :func:`encode_item`)."""
+        if isinstance(item, Event):
+            if item.size() > max_bytes:
+                raise InvalidEvent(f"event of {item.size()} bytes exceeds the {max_bytes}-byte limit")
+            return item.encode(self.name, boundary)
+        if isinstance(item, Part):
+            if len(item.body) > max_bytes:
+                raise InvalidEvent(f"part of {len(item.body)} bytes exceeds the {max_bytes}-byte limit")
+            return self._part(item, boundary)
+        if isinstance(item, (bytes, bytearray)):
+            body, ctype = bytes(item), "application/octet-stream"
+        elif isinstance(item, str):
+            body, ctype = item.encode("utf-8"), "text/plain; charset=utf-8"
+        else:
+            body, ctype = self._json(item), "application/json"
+        if len(body) > max_bytes:
+            raise InvalidEvent(f"item of {len(body)} bytes exceeds the {max_bytes}-byte limit")
+        return self._body(body, ctype, boundary)
+
+    def _part(self, part: Part, boundary: str) -> bytes:
+        raise TypeError(f"a Part cannot be sent on the {self.name} transport")
+
+    def _json(self, value: Any) -> bytes:
+        return to_json(value).encode("utf-8")
+
+    def _body(self, body: bytes, content_type: str, boundary: str) -> bytes:
+        return body
+
+    def __repr__(self) -> str:
+        return f"<Framing {self.name}>"
+
+
+class _SSEFraming(Framing):
+    name = "sse"
+    heartbeat = b":\n\n"
+
+    def content_type(self, boundary: str = "", chunked_type: str | None = None) -> str:
+        return "text/event-stream; charset=utf-8"
+
+    def preamble(self, retry: int | None = None) -> bytes:
+        # A comment (and ``retry:`` if set): EventSource ignores it.
+        return b":ok\n\n" if retry is None else b":ok\nretry: %d\n\n" % retry
+
+    def encode(self, item: Any, boundary: str = "", max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
+        if not isinstance(item, (Event, Part)):
+            item = Event(item)  # text, bytes (UTF-8) or JSON all become data: lines
+        return super().encode(item, boundary, max_bytes)
+
+
+class _MultipartFraming(Framing):
+    name = "multipart"
+    shared_bytes = False  # each response has its own random boundary
+    heartbeat = b"\r\n"  # RFC 2046's padding between parts; also the preamble
+
+    def boundary(self, fixed: str | None = None) -> str:
+        return fixed or new_boundary()
+
+    def content_type(self, boundary: str = "", chunked_type: str | None = None) -> str:
+        return f"multipart/x-mixed-replace; boundary={boundary}"
+
+    def _part(self, part: Part, boundary: str) -> bytes:
+        return part.encode(boundary)
+
+    def _body(self, body: bytes, content_type: str, boundary: str) -> bytes:
+        return Part(body, content_type).encode(boundary)
+
+
+class _ChunkedFraming(Framing):
+    name = "chunked"
+    heartbeat = b"\n"  # NDJSON readers skip an empty line; also the preamble
+
+    def content_type(self, boundary: str = "", chunked_type: str | None = None) -> str:
+        return chunked_type or "application/x-ndjson; charset=utf-8"
+
+    def _part(self, part: Part, boundary: str) -> bytes:
+        return part.encode_chunk()
+
+    def _json(self, value: Any) -> bytes:
+        return to_json(value).encode("utf-8") + b"\n"  # one JSON line each (NDJSON)
+
+
+class _LongPollFraming(Framing):
+    name = "longpoll"
+    streaming = False
+
+
+#: The framing of each transport, by name.
+FRAMINGS: dict[str, Framing] = {f.name: f for f in (_SSEFraming(), _MultipartFraming(), _ChunkedFraming(), _LongPollFraming())}
+
+
 def content_type(transport: str, boundary: str = "", chunked_type: str | None = None) -> str:
     """The response ``Content-Type`` header value for a transport."""
-    if transport == "sse":
-        return "text/event-stream; charset=utf-8"
-    if transport == "multipart":
-        return f"multipart/x-mixed-replace; boundary={boundary}"
-    if transport == "chunked":
-        return chunked_type or "application/x-ndjson; charset=utf-8"
-    return "application/json; charset=utf-8"
+    return FRAMINGS[transport].content_type(boundary, chunked_type)
 
 
 def encode_item(item: Any, transport: str, boundary: str = "", max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
@@ -263,51 +381,17 @@ def encode_item(item: Any, transport: str, boundary: str = "", max_bytes: int = 
     >>> encode_item(b"raw", "chunked")
     b'raw'
     """
-    if isinstance(item, Event):
-        if item.size() > max_bytes:
-            raise InvalidEvent(f"event of {item.size()} bytes exceeds the {max_bytes}-byte limit")
-        return item.encode(transport, boundary)
-    if isinstance(item, Part):
-        if len(item.body) > max_bytes:
-            raise InvalidEvent(f"part of {len(item.body)} bytes exceeds the {max_bytes}-byte limit")
-        if transport == "multipart":
-            return item.encode(boundary)
-        if transport == "chunked":
-            return item.encode_chunk()
-        raise TypeError(f"a Part cannot be sent on the {transport} transport")
-    if transport == "sse":
-        return encode_item(Event(item), transport, boundary, max_bytes)
-    if isinstance(item, (bytes, bytearray)):
-        body, ctype = bytes(item), "application/octet-stream"
-    elif isinstance(item, str):
-        body, ctype = item.encode("utf-8"), "text/plain; charset=utf-8"
-    else:
-        body = to_json(item).encode("utf-8")
-        ctype = "application/json"
-        if transport == "chunked":
-            body += b"\n"
-    if len(body) > max_bytes:
-        raise InvalidEvent(f"item of {len(body)} bytes exceeds the {max_bytes}-byte limit")
-    if transport == "multipart":
-        return Part(body, ctype).encode(boundary)
-    return body
+    return FRAMINGS[transport].encode(item, boundary, max_bytes)
 
 
 def heartbeat(transport: str) -> bytes:
     """Keep-alive bytes for an idle stream (see the module docstring)."""
-    return {"sse": b":\n\n", "multipart": b"\r\n", "chunked": b"\n"}.get(transport, b"")
+    return FRAMINGS[transport].heartbeat
 
 
 def preamble(transport: str, retry: int | None = None) -> bytes:
-    """First body bytes of a stream. WSGI servers (cheroot included) send the
-    response headers only with the first non-empty body chunk, so without
-    these a client would not see the stream open until the first event or
-    heartbeat. SSE: a comment (and ``retry:`` if set); multipart: a CRLF,
-    which RFC 2046 calls the preamble and readers ignore; chunked: a blank
-    line, which NDJSON readers skip like a heartbeat."""
-    if transport == "sse":
-        return b":ok\n\n" if retry is None else b":ok\nretry: %d\n\n" % retry
-    return heartbeat(transport)
+    """First body bytes of a stream (see :meth:`Framing.preamble`)."""
+    return FRAMINGS[transport].preamble(retry)
 
 
 def longpoll_item(item: Any) -> str:

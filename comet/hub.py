@@ -71,6 +71,13 @@ def parse_id(value: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def _stored_id(event: Event) -> str:
+    """The id of an event a channel holds (every stored event has one)."""
+    event_id = event.id
+    assert event_id is not None
+    return event_id
+
+
 class Step:
     """What a cooperative stepper learns from one step of a generator: the
     subscription it would have waited on (``blocked``), if any. Set
@@ -160,7 +167,7 @@ class _Channel:
     def append(self, event: Event) -> None:
         """Store *event* as the newest; the caller holds ``cond``."""
         if len(self.events) == self.events.maxlen:
-            self.floor = self.events[0].id
+            self.floor = _stored_id(self.events[0])
         self.events.append(event)
         self.seq += 1
 
@@ -172,7 +179,7 @@ class _Channel:
         self.seq += 1
 
     def tail_id(self) -> str:
-        return self.events[-1].id if self.events else self.floor
+        return _stored_id(self.events[-1]) if self.events else self.floor
 
     def first_seq(self) -> int:
         """seq of the oldest held event (``seq + 1`` when none)."""
@@ -183,7 +190,7 @@ class _Channel:
         events, lo, hi = self.events, 0, len(self.events)
         while lo < hi:
             mid = (lo + hi) // 2
-            if parse_id(events[mid].id) <= key:
+            if parse_id(_stored_id(events[mid])) <= key:
                 lo = mid + 1
             else:
                 hi = mid
@@ -391,6 +398,7 @@ class Hub:
         if key > parse_id(tail):
             raise InvalidEventId(f"event id {last_id!r} is from the future: channel {channel!r} is at {tail}")
         if key >= parse_id(ch.floor):
+            assert last_id is not None  # key was parsed from it
             return ch.first_seq() - 1 + ch.count_upto(key), last_id, None
         # Older epoch or evicted: everything held is new to the client.
         return ch.first_seq() - 1, ch.floor, self._gap(channel, last_id, ch.floor)
@@ -469,7 +477,7 @@ class Hub:
         ch = self._acquire(channel)
         with ch.cond:
             ch.watchers = ch.watchers + (wake,)
-        done = []
+        done: list[bool] = []
 
         def unwatch() -> None:
             if done:
@@ -572,7 +580,7 @@ class Subscription:
     >>> sub.close()
     """
 
-    def __init__(self, hub: Hub, ch: _Channel, channel: str, cursor: int, last_id: str, pending: list,
+    def __init__(self, hub: Hub, ch: _Channel, channel: str, cursor: int, last_id: str, pending: list[Any],
                  view: View | None, idle: float) -> None:
         self.hub = hub
         self.channel = channel
@@ -635,7 +643,7 @@ class Subscription:
             self.cursor, self._last_id = start - 1, floor
         if batch:
             self.cursor = start + len(batch) - 1
-            self._last_id = batch[-1].id
+            self._last_id = _stored_id(batch[-1])
             view = self.view
             if view is None:
                 out.extend(batch)

@@ -55,10 +55,11 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, ContextManager, Iterator
 
 __all__ = ["install_gateway", "install_accept_hook", "AcceptHook", "CherootConnection", "connection_for",
-           "release_session", "keep_charset", "MAX_HEAD"]
+           "release_session", "keep_charset", "request_context", "MAX_HEAD"]
 
 log = logging.getLogger("comet")
 
@@ -320,6 +321,8 @@ class _HeadWaiter:
         self.hook = hook
         self.timeout = float(getattr(hook.server, "timeout", 10) or 10)
         self._epoll = select.epoll()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._lock = threading.Lock()
         self._conns: dict[int, tuple[Any, float]] = {}
         self._expiry: list[tuple[float, int, int]] = []
@@ -367,7 +370,7 @@ class _HeadWaiter:
                 for fd, mask in events:
                     conn = self._conns.get(fd)
                     if conn is None:
-                        continue
+                        continue  # the wake-up of stop(), or gone meanwhile
                     if mask & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
                         # The client closed (or half-closed) before its head was complete: it never will be.
                         gone = self._pop(fd)
@@ -404,6 +407,10 @@ class _HeadWaiter:
 
     def stop(self) -> None:
         self.stopped = True
+        try:
+            self._wake_w.send(b"\0")  # out of epoll.poll at once
+        except OSError:
+            pass
         if threading.current_thread() is not self._thread:
             self._thread.join(2)
 
@@ -413,6 +420,8 @@ class _HeadWaiter:
             conns = [conn for conn, _ in self._conns.values()]
             self._conns.clear()
             self._epoll.close()
+            self._wake_r.close()
+            self._wake_w.close()
         for conn in conns:
             try:
                 conn.close()
@@ -464,6 +473,30 @@ def release_session() -> None:
         return
     request._sessionsaved = True  # the guard of cherrypy.lib.sessions.save
     session.save()
+
+
+def request_context() -> Callable[[], ContextManager[None]]:
+    """What a generator's later steps (on comet's step threads) enter, so
+    that ``cherrypy.request``, ``cherrypy.response`` and ``cherrypy.session``
+    are still this request's, as they were on its own thread.
+
+    ``cherrypy.serving`` is a thread-local; its values are copied into the
+    step thread for the step and cleared after it.
+    """
+    import cherrypy
+
+    saved = dict(vars(cherrypy.serving))
+
+    @contextmanager
+    def enter() -> Iterator[None]:
+        serving = cherrypy.serving
+        vars(serving).update(saved)
+        try:
+            yield
+        finally:
+            vars(serving).clear()
+
+    return enter
 
 
 def keep_charset() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .framing import DEFAULT_MAX_EVENT_BYTES, TRANSPORTS, check_boundary
+from .framing import DEFAULT_MAX_EVENT_BYTES, FRAMINGS, TRANSPORTS, Framing, check_boundary
 
 __all__ = ["Options"]
 
@@ -88,6 +88,11 @@ class Options:
             raise ValueError(f"mode must be one of ('auto', 'thread'), got {self.mode!r}")
         if isinstance(self.max_event_bytes, bool) or not isinstance(self.max_event_bytes, int) or self.max_event_bytes <= 0:
             raise ValueError(f"max_event_bytes must be a positive int, got {self.max_event_bytes!r}")
+
+    @property
+    def framing(self) -> Framing:
+        """How this endpoint's transport frames a stream."""
+        return FRAMINGS[self.transport]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "Options":

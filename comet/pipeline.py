@@ -25,10 +25,10 @@ import logging
 import socket
 import time
 from http import HTTPStatus
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
 from .errors import CometError
-from .framing import content_type, new_boundary, preamble
+from .framing import content_type
 from .hub import Idle, Step, Subscription, cooperative
 from .options import Options
 from .pool import Admission, StreamPool
@@ -131,10 +131,13 @@ def stream_headers(options: Options, boundary: str, *, parked_longpoll: bool = F
 
 
 def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, method: str = "GET",
-                resume_id: str | None = None, connection: Connection | None = None) -> Opened:
+                resume_id: str | None = None, connection: Connection | None = None,
+                context: Callable[[], ContextManager[Any]] | None = None) -> Opened:
     """Open one stream: see the module's introduction. Raises
     :class:`Refusal`, or whatever the handler raised that is not an input
-    error (the adapter's 500).
+    error (the adapter's 500). ``context``, if given, is entered around each
+    later step of a parked generator (on a pool thread): the framework's
+    per-request state, so the handler's code keeps seeing its own request.
 
     >>> from comet import Hub
     >>> hub, pool = Hub(), StreamPool()
@@ -147,7 +150,7 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
     comet.pipeline.Refusal: 405 a stream answers GET (and HEAD, OPTIONS)
     """
     method = method.upper()
-    boundary = options.boundary or (new_boundary() if options.transport == "multipart" else "")
+    boundary = options.framing.boundary(options.boundary)
     if method == "HEAD":
         return Opened(stream_headers(options, boundary), [])
     if method == "OPTIONS":
@@ -161,15 +164,15 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
             items = call()
             if park:
                 assert connection is not None
-                body: Iterable[bytes] = Parking(items, options, admission, boundary, resume_id, connection)
-                headers = stream_headers(options, boundary, parked_longpoll=options.transport == "longpoll")
+                body: Iterable[bytes] = Parking(items, options, admission, boundary, resume_id, connection, context)
+                headers = stream_headers(options, boundary, parked_longpoll=not options.framing.streaming)
             else:
                 stream = Stream(items, options, admission, closed=connection.closed if connection else None,
                                 resume_id=resume_id, boundary=boundary)
                 stream.prime()
                 admission.thread(stream)
                 headers = stream_headers(options, boundary)
-                if options.transport == "longpoll":
+                if not options.framing.streaming:
                     try:
                         answer = stream.longpoll_body()
                     finally:
@@ -201,7 +204,8 @@ class Parking:
     """
 
     def __init__(self, items: Any, options: Options, admission: Admission, boundary: str, resume_id: str | None,
-                 connection: Connection | None) -> None:
+                 connection: Connection | None, context: Callable[[], ContextManager[Any]] | None = None) -> None:
+        self.context = context
         self.options = options
         self.admission = admission
         self.boundary = boundary
@@ -259,14 +263,15 @@ class Parking:
         self._done = True
         options = self.options
         deadline = time.monotonic() + options.max_duration if options.max_duration else None
-        longpoll = options.poll_timeout if self.transport == "longpoll" else None
+        longpoll = None if options.framing.streaming else options.poll_timeout
         stream = ParkedStream(sock, self.transport, self.boundary, chunked, options.heartbeat, deadline,
                               options.max_event_bytes, self.admission, sub=self._sub, gen=self._gen,
                               longpoll=longpoll, cursor=self.resume_id)
         stream.initial = self._first
         stream.hint = self._channel
+        stream.context = self.context
         self.admission.served_by(stream)
-        start = preamble(self.transport, options.retry)
+        start = options.framing.preamble(options.retry)
         if head or start:
             stream.queue(head + ((_chunk(start) if chunked else start) if start else b""))
         if self._sub is not None:

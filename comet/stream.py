@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from .framing import Event, encode_item, encode_longpoll, heartbeat, longpoll_item, preamble
+from .framing import Event, encode_longpoll, longpoll_item
 from .hub import Idle, Subscription
 from .options import Options
 from .pool import Admission, StreamPool
@@ -67,12 +67,13 @@ class Stream:
         self._closed = False
         self._primed = False
         self._pending: list[Any] = []
-        self._preamble = preamble(self.transport, options.retry)
+        self._framing = options.framing
+        self._preamble = self._framing.preamble(options.retry)
         now = time.monotonic()
         self._last_write = now
         self._last_probe = now
         self._deadline = now + options.max_duration if options.max_duration else None
-        self._heartbeat_bytes = heartbeat(self.transport)
+        self._heartbeat_bytes = self._framing.heartbeat
         self.disconnected = False
         self._channel: str | None = items.channel if isinstance(items, Subscription) else None
 
@@ -124,7 +125,7 @@ class Stream:
                     return self._count(self._heartbeat_bytes)
                 continue
             try:
-                data = encode_item(item, self.transport, self.boundary, self.options.max_event_bytes)
+                data = self._framing.encode(item, self.boundary, self.options.max_event_bytes)
             except (ValueError, TypeError) as exc:
                 # Headers are out: the only safe answer is to end the stream
                 # cleanly rather than write something malformed.

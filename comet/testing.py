@@ -64,8 +64,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         time.sleep(interval)
 
 
-def http_get(url: str, headers: dict | None = None, timeout: float = 10.0, method: str = "GET", body: bytes | None = None,
-             *, deadline: float | None = None) -> tuple[int, dict, bytes]:
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10.0, method: str = "GET", body: bytes | None = None,
+             *, deadline: float | None = None) -> tuple[int, dict[str, str], bytes]:
     """One plain request: ``(status, headers, body)``; never raises on 4xx/5xx.
 
     ``deadline`` (seconds, default ``timeout``) bounds the whole exchange,
@@ -83,7 +83,7 @@ def http_get(url: str, headers: dict | None = None, timeout: float = 10.0, metho
             raise TimeoutError(f"{method} {url}: no complete answer within {budget}s")
         return min(timeout, remaining)
 
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=left())
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=left())
     try:
         conn.connect()
         sock = conn.sock  # kept: on "Connection: close" the response takes it over
@@ -206,7 +206,7 @@ class MultipartParser:
 
     def feed(self, data: bytes) -> list[Part]:
         self._buf += data
-        out = []
+        out: list[Part] = []
         while True:
             part = self._next()
             if part is None:
@@ -305,7 +305,7 @@ class StreamClient:
     __test__ = False
 
     def __init__(self, url: str, transport: str = "sse", *, last_event_id: str | None = None,
-                 headers: dict | None = None, timeout: float = 30.0) -> None:
+                 headers: dict[str, str] | None = None, timeout: float = 30.0) -> None:
         self.url = url
         self.transport = transport
         self.last_event_id = last_event_id
@@ -378,7 +378,7 @@ class StreamClient:
 
     # -- waiting --
 
-    def wait_for(self, what: int | Callable[[list], Any] = 1, timeout: float = 5.0) -> list:
+    def wait_for(self, what: int | Callable[[list[Any]], Any] = 1, timeout: float = 5.0) -> list[Any]:
         """Block until *what* (a count of items, or a predicate over the item
         list) holds; return the items so far. Raises ``TimeoutError`` (with
         what arrived), :class:`StreamClosed`, or the reader's error."""
@@ -422,7 +422,7 @@ class StreamClient:
 
     # -- reading --
 
-    def _connect(self, query: dict | None = None, sent: threading.Event | None = None) -> http.client.HTTPResponse:
+    def _connect(self, query: dict[str, str] | None = None, sent: threading.Event | None = None) -> http.client.HTTPResponse:
         parts = urlsplit(self.url)
         path = parts.path or "/"
         params = parts.query
@@ -433,7 +433,7 @@ class StreamClient:
         headers = {"Accept": _ACCEPT[self.transport], **self.extra_headers}
         if self.transport == "sse" and self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
-        self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
+        self._conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=self.timeout)
         self._conn.request("GET", path, headers=headers)
         self._sock = self._conn.sock
         if sent is not None:
@@ -496,7 +496,8 @@ class StreamClient:
         while not self._closing:
             resp = self._connect({"last_event_id": cursor} if cursor else None, sent=self._opened)
             body = resp.read()
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
             doc = json.loads(body)
             items = [Event(e.get("data"), id=e.get("id"), name=e.get("event")) for e in doc["events"]]
             cursor = doc.get("cursor") or cursor
@@ -525,7 +526,8 @@ class CherryPyServer:
             status, headers, body = http_get(server.url + "/")
     """
 
-    def __init__(self, root: Any, config: dict | None = None, *, thread_pool: int = 30, global_config: dict | None = None) -> None:
+    def __init__(self, root: Any, config: dict[str, Any] | None = None, *, thread_pool: int = 30,
+                 global_config: dict[str, Any] | None = None) -> None:
         self.root = root
         self.config = config or {}
         self.thread_pool = thread_pool
@@ -588,12 +590,12 @@ class WSGIServer:
     stop (a ``comet_app``'s own pool is found at ``app.pool``).
     """
 
-    def __init__(self, app: Callable | None, *, pools: list | None = None, numthreads: int = 30,
+    def __init__(self, app: Callable[..., Any] | None, *, pools: list[Any] | None = None, numthreads: int = 30,
                  routes: Any = None) -> None:
         from cheroot import wsgi
 
         self.app = app
-        self.pools = list(pools or ([app.pool] if hasattr(app, "pool") else []))
+        self.pools = list(pools or ([getattr(app, "pool")] if hasattr(app, "pool") else []))
         from .wsgi import install_gateway
 
         self.server = wsgi.Server(("127.0.0.1", 0), app, numthreads=numthreads, shutdown_timeout=2)
@@ -635,11 +637,12 @@ class WSGIServer:
 # -- pytest fixtures ----------------------------------------------------------
 
 try:
-    import pytest
+    import pytest as _pytest
 except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
-    pytest = None
+    _pytest = None  # type: ignore[assignment]
 
-if pytest is not None:
+if _pytest is not None:
+    pytest = _pytest
 
     @pytest.fixture
     def comet_cherrypy() -> Iterator[Callable[..., CherryPyServer]]:
@@ -647,7 +650,7 @@ if pytest is not None:
         CherryPy app on a free port and stops it after the test."""
         started: list[CherryPyServer] = []
 
-        def start(root: Any, config: dict | None = None, **kw: Any) -> CherryPyServer:
+        def start(root: Any, config: dict[str, Any] | None = None, **kw: Any) -> CherryPyServer:
             server = CherryPyServer(root, config, **kw).start()
             started.append(server)
             return server
@@ -662,7 +665,7 @@ if pytest is not None:
         on a free port and stops it after the test."""
         started: list[WSGIServer] = []
 
-        def start(app: Callable, **kw: Any) -> WSGIServer:
+        def start(app: Callable[..., Any], **kw: Any) -> WSGIServer:
             server = WSGIServer(app, **kw).start()
             started.append(server)
             return server

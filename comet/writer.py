@@ -42,9 +42,10 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable, Generator, Iterator
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Generator, Iterator
 
-from .framing import Event, encode_item, encode_longpoll, heartbeat, longpoll_item
+from .framing import FRAMINGS, Event, encode_longpoll, longpoll_item
 from .hub import Idle, Step, Subscription, cooperative
 from .pool import Admission, StreamPool
 from .steps import StepPool
@@ -78,7 +79,7 @@ class ParkedStream:
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
                  "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "hint", "shut",
-                 "__weakref__")
+                 "framing", "context", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
                  deadline: float | None, max_bytes: int, admission: Admission, *, sub: Subscription | None = None,
@@ -91,7 +92,11 @@ class ParkedStream:
         self.boundary = boundary
         self.chunked = chunked
         self.heartbeat = heartbeat_every
-        self.beat = heartbeat(transport)
+        self.framing = FRAMINGS[transport]
+        #: Entered around each step of the generator: the framework's
+        #: per-request state (CherryPy's ``cherrypy.request``) for its code.
+        self.context: Callable[[], ContextManager[Any]] | None = None
+        self.beat = self.framing.heartbeat
         self.deadline = deadline
         self.max_bytes = max_bytes
         self.admission = admission
@@ -299,6 +304,7 @@ class Writer:
         if group is None:
             group = self._groups[key] = set()
             self._unwatch[key] = sub.hub.watch(sub.channel, lambda: self._mark(key))
+            self.pool.follow(sub.hub)  # its subscriptions end with the pool's streams at shutdown
         group.add(stream)
 
     def _leave(self, stream: ParkedStream) -> None:
@@ -341,7 +347,7 @@ class Writer:
                 self._submit_step(stream)
                 continue
             if (sub.view is not None or stream.out or sub._pending or not stream.chunked or sub.ended
-                    or stream.transport == "multipart" or stream.longpoll is not None):
+                    or not stream.framing.shared_bytes or stream.longpoll is not None):
                 self._feed(stream)
                 continue
             key = (sub.cursor, stream.transport)
@@ -431,13 +437,14 @@ class Writer:
     def _wire(self, stream: ParkedStream, item: Any) -> bytes:
         # Shared events are encoded and chunk-framed once per transport; the
         # same bytes object is written to every socket.
-        if isinstance(item, Event) and stream.transport != "multipart" and stream.chunked:
+        framing = stream.framing
+        if isinstance(item, Event) and framing.shared_bytes and stream.chunked:
             key = stream.transport + "+chunk"
             wire = item._wire.get(key)
-            if wire is None:
-                wire = item._wire[key] = _chunk(encode_item(item, stream.transport, "", stream.max_bytes))
+            if not isinstance(wire, bytes):
+                wire = item._wire[key] = _chunk(framing.encode(item, "", stream.max_bytes))
             return wire
-        payload = encode_item(item, stream.transport, stream.boundary, stream.max_bytes)
+        payload = framing.encode(item, stream.boundary, stream.max_bytes)
         return _chunk(payload) if stream.chunked else payload
 
     def _flush(self, stream: ParkedStream) -> None:
@@ -534,8 +541,9 @@ class Writer:
         gen, step = stream.gen, stream.step
         assert gen is not None and step is not None
         produced = 0
-        outcome, value = "again", None
-        with cooperative(step):
+        outcome: str = "again"
+        value: Subscription | None = None
+        with cooperative(step), (stream.context() if stream.context is not None else nullcontext()):
             while True:
                 if step.cancelled:
                     outcome = "cancelled"
@@ -564,13 +572,15 @@ class Writer:
                     stream.drained.clear()  # the writer sets it as the backlog drains
                     stream.drained.wait(0.25)
         if outcome == "waiting":
+            assert value is not None
             direct = _delegates_to(gen, value)
             self._post(stream, "waiting", (value, direct))
         elif outcome == "again":
             self._post(stream, "again")
         else:
             if outcome == "cancelled":
-                _close_generator(gen)
+                with stream.context() if stream.context is not None else nullcontext():
+                    _close_generator(gen)
             self._post(stream, outcome)
 
     def _take_inbox(self) -> None:
@@ -637,7 +647,7 @@ class Writer:
         if stream.done:
             return
         if not stream.closing:  # (a long-poll's answer is queued already)
-            if final and stream.chunked and stream.transport != "longpoll":
+            if final and stream.chunked and stream.framing.streaming:
                 stream.queue(b"0\r\n\r\n")  # the client may reconnect at once
             stream.closing = True
         self._flush(stream)
@@ -683,7 +693,8 @@ class Writer:
         stream.stepping = True
 
         def close() -> None:
-            _close_generator(gen)
+            with stream.context() if stream.context is not None else nullcontext():
+                _close_generator(gen)
             stream.admission.release()
 
         self.steps.submit(close)

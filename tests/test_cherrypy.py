@@ -245,6 +245,7 @@ def test_nothing_leaks_after_many_cycles(app, hub, tracker):
         StreamClient(app.url + "/" + transport, transport=transport).open().close()
     settle(lambda: hub.subscriptions == 0 and pool.open_streams == 0, what="warm-up released")
     threads, fds = threading.active_count(), open_fds()
+    before = set(threading.enumerate())
     for cycle in range(60):
         transport = TRANSPORTS[cycle % 4]
         client = StreamClient(app.url + "/" + transport, transport=transport, last_event_id=hub.last_id("lobby")).open()
@@ -253,7 +254,8 @@ def test_nothing_leaks_after_many_cycles(app, hub, tracker):
             client.wait_for(1)
         client.close()
     settle(lambda: hub.subscriptions == 0 and pool.open_streams == 0 and tracker.open == 0, what="all released")
-    settle(lambda: threading.active_count() <= threads, timeout=10, what=f"threads back to {threads}")  # step threads linger 1 s
+    settle(lambda: threading.active_count() <= threads, timeout=10,  # step threads linger 1 s
+           what=f"threads back to {threads}; new: {[t.name for t in set(threading.enumerate()) - before]}")
     settle(lambda: open_fds() <= fds + 2, what=f"fds back to {fds}")  # +2: cheroot keep-alive slack
     assert tracker.started == tracker.finished >= 60
 
@@ -269,7 +271,6 @@ def test_engine_stop_with_100_idle_streams_is_fast():
         settle(lambda: hub.subscriptions == 100, what="100 streams open")
     finally:
         elapsed = server.stop()
-        engine_plugin().hubs.remove(hub)
     assert elapsed < 2.0, f"engine.stop() took {elapsed:.2f}s with 100 open streams"
     for client in clients:
         client.wait_closed(5)

@@ -49,7 +49,6 @@ def stats_server(comet_cherrypy):
     mount(root)
     server = comet_cherrypy(root, global_config={"comet.max_streams": 2})
     yield server, hub
-    engine_plugin().hubs.remove(hub)
 
 
 def stats(server) -> dict:

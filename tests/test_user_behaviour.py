@@ -49,7 +49,6 @@ def served():
     yield make
     for hub in made:
         hub.close()
-        engine_plugin().hubs.remove(hub)
 
 
 def port_of(server) -> int:

@@ -130,7 +130,6 @@ def unit_server(comet_cherrypy):
     server = comet_cherrypy(Root(), static_config("/comet"))
     server.report, server.reported = report, reported
     yield server, hub
-    engine_plugin().hubs.remove(hub)
 
 
 def test_comet_js_parsers_and_live_resume_on_every_transport(context, unit_server):
