@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
+from contextlib import nullcontext
 from http import HTTPStatus
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
@@ -38,6 +40,11 @@ from .writer import ParkedStream, _chunk, inner_subscription
 __all__ = ["open_stream", "Opened", "Refusal", "Connection", "Parking", "refusal_for", "ALLOW"]
 
 log = logging.getLogger("comet")
+
+#: Seconds the request's thread waits for a generator's first step: errors
+#: raised within it are still a 4xx; a first step that takes longer goes on
+#: without holding the request's thread.
+PRIME_WAIT = 0.1
 
 #: The methods a stream URL answers.
 ALLOW = "GET, HEAD, OPTIONS"
@@ -199,8 +206,11 @@ class Parking:
     writer thread and ends, freeing the server's thread. ``park()`` does the
     same for a socket comet already owns (a fast route).
 
-    A generator handler is run here up to its first item, so that errors it
-    raises at once are still answered as 4xx by the adapter.
+    A generator handler's first step (up to its first item) runs on the
+    step pool while the request's thread waits up to :data:`PRIME_WAIT`
+    seconds: errors it raises at once are still answered as 4xx, and one
+    that blocks before its first item (a slow query) does not hold a server
+    thread: its stream opens and the step goes on, as later ones do.
     """
 
     def __init__(self, items: Any, options: Options, admission: Admission, boundary: str, resume_id: str | None,
@@ -216,6 +226,11 @@ class Parking:
         self._gen: Any = None
         self._first: list[Any] = []
         self._done = False
+        self._lock = threading.Lock()
+        self._late = False  # the first step outlasted PRIME_WAIT: it finishes on its own
+        self._outcome: tuple[str, Any, Subscription | None] | None = None
+        self._stream: ParkedStream | None = None
+        self._abandoned = False
         self._channel: str | None = None
         if isinstance(items, Subscription):
             self._sub = items
@@ -233,18 +248,76 @@ class Parking:
         return self._channel
 
     def _prime(self) -> None:
+        writer = self.admission.pool.writer()
+        if writer is None:  # stopping: nothing else to run it on
+            self._apply(self._first_step())
+            return
+        ready = threading.Event()
+
+        def first_step() -> None:
+            outcome = self._first_step()
+            with self._lock:
+                self._outcome = outcome
+                late, stream, abandoned = self._late, self._stream, self._abandoned
+            if not late:
+                ready.set()
+            elif abandoned:
+                self._release()
+            elif stream is not None:
+                self._deliver(outcome, stream)
+            # else: park() is on its way and delivers it
+
+        writer.steps.submit(first_step)
+        if not ready.wait(PRIME_WAIT):
+            with self._lock:
+                if self._outcome is None:
+                    self._late = True
+                    return
+        assert self._outcome is not None
+        self._apply(self._outcome)
+
+    def _first_step(self) -> tuple[str, Any, Subscription | None]:
         step = Step()
-        with cooperative(step):
+        with (self.context() if self.context is not None else nullcontext()), cooperative(step):
             try:
                 first = next(self._gen)
             except StopIteration:
-                self._gen = None
-                return
-        sub = step.blocked or inner_subscription(self._gen)
+                return "end", None, None
+            except BaseException as exc:
+                return "error", exc, None
+        return "item", first, step.blocked or inner_subscription(self._gen)
+
+    def _apply(self, outcome: tuple[str, Any, Subscription | None]) -> None:
+        """The first step's outcome, in time to shape the response."""
+        kind, value, sub = outcome
+        if kind == "error":
+            raise value
+        if kind == "end":
+            close_quietly(self._gen)
+            self._gen = None
+            return
         if sub is not None:
             self._channel = sub.channel
-        if first is not None and first.__class__ is not Idle:
-            self._first.append(first)
+        if value is not None and value.__class__ is not Idle:
+            self._first.append(value)
+
+    def _deliver(self, outcome: tuple[str, Any, Subscription | None], stream: ParkedStream) -> None:
+        """A late first step's outcome, to the writer as a step's would be."""
+        writer = self.admission.pool.writer()
+        kind, value, sub = outcome
+        if writer is None:
+            return  # stopping: the writer's exit ended the stream and closes the generator
+        if kind == "error":
+            log.error("comet: a stream handler failed before its first item", exc_info=value)
+            writer._post(stream, "failed")
+        elif kind == "end":
+            writer._post(stream, "finished")
+        else:
+            if sub is not None:
+                stream.hint = sub.channel
+            if value is not None and value.__class__ is not Idle:
+                writer._post(stream, "item", value)
+            writer._post(stream, "again")
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -270,6 +343,7 @@ class Parking:
         stream.initial = self._first
         stream.hint = self._channel
         stream.context = self.context
+        stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
         self.admission.served_by(stream)
         start = options.framing.preamble(options.retry)
         if head or start:
@@ -281,20 +355,32 @@ class Parking:
             from .writer import _close_connection
 
             _close_connection(stream, final=True)
-            self._release()
+            self._done = False
+            self.close()
             return
         writer.park(stream)
+        if self._late:
+            with self._lock:
+                self._stream = stream
+                outcome = self._outcome
+            if outcome is not None:
+                self._deliver(outcome, stream)
 
     def close(self) -> None:
         """The server is done with the body: if it was never parked (the
         client went away first, an error), release everything."""
         if not self._done:
             self._done = True
+            with self._lock:
+                if self._late and self._outcome is None:
+                    self._abandoned = True  # the first step releases everything when it returns
+                    return
             self._release()
 
     def _release(self) -> None:
         try:
-            close_quietly(self._gen if self._gen is not None else self._sub)
+            with self.context() if self.context is not None and self._gen is not None else nullcontext():
+                close_quietly(self._gen if self._gen is not None else self._sub)
         finally:
             self.admission.release()
 

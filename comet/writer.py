@@ -586,6 +586,13 @@ class Writer:
     def _take_inbox(self) -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
+            # A stream whose first step outran its park() is not taken yet:
+            # its news waits for the next round, after _take_adds.
+            early = [entry for entry in inbox if entry[0] not in self._streams and not entry[0].done]
+            if early:
+                inbox = [entry for entry in inbox if entry[0] in self._streams or entry[0].done]
+                self._inbox[:0] = early
+                self._wake()
             for stream, kind, _ in inbox:
                 if kind == "item":
                     stream.inbox_items -= 1

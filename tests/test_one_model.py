@@ -246,10 +246,10 @@ def test_sleepers_beside_a_thousand_hub_streams_on_the_default_pool():
         prober.phase = "connect sleepers"
         started = time.monotonic()
         sleepers = [clients.open(f"/sleepy?n={i}", "sleepy", i) for i in range(SLEEPERS)]
-        # Their headers come with the first tick: the handler runs up to its
-        # first item before answering, on a server thread, so twenty of them
-        # hold CherryPy's ten threads for about four seconds and GET / waits
-        # meanwhile. That phase's page times are printed, not asserted.
+        # Each blocks 2 s before its first item: its request's thread waits
+        # only PRIME_WAIT (0.1 s) for it, then the stream opens and the step
+        # goes on on the step pool, so twenty of them do not hold CherryPy's
+        # ten threads and GET / keeps answering (asserted below).
         clients.pump(lambda: all(c.items or c.error or c.eof for c in sleepers), time.monotonic() + 15,
                      "every sleeper's first tick")
         for c in sleepers:
@@ -317,6 +317,7 @@ def test_sleepers_beside_a_thousand_hub_streams_on_the_default_pool():
         prober.stop.set()
         prober.join(10)
         steady_pages = [(elapsed, error) for phase, elapsed, error in prober.times if phase == "steady"]
+        loaded_pages = [(elapsed, error) for phase, elapsed, error in prober.times if phase == "connect sleepers"]
         for phase in ("connect hub streams", "connect sleepers", "steady"):
             times = [e for p, e, _ in prober.times if p == phase]
             shown = ", ".join("timeout" if e is None else f"{e * 1000:.0f}" for e in times)
@@ -326,7 +327,7 @@ def test_sleepers_beside_a_thousand_hub_streams_on_the_default_pool():
         assert p99 < P99_BOUND, f"p99 {p99 * 1000:.1f} ms >= {P99_BOUND * 1000:.0f} ms\n" + "\n".join(report)
         assert max(gaps) < TICK_GAP_BOUND, f"a sleeper stalled: {max(gaps):.2f}s between ticks\n" + "\n".join(report)
         assert len(steady_pages) >= 5, prober.times
-        for elapsed, error in steady_pages:
+        for elapsed, error in steady_pages + loaded_pages:
             assert not error and elapsed is not None and elapsed < PAGE_BOUND, (
                 f"GET / took {elapsed} ({error})\n" + "\n".join(report))
 
@@ -352,3 +353,88 @@ def test_sleepers_beside_a_thousand_hub_streams_on_the_default_pool():
         if app.process is not None:
             print(app.log()[-3000:], file=sys.stderr)
         app.close()
+
+
+# -- in process: what a generator's code sees, and a slow first step ------------------
+
+
+def test_a_generators_later_steps_see_their_own_request(comet_cherrypy, hub):
+    """Steps run on comet's step threads; cherrypy.request is still the
+    stream's own there."""
+    import cherrypy
+
+    from comet import comet
+
+    from conftest import RawStream
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="chunked")
+        def events(self):
+            yield "start\n"
+            for event in hub.subscribe("room"):
+                yield f"{cherrypy.request.headers.get('X-Who')}:{event.data}\n" if event else event
+
+    server = comet_cherrypy(Root(), thread_pool=2)
+    with RawStream(server.url + "/events", headers={"X-Who": "alice"}) as alice, \
+            RawStream(server.url + "/events", headers={"X-Who": "bob"}) as bob:
+        for raw in (alice, bob):
+            assert raw.chunk() == b"\n" and raw.chunk() == b"start\n"
+        wait_until(lambda: hub.subscriptions == 2, what="both subscribed")
+        hub.publish("room", "hi")
+        assert alice.chunk() == b"alice:hi\n" and bob.chunk() == b"bob:hi\n"
+
+
+def test_a_generator_slow_to_start_holds_no_server_thread(comet_cherrypy, hub):
+    """A handler that blocks before its first item (a slow query) gets its
+    headers after PRIME_WAIT; its first step goes on on the step pool."""
+    import cherrypy
+
+    from comet import comet
+
+    from conftest import RawStream
+
+    class Root:
+        @cherrypy.expose
+        def index(self):
+            return "page"
+
+        @cherrypy.expose
+        @comet(transport="sse")
+        def slow(self):
+            time.sleep(1.5)
+            yield "late"
+            yield from hub.subscribe("room")
+
+    server = comet_cherrypy(Root(), thread_pool=2, global_config={"server.socket_queue_size": 64})
+    streams: list[RawStream] = []
+    opener_errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            streams.append(RawStream(server.url + "/slow"))
+        except BaseException as exc:  # reported below
+            opener_errors.append(exc)
+
+    openers = [threading.Thread(target=open_one) for _ in range(6)]
+    started = time.monotonic()
+    for t in openers:
+        t.start()
+    try:
+        for t in openers:
+            t.join(10)
+        assert not opener_errors and len(streams) == 6
+        assert time.monotonic() - started < 1.4, "headers waited for the first items"  # 6 on 2 threads
+        page_started = time.monotonic()
+        assert http_get(server.url + "/", timeout=5)[2] == b"page"
+        assert time.monotonic() - page_started < 1.0
+        for raw in streams:
+            assert raw.status == 200 and raw.chunk() == b":ok\n\n"
+            assert raw.chunk() == b"data: late\n\n"
+        wait_until(lambda: hub.subscriptions == 6, what="all six on to their subscriptions")
+        hub.publish("room", "after")
+        for raw in streams:
+            assert raw.chunk().endswith(b"data: after\n\n")
+    finally:
+        for raw in streams:
+            raw.close()
