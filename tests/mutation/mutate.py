@@ -58,8 +58,14 @@ TESTS_FOR: dict[str, list[str]] = {
     "framing.py": ["tests/test_framing.py", "tests/test_hub.py", "tests/test_cherrypy.py", "tests/test_parked.py",
                    "tests/test_fastpath.py"],
     "stream.py": ["tests/test_cherrypy.py", "tests/test_wsgi.py", "tests/test_stats.py", "tests/test_parked.py"],
-    "parked.py": ["tests/test_parked.py", "tests/test_fastpath.py", "tests/test_stats.py"],
-    "fastpath.py": ["tests/test_fastpath.py"],
+    "pipeline.py": ["tests/test_hardening.py", "tests/test_parked.py", "tests/test_wsgi.py", "tests/test_cherrypy.py",
+                    "tests/test_fastpath.py"],
+    "pool.py": ["tests/test_stats.py", "tests/test_parked.py", "tests/test_wsgi.py", "tests/test_cherrypy.py"],
+    "writer.py": ["tests/test_parked.py", "tests/test_user_behaviour.py", "tests/test_cherrypy.py",
+                  "tests/test_fastpath.py"],
+    "steps.py": ["tests/test_parked.py", "tests/test_user_behaviour.py"],
+    "internals.py": ["tests/test_hardening.py", "tests/test_parked.py", "tests/test_fastpath.py"],
+    "fastpath.py": ["tests/test_fastpath.py", "tests/test_hardening.py"],
     "wsgi.py": ["tests/test_wsgi.py", "tests/test_parked.py", "tests/test_fastpath.py", "tests/test_cherrypy.py",
                 "tests/test_stats.py"],
     "cherrypy_tool.py": ["tests/test_cherrypy.py", "tests/test_parked.py", "tests/test_fastpath.py",
@@ -74,8 +80,10 @@ TESTS_FOR: dict[str, list[str]] = {
 
 #: A module missing from TESTS_FOR gets every non-browser test file
 #: (tests/test_*.py, docs/examples/test_*.py) except these: slow and about
-#: something else (benchmark scripts, the Sphinx build).
-FALLBACK_EXCLUDE = {"tests/test_benchmarks.py", "tests/test_docs.py"}
+#: something else (benchmark scripts, the Sphinx build, mypy, the
+#: one-model load test in its own process).
+FALLBACK_EXCLUDE = {"tests/test_benchmarks.py", "tests/test_docs.py", "tests/test_types.py",
+                    "tests/test_one_model.py"}
 
 #: --browser appends this to every mutant's test files.
 BROWSER_TESTS = ["tests/browser"]
