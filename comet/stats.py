@@ -87,11 +87,13 @@ def snapshot(pool: StreamPool, hubs: Iterable[Hub] = ()) -> dict[str, Any]:
     }
 
 
-def _cherrypy_snapshot() -> dict[str, Any]:
+def _cherrypy_snapshot(shown: Iterable[Hub] = ()) -> dict[str, Any]:
     from .cherrypy_tool import engine_plugin
 
     plugin = engine_plugin()
-    return snapshot(plugin.pool, plugin.hubs)
+    hubs = list(shown)
+    hubs += [hub for hub in plugin.hubs if hub not in hubs]
+    return snapshot(plugin.pool, hubs)
 
 
 def _page() -> str:
@@ -99,8 +101,9 @@ def _page() -> str:
 
 
 class StatsApp:
-    """CherryPy handlers for the stats of this process's comet plugin (its
-    stream pool and the hubs given to ``engine_plugin().add_hub``).
+    """CherryPy handlers for the stats of this process's comet plugin: its
+    stream pool, the hubs its streams follow, and *hubs* (shown from the
+    start, before any stream follows them).
 
     ``index``: the live page; ``json``: one snapshot; ``stream``: SSE, a
     snapshot every ``interval`` seconds.
@@ -112,7 +115,9 @@ class StatsApp:
     True
     """
 
-    def __init__(self, interval: float = 1.0, password: str | None = None, user: str = "comet") -> None:
+    def __init__(self, interval: float = 1.0, password: str | None = None, user: str = "comet",
+                 hubs: Iterable[Hub] = ()) -> None:
+        self._shown = list(hubs)
         if not isinstance(interval, (int, float)) or interval <= 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self.interval = float(interval)
@@ -143,7 +148,7 @@ class StatsApp:
         @cherrypy.tools.json_out()
         def json_() -> dict[str, Any]:
             cherrypy.response.headers["Cache-Control"] = "no-cache"
-            return _cherrypy_snapshot()
+            return _cherrypy_snapshot(self._shown)
 
         @cherrypy.expose
         @comet(transport="sse", heartbeat=15)
@@ -151,7 +156,7 @@ class StatsApp:
             # A generator in thread mode: an admin page or two, not thousands.
             # The wait wakes at engine stop, so shutdown never waits on it.
             while True:
-                yield Event(_cherrypy_snapshot(), name="stats")
+                yield Event(_cherrypy_snapshot(self._shown), name="stats")
                 if self._stopped.wait(self.interval):
                     return
 
@@ -174,11 +179,12 @@ def _checker(user: str, password: str) -> Callable[[str, str], bool]:
 
 
 def mount(root: Any, path: str = "/comet/stats", interval: float = 1.0, password: str | None = None,
-          user: str = "comet") -> StatsApp:
+          user: str = "comet", hubs: Iterable[Hub] = ()) -> StatsApp:
     """Attach a :class:`StatsApp` to a CherryPy *root* object at *path*
     (intermediate objects are created as needed) and return it. With a
     *password*, every URL under *path* asks for HTTP Basic credentials
-    (*user*, *password*)."""
+    (*user*, *password*). *hubs* are shown from the start (others appear
+    once a stream follows them)."""
     parts = [p for p in path.strip("/").split("/") if p]
     if not parts:
         raise ValueError("path must name where to mount, e.g. '/comet/stats'")
@@ -189,7 +195,7 @@ def mount(root: Any, path: str = "/comet/stats", interval: float = 1.0, password
             child = type("StatsBranch", (), {})()
             setattr(node, name, child)
         node = child
-    app = StatsApp(interval, password=password, user=user)
+    app = StatsApp(interval, password=password, user=user, hubs=hubs)
     setattr(node, parts[-1], app)
     return app
 

@@ -49,6 +49,9 @@ class StepPool:
         self._idle = 0
         self._stopping = False
         self._serial = 0
+        with self._cond:
+            for _ in range(core):  # the core threads live as long as the pool: a steady thread count
+                self._spawn()
 
     @property
     def threads(self) -> int:

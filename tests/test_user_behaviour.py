@@ -306,9 +306,7 @@ def beat_times(url: str, transport: str, count: int) -> list[float]:
 
 
 @pytest.mark.parametrize("mode", [
-    "thread", "auto",
-    pytest.param("parked", marks=pytest.mark.xfail(strict=True, reason=(
-        "parked heartbeats are only written by the writer's scan, once a second: heartbeat=0.5 beats every 1.0 s"))),
+    "thread", "auto", "parked",  # parked heartbeats run off the writer's timer heap, exact
 ])
 def test_heartbeats_come_every_heartbeat_seconds(comet_cherrypy, served, mode):
     """Breakage 4: a heartbeat timer that is never reset beats at every idle

@@ -141,7 +141,7 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
     root = LobbyApp(hub, lobbies)
     # The live operations page, /comet/stats: behind a password when given
     # (deploy/nginx-comet.conf also keeps it to the proxy's own host).
-    comet.stats.mount(root, password=stats_password)
+    comet.stats.mount(root, password=stats_password, hubs=[hub])
     return root, config
 
 

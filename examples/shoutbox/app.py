@@ -259,7 +259,7 @@ def make_app(hub: Hub | None = None, *, mod_secret: str = "letmein", rate: RateL
     root = Shoutbox(hub, mod_secret, rate)
     # The live operations page, /comet/stats: behind a password when given
     # (deploy/nginx-comet.conf also keeps it to the proxy's own host).
-    comet.stats.mount(root, password=stats_password)
+    comet.stats.mount(root, password=stats_password, hubs=[hub])
     return root, config
 
 
