@@ -398,7 +398,12 @@ def repo_files() -> list[str]:
         files = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
                  if p.is_file() and not COPY_IGNORE & set(p.relative_to(ROOT).parts)]
     tool = HERE.relative_to(ROOT).as_posix() + "/"     # this tool and its results: not needed, not hashed
-    return sorted(f for f in files if (ROOT / f).is_file() and not f.startswith(tool))
+    # An untracked virtualenv (.venv-lowest/ and the like, not in .gitignore)
+    # is no part of the code under test: copying it is slow, and it changes
+    # while someone installs into it.
+    venvs = tuple(f[:-len("pyvenv.cfg")] for f in files if f.endswith("/pyvenv.cfg"))
+    return sorted(f for f in files if (ROOT / f).is_file() and not f.startswith(tool)
+                  and not f.startswith(venvs) and not COPY_IGNORE & set(f.split("/")))
 
 
 def tree_hash(files: list[str]) -> str:
@@ -414,7 +419,10 @@ def make_copy(files: list[str]) -> Path:
     for f in files:
         target = copy / f
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, target, follow_symlinks=False)
+        try:
+            shutil.copy2(ROOT / f, target, follow_symlinks=False)
+        except FileNotFoundError:       # removed since the listing (someone else's work in progress)
+            pass
     return copy
 
 
