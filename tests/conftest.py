@@ -116,6 +116,22 @@ def read_until(sock: socket.socket, marker: bytes | None, timeout: float = 10.0)
     return data
 
 
+def read_more(read, data: bytes, marker: bytes, timeout: float = 10.0) -> bytes:
+    """*data* plus what ``read(4096)`` returns until *marker* is in it, with
+    an overall deadline (a server that keeps streaming something else, or
+    hangs up, fails the test in seconds). For TLS sockets and responses,
+    which ``read_until`` cannot drive."""
+    deadline = time.monotonic() + timeout
+    while marker not in data:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{marker!r} not read within {timeout}s; got {data[-300:]!r}")
+        more = read(4096)
+        if not more:
+            raise EOFError(f"connection closed before {marker!r}; got {data[-300:]!r}")
+        data += more
+    return data
+
+
 class Tracker:
     """Counts handler generators that started and whose finally ran."""
 

@@ -8,6 +8,7 @@ import http.client
 import socket
 import ssl
 import threading
+import time
 
 import cherrypy
 import pytest
@@ -18,7 +19,7 @@ from comet.cherrypy_tool import engine_plugin
 from comet.fastpath import FastRoutes, StreamRequest
 from comet.testing import CherryPyServer, HTTPStatusError, StreamClient, http_get, wait_until
 
-from conftest import RawStream, open_fds
+from conftest import RawStream, open_fds, read_more
 
 
 class Root:
@@ -38,10 +39,13 @@ def port_of(server) -> int:
 def raw_request(port: int, request: bytes, until: bytes | None = b"\r\n\r\n", timeout: float = 10.0) -> bytes:
     """Send *request* on a fresh socket; read until *until* appears, or EOF
     (``until=None``: the server must close after its answer)."""
+    deadline = time.monotonic() + timeout
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(request)
         data = b""
         while until is None or until not in data:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no complete answer within {timeout}s: {data[-300:]!r}")
             more = sock.recv(65536)
             if not more:
                 break
@@ -122,8 +126,7 @@ def test_heads_in_pieces_hold_no_worker(fast):
             sock.sendall(b"\r\n")
         for sock in socks:
             data = b""
-            while b":ok\n\n" not in data:
-                data += sock.recv(4096)
+            data = read_more(sock.recv, data, b":ok\n\n")
             assert data.startswith(b"HTTP/1.1 200 OK\r\n")
         wait_until(lambda: pool.parked_streams == 5, what="parked")
         assert counts(pool) == (5, 0)
@@ -147,13 +150,11 @@ def test_a_head_arriving_in_pieces_holds_no_worker_then_streams(fast):
         assert workers.idle == 2 and not any(getattr(t.conn, "remote_port", None) == port for t in workers._threads)
         sock.sendall(b"Host: x\r\n\r\n")
         data = b""
-        while b":ok\n\n" not in data:
-            data += sock.recv(4096)
+        data = read_more(sock.recv, data, b":ok\n\n")
         assert data.startswith(b"HTTP/1.1 200 OK\r\n") and counts(pool) == (1, 0)
         wait_until(lambda: pool.parked_streams == 1, what="parked")
         hub.publish("lobby", "after")
-        while b"data: after\n" not in data:
-            data += sock.recv(4096)
+        data = read_more(sock.recv, data, b"data: after\n")
 
 
 def test_multipart_chunked_and_http10(fast):
@@ -170,15 +171,13 @@ def test_multipart_chunked_and_http10(fast):
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
         sock.sendall(b"GET /events HTTP/1.0\r\n\r\n")
         data = b""
-        while b":ok\n\n" not in data:
-            data += sock.recv(4096)
+        data = read_more(sock.recv, data, b":ok\n\n")
         head, _, body = data.partition(b"\r\n\r\n")
         assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
         assert body == b":ok\n\n"
         wait_until(lambda: pool.parked_streams == 1, what="parked")
         event_id = hub.publish("lobby", "plain")
-        while b"data: plain\n\n" not in body:
-            body += sock.recv(4096)
+        body = read_more(sock.recv, body, b"data: plain\n\n")
         assert body == f":ok\n\nid: {event_id}\ndata: plain\n\n".encode()
 
 
@@ -263,8 +262,7 @@ def test_a_keep_alive_connection_can_become_a_stream(fast):
         wait_until(lambda: pool.parked_streams == 1, what="parked")
         hub.publish("lobby", "kept")
         data = b""
-        while b"data: kept" not in data:
-            data += response.read1(4096)
+        data = read_more(response.read1, data, b"data: kept")
         response.close()  # "Connection: close" handed the socket to the response
     finally:
         conn.close()
@@ -373,13 +371,11 @@ def test_tls_server_serves_routes_through_the_middleware(comet_cherrypy, hub, tm
     with socket.create_connection(("127.0.0.1", port_of(server))) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         tls.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
         data = b""
-        while b":ok\n\n" not in data:
-            data += tls.recv(4096)
+        data = read_more(tls.recv, data, b":ok\n\n")
         wait_until(lambda: hub.subscriptions == 1, what="subscribed")
         assert counts(pool) == (0, 1) and pool.parked_streams == 0  # TLS keeps its thread
         hub.publish("lobby", "over tls")
-        while b"data: over tls" not in data:
-            data += tls.recv(4096)
+        data = read_more(tls.recv, data, b"data: over tls")
     wait_until(lambda: hub.subscriptions == 0 and pool.open_streams == 0, what="released after the TLS client left")
 
 

@@ -15,7 +15,7 @@ from comet.cherrypy_tool import engine_plugin
 from comet.testing import CherryPyServer, HTTPStatusError, StreamClient, http_get, wait_until
 from comet.wsgi import comet_app
 
-from conftest import RawStream, open_fds
+from conftest import RawStream, open_fds, read_more
 
 STREAMING = ["sse", "multipart", "chunked"]
 
@@ -308,13 +308,11 @@ def test_tls_streams_fall_back_to_thread_mode(comet_cherrypy, hub, certificate):
     with socket.create_connection(("127.0.0.1", port)) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         tls.sendall(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
         data = b""
-        while b":ok\n\n" not in data:
-            data += tls.recv(4096)
+        data = read_more(tls.recv, data, b":ok\n\n")
         wait_until(lambda: hub.subscriptions == 1, what="subscribed")
         assert engine_plugin().pool.parked_streams == 0  # TLS keeps its thread
         hub.publish("lobby", "over tls")
-        while b"data: over tls" not in data:
-            data += tls.recv(4096)
+        data = read_more(tls.recv, data, b"data: over tls")
     wait_until(lambda: closes.count == 1, what="released after the TLS client left")
 
 
