@@ -9,8 +9,7 @@ setup(
     packages=find_packages(include=["comet", "comet.*"]),
     package_data={"comet": ["py.typed", "static/*"]},
     python_requires=">=3.10",
-    # cheroot and CherryPy: the range the suite has passed on (./run test runs
-    # it on the lowest, .ci/lowest.txt, and the newest); comet.internals lists why.
+    # cheroot, CherryPy: the range the suite passed on (lowest: .ci/lowest.txt); comet.internals lists why
     install_requires=["cheroot>=8.6,<12", "CherryPy>=18.10,<19", "jinja2>=3.1"],
     extras_require={
         # hiredis: redis-py's C reply parser, ~1.5x the publish rate here
