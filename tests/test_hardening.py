@@ -145,6 +145,7 @@ def test_stalled_request_heads_hold_no_worker_and_burn_no_cpu(server, count, pre
         times = _page_times(server.url + "/")
         time.sleep(max(0.0, 2.0 - (time.monotonic() - wall)))  # a measuring window, not a wait for an event
         used = (time.process_time() - cpu) / (time.monotonic() - wall)
+        print(f"{count} stalled heads {prefix!r}: pages {max(times) * 1000:.0f} ms at most, server {used:.1%} of a core")
         assert max(times) < 1.0, times
         assert used < 0.10, f"{used:.0%} of a core with {count} stalled heads"
     finally:
