@@ -27,6 +27,7 @@ expire, drop its connections, and its players leave after the usual grace. Times
 from __future__ import annotations
 
 import copy
+import hmac
 import json
 import logging
 import random
@@ -42,6 +43,7 @@ from comet import Hub
 log = logging.getLogger("lobby")
 NAME = re.compile(r"[^\W_][\w \-]{0,19}")
 LOBBY = re.compile(r"[a-z0-9][a-z0-9\-]{0,31}")
+TOKEN = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # secrets.token_urlsafe's alphabet
 
 
 class GameError(ValueError):
@@ -57,6 +59,14 @@ def check_name(name: str) -> str:
     if not NAME.fullmatch(name):
         raise GameError("name must be 1-20 letters, digits, spaces, '-' or '_', starting with a letter or digit", 400)
     return name
+
+
+def check_token(token: str | None) -> str | None:
+    """A token as the server hands them out, or none: never one a client
+    made up in other characters (it would be stored as a seat's key)."""
+    if token and not (isinstance(token, str) and TOKEN.fullmatch(token)):
+        raise GameError("malformed player token: join the lobby again", 400)
+    return token
 
 
 def check_lobby(name: str) -> str:
@@ -205,11 +215,19 @@ def _online(player: dict) -> int:
     return sum(player["connections"].values())
 
 
+def same_token(given: str, expected: str) -> bool:
+    """Constant-time equality of two strings of any characters.
+
+    ``hmac.compare_digest`` refuses non-ASCII str (``TypeError``): compare
+    the UTF-8 bytes, so a forged "é" is simply wrong, not a 500."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
 def _find(state: dict, name: str | None = None, token: str | None = None) -> dict | None:
     for p in state["players"]:
         if name is not None and p["name"] == name:
             return p
-        if token and secrets.compare_digest(token, p["token"]):
+        if token and same_token(token, p["token"]):
             return p
     return None
 
@@ -259,13 +277,13 @@ class Lobby:
 
     def join(self, name: str, token: str | None = None) -> Player:
         """Take a seat, or get yours back with the token you were given."""
-        name = check_name(name)
+        name, token = check_name(name), check_token(token)
         new_token = token or secrets.token_urlsafe(16)
 
         def change(s):
             mine = _find(s, name=name)
             if mine is not None:
-                if token and secrets.compare_digest(token, mine["token"]):
+                if token and same_token(token, mine["token"]):
                     return None, (Player(name, mine["token"]), None), False  # a reconnect: same seat
                 raise GameError(f"the name {name!r} is taken in this lobby")
             if s["phase"] != "waiting":
@@ -285,7 +303,7 @@ class Lobby:
         return player
 
     def player(self, token: str | None) -> Player | None:
-        if not token:
+        if not check_token(token):
             return None
         state = self.store.get(self.name)
         mine = _find(state, token=token) if state else None

@@ -100,6 +100,14 @@ class RedisRateLimiter:
         return float(wait)
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time equality of two strings of any characters.
+
+    ``hmac.compare_digest`` refuses non-ASCII str (``TypeError``): compare
+    the UTF-8 bytes, so a forged "é" is simply wrong, not a 500."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
 def guest_view(event):
     """What a guest sees of the channel: everything but moderator notices."""
     return None if event.name == "mod" else event
@@ -134,7 +142,7 @@ class Shoutbox:
 
     def _csrf(self) -> str:
         cookie = cherrypy.request.cookie.get("csrf")
-        if cookie and re.fullmatch(r"[\w-]{20,64}", cookie.value):
+        if cookie and re.fullmatch(r"[A-Za-z0-9_-]{20,64}", cookie.value):
             return cookie.value
         token = secrets.token_urlsafe(24)
         out = cherrypy.response.cookie
@@ -148,7 +156,7 @@ class Shoutbox:
 
     def _csrf_ok(self, token: str | None) -> bool:
         cookie = cherrypy.request.cookie.get("csrf")
-        return bool(token) and cookie is not None and secrets.compare_digest(token, cookie.value)
+        return bool(token) and cookie is not None and same_secret(token, cookie.value)
 
     def _check_csrf(self, token: str | None) -> None:
         if not self._csrf_ok(token):
@@ -159,7 +167,7 @@ class Shoutbox:
 
     def is_moderator(self) -> bool:
         cookie = cherrypy.request.cookie.get("mod")
-        return cookie is not None and secrets.compare_digest(cookie.value, self._mod_token())
+        return cookie is not None and same_secret(cookie.value, self._mod_token())
 
     # -- pages ------------------------------------------------------------
 
@@ -227,7 +235,7 @@ class Shoutbox:
     def login(self, secret: str | None = None, csrf: str = ""):
         if cherrypy.request.method == "POST":
             self._check_csrf(csrf)
-            if secret is not None and secrets.compare_digest(secret, self.mod_secret):
+            if secret is not None and same_secret(secret, self.mod_secret):
                 out = cherrypy.response.cookie
                 out["mod"] = self._mod_token()
                 out["mod"]["path"] = "/"
