@@ -1,7 +1,8 @@
 """Hostile raw HTTP against the example apps: a clear 4xx, never a traceback.
 
 Non-ASCII tokens, CSRF values and secrets once reached
-``hmac.compare_digest`` as str and answered 500 with a traceback.
+``hmac.compare_digest`` as str and answered 500 with a traceback; and the
+examples showed CherryPy's tracebacks (server paths) to the public.
 """
 import json
 import urllib.parse
@@ -26,6 +27,7 @@ def post(url, fields, headers=None):
 def assert_clean_refusal(status, body, allowed=(400, 403)):
     text = body.decode("utf-8", "replace")
     assert status in allowed, (status, text[:500])
+    assert "Traceback" not in text and ".py" not in text and "/work/" not in text, text[:500]
 
 
 @pytest.fixture
@@ -103,3 +105,53 @@ def test_lobby_non_ascii_tokens_are_refused(lobby, bad):
         status, _, body = post(server.url + action, {"name": "room9", "token": bad})
         assert_clean_refusal(status, body)
     assert root.lobbies.get("room9").state() == before  # no join, no change
+
+
+# -- 2. no tracebacks for the public -----------------------------------------------
+
+
+def assert_short_404(status, body):
+    text = body.decode("utf-8", "replace")
+    assert status == 404, (status, text[:500])
+    assert "Traceback" not in text and "/work/" not in text and ".py" not in text, text[:1000]
+
+
+def serve_as_main(module, argv, comet_cherrypy, monkeypatch, paths):
+    """Run the example's main(argv) up to quickstart, serve what it would
+    serve under the test server, and GET each path: [(status, body)]."""
+    got = []
+
+    def quickstart(root, script_name, config):
+        server = comet_cherrypy(root, config)
+        got.extend(http_get(server.url + path)[0::2] for path in paths)
+
+    monkeypatch.setattr(module.cherrypy, "quickstart", quickstart)
+    subscribed = set(cherrypy.engine.listeners["start"]) | set(cherrypy.engine.listeners["stop"])
+    try:
+        module.main(argv)
+    finally:
+        for channel in ["start", "stop"]:
+            for listener in set(cherrypy.engine.listeners[channel]) - subscribed:
+                cherrypy.engine.unsubscribe(channel, listener)
+    return got
+
+
+def test_lobby_errors_show_no_traceback(comet_cherrypy, monkeypatch):
+    paths = ["/nope", "/lobby/Friday-Night", "/lobby/a%20b", "/lobby"]
+    for status, body in serve_as_main(lobby_app, [], comet_cherrypy, monkeypatch, paths):
+        assert_short_404(status, body)
+
+
+def test_shoutbox_errors_show_no_traceback(comet_cherrypy, monkeypatch):
+    paths = ["/nope", "/static/nope.js", "/nope/deeper"]
+    for status, body in serve_as_main(shout_app, [], comet_cherrypy, monkeypatch, paths):
+        assert_short_404(status, body)
+
+
+@pytest.mark.parametrize("module", [lobby_app, shout_app])
+def test_debug_flag_turns_tracebacks_on(module, comet_cherrypy, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert "--debug" in capsys.readouterr().out
+    [(status, body)] = serve_as_main(module, ["--debug"], comet_cherrypy, monkeypatch, ["/nope"])
+    assert status == 404 and b"Traceback" in body

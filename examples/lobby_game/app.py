@@ -1,6 +1,6 @@
 """The lobby game's web side: pages, JSON actions, and one SSE stream per page.
 
-    python -m examples.lobby_game [--host 127.0.0.1] [--port 8080] [--size 4] [--redis URL]
+    python -m examples.lobby_game [--host 127.0.0.1] [--port 8080] [--size 4] [--redis URL] [--debug]
 
 With ``--redis redis://host:port/db`` the lobbies and their event channels
 live in Redis, so any number of processes (behind nginx, say) serve the same
@@ -28,7 +28,7 @@ from comet.cherrypy_tool import static_config
 
 from comet.backends import hub_from_url
 
-from .game import GameError, Lobbies, RedisStore
+from .game import GameError, Lobbies, RedisStore, check_lobby
 
 HERE = Path(__file__).parent
 templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
@@ -79,6 +79,10 @@ class LobbyApp:
 
     @cherrypy.expose
     def lobby(self, name: str):
+        try:
+            check_lobby(name)
+        except GameError:
+            raise cherrypy.NotFound() from None  # no page can live at a malformed name
         lobby = self._lobby(name)
         return templates.get_template("lobby.html").render(state=lobby.state())
 
@@ -125,8 +129,11 @@ class LobbyApp:
 
 
 def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None, lease: float = 6.0,
-             stats_password: str | None = None, **lobby_options):
+             stats_password: str | None = None, debug: bool = False, **lobby_options):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
+
+    Error pages show no Python traceback (server paths) and no handler
+    signature unless ``debug`` (``--debug``): production-safe by default.
 
     ``store`` holds the lobbies' state: a ``MemoryStore`` (default) or a
     ``RedisStore`` shared by every process of the game."""
@@ -135,6 +142,7 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
     cherrypy.engine.subscribe("start", lobbies.start)
     cherrypy.engine.subscribe("stop", lobbies.close)
     config = {
+        "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug},
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }
@@ -158,11 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis", metavar="URL", help="share lobbies and events through Redis, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--stats-password", default=os.environ.get("COMET_STATS_PASSWORD") or None,
                         help="HTTP Basic password (user 'comet') for /comet/stats (default: $COMET_STATS_PASSWORD)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show Python tracebacks on error pages (development only: they reveal server paths)")
     args = parser.parse_args(argv)
     hub = hub_from_url(args.redis)
     store = RedisStore.from_url(args.redis) if args.redis else None
     app, config = make_app(hub, size=args.size, store=store, grace=args.grace, countdown=args.countdown,
-                           lease=args.lease, stats_password=args.stats_password)
+                           lease=args.lease, stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"lobby game on http://{args.host}:{args.port}/")

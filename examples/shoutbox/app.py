@@ -1,6 +1,6 @@
 """The shoutbox: live chat with history, moderation, and nothing lost.
 
-    python -m examples.shoutbox [--host 127.0.0.1] [--port 8081] [--mod-secret S] [--redis URL]
+    python -m examples.shoutbox [--host 127.0.0.1] [--port 8081] [--mod-secret S] [--redis URL] [--debug]
 
 The page renders the last 50 shouts on the server and hands the id of the
 newest event to the stream, which resumes exactly after it: no gap and no
@@ -257,10 +257,14 @@ class Shoutbox:
 
 
 def make_app(hub: Hub | None = None, *, mod_secret: str = "letmein", rate: RateLimiter | None = None,
-             stats_password: str | None = None):
-    """The app and its config, for ``cherrypy.tree.mount`` or a test fixture."""
+             stats_password: str | None = None, debug: bool = False):
+    """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
+
+    Error pages show no Python traceback (server paths) and no handler
+    signature unless ``debug`` (``--debug``): production-safe by default."""
     hub = hub or Hub(buffer_size=1000)
     config = {
+        "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug},
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }
@@ -280,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis", metavar="URL", help="share shouts and rate limits through Redis, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--stats-password", default=os.environ.get("COMET_STATS_PASSWORD") or None,
                         help="HTTP Basic password (user 'comet') for /comet/stats (default: $COMET_STATS_PASSWORD)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show Python tracebacks on error pages (development only: they reveal server paths)")
     args = parser.parse_args(argv)
     hub = hub_from_url(args.redis, maxlen=1000) if args.redis else Hub(buffer_size=1000)
     rate = None
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         import redis
 
         rate = RedisRateLimiter(redis.Redis.from_url(args.redis, socket_timeout=5, socket_connect_timeout=2))
-    app, config = make_app(hub, mod_secret=args.mod_secret, rate=rate, stats_password=args.stats_password)
+    app, config = make_app(hub, mod_secret=args.mod_secret, rate=rate, stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"shoutbox on http://{args.host}:{args.port}/  (moderator login at /login)")
