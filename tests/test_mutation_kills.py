@@ -1,0 +1,320 @@
+"""Tests written for mutants that survived tests/mutation/mutate.py: each
+pins down a behaviour the rest of the suite left open (see
+tests/mutation/results.md). Real threads, servers and sockets; every wait
+has a deadline."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import cherrypy
+import pytest
+
+from comet import Hub, InvalidEvent, comet
+from comet.cherrypy_tool import engine_plugin
+
+from comet.pool import StreamPool
+from comet.steps import StepPool
+from comet.testing import http_get, wait_until
+from comet.wsgi import comet_app
+
+from conftest import RawStream, read_until
+
+
+@pytest.fixture
+def release():
+    """An event the blocking jobs wait on; set at teardown whatever happens."""
+    gate = threading.Event()
+    yield gate
+    gate.set()
+
+
+def test_step_pool_starts_its_core_threads_up_front():
+    pool = StepPool(core=2, limit=4)
+    try:
+        assert pool.threads == 2
+    finally:
+        pool.stop()
+
+
+def test_a_blocked_step_gets_a_thread_of_its_own_so_the_next_step_runs(release):
+    pool = StepPool(core=1, limit=4)
+    started, ran = threading.Event(), threading.Event()
+    try:
+        pool.submit(lambda: (started.set(), release.wait(10)))
+        assert started.wait(5)
+        pool.submit(ran.set)
+        assert ran.wait(5), "a step queued behind a blocked one never ran"
+        assert pool.threads == 2
+    finally:
+        release.set()
+        pool.stop()
+
+
+def test_the_step_pool_never_grows_past_its_limit(release):
+    pool = StepPool(core=1, limit=1)
+    started, ran = threading.Event(), threading.Event()
+    try:
+        pool.submit(lambda: (started.set(), release.wait(10)))
+        assert started.wait(5)
+        pool.submit(ran.set)
+        assert pool.threads == 1
+        assert not ran.wait(0.2)
+        release.set()
+        assert ran.wait(5)
+    finally:
+        release.set()
+        pool.stop()
+
+
+def test_stop_runs_the_jobs_no_thread_was_free_to_take(release):
+    """Cleanup jobs queued behind handlers stuck in their own code are run
+    by stop() itself, never lost."""
+    pool = StepPool(core=1, limit=1)
+    started, ran = threading.Event(), threading.Event()
+    try:
+        pool.submit(lambda: (started.set(), release.wait(10)))
+        assert started.wait(5)
+        pool.submit(ran.set)
+        pool.stop(timeout=0.2)
+        assert ran.is_set(), "stop() returned with a queued job never run"
+    finally:
+        release.set()
+
+
+def test_a_wsgi_pool_refuses_with_retry_after_5_by_default(comet_wsgi, hub):
+    """StreamPool's retry_after defaults to 5 s, as comet.retry_after does."""
+    pool = StreamPool(max_parked=1)
+
+    @comet_app(transport="sse", heartbeat=5, pool=pool)
+    def events(environ):
+        return hub.subscribe("lobby")
+
+    server = comet_wsgi(events)
+    with RawStream(server.url + "/") as first:
+        assert first.status == 200 and first.chunk() == b":ok\n\n"
+        wait_until(lambda: pool.parked_streams == 1, what="the first stream parked")
+        status, headers, body = http_get(server.url + "/")
+        assert status == 503 and headers["retry-after"] == "5", (status, headers, body)
+
+
+def test_a_thread_iterating_a_quiet_subscription_waits_idle_seconds_per_tick():
+    """Iterated by a thread, a subscription waits on its channel between
+    ticks (one every ``idle`` seconds), never spins."""
+    hub = Hub(idle=0.5)
+    try:
+        sub = hub.subscribe("quiet")
+        assert not next(sub)  # caught up, at once
+        started = time.monotonic()
+        ticks = 0
+        while time.monotonic() - started < 1.2:
+            assert not next(sub)
+            ticks += 1
+        assert ticks <= 4, f"{ticks} ticks in 1.2 s with idle=0.5: the subscription does not wait"
+        sub.close()
+    finally:
+        hub.close()
+
+
+def test_an_event_of_exactly_max_event_bytes_is_published():
+    """The limit is inclusive: max_event_bytes bytes pass, one more do not."""
+    hub = Hub(max_event_bytes=10)
+    try:
+        hub.publish("room", "x" * 10)
+        with pytest.raises(InvalidEvent):
+            hub.publish("room", "x" * 11)
+    finally:
+        hub.close()
+
+
+def test_closing_a_subscription_twice_counts_it_closed_once():
+    hub = Hub(idle=0.2)
+    try:
+        closed = []
+        first, second = hub.subscribe("room"), hub.subscribe("room")
+        first.on_close(lambda: closed.append(1))
+        assert not next(first) and not next(second)  # both open (counted)
+        assert hub.subscriptions == 2
+        first.close()
+        first.close()
+        assert hub.subscriptions == 1 and closed == [1]
+        hub.publish("room", "still here")
+        event = next(second)
+        assert event and event.data == "still here"
+        second.close()
+        assert hub.subscriptions == 0
+    finally:
+        hub.close()
+
+
+def slow_root(hub, started, finished, delay):
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=5)
+        def slow(self):
+            started.set()
+            try:
+                time.sleep(delay)  # a slow query before the first item: longer than PRIME_WAIT
+                yield "late"
+                yield from hub.subscribe("room")
+            finally:
+                finished.set()
+
+    return Root()
+
+
+def test_a_first_item_later_than_prime_wait_still_reaches_the_parked_stream(comet_cherrypy, hub):
+    started, finished = threading.Event(), threading.Event()
+    server = comet_cherrypy(slow_root(hub, started, finished, 0.5), thread_pool=4)
+    with RawStream(server.url + "/slow") as raw:
+        assert raw.chunk() == b":ok\n\n"  # headers after PRIME_WAIT, before the first item
+        assert raw.chunk() == b"data: late\n\n"
+        wait_until(lambda: hub.subscriptions == 1, what="the handler on to its subscription")
+        hub.publish("room", "after")
+        assert raw.chunk().endswith(b"data: after\n\n")
+    assert finished.wait(5)
+
+
+
+
+def test_stopping_the_server_ends_a_thread_mode_stream_that_waits_on_no_hub(comet_cherrypy):
+    """Engine stop ends every open stream: a thread-mode handler that polls
+    something of its own (no hub to wake) is stopped at its next tick too."""
+    ended = threading.Event()
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=5, mode="thread")
+        def ticking(self):
+            try:
+                while True:
+                    time.sleep(0.05)
+                    yield None  # nothing yet
+            finally:
+                ended.set()
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    with RawStream(server.url + "/ticking") as raw:
+        assert raw.chunk() == b":ok\n\n"
+        wait_until(lambda: engine_plugin().pool.open_streams == 1, what="the stream open")
+        stopper = threading.Thread(target=server.stop, daemon=True)
+        stopper.start()
+        # close_all() stops it at its next tick (0.05 s here); 1 s is the documented bound
+        assert ended.wait(1.0), "the stream went on after the server stopped"
+        stopper.join(10)
+
+
+def test_a_generator_stream_keeps_flowing_after_thousands_of_empty_steps(comet_cherrypy, hub):
+    """A handler that filters its channel wakes for every publish and often
+    yields nothing: its steps must not pile up as backpressure."""
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=5)
+        def filtered(self):
+            for event in hub.subscribe("lobby"):
+                if not event or event.data != "skip":  # ticks go on up: the step can hand back
+                    yield event
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    with RawStream(server.url + "/filtered") as raw:
+        assert raw.chunk() == b":ok\n\n"
+        wait_until(lambda: engine_plugin().pool.parked_streams == 1, what="the stream parked")
+        for _ in range(1500):
+            hub.publish("lobby", "skip")
+            time.sleep(0.001)
+        for n in range(3):
+            hub.publish("lobby", f"real {n}")
+            assert raw.chunk().endswith(f"data: real {n}\n\n".encode())
+
+
+def test_stopping_the_server_lets_the_step_threads_go(comet_cherrypy, hub):
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=5)
+        def gen(self):
+            yield from hub.subscribe("lobby")
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    with RawStream(server.url + "/gen") as raw:
+        assert raw.chunk() == b":ok\n\n"
+        writer = engine_plugin().pool.writer()
+        assert writer is not None and writer.steps.threads >= 1
+        server.stop()
+    wait_until(lambda: writer.steps.threads == 0, what="the step threads gone after the server stopped")
+
+
+
+
+
+def test_a_parked_long_poll_answers_as_soon_as_an_event_comes(comet_cherrypy, hub):
+    class Root:
+        @cherrypy.expose
+        @comet(transport="longpoll", poll_timeout=20)
+        def poll(self, last_event_id=None):
+            return hub.subscribe("lobby", last_id=last_event_id)
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    first = hub.publish("lobby", "before")
+    answer = []
+    poller = threading.Thread(target=lambda: answer.append(http_get(f"{server.url}/poll?last_event_id={first}",
+                                                                       timeout=30)), daemon=True)
+    poller.start()
+    wait_until(lambda: engine_plugin().pool.parked_streams == 1, what="the long-poll parked")
+    hub.publish("lobby", "now")
+    poller.join(5)
+    assert answer, "the long-poll was not answered within 5 s of the event (poll_timeout is 20 s)"
+    status, _, body = answer[0]
+    assert status == 200 and [e["data"] for e in json.loads(body)["events"]] == ["now"], body
+
+
+def test_what_a_broadcast_send_does_not_take_is_queued_and_flushed(comet_cherrypy):
+    """The writer's shared-bytes path: a send() that takes part of the
+    bytes (the client reads nothing; its socket buffers fill) queues the
+    rest, which arrives once the client reads."""
+    hub = Hub(max_event_bytes=1 << 20)
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=30)
+        def sse(self):
+            return hub.subscribe("lobby")
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    try:
+        sock = socket.create_connection((urlsplit(server.url).hostname, urlsplit(server.url).port), timeout=10)
+        with sock:
+            sock.sendall(b"GET /sse HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            read_until(sock, b":ok\n\n")
+            writer = engine_plugin().pool.writer()
+            wait_until(lambda: len(writer._streams) == 1, what="the stream parked")
+            (stream,) = writer._streams
+            published = 0
+            while stream.out_size == 0 and published < 60:  # at most 12 MB: far beyond any socket buffer
+                hub.publish("lobby", "x" * 200_000)
+                published += 1
+                time.sleep(0.05)  # the writer sends it, and queues what the socket did not take
+            hub.publish("lobby", "end")
+            data = read_until(sock, b"data: end\n\n", timeout=20)
+        assert data.count(b"x") == published * 200_000, f"{data.count(b'x')} of {published * 200_000} bytes"
+    finally:
+        hub.close()
+
+
+def test_a_client_that_hangs_up_on_a_parked_stream_counts_as_a_disconnect(comet_cherrypy, hub):
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=30)
+        def sse(self):
+            return hub.subscribe("lobby")
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    pool = engine_plugin().pool
+    before = pool.counters["disconnects"]
+    with RawStream(server.url + "/sse") as raw:
+        assert raw.chunk() == b":ok\n\n"
+        wait_until(lambda: pool.parked_streams == 1, what="the stream parked")
+    wait_until(lambda: pool.parked_streams == 0, what="the hang-up seen")
+    assert pool.counters["disconnects"] == before + 1
