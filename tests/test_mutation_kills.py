@@ -318,3 +318,28 @@ def test_a_client_that_hangs_up_on_a_parked_stream_counts_as_a_disconnect(comet_
         wait_until(lambda: pool.parked_streams == 1, what="the stream parked")
     wait_until(lambda: pool.parked_streams == 0, what="the hang-up seen")
     assert pool.counters["disconnects"] == before + 1
+
+
+def test_a_handler_busy_in_its_own_code_when_its_client_leaves_is_closed_after_its_step(comet_cherrypy):
+    """The writer never closes a generator another thread is running: the
+    step in progress is cancelled and closes it when it returns."""
+    ended = threading.Event()
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=30)
+        def busy(self):
+            try:
+                yield "first"
+                while True:
+                    time.sleep(0.3)  # the handler's own work, inside a step
+                    yield "tick"
+            finally:
+                ended.set()
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    with RawStream(server.url + "/busy") as raw:
+        assert raw.chunk() == b":ok\n\n"
+        assert raw.chunk() == b"data: first\n\n"
+        wait_until(lambda: engine_plugin().pool.parked_streams == 1, what="the stream parked")
+    assert ended.wait(5), "the handler was not closed after its client left"
