@@ -31,6 +31,7 @@ from .framing import Event, encode_longpoll, longpoll_item
 from .hub import Idle, Subscription
 from .options import Options
 from .pool import Admission, StreamPool
+from .writer import inner_subscription
 
 __all__ = ["Stream", "StreamPool", "close_quietly"]
 
@@ -151,9 +152,12 @@ class Stream:
     def _see_channel(self) -> None:
         # Only a *suspended* generator shows what it delegates to, so look
         # between items (stats: streams per channel), never from other threads.
-        inner = getattr(self._items, "gi_yieldfrom", None)
-        if isinstance(inner, Subscription):
+        # Its hub is followed, so that shutdown wakes this thread's wait at
+        # once rather than at the subscription's next idle tick.
+        inner = inner_subscription(self._items)
+        if inner is not None:
             self._channel = inner.channel
+            self._pool.follow(inner.hub)
 
     def _count(self, data: bytes) -> bytes:
         self._pool.counters.add("bytes", len(data))
