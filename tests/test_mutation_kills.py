@@ -343,3 +343,32 @@ def test_a_handler_busy_in_its_own_code_when_its_client_leaves_is_closed_after_i
         assert raw.chunk() == b"data: first\n\n"
         wait_until(lambda: engine_plugin().pool.parked_streams == 1, what="the stream parked")
     assert ended.wait(5), "the handler was not closed after its client left"
+
+
+def test_generators_that_never_wait_are_closed_when_their_clients_hang_up(comet_cherrypy):
+    """A handler that floods (never waits on a hub) hands its step back
+    every STEP_BUDGET items; a hang-up that lands between a step's end and
+    the writer taking it still closes the generator: 20 tries, 20 closed."""
+    lock = threading.Lock()
+    ended = [0]
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=30)
+        def flood(self):
+            try:
+                n = 0
+                while True:
+                    n += 1
+                    yield str(n)
+            finally:
+                with lock:
+                    ended[0] += 1
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    for _ in range(20):
+        with RawStream(server.url + "/flood") as raw:
+            assert raw.chunk() == b":ok\n\n"
+            for _ in range(50):
+                raw.chunk()
+    wait_until(lambda: ended[0] == 20, timeout=10, what="the 20 handlers closed")
