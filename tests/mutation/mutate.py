@@ -53,13 +53,13 @@ EXCLUDED_MODULES = {"testing.py", "processes.py", "demo.py"}
 #: relative to the repository root; the module itself is added too when it
 #: has doctests. Files run fastest first (by the baseline's timings).
 TESTS_FOR: dict[str, list[str]] = {
-    "hub.py": ["tests/test_mutation_kills.py", "tests/test_hub.py", "tests/test_redis.py", "tests/test_cherrypy.py", "tests/test_parked.py",
-               "docs/examples/test_chat.py"],
+    "hub.py": ["tests/test_mutation_kills.py", "tests/test_hub.py", "tests/test_redis.py", "tests/test_cherrypy.py",
+               "tests/test_parked.py", "docs/examples/test_chat.py"],
     "framing.py": ["tests/test_framing.py", "tests/test_hub.py", "tests/test_cherrypy.py", "tests/test_parked.py",
                    "tests/test_fastpath.py"],
     "stream.py": ["tests/test_cherrypy.py", "tests/test_wsgi.py", "tests/test_stats.py", "tests/test_parked.py"],
-    "pipeline.py": ["tests/test_mutation_kills.py", "tests/test_hardening.py", "tests/test_parked.py", "tests/test_wsgi.py", "tests/test_cherrypy.py",
-                    "tests/test_fastpath.py"],
+    "pipeline.py": ["tests/test_mutation_kills.py", "tests/test_hardening.py", "tests/test_parked.py", "tests/test_wsgi.py",
+                    "tests/test_cherrypy.py", "tests/test_fastpath.py"],
     "pool.py": ["tests/test_mutation_kills.py", "tests/test_stats.py", "tests/test_parked.py", "tests/test_wsgi.py", "tests/test_cherrypy.py"],
     "writer.py": ["tests/test_mutation_kills.py", "tests/test_parked.py", "tests/test_user_behaviour.py", "tests/test_cherrypy.py",
                   "tests/test_fastpath.py"],
