@@ -372,3 +372,63 @@ def test_generators_that_never_wait_are_closed_when_their_clients_hang_up(comet_
             for _ in range(50):
                 raw.chunk()
     wait_until(lambda: ended[0] == 20, timeout=10, what="the 20 handlers closed")
+
+
+def test_retry_zero_is_a_valid_reconnect_delay_and_negative_is_not(comet_cherrypy, hub):
+    """retry: 0 (reconnect at once) is a valid SSE field, end to end."""
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=30)
+        def sse(self):
+            return hub.subscribe("lobby")
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    with RawStream(server.url + "/sse") as raw:
+        assert raw.chunk() == b":ok\n\n"
+        wait_until(lambda: engine_plugin().pool.parked_streams == 1, what="the stream parked")
+        event_id = hub.publish("lobby", "now", retry=0)
+        assert raw.chunk() == f"id: {event_id}\nretry: 0\ndata: now\n\n".encode()
+    with pytest.raises(InvalidEvent):
+        hub.publish("lobby", "never", retry=-1)
+
+
+def thread_mode_root(hub):
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=30, mode="thread")
+        def sse(self):
+            return hub.subscribe("lobby")
+
+        @cherrypy.expose
+        @comet(transport="longpoll", poll_timeout=5, mode="thread")
+        def poll(self, last_event_id=None):
+            return hub.subscribe("lobby", last_id=last_event_id)
+
+    return Root()
+
+
+def test_a_thread_mode_stream_shows_its_channel_in_the_census(comet_cherrypy, hub):
+    server = comet_cherrypy(thread_mode_root(hub), thread_pool=4)
+    pool = engine_plugin().pool
+    with RawStream(server.url + "/sse") as raw:
+        assert raw.chunk() == b":ok\n\n"
+        wait_until(lambda: pool.census()["open"] == 1, what="the stream open")
+        census = pool.census()
+        assert census["threaded"] == 1 and census["by_channel"] == {"lobby": 1}, census
+
+
+def test_a_thread_mode_long_poll_answers_at_most_a_batch_and_counts_its_items(comet_cherrypy):
+    hub = Hub(buffer_size=1200)
+    try:
+        server = comet_cherrypy(thread_mode_root(hub), thread_pool=4)
+        pool = engine_plugin().pool
+        first = hub.publish("lobby", "0")
+        for n in range(1, 1101):
+            hub.publish("lobby", str(n))
+        before = pool.counters["items"]
+        status, _, body = http_get(f"{server.url}/poll?last_event_id={first}")
+        events = json.loads(body)["events"]
+        assert status == 200 and [e["data"] for e in events] == [str(n) for n in range(1, 1001)]
+        assert pool.counters["items"] - before == 1000
+    finally:
+        hub.close()

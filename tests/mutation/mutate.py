@@ -55,9 +55,10 @@ EXCLUDED_MODULES = {"testing.py", "processes.py", "demo.py"}
 TESTS_FOR: dict[str, list[str]] = {
     "hub.py": ["tests/test_mutation_kills.py", "tests/test_hub.py", "tests/test_redis.py", "tests/test_cherrypy.py",
                "tests/test_parked.py", "docs/examples/test_chat.py"],
-    "framing.py": ["tests/test_framing.py", "tests/test_hub.py", "tests/test_cherrypy.py", "tests/test_parked.py",
+    "framing.py": ["tests/test_framing.py", "tests/test_mutation_kills.py", "tests/test_hub.py", "tests/test_cherrypy.py", "tests/test_parked.py",
                    "tests/test_fastpath.py"],
-    "stream.py": ["tests/test_cherrypy.py", "tests/test_wsgi.py", "tests/test_stats.py", "tests/test_parked.py"],
+    "stream.py": ["tests/test_mutation_kills.py", "tests/test_cherrypy.py", "tests/test_wsgi.py", "tests/test_stats.py",
+                  "tests/test_parked.py"],
     "pipeline.py": ["tests/test_mutation_kills.py", "tests/test_hardening.py", "tests/test_parked.py", "tests/test_wsgi.py",
                     "tests/test_cherrypy.py", "tests/test_fastpath.py"],
     "pool.py": ["tests/test_mutation_kills.py", "tests/test_stats.py", "tests/test_parked.py", "tests/test_wsgi.py", "tests/test_cherrypy.py"],
