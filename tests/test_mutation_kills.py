@@ -432,3 +432,19 @@ def test_a_thread_mode_long_poll_answers_at_most_a_batch_and_counts_its_items(co
         assert pool.counters["items"] - before == 1000
     finally:
         hub.close()
+
+
+def test_a_redis_hub_takes_the_edge_settings_and_counts_unbatched_publishes(comet_redis):
+    """maxlen=1 and block=60 are in range; publishes without group commit
+    are counted as the batched ones are."""
+    from comet.backends.redis import RedisHub
+
+    hub = RedisHub(comet_redis.url, prefix=f"kills-{time.monotonic_ns()}:", maxlen=1, approximate=False, block=60,
+                   batch_publishes=False)
+    try:
+        hub.publish("room", "one")
+        last = hub.publish("room", "two")
+        assert hub.counters["published"] == 2
+        assert [e.data for e in hub.history("room")] == ["two"] and hub.last_id("room") == last
+    finally:
+        hub.close()

@@ -77,7 +77,7 @@ TESTS_FOR: dict[str, list[str]] = {
     "counters.py": ["tests/test_stats.py", "tests/test_hub.py"],
     "errors.py": ["tests/test_hub.py", "tests/test_cherrypy.py", "tests/test_fastpath.py"],
     "backends/__init__.py": ["tests/test_redis.py"],
-    "backends/redis.py": ["tests/test_redis.py", "tests/test_fastpath.py", "tests/test_deploy.py"],
+    "backends/redis.py": ["tests/test_mutation_kills.py", "tests/test_redis.py", "tests/test_fastpath.py", "tests/test_deploy.py"],
 }
 
 #: A module missing from TESTS_FOR gets every non-browser test file
