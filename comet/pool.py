@@ -256,6 +256,9 @@ class StreamPool:
             writer.stop()
         for hub in hubs:
             hub.end_subscriptions()
+        # Followed again by the streams of the next start: a stopped app's
+        # hubs are not this pool's any more (stats, the next shutdown).
+        self._hubs.clear()
 
     def reopen(self) -> None:
         """Admit streams again after :meth:`close_all` (engine restart)."""

@@ -46,7 +46,7 @@ def stats_server(comet_cherrypy):
             return hub.subscribe(channel)
 
     root = Root()
-    mount(root)
+    mount(root, hubs=[hub])
     server = comet_cherrypy(root, global_config={"comet.max_streams": 2})
     yield server, hub
 
