@@ -448,3 +448,38 @@ def test_a_redis_hub_takes_the_edge_settings_and_counts_unbatched_publishes(come
         assert [e.data for e in hub.history("room")] == ["two"] and hub.last_id("room") == last
     finally:
         hub.close()
+
+
+def test_under_another_wsgi_server_a_stream_notices_its_client_left(hub):
+    """Where comet cannot take the connection over (here the standard
+    library's wsgiref), it finds the socket behind wsgi.input and probes it:
+    a client that hangs up on a quiet stream ends it and its handler."""
+    import wsgiref.simple_server
+
+    ended = threading.Event()
+
+    @comet_app(transport="sse", heartbeat=5, pool=StreamPool())  # a probe finds it gone, long before a heartbeat would
+    def events(environ):
+        try:
+            yield from hub.subscribe("quiet")
+        finally:
+            ended.set()
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, events, handler_class=Quiet)
+    server.daemon_threads = True
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    serving.start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.server_port), timeout=10)
+        with sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            read_until(sock, b":ok\n\n")
+        assert ended.wait(3), "the stream never noticed its client had gone"
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join(10)

@@ -66,7 +66,7 @@ TESTS_FOR: dict[str, list[str]] = {
     "writer.py": ["tests/test_mutation_kills.py", "tests/test_parked.py", "tests/test_user_behaviour.py", "tests/test_cherrypy.py",
                   "tests/test_fastpath.py"],
     "steps.py": ["tests/test_mutation_kills.py", "tests/test_parked.py", "tests/test_user_behaviour.py"],
-    "internals.py": ["tests/test_hardening.py", "tests/test_parked.py", "tests/test_fastpath.py"],
+    "internals.py": ["tests/test_mutation_kills.py", "tests/test_hardening.py", "tests/test_parked.py", "tests/test_fastpath.py"],
     "fastpath.py": ["tests/test_fastpath.py", "tests/test_hardening.py"],
     "wsgi.py": ["tests/test_wsgi.py", "tests/test_parked.py", "tests/test_fastpath.py", "tests/test_cherrypy.py",
                 "tests/test_stats.py"],
