@@ -481,7 +481,7 @@ class Writer:
                 stream.writing = False
                 self._selector.modify(sock, selectors.EVENT_READ, stream)
             if stream.closing:
-                self._close_socket(stream)
+                self._end(stream)  # the last bytes are out
                 return
         if stream.gen is not None and stream.out_size <= STEP_HIGH_WATER:
             stream.drained.set()
@@ -648,21 +648,18 @@ class Writer:
         _queue_answer(stream)
         self._finish(stream)
 
-    def _finish(self, stream: ParkedStream, final: bool = True) -> None:
+    def _finish(self, stream: ParkedStream) -> None:
         """End the response properly: what is queued, the terminating chunk,
         then close once it is all out."""
         if stream.done:
             return
         if not stream.closing:  # (a long-poll's answer is queued already)
-            if final and stream.chunked and stream.framing.streaming:
+            if stream.chunked and stream.framing.streaming:
                 stream.queue(b"0\r\n\r\n")  # the client may reconnect at once
             stream.closing = True
         self._flush(stream)
         if not stream.done and stream.out:
             self._stop_feeding(stream)  # nothing more goes in; the socket drains, then closes
-
-    def _close_socket(self, stream: ParkedStream) -> None:
-        self._end(stream)
 
     def _stop_feeding(self, stream: ParkedStream) -> None:
         self._leave(stream)
