@@ -305,8 +305,9 @@ class Parking:
         """A late first step's outcome, to the writer as a step's would be."""
         writer = self.admission.pool.writer()
         kind, value, sub = outcome
-        if writer is None:
-            return  # stopping: the writer's exit ended the stream and closes the generator
+        if writer is None or stream.done:
+            self._release()  # stopping, or ended meanwhile: the stream is closed; let the handler go
+            return
         if kind == "error":
             log.error("comet: a stream handler failed before its first item", exc_info=value)
             writer._post(stream, "failed")

@@ -252,6 +252,12 @@ class Writer:
                 self._exited = True  # later park() calls end their stream themselves
                 adds, self._adds = self._adds, []
                 inbox, self._inbox = self._inbox, []
+            for stream, kind, _ in inbox:
+                if kind in ("again", "waiting"):  # that step has returned: the generator is suspended
+                    stream.stepping = False
+                elif kind in ("finished", "failed", "cancelled"):  # ... or done with
+                    stream.stepping = False
+                    stream.gen = None
             for stream in list(self._streams) + adds + [entry[0] for entry in inbox]:
                 self._end(stream, final=True)
             self._selector.close()
@@ -680,9 +686,11 @@ class Writer:
         _close_connection(stream, final)
         if stream.gen is not None:
             if stream.stepping:
-                assert stream.step is not None
-                stream.step.cancelled = True  # the step closes the generator itself
-                _wake_blocked(stream)
+                if stream.step is not None:
+                    stream.step.cancelled = True  # the step closes the generator itself
+                    _wake_blocked(stream)
+                # else: its first step (comet.pipeline.PRIME_WAIT) is still
+                # running; it closes the generator when it returns
             else:
                 self._release_generator(stream)
         else:
