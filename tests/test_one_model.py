@@ -438,3 +438,50 @@ def test_a_generator_slow_to_start_holds_no_server_thread(comet_cherrypy, hub):
     finally:
         for raw in streams:
             raw.close()
+
+
+def test_engine_stop_closes_every_generator_busy_or_slow_to_start(comet_cherrypy):
+    """Shutdown runs every handler's finally: generators that never wait
+    (their steps keep returning with more to do) and generators still in
+    a first step longer than PRIME_WAIT."""
+    import cherrypy
+
+    from comet import comet
+    from comet.cherrypy_tool import engine_plugin
+
+    from conftest import RawStream
+
+    closed: list[str] = []
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="chunked")
+        def flood(self):
+            try:
+                n = 0
+                while True:
+                    n += 1
+                    yield f"{n}\n"
+            finally:
+                closed.append("flood")
+
+        @cherrypy.expose
+        @comet(transport="sse")
+        def slow(self):
+            try:
+                time.sleep(1.0)
+                yield "late"
+            finally:
+                closed.append("slow")
+
+    server = comet_cherrypy(Root(), thread_pool=4, global_config={"server.socket_queue_size": 64})
+    raws = [RawStream(server.url + "/flood") for _ in range(20)] + [RawStream(server.url + "/slow") for _ in range(3)]
+    try:
+        wait_until(lambda: engine_plugin().pool.parked_streams == 23, what="all parked")
+        assert server.stop() < 2.0
+        wait_until(lambda: len(closed) == 23 and engine_plugin().pool.open_streams == 0, timeout=10,
+                   what=f"every finally ran (so far {len(closed)}: {sorted(set(closed))})")
+        assert closed.count("flood") == 20 and closed.count("slow") == 3
+    finally:
+        for raw in raws:
+            raw.close()
