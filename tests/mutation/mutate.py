@@ -52,6 +52,11 @@ EXCLUDED_MODULES = {"testing.py", "processes.py", "demo.py"}
 #: Module (path under comet/) -> the test files that exercise it. Paths are
 #: relative to the repository root; the module itself is added too when it
 #: has doctests. Files run fastest first (by the baseline's timings).
+#: The one-model tests that are quick (the load test beside them is not).
+ONE_MODEL = ["tests/test_one_model.py::test_a_generators_later_steps_see_their_own_request",
+             "tests/test_one_model.py::test_a_generator_slow_to_start_holds_no_server_thread",
+             "tests/test_one_model.py::test_engine_stop_closes_every_generator_busy_or_slow_to_start"]
+
 TESTS_FOR: dict[str, list[str]] = {
     "hub.py": ["tests/test_mutation_kills.py", "tests/test_hub.py", "tests/test_redis.py", "tests/test_cherrypy.py",
                "tests/test_parked.py", "docs/examples/test_chat.py"],
@@ -60,12 +65,12 @@ TESTS_FOR: dict[str, list[str]] = {
     "stream.py": ["tests/test_mutation_kills.py", "tests/test_cherrypy.py", "tests/test_wsgi.py", "tests/test_stats.py",
                   "tests/test_parked.py"],
     "pipeline.py": ["tests/test_mutation_kills.py", "tests/test_hardening.py", "tests/test_parked.py", "tests/test_wsgi.py",
-                    "tests/test_cherrypy.py", "tests/test_fastpath.py"],
+                    "tests/test_cherrypy.py", "tests/test_fastpath.py", *ONE_MODEL],
     "pool.py": ["tests/test_mutation_kills.py", "tests/test_stats.py", "tests/test_parked.py", "tests/test_wsgi.py",
                 "tests/test_cherrypy.py"],
     "writer.py": ["tests/test_mutation_kills.py", "tests/test_parked.py", "tests/test_user_behaviour.py", "tests/test_cherrypy.py",
-                  "tests/test_fastpath.py"],
-    "steps.py": ["tests/test_mutation_kills.py", "tests/test_parked.py", "tests/test_user_behaviour.py"],
+                  "tests/test_fastpath.py", *ONE_MODEL],
+    "steps.py": ["tests/test_mutation_kills.py", "tests/test_parked.py", "tests/test_user_behaviour.py", *ONE_MODEL],
     "internals.py": ["tests/test_mutation_kills.py", "tests/test_hardening.py", "tests/test_parked.py", "tests/test_fastpath.py"],
     "fastpath.py": ["tests/test_fastpath.py", "tests/test_hardening.py"],
     "wsgi.py": ["tests/test_wsgi.py", "tests/test_parked.py", "tests/test_fastpath.py", "tests/test_cherrypy.py",
@@ -372,7 +377,7 @@ def fallback_tests() -> list[str]:
 
 def covering_tests(module: str, browser: bool) -> list[str]:
     key = Path(module).relative_to(PACKAGE).as_posix()
-    files = [f for f in TESTS_FOR.get(key, []) if (ROOT / f).exists()]
+    files = [f for f in TESTS_FOR.get(key, []) if (ROOT / f.split("::")[0]).exists()]
     if not files:
         files = fallback_tests()
     if ">>>" in (ROOT / module).read_text(encoding="utf-8"):
@@ -606,7 +611,7 @@ def baseline(files: list[str], needed: list[str], per_test_timeout: float) -> di
         found = {f: 0.0 for f in missing}
         for case in ElementTree.parse(xml).getroot().iter("testcase"):
             path = case.get("file", "")
-            owner = next((f for f in missing if path == f or path.startswith(f.rstrip("/") + "/")), None)
+            owner = next((f for f in missing if path == f.split("::")[0] or path.startswith(f.rstrip("/") + "/")), None)
             if owner:
                 found[owner] += float(case.get("time") or 0)
         print(f"baseline: passed in {elapsed:.1f}s: " + ", ".join(f"{f} {s:.1f}s" for f, s in found.items()), flush=True)
