@@ -1,6 +1,7 @@
 """The accept path under hostile or careless clients: stray parameters,
 methods that must not open a stream, request heads that never finish
 (slowloris), and comet's own failures at accept time."""
+import contextlib
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ from comet import Hub, comet
 from comet.cherrypy_tool import engine_plugin
 from comet.testing import StreamClient, http_get, wait_until
 
-from conftest import RawStream
+from conftest import RawStream, read_until
 
 
 class Root:
@@ -160,6 +161,40 @@ def test_a_head_that_never_completes_gets_408_after_the_server_timeout(comet_che
     data = exchange(port_of(server), b"GET / HTTP/1.1\r\nHost", timeout=10)
     assert data.startswith(b"HTTP/1.1 408 Request Timeout") and b"took too long" in data, data
     assert 0.9 < time.monotonic() - started < 5
+
+
+def test_a_reused_socket_gets_its_own_full_timeout(comet_cherrypy, hub):
+    """A connection whose head completed leaves its deadline behind in the
+    waiter; the next connection on the same file descriptor must not be
+    timed out at that stale deadline, only at its own."""
+    timeout = 3.0
+    server = comet_cherrypy(Root(hub), thread_pool=2, global_config={"server.socket_timeout": timeout})
+    hook = cherrypy.server.httpserver._comet_accept
+    port = port_of(server)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as first, contextlib.ExitStack() as spares:
+        first.sendall(b"GET / HTT")
+        wait_until(lambda: hook._waiter is not None and len(hook._waiter._conns) == 1, what="the first head waiting")
+        fd = next(iter(hook._waiter._conns))
+        # Spare sockets take whatever lower descriptors are free now, so the
+        # one freed next (the first connection's) is what the server's next
+        # accept gets.
+        second, *_ = [spares.enter_context(socket.socket()) for _ in range(8)]
+        first.sendall(b"P/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert read_until(first, b"plain page").startswith(b"HTTP/1.1 200 OK")
+        assert first.recv(1) == b""  # cheroot closed its side: the descriptor is free again
+        wait_until(lambda: hook._waiter._conns == {}, what="the waiter empty")
+        time.sleep(timeout / 2)  # the stale deadline now falls in the middle of the next connection's wait
+        second.settimeout(10)
+        second.connect(("127.0.0.1", port))
+        started = time.monotonic()
+        second.sendall(b"GET / HTT")
+        wait_until(lambda: len(hook._waiter._conns) == 1, what="the second head waiting")
+        if fd not in hook._waiter._conns:
+            pytest.skip(f"the second connection did not reuse descriptor {fd}: {list(hook._waiter._conns)}")
+        data = read_until(second, b"took too long", timeout=10)
+        waited = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408"), data
+    assert waited > 0.8 * timeout, f"timed out after {waited:.1f} s, at the first connection's deadline"
 
 
 def test_a_head_completed_later_is_served(server, hub):

@@ -483,3 +483,39 @@ def test_under_another_wsgi_server_a_stream_notices_its_client_left(hub):
         server.shutdown()
         server.server_close()
         serving.join(10)
+
+
+def test_a_slow_first_step_that_ends_just_before_its_stream_parks_is_delivered_once(comet_cherrypy, hub, caplog):
+    """The first step outlasts PRIME_WAIT, then ends after the headers are
+    decided but before the stream is parked: park() delivers its item, and
+    the step itself must leave it to park() (no error, no duplicate)."""
+    from comet import pipeline
+
+    gate = threading.Event()
+
+    def hold_until_first_step_done():
+        body = cherrypy.serving.response.body
+        if isinstance(body, pipeline.Parking):
+            gate.set()  # the handler's first step may now finish
+            wait_until(lambda: body._outcome is not None, what="the first step's outcome")
+
+    cherrypy.tools.hold_first_step = cherrypy.Tool("before_finalize", hold_until_first_step_done, priority=90)
+
+    class Root:
+        @cherrypy.expose
+        @cherrypy.tools.hold_first_step()
+        @comet(transport="sse", heartbeat=5)
+        def late(self):
+            assert gate.wait(5)  # only once the request thread has given up waiting (PRIME_WAIT)
+            yield "first"
+            yield from hub.subscribe("room")
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    caplog.set_level("ERROR", logger="comet")
+    with RawStream(server.url + "/late") as raw:
+        assert raw.chunk() == b":ok\n\n"
+        assert raw.chunk() == b"data: first\n\n"
+        wait_until(lambda: hub.subscriptions == 1, what="the handler on to its subscription")
+        hub.publish("room", "next")
+        assert raw.chunk().endswith(b"data: next\n\n")  # "first" came once: the next chunk is the event
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

@@ -296,8 +296,11 @@ def certificate(tmp_path_factory):
     return str(cert), str(key)
 
 
-def test_tls_streams_fall_back_to_thread_mode(comet_cherrypy, hub, certificate):
+def test_tls_streams_fall_back_to_thread_mode(comet_cherrypy, hub, certificate, caplog):
+    """TLS connections are cheroot's: the accept-time hook leaves them
+    alone (no error logged), and their streams keep their threads."""
     cert, key = certificate
+    caplog.set_level("ERROR", logger="comet")
     closes = Closes()
     server = comet_cherrypy(parked_root(hub, closes), thread_pool=8, global_config={
         "server.ssl_module": "builtin", "server.ssl_certificate": cert, "server.ssl_private_key": key})
@@ -314,6 +317,7 @@ def test_tls_streams_fall_back_to_thread_mode(comet_cherrypy, hub, certificate):
         hub.publish("lobby", "over tls")
         data = read_more(tls.recv, data, b"data: over tls")
     wait_until(lambda: closes.count == 1, what="released after the TLS client left")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
 def test_a_stream_parked_while_the_pool_stops_is_ended_and_the_next_start_parks_again():
