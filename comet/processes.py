@@ -164,7 +164,9 @@ class NginxServer:
     """nginx on a free port in front of app processes, configured with a
     site file such as ``deploy/nginx-comet.conf`` used *as documented*: its
     ``upstream`` server lines are replaced by *ports* and its ``listen`` port
-    by a free one; every directive is kept.
+    by a free one; every directive is kept. A site that also listens with
+    ``ssl`` gets a second free port (``https_url``) and a self-signed
+    certificate for 127.0.0.1, made with ``openssl`` in its temp dir.
     """
 
     def __init__(self, site: str | os.PathLike[str], ports: Sequence[int], *, binary: str = "nginx",
@@ -180,9 +182,17 @@ class NginxServer:
         text, n = re.subn(r"(upstream\s+\w+\s*\{\n)(?:\s*server\s[^;]*;[^\n]*\n)+", lambda m: m[1] + servers, text)
         if n != 1:
             raise ValueError(f"{site}: expected one upstream block with server lines")
-        text, n = re.subn(r"listen\s+\d+;", f"listen 127.0.0.1:{self.port};", text)
+        text, n = re.subn(r"(?m)^(\s*)listen\s+\d+;", f"\\1listen 127.0.0.1:{self.port};", text)  # not in comments
         if n != 1:
             raise ValueError(f"{site}: expected one 'listen <port>;'")
+        self.tls_port: int | None = None
+        self.certificate: str | None = None
+        if re.search(r"(?m)^\s*listen\s+\d+\s+ssl\b", text):
+            self.tls_port = free_port()
+            text = re.sub(r"(?m)^(\s*)listen\s+\d+(\s+ssl\b[^;]*);", f"\\1listen 127.0.0.1:{self.tls_port}\\2;", text)
+            self.certificate = self._self_signed()
+            text = re.sub(r"(?m)^(\s*)ssl_certificate\s+[^;]+;", f"\\1ssl_certificate {self.certificate};", text)
+            text = re.sub(r"(?m)^(\s*)ssl_certificate_key\s+[^;]+;", f"\\1ssl_certificate_key {self.dir}/key.pem;", text)
         Path(self.dir, "site.conf").write_text(text)
         temp = "".join(f"    {kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         Path(self.dir, "nginx.conf").write_text(
@@ -196,6 +206,21 @@ class NginxServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def https_url(self) -> str:
+        """The TLS listener (HTTP/2 if the site says ``http2``); its
+        certificate is ``self.certificate``, self-signed for 127.0.0.1."""
+        if self.tls_port is None:
+            raise RuntimeError("this site has no 'listen ... ssl' line")
+        return f"https://127.0.0.1:{self.tls_port}"
+
+    def _self_signed(self) -> str:
+        cert = f"{self.dir}/cert.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", f"{self.dir}/key.pem", "-out", cert],
+                       check=True, capture_output=True, timeout=60)
+        return cert
+
     def start(self, timeout: float = 10.0) -> "NginxServer":
         process = self.process = subprocess.Popen(
             [self.binary, "-p", self.dir, "-c", f"{self.dir}/nginx.conf", "-g", "daemon off;"],
@@ -206,7 +231,7 @@ class NginxServer:
         def up() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(f"nginx exited with {process.returncode}: {stderr.read().decode()[-2000:]}")
-            return _port_open(self.port)
+            return _port_open(self.port) and (self.tls_port is None or _port_open(self.tls_port))
 
         _wait(up, timeout, f"nginx on port {self.port}")
         return self

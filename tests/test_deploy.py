@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import subprocess
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -150,6 +152,37 @@ def test_redis_restart_mid_stream_loses_nothing(shoutbox, redis_server):
         received = [e.id for e in shouts(client)]
         assert received[-6:] == sent and len(set(received)) == len(received)
         assert not client.ended and client.requests == 1  # ... the very same stream
+
+
+def test_https_with_http2_carries_a_live_stream(shoutbox):
+    """curl --http2 against the TLS listener of deploy/nginx-comet.conf:
+    HTTP/2 to the client, events live through it."""
+    curl = subprocess.Popen(
+        ["curl", "--http2", "--silent", "--show-error", "--no-buffer", "--include", "--max-time", "20",
+         "--cacert", shoutbox.nginx.certificate, shoutbox.nginx.https_url + "/events"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = bytearray()
+
+    def read() -> None:
+        for chunk in iter(lambda: curl.stdout.read1(4096), b""):
+            out.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: b"\r\n\r\n" in out, timeout=10, what="the response head")
+        head = bytes(out).split(b"\r\n\r\n", 1)[0].decode()
+        assert head.startswith("HTTP/2 200"), head
+        assert "content-type: text/event-stream" in head.lower(), head
+        text = f"over h2 {secrets.token_hex(4)}"
+        shout_ok(shoutbox.nginx.url, text)
+        wait_until(lambda: text.encode() in out, timeout=10, what=f"{text!r} through HTTP/2")
+    finally:
+        curl.kill()
+        curl.wait(10)
+        reader.join(5)
+        curl.stdout.close()
+        curl.stderr.close()
 
 
 def test_redirects_and_stats_through_nginx_keep_its_address(shoutbox):
