@@ -5,11 +5,14 @@ it is imported only when asked for, so the embedded default needs no Redis.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..hub import Hub
 
-__all__ = ["hub_from_url"]
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["hub_from_url", "redis_client"]
 
 
 def hub_from_url(url: str | None = None, **options: Any) -> Hub:
@@ -22,8 +25,25 @@ def hub_from_url(url: str | None = None, **options: Any) -> Hub:
     """
     if not url:
         return Hub(**options)
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {url!r}")
+    if not url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+        raise ValueError(f"expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got {url!r}")
     from .redis import RedisHub
 
     return RedisHub(url, **options)
+
+
+def redis_client(url: str, **options: Any) -> "redis.Redis":
+    """A redis-py client for any Redis URL :func:`hub_from_url` takes,
+    ``redis+sentinel://h1:p1,h2:p2,h3:p3/<service>[/db]`` included (the
+    master Sentinel names, followed through failovers): for an app's own
+    keys beside the hub (a rate limit, a game's state). *options* go to
+    redis-py (``socket_timeout=5``, ...).
+
+    Example::
+
+        store = redis_client("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/comet", socket_timeout=5)
+        store.incr("visits")
+    """
+    from .redis import client_for
+
+    return client_for(url, options)

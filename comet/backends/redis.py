@@ -60,6 +60,25 @@ Failure model
 
 Connection settings (password, ``rediss://`` TLS, db, timeouts, ...) go in
 the URL or as keyword arguments, passed through to ``redis.Redis.from_url``.
+
+High availability
+-----------------
+``redis+sentinel://host:port,host:port,host:port/<service>[/db]`` follows
+the master that Redis Sentinel names for *service*, through failovers
+(redis-py's :class:`redis.sentinel.Sentinel`). While a failover is under way
+publishes raise ``BackendUnavailable`` at once (the old master refuses
+connections; the sentinels still name it until they have elected another),
+the reader reconnects to the new master and resumes every channel from its
+last id, and streams keep their heartbeats meanwhile.
+
+Replication is asynchronous, so a failover can lose the last events the old
+master acknowledged before its replica had them. ``replicas=N`` makes
+publishing durable: each publish (each batch) is followed by ``WAIT N`` on
+the same connection, in the same round trip, and is acknowledged only once
+N replicas have it; if they don't within ``replica_timeout`` seconds, the
+publish raises ``BackendUnavailable`` (the event may still be delivered: it
+is on the master, just not safe). Then a failover to one of those replicas
+loses nothing that was acknowledged.
 """
 from __future__ import annotations
 
@@ -72,6 +91,7 @@ from typing import Any, Callable, Generic, Iterable, TypeVar, cast
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 from redis.typing import KeyT, StreamIdT
 
 from ..errors import BackendUnavailable
@@ -105,6 +125,61 @@ return redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], ARGV[1], '*', 'p', prev, u
 """
 
 
+class _Sentinels:
+    """Where a ``redis+sentinel://`` URL points: its sentinels, asked for the
+    current master of one service each time a connection is made."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        rest = url[len("redis+sentinel://"):]
+        auth, _, rest = rest.rpartition("@")
+        hosts, _, path = rest.partition("/")
+        parts = [p for p in path.split("/") if p]
+        if not hosts or not parts or len(parts) > 2:
+            raise ValueError(f"expected redis+sentinel://host:port[,host:port...]/service[/db], got {url!r}")
+        self.addresses: list[tuple[str, int]] = []
+        for host in hosts.split(","):
+            name, _, port = host.rpartition(":")
+            if not name or not port.isdigit():
+                raise ValueError(f"expected host:port in {url!r}, got {host!r}")
+            self.addresses.append((name, int(port)))
+        self.service = parts[0]
+        try:
+            self.db = int(parts[1]) if len(parts) == 2 else 0
+        except ValueError:
+            raise ValueError(f"the database in {url!r} must be a number, got {parts[1]!r}") from None
+        self.password = auth.partition(":")[2] or None if auth else None
+        # The sentinels get the same bounded timeouts: asking a dead sentinel
+        # must not hang a publish either.
+        self.sentinel: Any = cast(Any, Sentinel)(self.addresses, sentinel_kwargs={  # (untyped in redis-py)
+            "socket_timeout": options.get("socket_timeout"), "socket_connect_timeout": options.get("socket_connect_timeout")})
+
+    def client(self, options: dict[str, Any]) -> redis.Redis:
+        options = dict(options)
+        single = options.pop("single_connection_client", False)
+        if self.password is not None:
+            options.setdefault("password", self.password)
+        client: redis.Redis = self.sentinel.master_for(self.service, db=self.db, **options)
+        if single:  # the pool's connection kwargs cannot say it: a client setting
+            client = redis.Redis(connection_pool=client.connection_pool, single_connection_client=True,
+                                 retry=options.get("retry") or Retry(NoBackoff(), 0))
+        return client
+
+    def close(self) -> None:
+        for sentinel in self.sentinel.sentinels:
+            sentinel.close()
+
+    def __str__(self) -> str:
+        return f"the master of {self.service!r} per sentinels " + ",".join(f"{h}:{p}" for h, p in self.addresses)
+
+
+def client_for(url: str, options: dict[str, Any]) -> redis.Redis:
+    """A redis-py client for *url* (``redis+sentinel://`` included); see
+    :func:`comet.backends.redis_client`."""
+    if url.startswith("redis+sentinel://"):
+        return _Sentinels(url, options).client(options)
+    return redis.Redis.from_url(url, **options)
+
+
 class RedisHub(Hub):
     """A :class:`~comet.Hub` whose channels live in Redis streams.
 
@@ -123,16 +198,21 @@ class RedisHub(Hub):
     each process mirrors. ``block`` is the reader's longest ``XREAD`` wait in
     seconds; ``backoff`` its reconnect delays. ``batch_publishes`` lets
     concurrent publishing threads share round trips (see the module's
-    introduction); it is on by default. Other keywords (``password``,
-    ``socket_timeout``, ``ssl_ca_certs``, ``client_name``, ...) go to
-    ``redis.Redis.from_url``.
+    introduction); it is on by default. ``replicas=N`` acknowledges a
+    publish only once N replicas have it (``WAIT``; see High availability
+    in the module's introduction), within ``replica_timeout`` seconds. Other
+    keywords (``password``, ``socket_timeout``, ``ssl_ca_certs``,
+    ``client_name``, ...) go to ``redis.Redis.from_url``.
+
+    *url* may also be ``redis+sentinel://h1:p1,h2:p2,h3:p3/<service>[/db]``:
+    the master Sentinel names for *service*, followed through failovers.
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, maxlen: int = 1000, approximate: bool = True,
                  prefix: str = "comet:", buffer_size: int | None = None,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0, block: float = 5.0,
                  backoff: tuple[float, float] = (0.05, 5.0), batch_publishes: bool = True,
-                 **redis_options: Any) -> None:
+                 replicas: int = 0, replica_timeout: float = 1.0, **redis_options: Any) -> None:
         if not isinstance(maxlen, int) or maxlen < 1:
             raise ValueError(f"maxlen must be a positive int, got {maxlen!r}")
         if not isinstance(prefix, str) or any(c in prefix for c in "\r\n\x00"):
@@ -141,6 +221,10 @@ class RedisHub(Hub):
             raise ValueError(f"block must be between 0 and 60 seconds, got {block!r}")
         if len(backoff) != 2 or not 0 < backoff[0] <= backoff[1]:
             raise ValueError(f"backoff must be (first, max) seconds with 0 < first <= max, got {backoff!r}")
+        if not isinstance(replicas, int) or replicas < 0:
+            raise ValueError(f"replicas must be a non-negative int, got {replicas!r}")
+        if not isinstance(replica_timeout, (int, float)) or not 0 < replica_timeout <= 60:
+            raise ValueError(f"replica_timeout must be between 0 and 60 seconds, got {replica_timeout!r}")
         super().__init__(buffer_size or maxlen, max_event_bytes=max_event_bytes, idle=idle)
         self.epoch = 0  # ids are Redis', so the first cursor of an empty channel is "0-0"
         self.url = url
@@ -149,18 +233,22 @@ class RedisHub(Hub):
         self.prefix = prefix
         self.block = float(block)
         self.backoff = (float(backoff[0]), float(backoff[1]))
+        self.replicas = replicas
+        self.replica_timeout = float(replica_timeout)
         # No retry: XADD is not idempotent (see the module docstring). Bounded
         # timeouts: a publishing request thread never hangs on a dead Redis.
         options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0,
                                    "retry": Retry(NoBackoff(), 0), "health_check_interval": 0, **redis_options}
-        self.redis = redis.Redis.from_url(url, **options)
+        self._sentinels = _Sentinels(url, options) if url.startswith("redis+sentinel://") else None
+        self.redis = self._connect(options)
         self._publish_script = self.redis.register_script(_PUBLISH)
         self._batches = _GroupCommit(self._send_batch) if batch_publishes else None
         self.counters.add("round_trips", 0)
         read_timeout = self.block + (options["socket_timeout"] or 5.0)
         # One connection, always the same: CLIENT UNBLOCK must name the one that blocks.
         self._reader_options = {**options, "socket_timeout": read_timeout, "single_connection_client": True}
-        self._where: str = self.redis.connection_pool.connection_kwargs.get("host", url)
+        self._where: str = (str(self._sentinels) if self._sentinels is not None
+                            else self.redis.connection_pool.connection_kwargs.get("host", url))
         self._live: dict[bytes, str] = {}  # stream key -> channel, for the reader
         # stream key -> id of the newest event mirrored: the reader's XREAD
         # arguments, kept current by _append so a read costs no per-channel work
@@ -176,6 +264,11 @@ class RedisHub(Hub):
         self.connects = 0
         self._reader = threading.Thread(target=self._read_loop, name="comet-redis-reader", daemon=True)
         self._reader.start()
+
+    def _connect(self, options: dict[str, Any]) -> redis.Redis:
+        if self._sentinels is not None:
+            return self._sentinels.client(options)
+        return redis.Redis.from_url(self.url, **options)
 
     # -- publishing ---------------------------------------------------------
 
@@ -193,10 +286,10 @@ class RedisHub(Hub):
             if self._batches is not None:
                 event_id = self._batches.submit((key, args))
             else:
-                self.counters.add("round_trips")
-                # Script() reloads itself after NOSCRIPT (a restarted Redis):
-                # that is no retry of a publish, the first attempt never ran.
-                event_id = self._publish_script(keys=[key], args=args)
+                result = self._send_batch([(key, args)])[0]
+                if isinstance(result, BaseException):
+                    raise result
+                event_id = result
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
         self.counters.add("published")
@@ -206,9 +299,11 @@ class RedisHub(Hub):
         """One round trip for queued publishes: their ids, or the error of each
         that failed (a wrong-type key fails its own publish, not the batch)."""
         self.counters.add("round_trips")
-        if len(batch) == 1:
+        if len(batch) == 1 and not self.replicas:
             key, args = batch[0]
             try:
+                # Script() reloads itself after NOSCRIPT (a restarted Redis):
+                # that is no retry of a publish, the first attempt never ran.
                 return [self._publish_script(keys=[key], args=args)]
             except redis.ResponseError as exc:
                 return [exc]
@@ -229,7 +324,23 @@ class RedisHub(Hub):
         with self.redis.pipeline(transaction=False) as pipe:
             for key, args in batch:
                 pipe.evalsha(sha, 1, key, *args)
-            return pipe.execute(raise_on_error=False)
+            if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
+                pipe.wait(self.replicas, int(self.replica_timeout * 1000))
+            results: list[bytes | BaseException] = pipe.execute(raise_on_error=False)
+        if self.replicas:
+            self._check_replicated(results.pop(), results)
+        return results
+
+    def _check_replicated(self, acked: Any, results: list[bytes | BaseException]) -> None:
+        """Turn the ids of writes fewer than ``replicas`` replicas acknowledged
+        into errors: not lost, maybe, but not safe either."""
+        if isinstance(acked, int) and acked >= self.replicas:
+            return
+        error = BackendUnavailable(f"{acked} of {self.replicas} replica(s) acknowledged within "
+                                   f"{self.replica_timeout:g} s: the event is not acknowledged")
+        for i, result in enumerate(results):
+            if not isinstance(result, BaseException):
+                results[i] = error
 
     def publish_many(self, channel: str, items: Iterable[Any], event: str | None = None, *,
                      retry: int | None = None) -> list[str]:
@@ -241,14 +352,40 @@ class RedisHub(Hub):
             return []
         key = self._key(channel)
         try:
-            with self.redis.pipeline(transaction=True) as pipe:
-                for proto in protos:
-                    self._publish_script(keys=[key], args=self._fields(proto), client=pipe)
-                ids = pipe.execute()
+            if self.replicas:
+                ids = self._publish_many_durably(key, protos)
+            else:
+                with self.redis.pipeline(transaction=True) as pipe:
+                    for proto in protos:
+                        self._publish_script(keys=[key], args=self._fields(proto), client=pipe)
+                    ids = pipe.execute()
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
         self.counters.add("published", len(ids))
         return [i.decode() for i in ids]
+
+    def _publish_many_durably(self, key: str, protos: list[Event]) -> list[bytes]:
+        # MULTI/EXEC by hand, so that WAIT can follow EXEC on the same
+        # connection in the same round trip; SCRIPT LOAD first because an
+        # unknown script fails inside EXEC without undoing the others.
+        sha = self._publish_script.sha
+        with self.redis.pipeline(transaction=False) as pipe:
+            raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
+            pipe.script_load(_PUBLISH)
+            raw.execute_command("MULTI")
+            for proto in protos:
+                pipe.evalsha(sha, 1, key, *self._fields(proto))
+            raw.execute_command("EXEC")
+            pipe.wait(self.replicas, int(self.replica_timeout * 1000))
+            replies = pipe.execute()
+        ids = cast("list[bytes]", replies[-2])
+        self.counters.add("round_trips")
+        results: list[bytes | BaseException] = list(ids)
+        self._check_replicated(replies[-1], results)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return ids
 
     def _fields(self, proto: Event) -> list[str | int]:
         """The publish script's arguments for one event."""
@@ -406,7 +543,7 @@ class RedisHub(Hub):
         while not self._stop.is_set():
             try:
                 if conn is None:
-                    conn = redis.Redis.from_url(self.url, **self._reader_options)
+                    conn = self._connect(self._reader_options)
                     self._reader_id = conn.client_id()
                     self.connects += 1
                     self.connected = True
@@ -472,6 +609,8 @@ class RedisHub(Hub):
                 pass
         self._reader.join(self.block + 10)
         self.redis.close()
+        if self._sentinels is not None:
+            self._sentinels.close()
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"

@@ -1,0 +1,227 @@
+"""RedisHub on Redis Sentinel, for real on loopback: one master, one
+replica, three sentinels. The master is killed mid-stream; the sentinels
+promote the replica; comet follows.
+
+Counted: events acknowledged (publish returned an id), delivered (on a
+parked SSE stream served by CherryPy), duplicates, gaps, and acknowledged
+but lost, which must be 0 with the durable publish (replicas=1)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import shutil
+import threading
+import time
+
+import cherrypy
+import pytest
+import redis
+
+from comet import BackendUnavailable, comet
+from comet.backends import hub_from_url, redis_client
+from comet.backends.redis import RedisHub
+from comet.processes import RedisServer, free_port, _terminate, _wait
+from comet.testing import wait_until
+
+from conftest import RawStream
+
+SERVICE = "comet"
+
+
+class SentinelGroup:
+    """A master, a replica and three sentinels watching them."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="comet-sentinel-")
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.master = RedisServer().start()
+        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", str(self.master.port))).start()
+        self.ports = [free_port() for _ in range(3)]
+        for port in self.ports:
+            conf = os.path.join(self.dir, f"sentinel-{port}.conf")
+            with open(conf, "w") as f:
+                f.write(f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
+                        f"logfile {self.dir}/sentinel-{port}.log\n"
+                        f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2\n"
+                        f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                        f"sentinel failover-timeout {SERVICE} 5000\n"
+                        f"sentinel parallel-syncs {SERVICE} 1\n")
+            self.sentinels.append(subprocess.Popen([self.master.binary, conf, "--sentinel"], stdin=subprocess.DEVNULL,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        try:
+            self._ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _ready(self) -> None:
+        with redis.Redis(port=self.master.port) as master:
+            _wait(lambda: master.info("replication").get("slave0", {}).get("state") == "online", 20, "the replica in sync")
+
+        def ready(port: int) -> bool:
+            try:
+                with redis.Redis(port=port, socket_timeout=1) as s:
+                    return (len(s.execute_command("SENTINEL", "REPLICAS", SERVICE)) == 1
+                            and len(s.execute_command("SENTINEL", "SENTINELS", SERVICE)) == 2)
+            except redis.RedisError:
+                return False
+
+        for port in self.ports:  # each knows the replica and its two peers: a failover can be agreed
+            _wait(lambda: ready(port), 30, f"sentinel {port} ready")
+
+    @property
+    def url(self) -> str:
+        return "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.ports) + f"/{SERVICE}"
+
+    def master_port(self) -> int:
+        with redis.Redis(port=self.ports[0], socket_timeout=1) as s:
+            return int(s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)[1])
+
+    def close(self) -> None:
+        for process in self.sentinels:
+            _terminate(process, 10)
+        self.replica.close()
+        self.master.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def sentinel_group():
+    group = SentinelGroup()
+    yield group
+    group.close()
+
+
+def test_sentinel_urls_are_parsed_and_checked(sentinel_group):
+    hub = hub_from_url(sentinel_group.url + "/0", idle=0.2)
+    try:
+        assert isinstance(hub, RedisHub) and "per sentinels" in repr(hub)
+        event_id = hub.publish("room", "hello")
+        assert hub.history("room")[-1].id == event_id
+        with redis_client(sentinel_group.url, socket_timeout=5) as client:  # an app's own keys, same master
+            assert client.xlen("comet:room") == 1
+    finally:
+        hub.close()
+    for bad in ("redis+sentinel://127.0.0.1:1", "redis+sentinel://127.0.0.1/comet", "redis+sentinel://h:1/comet/x"):
+        with pytest.raises(ValueError):
+            RedisHub(bad)
+
+
+def test_the_master_dies_mid_stream_and_nothing_acknowledged_is_lost(comet_cherrypy, sentinel_group):
+    hub = RedisHub(sentinel_group.url, replicas=1, replica_timeout=1.0, idle=0.2, backoff=(0.05, 0.5))
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=0.5)
+        def events(self, last_event_id=None):
+            return hub.subscribe("room", last_id=last_event_id)
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    hub.publish("room", "warm-up")  # the channel exists in Redis; the stream starts after it
+    acked: list[tuple[str, str]] = []  # (data, id) of every publish that returned an id
+    refused: list[str] = []
+    slowest = [0.0]
+    stop = threading.Event()
+
+    def publish() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            started = time.monotonic()
+            try:
+                acked.append((str(n), hub.publish("room", str(n))))
+            except BackendUnavailable:
+                refused.append(str(n))
+            slowest[0] = max(slowest[0], time.monotonic() - started)
+            stop.wait(0.02)
+
+    arrivals: list[float] = []
+    got: list[tuple[str | None, str]] = []  # (id, data) of each event, comet.gap included
+    with RawStream(server.url + "/events", timeout=10) as raw:
+        assert raw.chunk() == b":ok\n\n"
+
+        def read() -> None:
+            while not stop.is_set() or len(got) < len(acked):
+                try:
+                    chunk = raw.chunk()
+                except (TimeoutError, EOFError, OSError):
+                    return
+                arrivals.append(time.monotonic())
+                for block in chunk.decode().split("\n\n"):
+                    data = re.search(r"^data: (.*)$", block, re.M)
+                    if data:
+                        name = re.search(r"^event: (.*)$", block, re.M)
+                        ident = re.search(r"^id: (.*)$", block, re.M)
+                        got.append((ident[1] if ident else None, data[1] if not name else f"{name[1]}:{data[1]}"))
+
+        reader = threading.Thread(target=read, daemon=True)
+        publisher = threading.Thread(target=publish, daemon=True)
+        reader.start()
+        publisher.start()
+        try:
+            wait_until(lambda: len(acked) >= 20, timeout=20, what="20 publishes before the failover")
+            old = sentinel_group.master.port
+            sentinel_group.master.process.kill()  # no shutdown, no last sync: a crash
+            sentinel_group.master.process.wait(10)
+            killed_at = time.monotonic()
+            wait_until(lambda: sentinel_group.master_port() != old, timeout=30, interval=0.1, what="the sentinels' failover")
+            failover_s = time.monotonic() - killed_at
+            # The crashed machine comes back; the sentinels make it a replica
+            # of the new master. Until then a durable publish has no replica
+            # to wait for, and is refused: nothing is acknowledged unsafely.
+            sentinel_group.master.start()
+            with redis.Redis(port=sentinel_group.master_port()) as new:
+                wait_until(lambda: new.info("replication").get("slave0", {}).get("state") == "online", timeout=30,
+                           interval=0.1, what="the old master back as a replica")
+            count = len(acked)
+            wait_until(lambda: len(acked) >= count + 20, timeout=30, what="20 publishes after the failover")
+        finally:
+            stop.set()
+            publisher.join(10)
+        wait_until(lambda: len([g for g in got if g[0] is not None]) >= len(acked), timeout=20,
+                   what=f"every acknowledged event delivered ({len(got)} of {len(acked)} so far)")
+        stop.set()
+        raw.close()
+        reader.join(5)
+    hub.close()
+
+    delivered = [(i, d) for i, d in got if i is not None]
+    ids = [i for i, _ in delivered]
+    acked_ids = [i for _, i in acked]
+    lost = [i for i in acked_ids if i not in set(ids)]
+    duplicates = len(ids) - len(set(ids))
+    gaps = [d for i, d in got if d.startswith("comet.gap:")]
+    print(f"\nfailover in {failover_s:.1f} s: acknowledged {len(acked)}, refused {len(refused)}, delivered {len(ids)}, "
+          f"duplicates {duplicates}, gaps {len(gaps)}, acknowledged but lost {len(lost)}, slowest publish {slowest[0]:.2f} s, "
+          f"longest silence on the stream {max(b - a for a, b in zip(arrivals, arrivals[1:])):.2f} s")
+    assert lost == [] and duplicates == 0 and gaps == []
+    assert [i for i in ids if i in set(acked_ids)] == acked_ids  # in publish order
+    assert refused, "no publish was refused: the master was not down long enough to test anything"
+    assert slowest[0] < 6.0  # socket_timeout (5 s) bounds a publish, even mid-failover
+    # The stream kept its heartbeats (0.5 s) through the failover: never silent for long.
+    assert max(b - a for a, b in zip(arrivals, arrivals[1:])) < 2.5
+
+
+def test_a_durable_publish_is_acknowledged_only_once_a_replica_has_it(sentinel_group):
+    hub = RedisHub(sentinel_group.url, replicas=1, replica_timeout=0.5, idle=0.2)
+    try:
+        first = hub.publish("room", "safe")
+        many = hub.publish_many("room", ["a", "b"])
+        with redis.Redis(port=sentinel_group.replica.port) as replica:  # on the replica when acknowledged
+            assert [e[0].decode() for e in replica.xrange("comet:room")] == [first, *many]
+        sentinel_group.replica.stop()
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="0 of 1 replica"):
+            hub.publish("room", "unsafe")
+        with pytest.raises(BackendUnavailable, match="0 of 1 replica"):
+            hub.publish_many("room", ["c", "d"])
+        assert time.monotonic() - started < 5  # replica_timeout each, not a hang
+        plain = RedisHub(sentinel_group.url, idle=0.2)  # not durable: the master alone acknowledges
+        try:
+            assert plain.publish("room", "fast")
+        finally:
+            plain.close()
+    finally:
+        hub.close()
