@@ -9,8 +9,25 @@
  *     onStatus(status) { ... },         // "connecting" | "open" | "reconnecting" | "closed"
  *     onGap(ev) { ... },                // events were lost for this client: reload state
  *     onDenied(info) { ... },           // {status, reason}: the server refused this stream for good
+ *     shared: true,                     // one connection for every tab of this browser (below)
  *   });
  *   sub.close();
+ *
+ * shared: true keeps ONE server connection per browser profile for the same
+ * URL, transport and event names, however many tabs follow it: HTTP/1.1
+ * allows a browser 6 connections per origin, and each tab's own stream would
+ * take one. The tabs elect a leader with the Web Locks API; the leader holds
+ * the stream and passes every event, status and refusal to the others over a
+ * BroadcastChannel. Every tab gets every event once, in order. When the
+ * leading tab closes, the next tab in the lock's queue takes over at once; if
+ * it freezes (a frozen background tab, a stuck script), the others notice it
+ * no longer answers (0.8 s of silence) and one of them steals the lock. The new
+ * leader resumes after the last event id the tabs have seen, so nothing is
+ * lost or repeated. A tab that opens later with an older lastEventId gets
+ * what it missed from the leader's recent events, or, when they do not reach
+ * back that far, from a stream of its own that it closes once it has caught
+ * up. Without Web Locks or BroadcastChannel each tab simply
+ * opens its own stream. sub.leader says whether this tab holds the stream.
  *
  * On any transport, a broken connection is retried with exponential backoff
  * plus jitter, resuming after the last event id seen (the server's
@@ -328,9 +345,255 @@
     }
   }
 
+  /* Event ids are "<a>-<b>" (a hub epoch or a Redis time, then a sequence):
+   * -1, 0 or 1 as a is before, equal to or after b; null if either is not one. */
+  function compareIds(a, b) {
+    const pa = /^(\d+)-(\d+)$/.exec(a || ""), pb = /^(\d+)-(\d+)$/.exec(b || "");
+    if (!pa || !pb) return null;
+    for (const i of [1, 2]) {
+      const x = BigInt(pa[i]), y = BigInt(pb[i]);
+      if (x !== y) return x < y ? -1 : 1;
+    }
+    return 0;
+  }
+
+  const RECENT = 1000;      // events the leader keeps for tabs that join later
+  const PING_AFTER = 300;   // ms of silence from the leader before a tab asks if it is there
+  const STEAL_AFTER = 500;  // ms without an answer before a tab takes the stream over
+
+  /* One stream shared by the tabs of a browser profile (shared: true). */
+  class SharedSubscription {
+    constructor(url, options) {
+      this.url = url;
+      this.options = Object.assign({
+        transport: "sse", events: [], lastEventId: null,
+        onEvent: () => {}, onStatus: () => {}, onGap: null, onDenied: null,
+      }, options || {});
+      this.lastEventId = this.options.lastEventId || null;
+      this.status = null;
+      this.closed = false;
+      this.leader = false;
+      this._inner = null;     // the real Subscription, while this tab leads
+      this._catchup = null;   // our own stream while we catch up to the leader (a late joiner)
+      this._held = null;      // the leader's events held back meanwhile
+      this._seen = new Set(); // recent ids delivered here: each event once
+      this._seenOrder = [];
+      this._recent = [];      // the leader's last events, for tabs that join
+      this._me = Math.random().toString(36).slice(2);
+      this._round = 0;        // bumped by every lock request; stale outcomes are ignored
+      this._release = null;   // resolves the promise that holds the lock
+      this._heard = Date.now();
+      this._pinged = 0;
+      const abs = new URL(url, global.location.href);
+      abs.searchParams.delete("last_event_id");
+      this.key = "comet " + this.options.transport + " " +
+        Array.from(new Set(this.options.events)).sort().join(",") + " " + abs.href;
+      this._channel = new global.BroadcastChannel(this.key);
+      this._channel.onmessage = (e) => this._message(e.data);
+      this._setStatus("connecting");
+      this._post({ type: "hello", after: this.lastEventId });
+      this._campaign(false);
+      this._watch = setInterval(() => this._check(), 100);
+    }
+
+    close() {
+      if (this.closed) return;
+      this.closed = true;
+      clearInterval(this._watch);
+      if (this._catchup) this._catchup.close();
+      this._stepDown();
+      if (this._abort) this._abort.abort();
+      this._channel.close();
+      this._setStatus("closed");
+    }
+
+    _post(message) {
+      message.from = this._me;
+      try { this._channel.postMessage(message); } catch (e) { console.error(e); }
+    }
+
+    _setStatus(status) {
+      if (status === this.status) return;
+      this.status = status;
+      try { this.options.onStatus(status); } catch (e) { console.error(e); }
+    }
+
+    /* Ask for the lock; steal=true takes it from a leader that stopped answering. */
+    _campaign(steal) {
+      if (this.closed) return;
+      const round = ++this._round;
+      if (this._abort) this._abort.abort();
+      this._abort = null;
+      let options = { steal: true };
+      if (!steal) {
+        this._abort = new AbortController();
+        options = { signal: this._abort.signal };
+      }
+      global.navigator.locks.request(this.key, options, () => {
+        if (this.closed || round !== this._round) return undefined;
+        return new Promise((resolve) => { this._release = resolve; this._lead(); });
+      }).catch(() => {
+        // Aborted (we steal or close) or stolen from us (we froze and others
+        // took over): follow, and queue for the next turn.
+        if (round !== this._round || this.closed) return;
+        this._stepDown();
+        this._campaign(false);
+      });
+    }
+
+    _lead() {
+      if (this._catchup) {  // leading now: the leader's own stream reads from our cursor anyway
+        const held = this._held;
+        this._catchup.close();
+        this._catchup = null;
+        this._held = null;
+        for (const ev of held) this._deliver(ev);
+      }
+      this.leader = true;
+      this._heard = Date.now();
+      const own = this.options;
+      this._inner = new Subscription(this.url, Object.assign({}, own, {
+        lastEventId: this.lastEventId,
+        onEvent: (ev) => this._fromServer(ev),
+        onGap: (ev) => this._fromServer(ev),
+        onStatus: (status) => {
+          if (!this.leader) return;  // our own close() while stepping down: not news for the others
+          this._post({ type: "status", status: status });
+          this._setStatus(status);
+        },
+        onDenied: (info) => {
+          this._post({ type: "denied", info: info });
+          this._denied(info);
+        },
+      }));
+    }
+
+    _stepDown() {
+      const inner = this._inner;
+      this.leader = false;
+      this._inner = null;
+      if (inner) inner.close();
+      if (this._release) { this._release(); this._release = null; }
+    }
+
+    _fromServer(ev) {
+      if (!this.leader) return;
+      this._recent.push(ev);
+      if (this._recent.length > RECENT) this._recent.shift();
+      this._post({ type: "event", ev: ev });
+      this._deliver(ev);
+    }
+
+    _deliver(ev) {
+      if (ev.id) {
+        if (this._seen.has(ev.id)) return;
+        this._seen.add(ev.id);
+        this._seenOrder.push(ev.id);
+        if (this._seenOrder.length > RECENT) this._seen.delete(this._seenOrder.shift());
+        this.lastEventId = ev.id;
+      }
+      if (ev.event === GAP && this.options.onGap) {
+        try { this.options.onGap(ev); } catch (e) { console.error(e); }
+        return;
+      }
+      try { this.options.onEvent(ev); } catch (e) { console.error(e); }
+    }
+
+    _denied(info) {
+      this.close();
+      if (this.options.onDenied) {
+        try { this.options.onDenied(info); } catch (e) { console.error(e); }
+      } else {
+        console.error("comet: " + this.url + " refused with " + info.status + ": " + info.reason);
+      }
+    }
+
+    _message(m) {
+      if (this.closed || !m || m.from === this._me) return;
+      if (m.type === "hello" || m.type === "ping") {
+        if (this.leader) this._answer(m);
+        return;
+      }
+      if (this.leader && m.type !== "event") return;  // another tab's leftovers from before we took over
+      this._heard = Date.now();
+      this._pinged = 0;
+      if (m.type === "event") {
+        if (this._held) this._held.push(m.ev);  // newer than what the catch-up is reading
+        else this._deliver(m.ev);
+      } else if (m.type === "status") this._setStatus(m.status);
+      else if (m.type === "denied") this._denied(m.info);
+      else if (m.type === "replay" && m.to === this._me) {
+        if (m.behind && !this._catchup) this._catchUp(m.last);
+        for (const ev of m.events) this._deliver(ev);
+        if (m.status) this._setStatus(m.status);
+      }
+    }
+
+    /* A tab asks whether we lead (ping), or joins and asks what it missed (hello). */
+    _answer(m) {
+      if (m.type === "ping") { this._post({ type: "pong" }); return; }
+      let events = [], behind = false;
+      if (m.after && m.after !== this.lastEventId) {
+        const i = this._recent.findIndex((ev) => ev.id === m.after);
+        if (i >= 0) events = this._recent.slice(i + 1);
+        else {
+          const oldest = this._recent.length ? this._recent[0].id : this.lastEventId;
+          const order = compareIds(m.after, oldest);
+          if (order === null || order < 0) behind = true;  // older than what we kept: it catches up itself
+          else events = this._recent.filter((ev) => compareIds(ev.id, m.after) === 1);
+        }
+      }
+      this._post({ type: "replay", to: m.from, events: events, behind: behind, last: this.lastEventId, status: this.status });
+    }
+
+    /* Joined with a cursor older than the leader's recent events: read from
+     * the server on a connection of our own until we reach where the leader
+     * was, holding the leader's newer events back meanwhile, then let it go. */
+    _catchUp(until) {
+      this._held = [];
+      const done = () => {
+        if (!this._catchup) return;
+        const held = this._held;
+        this._catchup.close();
+        this._catchup = null;
+        this._held = null;
+        for (const ev of held) this._deliver(ev);
+      };
+      this._catchup = new Subscription(this.url, Object.assign({}, this.options, {
+        lastEventId: this.lastEventId,
+        onEvent: (ev) => { this._deliver(ev); if (ev.id && compareIds(ev.id, until) >= 0) done(); },
+        onGap: (ev) => this._deliver(ev),
+        onStatus: (status) => { if (status === "open" && compareIds(this.lastEventId, until) >= 0) done(); },
+        onDenied: (info) => this._denied(info),
+      }));
+    }
+
+    /* A follower's watch: a leader that stops answering is taken over. */
+    _check() {
+      if (this.closed || this.leader) return;
+      const quiet = Date.now() - this._heard;
+      if (quiet < PING_AFTER) return;
+      if (!this._pinged) {
+        this._pinged = Date.now();
+        this._post({ type: "ping" });
+      } else if (Date.now() - this._pinged >= STEAL_AFTER) {
+        this._pinged = 0;
+        this._heard = Date.now();
+        this._campaign(true);
+      }
+    }
+  }
+
+  function subscribe(url, options) {
+    const shareable = global.BroadcastChannel && global.navigator && global.navigator.locks && global.location;
+    if (options && options.shared && shareable) return new SharedSubscription(url, options);
+    return new Subscription(url, options);
+  }
+
   global.Comet = {
-    subscribe: (url, options) => new Subscription(url, options),
+    subscribe: subscribe,
     Subscription: Subscription,
+    SharedSubscription: SharedSubscription,
     MultipartParser: MultipartParser,
     NDJSONParser: NDJSONParser,
     toEvent: toEvent,
