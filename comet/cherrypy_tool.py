@@ -210,6 +210,7 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
     """Run one streaming request through :func:`comet.pipeline.open_stream`
     and give CherryPy what it opened."""
     keep_charset()
+    _no_gzip()
     request, response = cherrypy.serving.request, cherrypy.serving.response
     plugin = engine_plugin()
     plugin.ensure_cap()
@@ -240,10 +241,30 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
     return body
 
 
+def _no_gzip() -> None:
+    """Keep CherryPy's gzip tool (``tools.gzip.on``) off this response.
+
+    It would label a stream ``Content-Encoding: gzip`` and wrap its body in
+    a compressor that flushes only at the end: a parked stream, written by
+    the writer thread past that wrapper, would go out raw under the label,
+    and in thread mode events would sit in zlib's buffer. Like the encode
+    tool, it is dropped for every answer comet gives (long-polls and
+    refusals are a few hundred bytes). The tool's hook is already attached
+    when the handler runs: ``tools.*`` are set up before it.
+    """
+    from cherrypy.lib.encoding import gzip
+
+    hooks = cherrypy.serving.request.hooks
+    finalize = hooks.get("before_finalize", [])
+    if any(hook.callback is gzip for hook in finalize):
+        hooks["before_finalize"] = [hook for hook in finalize if hook.callback is not gzip]
+
+
 def _refuse(refusal: Refusal) -> bytes:
     """A short plain-text error: stream clients (EventSource, comet.js, curl)
     show the reason, and no traceback page leaks for bad input."""
     keep_charset()
+    _no_gzip()
     response = cherrypy.serving.response
     response.status = refusal.status
     response.headers["Content-Type"] = "text/plain; charset=utf-8"
