@@ -29,6 +29,9 @@ worker thread, whatever the handler's shape (``comet.writer``).
 reserve of ``max(2, thread_pool // 10)`` threads, so ordinary pages always
 have some left.
 
+Once the engine starts, the ``comet`` logger's records (warnings and errors,
+unless its level says otherwise) go to ``cherrypy.log``.
+
 The engine plugin ends every stream when the engine stops, before the HTTP
 server joins its worker threads (priority 10 < the server's 25), so shutdown
 does not wait for idle streams; the hubs those streams follow are woken too,
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,6 +138,7 @@ class CometPlugin(SimplePlugin):
 
     def start(self) -> None:
         self.pool.reopen()
+        _bridge_logs()
         check_tool_config()
         # Build the HTTP server now (its own start would) and give it the
         # gateway that lets streams be parked. Other Server objects serve
@@ -156,6 +161,33 @@ class CometPlugin(SimplePlugin):
             hook.stop()
 
     stop.priority = 10  # type: ignore[attr-defined]  # before the HTTP server's stop (25) joins its threads
+
+
+class _ToCherryPyLog(logging.Handler):
+    """Hands the ``comet`` logger's records to ``cherrypy.log``, so they go
+    wherever the app's ``log.screen`` / ``log.error_file`` send CherryPy's,
+    in its format (``[time] COMET message``), traceback included."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            cherrypy.log.error_log.log(record.levelno, " ".join((cherrypy.log.time(), "COMET", record.getMessage())),
+                                       exc_info=record.exc_info)
+        except Exception:
+            self.handleError(record)
+
+
+_LOG_BRIDGE = _ToCherryPyLog()
+
+
+def _bridge_logs() -> None:
+    # At engine start: under CherryPy, comet's records go to cherrypy.log.
+    # The "comet" logger then stops propagating, since cherrypy.error
+    # propagates to the root logger itself: a root handler sees each record
+    # once. Handlers on "comet" itself, and its level, are left alone.
+    logger = logging.getLogger("comet")
+    if _LOG_BRIDGE not in logger.handlers:
+        logger.addHandler(_LOG_BRIDGE)
+        logger.propagate = False
 
 
 def engine_plugin(engine: Any = None) -> CometPlugin:
