@@ -251,16 +251,16 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
                              resume_id=request.comet_last_event_id, connection=connection_for(request.wsgi_environ),
                              context=request_context())
     except Refusal as refusal:
-        return _refuse(refusal)
+        return _refuse(refusal, options)
     except cherrypy.HTTPError as exc:
         if exc.code >= 500:
             raise
         # The handler's own refusal (403 "not your seat"): plain text like
         # comet's, so EventSource, comet.js's onDenied and curl show the
         # reason rather than CherryPy's HTML page.
-        return _refuse(Refusal(exc.code, exc._message))
+        return _refuse(Refusal(exc.code, exc._message), options)
     release_session()
-    for name, value in opened.headers:
+    for name, value in opened.headers + _cors(options):
         response.headers[name] = value
     if isinstance(opened.body, list):  # HEAD, or a long-poll answered in thread mode
         return b"".join(opened.body)
@@ -292,16 +292,24 @@ def _no_gzip() -> None:
         hooks["before_finalize"] = [hook for hook in finalize if hook.callback is not gzip]
 
 
-def _refuse(refusal: Refusal) -> bytes:
+def _cors(options: Options) -> list[tuple[str, str]]:
+    request = cherrypy.serving.request
+    return options.cors_headers(request.headers.get("Origin"), request.method,
+                                request.headers.get("Access-Control-Request-Headers"))
+
+
+def _refuse(refusal: Refusal, options: Options | None = None) -> bytes:
     """A short plain-text error: stream clients (EventSource, comet.js, curl)
-    show the reason, and no traceback page leaks for bad input."""
+    show the reason, and no traceback page leaks for bad input. With
+    *options*, their CORS headers: a cross-origin page can read the reason
+    (and a preflight, a 204, is answered)."""
     keep_charset()
     _no_gzip()
     response = cherrypy.serving.response
     response.status = refusal.status
     response.headers["Content-Type"] = "text/plain; charset=utf-8"
     response.headers["Cache-Control"] = "no-cache"
-    for name, value in refusal.headers:
+    for name, value in refusal.headers + (_cors(options) if options is not None else []):
         response.headers[name] = value
     return refusal.body()
 
@@ -376,7 +384,7 @@ def comet(transport: str = "sse", **options: Any) -> Callable[[Callable[..., Any
             try:
                 _resolve_resume(kwargs, wants)
             except InvalidEventId as exc:
-                return _refuse(Refusal(400, str(exc)))
+                return _refuse(Refusal(400, str(exc)), opts)
 
             def call() -> Any:
                 _check_params(signature, args, kwargs)
@@ -401,7 +409,8 @@ class CometTool(cherrypy.Tool):
         self._cache: dict[tuple[tuple[str, Any], ...], Options] = {}
 
     def _options(self, config: dict[str, Any]) -> Options:
-        key = tuple(sorted(config.items()))
+        # Lists (tools.comet.cors_origins) as tuples: the key must hash.
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
         opts = self._cache.get(key)
         if opts is None:
             opts = self._cache[key] = Options.from_mapping(config)
@@ -425,7 +434,7 @@ class CometTool(cherrypy.Tool):
             try:
                 _resolve_resume(params, wants)
             except InvalidEventId as exc:
-                return _refuse(Refusal(400, str(exc)))
+                return _refuse(Refusal(400, str(exc)), opts)
             if hasattr(inner, "kwargs"):
                 inner.kwargs = params
 

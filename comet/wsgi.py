@@ -83,15 +83,18 @@ def comet_app(handler: Callable[[dict[str, Any]], Any] | None = None, *, pool: S
     def decorate(func: Callable[[dict[str, Any]], Any]) -> WSGIApp:
         @functools.wraps(func)
         def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            method = environ.get("REQUEST_METHOD", "GET")
+            cors = opts.cors_headers(environ.get("HTTP_ORIGIN"), method, environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"))
             try:
                 environ["comet.last_event_id"] = last_id = query_resume_id(environ)
-                opened = open_stream(lambda: func(environ), opts, shared, method=environ.get("REQUEST_METHOD", "GET"),
+                opened = open_stream(lambda: func(environ), opts, shared, method=method,
                                      resume_id=last_id, connection=connection_for(environ))
             except InvalidEventId as exc:
-                return refuse(start_response, Refusal(400, str(exc)))
+                return refuse(start_response, Refusal(400, str(exc), cors))
             except Refusal as refusal:
+                refusal.headers.extend(cors)
                 return refuse(start_response, refusal)
-            start_response(opened.status_line, opened.headers)
+            start_response(opened.status_line, opened.headers + cors)
             return opened.body
 
         app.pool = shared  # type: ignore[attr-defined]
