@@ -102,13 +102,14 @@ def test_fast_route_at_accept_time_and_its_preflight(comet_cherrypy, hub):
         pass
 
     server = comet_cherrypy(Root())
+    before = engine_plugin().pool.counters["routed_fast"]
     host, port = server.url.rsplit("//", 1)[1].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(f"GET /fast/a HTTP/1.1\r\nHost: x\r\nOrigin: {PAGE}\r\n\r\n".encode())
         head = read_until(sock, b"\r\n\r\n").decode("latin-1")
     assert head.startswith("HTTP/1.1 200 OK")
     assert f"Access-Control-Allow-Origin: {PAGE}\r\n" in head and "Access-Control-Allow-Credentials: true\r\n" in head
-    assert engine_plugin().pool.counters["routed_fast"] == 1  # answered where cheroot accepted it
+    assert engine_plugin().pool.counters["routed_fast"] == before + 1  # answered where cheroot accepted it
     status, headers, _ = preflight(server.url + "/fast/a", PAGE)
     assert status == 204 and headers["access-control-allow-origin"] == PAGE
 

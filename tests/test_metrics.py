@@ -59,8 +59,9 @@ def test_metrics_are_the_stats_numbers(server):
     assert got[("comet_streams_parked", ())] == stats["streams"]["parked"] == 1
     assert got[("comet_streams_by_transport", (("transport", "sse"),))] == 1
     assert got[("comet_streams_by_channel", (("channel", "news"),))] == 1
-    assert got[("comet_events_published_total", ())] == stats["events"]["published"] == 1
-    assert got[("comet_events_delivered_total", ())] == stats["events"]["delivered"] == 1
+    # Process-wide totals (earlier tests' hubs may still count): as the JSON says.
+    assert got[("comet_events_published_total", ())] == stats["events"]["published"] >= 1
+    assert got[("comet_events_delivered_total", ())] == stats["events"]["delivered"] >= 1
     assert got[("comet_streams_opened_total", ())] == stats["opened"]
     assert got[("comet_hub_subscriptions", (("hub", "0"), ("type", "Hub")))] == 1
     assert got[("comet_hub_published_total", (("hub", "0"), ("type", "Hub")))] == 1
