@@ -20,8 +20,8 @@ holds one of the server's threads. So that pages keep being served, a
 server's threads less a reserve (as under CherryPy), for the servers whose
 thread count it can tell: waitress, and gunicorn's gthread worker run with
 :mod:`comet.gunicorn_conf`. Beyond the cap, ``503`` with ``Retry-After``.
-A server that serves one request at a time per process (gunicorn's default
-sync worker, ``wsgiref``) is refused with a ``503`` saying what to run
+gunicorn's default sync worker, which serves one request at a time per
+process, is refused with a ``503`` saying what to run
 instead; a multi-process server with an in-memory :class:`~comet.Hub` gets
 a warning in the log, once: each process would see only its own events
 (use :class:`~comet.backends.redis.RedisHub`).
@@ -54,8 +54,7 @@ _POOLS: "weakref.WeakSet[StreamPool]" = weakref.WeakSet()
 _told_threads: list[int] = []
 _warned: set[str] = set()
 
-SINGLE_THREADED = ("this server handles one request at a time per process (gunicorn's default sync worker, "
-                   "wsgiref): a stream would hold it for as long as it is open. Serve streams from a threaded "
+SINGLE_THREADED = ("this server handles one request at a time per process (gunicorn's default sync worker): a stream would hold it for as long as it is open. Serve streams from a threaded "
                    "server: gunicorn -k gthread --threads 8 -c python:comet.gunicorn_conf, waitress, or cheroot")
 MULTIPROCESS = ("comet: a stream follows an in-memory Hub in a multi-process server: each process sees only the "
                 "events published in it, so clients miss the others'. Use comet.backends.redis.RedisHub, or one process")
@@ -123,10 +122,16 @@ def _warn_once(key: str, message: str) -> None:
 
 def _foreign_server(environ: dict[str, Any], pool: StreamPool) -> Refusal | None:
     """Checks for a stream served in thread mode by a server other than
-    cheroot: a refusal for a single-threaded one; else the default cap."""
+    cheroot: a refusal under gunicorn's sync worker; else the default cap."""
     if environ.get("wsgi.multithread") is False:
-        _warn_once("single", "comet: refusing streams: " + SINGLE_THREADED)
-        return Refusal(503, SINGLE_THREADED)
+        # gunicorn's sync worker means it: one request per process, and a
+        # stream would hold it until WORKER TIMEOUT. wsgiref says False even
+        # when run with ThreadingMixIn, so elsewhere this is only a warning.
+        if str(environ.get("SERVER_SOFTWARE", "")).startswith("gunicorn"):
+            _warn_once("single", "comet: refusing streams: " + SINGLE_THREADED)
+            return Refusal(503, SINGLE_THREADED)
+        _warn_once("single?", "comet: the server says it serves one request at a time (wsgi.multithread is false): "
+                              "each open stream may hold it")
     if pool.max_streams is None:
         threads = server_threads(environ)
         if threads is not None:
@@ -176,7 +181,9 @@ def comet_app(handler: Callable[[dict[str, Any]], Any] | None = None, *, pool: S
             except Refusal as refusal:
                 refusal.headers.extend(cors)
                 return refuse(start_response, refusal)
-            if environ.get("wsgi.multiprocess") and any(type(hub) is Hub for hub in list(shared._hubs)):
+            # (wsgiref, "WSGIServer/...", says multiprocess in one process.)
+            if (environ.get("wsgi.multiprocess") and not str(environ.get("SERVER_SOFTWARE", "")).startswith("WSGIServer/")
+                    and any(type(hub) is Hub for hub in list(shared._hubs))):
                 _warn_once("multiprocess", MULTIPROCESS)
             start_response(opened.status_line, opened.headers + cors)
             return opened.body
