@@ -2,8 +2,9 @@
 
 ``RawStream`` speaks HTTP/1.1 over a bare socket and decodes chunked framing
 itself, so wire-format tests do not depend on comet.testing's parsers.
-The ``comet_cherrypy`` / ``comet_wsgi`` fixtures come from comet.testing
-(installed as a pytest plugin), the same ones users get.
+The ``comet_cherrypy`` / ``comet_wsgi`` / ``comet_redis`` fixtures come from
+comet's pytest plugin (``comet_pytest``, registered when comet is
+installed), the same ones users get.
 """
 from __future__ import annotations
 
