@@ -132,6 +132,11 @@ def _foreign_server(environ: dict[str, Any], pool: StreamPool) -> Refusal | None
             return Refusal(503, SINGLE_THREADED)
         _warn_once("single?", "comet: the server says it serves one request at a time (wsgi.multithread is false): "
                               "each open stream may hold it")
+    software = str(environ.get("SERVER_SOFTWARE", ""))
+    if software.startswith("gunicorn") and not _told_threads:
+        _warn_once("gunicorn", "comet: gunicorn without comet.gunicorn_conf: streams have no cap below its threads, "
+                               "and SIGTERM waits graceful_timeout for them. Run gunicorn -c python:comet.gunicorn_conf "
+                               "(or import it in your gunicorn.conf.py)")
     if pool.max_streams is None:
         threads = server_threads(environ)
         if threads is not None:

@@ -96,6 +96,13 @@ def test_gunicorn_sync_worker_is_refused_with_what_to_do(started):
     assert http_get(server.url + "/", deadline=5)[0] == 200  # the worker is free
 
 
+def test_gunicorn_gthread_without_comets_config_says_what_is_missing(started):
+    # (--graceful-timeout 1: without comet's hook, SIGTERM at the end waits that long.)
+    server = gunicorn(started, "-k", "gthread", "--threads", "4", "--graceful-timeout", "1")
+    with StreamClient(server.url + "/events"):
+        wait_until(lambda: "without comet.gunicorn_conf" in server.log(), what="the warning in gunicorn's log")
+
+
 def test_gunicorn_workers_with_an_in_memory_hub_warn(started):
     server = gunicorn(started, "-c", "python:comet.gunicorn_conf", "-w", "2")
     with StreamClient(server.url + "/events"):
