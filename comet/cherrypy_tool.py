@@ -29,6 +29,9 @@ worker thread, whatever the handler's shape (``comet.writer``).
 reserve of ``max(2, thread_pool // 10)`` threads, so ordinary pages always
 have some left.
 
+Once the engine starts, the ``comet`` logger's records (warnings and errors,
+unless its level says otherwise) go to ``cherrypy.log``.
+
 The engine plugin ends every stream when the engine stops, before the HTTP
 server joins its worker threads (priority 10 < the server's 25), so shutdown
 does not wait for idle streams; the hubs those streams follow are woken too,
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,6 +138,7 @@ class CometPlugin(SimplePlugin):
 
     def start(self) -> None:
         self.pool.reopen()
+        _bridge_logs()
         check_tool_config()
         # Build the HTTP server now (its own start would) and give it the
         # gateway that lets streams be parked. Other Server objects serve
@@ -156,6 +161,33 @@ class CometPlugin(SimplePlugin):
             hook.stop()
 
     stop.priority = 10  # type: ignore[attr-defined]  # before the HTTP server's stop (25) joins its threads
+
+
+class _ToCherryPyLog(logging.Handler):
+    """Hands the ``comet`` logger's records to ``cherrypy.log``, so they go
+    wherever the app's ``log.screen`` / ``log.error_file`` send CherryPy's,
+    in its format (``[time] COMET message``), traceback included."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            cherrypy.log.error_log.log(record.levelno, " ".join((cherrypy.log.time(), "COMET", record.getMessage())),
+                                       exc_info=record.exc_info)
+        except Exception:
+            self.handleError(record)
+
+
+_LOG_BRIDGE = _ToCherryPyLog()
+
+
+def _bridge_logs() -> None:
+    # At engine start: under CherryPy, comet's records go to cherrypy.log.
+    # The "comet" logger then stops propagating, since cherrypy.error
+    # propagates to the root logger itself: a root handler sees each record
+    # once. Handlers on "comet" itself, and its level, are left alone.
+    logger = logging.getLogger("comet")
+    if _LOG_BRIDGE not in logger.handlers:
+        logger.addHandler(_LOG_BRIDGE)
+        logger.propagate = False
 
 
 def engine_plugin(engine: Any = None) -> CometPlugin:
@@ -210,6 +242,7 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
     """Run one streaming request through :func:`comet.pipeline.open_stream`
     and give CherryPy what it opened."""
     keep_charset()
+    _no_gzip()
     request, response = cherrypy.serving.request, cherrypy.serving.response
     plugin = engine_plugin()
     plugin.ensure_cap()
@@ -218,16 +251,16 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
                              resume_id=request.comet_last_event_id, connection=connection_for(request.wsgi_environ),
                              context=request_context())
     except Refusal as refusal:
-        return _refuse(refusal)
+        return _refuse(refusal, options)
     except cherrypy.HTTPError as exc:
         if exc.code >= 500:
             raise
         # The handler's own refusal (403 "not your seat"): plain text like
         # comet's, so EventSource, comet.js's onDenied and curl show the
         # reason rather than CherryPy's HTML page.
-        return _refuse(Refusal(exc.code, exc._message))
+        return _refuse(Refusal(exc.code, exc._message), options)
     release_session()
-    for name, value in opened.headers:
+    for name, value in opened.headers + _cors(options):
         response.headers[name] = value
     if isinstance(opened.body, list):  # HEAD, or a long-poll answered in thread mode
         return b"".join(opened.body)
@@ -240,15 +273,43 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
     return body
 
 
-def _refuse(refusal: Refusal) -> bytes:
+def _no_gzip() -> None:
+    """Keep CherryPy's gzip tool (``tools.gzip.on``) off this response.
+
+    It would label a stream ``Content-Encoding: gzip`` and wrap its body in
+    a compressor that flushes only at the end: a parked stream, written by
+    the writer thread past that wrapper, would go out raw under the label,
+    and in thread mode events would sit in zlib's buffer. Like the encode
+    tool, it is dropped for every answer comet gives (long-polls and
+    refusals are a few hundred bytes). The tool's hook is already attached
+    when the handler runs: ``tools.*`` are set up before it.
+    """
+    from cherrypy.lib.encoding import gzip
+
+    hooks = cherrypy.serving.request.hooks
+    finalize = hooks.get("before_finalize", [])
+    if any(hook.callback is gzip for hook in finalize):
+        hooks["before_finalize"] = [hook for hook in finalize if hook.callback is not gzip]
+
+
+def _cors(options: Options) -> list[tuple[str, str]]:
+    request = cherrypy.serving.request
+    return options.cors_headers(request.headers.get("Origin"), request.method,
+                                request.headers.get("Access-Control-Request-Headers"))
+
+
+def _refuse(refusal: Refusal, options: Options | None = None) -> bytes:
     """A short plain-text error: stream clients (EventSource, comet.js, curl)
-    show the reason, and no traceback page leaks for bad input."""
+    show the reason, and no traceback page leaks for bad input. With
+    *options*, their CORS headers: a cross-origin page can read the reason
+    (and a preflight, a 204, is answered)."""
     keep_charset()
+    _no_gzip()
     response = cherrypy.serving.response
     response.status = refusal.status
     response.headers["Content-Type"] = "text/plain; charset=utf-8"
     response.headers["Cache-Control"] = "no-cache"
-    for name, value in refusal.headers:
+    for name, value in refusal.headers + (_cors(options) if options is not None else []):
         response.headers[name] = value
     return refusal.body()
 
@@ -323,7 +384,7 @@ def comet(transport: str = "sse", **options: Any) -> Callable[[Callable[..., Any
             try:
                 _resolve_resume(kwargs, wants)
             except InvalidEventId as exc:
-                return _refuse(Refusal(400, str(exc)))
+                return _refuse(Refusal(400, str(exc)), opts)
 
             def call() -> Any:
                 _check_params(signature, args, kwargs)
@@ -348,7 +409,8 @@ class CometTool(cherrypy.Tool):
         self._cache: dict[tuple[tuple[str, Any], ...], Options] = {}
 
     def _options(self, config: dict[str, Any]) -> Options:
-        key = tuple(sorted(config.items()))
+        # Lists (tools.comet.cors_origins) as tuples: the key must hash.
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
         opts = self._cache.get(key)
         if opts is None:
             opts = self._cache[key] = Options.from_mapping(config)
@@ -372,7 +434,7 @@ class CometTool(cherrypy.Tool):
             try:
                 _resolve_resume(params, wants)
             except InvalidEventId as exc:
-                return _refuse(Refusal(400, str(exc)))
+                return _refuse(Refusal(400, str(exc)), opts)
             if hasattr(inner, "kwargs"):
                 inner.kwargs = params
 

@@ -82,6 +82,7 @@ class _Head(NamedTuple):
     query: str
     last_event_id: str | None
     request: "StreamRequest | None"
+    origin: str | None = None
 
 
 class StreamRequest:
@@ -306,6 +307,7 @@ class FastRoutes:
                                  resume_id=last_id, connection=_OWNED)
         except Exception as exc:
             refusal = _refusal(exc)
+            refusal.headers.extend(route.options.cors_headers(parsed.origin))
             _consume(sock, parsed.length)
             _write_refusal(sock, refusal)
             return True
@@ -318,7 +320,7 @@ class FastRoutes:
             sock.close()
             return True
         self.pool.counters.add("routed_fast")
-        body.park(sock, not parsed.http10, self._head(opened.headers, parsed.http10))
+        body.park(sock, not parsed.http10, self._head(opened.headers + route.options.cors_headers(parsed.origin), parsed.http10))
         return True
 
     def _parse(self, head: bytes) -> _Head | None:
@@ -341,7 +343,7 @@ class FastRoutes:
         if found is None:
             return None
         route, params = found
-        last_event_id = None
+        last_event_id = origin = None
         headers: dict[str, str] | None = {} if route.authorize is not None else None
         if end > line_end:
             for line in head[line_end + 2:end].split(b"\r\n"):
@@ -353,6 +355,8 @@ class FastRoutes:
                     return None  # a body or a protocol switch: not a stream request
                 if name == b"last-event-id":
                     last_event_id = value.strip().decode("latin-1")
+                elif name == b"origin":
+                    origin = value.strip().decode("latin-1")
                 if headers is not None:
                     key, text = name.decode("latin-1"), value.strip().decode("latin-1")
                     if key in headers:  # as cheroot folds repeated headers into environ
@@ -361,7 +365,7 @@ class FastRoutes:
         request = None
         if headers is not None:
             request = StreamRequest(path.decode("latin-1"), params, query.decode("latin-1"), headers, "")
-        return _Head(end + 4, parts[2] == b"HTTP/1.0", route, params, query.decode("latin-1"), last_event_id, request)
+        return _Head(end + 4, parts[2] == b"HTTP/1.0", route, params, query.decode("latin-1"), last_event_id, request, origin)
 
     def _head(self, headers: list[tuple[str, str]], http10: bool) -> bytes:
         now = int(time.time())

@@ -19,6 +19,16 @@ Mount it in one line:
   second). ``cherrypy.tree.mount(StatsApp(), "/comet/stats")`` does the same
   as an app of its own.
 * Plain WSGI: ``stats_wsgi(pool, hubs)`` is a WSGI app answering the JSON.
+* Prometheus: ``/comet/stats/metrics`` (CherryPy) and
+  ``metrics_wsgi(pool, hubs)`` answer the same numbers in the Prometheus
+  text format (:func:`prometheus_text`).
+
+The text format is written here, not with ``prometheus_client``: the
+numbers already exist as one consistent snapshot (the JSON's), and turning
+that dict into the format takes a few dozen lines and no dependency, where
+the client library would add a package, a registry and a custom collector
+to expose the very same dict. The suite checks the output with
+``prometheus_client``'s own parser.
 
 The numbers (channel names included) are for operators: give ``mount`` or
 ``stats_wsgi`` a ``password`` (HTTP Basic, user ``comet``), or keep the URL
@@ -43,7 +53,10 @@ from .stream import StreamPool
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["snapshot", "StatsApp", "mount", "stats_wsgi"]
+__all__ = ["snapshot", "prometheus_text", "StatsApp", "mount", "stats_wsgi", "metrics_wsgi"]
+
+#: The Content-Type of the Prometheus text exposition format.
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _STARTED = time.time()
 _PAGE = Path(__file__).resolve().parent / "static" / "stats.html"
@@ -87,6 +100,74 @@ def snapshot(pool: StreamPool, hubs: Iterable[Hub] = ()) -> dict[str, Any]:
     }
 
 
+# (name, type, help, path into the snapshot); counters are totals since start.
+_SCALARS = [
+    ("comet_streams_open", "gauge", "Streams open now.", ("streams", "open")),
+    ("comet_streams_parked", "gauge", "Open streams parked on the writer thread (no server thread).", ("streams", "parked")),
+    ("comet_streams_threaded", "gauge", "Open streams that keep a thread (thread mode, or still opening).", ("streams", "threaded")),
+    ("comet_events_published_total", "counter", "Events published through the hubs of this process.", ("events", "published")),
+    ("comet_events_delivered_total", "counter", "Events and parts written to clients.", ("events", "delivered")),
+    ("comet_events_gaps_total", "counter", "Gap events handed to clients that fell behind.", ("events", "gaps")),
+    ("comet_bytes_written_total", "counter", "Bytes written to stream clients.", ("bytes_written",)),
+    ("comet_heartbeats_total", "counter", "Heartbeats written.", ("heartbeats",)),
+    ("comet_disconnects_total", "counter", "Clients that went away.", ("disconnects",)),
+    ("comet_refused_total", "counter", "Streams refused by admission control (503).", ("refused",)),
+    ("comet_forbidden_total", "counter", "Fast-route streams refused by authorize (403).", ("forbidden",)),
+    ("comet_streams_opened_total", "counter", "Streams opened.", ("opened",)),
+    ("comet_streams_closed_total", "counter", "Streams closed.", ("closed",)),
+    ("comet_parks_total", "counter", "Times a stream was parked on the writer thread.", ("parked_total",)),
+    ("comet_slow_consumers_total", "counter", "Clients disconnected for not reading.", ("slow_consumers",)),
+]
+
+
+def _label(value: Any) -> str:
+    # The text format's escapes for label values: backslash, quote, newline.
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(snap: dict[str, Any], channels: bool = True) -> str:
+    """The numbers of a :func:`snapshot` in the Prometheus text format
+    (version 0.0.4): gauges for what is open now, ``_total`` counters
+    since the process started, labelled series per transport, per channel
+    (``channels=False`` leaves those out: one series per channel with open
+    streams can be many), per fast-route path and per hub.
+
+    >>> text = prometheus_text(snapshot(StreamPool(), [Hub()]))
+    >>> print(text.splitlines()[2])
+    comet_streams_open 0
+    """
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_: str, samples: Iterable[tuple[str, Any]]) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    for name, kind, help_, path in _SCALARS:
+        value: Any = snap
+        for key in path:
+            value = value[key]
+        family(name, kind, help_, [("", value)])
+    family("comet_streams_by_transport", "gauge", "Streams open now, per transport.",
+           [(f'{{transport="{_label(t)}"}}', n) for t, n in sorted(snap["streams"]["by_transport"].items())])
+    if channels:
+        family("comet_streams_by_channel", "gauge", 'Streams open now, per hub channel ("?": not following one).',
+               [(f'{{channel="{_label(c)}"}}', n) for c, n in sorted(snap["streams"]["by_channel"].items())])
+    family("comet_streams_routed_total", "counter", "Streams opened by a fast route: at accept time, or through its WSGI middleware.",
+           [('{how="at_accept"}', snap["routed"]["at_accept"]), ('{how="through_wsgi"}', snap["routed"]["through_wsgi"])])
+    hubs = snap["hubs"]
+    family("comet_hub_channels", "gauge", "Channels per hub.",
+           [(f'{{hub="{i}",type="{_label(h["type"])}"}}', h["channels"]) for i, h in enumerate(hubs)])
+    family("comet_hub_subscriptions", "gauge", "Open subscriptions per hub.",
+           [(f'{{hub="{i}",type="{_label(h["type"])}"}}', h["subscriptions"]) for i, h in enumerate(hubs)])
+    counted = sorted({k for h in hubs for k, v in h.items() if k not in ("type", "channels", "subscriptions") and isinstance(v, int)})
+    for key in counted:
+        family(f"comet_hub_{key}_total", "counter", f"Per hub: {key.replace('_', ' ')}, since start.",
+               [(f'{{hub="{i}",type="{_label(h["type"])}"}}', h[key]) for i, h in enumerate(hubs) if key in h])
+    family("comet_uptime_seconds", "gauge", "Seconds since comet was imported in this process.", [("", snap["uptime_s"])])
+    return "\n".join(out) + "\n"
+
+
 def _cherrypy_snapshot(shown: Iterable[Hub] = ()) -> dict[str, Any]:
     from .cherrypy_tool import engine_plugin
 
@@ -105,8 +186,9 @@ class StatsApp:
     stream pool, the hubs its streams follow, and *hubs* (shown from the
     start, before any stream follows them).
 
-    ``index``: the live page; ``json``: one snapshot; ``stream``: SSE, a
-    snapshot every ``interval`` seconds.
+    ``index``: the live page; ``json``: one snapshot; ``metrics``: the same
+    in the Prometheus text format; ``stream``: SSE, a snapshot every
+    ``interval`` seconds.
 
     >>> import cherrypy
     >>> class Root: pass
@@ -151,6 +233,12 @@ class StatsApp:
             return _cherrypy_snapshot(self._shown)
 
         @cherrypy.expose
+        def metrics() -> bytes:
+            cherrypy.response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
+            cherrypy.response.headers["Cache-Control"] = "no-cache"
+            return prometheus_text(_cherrypy_snapshot(self._shown)).encode("utf-8")
+
+        @cherrypy.expose
         @comet(transport="sse", heartbeat=15)
         def stream() -> Iterator[Event]:
             # A generator in thread mode: an admin page or two, not thousands.
@@ -162,6 +250,7 @@ class StatsApp:
 
         self.index = index
         self.json = json_
+        self.metrics = metrics
         self.stream = stream
 
 
@@ -210,6 +299,25 @@ def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = (), password: str | None 
     0
     """
     hubs = list(hubs)
+    return _numbers_app(lambda: json.dumps(snapshot(pool, hubs)).encode(), "application/json", password, user)
+
+
+def metrics_wsgi(pool: StreamPool, hubs: Iterable[Hub] = (), password: str | None = None, user: str = "comet",
+                 channels: bool = True) -> WSGIApplication:
+    """A WSGI app answering :func:`prometheus_text` (the same numbers as
+    :func:`stats_wsgi`), protected the same way; mount it at ``/metrics``.
+
+    >>> app = metrics_wsgi(StreamPool())
+    >>> body = app({"REQUEST_METHOD": "GET"}, lambda status, headers: None)
+    >>> b"comet_streams_open 0" in b"".join(body)
+    True
+    """
+    hubs = list(hubs)
+    return _numbers_app(lambda: prometheus_text(snapshot(pool, hubs), channels).encode("utf-8"), PROMETHEUS_CONTENT_TYPE,
+                        password, user)
+
+
+def _numbers_app(render: Callable[[], bytes], content_type: str, password: str | None, user: str) -> WSGIApplication:
     check = _checker(user, password) if password is not None else None
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
@@ -220,8 +328,8 @@ def stats_wsgi(pool: StreamPool, hubs: Iterable[Hub] = (), password: str | None 
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")])
             return [b"GET only\n"]
-        body = json.dumps(snapshot(pool, hubs)).encode()
-        start_response("200 OK", [("Content-Type", "application/json"), ("Cache-Control", "no-cache"),
+        body = render()
+        start_response("200 OK", [("Content-Type", content_type), ("Cache-Control", "no-cache"),
                                   ("Content-Length", str(len(body)))])
         return [body]
 

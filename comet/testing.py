@@ -12,8 +12,10 @@ Example::
             [event] = client.wait_for(1)
             assert event.data == "hi"
 
-The fixtures are registered as a pytest plugin when comet is installed.
-The client reads in a background thread; ``wait_for``
+The fixtures (``comet_cherrypy``, ``comet_wsgi``, ``comet_redis``) are a
+pytest plugin registered when comet is installed: the module ``comet_pytest``,
+kept outside this package so that suites that do not use them never import
+CherryPy. The client reads in a background thread; ``wait_for``
 blocks with a deadline and re-raises anything the reader hit (a 500, a
 malformed stream), so a broken server fails the test instead of hanging it.
 """
@@ -25,7 +27,7 @@ import re
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
 from .framing import Event, Part
@@ -632,60 +634,3 @@ class WSGIServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-# -- pytest fixtures ----------------------------------------------------------
-
-try:
-    import pytest as _pytest
-except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
-    _pytest = None  # type: ignore[assignment]
-
-if _pytest is not None:
-    pytest = _pytest
-
-    @pytest.fixture
-    def comet_cherrypy() -> Iterator[Callable[..., CherryPyServer]]:
-        """Factory: ``comet_cherrypy(root, config=None, **kw)`` starts a
-        CherryPy app on a free port and stops it after the test."""
-        started: list[CherryPyServer] = []
-
-        def start(root: Any, config: dict[str, Any] | None = None, **kw: Any) -> CherryPyServer:
-            server = CherryPyServer(root, config, **kw).start()
-            started.append(server)
-            return server
-
-        yield start
-        for server in started:
-            server.stop()
-
-    @pytest.fixture
-    def comet_wsgi() -> Iterator[Callable[..., WSGIServer]]:
-        """Factory: ``comet_wsgi(app, **kw)`` serves a WSGI app under cheroot
-        on a free port and stops it after the test."""
-        started: list[WSGIServer] = []
-
-        def start(app: Callable[..., Any], **kw: Any) -> WSGIServer:
-            server = WSGIServer(app, **kw).start()
-            started.append(server)
-            return server
-
-        yield start
-        for server in started:
-            server.stop()
-
-    @pytest.fixture(scope="session")
-    def comet_redis() -> Iterator[RedisServer]:
-        """One real redis-server for the test session (see :class:`RedisServer`).
-        Tests keep apart by channel names or a ``prefix`` of their own."""
-        with RedisServer() as server:
-            yield server
-
-    def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
-        """Exit a CherryPy engine the fixtures left stopped, so the process
-        ends cleanly instead of CherryPy warning at interpreter exit."""
-        import sys
-
-        cp = sys.modules.get("cherrypy")
-        if cp is not None and cp.engine.state == cp.engine.states.STOPPED:
-            cp.engine.exit()

@@ -10,7 +10,10 @@ sys.path.insert(0, os.path.abspath(".."))
 project = "comet"
 author = "the comet developers"
 copyright = "2026, the comet developers"
-release = version = "0.1.0"
+# One version source: comet/__init__.py (setup.py reads it too).
+import comet  # noqa: E402
+
+release = version = comet.__version__
 
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.graphviz", "sphinx.ext.viewcode"]
 source_suffix = {".md": "markdown"}

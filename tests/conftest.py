@@ -2,8 +2,9 @@
 
 ``RawStream`` speaks HTTP/1.1 over a bare socket and decodes chunked framing
 itself, so wire-format tests do not depend on comet.testing's parsers.
-The ``comet_cherrypy`` / ``comet_wsgi`` fixtures come from comet.testing
-(installed as a pytest plugin), the same ones users get.
+The ``comet_cherrypy`` / ``comet_wsgi`` / ``comet_redis`` fixtures come from
+comet's pytest plugin (``comet_pytest``, registered when comet is
+installed), the same ones users get.
 """
 from __future__ import annotations
 
@@ -216,6 +217,74 @@ def tracker():
 def app(comet_cherrypy, hub, tracker):
     """A live CherryPy server with make_root's endpoints; heartbeat 0.5 s."""
     return comet_cherrypy(make_root(hub, tracker, heartbeat=0.5))
+
+
+class FreshVenv:
+    """A new venv where ``pip install --no-deps --no-index <pip_args>`` ran
+    (a wheel's or an sdist's path, or a name and ``--find-links``), offline: its dependencies come from the running (CI) venv through a
+    ``.pth`` file, so the test downloads nothing and takes seconds, while
+    ``comet`` and the ``comet_pytest`` plugin are the installed copies."""
+
+    def __init__(self, where, *pip_args) -> None:
+        import subprocess
+        import sys
+        import sysconfig
+
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, timeout=60)
+        self.python = str(where / "bin" / "python")
+        purelib = subprocess.run([self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+        with open(os.path.join(purelib, "ci-venv.pth"), "w") as f:
+            f.write(sysconfig.get_paths()["purelib"] + "\n")
+        self.site_packages = purelib
+        subprocess.run([sys.executable, "-m", "pip", "--python", self.python, "install", "-q", "--no-deps", "--no-index",
+                        "--no-build-isolation", *map(str, pip_args)], check=True, capture_output=True, timeout=120)
+
+    def run(self, *args, cwd=None, env=None, timeout=120):
+        """``python -P args...`` (-P: the working directory is not on
+        sys.path, so a checkout there does not shadow the installed comet)."""
+        import subprocess
+
+        return subprocess.run([self.python, "-P", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def dists(tmp_path_factory):
+    """``{"wheel": path, "sdist": path}`` built with ``python -m build`` from
+    a clean export of the checkout (the files git tracks, as they are in the
+    working tree: uncommitted edits count, untracked files do not)."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, ".git")) and not os.path.isfile(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout (an sdist, say): nothing to export")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True, timeout=60).stdout
+    export = tmp_path_factory.mktemp("export")
+    for name in tracked.decode().split("\0"):
+        if name and os.path.exists(os.path.join(root, name)):
+            os.makedirs(export / os.path.dirname(name), exist_ok=True)
+            shutil.copy2(os.path.join(root, name), export / name)
+    out = tmp_path_factory.mktemp("dist")
+    # No isolation: the build uses this venv's setuptools and wheel (the
+    # test extra) instead of downloading them, offline and in seconds.
+    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "-o", str(out), str(export)],
+                   check=True, capture_output=True, timeout=300)
+    [wheel] = out.glob("*.whl")
+    [sdist] = out.glob("*.tar.gz")
+    return {"wheel": wheel, "sdist": sdist}
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(dists, tmp_path_factory):
+    """A :class:`FreshVenv` where the README's install line ran, the wheel
+    standing in for the package index."""
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"), encoding="utf-8") as f:
+        [name] = re.findall(r"^pip install (\S+)", f.read(), re.M)
+    return FreshVenv(tmp_path_factory.mktemp("venv") / "wheel", "--find-links", dists["wheel"].parent, name)
 
 
 __all__ = ["RawStream", "read_until", "Tracker", "make_root", "open_fds", "settle", "Event", "Part", "time"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The whole package passes ``mypy --strict`` (it ships ``py.typed``).
-CHECKED = ["comet"]
+#: The whole package passes ``mypy --strict`` (it ships ``py.typed``), and the pytest plugin.
+CHECKED = ["comet", "comet_pytest.py"]
 
 
 def test_mypy_strict(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@
  *     onStatus(status) { ... },         // "connecting" | "open" | "reconnecting" | "closed"
  *     onGap(ev) { ... },                // events were lost for this client: reload state
  *     onDenied(info) { ... },           // {status, reason}: the server refused this stream for good
+ *     withCredentials: true,            // cross-origin: send cookies too (the server sets cors_credentials)
  *     shared: true,                     // one connection for every tab of this browser (below)
  *   });
  *   sub.close();
@@ -153,7 +154,11 @@
         transport: "sse", events: [], lastEventId: null,
         minDelay: 500, maxDelay: 30000,
         onEvent: () => {}, onStatus: () => {}, onGap: null, onDenied: null,
+        withCredentials: false,
       }, options || {});
+      // Cross-origin streams: send cookies and HTTP auth only when asked
+      // (the server must allow it: cors_credentials).
+      this._credentials = this.options.withCredentials ? "include" : "same-origin";
       this.lastEventId = this.options.lastEventId || null;
       this.status = null;
       this.attempt = 0;
@@ -233,7 +238,7 @@
       this._abort = abort;
       try {
         const response = await fetch(withCursor(this.url, this.lastEventId), {
-          signal: abort.signal, cache: "no-store", headers: { Accept: "text/event-stream" },
+          signal: abort.signal, cache: "no-store", credentials: this._credentials, headers: { Accept: "text/event-stream" },
         });
         if (response.status !== 200 && await this._refused(response)) return;
         abort.abort(); // a stream (or a 5xx): the EventSource retry below takes it from here
@@ -272,7 +277,7 @@
     }
 
     _sse() {
-      const source = new EventSource(withCursor(this.url, this.lastEventId));
+      const source = new EventSource(withCursor(this.url, this.lastEventId), { withCredentials: this.options.withCredentials });
       this._source = source;
       const handler = (e) => this._deliver({ id: e.lastEventId || null, event: e.type, data: parseData(e.data) });
       let opened = false;
@@ -293,7 +298,7 @@
       this._abort = abort;
       try {
         const response = await fetch(withCursor(this.url, this.lastEventId), {
-          signal: abort.signal, cache: "no-store",
+          signal: abort.signal, cache: "no-store", credentials: this._credentials,
           headers: { Accept: transport === "multipart" ? "multipart/x-mixed-replace" : "application/x-ndjson" },
         });
         if (response.status !== 200 && await this._refused(response)) return;
@@ -328,7 +333,7 @@
         this._abort = abort;
         try {
           const response = await fetch(withCursor(this.url, this.lastEventId), {
-            signal: abort.signal, cache: "no-store", headers: { Accept: "application/json" },
+            signal: abort.signal, cache: "no-store", credentials: this._credentials, headers: { Accept: "application/json" },
           });
           if (response.status !== 200 && await this._refused(response)) return;
           if (response.status !== 200) throw new Error("HTTP " + response.status);
