@@ -6,9 +6,10 @@ from .options import Options
 # Importing the adapter registers cherrypy.tools.comet, so config-only users
 # (tools.comet.on = True) need nothing but "import comet".
 from .cherrypy_tool import comet
+from .publish import publish_app
 
 __all__ = [
-    "comet", "Hub", "Event", "Part", "Options", "GAP",
+    "comet", "Hub", "Event", "Part", "Options", "GAP", "publish_app",
     "BackendUnavailable", "CometError", "Forbidden", "HubClosed", "InvalidEvent", "InvalidEventId", "StreamsExhausted", "UnserializableData",
 ]
 __version__ = "0.1.0"

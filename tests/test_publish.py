@@ -1,0 +1,197 @@
+"""publish_app: events POSTed over HTTP with an API key, into both hubs,
+through a live CherryPy server; every bad request a 4xx with a reason."""
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+from urllib.parse import urlsplit
+
+import cherrypy
+import pytest
+
+from comet import Hub, publish_app
+from comet.backends.redis import RedisHub
+from comet.testing import RedisServer
+
+KEY = "test-key-0123456789-abcdef"
+ORDERS_KEY = "orders-only-key-0123456789"
+
+
+class Root:
+    @cherrypy.expose
+    def index(self):
+        return "page"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def any_hub(request, comet_redis):
+    if request.param == "memory":
+        hub = Hub(idle=0.2, max_event_bytes=1000)
+    else:
+        hub = RedisHub(comet_redis.url, prefix=f"pub-{request.node.name[-20:]}:", idle=0.2, max_event_bytes=1000)
+    yield hub
+    hub.close()
+
+
+@pytest.fixture
+def mounted(comet_cherrypy):
+    """Start a server, then graft publish_app(hub, ...) at /publish."""
+    grafted = []
+
+    def mount(hub, **kw):
+        server = comet_cherrypy(Root())
+        cherrypy.tree.graft(publish_app(hub, keys={KEY: None, ORDERS_KEY: ["orders:*"]}, **kw), "/publish")
+        grafted.append("/publish")
+        return server
+
+    yield mount
+    for path in grafted:
+        cherrypy.tree.apps.pop(path, None)
+
+
+def next_event(sub, timeout=10.0):
+    """The subscription's next event, skipping idle ticks, within *timeout*."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        item = next(sub)
+        if getattr(item, "id", None) is not None:
+            return item
+    raise TimeoutError("no event")
+
+
+def post(server, path, body, key=KEY, content_type="application/json", method="POST", headers=None):
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    head = {"Content-Type": content_type} if content_type else {}
+    if key is not None:
+        head["Authorization"] = f"Bearer {key}"
+    head.update(headers or {})
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        conn.request(method, path, body=data if method != "GET" else None, headers=head)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def test_one_event_and_a_batch_are_published_and_delivered(mounted, any_hub):
+    server = mounted(any_hub)
+    sub = any_hub.subscribe("room:1")
+    try:
+        status, headers, body = post(server, "/publish/room:1", {"data": {"text": "hi"}, "event": "say"})
+        assert status == 201 and headers["Content-Type"] == "application/json", body
+        [one] = json.loads(body)["ids"]
+        status, _, body = post(server, "/publish/room:1", [{"data": "a"}, {"data": "b", "retry": 2000}])
+        assert status == 201, body
+        two = json.loads(body)["ids"]
+        got = [next_event(sub) for _ in range(3)]
+        assert [(e.id, e.name, e.data) for e in got] == [(one, "say", {"text": "hi"}), (two[0], None, "a"), (two[1], None, "b")]
+        assert got[2].retry == 2000
+    finally:
+        sub.close()
+
+
+@pytest.mark.parametrize("key, status, reason", [
+    (None, 401, b"an API key is required"),
+    ("wrong-key-0123456789-abcdef", 401, b"unknown API key"),
+    ("\u00e9t\u00e9-key-0123456789", 401, b"unknown API key"),
+    (ORDERS_KEY, 403, b"may not publish to 'room:1'"),
+])
+def test_keys_are_checked(mounted, key, status, reason):
+    hub = Hub()
+    server = mounted(hub)
+    code, headers, body = post(server, "/publish/room:1", {"data": 1}, key=key,
+                               headers={"Authorization": "Bearer " + key} if key and not key.isascii() else None)
+    assert code == status and reason in body, (code, body)
+    if status == 401:
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert hub.last_id("room:1").endswith("-0")  # nothing published
+
+
+def test_a_key_limited_to_patterns_publishes_there(mounted):
+    hub = Hub()
+    server = mounted(hub)
+    status, _, body = post(server, "/publish/orders:42", {"data": "shipped"}, key=ORDERS_KEY)
+    assert status == 201 and hub.history("orders:42")[0].data == "shipped"
+
+
+@pytest.mark.parametrize("path, body, kw, status, reason", [
+    ("/publish/room:1", b"{not json", {}, 400, b"not JSON"),
+    ("/publish/room:1", b"\xff\xfe", {}, 400, b"not JSON"),
+    ("/publish/room:1", {"text": "no data"}, {}, 400, b'"data"'),
+    ("/publish/room:1", {"data": 1, "channel": "x"}, {}, 400, b"unknown field(s) channel"),
+    ("/publish/room:1", {"data": 1, "event": 5}, {}, 400, b'"event" must be a string'),
+    ("/publish/room:1", {"data": 1, "event": "a\nb"}, {}, 400, b"event"),
+    ("/publish/room:1", {"data": 1, "retry": "soon"}, {}, 400, b'"retry"'),
+    ("/publish/room:1", [], {}, 400, b"empty list"),
+    ("/publish/room:1", [{"data": 1}, {"nodata": 2}], {}, 400, b"event 1"),
+    ("/publish/room:1", {"data": "x" * 2000}, {}, 413, b"max_event_bytes"),
+    ("/publish/room:1", {"data": "x" * 5000}, {"max_body": 4096}, 413, b"over 4096 bytes"),
+    ("/publish/room:1", {"data": 1}, {"content_type": "text/plain"}, 415, b"application/json"),
+    ("/publish/room:1", {"data": 1}, {"content_type": None}, 415, b"application/json"),
+    ("/publish/", {"data": 1}, {}, 400, b"/<channel>"),
+    ("/publish/a/b", {"data": 1}, {}, 400, b"/<channel>"),
+    ("/publish/room%0d%0a", {"data": 1}, {}, 400, b"channel"),
+    ("/publish/room:1", {"data": 1}, {"method": "GET"}, 405, b"POST"),
+    ("/publish/room:1", {"data": 1}, {"method": "PUT"}, 405, b"POST"),
+])
+def test_bad_requests_get_a_4xx_with_the_reason_and_publish_nothing(mounted, path, body, kw, status, reason):
+    hub = Hub(max_event_bytes=1000)
+    server = mounted(hub, **({"max_body": kw.pop("max_body")} if "max_body" in kw else {}))
+    code, headers, answer = post(server, path, body, **kw)
+    assert code == status and reason in answer, (code, answer)
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert b"Traceback" not in answer
+    assert hub.last_id("room:1").endswith("-0")  # all or nothing: a bad batch publishes none of it
+
+
+def test_a_redis_outage_is_a_503_with_retry_after(mounted):
+    with RedisServer() as redis_server:
+        hub = RedisHub(redis_server.url, idle=0.2)
+        server = mounted(hub)
+        assert post(server, "/publish/room:1", {"data": 1})[0] == 201
+        redis_server.stop()
+        status, headers, body = post(server, "/publish/room:1", {"data": 2})
+        hub.close()
+    assert status == 503 and headers["Retry-After"] == "5" and b"unavailable" in body
+
+
+def test_publish_app_refuses_weak_or_missing_keys():
+    for keys in ([], ["short"], {"k" * 20: "room:*"}, [123]):
+        with pytest.raises(ValueError):
+            publish_app(Hub(), keys=keys)
+
+
+def test_another_language_writes_into_a_redis_hub_with_the_documented_script(comet_redis):
+    """The contract for non-Python publishers: EVAL the publish script
+    (docs/publishing.md) on the channel's stream key; comet's subscribers
+    get the event, and the predecessor field keeps gaps exact."""
+    from comet.backends.redis import _PUBLISH
+
+    hub = RedisHub(comet_redis.url, prefix="polyglot:", idle=0.2)
+    try:
+        first = hub.publish("room", "from python")
+        sub = hub.subscribe("room", last_id=first)
+        port = str(urlsplit(comet_redis.url).port)
+        out = subprocess.run(["redis-cli", "-p", port, "EVAL", _PUBLISH, "1", "polyglot:room", "1000", "~",
+                              "d", '{"from": "redis-cli"}', "k", "j", "e", "cli"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        event = next_event(sub)
+        assert (event.id, event.name, event.data) == (out, "cli", {"from": "redis-cli"})
+        sub.close()
+    finally:
+        hub.close()
+
+
+def test_the_docs_show_the_script_comet_runs():
+    from pathlib import Path
+
+    from comet.backends.redis import _PUBLISH
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "publishing.md").read_text()
+    shown = page.split("```lua\n", 1)[1].split("```", 1)[0]
+    assert shown.strip() == _PUBLISH.strip()
