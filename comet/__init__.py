@@ -7,9 +7,10 @@ from .options import Options
 # (tools.comet.on = True) need nothing but "import comet".
 from .cherrypy_tool import comet
 from .publish import publish_app
+from .tokens import StreamTokens
 
 __all__ = [
-    "comet", "Hub", "Event", "Part", "Options", "GAP", "publish_app",
+    "comet", "Hub", "Event", "Part", "Options", "GAP", "publish_app", "StreamTokens",
     "BackendUnavailable", "CometError", "Forbidden", "HubClosed", "InvalidEvent", "InvalidEventId", "StreamsExhausted", "UnserializableData",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""StreamTokens: signed, expiring stream URLs, checked by a fast route's
+authorize and by a decorated handler, through a live server."""
+from __future__ import annotations
+
+import time
+from urllib.parse import quote
+
+import cherrypy
+import pytest
+
+from comet import Forbidden, StreamTokens, comet
+from comet.cherrypy_tool import engine_plugin
+from comet.testing import StreamClient, http_get, wait_until
+
+SECRET = "test-secret-0123456789abcdef"
+
+
+@pytest.fixture
+def tokens():
+    return StreamTokens(SECRET, ttl=60)
+
+
+def root(hub, tokens):
+    class Root:
+        @cherrypy.expose
+        def index(self):
+            return "page"
+
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=0.5)
+        def dm(self, thread, token=None, last_event_id=None):
+            tokens.verify(token or "", channel=f"dm:{thread}")  # Forbidden -> 403 with the reason
+            return hub.subscribe(f"dm:{thread}", last_id=last_event_id)
+
+    return Root()
+
+
+def test_a_token_opens_its_channels_only(comet_cherrypy, hub, tokens):
+    engine_plugin().route("/fast/{thread}", hub, "dm:{thread}", heartbeat=0.5, authorize=tokens.authorize("dm:{thread}"))
+    server = comet_cherrypy(root(hub, tokens), thread_pool=4)
+    good = tokens.sign("ann", ["dm:ann:bob"])
+    for url in (f"{server.url}/dm?thread=ann:bob&token={good}", f"{server.url}/fast/ann:bob?token={good}"):
+        with StreamClient(url) as client:
+            wait_until(lambda: hub.subscriptions == 1, what="subscribed")
+            hub.publish("dm:ann:bob", "psst")
+            assert client.wait_for(1)[-1].data == "psst"
+        wait_until(lambda: hub.subscriptions == 0, what="released")
+
+    expired = tokens.sign("ann", ["dm:ann:bob"], ttl=-1)
+    payload, _, signature = good.partition(".")
+    forged = StreamTokens("another-secret-0123456789ab").sign("ann", ["dm:*"])
+    cases = {
+        "": b"a stream token is required",
+        tokens.sign("cat", ["dm:cat:dan"]): b"does not cover channel 'dm:ann:bob'",
+        expired: b"has expired",
+        forged: b"invalid stream token",
+        payload + "x." + signature: b"invalid stream token",
+        good[:-2]: b"invalid stream token",
+        "\u00e9t\u00e9.abc": b"invalid stream token",
+        "not-a-token": b"invalid stream token",
+    }
+    for token, reason in cases.items():
+        quoted = quote(token)
+        for path in (f"/dm?thread=ann:bob&token={quoted}", f"/fast/ann:bob?token={quoted}"):
+            status, headers, body = http_get(server.url + path)
+            assert status == 403 and reason in body, (path, status, body)
+            assert b"Traceback" not in body
+    assert hub.subscriptions == 0
+
+
+def test_patterns_members_and_settings(tokens):
+    token = tokens.sign("ann", ["room:*", "dm:ann:bob"])
+    assert tokens.verify(token) == "ann"
+    assert tokens.verify(token, channel="room:lobby") == "ann"
+    with pytest.raises(Forbidden, match="does not cover"):
+        tokens.verify(token, channel="dm:ann:cat")
+    assert StreamTokens(SECRET).verify(token) == "ann"  # any process with the secret checks it
+    with pytest.raises(Forbidden, match="invalid"):
+        StreamTokens(SECRET + "x").verify(token)
+    short = StreamTokens(SECRET, ttl=1).sign("ann", ["room:a"], ttl=0.01)
+    wait_until(lambda: time.time() > int(time.time()) and _expired(tokens, short), timeout=3, what="expiry")
+    for bad in ("", "short", b"x" * 15):
+        with pytest.raises(ValueError):
+            StreamTokens(bad)
+    with pytest.raises(ValueError):
+        tokens.sign("", ["room:a"])
+    with pytest.raises(ValueError):
+        tokens.sign("ann", [])
+
+
+def _expired(tokens, token):
+    try:
+        tokens.verify(token)
+    except Forbidden as exc:
+        return "expired" in str(exc)
+    return False
