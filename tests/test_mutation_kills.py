@@ -519,3 +519,156 @@ def test_a_slow_first_step_that_ends_just_before_its_stream_parks_is_delivered_o
         hub.publish("room", "next")
         assert raw.chunk().endswith(b"data: next\n\n")  # "first" came once: the next chunk is the event
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def _thread_cpu(thread: threading.Thread) -> float:
+    """CPU seconds *thread* has used (Linux: /proc/self/task/<tid>/stat)."""
+    import os
+
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_writer_goes_idle_once_a_backlog_has_drained(comet_cherrypy):
+    """A backed-up stream has the writer watch for writability; once the
+    backlog is out it must stop, or select() returns at once forever and
+    the writer spins a core."""
+    hub = Hub(max_event_bytes=1 << 20)
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=30)
+        def sse(self):
+            return hub.subscribe("lobby")
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    try:
+        parts = urlsplit(server.url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(b"GET /sse HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            read_until(sock, b":ok\n\n")
+            writer = engine_plugin().pool.writer()
+            wait_until(lambda: len(writer._streams) == 1, what="the stream parked")
+            (stream,) = writer._streams
+            published = 0
+            while not stream.writing and published < 60:  # until the writer waits for the socket to take more
+                hub.publish("lobby", "x" * 200_000)
+                published += 1
+                time.sleep(0.05)
+            assert stream.writing, "no backlog formed"
+            hub.publish("lobby", "end")
+            read_until(sock, b"data: end\n\n", timeout=20)
+            wait_until(lambda: stream.out_size == 0, what="the backlog out")
+            before = _thread_cpu(writer._thread)
+            time.sleep(1.0)  # an idle second, measured
+            busy = _thread_cpu(writer._thread) - before
+        assert busy < 0.3, f"the idle writer used {busy:.2f} s of CPU in 1 s"
+    finally:
+        hub.close()
+
+
+def test_a_generator_goes_on_after_its_subscription_ends(comet_cherrypy):
+    hub = Hub(idle=0.2)
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=5)
+        def gen(self):
+            yield from hub.subscribe("lobby")
+            yield "after the subscription"
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    try:
+        with RawStream(server.url + "/gen") as raw:
+            assert raw.chunk() == b":ok\n\n"
+            wait_until(lambda: engine_plugin().pool.parked_streams == 1 and hub.subscriptions == 1, what="parked")
+            hub.publish("lobby", "during")
+            assert raw.chunk().endswith(b"data: during\n\n")
+            hub.end_subscriptions()
+            assert raw.chunk() == b"data: after the subscription\n\n"
+            assert raw.chunk() == b""  # then the handler returned: the response ends
+    finally:
+        hub.close()
+
+
+def test_a_long_poll_generator_answers_with_everything_one_step_yields(comet_cherrypy, hub):
+    class Root:
+        @cherrypy.expose
+        @comet(transport="longpoll", poll_timeout=5)
+        def poll(self, last_event_id=None):
+            yield "a"
+            yield "b"
+            yield "c"
+            yield from hub.subscribe("lobby", last_id=last_event_id)
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    status, _, body = http_get(server.url + "/poll", timeout=10)
+    assert status == 200 and [e["data"] for e in json.loads(body)["events"]] == ["a", "b", "c"], body
+
+
+def test_a_generator_delegating_at_any_depth_is_fed_without_steps(comet_cherrypy, hub):
+    """yield from a generator that does yield from sub: the writer reads the
+    subscription itself (like a returned one); publishing runs no step."""
+    def relay(room):
+        yield from hub.subscribe(room)
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=5)
+        def nested(self):
+            yield "hello"
+            yield from relay("lobby")
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    raws = [RawStream(server.url + "/nested") for _ in range(5)]
+    try:
+        for raw in raws:
+            assert raw.chunk() == b":ok\n\n" and raw.chunk() == b"data: hello\n\n"
+        wait_until(lambda: hub.subscriptions == 5, what="five streams on the hub")
+        writer = engine_plugin().pool.writer()
+        wait_until(lambda: all(s.direct for s in writer._streams), what="the writer reading the subscriptions itself")
+        submitted = []
+        original = writer.steps.submit
+        writer.steps.submit = lambda job: (submitted.append(job), original(job))[1]
+        try:
+            for n in range(20):
+                hub.publish("lobby", f"e{n}")
+            for raw in raws:
+                data = b""
+                while b"data: e19\n\n" not in data:
+                    data += raw.chunk()
+        finally:
+            writer.steps.submit = original
+        assert submitted == [], f"{len(submitted)} steps for 20 events on 5 delegating streams"
+    finally:
+        for raw in raws:
+            raw.close()
+
+
+def test_when_close_all_returns_every_parked_client_has_been_answered(comet_cherrypy, hub):
+    """The pool's close_all() (engine stop) returns once the writer has
+    ended every stream: each client already has its terminating chunk and
+    the close."""
+    import select
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=30)
+        def sse(self):
+            return hub.subscribe("lobby")
+
+    server = comet_cherrypy(Root(), thread_pool=4, global_config={"server.socket_queue_size": 512})
+    raws = [RawStream(server.url + "/sse") for _ in range(200)]
+    try:
+        for raw in raws:
+            assert raw.chunk() == b":ok\n\n"
+        wait_until(lambda: engine_plugin().pool.parked_streams == 200, what="200 parked")
+        engine_plugin().pool.close_all()
+        readable, _, _ = select.select([raw.sock for raw in raws], [], [], 0)  # no waiting: it is done or not
+        assert len(readable) == 200, f"{200 - len(readable)} clients not yet answered when close_all() returned"
+        for raw in raws:
+            assert raw.chunk() == b""  # the terminating chunk: a clean end, not a cut
+    finally:
+        for raw in raws:
+            raw.close()
