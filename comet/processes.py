@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["RedisServer", "NginxServer", "AppProcess", "free_port"]
+__all__ = ["RedisServer", "RedisSentinels", "NginxServer", "AppProcess", "free_port"]
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> None:
@@ -154,6 +154,91 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RedisSentinels:
+    """Redis Sentinel on loopback: a master, a replica and three sentinels
+    watching them as *service*, ready for a failover when ``start()``
+    returns (the replica in sync, each sentinel knowing the replica and its
+    two peers).
+
+    Example::
+
+        with RedisSentinels() as group:
+            hub = RedisHub(group.url, replicas=1)   # redis+sentinel://.../comet
+            group.master.process.kill()             # a crash: the sentinels promote the replica
+    """
+
+    def __init__(self, service: str = "comet", *, down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
+        self.service = service
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.dir = tempfile.mkdtemp(prefix="comet-sentinel-")
+        self.ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.master = RedisServer()
+        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", str(self.master.port)))
+
+    @property
+    def url(self) -> str:
+        return "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.ports) + f"/{self.service}"
+
+    def start(self, timeout: float = 30.0) -> "RedisSentinels":
+        try:
+            self.master.start()
+            self.replica.start()
+            for port in self.ports:
+                conf = os.path.join(self.dir, f"sentinel-{port}.conf")
+                with open(conf, "w") as f:
+                    f.write(f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
+                            f"logfile {self.dir}/sentinel-{port}.log\n"
+                            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+                            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                            f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                            f"sentinel parallel-syncs {self.service} 1\n")
+                self.sentinels.append(subprocess.Popen([self.master.binary, conf, "--sentinel"], stdin=subprocess.DEVNULL,
+                                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            import redis
+
+            with redis.Redis(port=self.master.port) as master:
+                _wait(lambda: master.info("replication").get("slave0", {}).get("state") == "online", timeout,
+                      "the replica in sync")
+
+            def ready(port: int) -> bool:
+                try:
+                    with redis.Redis(port=port, socket_timeout=1) as s:
+                        return (len(s.execute_command("SENTINEL", "REPLICAS", self.service)) == 1
+                                and len(s.execute_command("SENTINEL", "SENTINELS", self.service)) == 2)
+                except redis.RedisError:
+                    return False
+
+            for port in self.ports:  # each knows the replica and its two peers: a failover can be agreed
+                _wait(lambda: ready(port), timeout, f"sentinel {port} ready")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def master_port(self) -> int:
+        """The master's port, as the first sentinel names it now."""
+        import redis
+
+        with redis.Redis(port=self.ports[0], socket_timeout=1) as s:
+            return int(s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)[1])
+
+    def close(self) -> None:
+        for process in self.sentinels:
+            _terminate(process, 10)
+        self.sentinels = []
+        self.replica.close()
+        self.master.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "RedisSentinels":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

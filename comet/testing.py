@@ -31,11 +31,11 @@ from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
 from .framing import Event, Part
-from .processes import AppProcess, NginxServer, RedisServer, free_port
+from .processes import AppProcess, NginxServer, RedisSentinels, RedisServer, free_port
 
 __all__ = [
     "StreamClient", "SSEParser", "MultipartParser", "NDJSONParser", "StreamClosed", "HTTPStatusError",
-    "CherryPyServer", "WSGIServer", "RedisServer", "NginxServer", "AppProcess", "free_port", "wait_until", "http_get",
+    "CherryPyServer", "WSGIServer", "RedisServer", "RedisSentinels", "NginxServer", "AppProcess", "free_port", "wait_until", "http_get",
 ]
 
 

@@ -7,11 +7,7 @@ parked SSE stream served by CherryPy), duplicates, gaps, and acknowledged
 but lost, which must be 0 with the durable publish (replicas=1)."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import tempfile
-import shutil
 import threading
 import time
 
@@ -22,7 +18,7 @@ import redis
 from comet import BackendUnavailable, comet
 from comet.backends import hub_from_url, redis_client
 from comet.backends.redis import RedisHub
-from comet.processes import RedisServer, free_port, _terminate, _wait
+from comet.processes import RedisSentinels
 from comet.testing import wait_until
 
 from conftest import RawStream
@@ -30,68 +26,10 @@ from conftest import RawStream
 SERVICE = "comet"
 
 
-class SentinelGroup:
-    """A master, a replica and three sentinels watching them."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="comet-sentinel-")
-        self.sentinels: list[subprocess.Popen[bytes]] = []
-        self.master = RedisServer().start()
-        self.replica = RedisServer(args=("--replicaof", "127.0.0.1", str(self.master.port))).start()
-        self.ports = [free_port() for _ in range(3)]
-        for port in self.ports:
-            conf = os.path.join(self.dir, f"sentinel-{port}.conf")
-            with open(conf, "w") as f:
-                f.write(f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self.dir}\n"
-                        f"logfile {self.dir}/sentinel-{port}.log\n"
-                        f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2\n"
-                        f"sentinel down-after-milliseconds {SERVICE} 1000\n"
-                        f"sentinel failover-timeout {SERVICE} 5000\n"
-                        f"sentinel parallel-syncs {SERVICE} 1\n")
-            self.sentinels.append(subprocess.Popen([self.master.binary, conf, "--sentinel"], stdin=subprocess.DEVNULL,
-                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        try:
-            self._ready()
-        except BaseException:
-            self.close()
-            raise
-
-    def _ready(self) -> None:
-        with redis.Redis(port=self.master.port) as master:
-            _wait(lambda: master.info("replication").get("slave0", {}).get("state") == "online", 20, "the replica in sync")
-
-        def ready(port: int) -> bool:
-            try:
-                with redis.Redis(port=port, socket_timeout=1) as s:
-                    return (len(s.execute_command("SENTINEL", "REPLICAS", SERVICE)) == 1
-                            and len(s.execute_command("SENTINEL", "SENTINELS", SERVICE)) == 2)
-            except redis.RedisError:
-                return False
-
-        for port in self.ports:  # each knows the replica and its two peers: a failover can be agreed
-            _wait(lambda: ready(port), 30, f"sentinel {port} ready")
-
-    @property
-    def url(self) -> str:
-        return "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.ports) + f"/{SERVICE}"
-
-    def master_port(self) -> int:
-        with redis.Redis(port=self.ports[0], socket_timeout=1) as s:
-            return int(s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)[1])
-
-    def close(self) -> None:
-        for process in self.sentinels:
-            _terminate(process, 10)
-        self.replica.close()
-        self.master.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def sentinel_group():
-    group = SentinelGroup()
-    yield group
-    group.close()
+    with RedisSentinels(SERVICE) as group:
+        yield group
 
 
 def test_sentinel_urls_are_parsed_and_checked(sentinel_group):
