@@ -239,6 +239,8 @@ class Part:
     def __post_init__(self) -> None:
         if not isinstance(self.body, (bytes, bytearray)):
             raise TypeError(f"Part body must be bytes, got {type(self.body).__name__}")
+        if not self.body:
+            raise InvalidEvent("a part must not be empty: readers skip empty parts and browsers blank the image")
         _check_field("part content type", self.content_type)
         for name, value in self.headers:
             _check_field("part header name", name)
@@ -254,13 +256,10 @@ class Part:
         :class:`Boundary`, whose state it advances; a plain ``str`` stands
         for a stream that has sent only its preamble).
 
-        Refuses an empty body (readers skip empty parts, browsers blank the
-        image) and a body that contains the delimiter (it would end early).
+        Refuses a body that contains the delimiter: it would end early.
         """
         state = boundary if isinstance(boundary, Boundary) else Boundary(boundary)
         body = bytes(self.body)
-        if not body:
-            raise InvalidEvent("a part must not be empty: readers skip empty parts and browsers blank the image")
         if b"--" + state.encode("ascii") in body:
             raise InvalidEvent("part body contains the multipart boundary")
         head = self.head()

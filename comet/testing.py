@@ -218,12 +218,15 @@ class MultipartParser:
             part = self._next()
             if part is None:
                 return out
-            if part.body:
-                out.append(part)
-            else:
+            body, headers = part
+            if not body:  # an empty part: a heartbeat
                 self.padding += 1
+                continue
+            kept = tuple((k, v) for k, v in headers if k.lower() != "content-type")
+            ctype = next((v for k, v in headers if k.lower() == "content-type"), "text/plain")
+            out.append(Part(body, ctype, kept))
 
-    def _next(self) -> Part | None:
+    def _next(self) -> tuple[bytes, list[tuple[str, str]]] | None:
         while True:
             if self._state == "delimiter":  # a delimiter line split across reads
                 if not self._delimiter_line():
@@ -259,9 +262,7 @@ class MultipartParser:
                 body, headers = self._buf[:end], self._headers
                 self._buf, self._headers = self._buf[end + 2:], []
                 self._delimiter_line()
-                kept = tuple((k, v) for k, v in headers if k.lower() != "content-type")
-                ctype = next((v for k, v in headers if k.lower() == "content-type"), "text/plain")
-                return Part(body, ctype, kept)
+                return body, headers
 
     def _delimiter_line(self) -> bool:
         """Consume ``--boundary`` and the rest of its line, if all here."""
