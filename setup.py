@@ -19,7 +19,9 @@ setup(
         # downloads a browser of its own here. The suite also builds the docs
         # (warnings are errors) and runs their snippets.
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "redis>=5", "hiredis>=2",
-                 "playwright>=1.40", "sphinx>=7", "myst-parser>=2", "mypy>=1.10"],
+                 "playwright>=1.40", "sphinx>=7", "myst-parser>=2", "mypy>=1.10",
+                 # Pillow: the JPEG frames of tests/browser/test_multipart_img.py
+                 "pillow>=10"],
     },
     # The fixtures (comet_cherrypy, comet_wsgi) are available to any test suite
     # once comet is installed, like other pytest plugins.
