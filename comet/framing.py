@@ -75,6 +75,7 @@ TRANSPORTS: tuple[str, ...] = ("sse", "multipart", "chunked", "longpoll")
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 
 _FORBIDDEN = re.compile(r"[\r\n\x00]")
+_GAP = "comet.gap"  # comet.hub.GAP (the hub imports framing, not the reverse)
 _SSE_LINES = re.compile(r"\r\n|\r|\n")
 _BOUNDARY_OK = re.compile(r"[0-9A-Za-z'()+_,\-./:=?]{1,70}")  # RFC 2046 bchars
 
@@ -208,6 +209,11 @@ def _event_json(event: Event) -> str:
 def _multipart(event: Event, boundary: str) -> bytes:
     if isinstance(event.data, Part):  # a hub carrying binary: the part itself, for <img>
         return event.data.encode(boundary)
+    if event.name == _GAP and isinstance(boundary, Boundary) and _is_image(boundary.last):
+        # An image stream that fell behind needs no repair (the next frame is
+        # the whole picture), and a JSON part there would end an <img>: the
+        # last frame again, as a heartbeat would.
+        return FRAMINGS["multipart"].beat(boundary)
     return Part(_event_json(event).encode("utf-8"), "application/json").encode(boundary)
 
 
@@ -275,6 +281,10 @@ class Part:
     def encode_chunk(self) -> bytes:
         """The body alone, for the chunked transport."""
         return bytes(self.body)
+
+
+def _is_image(part: Part | None) -> bool:
+    return part is not None and part.content_type.startswith("image/")
 
 
 class Boundary(str):
@@ -421,7 +431,7 @@ class _MultipartFraming(Framing):
         if state.ahead is None:  # a header line of the first part, still open
             return self.heartbeat
         last = state.last
-        if last is not None and last.content_type.startswith("image/"):
+        if last is not None and _is_image(last):
             # Any byte now is image data to a browser, and an empty part
             # blanks the picture: the same frame again is all it can take.
             return bytes(last.body) + state.delimiter + state.ahead
