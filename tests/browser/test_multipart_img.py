@@ -172,3 +172,66 @@ def test_every_frame_is_shown_at_once_in_firefox(comet_cherrypy, tmp_path):
             proc.kill()
             proc.wait(10)
         hub.close()
+
+
+def test_with_200_viewers_all_parked(context, camera):
+    """The same with 199 more viewers of the channel (raw sockets asking as
+    an <img> does; one page could open only six): all 200 parked, and each
+    frame on Chromium's screen within 500 ms and in every viewer's socket.
+    Their memory is measured by benchmarks/multipart_viewers.py."""
+    import selectors
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, hub = camera
+    pool = engine_plugin().pool
+    host, port = server.url.split("//")[1].split(":")
+    viewers, received = [], {}
+    selector = selectors.DefaultSelector()
+    page = context.new_page()
+    try:
+        def connect(_):
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(b"GET /cam HTTP/1.1\r\nHost: x\r\nAccept: image/avif,image/webp,*/*\r\n\r\n")
+            return sock
+
+        # at once: one after another, each connect waits ~150 ms for cheroot to accept it here
+        with ThreadPoolExecutor(50) as connecting:
+            viewers.extend(connecting.map(connect, range(199)))
+        for sock in viewers:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+            received[sock] = bytearray()
+        page.set_viewport_size({"width": 320, "height": 200})
+        page.goto(server.url + "/", wait_until="commit")
+        wait_until(lambda: hub.subscriptions == 200 and pool.parked_streams == 200, timeout=30, what="200 viewers parked")
+
+        def read_all():
+            for key, _ in selector.select(0):
+                data = key.fileobj.recv(1 << 16)
+                assert data, "a viewer was disconnected"
+                received[key.fileobj] += data
+
+        delays = []
+        for n, colour in enumerate(COLOURS):
+            frame = jpeg(colour)
+            published = time.monotonic()
+            hub.publish("cam", Part(frame, "image/jpeg"))
+            seen = None
+            while seen is None and time.monotonic() - published < 5:
+                read_all()
+                if near(centre(page), colour):
+                    seen = time.monotonic()
+            assert seen is not None, f"frame {n} never on screen"
+            delays.append(seen - published)
+            # a frame is small and written as one chunk: its bytes are contiguous in each socket
+            wait_until(lambda: read_all() or all(frame in got for got in received.values()), timeout=10,
+                       what=f"frame {n} at all 199 other viewers")
+        assert max(delays) < 0.5, delays
+        assert pool.parked_streams == 200 and page.evaluate("window.imgErrors") == 0
+    finally:
+        page.close()
+        selector.close()
+        for sock in viewers:
+            sock.close()
+    wait_until(lambda: hub.subscriptions == 0 and pool.open_streams == 0, timeout=15, what="all 200 released")
