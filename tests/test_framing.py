@@ -19,6 +19,8 @@ SSE_TABLE = [
     (Event([1, 2]), b"data: [1,2]\n\n"),
     (Event(b"bytes"), b"data: bytes\n\n"),
     (Event("\u2603", id="9-9", name="snow"), "id: 9-9\nevent: snow\ndata: \u2603\n\n".encode()),
+    # a binary part (published to a hub) on a text transport: base64 in JSON
+    (Event(Part(b"\x00\xff\r\n", "image/png"), id="1-1"), b'id: 1-1\ndata: {"content_type":"image/png","base64":"AP8NCg=="}\n\n'),
 ]
 
 
@@ -68,6 +70,7 @@ CHUNKED_TABLE = [
     (Event("hi", id="1-2", name="n"), b'{"id":"1-2","event":"n","data":"hi"}\n'),
     (Event({"k": "v"}, id="1-3"), b'{"id":"1-3","event":null,"data":{"k":"v"}}\n'),
     (Part(b"bin", "image/png"), b"bin"),
+    (Event(Part(b"\x00", "a/b"), id="1-4"), b'{"id":"1-4","event":null,"data":{"content_type":"a/b","base64":"AA=="}}\n'),
 ]
 
 
