@@ -35,12 +35,13 @@ Transports
 
     Heartbeats must never put a byte where a browser takes it for image
     data: Chromium has no preamble (it prepends a boundary to anything
-    before the first one), and an empty part blanks an ``<img>`` (Chromium:
-    for good if it comes first). So a heartbeat is, before the first part,
-    a ``Comet-Heartbeat: 1`` header line of the first part's header block
-    (still open after the preamble); after an ``image/*`` part, that image
-    again (the browser redraws the same picture); after any other part, an
-    empty part. The state this needs lives in the response's
+    before the first one), and an empty part blanks an ``<img>`` for good.
+    So a heartbeat is, before the first part, a ``Comet-Heartbeat: 1``
+    header line of the first part's header block, still open after the
+    preamble (Chromium and Firefox took 20,000 of them, 83 hours at the
+    default 15 s, then showed the frames); after an ``image/*`` part, that
+    image again (the browser redraws the same picture); after any other
+    part, an empty part. The state this needs lives in the response's
     :class:`Boundary`.
 ``chunked``
     Raw bytes, one HTTP/1.1 chunk per item. Text is UTF-8; dicts, lists and
@@ -431,7 +432,7 @@ class _MultipartFraming(Framing):
         if state.ahead is None:  # a header line of the first part, still open
             return self.heartbeat
         last = state.last
-        if last is not None and _is_image(last):
+        if last is not None and _is_image(last):  # (narrows for mypy)
             # Any byte now is image data to a browser, and an empty part
             # blanks the picture: the same frame again is all it can take.
             return bytes(last.body) + state.delimiter + state.ahead
