@@ -10,12 +10,11 @@ import time
 
 import cherrypy
 import pytest
+from PIL import Image  # the JPEGs; in the test extras
 
 from comet import Hub, Part, comet
 from comet.cherrypy_tool import engine_plugin
 from comet.testing import wait_until
-
-Image = pytest.importorskip("PIL.Image", reason="Pillow makes the JPEGs: pip install -e .[test]")
 
 COLOURS = [(220, 30, 30), (30, 180, 60), (40, 60, 220)]
 SIZE = 64
