@@ -102,6 +102,11 @@ def cam_server(comet_cherrypy, hub):
         def ndjson(self, last_event_id=None):
             return hub.subscribe("cam", last_id=last_event_id)
 
+        @cherrypy.expose
+        @comet(transport="multipart", heartbeat=0.5, mode="thread")
+        def cam_thread(self):  # the same on a thread of its own (comet/stream.py)
+            yield from hub.subscribe("cam")
+
     return comet_cherrypy(Root())
 
 
@@ -127,11 +132,12 @@ def test_one_channel_as_multipart_and_as_sse(cam_server, hub):
         assert base64.b64decode(json.loads(event.data)["base64"]) == FRAMES[0].body
 
 
-def test_multipart_viewer_bytes_and_image_heartbeat(cam_server, hub):
-    """The bytes an <img> gets from a hub channel: the preamble, each frame
-    followed by the next one's headers, and, while nothing is published,
-    the last frame again (tests/test_framing.py has why)."""
-    with RawStream(cam_server.url + "/cam") as raw:
+@pytest.mark.parametrize("path", ["/cam", "/cam_thread"])
+def test_multipart_viewer_bytes_and_image_heartbeat(cam_server, hub, path):
+    """The bytes an <img> gets from a hub channel, parked or on a thread:
+    the preamble, each frame followed by the next one's headers, and, while
+    nothing is published, the last frame again (tests/test_framing.py has why)."""
+    with RawStream(cam_server.url + path) as raw:
         boundary = re.fullmatch(r"multipart/x-mixed-replace; boundary=(\S+)", raw.headers["content-type"])[1]
         head, delimiter = b"Content-Type: image/jpeg\r\n\r\n", f"\r\n--{boundary}\r\n".encode()
         assert raw.chunk() == f"--{boundary}\r\n".encode()
