@@ -49,7 +49,9 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "redis>=5", "hiredis>=2",
                  "playwright>=1.40", "sphinx>=7", "myst-parser>=2", "mypy>=1.10", "jinja2>=3.1",
                  "build>=1", "twine>=5", "setuptools>=61", "wheel>=0.40",
-                 "prometheus_client>=0.17", "waitress>=2.1", "gunicorn>=21", "flask>=2.3", "django>=4.2"],
+                 "prometheus_client>=0.17", "waitress>=2.1", "gunicorn>=21", "flask>=2.3", "django>=4.2",
+                 # Pillow: the JPEG frames of tests/browser/test_multipart_img.py
+                 "pillow>=10"],
     },
     # The fixtures (comet_cherrypy, comet_wsgi, comet_redis) are available to
     # any test suite once comet is installed, like other pytest plugins. The

@@ -212,6 +212,8 @@ class FastRoutes:
         self.pool = pool if pool is not None else StreamPool()
         self._routes: list[FastRoute] = []
         self._date = (0, b"")
+        # the Server header of the routes' answers, once installed on a server
+        self._server = ""
 
     def add(self, path: str, hub: Hub, channel: str, *, authorize: Callable[[StreamRequest], bool] | None = None,
             **options: Any) -> FastRoute:
@@ -255,6 +257,8 @@ class FastRoutes:
                 if app is None:
                     return refuse(start_response, Refusal(404, "no such stream"))
                 return app(environ, start_response)
+            if self._server:
+                start_response = _with_server(start_response, self._server)
             route, environ["comet.route"] = found
             if environ.get("REQUEST_METHOD") == "GET":
                 try:
@@ -280,6 +284,7 @@ class FastRoutes:
         if current is not None:
             raise ValueError("this server already has other fast routes installed")
         install_gateway(server)
+        self._server = _server_name(server)
         server.wsgi_app = self.wsgi(server.wsgi_app)
         install_accept_hook(server, self.take)
         server._comet_routes = self
@@ -309,7 +314,7 @@ class FastRoutes:
             refusal = _refusal(exc)
             refusal.headers.extend(route.options.cors_headers(parsed.origin))
             _consume(sock, parsed.length)
-            _write_refusal(sock, refusal)
+            _write_refusal(sock, refusal, self._server)
             return True
         body = opened.body
         assert isinstance(body, Parking)
@@ -377,6 +382,7 @@ class FastRoutes:
             # As the middleware's (cheroot's) answer: HTTP/1.1 streams end with
             # the last chunk, HTTP/1.0 ones by closing.
             b"Connection: close\r\n" if http10 else b"Transfer-Encoding: chunked\r\n",
+            b"Server: %s\r\n" % self._server.encode("latin-1") if self._server else b"",
             b"Date: ", self._date[1], b"\r\n\r\n",
         ])
 
@@ -410,9 +416,32 @@ def _refusal(exc: BaseException) -> Refusal:
     return refusal
 
 
-def _write_refusal(sock: socket.socket, refusal: Refusal) -> None:
+def _server_name(server: Any) -> str:
+    """What to put in ``Server``. cheroot sends its ``server_name`` there, and
+    CherryPy sets that to the address it binds (``127.0.0.1``), which names
+    nothing: then the server's version (``CherryPy/18.10.0 Cheroot/11.1.2``)."""
+    name = str(getattr(server, "server_name", "") or "")
+    bind = getattr(server, "bind_addr", None)
+    host = bind[0] if isinstance(bind, tuple) else bind
+    if not name or name == host:
+        return str(getattr(server, "version", "") or name)
+    return name
+
+
+def _with_server(start_response: StartResponse, name: str) -> StartResponse:
+    """*start_response* that adds ``Server: name`` (else cheroot adds its ``server_name``)."""
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if not any(key.lower() == "server" for key, _ in headers):
+            headers = [*headers, ("Server", name)]
+        return start_response(status, headers, exc_info)
+    return start
+
+
+def _write_refusal(sock: socket.socket, refusal: Refusal, server: str = "") -> None:
     """The same plain-text answers :func:`comet.wsgi.comet_app` gives."""
     extra = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in refusal.headers)
+    if server:
+        extra += b"Server: %s\r\n" % server.encode("latin-1")
     body = refusal.body()
     data = b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s" % (
         refusal.status_line.encode(), len(body), extra, body)

@@ -272,7 +272,7 @@ class Hub:
                     continue
                 event_id = f"{self.epoch}-{ch.seq + 1}"
                 stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
-                stored._wire["text"] = proto.text()
+                stored._wire.update(proto._wire)  # its text, if made: a Part's base64 only when asked for
                 ch.append(stored)
                 ch.cond.notify_all()  # in the same lock hold as the append: the hot path
                 watchers = ch.watchers
@@ -308,7 +308,7 @@ class Hub:
                 for proto in protos:
                     event_id = f"{self.epoch}-{ch.seq + 1}"
                     stored = Event(proto.data, id=event_id, name=proto.name, channel=channel, retry=proto.retry)
-                    stored._wire["text"] = proto.text()
+                    stored._wire.update(proto._wire)
                     ch.append(stored)
                     ids.append(event_id)
                 ch.cond.notify_all()

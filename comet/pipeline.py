@@ -346,7 +346,7 @@ class Parking:
         stream.context = self.context
         stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
         self.admission.served_by(stream)
-        start = options.framing.preamble(options.retry)
+        start = options.framing.preamble(options.retry, self.boundary)
         if head or start:
             stream.queue(head + ((_chunk(start) if chunked else start) if start else b""))
         if self._sub is not None:

@@ -69,7 +69,7 @@ class Stream:
         self._primed = False
         self._pending: list[Any] = []
         self._framing = options.framing
-        self._preamble = self._framing.preamble(options.retry)
+        self._preamble = self._framing.preamble(options.retry, boundary)
         now = time.monotonic()
         self._last_write = now
         self._last_probe = now
@@ -123,7 +123,7 @@ class Stream:
                 if now - self._last_write >= self.options.heartbeat and self._heartbeat_bytes:
                     self._last_write = now
                     self._pool.counters.add("heartbeats")
-                    return self._count(self._heartbeat_bytes)
+                    return self._count(self._framing.beat(self.boundary))
                 continue
             try:
                 data = self._framing.encode(item, self.boundary, self.options.max_event_bytes)

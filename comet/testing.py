@@ -190,20 +190,27 @@ class SSEParser:
 
 
 class MultipartParser:
-    """Incremental ``multipart/x-mixed-replace`` parser: parts are delimited
-    by ``--boundary`` lines and sized by ``Content-Length`` (falling back to
-    the next delimiter). Bytes between parts (heartbeats) are counted.
+    """Incremental ``multipart/x-mixed-replace`` parser, per RFC 2046: a
+    body ends at the next delimiter (``CRLF --boundary``), whatever its
+    ``Content-Length``. Heartbeats are counted in :attr:`padding`, not
+    returned: ``Comet-Heartbeat`` header lines (before the first part),
+    empty parts and bytes before the first delimiter. An image stream's
+    other heartbeat, its last frame again, is a part like any other.
 
     >>> p = MultipartParser("B")
-    >>> p.feed(b"--B\\r\\nContent-Type: text/plain\\r\\nContent-Length: 2\\r\\n\\r\\nhi\\r\\n\\r\\n")
-    [Part(body=b'hi', content_type='text/plain', headers=(('Content-Length', '2'),))]
-    >>> p.padding
-    1
+    >>> p.feed(b"--B\\r\\nComet-Heartbeat: 1\\r\\nContent-Type: text/plain\\r\\n\\r\\nhi\\r\\n--B\\r\\n"
+    ...        b"Content-Type: text/plain\\r\\n\\r\\n\\r\\n--B\\r\\nContent-Type: text/plain\\r\\n\\r\\n")
+    [Part(body=b'hi', content_type='text/plain', headers=())]
+    >>> p.padding  # the heartbeat line and the empty part
+    2
     """
 
     def __init__(self, boundary: str) -> None:
         self.delimiter = b"--" + boundary.encode("ascii")
         self._buf = b""
+        self._state = "preamble"  # then "headers", "body"
+        self._headers: list[tuple[str, str]] = []
+        self._scanned = 0  # body bytes already searched for the delimiter
         self.padding = 0
 
     def feed(self, data: bytes) -> list[Part]:
@@ -213,42 +220,67 @@ class MultipartParser:
             part = self._next()
             if part is None:
                 return out
-            out.append(part)
+            body, headers = part
+            if not body:  # an empty part: a heartbeat
+                self.padding += 1
+                continue
+            kept = tuple((k, v) for k, v in headers if k.lower() != "content-type")
+            ctype = next((v for k, v in headers if k.lower() == "content-type"), "text/plain")
+            out.append(Part(body, ctype, kept))
 
-    def _next(self) -> Part | None:
-        buf = self._buf
-        # Skip padding (heartbeat CRLFs) before the next delimiter.
-        while buf.startswith(b"\r\n"):
-            buf = buf[2:]
-            self.padding += 1
-        self._buf = buf
-        if not buf or len(buf) < len(self.delimiter) + 2:
-            return None
-        if not buf.startswith(self.delimiter):
-            raise ValueError(f"multipart stream out of sync: {buf[:40]!r}")
-        head_end = buf.find(b"\r\n\r\n")
-        if head_end < 0:
-            return None
-        lines = buf[len(self.delimiter):head_end].decode("latin-1").split("\r\n")
-        if lines and lines[0].strip() == "--":
+    def _next(self) -> tuple[bytes, list[tuple[str, str]]] | None:
+        while True:
+            if self._state == "delimiter":  # a delimiter line split across reads
+                if not self._delimiter_line():
+                    return None
+            elif self._state == "preamble":
+                at = self._buf.find(self.delimiter)
+                if at < 0:
+                    return None
+                if self._buf[:at].strip():
+                    self.padding += 1  # a preamble: RFC 2046 says to ignore it
+                self._buf = self._buf[at:]
+                if not self._delimiter_line():
+                    return None
+            elif self._state == "headers":
+                eol = self._buf.find(b"\r\n")
+                if eol < 0:
+                    return None
+                line, self._buf = self._buf[:eol].decode("latin-1"), self._buf[eol + 2:]
+                if line:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "comet-heartbeat":
+                        self.padding += 1
+                    else:
+                        self._headers.append((name.strip(), value.strip()))
+                    continue
+                self._state, self._scanned = "body", 0
+            else:
+                end = self._buf.find(b"\r\n" + self.delimiter, self._scanned)
+                if end < 0:
+                    # a delimiter may be split across reads: search its start again next time
+                    self._scanned = max(0, len(self._buf) - len(self.delimiter) - 1)
+                    return None
+                body, headers = self._buf[:end], self._headers
+                self._buf, self._headers = self._buf[end + 2:], []
+                self._delimiter_line()
+                return body, headers
+
+    def _delimiter_line(self) -> bool:
+        """Consume ``--boundary`` and the rest of its line, if all here."""
+        rest = self._buf[len(self.delimiter):]
+        if rest.startswith(b"--"):
             raise StreamClosed("multipart stream ended")
-        headers = [tuple(h.split(": ", 1)) for h in lines[1:] if h]
-        header_map = {k.lower(): v for k, v in headers}
-        start = head_end + 4
-        if "content-length" in header_map:
-            end = start + int(header_map["content-length"])
-            if len(buf) < end + 2:
-                return None
-            body, rest = buf[start:end], buf[end + 2:]
-        else:
-            end = buf.find(b"\r\n" + self.delimiter, start)
-            if end < 0:
-                return None
-            body, rest = buf[start:end], buf[end + 2:]
-        self._buf = rest
-        ctype = header_map.get("content-type", "text/plain")
-        extra = tuple((k, v) for k, v in headers if k.lower() != "content-type")
-        return Part(body, ctype, extra)
+        eol = rest.find(b"\r\n")
+        if eol < 0:
+            if rest != b"-" and rest.rstrip(b"\r").strip(b" \t"):  # a lone "-" may yet become "--"
+                raise ValueError(f"multipart stream out of sync: {self._buf[:40]!r}")
+            self._state = "delimiter"
+            return False
+        if rest[:eol].strip(b" \t"):  # only transport padding may follow a delimiter
+            raise ValueError(f"multipart stream out of sync: {self._buf[:40]!r}")
+        self._buf, self._state = rest[eol + 2:], "headers"
+        return True
 
 
 class NDJSONParser:
@@ -413,7 +445,7 @@ class StreamClient:
         if isinstance(p, SSEParser):
             return max(p.comments - 1, 0)
         if isinstance(p, MultipartParser):
-            return max(p.padding - 1, 0)
+            return p.padding  # its preamble is a delimiter, not a heartbeat
         if isinstance(p, NDJSONParser):
             return max(p.blank - 1, 0)
         return 0

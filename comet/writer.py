@@ -526,7 +526,8 @@ class Writer:
                     self._finish(stream)
                 continue
             if stream.beat and stream.longpoll is None and now - stream.last_write >= stream.heartbeat and not stream.out:
-                stream.queue(_chunk(stream.beat) if stream.chunked else stream.beat)
+                beat = stream.framing.beat(stream.boundary)  # multipart: depends on what was written
+                stream.queue(_chunk(beat) if stream.chunked else beat)
                 self.pool.counters.add("heartbeats")
                 self._flush(stream)
                 if stream.done:

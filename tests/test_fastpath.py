@@ -5,6 +5,7 @@ whichever way (accept time or the WSGI middleware) a request is served."""
 import hashlib
 import hmac
 import http.client
+import re
 import socket
 import ssl
 import threading
@@ -162,10 +163,11 @@ def test_multipart_chunked_and_http10(fast):
     with RawStream(server.url + "/multipart") as mp, RawStream(server.url + "/ndjson") as nd:
         assert mp.headers["content-type"] == "multipart/x-mixed-replace; boundary=frame"
         assert nd.headers["content-type"] == "application/x-ndjson; charset=utf-8"
-        assert mp.chunk() == b"\r\n" and nd.chunk() == b"\n"
+        assert mp.chunk() == b"--frame\r\n" and nd.chunk() == b"\n"
         event_id = hub.publish("lobby", {"k": 1})
         body = f'{{"id":"{event_id}","event":null,"data":{{"k":1}}}}'.encode()
-        assert mp.chunk() == f"--frame\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body + b"\r\n"
+        head = b"Content-Type: application/json\r\n\r\n"
+        assert mp.chunk() == head + body + b"\r\n--frame\r\n" + head
         assert nd.chunk() == body + b"\n"
     # HTTP/1.0: no chunked framing; the body runs until the connection closes.
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
@@ -488,8 +490,8 @@ def test_authorize_admits_a_signed_token_and_refuses_others_with_403(comet_cherr
             head, body = answer(port, path)
             assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"text/plain; charset=utf-8" in head, head
             assert body == b"a valid token for this room is needed\n"
-            # answered at accept (comet's own head) or by cheroot (which names itself)
-            assert (b"\r\nServer: " in head) == ("%" in path), (path, head)
+            # answered at accept (comet's own head) or through cheroot: the same name
+            assert re.findall(rb"\r\nServer: ([^\r]*)", head) == [cherrypy.server.httpserver.version.encode()], head
         assert pool.counters["forbidden"] - forbidden == len(refusals)
         assert hub.subscriptions == 1 and pool.open_streams == 1 and counts(pool) == (1, 0)
         # the middleware also admits a good token
@@ -563,3 +565,20 @@ def test_made_up_rooms_do_not_grow_the_hub(fast):
     wait_until(lambda: pool.open_streams == 0 and hub.subscriptions == 0, what="released")
     assert counts(pool) == (100, 50)
     assert hub.channels() == ["room:real"]
+
+
+def test_answers_name_the_server_not_its_address(fast):
+    """cheroot puts its ``server_name`` in ``Server``, which CherryPy sets to
+    the bind address: the routes' answers, at accept time and through the
+    middleware (a %-escaped path), name the server as its pages do."""
+    server, hub, pool = fast
+    port = port_of(server)
+    answers = [raw_request(port, b"GET /events?last_event_id=bad HTTP/1.1\r\nHost: x\r\n\r\n", until=None),
+               raw_request(port, b"GET /%65vents?last_event_id=bad HTTP/1.1\r\nHost: x\r\n\r\n", until=b"digits"),
+               raw_request(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n", until=b":ok"),
+               raw_request(port, b"GET /%65vents HTTP/1.1\r\nHost: x\r\n\r\n", until=b":ok")]
+    for data in answers:
+        head = data.partition(b"\r\n\r\n")[0]
+        # as CherryPy's own server object names itself ("CherryPy/x Cheroot/y")
+        assert re.findall(rb"\r\nServer: ([^\r]*)", head) == [cherrypy.server.httpserver.version.encode()], head
+    wait_until(lambda: pool.open_streams == 0, what="streams released")

@@ -2,7 +2,7 @@
 import pytest
 
 from comet import Event, InvalidEvent, Part, UnserializableData
-from comet.framing import encode_item, encode_longpoll, heartbeat, longpoll_item, new_boundary, preamble
+from comet.framing import FRAMINGS, encode_item, encode_longpoll, heartbeat, longpoll_item, new_boundary, preamble
 from comet.testing import MultipartParser, NDJSONParser, SSEParser
 
 SSE_TABLE = [
@@ -19,6 +19,8 @@ SSE_TABLE = [
     (Event([1, 2]), b"data: [1,2]\n\n"),
     (Event(b"bytes"), b"data: bytes\n\n"),
     (Event("\u2603", id="9-9", name="snow"), "id: 9-9\nevent: snow\ndata: \u2603\n\n".encode()),
+    # a binary part (published to a hub) on a text transport: base64 in JSON
+    (Event(Part(b"\x00\xff\r\n", "image/png"), id="1-1"), b'id: 1-1\ndata: {"content_type":"image/png","base64":"AP8NCg=="}\n\n'),
 ]
 
 
@@ -68,6 +70,7 @@ CHUNKED_TABLE = [
     (Event("hi", id="1-2", name="n"), b'{"id":"1-2","event":"n","data":"hi"}\n'),
     (Event({"k": "v"}, id="1-3"), b'{"id":"1-3","event":null,"data":{"k":"v"}}\n'),
     (Part(b"bin", "image/png"), b"bin"),
+    (Event(Part(b"\x00", "a/b"), id="1-4"), b'{"id":"1-4","event":null,"data":{"content_type":"a/b","base64":"AA=="}}\n'),
 ]
 
 
@@ -76,24 +79,89 @@ def test_chunked_bytes(item, wire):
     assert encode_item(item, "chunked") == wire
 
 
+BEAT = object()  # a heartbeat, in the multipart tables
+JPEG = ("Content-Type: image/jpeg\r\n\r\n").encode()
+TEXT = ("Content-Type: text/plain; charset=utf-8\r\n\r\n").encode()
+JSON = ("Content-Type: application/json\r\n\r\n").encode()
+D = b"\r\n--B\r\n"
+
+# One stream each: items (or BEAT) in order -> the exact bytes after the
+# preamble b"--B\r\n", then what MultipartParser reads back: part bodies, and
+# heartbeats in its padding. Each part is followed at once by the delimiter
+# and the next part's headers (guessed: its own), so browsers show it at once.
 MULTIPART_TABLE = [
-    (Part(b"\xff\xd8jpeg", "image/jpeg"),
-     b"--B\r\nContent-Type: image/jpeg\r\nContent-Length: 6\r\n\r\n\xff\xd8jpeg\r\n"),
-    ("hello", b"--B\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\n\r\nhello\r\n"),
-    ({"a": 1}, b'--B\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{"a":1}\r\n'),
-    (b"\x01", b"--B\r\nContent-Type: application/octet-stream\r\nContent-Length: 1\r\n\r\n\x01\r\n"),
-    (Event("x", id="1-1"),
-     b'--B\r\nContent-Type: application/json\r\nContent-Length: 36\r\n\r\n{"id":"1-1","event":null,"data":"x"}\r\n'),
-    (Part(b"p", "text/plain", (("X-Frame", "7"),)),
-     b"--B\r\nContent-Type: text/plain\r\nContent-Length: 1\r\nX-Frame: 7\r\n\r\np\r\n"),
+    ([Part(b"\xff\xd8one", "image/jpeg")], JPEG + b"\xff\xd8one" + D + JPEG, [b"\xff\xd8one"], 0),
+    ([Part(b"\xff\xd8one", "image/jpeg"), Part(b"\xff\xd8two", "image/jpeg")],
+     JPEG + b"\xff\xd8one" + D + JPEG + b"\xff\xd8two" + D + JPEG, [b"\xff\xd8one", b"\xff\xd8two"], 0),
+    (["hello"], TEXT + b"hello" + D + TEXT, [b"hello"], 0),
+    ([{"a": 1}], JSON + b'{"a":1}' + D + JSON, [b'{"a":1}'], 0),
+    ([b"\x01"], b"Content-Type: application/octet-stream\r\n\r\n\x01" + D
+     + b"Content-Type: application/octet-stream\r\n\r\n", [b"\x01"], 0),
+    ([Event("x", id="1-1"), Event("y", id="1-2")],
+     JSON + b'{"id":"1-1","event":null,"data":"x"}' + D + JSON + b'{"id":"1-2","event":null,"data":"y"}' + D + JSON,
+     [b'{"id":"1-1","event":null,"data":"x"}', b'{"id":"1-2","event":null,"data":"y"}'], 0),
+    ([Part(b"p", "text/plain", (("X-Frame", "7"),))],
+     b"Content-Type: text/plain\r\nX-Frame: 7\r\n\r\np" + D + b"Content-Type: text/plain\r\nX-Frame: 7\r\n\r\n", [b"p"], 0),
+    # a hub event carrying a part: the part itself (its id is not on the wire)
+    ([Event(Part(b"\xff\xd8hub", "image/jpeg"), id="1-3")], JPEG + b"\xff\xd8hub" + D + JPEG, [b"\xff\xd8hub"], 0),
+    # different headers than those sent ahead: the pending part closes empty first
+    (["hello", Part(b"\xff\xd8one", "image/jpeg")],
+     TEXT + b"hello" + D + TEXT + D + JPEG + b"\xff\xd8one" + D + JPEG, [b"hello", b"\xff\xd8one"], 1),
+    # heartbeats: before the first part, a header line of its still open header block
+    ([BEAT, BEAT, "hi"], b"Comet-Heartbeat: 1\r\n" * 2 + TEXT + b"hi" + D + TEXT, [b"hi"], 2),
+    # after an image, the same image again: any other byte would be image data
+    ([Part(b"\xff\xd8one", "image/jpeg"), BEAT, BEAT],
+     JPEG + b"\xff\xd8one" + D + JPEG + (b"\xff\xd8one" + D + JPEG) * 2, [b"\xff\xd8one"] * 3, 0),
+    # an image stream that fell behind the hub's buffer: its gap is the last frame again
+    ([Part(b"\xff\xd8one", "image/jpeg"), Event({"last_id": "1-1"}, id="1-9", name="comet.gap"),
+      Part(b"\xff\xd8two", "image/jpeg")],
+     JPEG + b"\xff\xd8one" + D + JPEG + b"\xff\xd8one" + D + JPEG + b"\xff\xd8two" + D + JPEG,
+     [b"\xff\xd8one", b"\xff\xd8one", b"\xff\xd8two"], 0),
+    # after anything else, an empty part
+    (["hi", BEAT, "ho"], TEXT + b"hi" + D + TEXT + D + TEXT + b"ho" + D + TEXT, [b"hi", b"ho"], 1),
 ]
 
 
-@pytest.mark.parametrize("item,wire", MULTIPART_TABLE)
-def test_multipart_bytes(item, wire):
-    assert encode_item(item, "multipart", "B") == wire
-    [part] = MultipartParser("B").feed(wire)
-    assert part.body == wire.split(b"\r\n\r\n", 1)[1][:-2]
+def _stream(items):
+    framing = FRAMINGS["multipart"]
+    boundary = framing.boundary("B")
+    out = [framing.preamble(boundary=boundary)]
+    for item in items:
+        out.append(framing.beat(boundary) if item is BEAT else framing.encode(item, boundary))
+    return out
+
+
+@pytest.mark.parametrize("items,wire,bodies,padding", MULTIPART_TABLE)
+def test_multipart_bytes(items, wire, bodies, padding):
+    chunks = _stream(items)
+    assert chunks[0] == b"--B\r\n"
+    assert b"".join(chunks[1:]) == wire
+    whole = b"".join(chunks)
+    for cut in range(len(whole) + 1):  # any split across reads
+        p = MultipartParser("B")
+        assert [x.body for x in p.feed(whole[:cut]) + p.feed(whole[cut:])] == bodies, cut
+        assert p.padding == padding
+    # each part is complete on the wire the moment it is written: feeding the
+    # chunks one by one, every part comes out with the chunk that wrote it
+    p = MultipartParser("B")
+    assert [x.body for chunk in chunks for x in p.feed(chunk)] == bodies
+    p = MultipartParser("B")
+    p.feed(chunks[0])
+    for item, chunk in zip(items, chunks[1:]):
+        if item is not BEAT:
+            assert len(p.feed(chunk)) == 1, item
+        else:
+            p.feed(chunk)
+
+
+def test_multipart_parts_keep_their_headers():
+    [part] = MultipartParser("B").feed(b"--B\r\n" + MULTIPART_TABLE[6][1])
+    assert part == Part(b"p", "text/plain", (("X-Frame", "7"),))
+
+
+def test_multipart_refuses_empty_parts():
+    with pytest.raises(InvalidEvent, match="empty"):
+        encode_item(b"", "multipart", "B")
 
 
 def test_multipart_refuses_boundary_inside_part():
@@ -123,17 +191,17 @@ def test_longpoll_bytes():
 
 def test_heartbeats_and_preambles():
     assert heartbeat("sse") == b":\n\n"
-    assert heartbeat("multipart") == b"\r\n"
+    assert heartbeat("multipart") == b"Comet-Heartbeat: 1\r\n"
     assert heartbeat("chunked") == b"\n"
     assert preamble("sse") == b":ok\n\n"
     assert preamble("sse", retry=2500) == b":ok\nretry: 2500\n\n"
-    assert preamble("multipart") == b"\r\n" and preamble("chunked") == b"\n"
+    assert preamble("multipart", boundary="B") == b"--B\r\n" and preamble("chunked") == b"\n"
     # heartbeats are invisible to each transport's reader
     assert SSEParser().feed(b":ok\n\n" + heartbeat("sse") * 3) == []
     assert NDJSONParser().feed(heartbeat("chunked") * 3) == []
     p = MultipartParser("B")
-    wire = encode_item("a", "multipart", "B") + heartbeat("multipart") * 2 + encode_item("b", "multipart", "B")
-    assert [x.body for x in p.feed(wire)] == [b"a", b"b"]
+    assert [x.body for x in p.feed(b"".join(_stream([BEAT, "a", BEAT, BEAT, "b"])))] == [b"a", b"b"]
+    assert p.padding == 3
 
 
 def test_parsers_handle_any_split():
@@ -144,7 +212,7 @@ def test_parsers_handle_any_split():
     for cut in range(1, len(wire)):
         p = SSEParser()
         assert p.feed(wire[:cut]) + p.feed(wire[cut:]) == whole, cut
-    mp = encode_item("one", "multipart", "B") + b"\r\n" + encode_item(Part(b"\r\n--x", "a/b"), "multipart", "B")
+    mp = b"".join(_stream(["one", BEAT, Part(b"\r\n--x\r\n-", "a/b")]))
     for cut in range(1, len(mp)):
         p = MultipartParser("B")
-        assert [x.body for x in p.feed(mp[:cut]) + p.feed(mp[cut:])] == [b"one", b"\r\n--x"], cut
+        assert [x.body for x in p.feed(mp[:cut]) + p.feed(mp[cut:])] == [b"one", b"\r\n--x\r\n-"], cut

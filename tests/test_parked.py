@@ -116,13 +116,15 @@ def test_parked_multipart_and_chunked_bytes(parked):
     server, hub, _ = parked
     with RawStream(server.url + "/multipart") as mp, RawStream(server.url + "/chunked") as ch:
         boundary = mp.headers["content-type"].split("boundary=")[1]
-        assert mp.chunk() == b"\r\n" and ch.chunk() == b"\n"
+        assert mp.chunk() == f"--{boundary}\r\n".encode() and ch.chunk() == b"\n"
         wait_until(lambda: engine_plugin().pool.parked_streams == 2, what="parked")
         event_id = hub.publish("lobby", {"k": 1})
         body = f'{{"id":"{event_id}","event":null,"data":{{"k":1}}}}'.encode()
-        assert mp.chunk() == f"--{boundary}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body + b"\r\n"
+        head, delimiter = b"Content-Type: application/json\r\n\r\n", f"\r\n--{boundary}\r\n".encode()
+        assert mp.chunk() == head + body + delimiter + head
         assert ch.chunk() == body + b"\n"
-        assert mp.chunk() == b"\r\n" and ch.chunk() == b"\n"  # heartbeats
+        # heartbeats; multipart's: an empty part after a JSON part (tests/test_framing.py)
+        assert mp.chunk() == delimiter + head and ch.chunk() == b"\n"
 
 
 @pytest.mark.parametrize("transport", STREAMING)

@@ -290,14 +290,15 @@ def test_a_wsgi_long_poll_without_a_cursor_misses_nothing(comet_wsgi):
 
 # -- heartbeats ---------------------------------------------------------------------
 
-PREAMBLE = {"sse": b":ok\n\n", "multipart": b"\r\n", "chunked": b"\n"}
-BEAT = {"sse": b":\n\n", "multipart": b"\r\n", "chunked": b"\n"}
+PREAMBLE = {"sse": b":ok\n\n", "multipart": b"--%s\r\n", "chunked": b"\n"}  # multipart: its boundary
+BEAT = {"sse": b":\n\n", "multipart": b"Comet-Heartbeat: 1\r\n", "chunked": b"\n"}
 
 
 def beat_times(url: str, transport: str, count: int) -> list[float]:
     """When the stream opened, then when each of its first *count* heartbeats came."""
     with RawStream(url, timeout=3) as raw:
-        assert raw.chunk() == PREAMBLE[transport]
+        boundary = raw.headers["content-type"].partition("boundary=")[2]
+        assert raw.chunk() == PREAMBLE[transport].replace(b"%s", boundary.encode())
         times = [time.monotonic()]
         while len(times) <= count:
             assert raw.chunk() == BEAT[transport]

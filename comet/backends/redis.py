@@ -95,7 +95,7 @@ from redis.sentinel import Sentinel
 from redis.typing import KeyT, StreamIdT
 
 from ..errors import BackendUnavailable
-from ..framing import DEFAULT_MAX_EVENT_BYTES, Event
+from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
 from ..hub import Hub, _Channel, parse_id
 
 __all__ = ["RedisHub"]
@@ -113,7 +113,7 @@ _DOWN = (redis.ConnectionError, redis.TimeoutError)
 #: where they arrive.
 _Entry = tuple[bytes, dict[bytes, bytes]]
 #: The publish script's key and arguments for one event.
-_Publish = tuple[str, list[str | int]]
+_Publish = tuple[str, list[str | int | bytes]]
 
 # KEYS[1] stream; ARGV: maxlen, "~" or "=", then field/value pairs.
 # Reading the newest id and adding happen atomically, so "p" is exact.
@@ -387,10 +387,15 @@ class RedisHub(Hub):
                 raise result
         return ids
 
-    def _fields(self, proto: Event) -> list[str | int]:
+    def _fields(self, proto: Event) -> list[str | int | bytes]:
         """The publish script's arguments for one event."""
-        args: list[str | int] = [self.maxlen, "~" if self.approximate else "=",
-                                 "d", proto.text(), "k", "s" if isinstance(proto.data, str) else "j"]
+        args: list[str | int | bytes] = [self.maxlen, "~" if self.approximate else "="]
+        if isinstance(proto.data, Part):  # binary as it is, with its type ("t") and headers ("h")
+            args += ["d", bytes(proto.data.body), "k", "b", "t", proto.data.content_type]
+            if proto.data.headers:
+                args += ["h", to_json(proto.data.headers)]
+        else:
+            args += ["d", proto.text(), "k", "s" if isinstance(proto.data, str) else "j"]
         if proto.name is not None:
             args += ["e", proto.name]
         if proto.retry is not None:
@@ -508,13 +513,21 @@ class RedisHub(Hub):
 
     @staticmethod
     def _event(channel: str, event_id: bytes, fields: dict[bytes, bytes]) -> Event:
-        text = fields[b"d"].decode()
         name = fields.get(b"e")
         retry = fields.get(b"r")
-        event = Event(json.loads(text) if fields.get(b"k") == b"j" else text, id=event_id.decode(),
-                      name=name.decode() if name is not None else None, channel=channel,
-                      retry=int(retry) if retry is not None else None)
-        event._wire["text"] = text  # the publisher's serialisation, reused by every stream
+        kind = fields.get(b"k")
+        text: str | None = None
+        data: Any
+        if kind == b"b":  # a Part (see _fields)
+            headers = tuple((k, v) for k, v in json.loads(fields[b"h"])) if b"h" in fields else ()
+            data = Part(fields[b"d"], fields[b"t"].decode(), headers)
+        else:
+            text = fields[b"d"].decode()
+            data = json.loads(text) if kind == b"j" else text
+        event = Event(data, id=event_id.decode(), name=name.decode() if name is not None else None,
+                      channel=channel, retry=int(retry) if retry is not None else None)
+        if text is not None:
+            event._wire["text"] = text  # the publisher's serialisation, reused by every stream
         return event
 
     # -- the reader thread --------------------------------------------------

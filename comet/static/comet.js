@@ -61,13 +61,21 @@
     return u.toString();
   }
 
-  /* Incremental parser of multipart/x-mixed-replace bodies: parts are sized
-   * by Content-Length (falling back to the next delimiter); bytes between
-   * parts (heartbeats, the preamble) are skipped. */
+  /* Incremental parser of multipart/x-mixed-replace bodies, per RFC 2046: a
+   * body ends at the next CRLF--boundary, whatever its Content-Length (comet
+   * sends each part's headers ahead, with the previous part, so browsers show
+   * it at once). Heartbeats are skipped: Comet-Heartbeat header lines before
+   * the first part, empty parts, bytes before the first delimiter. */
   class MultipartParser {
     constructor(boundary) {
       this.delimiter = new TextEncoder().encode("--" + boundary);
+      this.crlfDelimiter = new Uint8Array(this.delimiter.length + 2);
+      this.crlfDelimiter.set([13, 10]); this.crlfDelimiter.set(this.delimiter, 2);
       this.buf = new Uint8Array(0);
+      this.state = "preamble"; // then "headers", "body"; "delimiter" while a delimiter line is incomplete
+      this.headers = {};
+      this.scanned = 0;
+      this.ended = false;
     }
     feed(chunk) {
       const merged = new Uint8Array(this.buf.length + chunk.length);
@@ -77,7 +85,7 @@
       for (;;) {
         const part = this._next();
         if (!part) return out;
-        out.push(part);
+        if (part.body.length) out.push(part);
       }
     }
     _indexOf(needle, from) {
@@ -89,34 +97,51 @@
       return -1;
     }
     _next() {
-      let start = 0;
-      while (this.buf.length - start >= 2 && this.buf[start] === 13 && this.buf[start + 1] === 10) start += 2;
-      this.buf = this.buf.subarray(start);
-      const d = this.delimiter;
-      if (this.buf.length < d.length + 2) return null;
-      if (this._indexOf(d, 0) !== 0) throw new Error("multipart stream out of sync");
-      const headEnd = this._indexOf(new Uint8Array([13, 10, 13, 10]), 0);
-      if (headEnd < 0) return null;
-      const lines = new TextDecoder("latin1").decode(this.buf.subarray(d.length, headEnd)).split("\r\n");
-      const headers = {};
-      for (const line of lines.slice(1)) {
-        const k = line.indexOf(":");
-        if (k > 0) headers[line.slice(0, k).trim().toLowerCase()] = line.slice(k + 1).trim();
+      for (;;) {
+        if (this.ended) return null;
+        if (this.state === "delimiter") {
+          if (!this._delimiterLine()) return null;
+        } else if (this.state === "preamble") {
+          const at = this._indexOf(this.delimiter, 0);
+          if (at < 0) return null;
+          this.buf = this.buf.subarray(at);
+          if (!this._delimiterLine()) return null;
+        } else if (this.state === "headers") {
+          const eol = this._indexOf(new Uint8Array([13, 10]), 0);
+          if (eol < 0) return null;
+          const line = new TextDecoder("latin1").decode(this.buf.subarray(0, eol));
+          this.buf = this.buf.subarray(eol + 2);
+          if (line === "") { this.state = "body"; this.scanned = 0; continue; }
+          const k = line.indexOf(":");
+          const name = (k > 0 ? line.slice(0, k) : line).trim().toLowerCase();
+          if (name !== "comet-heartbeat" && k > 0) this.headers[name] = line.slice(k + 1).trim();
+        } else {
+          const end = this._indexOf(this.crlfDelimiter, this.scanned);
+          if (end < 0) {
+            this.scanned = Math.max(0, this.buf.length - this.crlfDelimiter.length + 1);
+            return null;
+          }
+          const body = this.buf.slice(0, end), headers = this.headers;
+          this.buf = this.buf.subarray(end + 2);
+          this.headers = {};
+          this._delimiterLine();
+          return { contentType: headers["content-type"] || "text/plain", headers: headers, body: body };
+        }
       }
-      const bodyStart = headEnd + 4;
-      let body, rest;
-      if ("content-length" in headers) {
-        const end = bodyStart + parseInt(headers["content-length"], 10);
-        if (this.buf.length < end + 2) return null;
-        body = this.buf.slice(bodyStart, end); rest = end + 2;
-      } else {
-        const crlfDelim = new Uint8Array(d.length + 2); crlfDelim.set([13, 10]); crlfDelim.set(d, 2);
-        const end = this._indexOf(crlfDelim, bodyStart);
-        if (end < 0) return null;
-        body = this.buf.slice(bodyStart, end); rest = end + 2;
+    }
+    _delimiterLine() {
+      // "--boundary" is at the start of buf: consume it and the rest of its line.
+      const rest = this.buf.subarray(this.delimiter.length);
+      if (rest.length >= 2 && rest[0] === 45 && rest[1] === 45) { this.ended = true; return false; }
+      let eol = -1;
+      for (let i = 0; i + 1 < rest.length; i++) if (rest[i] === 13 && rest[i + 1] === 10) { eol = i; break; }
+      if (eol < 0) { this.state = "delimiter"; return false; }
+      for (let i = 0; i < eol; i++) {
+        if (rest[i] !== 32 && rest[i] !== 9) throw new Error("multipart stream out of sync");
       }
-      this.buf = this.buf.subarray(rest);
-      return { contentType: headers["content-type"] || "text/plain", headers: headers, body: body };
+      this.buf = rest.subarray(eol + 2);
+      this.state = "headers";
+      return true;
     }
   }
 
