@@ -270,10 +270,11 @@ def test_a_parked_long_poll_answers_as_soon_as_an_event_comes(comet_cherrypy, hu
     assert status == 200 and [e["data"] for e in json.loads(body)["events"]] == ["now"], body
 
 
-def test_what_a_broadcast_send_does_not_take_is_queued_and_flushed(comet_cherrypy):
-    """The writer's shared-bytes path: a send() that takes part of the
-    bytes (the client reads nothing; its socket buffers fill) queues the
-    rest, which arrives once the client reads."""
+@pytest.fixture
+def backed_up(comet_cherrypy):
+    """A parked SSE stream whose client has read nothing while 200 KB events
+    were published until its socket buffers filled and the writer queued the
+    rest: (hub, client socket, writer, stream, events published)."""
     hub = Hub(max_event_bytes=1 << 20)
 
     class Root:
@@ -283,24 +284,33 @@ def test_what_a_broadcast_send_does_not_take_is_queued_and_flushed(comet_cherryp
             return hub.subscribe("lobby")
 
     server = comet_cherrypy(Root(), thread_pool=4)
+    parts = urlsplit(server.url)
     try:
-        sock = socket.create_connection((urlsplit(server.url).hostname, urlsplit(server.url).port), timeout=10)
-        with sock:
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
             sock.sendall(b"GET /sse HTTP/1.1\r\nHost: localhost\r\n\r\n")
             read_until(sock, b":ok\n\n")
             writer = engine_plugin().pool.writer()
             wait_until(lambda: len(writer._streams) == 1, what="the stream parked")
             (stream,) = writer._streams
             published = 0
-            while stream.out_size == 0 and published < 60:  # at most 12 MB: far beyond any socket buffer
+            while not stream.writing and published < 60:  # at most 12 MB: far beyond any socket buffer
                 hub.publish("lobby", "x" * 200_000)
                 published += 1
                 time.sleep(0.05)  # the writer sends it, and queues what the socket did not take
-            hub.publish("lobby", "end")
-            data = read_until(sock, b"data: end\n\n", timeout=20)
-        assert data.count(b"x") == published * 200_000, f"{data.count(b'x')} of {published * 200_000} bytes"
+            assert stream.writing, "no backlog formed"
+            yield hub, sock, writer, stream, published
     finally:
         hub.close()
+
+
+def test_what_a_broadcast_send_does_not_take_is_queued_and_flushed(backed_up):
+    """The writer's shared-bytes path: a send() that takes part of the
+    bytes (the client reads nothing; its socket buffers fill) queues the
+    rest, which arrives once the client reads."""
+    hub, sock, _, _, published = backed_up
+    hub.publish("lobby", "end")
+    data = read_until(sock, b"data: end\n\n", timeout=20)
+    assert data.count(b"x") == published * 200_000, f"{data.count(b'x')} of {published * 200_000} bytes"
 
 
 def test_a_client_that_hangs_up_on_a_parked_stream_counts_as_a_disconnect(comet_cherrypy, hub):
@@ -530,42 +540,18 @@ def _thread_cpu(thread: threading.Thread) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_the_writer_goes_idle_once_a_backlog_has_drained(comet_cherrypy):
+def test_the_writer_goes_idle_once_a_backlog_has_drained(backed_up):
     """A backed-up stream has the writer watch for writability; once the
     backlog is out it must stop, or select() returns at once forever and
     the writer spins a core."""
-    hub = Hub(max_event_bytes=1 << 20)
-
-    class Root:
-        @cherrypy.expose
-        @comet(transport="sse", heartbeat=30)
-        def sse(self):
-            return hub.subscribe("lobby")
-
-    server = comet_cherrypy(Root(), thread_pool=4)
-    try:
-        parts = urlsplit(server.url)
-        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-            sock.sendall(b"GET /sse HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            read_until(sock, b":ok\n\n")
-            writer = engine_plugin().pool.writer()
-            wait_until(lambda: len(writer._streams) == 1, what="the stream parked")
-            (stream,) = writer._streams
-            published = 0
-            while not stream.writing and published < 60:  # until the writer waits for the socket to take more
-                hub.publish("lobby", "x" * 200_000)
-                published += 1
-                time.sleep(0.05)
-            assert stream.writing, "no backlog formed"
-            hub.publish("lobby", "end")
-            read_until(sock, b"data: end\n\n", timeout=20)
-            wait_until(lambda: stream.out_size == 0, what="the backlog out")
-            before = _thread_cpu(writer._thread)
-            time.sleep(1.0)  # an idle second, measured
-            busy = _thread_cpu(writer._thread) - before
-        assert busy < 0.3, f"the idle writer used {busy:.2f} s of CPU in 1 s"
-    finally:
-        hub.close()
+    hub, sock, writer, stream, _ = backed_up
+    hub.publish("lobby", "end")
+    read_until(sock, b"data: end\n\n", timeout=20)
+    wait_until(lambda: stream.out_size == 0, what="the backlog out")
+    before = _thread_cpu(writer._thread)
+    time.sleep(1.0)  # an idle second, measured
+    busy = _thread_cpu(writer._thread) - before
+    assert busy < 0.3, f"the idle writer used {busy:.2f} s of CPU in 1 s"
 
 
 def test_a_generator_goes_on_after_its_subscription_ends(comet_cherrypy):
