@@ -48,7 +48,9 @@ def test_a_blocked_step_gets_a_thread_of_its_own_so_the_next_step_runs(release):
         assert started.wait(5)
         pool.submit(ran.set)
         assert ran.wait(5), "a step queued behind a blocked one never ran"
-        assert pool.threads == 2
+        # 2, or 3 on a loaded machine: a job submitted before the core thread
+        # first reaches its idle wait starts a thread of its own.
+        assert 2 <= pool.threads <= 3
     finally:
         release.set()
         pool.stop()
