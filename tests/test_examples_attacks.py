@@ -155,3 +155,217 @@ def test_debug_flag_turns_tracebacks_on(module, comet_cherrypy, monkeypatch, cap
     assert "--debug" in capsys.readouterr().out
     [(status, body)] = serve_as_main(module, ["--debug"], comet_cherrypy, monkeypatch, ["/nope"])
     assert status == 404 and b"Traceback" in body
+
+
+# -- 3. the shoutbox's rate limit, moderators and forms ----------------------------
+
+
+def shoutbox_with(comet_cherrypy, **options):
+    hub = Hub(buffer_size=1000, idle=0.2)
+    root, config = shout_app.make_app(hub, **options)
+    return comet_cherrypy(root, config), hub, root
+
+
+class KeepAlive:
+    """One keep-alive connection, so a thousand requests take a second."""
+
+    def __init__(self, url):
+        import http.client
+
+        parts = urllib.parse.urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+
+    def request(self, method, path, fields=None, headers=None):
+        body = urllib.parse.urlencode(fields).encode() if fields is not None else None
+        self.conn.request(method, path, body=body, headers={**(FORM if body else {}), **(headers or {})})
+        resp = self.conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+
+    def close(self):
+        self.conn.close()
+
+
+def test_rotating_csrf_values_do_not_reset_the_rate_limit(comet_cherrypy):
+    """The limit once counted per (IP, CSRF value), and the client picks
+    the value: a fresh one per post got every post through."""
+    server, hub, _ = shoutbox_with(comet_cherrypy, rate=shout_app.RateLimiter(limit=5, window=60))
+    client = KeepAlive(server.url)
+    codes = []
+    for n in range(30):
+        token = f"rotating-token-{n:04d}-abcdefgh"
+        status, _, body = client.request("POST", "/shout", {"nick": "eve", "text": f"spam {n}", "csrf": token},
+                                         {"Cookie": f"csrf={token}"})
+        codes.append(status)
+        if status != 200:
+            assert_clean_refusal(status, body, allowed=(429,))
+    client.close()
+    assert codes == [200] * 5 + [429] * 25
+    assert len([e for e in hub.history("shouts") if e.name == "shout"]) == 5
+
+
+def test_a_thousand_refused_posts_write_nothing_into_the_room(comet_cherrypy):
+    """Each refused post once published a moderator notice: 1,100 refusals
+    pushed the real shouts out of the replay buffer and the page."""
+    server, hub, _ = shoutbox_with(comet_cherrypy, rate=shout_app.RateLimiter(limit=5, window=60))
+    token, cookie = csrf_of(server)
+    client = KeepAlive(server.url)
+    for n in range(5):
+        assert client.request("POST", "/shout", {"nick": "ann", "text": f"real {n}", "csrf": token}, cookie)[0] == 200
+    before = hub.history("shouts")
+    for n in range(1000):
+        status, headers, body = client.request("POST", "/shout", {"nick": "eve", "text": f"flood {n}", "csrf": token},
+                                               cookie)
+        assert status == 429 and "slow down" in json.loads(body)["error"], (n, status, body[:200])
+    client.close()
+    assert hub.history("shouts") == before  # no notices, nothing
+    page = http_get(server.url + "/")[2].decode()
+    assert all(f"real {n}" in page for n in range(5)) and "flood" not in page
+
+
+def test_the_rate_limit_message_rounds_up_and_a_retry_then_succeeds(comet_cherrypy):
+    """"try again in 9 s" once came from round(): a retry at 9.1 s was refused."""
+    import time
+
+    from comet.testing import wait_until
+
+    server, hub, _ = shoutbox_with(comet_cherrypy, rate=shout_app.RateLimiter(limit=1, window=1.3))
+    token, cookie = csrf_of(server)
+    assert post(server.url + "/shout", {"nick": "ann", "text": "one", "csrf": token}, cookie)[0] == 200
+    status, headers, body = post(server.url + "/shout", {"nick": "ann", "text": "two", "csrf": token}, cookie)
+    refused = time.monotonic()
+    assert status == 429
+    stated = int(json.loads(body)["error"].split("try again in ")[1].split(" s")[0])
+    # 1.3 s window, refused within 0.3 s of the first post: 1 to 1.3 s were
+    # left, so the honest answer is 2 (round() said 1)
+    assert stated == 2 and headers["retry-after"] == "2"
+    wait_until(lambda: time.monotonic() >= refused + stated, timeout=stated + 1, what="the stated wait")
+    assert post(server.url + "/shout", {"nick": "ann", "text": "two", "csrf": token}, cookie)[0] == 200
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy(comet_cherrypy):
+    """Behind a proxy the client's address is the proxy's last entry in
+    X-Forwarded-For; whatever the client put before it is its own choice."""
+    server, hub, _ = shoutbox_with(comet_cherrypy, rate=shout_app.RateLimiter(limit=2, window=60), behind_proxy=True)
+    token, cookie = csrf_of(server)
+
+    def shout(forwarded, n):
+        headers = {**cookie, "X-Forwarded-For": forwarded}
+        return post(server.url + "/shout", {"nick": "eve", "text": f"m{n}", "csrf": token}, headers)[0]
+
+    # one client behind the proxy, rotating what it sends as the first entries
+    assert [shout(f"203.0.113.{n}, 198.51.100.7", n) for n in range(4)] == [200, 200, 429, 429]
+    # another client (another last entry) has its own allowance
+    assert shout("198.51.100.8", 9) == 200
+
+
+def test_x_forwarded_for_is_ignored_without_a_proxy(comet_cherrypy):
+    """Without --behind-proxy the header is only the client's word."""
+    server, _, _ = shoutbox_with(comet_cherrypy, rate=shout_app.RateLimiter(limit=2, window=60))
+    token, cookie = csrf_of(server)
+    codes = [post(server.url + "/shout", {"nick": "eve", "text": f"m{n}", "csrf": token},
+                  {**cookie, "X-Forwarded-For": f"198.51.100.{n}"})[0] for n in range(3)]
+    assert codes == [200, 200, 429]
+
+
+def login(server, secret):
+    token, cookie = csrf_of(server)
+    status, headers, body = post(server.url + "/login", {"secret": secret, "csrf": token}, cookie)
+    mod = headers.get("set-cookie", "").split("mod=", 1)[1].split(";", 1)[0] if status == 303 else None
+    return status, token, mod
+
+
+def is_moderator(server, token, mod):
+    return b"Moderator view" in http_get(server.url + "/", headers={"Cookie": f"csrf={token}; mod={mod}"})[2]
+
+
+def test_there_is_no_default_moderator_secret(comet_cherrypy):
+    server, _, root = shoutbox_with(comet_cherrypy)
+    assert login(server, "letmein")[0] == 403
+    other = shout_app.make_app(Hub())[0]
+    assert len(root.mod_secret) >= 16 and root.mod_secret != other.mod_secret
+
+
+def test_several_processes_must_be_given_one_secret(capsys):
+    """A random secret per process would let a moderator in on one only."""
+    with pytest.raises(SystemExit):
+        shout_app.main(["--redis", "redis://127.0.0.1:1/0"])
+    assert "--mod-secret" in capsys.readouterr().err
+
+
+def test_main_prints_a_secret_that_works(comet_cherrypy, monkeypatch, capsys):
+    """No secret given: main() makes one up and prints it for the operator."""
+    got = {}
+
+    def quickstart(root, script_name, config):
+        server = comet_cherrypy(root, config)
+        secret = capsys.readouterr().out.split("moderator secret for this run: ")[1].split()[0]
+        got["good"] = login(server, secret)[0]
+        got["default"] = login(server, "letmein")[0]
+
+    monkeypatch.setattr(shout_app.cherrypy, "quickstart", quickstart)
+    subscribed = set(cherrypy.engine.listeners["start"]) | set(cherrypy.engine.listeners["stop"])
+    try:
+        shout_app.main([])
+    finally:
+        for channel in ["start", "stop"]:
+            for listener in set(cherrypy.engine.listeners[channel]) - subscribed:
+                cherrypy.engine.unsubscribe(channel, listener)
+    assert got == {"good": 303, "default": 403}
+    assert "letmein" not in capsys.readouterr().out
+
+
+def test_moderator_sessions_expire(comet_cherrypy):
+    from comet.testing import wait_until
+
+    server, _, _ = shoutbox_with(comet_cherrypy, mod_secret="s3cret", sessions=shout_app.ModeratorSessions(ttl=1.0))
+    status, token, mod = login(server, "s3cret")
+    assert status == 303 and is_moderator(server, token, mod)
+    wait_until(lambda: not is_moderator(server, token, mod), timeout=10, interval=0.1, what="the session expires")
+
+
+def test_logout_revokes_the_moderator_cookie(comet_cherrypy):
+    """The cookie was an HMAC of a constant: valid forever, logout or not."""
+    server, hub, _ = shoutbox_with(comet_cherrypy, mod_secret="s3cret")
+    status, token, mod = login(server, "s3cret")
+    assert status == 303 and is_moderator(server, token, mod)
+    cookies = {"Cookie": f"csrf={token}; mod={mod}"}
+    status, headers, _ = post(server.url + "/logout", {"csrf": token}, cookies)
+    assert status == 303 and "mod=;" in headers["set-cookie"].replace('mod="";', "mod=;")
+    # a copy of the old cookie (another tab, a thief) is worth nothing now
+    assert not is_moderator(server, token, mod)
+    shout_id = post(server.url + "/shout", {"nick": "ann", "text": "keep me", "csrf": token}, cookies)[2]
+    status, _, body = post(server.url + "/delete", {"id": json.loads(shout_id)["id"], "csrf": token}, cookies)
+    assert status == 403 and "only moderators" in json.loads(body)["error"]
+    # and a forged one of another shape never reaches the session store
+    assert not is_moderator(server, token, "x" * 43) and not is_moderator(server, token, "é")
+
+
+@pytest.mark.parametrize("path,fields,reason", [
+    ("/shout", [("nick", "a"), ("nick", "b"), ("text", "hi")], "'nick' was sent more than once"),
+    ("/shout", [("nick", "a"), ("text", "hi"), ("evil", "1")], "unexpected field 'evil'"),
+    ("/delete", [("id", "1-1"), ("id", "1-2")], "'id' was sent more than once"),
+    ("/delete", [("id", "1-1"), ("admin", "yes")], "unexpected field 'admin'"),
+])
+def test_shoutbox_duplicate_and_stray_fields_are_a_400_with_a_reason(shoutbox, path, fields, reason):
+    server, hub = shoutbox
+    token, cookie = csrf_of(server)
+    body = urllib.parse.urlencode(fields + [("csrf", token)]).encode()
+    status, _, answer = http_get(server.url + path, headers={**FORM, **cookie}, method="POST", body=body)
+    assert_clean_refusal(status, answer, allowed=(400,))
+    assert reason in json.loads(answer)["error"]
+    assert hub.history("shouts") == []
+
+
+@pytest.mark.parametrize("path,fields,reason", [
+    ("/login", [("secret", "s3cret"), ("secret", "x")], "'secret' was sent more than once"),
+    ("/login", [("secret", "s3cret"), ("next", "https://evil.example/")], "unexpected field 'next'"),
+    ("/logout", [("bye", "1")], "unexpected field 'bye'"),
+])
+def test_shoutbox_form_pages_refuse_bad_fields_with_a_reason(shoutbox, path, fields, reason):
+    server, _ = shoutbox
+    token, cookie = csrf_of(server)
+    body = urllib.parse.urlencode(fields + [("csrf", token)]).encode()
+    status, headers, answer = http_get(server.url + path, headers={**FORM, **cookie}, method="POST", body=body)
+    assert_clean_refusal(status, answer, allowed=(400,))
+    assert reason in answer.decode().replace("&#x27;", "'").replace("&#39;", "'")
+    assert "mod=" not in headers.get("set-cookie", "")
