@@ -369,3 +369,90 @@ def test_shoutbox_form_pages_refuse_bad_fields_with_a_reason(shoutbox, path, fie
     assert_clean_refusal(status, answer, allowed=(400,))
     assert reason in answer.decode().replace("&#x27;", "'").replace("&#39;", "'")
     assert "mod=" not in headers.get("set-cookie", "")
+
+
+# -- 4. the lobby: looking opens nothing; forms and cross-site posts ---------------
+
+
+def test_a_thousand_anonymous_lobby_gets_change_nothing(lobby):
+    """A GET once created a lobby that was never removed: 996 anonymous GETs
+    left every new lobby refused with 503 "too many lobbies"."""
+    server, root = lobby
+    client = KeepAlive(server.url)
+    for n in range(1000):
+        status, _, body = client.request("GET", f"/lobby/drive-by-{n}")
+        assert status == 404, (n, status)
+        assert b'id="join"' in body and b"Traceback" not in body  # the page offers to open it
+    for path in ["/events/drive-by-1", "/events/drive-by-1?player=abc"]:
+        status, _, body = client.request("GET", path)
+        assert_clean_refusal(status, body, allowed=(404,))
+        assert b"join to open it" in body
+    status, headers, _ = client.request("GET", "/?lobby=drive-by-2")
+    assert status == 303 and headers["location"].endswith("/lobby/drive-by-2")
+    client.close()
+    assert root.lobbies.store.names() == []
+    assert b"drive-by" not in http_get(server.url + "/")[2]
+    # and a player can still open a lobby
+    status, _, body = post(server.url + "/join", {"name": "real-one", "player": "ann"})
+    assert status == 200, body
+    assert root.lobbies.store.names() == ["real-one"]
+
+
+def test_a_lobby_is_removed_when_its_last_player_leaves(lobby):
+    server, root = lobby
+    tokens = [json.loads(post(server.url + "/join", {"name": "brief", "player": n})[2])["token"] for n in ["ann", "bob"]]
+    assert http_get(server.url + "/lobby/brief")[0] == 200
+    for token in tokens:
+        assert post(server.url + "/leave", {"name": "brief", "token": token})[0] == 200
+    assert root.lobbies.store.names() == []
+    assert http_get(server.url + "/lobby/brief")[0] == 404
+    status, _, body = post(server.url + "/click", {"name": "brief", "token": tokens[0]})
+    assert status == 404 and "join to open it" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("headers", [
+    {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+    {"Sec-Fetch-Site": "same-site"},
+    {"Origin": "https://evil.example"},  # a browser without Fetch Metadata
+])
+def test_cross_site_posts_open_no_lobby(lobby, headers):
+    server, root = lobby
+    status, _, body = post(server.url + "/join", {"name": "forged", "player": "victim"}, headers)
+    assert_clean_refusal(status, body, allowed=(403,))
+    assert "cross-site" in json.loads(body)["error"]
+    assert root.lobbies.store.names() == []
+    # the page's own requests: same origin
+    same = {"Sec-Fetch-Site": "same-origin", "Origin": server.url}
+    assert post(server.url + "/join", {"name": "forged", "player": "ann"}, same)[0] == 200
+
+
+@pytest.mark.parametrize("path,fields,reason", [
+    ("/join", [("name", "room5"), ("player", "ann"), ("player", "bob")], "'player' was sent more than once"),
+    ("/join", [("name", "room5"), ("name", "room6"), ("player", "ann")], "'name' was sent more than once"),
+    ("/join", [("name", "room5"), ("player", "ann"), ("admin", "1")], "unexpected field 'admin'"),
+    ("/click", [("name", "room5"), ("token", "a"), ("token", "b")], "'token' was sent more than once"),
+    ("/start", [("name", "room5"), ("token", "a"), ("force", "1")], "unexpected field 'force'"),
+    ("/leave", [("name", "room5"), ("name", "room5"), ("token", "a")], "'name' was sent more than once"),
+])
+def test_lobby_duplicate_and_stray_fields_are_a_400_with_a_reason(lobby, path, fields, reason):
+    server, root = lobby
+    body = urllib.parse.urlencode(fields).encode()
+    status, _, answer = http_get(server.url + path, headers=FORM, method="POST", body=body)
+    assert_clean_refusal(status, answer, allowed=(400,))
+    assert reason in json.loads(answer)["error"]
+    assert root.lobbies.store.names() == []
+
+
+@pytest.mark.parametrize("path", ["/?lobby=a&lobby=b", "/?lobby=Not%20A%20Lobby", "/events/room5?player=a&player=b"])
+def test_lobby_bad_queries_are_a_4xx(lobby, path):
+    server, root = lobby
+    assert post(server.url + "/join", {"name": "room5", "player": "ann"})[0] == 200
+    status, _, body = http_get(server.url + path, deadline=5)
+    assert_clean_refusal(status, body, allowed=(400,))
+
+
+def test_the_index_lists_open_lobbies(lobby):
+    server, _ = lobby
+    assert post(server.url + "/join", {"name": "listed", "player": "ann"})[0] == 200
+    status, _, body = http_get(server.url + "/")
+    assert status == 200 and b"/lobby/listed" in body and b"1/3" in body

@@ -10,13 +10,23 @@ Each page subscribes to ``/events/<lobby>?player=<token>``; the stream is the
 player's presence (open = online; closed for ``grace`` seconds = gone).
 Actions are POSTs carrying the player's token, which the page keeps in
 ``sessionStorage``: one player per tab, so three tabs are three players.
+The index page follows ``/updates``, one ``lobby`` event per change.
+
+Only a join opens a lobby; ``GET /lobby/<name>`` of an empty one answers 404
+with a page that offers to join. Actions carry no cookie, so a forged
+cross-site form could act as nobody; still, browsers' cross-site POSTs are
+refused (``Sec-Fetch-Site``, else ``Origin`` against ``Host``, as Go's
+``http.CrossOriginProtection`` does), so no other site opens lobbies
+through its visitors.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import cherrypy
 import jinja2
@@ -28,20 +38,56 @@ from comet.cherrypy_tool import static_config
 
 from comet.backends import hub_from_url
 
-from .game import GameError, Lobbies, RedisStore, check_lobby
+from .game import INDEX, GameError, Lobbies, RedisStore, check_lobby
 
 HERE = Path(__file__).parent
 templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
 
 
+def form_error(func, args: tuple, fields: dict) -> str | None:
+    """Why these form fields cannot be *func*'s arguments, or None.
+
+    CherryPy hands a field sent twice over as a list, and a stray field to
+    a handler without it fails deep inside: say which field, as a 400."""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            return f"the field {name!r} was sent more than once"
+    try:
+        inspect.signature(func).bind(*args, **fields)
+    except TypeError:
+        stray = sorted(set(fields) - set(inspect.signature(func).parameters))
+        return f"unexpected field {stray[0]!r}" if stray else "missing or unexpected form fields"
+    return None
+
+
+def cross_site() -> bool:
+    """A browser sent this request from another site (a forged form)."""
+    headers = cherrypy.request.headers
+    site = headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = headers.get("Origin")
+    # Browsers too old for Sec-Fetch-Site send Origin on a POST; other
+    # clients (curl, tests) send neither and are not a browser's victim.
+    return origin is not None and urlsplit(origin).netloc != headers.get("Host")
+
+
 def json_action(func):
-    """POST-only JSON endpoint; a GameError becomes its status and reason."""
+    """POST-only JSON endpoint; a GameError becomes its status and reason,
+    as does a cross-site request or a bad form field."""
 
     @cherrypy.expose
     @cherrypy.tools.allow(methods=["POST"])
     @cherrypy.tools.json_out()
     @functools.wraps(func)
     def action(*args, **kwargs):
+        if cross_site():
+            cherrypy.response.status = 403
+            return {"error": "cross-site request refused: use the lobby's own page"}
+        problem = form_error(func, args, kwargs)
+        if problem:
+            cherrypy.response.status = 400
+            return {"error": problem}
         try:
             return func(*args, **kwargs)
         except GameError as exc:
@@ -64,7 +110,7 @@ class LobbyApp:
         self.hub = hub
         self.lobbies = lobbies
 
-    def _lobby(self, name: str, create: bool = True):
+    def _lobby(self, name: str, create: bool = False):
         try:
             return self.lobbies.get(name, create=create)
         except GameError as exc:
@@ -72,10 +118,18 @@ class LobbyApp:
 
     @cherrypy.expose
     def index(self, lobby: str | None = None):
-        if lobby is not None:  # the "go to lobby" form
-            raise cherrypy.HTTPRedirect(f"/lobby/{self._lobby(lobby.strip().lower()).name}", 303)
-        lobbies = [l.state() for l in self.lobbies.all()]
-        return templates.get_template("index.html").render(lobbies=lobbies, comet_version=comet.__version__)
+        if lobby is not None:  # the "go to lobby" form: a look, which opens nothing
+            if not isinstance(lobby, str):
+                raise cherrypy.HTTPError(400, "one lobby name, please")
+            try:
+                name = check_lobby(lobby.strip().lower())
+            except GameError as exc:
+                raise cherrypy.HTTPError(exc.status, str(exc)) from None
+            raise cherrypy.HTTPRedirect(f"/lobby/{name}", 303)
+        # The cursor before the list: a change in between arrives again
+        # (whole summaries, so harmless), none is missed.
+        cursor = self.hub.last_id(INDEX)
+        return templates.get_template("index.html").render(lobbies=self.lobbies.summaries(), cursor=cursor)
 
     @cherrypy.expose
     def lobby(self, name: str):
@@ -83,8 +137,21 @@ class LobbyApp:
             check_lobby(name)
         except GameError:
             raise cherrypy.NotFound() from None  # no page can live at a malformed name
-        lobby = self._lobby(name)
-        return templates.get_template("lobby.html").render(state=lobby.state())
+        try:
+            state = self.lobbies.get(name).state()
+        except GameError as exc:
+            if exc.status != 404:
+                raise cherrypy.HTTPError(exc.status, str(exc)) from None
+            # Nobody here: say so (404), and offer the join that opens it.
+            cherrypy.response.status = 404
+            state = self.lobbies.empty(name)
+        return templates.get_template("lobby.html").render(state=state)
+
+    @cherrypy.expose
+    @stream(transport="sse")
+    def updates(self, last_event_id: str | None = None):
+        """The index page's stream: one ``lobby`` event per change anywhere."""
+        return self.hub.subscribe(INDEX, last_id=last_event_id)
 
     @cherrypy.expose
     @stream(transport="sse")
@@ -110,21 +177,21 @@ class LobbyApp:
 
     @json_action
     def join(self, name: str, player: str = "", token: str | None = None):
-        joined = self._lobby(name).join(player, token)
+        joined = self._lobby(name, create=True).join(player, token)
         return {"name": joined.name, "token": joined.token}
 
     @json_action
     def start(self, name: str, token: str = ""):
-        self._lobby(name, create=False).start(token)
+        self._lobby(name).start(token)
         return {"ok": True}
 
     @json_action
     def click(self, name: str, token: str = ""):
-        return {"message": self._lobby(name, create=False).click(token)}
+        return {"message": self._lobby(name).click(token)}
 
     @json_action
     def leave(self, name: str, token: str = ""):
-        self._lobby(name, create=False).leave(token)
+        self._lobby(name).leave(token)
         return {"ok": True}
 
 
