@@ -151,7 +151,7 @@ def test_lobby_rules_refuse_clearly(lobby_server):
     assert http_get(server.url + "/events/BAD")[0] == 400
     assert b.json("/click", {"name": "room4", "token": token})[1]["message"] == "the round has not started"
     status, _, body = b.request("/lobby/room4")
-    assert status == 200 and b"<li>ann</li>" in body
+    assert status == 200 and b'<li><span class="name">ann</span></li>' in body
 
 
 # -- shoutbox -----------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_history_then_stream_has_no_gap_and_no_duplicate(shout_server):
         hub.publish("shouts", {"nick": "bot", "text": f"m{n}", "at": 0}, event="shout")
     b = Browser(server.url)
     _, cursor, shouts, _ = page_state(b)
-    assert shouts == [f"m{n}" for n in range(59, 9, -1)]  # the last 50, newest first
+    assert shouts == [f"m{n}" for n in range(10, 60)]  # the last 50, oldest first (a chat reads downwards)
     for n in range(60, 63):  # published after the render, before the stream opens
         hub.publish("shouts", {"nick": "bot", "text": f"m{n}", "at": 0}, event="shout")
     with StreamClient(server.url + "/events", last_event_id=cursor) as c:

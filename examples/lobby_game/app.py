@@ -129,7 +129,8 @@ class LobbyApp:
         # The cursor before the list: a change in between arrives again
         # (whole summaries, so harmless), none is missed.
         cursor = self.hub.last_id(INDEX)
-        return templates.get_template("index.html").render(lobbies=self.lobbies.summaries(), cursor=cursor)
+        return templates.get_template("index.html").render(lobbies=self.lobbies.summaries(), cursor=cursor,
+                                                           size=self.lobbies.size)
 
     @cherrypy.expose
     def lobby(self, name: str):

@@ -55,6 +55,8 @@ from comet.cherrypy_tool import static_config
 
 HERE = Path(__file__).parent
 templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
+# UTC in the page; the script shows it in the viewer's own time zone.
+templates.filters["isotime"] = lambda at: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(at or 0)))
 CHANNEL = "shouts"
 NICK = re.compile(r"[^\W_][\w \-]{0,19}")
 SESSION_ID = re.compile(r"[A-Za-z0-9_\-]{43}")  # secrets.token_urlsafe(32)
