@@ -456,3 +456,26 @@ def test_the_index_lists_open_lobbies(lobby):
     assert post(server.url + "/join", {"name": "listed", "player": "ann"})[0] == 200
     status, _, body = http_get(server.url + "/")
     assert status == 200 and b"/lobby/listed" in body and b"1/3" in body
+
+
+def unit_commands():
+    from pathlib import Path
+
+    unit = (Path(__file__).resolve().parent.parent / "deploy" / "comet@.service").read_text()
+    return [line.split("ExecStart=", 1)[1] for line in unit.splitlines() if "ExecStart=" in line]
+
+
+def test_the_systemd_unit_names_both_examples():
+    assert sorted(c.split()[2] for c in unit_commands()) == ["examples.lobby_game", "examples.shoutbox"]
+
+
+@pytest.mark.parametrize("command", unit_commands(), ids=lambda c: c.split()[2])
+def test_the_systemd_unit_runs_the_examples_without_tracebacks(command, comet_redis, comet_cherrypy, monkeypatch):
+    """deploy/comet@.service's command lines (the lobby's, and the
+    shoutbox's in its comment) serve error pages without a traceback."""
+    assert "--debug" not in command
+    argv = command.replace("redis://127.0.0.1:6379/0", comet_redis.url).replace("%i", "0").split()
+    monkeypatch.setenv("COMET_MOD_SECRET", "from-the-environment-file")
+    module = {"examples.lobby_game": lobby_app, "examples.shoutbox": shout_app}[argv[2]]
+    for status, body in serve_as_main(module, argv[3:], comet_cherrypy, monkeypatch, ["/nope", "/lobby/Friday-Night"]):
+        assert_short_404(status, body)
