@@ -125,6 +125,9 @@ def test_a_lobby_of_four_plays_two_rounds_with_a_late_joiner(example_server, peo
     assert dan.goto(server.url + "/lobby/arena").status == 200
     dan.wait_for_selector('#board[data-phase="finished"]')
     assert dan.is_visible("#join") and dan.inner_text("#hint") == "Join now to play the next round."
+    dan.fill("#name", "bob")  # a refusal reads as a reason, in the page
+    dan.click("#join button")
+    dan.wait_for_function("document.getElementById('message').textContent === \"the name 'bob' is taken in this lobby\"")
     join(dan, "dan")
     for page in (ann, bob, cat, dan):
         page.wait_for_function("document.querySelectorAll('#players li').length === 4")
@@ -136,6 +139,11 @@ def test_a_lobby_of_four_plays_two_rounds_with_a_late_joiner(example_server, peo
     for page in (ann, bob, cat, dan):
         page.wait_for_selector('#board[data-phase="countdown"]')
     assert bob.inner_text("#message") == ""  # no "you win!" through the next countdown
+    # 2 s of countdown and a pause before GO: a click now is a false start, as the rules say
+    cat.click("#play")
+    cat.wait_for_function("document.getElementById('message').textContent === 'too early! you are out of this round'")
+    for page in (ann, bob, cat, dan):
+        page.wait_for_selector('#players li.out:has(.name:text-is("cat")) .tag.out')
     for page in (ann, bob, cat, dan):
         page.wait_for_selector('#board[data-phase="go"]', timeout=10_000)
         assert_fits(page)
