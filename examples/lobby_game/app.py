@@ -138,6 +138,8 @@ class LobbyApp:
             check_lobby(name)
         except GameError:
             raise cherrypy.NotFound() from None  # no page can live at a malformed name
+        # An empty lobby's page follows /updates from here to see it open.
+        cursor = self.hub.last_id(INDEX)
         try:
             state = self.lobbies.get(name).state()
         except GameError as exc:
@@ -146,7 +148,7 @@ class LobbyApp:
             # Nobody here: say so (404), and offer the join that opens it.
             cherrypy.response.status = 404
             state = self.lobbies.empty(name)
-        return templates.get_template("lobby.html").render(state=state)
+        return templates.get_template("lobby.html").render(state=state, cursor=cursor)
 
     @cherrypy.expose
     @stream(transport="sse")

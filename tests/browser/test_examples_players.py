@@ -78,18 +78,21 @@ def test_a_lobby_of_four_plays_two_rounds_with_a_late_joiner(example_server, peo
     index.wait_for_selector('#status[data-status="open"]')
     assert index.is_visible("#none")  # "None yet"
 
-    ann = ctx.new_page()
-    response = ann.goto(server.url + "/lobby/arena")
-    assert response.status == 404  # looking opens nothing ...
-    assert ann.inner_text("#phase").startswith("Nobody is here yet")
+    ann, bob = ctx.new_page(), ctx.new_page()
+    for page in (ann, bob):
+        response = page.goto(server.url + "/lobby/arena")
+        assert response.status == 404  # looking opens nothing ...
+        assert page.inner_text("#phase").startswith("Nobody is here yet")
     join(ann, "ann")  # ... the first join does
     assert ann.inner_text("#you") == "You are ann, the host"
-    # the index saw the lobby open, live
+    # the index saw the lobby open, live, and so did bob's page, already open on it
     index.wait_for_selector('#lobbies li[data-lobby="arena"]:has-text("1/4 players, waiting")')
+    bob.wait_for_selector('#players li:has(.name:text-is("ann")) .tag.host')
+    bob.wait_for_selector('#status[data-status="open"]')
 
-    bob, cat = ctx.new_page(), ctx.new_page()
+    cat = ctx.new_page()
+    cat.goto(server.url + "/lobby/arena")
     for page, name in [(bob, "bob"), (cat, "cat")]:
-        page.goto(server.url + "/lobby/arena")
         join(page, name)
     for page in (ann, bob, cat):
         page.wait_for_function("document.querySelectorAll('#players li').length === 3")

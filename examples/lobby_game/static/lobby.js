@@ -6,6 +6,7 @@
   const key = "comet-lobby:" + lobby;  // sessionStorage: one player per tab
   let me = JSON.parse(sessionStorage.getItem(key) || "null");
   let sub = null;
+  let opening = null;  // while nobody is here: the index stream, to see the lobby open
   let shown = -1;      // version of the state on screen
   let round = null;    // the round on screen: a new one clears the last one's message
 
@@ -104,7 +105,7 @@
     $("hint").textContent = hint;
   }
 
-  function closedLobby() {
+  function closedLobby(rendered) {
     // The server says nobody is in this lobby (never opened, or the last
     // player left while this page was away): show it empty, offer to join.
     if (me) { sessionStorage.removeItem(key); me = null; say("You left the lobby."); }
@@ -112,9 +113,34 @@
     render({ lobby: lobby, phase: "waiting", count: null, round: 0, size: Number($("count").textContent.split("/")[1]),
              host: null, winner: null, reaction_ms: null, false_starts: [], players: [], wins: {}, version: -1 });
     $("status").textContent = "not open";
+    watchForOpening(rendered === true);
+  }
+
+  function watchForOpening(fromRender) {
+    // Someone else may open this lobby while we look at it (a friend sent
+    // the link): follow the index and come in then. From the page's render
+    // if that is what showed it empty; else from now (earlier events are
+    // from before the server said "nobody here").
+    if (opening) return;
+    opening = Comet.subscribe("/updates", {
+      transport: "sse",
+      events: ["lobby"],
+      lastEventId: fromRender ? $("game").dataset.cursor : null,
+      onEvent: (ev) => {
+        if (ev.event !== "lobby" || ev.data.lobby !== lobby || !ev.data.players || sub && !sub.closed) return;
+        stopWatching();
+        connect();
+      },
+      onGap: () => { stopWatching(); connect(); },  // missed something: just look again
+    });
+  }
+
+  function stopWatching() {
+    if (opening) { opening.close(); opening = null; }
   }
 
   function connect() {
+    stopWatching();
     if (sub) sub.close();
     const url = "/events/" + encodeURIComponent(lobby) + (me ? "?player=" + encodeURIComponent(me.token) : "");
     sub = Comet.subscribe(url, {
@@ -125,7 +151,7 @@
       // start over without a cursor, which brings a fresh snapshot, whose
       // version may be lower than what is on screen (a restarted store).
       onGap: () => { shown = -1; connect(); },
-      onDenied: closedLobby,
+      onDenied: () => closedLobby(false),
       onStatus: showStatus,
     });
   }
@@ -157,6 +183,6 @@
   } else if ($("game").dataset.open === "yes") {
     connect();
   } else {
-    closedLobby();
+    closedLobby(true);
   }
 })();
