@@ -482,3 +482,42 @@ def test_the_systemd_unit_runs_the_examples_without_tracebacks(command, comet_re
     module = {"examples.lobby_game": lobby_app, "examples.shoutbox": shout_app}[argv[2]]
     for status, body in serve_as_main(module, argv[3:], comet_cherrypy, monkeypatch, ["/nope", "/lobby/Friday-Night"]):
         assert_short_404(status, body)
+
+
+def test_one_address_opens_only_so_many_lobbies(comet_cherrypy):
+    """Only a join opens a lobby, but a flood of joins under new names
+    would still fill the store (each seat is kept ten seconds for its page
+    to connect): one address opens a few per minute, and joins open ones."""
+    hub = Hub(idle=0.2)
+    root, config = lobby_app.make_app(hub, size=3, openings=lobby_app.Openings(limit=3, window=60))
+    try:
+        server = comet_cherrypy(root, config)
+        client = KeepAlive(server.url)
+        codes = [client.request("POST", "/join", {"name": f"flood-{n}", "player": "eve"})[0] for n in range(20)]
+        assert codes == [200] * 3 + [429] * 17
+        status, headers, body = client.request("POST", "/join", {"name": "flood-99", "player": "eve"})
+        assert_clean_refusal(status, body, allowed=(429,))
+        assert "join an open one" in json.loads(body)["error"] and int(headers["retry-after"]) >= 1
+        assert client.request("POST", "/join", {"name": "flood-0", "player": "bob"})[0] == 200  # an open one
+        client.close()
+        assert sorted(root.lobbies.store.names()) == ["flood-0", "flood-1", "flood-2"]
+    finally:
+        cherrypy.engine.unsubscribe("stop", root.lobbies.close)
+        cherrypy.engine.unsubscribe("start", root.lobbies.start)
+
+
+def test_behind_a_proxy_lobby_openings_count_the_forwarded_address(comet_cherrypy):
+    hub = Hub(idle=0.2)
+    root, config = lobby_app.make_app(hub, size=3, openings=lobby_app.Openings(limit=1, window=60), behind_proxy=True)
+    try:
+        server = comet_cherrypy(root, config)
+
+        def opens(name, forwarded):
+            return post(server.url + "/join", {"name": name, "player": "eve"}, {"X-Forwarded-For": forwarded})[0]
+
+        # the client's own entries rotate; the proxy's last one does not
+        assert [opens(f"x{n}", f"203.0.113.{n}, 198.51.100.7") for n in range(3)] == [200, 429, 429]
+        assert opens("y0", "198.51.100.8") == 200  # another client
+    finally:
+        cherrypy.engine.unsubscribe("stop", root.lobbies.close)
+        cherrypy.engine.unsubscribe("start", root.lobbies.start)

@@ -22,9 +22,14 @@ through its visitors.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import inspect
+import ipaddress
+import math
 import os
+import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -105,10 +110,51 @@ def json_action(func):
     return action
 
 
+class Openings:
+    """At most ``limit`` new lobbies per ``window`` seconds per client
+    address (in this process): a join flood from one address cannot fill
+    the store with seats nobody takes."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0) -> None:
+        self.limit, self.window = limit, window
+        self._hits: dict[str, collections.deque] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> float:
+        """0 if allowed now (and counted), else seconds until it would be."""
+        now = time.monotonic()
+        with self._lock:
+            hits = self._hits.setdefault(key, collections.deque())
+            while hits and hits[0] <= now - self.window:
+                hits.popleft()
+            if len(hits) >= self.limit:
+                return hits[0] + self.window - now
+            hits.append(now)
+            if len(self._hits) > 10_000:  # forget idle clients
+                self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self.window}
+            return 0.0
+
+
 class LobbyApp:
-    def __init__(self, hub: Hub, lobbies: Lobbies) -> None:
+    def __init__(self, hub: Hub, lobbies: Lobbies, openings: Openings | None = None,
+                 behind_proxy: bool = False) -> None:
         self.hub = hub
         self.lobbies = lobbies
+        self.openings = openings or Openings()
+        self.behind_proxy = behind_proxy
+
+    def client_ip(self) -> str:
+        """The TCP peer, or behind a proxy on this host the address the
+        proxy appended last to X-Forwarded-For (earlier entries are
+        whatever the client sent)."""
+        ip = cherrypy.request.remote.ip
+        if self.behind_proxy and ipaddress.ip_address(ip).is_loopback:
+            forwarded = cherrypy.request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+            try:
+                return str(ipaddress.ip_address(forwarded))
+            except ValueError:
+                pass
+        return ip
 
     def _lobby(self, name: str, create: bool = False):
         try:
@@ -180,7 +226,14 @@ class LobbyApp:
 
     @json_action
     def join(self, name: str, player: str = "", token: str | None = None):
-        joined = self._lobby(name, create=True).join(player, token)
+        lobby = self._lobby(name, create=True)
+        if self.lobbies.store.get(lobby.name) is None:  # this join opens it
+            wait = self.openings.allow(self.client_ip())
+            if wait:
+                cherrypy.response.headers["Retry-After"] = str(math.ceil(wait))
+                raise GameError(f"you opened {self.openings.limit} lobbies lately: join an open one, "
+                                f"or open another in {math.ceil(wait)} s", 429)
+        joined = lobby.join(player, token)
         return {"name": joined.name, "token": joined.token}
 
     @json_action
@@ -199,6 +252,7 @@ class LobbyApp:
 
 
 def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None, lease: float = 6.0,
+             openings: Openings | None = None, behind_proxy: bool = False,
              stats_password: str | None = None, debug: bool = False, **lobby_options):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
 
@@ -216,7 +270,7 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }
-    root = LobbyApp(hub, lobbies)
+    root = LobbyApp(hub, lobbies, openings, behind_proxy)
     # The live operations page, /comet/stats: behind a password when given
     # (deploy/nginx-comet.conf also keeps it to the proxy's own host).
     comet.stats.mount(root, password=stats_password, hubs=[hub])
@@ -232,6 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--countdown", type=int, default=3, help="countdown seconds before GO")
     parser.add_argument("--lease", type=float, default=6.0,
                         help="seconds after which a dead process's players go offline (with --redis)")
+    parser.add_argument("--openings", type=int, default=10, metavar="N",
+                        help="new lobbies one client address may open per minute (default: 10)")
+    parser.add_argument("--behind-proxy", action="store_true",
+                        help="count clients by the X-Forwarded-For address a proxy on this host appends")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
     parser.add_argument("--redis", metavar="URL", help="share lobbies and events through Redis, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--stats-password", default=os.environ.get("COMET_STATS_PASSWORD") or None,
@@ -242,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     hub = hub_from_url(args.redis)
     store = RedisStore.from_url(args.redis) if args.redis else None
     app, config = make_app(hub, size=args.size, store=store, grace=args.grace, countdown=args.countdown,
-                           lease=args.lease, stats_password=args.stats_password, debug=args.debug)
+                           lease=args.lease, openings=Openings(args.openings), behind_proxy=args.behind_proxy,
+                           stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"lobby game on http://{args.host}:{args.port}/")
