@@ -1,6 +1,7 @@
 """The lobby game's web side: pages, JSON actions, and one SSE stream per page.
 
-    python -m examples.lobby_game [--host 127.0.0.1] [--port 8080] [--size 4] [--redis URL] [--debug]
+    python -m examples.lobby_game [--host 127.0.0.1] [--port 8080] [--size 4] [--redis URL]
+                                  [--openings 10] [--behind-proxy] [--debug]
 
 With ``--redis redis://host:port/db`` the lobbies and their event channels
 live in Redis, so any number of processes (behind nginx, say) serve the same

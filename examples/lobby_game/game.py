@@ -7,9 +7,12 @@ host starts the next one; wins count across rounds.
 
 A lobby exists only while someone sits in it: the first join opens it, the
 last player to leave removes it. Looking (a page, a stream) creates nothing,
-so anonymous requests cannot fill the store with empty lobbies. Every change publishes the lobby's whole state as one
-``state`` event on the lobby's hub channel: small, and a client that missed
-something is whole again with the next event.
+so anonymous requests cannot fill the store with empty lobbies.
+
+Every change publishes the lobby's whole state as one ``state`` event on the
+lobby's hub channel: small, and a client that missed something is whole
+again with the next event. The index page gets a ``lobby`` summary of each
+change on one more channel.
 
 Presence: each open stream of a player counts as a connection. When the last
 one closes, the seat is kept for ``grace`` seconds so a reload or a network
