@@ -159,6 +159,13 @@ def test_a_lobby_of_four_plays_two_rounds_with_a_late_joiner(example_server, peo
         assert page.locator("#players li .wins").all_inner_texts() == ["0 wins", "1 win", "0 wins", "1 win"]
         assert_fits(page)
 
+    # everyone leaves: the lobby is gone, from the index too, live
+    for page in (ann, bob, cat, dan):
+        page.click("#leave")
+        page.wait_for_function("document.getElementById('message').textContent === 'You left the lobby.'")
+    index.wait_for_selector('#lobbies li[data-lobby="arena"]', state="detached")
+    assert index.is_visible("#none")
+
 
 # -- the shoutbox ----------------------------------------------------------------
 
@@ -220,6 +227,7 @@ def test_a_chat_between_two_time_zones_with_a_moderator(example_server, people, 
     # a moderator deletes a shout: gone everywhere, and the notice reads like a sentence
     mod = people().new_page()
     mod.goto(server.url + "/login")
+    assert_fits(mod)
     mod.fill("input[name=secret]", "test-secret")
     mod.click("form button")
     mod.wait_for_selector("text=Moderator view")
