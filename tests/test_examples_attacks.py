@@ -5,6 +5,7 @@ Non-ASCII tokens, CSRF values and secrets once reached
 examples showed CherryPy's tracebacks (server paths) to the public.
 """
 import json
+import re
 import urllib.parse
 
 import cherrypy
@@ -521,3 +522,20 @@ def test_behind_a_proxy_lobby_openings_count_the_forwarded_address(comet_cherryp
     finally:
         cherrypy.engine.unsubscribe("stop", root.lobbies.close)
         cherrypy.engine.unsubscribe("start", root.lobbies.start)
+
+
+def test_a_nickname_comes_with_a_tag_only_its_browser_gets(comet_cherrypy):
+    """Anyone may call themselves "ann"; the tag beside the name comes from
+    the browser's secret cookie, so a second "ann" shows another one."""
+    server, hub, _ = shoutbox_with(comet_cherrypy, mod_secret="s3cret")
+    browsers = [csrf_of(server) for _ in range(2)]
+    for token, cookie in browsers + browsers[:1]:
+        assert post(server.url + "/shout", {"nick": "ann", "text": "it's me", "csrf": token}, cookie)[0] == 200
+    # a client cannot simply say which tag it wants: a stray field
+    token, cookie = browsers[1]
+    status, _, body = post(server.url + "/shout", {"nick": "ann", "text": "x", "csrf": token, "tag": "abc123"}, cookie)
+    assert status == 400
+    tags = [e.data["tag"] for e in hub.history("shouts")]
+    assert len(tags) == 3 and tags[0] == tags[2] != tags[1] and all(re.fullmatch(r"[0-9a-f]{6}", t) for t in tags)
+    page = http_get(server.url + "/")[2].decode()
+    assert all(f"#{t}" in page for t in tags)

@@ -232,6 +232,8 @@ class Shoutbox:
                  sessions: ModeratorSessions | None = None, behind_proxy: bool = False) -> None:
         self.hub = hub
         self.mod_secret = mod_secret
+        # From the secret, not random: every process must give a browser the same tag.
+        self._tag_key = hashlib.sha256(b"comet-shoutbox-author:" + mod_secret.encode()).digest()
         self.rate = rate or RateLimiter()
         self.sessions = sessions or ModeratorSessions()
         self.behind_proxy = behind_proxy
@@ -268,6 +270,12 @@ class Shoutbox:
     def _csrf_ok(self, token: str | None) -> bool:
         cookie = cherrypy.request.cookie.get("csrf")
         return bool(token) and cookie is not None and same_secret(token, cookie.value)
+
+    def _author_tag(self) -> str:
+        """A short tag for this browser: anyone may call themselves "ann",
+        but only this browser (its secret CSRF cookie) shows this tag."""
+        cookie = cherrypy.request.cookie["csrf"].value
+        return hmac.new(self._tag_key, cookie.encode(), hashlib.sha256).hexdigest()[:6]
 
     def _check_csrf(self, token: str | None) -> None:
         if not self._csrf_ok(token):
@@ -324,7 +332,8 @@ class Shoutbox:
             # is published: a flood of refusals must not push shouts out of
             # the history.
             return self._fail(429, f"slow down: try again in {max(1, math.ceil(wait))} s", wait)
-        event_id = self.hub.publish(CHANNEL, {"nick": nick, "text": text, "at": int(time.time())}, event="shout")
+        event_id = self.hub.publish(CHANNEL, {"nick": nick, "tag": self._author_tag(), "text": text, "at": int(time.time())},
+                                    event="shout")
         return {"id": event_id}
 
     @json_action

@@ -214,6 +214,10 @@ def test_a_chat_between_two_time_zones_with_a_moderator(example_server, people, 
     # your own shouts are marked, and only yours
     assert ann.locator("#shouts li.mine .what").all_inner_texts() == ["hello from Tokyo"]
     assert bob.locator("#shouts li.mine .what").all_inner_texts() == ["hi from New York"]
+    # each browser's tag beside its name, the same on every page
+    tags = [ann.inner_text(f"#shouts li:has-text('{t}') .tag") for t in ("hello from Tokyo", "hi from New York")]
+    assert tags[0] != tags[1] and all(re.fullmatch(r"#[0-9a-f]{6}", t) for t in tags)
+    assert bob.inner_text("#shouts li:has-text('hello from Tokyo') .tag") == tags[0]
     assert_local_times(ann, "Asia/Tokyo")
     assert_local_times(bob, "America/New_York")
 

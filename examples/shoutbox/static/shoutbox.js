@@ -44,9 +44,15 @@
     const who = document.createElement("b");
     who.className = "who";
     who.textContent = data.nick;  // text, never HTML
+    meta.append(who, " ");
+    if (data.tag) {
+      const tag = document.createElement("span");
+      tag.className = "tag"; tag.title = "the same tag, the same browser"; tag.textContent = "#" + data.tag;
+      meta.append(tag, " ");
+    }
     const time = document.createElement("time");
     stamp(time, data.at * 1000);
-    meta.append(who, " ", time);
+    meta.append(time);
     const what = document.createElement("span");
     what.className = "what";
     what.textContent = data.text;
