@@ -71,7 +71,7 @@ def join(page, name):
 
 
 def test_a_lobby_of_four_plays_two_rounds_with_a_late_joiner(example_server, people, width):
-    server = example_server("examples.lobby_game", "--size", "4", "--countdown", "2")
+    server = example_server("examples.lobby_game", "--size", "4", "--countdown", "3")
     ctx = people()
     index = ctx.new_page()
     index.goto(server.url + "/")
@@ -142,7 +142,7 @@ def test_a_lobby_of_four_plays_two_rounds_with_a_late_joiner(example_server, peo
     for page in (ann, bob, cat, dan):
         page.wait_for_selector('#board[data-phase="countdown"]')
     assert bob.inner_text("#message") == ""  # no "you win!" through the next countdown
-    # 2 s of countdown and a pause before GO: a click now is a false start, as the rules say
+    # 3 s of countdown and a pause before GO: a click now is a false start, as the rules say
     cat.click("#play")
     cat.wait_for_function("document.getElementById('message').textContent === 'too early! you are out of this round'")
     for page in (ann, bob, cat, dan):
