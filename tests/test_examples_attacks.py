@@ -29,6 +29,7 @@ def assert_clean_refusal(status, body, allowed=(400, 403)):
     text = body.decode("utf-8", "replace")
     assert status in allowed, (status, text[:500])
     assert "Traceback" not in text and ".py" not in text and "/work/" not in text, text[:500]
+    assert "CherryPy" not in text, text[:500]  # the server's make and version are nobody's business
 
 
 @pytest.fixture
@@ -115,6 +116,7 @@ def assert_short_404(status, body):
     text = body.decode("utf-8", "replace")
     assert status == 404, (status, text[:500])
     assert "Traceback" not in text and "/work/" not in text and ".py" not in text, text[:1000]
+    assert "CherryPy" not in text, text[:1000]
 
 
 def serve_as_main(module, argv, comet_cherrypy, monkeypatch, paths):
@@ -447,12 +449,17 @@ def test_lobby_duplicate_and_stray_fields_are_a_400_with_a_reason(lobby, path, f
     assert root.lobbies.store.names() == []
 
 
-@pytest.mark.parametrize("path", ["/?lobby=a&lobby=b", "/?lobby=Not%20A%20Lobby", "/events/room5?player=a&player=b"])
-def test_lobby_bad_queries_are_a_4xx(lobby, path):
+@pytest.mark.parametrize("path,reason", [
+    ("/?lobby=a&lobby=b", "one lobby name, please"),
+    ("/?lobby=Not%20A%20Lobby", "lobby names are 1-32 lowercase letters"),
+    ("/events/room5?player=a&player=b", "malformed player token"),
+])
+def test_lobby_bad_queries_are_a_4xx_with_the_reason(lobby, path, reason):
     server, root = lobby
     assert post(server.url + "/join", {"name": "room5", "player": "ann"})[0] == 200
     status, _, body = http_get(server.url + path, deadline=5)
     assert_clean_refusal(status, body, allowed=(400,))
+    assert reason in body.decode()
 
 
 def test_the_index_lists_open_lobbies(lobby):

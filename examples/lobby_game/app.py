@@ -252,6 +252,11 @@ class LobbyApp:
         return {"ok": True}
 
 
+def error_page(status, message, traceback, version):
+    """Every error page: the status and the reason, nothing else."""
+    return templates.get_template("error.html").render(status=status, message=message)
+
+
 def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None, lease: float = 6.0,
              openings: Openings | None = None, behind_proxy: bool = False,
              stats_password: str | None = None, debug: bool = False, **lobby_options):
@@ -267,7 +272,10 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
     cherrypy.engine.subscribe("start", lobbies.start)
     cherrypy.engine.subscribe("stop", lobbies.close)
     config = {
-        "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug},
+        "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug,
+              # In the app's look, with the reason and without CherryPy's version;
+              # CherryPy's own page (with the traceback) under --debug.
+              **({} if debug else {"error_page.default": error_page})},
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }

@@ -393,6 +393,11 @@ def parse_rate(text: str) -> tuple[int, float]:
     return limit, window
 
 
+def error_page(status, message, traceback, version):
+    """Every error page: the status and the reason, nothing else."""
+    return templates.get_template("error.html").render(status=status, message=message)
+
+
 def make_app(hub: Hub | None = None, *, mod_secret: str | None = None, rate: RateLimiter | None = None,
              sessions: ModeratorSessions | None = None, behind_proxy: bool = False,
              stats_password: str | None = None, debug: bool = False):
@@ -403,7 +408,10 @@ def make_app(hub: Hub | None = None, *, mod_secret: str | None = None, rate: Rat
     and without ``mod_secret`` a random one is made (``root.mod_secret``)."""
     hub = hub or Hub(buffer_size=1000)
     config = {
-        "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug},
+        "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug,
+              # In the app's look, with the reason and without CherryPy's version;
+              # CherryPy's own page (with the traceback) under --debug.
+              **({} if debug else {"error_page.default": error_page})},
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }
