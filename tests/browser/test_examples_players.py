@@ -72,13 +72,14 @@ def join(page, name):
 
 def test_a_lobby_of_four_plays_two_rounds_with_a_late_joiner(example_server, people, width):
     server = example_server("examples.lobby_game", "--size", "4", "--countdown", "3")
-    ctx = people()
-    index = ctx.new_page()
+    # One browser each, as players have: one profile's tabs would share
+    # Chromium's six connections per host, and five streams nearly fill them.
+    index = people().new_page()
     index.goto(server.url + "/")
     index.wait_for_selector('#status[data-status="open"]')
     assert index.is_visible("#none")  # "None yet"
 
-    ann, bob = ctx.new_page(), ctx.new_page()
+    ann, bob = people().new_page(), people().new_page()
     for page in (ann, bob):
         response = page.goto(server.url + "/lobby/arena")
         assert response.status == 404  # looking opens nothing ...
@@ -90,7 +91,7 @@ def test_a_lobby_of_four_plays_two_rounds_with_a_late_joiner(example_server, peo
     bob.wait_for_selector('#players li:has(.name:text-is("ann")) .tag.host')
     bob.wait_for_selector('#status[data-status="open"]')
 
-    cat = ctx.new_page()
+    cat = people().new_page()
     cat.goto(server.url + "/lobby/arena")
     for page, name in [(bob, "bob"), (cat, "cat")]:
         join(page, name)
@@ -124,7 +125,7 @@ def test_a_lobby_of_four_plays_two_rounds_with_a_late_joiner(example_server, peo
     assert bob.inner_text("#hint") == "Waiting for the host, ann, to start the next round."
 
     # a late joiner gets in between rounds (once locked out for good)
-    dan = ctx.new_page()
+    dan = people().new_page()
     assert dan.goto(server.url + "/lobby/arena").status == 200
     dan.wait_for_selector('#board[data-phase="finished"]')
     assert dan.is_visible("#join") and dan.inner_text("#hint") == "Join now to play the next round."
