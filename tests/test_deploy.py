@@ -51,7 +51,8 @@ def redis_server():
 
 @pytest.fixture(scope="module")
 def shoutbox(redis_server):
-    cluster = Cluster(redis_server, "examples.shoutbox")
+    # As deployed behind nginx: the rate limit counts the client's address.
+    cluster = Cluster(redis_server, "examples.shoutbox", ("--mod-secret", "letmein", "--behind-proxy"))
     yield cluster
     cluster.close()
 
@@ -72,12 +73,22 @@ def post(base: str, path: str, fields: dict, cookies: dict | None = None) -> tup
     return status, head, json.loads(body) if body.startswith(b"{") else {"raw": body.decode(errors="replace")}
 
 
-def shout(base: str, text: str, token: str | None = None) -> tuple[int, dict]:
-    """POST /shout with a double-submit CSRF token (a fresh one: its own
-    rate-limit bucket, unless *token* is given)."""
+def shout(base: str, text: str, token: str | None = None, source: str | None = None) -> tuple[int, dict]:
+    """POST /shout with a double-submit CSRF token, from *source* (a random
+    loopback address, so its own rate-limit bucket, unless given)."""
+    import http.client
+
     token = token or secrets.token_urlsafe(24)
-    status, _, doc = post(base, "/shout", {"nick": "tester", "text": text, "csrf": token}, {"csrf": token})
-    return status, doc
+    source = source or f"127.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{1 + secrets.randbelow(254)}"
+    parts = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("POST", "/shout", urllib.parse.urlencode({"nick": "tester", "text": text, "csrf": token}),
+                     {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"csrf={token}"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
 
 
 def shout_ok(base: str, text: str, timeout: float = 20.0) -> str:
@@ -211,7 +222,7 @@ def test_the_stats_page_is_for_the_proxys_host_only(shoutbox):
 
 def test_rate_limit_and_moderator_cookie_hold_across_processes(shoutbox):
     token = secrets.token_urlsafe(24)
-    codes = [shout(app.url, f"spam {i}", token)[0] for i, app in enumerate(shoutbox.apps * 2)]
+    codes = [shout(app.url, f"spam {i}", token, "127.0.0.3")[0] for i, app in enumerate(shoutbox.apps * 2)]
     assert codes == [200] * 5 + [429]  # 5 per window, counted in Redis, whichever process
 
     one, two, _ = shoutbox.apps

@@ -151,7 +151,7 @@ def test_lobby_rules_refuse_clearly(lobby_server):
     assert http_get(server.url + "/events/BAD")[0] == 400
     assert b.json("/click", {"name": "room4", "token": token})[1]["message"] == "the round has not started"
     status, _, body = b.request("/lobby/room4")
-    assert status == 200 and b"<li>ann</li>" in body
+    assert status == 200 and b'<li><span class="name">ann</span></li>' in body
 
 
 # -- shoutbox -----------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_history_then_stream_has_no_gap_and_no_duplicate(shout_server):
         hub.publish("shouts", {"nick": "bot", "text": f"m{n}", "at": 0}, event="shout")
     b = Browser(server.url)
     _, cursor, shouts, _ = page_state(b)
-    assert shouts == [f"m{n}" for n in range(59, 9, -1)]  # the last 50, newest first
+    assert shouts == [f"m{n}" for n in range(10, 60)]  # the last 50, oldest first (a chat reads downwards)
     for n in range(60, 63):  # published after the render, before the stream opens
         hub.publish("shouts", {"nick": "bot", "text": f"m{n}", "at": 0}, event="shout")
     with StreamClient(server.url + "/events", last_event_id=cursor) as c:
@@ -280,3 +280,34 @@ def test_examples_put_their_stats_behind_a_password_when_given(comet_cherrypy):
     good = {"Authorization": "Basic " + base64.b64encode(b"comet:ops only").decode()}
     assert http_get(server.url + "/comet/stats/json", headers=good)[0] == 200
     assert http_get(server.url + "/")[0] == 200
+
+
+def test_a_late_joiner_gets_in_between_rounds_and_wins_are_counted(lobby_server):
+    """"Play again" went straight to the next countdown and joins were
+    refused outside "waiting": a newcomer was locked out for good."""
+    server, hub, root = lobby_server
+    b = Browser(server.url)
+    seats = {n: b.json("/join", {"name": "late", "player": n})[1]["token"] for n in ["ann", "bob"]}
+    watch = StreamClient(f"{server.url}/events/late").open()
+    try:
+        def phase_is(phase, round_no):
+            return lambda _: states(watch) and last_state(watch)["phase"] == phase and last_state(watch)["round"] == round_no
+
+        assert b.json("/start", {"name": "late", "token": seats["ann"]})[0] == 200
+        watch.wait_for(phase_is("go", 1), timeout=10)
+        assert b.json("/click", {"name": "late", "token": seats["bob"]})[1] == {"message": "you win!"}
+        watch.wait_for(phase_is("finished", 1))
+        # between rounds: the newcomer joins and fills the lobby (size 3), which
+        # does not start a round by itself: the host does
+        status, doc, _ = b.json("/join", {"name": "late", "player": "cat"})
+        assert status == 200, doc
+        watch.wait_for(lambda _: len(last_state(watch)["players"]) == 3)
+        assert last_state(watch)["phase"] == "finished"
+        assert last_state(watch)["wins"] == {"ann": 0, "bob": 1, "cat": 0}
+        assert b.json("/start", {"name": "late", "token": seats["ann"]})[0] == 200
+        watch.wait_for(phase_is("countdown", 2))
+        # a round in play is closed to newcomers, with a reason
+        status, doc, _ = b.json("/join", {"name": "late", "player": "dan"})
+        assert status == 409 and "as soon as it ends" in doc["error"]
+    finally:
+        watch.close()

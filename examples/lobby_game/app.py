@@ -1,6 +1,7 @@
 """The lobby game's web side: pages, JSON actions, and one SSE stream per page.
 
-    python -m examples.lobby_game [--host 127.0.0.1] [--port 8080] [--size 4] [--redis URL] [--debug]
+    python -m examples.lobby_game [--host 127.0.0.1] [--port 8080] [--size 4] [--redis URL]
+                                  [--openings 10] [--behind-proxy] [--debug]
 
 With ``--redis redis://host:port/db`` the lobbies and their event channels
 live in Redis, so any number of processes (behind nginx, say) serve the same
@@ -10,13 +11,28 @@ Each page subscribes to ``/events/<lobby>?player=<token>``; the stream is the
 player's presence (open = online; closed for ``grace`` seconds = gone).
 Actions are POSTs carrying the player's token, which the page keeps in
 ``sessionStorage``: one player per tab, so three tabs are three players.
+The index page follows ``/updates``, one ``lobby`` event per change.
+
+Only a join opens a lobby; ``GET /lobby/<name>`` of an empty one answers 404
+with a page that offers to join. Actions carry no cookie, so a forged
+cross-site form could act as nobody; still, browsers' cross-site POSTs are
+refused (``Sec-Fetch-Site``, else ``Origin`` against ``Host``, as Go's
+``http.CrossOriginProtection`` does), so no other site opens lobbies
+through its visitors.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import inspect
+import ipaddress
+import math
 import os
+import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import cherrypy
 import jinja2
@@ -28,20 +44,56 @@ from comet.cherrypy_tool import static_config
 
 from comet.backends import hub_from_url
 
-from .game import GameError, Lobbies, RedisStore, check_lobby
+from .game import INDEX, GameError, Lobbies, RedisStore, check_lobby
 
 HERE = Path(__file__).parent
 templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
 
 
+def form_error(func, args: tuple, fields: dict) -> str | None:
+    """Why these form fields cannot be *func*'s arguments, or None.
+
+    CherryPy hands a field sent twice over as a list, and a stray field to
+    a handler without it fails deep inside: say which field, as a 400."""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            return f"the field {name!r} was sent more than once"
+    try:
+        inspect.signature(func).bind(*args, **fields)
+    except TypeError:
+        stray = sorted(set(fields) - set(inspect.signature(func).parameters))
+        return f"unexpected field {stray[0]!r}" if stray else "missing or unexpected form fields"
+    return None
+
+
+def cross_site() -> bool:
+    """A browser sent this request from another site (a forged form)."""
+    headers = cherrypy.request.headers
+    site = headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = headers.get("Origin")
+    # Browsers too old for Sec-Fetch-Site send Origin on a POST; other
+    # clients (curl, tests) send neither and are not a browser's victim.
+    return origin is not None and urlsplit(origin).netloc != headers.get("Host")
+
+
 def json_action(func):
-    """POST-only JSON endpoint; a GameError becomes its status and reason."""
+    """POST-only JSON endpoint; a GameError becomes its status and reason,
+    as does a cross-site request or a bad form field."""
 
     @cherrypy.expose
     @cherrypy.tools.allow(methods=["POST"])
     @cherrypy.tools.json_out()
     @functools.wraps(func)
     def action(*args, **kwargs):
+        if cross_site():
+            cherrypy.response.status = 403
+            return {"error": "cross-site request refused: use the lobby's own page"}
+        problem = form_error(func, args, kwargs)
+        if problem:
+            cherrypy.response.status = 400
+            return {"error": problem}
         try:
             return func(*args, **kwargs)
         except GameError as exc:
@@ -59,12 +111,53 @@ def json_action(func):
     return action
 
 
+class Openings:
+    """At most ``limit`` new lobbies per ``window`` seconds per client
+    address (in this process): a join flood from one address cannot fill
+    the store with seats nobody takes."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0) -> None:
+        self.limit, self.window = limit, window
+        self._hits: dict[str, collections.deque] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> float:
+        """0 if allowed now (and counted), else seconds until it would be."""
+        now = time.monotonic()
+        with self._lock:
+            hits = self._hits.setdefault(key, collections.deque())
+            while hits and hits[0] <= now - self.window:
+                hits.popleft()
+            if len(hits) >= self.limit:
+                return hits[0] + self.window - now
+            hits.append(now)
+            if len(self._hits) > 10_000:  # forget idle clients
+                self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self.window}
+            return 0.0
+
+
 class LobbyApp:
-    def __init__(self, hub: Hub, lobbies: Lobbies) -> None:
+    def __init__(self, hub: Hub, lobbies: Lobbies, openings: Openings | None = None,
+                 behind_proxy: bool = False) -> None:
         self.hub = hub
         self.lobbies = lobbies
+        self.openings = openings or Openings()
+        self.behind_proxy = behind_proxy
 
-    def _lobby(self, name: str, create: bool = True):
+    def client_ip(self) -> str:
+        """The TCP peer, or behind a proxy on this host the address the
+        proxy appended last to X-Forwarded-For (earlier entries are
+        whatever the client sent)."""
+        ip = cherrypy.request.remote.ip
+        if self.behind_proxy and ipaddress.ip_address(ip).is_loopback:
+            forwarded = cherrypy.request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+            try:
+                return str(ipaddress.ip_address(forwarded))
+            except ValueError:
+                pass
+        return ip
+
+    def _lobby(self, name: str, create: bool = False):
         try:
             return self.lobbies.get(name, create=create)
         except GameError as exc:
@@ -72,10 +165,19 @@ class LobbyApp:
 
     @cherrypy.expose
     def index(self, lobby: str | None = None):
-        if lobby is not None:  # the "go to lobby" form
-            raise cherrypy.HTTPRedirect(f"/lobby/{self._lobby(lobby.strip().lower()).name}", 303)
-        lobbies = [l.state() for l in self.lobbies.all()]
-        return templates.get_template("index.html").render(lobbies=lobbies, comet_version=comet.__version__)
+        if lobby is not None:  # the "go to lobby" form: a look, which opens nothing
+            if not isinstance(lobby, str):
+                raise cherrypy.HTTPError(400, "one lobby name, please")
+            try:
+                name = check_lobby(lobby.strip().lower())
+            except GameError as exc:
+                raise cherrypy.HTTPError(exc.status, str(exc)) from None
+            raise cherrypy.HTTPRedirect(f"/lobby/{name}", 303)
+        # The cursor before the list: a change in between arrives again
+        # (whole summaries, so harmless), none is missed.
+        cursor = self.hub.last_id(INDEX)
+        return templates.get_template("index.html").render(lobbies=self.lobbies.summaries(), cursor=cursor,
+                                                           size=self.lobbies.size)
 
     @cherrypy.expose
     def lobby(self, name: str):
@@ -83,8 +185,23 @@ class LobbyApp:
             check_lobby(name)
         except GameError:
             raise cherrypy.NotFound() from None  # no page can live at a malformed name
-        lobby = self._lobby(name)
-        return templates.get_template("lobby.html").render(state=lobby.state())
+        # An empty lobby's page follows /updates from here to see it open.
+        cursor = self.hub.last_id(INDEX)
+        try:
+            state = self.lobbies.get(name).state()
+        except GameError as exc:
+            if exc.status != 404:
+                raise cherrypy.HTTPError(exc.status, str(exc)) from None
+            # Nobody here: say so (404), and offer the join that opens it.
+            cherrypy.response.status = 404
+            state = self.lobbies.empty(name)
+        return templates.get_template("lobby.html").render(state=state, cursor=cursor)
+
+    @cherrypy.expose
+    @stream(transport="sse")
+    def updates(self, last_event_id: str | None = None):
+        """The index page's stream: one ``lobby`` event per change anywhere."""
+        return self.hub.subscribe(INDEX, last_id=last_event_id)
 
     @cherrypy.expose
     @stream(transport="sse")
@@ -110,25 +227,38 @@ class LobbyApp:
 
     @json_action
     def join(self, name: str, player: str = "", token: str | None = None):
-        joined = self._lobby(name).join(player, token)
+        lobby = self._lobby(name, create=True)
+        if self.lobbies.store.get(lobby.name) is None:  # this join opens it
+            wait = self.openings.allow(self.client_ip())
+            if wait:
+                cherrypy.response.headers["Retry-After"] = str(math.ceil(wait))
+                raise GameError(f"you opened {self.openings.limit} lobbies lately: join an open one, "
+                                f"or open another in {math.ceil(wait)} s", 429)
+        joined = lobby.join(player, token)
         return {"name": joined.name, "token": joined.token}
 
     @json_action
     def start(self, name: str, token: str = ""):
-        self._lobby(name, create=False).start(token)
+        self._lobby(name).start(token)
         return {"ok": True}
 
     @json_action
     def click(self, name: str, token: str = ""):
-        return {"message": self._lobby(name, create=False).click(token)}
+        return {"message": self._lobby(name).click(token)}
 
     @json_action
     def leave(self, name: str, token: str = ""):
-        self._lobby(name, create=False).leave(token)
+        self._lobby(name).leave(token)
         return {"ok": True}
 
 
+def error_page(status, message, traceback, version):
+    """Every error page: the status and the reason, nothing else."""
+    return templates.get_template("error.html").render(status=status, message=message)
+
+
 def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None, lease: float = 6.0,
+             openings: Openings | None = None, behind_proxy: bool = False,
              stats_password: str | None = None, debug: bool = False, **lobby_options):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
 
@@ -142,11 +272,14 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
     cherrypy.engine.subscribe("start", lobbies.start)
     cherrypy.engine.subscribe("stop", lobbies.close)
     config = {
-        "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug},
+        "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug,
+              # In the app's look, with the reason and without CherryPy's version;
+              # CherryPy's own page (with the traceback) under --debug.
+              **({} if debug else {"error_page.default": error_page})},
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }
-    root = LobbyApp(hub, lobbies)
+    root = LobbyApp(hub, lobbies, openings, behind_proxy)
     # The live operations page, /comet/stats: behind a password when given
     # (deploy/nginx-comet.conf also keeps it to the proxy's own host).
     comet.stats.mount(root, password=stats_password, hubs=[hub])
@@ -162,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--countdown", type=int, default=3, help="countdown seconds before GO")
     parser.add_argument("--lease", type=float, default=6.0,
                         help="seconds after which a dead process's players go offline (with --redis)")
+    parser.add_argument("--openings", type=int, default=10, metavar="N",
+                        help="new lobbies one client address may open per minute (default: 10)")
+    parser.add_argument("--behind-proxy", action="store_true",
+                        help="count clients by the X-Forwarded-For address a proxy on this host appends")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
     parser.add_argument("--redis", metavar="URL", help="share lobbies and events through Redis, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--stats-password", default=os.environ.get("COMET_STATS_PASSWORD") or None,
@@ -172,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     hub = hub_from_url(args.redis)
     store = RedisStore.from_url(args.redis) if args.redis else None
     app, config = make_app(hub, size=args.size, store=store, grace=args.grace, countdown=args.countdown,
-                           lease=args.lease, stats_password=args.stats_password, debug=args.debug)
+                           lease=args.lease, openings=Openings(args.openings), behind_proxy=args.behind_proxy,
+                           stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"lobby game on http://{args.host}:{args.port}/")

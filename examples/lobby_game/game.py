@@ -2,9 +2,17 @@
 
 Players wait in a lobby. When it is full, or the host presses Start, everyone
 sees the same countdown, then "GO!" after a short random pause; the first
-click after GO wins. Every change publishes the lobby's whole state as one
-``state`` event on the lobby's hub channel: small, and a client that missed
-something is whole again with the next event.
+click after GO wins. Between rounds the lobby takes new players until the
+host starts the next one; wins count across rounds.
+
+A lobby exists only while someone sits in it: the first join opens it, the
+last player to leave removes it. Looking (a page, a stream) creates nothing,
+so anonymous requests cannot fill the store with empty lobbies.
+
+Every change publishes the lobby's whole state as one ``state`` event on the
+lobby's hub channel: small, and a client that missed something is whole
+again with the next event. The index page gets a ``lobby`` summary of each
+change on one more channel.
 
 Presence: each open stream of a player counts as a connection. When the last
 one closes, the seat is kept for ``grace`` seconds so a reload or a network
@@ -43,6 +51,7 @@ from comet import Hub
 log = logging.getLogger("lobby")
 NAME = re.compile(r"[^\W_][\w \-]{0,19}")
 LOBBY = re.compile(r"[a-z0-9][a-z0-9\-]{0,31}")
+INDEX = "lobbies"  # the hub channel of the index page: one "lobby" event per change
 TOKEN = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # secrets.token_urlsafe's alphabet
 
 
@@ -102,7 +111,10 @@ class MemoryStore:
             new, result, loud = change(copy.deepcopy(self._states.get(name)))
             if new is not None:
                 new["version"] += 1
-                self._states[name] = new
+                if new["players"]:
+                    self._states[name] = new
+                else:  # the last player left: the lobby is gone
+                    self._states.pop(name, None)
                 if loud:
                     announce(new)
             return result
@@ -172,8 +184,12 @@ class RedisStore:
                         return result
                     new["version"] += 1
                     pipe.multi()
-                    pipe.set(key, json.dumps(new))
-                    pipe.sadd(self.prefix + "names", name)
+                    if new["players"]:
+                        pipe.set(key, json.dumps(new))
+                        pipe.sadd(self.prefix + "names", name)
+                    else:  # the last player left: the lobby is gone
+                        pipe.delete(key)
+                        pipe.srem(self.prefix + "names", name)
                     pipe.execute()
                 except redis.WatchError:
                     continue
@@ -206,8 +222,11 @@ class RedisStore:
 
 
 def _fresh(name: str, size: int) -> dict:
+    # Versions start from the clock (in µs) so that a lobby removed and opened
+    # again goes on counting up: a page still showing the old one takes the
+    # new one's states (it ignores versions lower than what it shows).
     return {"lobby": name, "phase": "waiting", "count": None, "round": 0, "size": size, "winner": None,
-            "reaction_ms": None, "false_starts": [], "go_at": None, "players": [], "version": 0}
+            "reaction_ms": None, "false_starts": [], "go_at": None, "players": [], "version": time.time_ns() // 1000}
 
 
 def _online(player: dict) -> int:
@@ -232,6 +251,12 @@ def _find(state: dict, name: str | None = None, token: str | None = None) -> dic
     return None
 
 
+def summary(state: dict) -> dict:
+    """A lobby as the index lists it; no players means it is gone."""
+    return {"lobby": state["lobby"], "players": len(state["players"]), "size": state["size"],
+            "phase": state["phase"], "version": state["version"]}
+
+
 def public(state: dict) -> dict:
     """What every page sees: no tokens, no server clock."""
     players = state["players"]
@@ -240,6 +265,7 @@ def public(state: dict) -> dict:
         "size": state["size"], "host": players[0]["name"] if players else None, "winner": state["winner"],
         "reaction_ms": state["reaction_ms"], "false_starts": sorted(state["false_starts"]),
         "players": [{"name": p["name"], "online": _online(p) > 0} for p in players],
+        "wins": {p["name"]: p.get("wins", 0) for p in players},  # rounds won since joining
         "version": state["version"],
     }
 
@@ -264,14 +290,29 @@ class Lobby:
         self._timers: list[threading.Timer] = []
         self.closed = False
 
-    def _update(self, change: Change) -> Any:
+    def _update(self, change: Change, create: bool = False) -> Any:
+        """Apply *change* to the stored state; only a join may *create* it."""
         def guarded(state: dict | None):
-            return change(state if state is not None else _fresh(self.name, self.size))
+            if state is None:
+                if not create:
+                    raise GameError(f"nobody is in lobby {self.name!r}: join to open it", 404)
+                state = _fresh(self.name, self.size)
+            return change(state)
 
         return self.store.update(self.name, guarded, self._announce)
 
+    def _quietly(self, change: Change, default: Any = None) -> Any:
+        """For timers and presence: a lobby that is gone has nothing to do."""
+        try:
+            return self._update(change)
+        except GameError as exc:
+            if exc.status != 404:
+                raise
+            return default
+
     def _announce(self, state: dict) -> None:
         self.hub.publish(self.channel, public(state), event="state")
+        self.hub.publish(INDEX, summary(state), event="lobby")
 
     # -- joining and leaving -------------------------------------------------
 
@@ -286,15 +327,19 @@ class Lobby:
                 if token and same_token(token, mine["token"]):
                     return None, (Player(name, mine["token"]), None), False  # a reconnect: same seat
                 raise GameError(f"the name {name!r} is taken in this lobby")
-            if s["phase"] != "waiting":
-                raise GameError("a round is being played; join when it is over")
+            if s["phase"] not in ("waiting", "finished"):
+                raise GameError("a round is being played: you can join as soon as it ends")
             if len(s["players"]) >= self.size:
                 raise GameError(f"this lobby is full ({self.size} players)")
-            s["players"].append({"name": name, "token": new_token, "connections": {}, "since": time.time()})
-            started = self._start_countdown(s) if len(s["players"]) == self.size else None
+            s["players"].append({"name": name, "token": new_token, "connections": {}, "since": time.time(),
+                                 "wins": 0})
+            # A full lobby starts the first round by itself; between rounds
+            # the host says when (the newcomer may want a moment).
+            full = len(s["players"]) == self.size and s["phase"] == "waiting"
+            started = self._start_countdown(s) if full else None
             return s, (Player(name, new_token), started), True
 
-        player, started = self._update(change)
+        player, started = self._update(change, create=True)
         # A seat nobody ever connects to (the page never loaded) is given up
         # too; a stream that opens keeps it.
         self._later(max(self.grace, 10.0), self._gone, player)
@@ -333,7 +378,7 @@ class Lobby:
             here[self.process] = here.get(self.process, 0) + 1
             return s, None, _online(mine) == 1
 
-        self._update(change)
+        self._quietly(change)
 
     def disconnected(self, player: Player) -> None:
         def change(s):
@@ -349,7 +394,7 @@ class Lobby:
             mine["since"] = time.time()
             return s, True, True
 
-        if self._update(change) and not self.closed:
+        if self._quietly(change, False) and not self.closed:
             self._later(self.grace, self._gone, player)
 
     def forget(self, dead: set[str]) -> None:
@@ -367,7 +412,7 @@ class Lobby:
                         offline.append(Player(mine["name"], mine["token"]))
             return (s, offline, bool(offline)) if changed else (None, [], False)
 
-        for player in self._update(change):
+        for player in self._quietly(change, []):
             self._later(self.grace, self._gone, player)
 
     def _gone(self, player: Player) -> None:
@@ -380,7 +425,7 @@ class Lobby:
             self._remove(s, mine)
             return s, None, True
 
-        self._update(change)
+        self._quietly(change)
 
     # -- the round ---------------------------------------------------------------
 
@@ -416,7 +461,7 @@ class Lobby:
             s["count"] = 0  # "get ready": the pause before GO is random
             return s, "go", True
 
-        next_step = self._update(change)
+        next_step = self._quietly(change)
         if next_step == "tick":
             self._later(1.0, self._tick, round_no)
         elif next_step == "go":
@@ -429,7 +474,7 @@ class Lobby:
             s["phase"], s["go_at"] = "go", time.time()
             return s, None, True
 
-        self._update(change)
+        self._quietly(change)
 
     def click(self, token: str) -> str:
         """A player clicked; returns what to tell them."""
@@ -449,6 +494,7 @@ class Lobby:
                 if name in s["false_starts"]:
                     return None, "you jumped the gun this round", False
                 s["phase"], s["winner"] = "finished", name
+                mine["wins"] = mine.get("wins", 0) + 1
                 s["reaction_ms"] = max(0, round((now - s["go_at"]) * 1000))
                 return s, "you win!", True
             if s["phase"] == "finished":
@@ -469,13 +515,8 @@ class Lobby:
         return self.state()["host"]
 
     def state(self) -> dict:
-        """The public state, as pages see it."""
+        """The public state, as pages see it (an empty lobby if it is gone)."""
         return public(self.store.get(self.name) or _fresh(self.name, self.size))
-
-    def ensure(self) -> None:
-        """Store the empty lobby if it does not exist yet (so it is listed)."""
-        self.store.update(self.name, lambda s: (_fresh(self.name, self.size), None, False) if s is None else (None, None, False),
-                          self._announce)
 
     def _later(self, delay: float, func, *args) -> threading.Timer:
         timer = threading.Timer(delay, func, args)
@@ -486,6 +527,11 @@ class Lobby:
             if not self.closed:
                 timer.start()
         return timer
+
+    def busy(self) -> bool:
+        """A timer is pending."""
+        with self._lock:
+            return any(t.is_alive() for t in self._timers)
 
     def open(self) -> None:
         """Accept timers again (engine start after a stop)."""
@@ -520,29 +566,42 @@ class Lobbies:
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
 
-    def get(self, name: str, create: bool = True) -> Lobby:
+    def get(self, name: str, create: bool = False) -> Lobby:
+        """The lobby called *name*: 404 if nobody is in it, unless *create*
+        (a join, which then opens it)."""
         name = check_lobby(name)
-        with self._lock:
-            lobby = self._lobbies.get(name)
-        if lobby is not None:
-            return lobby
         exists = self.store.get(name) is not None
         if not exists:
             if not create:
-                raise GameError(f"no lobby named {name!r}", 404)
+                raise GameError(f"nobody is in lobby {name!r}: join to open it", 404)
             if len(self.store.names()) >= self.MAX_LOBBIES:
-                raise GameError("too many lobbies", 503)
+                raise GameError("too many lobbies: try again later", 503)
         with self._lock:
             lobby = self._lobbies.get(name)
             if lobby is None:
+                if len(self._lobbies) >= 2 * self.MAX_LOBBIES:
+                    self._forget_idle()
                 lobby = self._lobbies[name] = Lobby(name, self.hub, self.store, self.size, self.grace,
                                                     process=self.process, **self.options)
-        if not exists:
-            lobby.ensure()
+                if self._stop.is_set():
+                    lobby.close()
         return lobby
 
-    def all(self) -> list[Lobby]:
-        return [self.get(name) for name in self.store.names()]
+    def _forget_idle(self) -> None:
+        """Drop handles on lobbies that are gone and wait for no timer
+        (joins under many names must not grow this process for ever)."""
+        live = set(self.store.names())
+        for name, lobby in list(self._lobbies.items()):
+            if name not in live and not lobby.busy():
+                del self._lobbies[name]
+
+    def empty(self, name: str) -> dict:
+        """The public state of a lobby nobody is in (opens nothing)."""
+        return public(_fresh(check_lobby(name), self.size))
+
+    def summaries(self) -> list[dict]:
+        """Every open lobby, as the index lists it."""
+        return sorted((summary(s) for s in self.store.states().values()), key=lambda s: s["lobby"])
 
     # -- process leases -------------------------------------------------------
 
@@ -578,7 +637,11 @@ class Lobbies:
             return
         for name, state in states.items():
             if any(dead & player["connections"].keys() for player in state["players"]):
-                self.get(name).forget(dead)
+                try:
+                    self.get(name).forget(dead)
+                except GameError as exc:
+                    if exc.status != 404:  # gone in the meantime: nothing to forget
+                        raise
 
     def close(self) -> None:
         self._stop.set()

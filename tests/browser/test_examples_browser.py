@@ -19,8 +19,8 @@ def post_shout(base: str, nick: str, text: str) -> None:
 
 def lobby_players(base: str, lobby: str) -> list[str]:
     html = http_get(f"{base}/lobby/{lobby}")[2].decode()
-    block = html.split('<ul id="players">', 1)[1].split("</ul>", 1)[0]
-    return re.findall(r"<li>(.*?)</li>", block)
+    block = html.split('<ul id="players" class="players">', 1)[1].split("</ul>", 1)[0]
+    return re.findall(r'<li><span class="name">(.*?)</span>', block)
 
 
 def test_three_tabs_join_a_lobby_and_play_a_round(context, example_server):
@@ -35,9 +35,9 @@ def test_three_tabs_join_a_lobby_and_play_a_round(context, example_server):
         page.wait_for_selector("#players li.me")
     for page in pages:
         page.wait_for_function("document.querySelectorAll('#players li').length === 3")
-        assert page.inner_text("#status") == "open"
-        assert page.locator("#players li").all_inner_texts() == ["ann", "bob", "cat"]
-        assert page.locator("#players li.host").all_inner_texts() == ["ann"]
+        assert page.get_attribute("#status", "data-status") == "open" and page.inner_text("#status") == "live"
+        assert page.locator("#players li .name").all_inner_texts() == ["ann", "bob", "cat"]
+        assert page.locator("#players li.host .name").all_inner_texts() == ["ann"]
     assert pages[1].is_hidden("#start") and pages[0].is_visible("#start")
     pages[0].click("#start")  # the host starts: same countdown for everyone
     for page in pages:
@@ -56,9 +56,10 @@ def test_three_tabs_join_a_lobby_and_play_a_round(context, example_server):
 
 
 def test_a_lobby_page_shows_the_restarted_servers_state(context, example_server):
-    """The in-memory game forgets its lobbies on restart. The page's old cursor
-    gets a gap; the page must then show the new server's state (its seat is
-    gone), not keep showing the old one, and the player can join again."""
+    """The in-memory game forgets its lobbies on restart. The page's stream
+    then hears that nobody is in this lobby (404); the page must show that
+    (its seat is gone), not keep showing the old state, and the player can
+    join again, which opens the lobby anew."""
     server = example_server("examples.lobby_game")
     page = context.new_page()
     page.goto(server.url + "/lobby/saturday")
@@ -68,14 +69,14 @@ def test_a_lobby_page_shows_the_restarted_servers_state(context, example_server)
     server.stop()
     page.wait_for_selector('#status[data-status="reconnecting"]')
     restarted = example_server("examples.lobby_game", port=server.port)
-    # before the fix the old screen stayed: the new server's state has a lower version
     page.wait_for_function("document.querySelectorAll('#players li').length === 0", timeout=30_000)
-    page.wait_for_selector('#status[data-status="open"]')
-    assert page.inner_text("#message") == "You left the lobby."
+    page.wait_for_selector('#status[data-status="closed"]')
+    assert page.inner_text("#status") == "not open" and page.inner_text("#message") == "You left the lobby."
     assert page.is_visible("#join") and page.evaluate("sessionStorage.getItem('comet-lobby:saturday')") is None
     page.fill("#name", "ann")
     page.click("#join button")
     page.wait_for_selector("#players li.me")
+    page.wait_for_selector('#status[data-status="open"]')
     assert lobby_players(restarted.url, "saturday") == ["ann"]
     page.close()
 
@@ -100,13 +101,13 @@ def test_shouts_appear_in_every_page_and_xss_stays_text(context, example_server)
     for page in pages:
         page.wait_for_function("document.querySelectorAll('#shouts li').length === 3")
         texts = page.locator("#shouts .what").all_inner_texts()
-        assert texts[:2] == payloads[::-1]  # shown as text, newest first
+        assert texts[-2:] == payloads  # shown as text, newest last
         assert page.locator("#shouts img, #shouts script").count() == 0
         assert page.evaluate("window.__xss") is None
     # a reload renders the same history server-side, escaped, and resumes after it
     pages[2].reload()
     pages[2].wait_for_selector('#status[data-status="open"]')
-    assert pages[2].locator("#shouts .what").all_inner_texts()[:2] == payloads[::-1]
+    assert pages[2].locator("#shouts .what").all_inner_texts()[-2:] == payloads
     assert pages[2].evaluate("window.__xss") is None
     # a rule violation shows a clear error in the page and keeps the text.
     # (The tabs share one cookie jar, so one rate-limit bucket: post until refused.)
@@ -147,7 +148,7 @@ def test_pages_reconnect_after_server_restart_and_show_what_was_sent(context, ex
         # re-render from the new server's history, then stream on
         page.wait_for_selector("#shouts li:has-text('and another one')", timeout=30_000)
         page.wait_for_selector('#status[data-status="open"]')
-        assert page.locator("#shouts .what").all_inner_texts()[:2] == ["and another one", "sent while you were away"]
+        assert page.locator("#shouts .what").all_inner_texts()[-2:] == ["sent while you were away", "and another one"]
     post_shout(restarted.url, "cat", "live again")
     for page in pages:
         page.wait_for_selector("#shouts li:has-text('live again')")
@@ -158,8 +159,10 @@ def test_the_live_stats_page_renders_and_moves(context, example_server):
     lobby = example_server("examples.lobby_game", "--size", "4")
     shoutbox = example_server("examples.shoutbox")
     game = context.new_page()
-    game.goto(lobby.url + "/lobby/stats-room")  # one stream open on the lobby's channel
-    game.wait_for_function("document.getElementById('status').textContent === 'open'")
+    game.goto(lobby.url + "/lobby/stats-room")  # one stream open on the lobby's channel, once joined
+    game.fill("#name", "ops")
+    game.click("#join button")
+    game.wait_for_selector('#status[data-status="open"]')
     stats = context.new_page()
     stats.goto(lobby.url + "/comet/stats")  # CherryPy redirects to /comet/stats/
     stats.wait_for_function("Number(document.body.dataset.samples || 0) >= 2", timeout=15_000)

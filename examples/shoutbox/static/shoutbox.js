@@ -1,4 +1,5 @@
-// The shoutbox page: stream shouts in after the server-rendered history.
+// The shoutbox page: stream shouts in after the server-rendered history,
+// oldest at the top, newest at the bottom and scrolled into view.
 (function () {
   "use strict";
   const $ = (id) => document.getElementById(id);
@@ -6,64 +7,129 @@
   const moderator = list.dataset.moderator === "yes";
   const form = $("shout");
   const csrf = form.elements.csrf.value;
+  const NICK = "comet-shoutbox:nick";  // localStorage: remembered across visits
+  const MINE = "comet-shoutbox:mine";  // ids of this browser's own shouts
+  const mine = new Set(JSON.parse(localStorage.getItem(MINE) || "[]"));
+  const clock = new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
+  const day = new Intl.DateTimeFormat([], { dateStyle: "medium", timeStyle: "short" });
+
+  function stamp(el, at) {
+    // The server writes UTC; each viewer reads their own time zone.
+    const when = new Date(at);
+    el.dateTime = when.toISOString();
+    el.textContent = clock.format(when);
+    el.title = day.format(when);
+  }
+
+  function remember(id) {
+    mine.add(id);
+    localStorage.setItem(MINE, JSON.stringify([...mine].slice(-200)));
+    const li = list.querySelector('li[data-id="' + CSS.escape(id) + '"]');
+    if (li) li.classList.add("mine");
+  }
+
+  function nearBottom() {
+    return list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  }
+
+  function toBottom() {
+    list.scrollTop = list.scrollHeight;
+  }
 
   function shoutItem(id, data) {
     const li = document.createElement("li");
     li.dataset.id = id;
+    const meta = document.createElement("span");
+    meta.className = "meta";
     const who = document.createElement("b");
     who.className = "who";
     who.textContent = data.nick;  // text, never HTML
+    meta.append(who, " ");
+    if (data.tag) {
+      const tag = document.createElement("span");
+      tag.className = "tag"; tag.title = "the same tag, the same browser"; tag.textContent = "#" + data.tag;
+      meta.append(tag, " ");
+    }
+    const time = document.createElement("time");
+    stamp(time, data.at * 1000);
+    meta.append(time);
     const what = document.createElement("span");
     what.className = "what";
     what.textContent = data.text;
-    li.append(who, " ", what);
+    li.append(meta, " ", what);
     if (moderator) {
       const del = document.createElement("button");
       del.className = "delete"; del.dataset.id = id; del.textContent = "delete";
       li.append(del);
     }
+    li.classList.toggle("mine", mine.has(id));
     return li;
   }
 
   function onEvent(ev) {
     if (ev.event === "shout") {
       if (list.querySelector('li[data-id="' + CSS.escape(ev.id) + '"]')) return;
+      const follow = nearBottom();  // someone reading older shouts is not yanked down
       const li = shoutItem(ev.id, ev.data);
       li.classList.add("new");
-      list.prepend(li);
-      while (list.children.length > 200) list.lastElementChild.remove();
+      list.append(li);
+      while (list.children.length > 200) list.firstElementChild.remove();
+      $("empty").hidden = true;
+      if (follow || mine.has(ev.id)) toBottom();
     } else if (ev.event === "delete") {
       const li = list.querySelector('li[data-id="' + CSS.escape(ev.data.target) + '"]');
       if (li) li.remove();
+      $("empty").hidden = list.children.length > 0;
     } else if (ev.event === "mod" && $("notices")) {
       const li = document.createElement("li");
-      li.textContent = ev.data.notice;
+      const time = document.createElement("time");
+      stamp(time, (ev.data.at || Date.now() / 1000) * 1000);
+      li.append(time, " ", ev.data.notice);
       $("notices").prepend(li);
     }
   }
 
+  for (const li of list.children) {
+    stamp(li.querySelector("time"), Date.parse(li.querySelector("time").dateTime));
+    li.classList.toggle("mine", mine.has(li.dataset.id));
+  }
+  toBottom();
+  $("nick").value = localStorage.getItem(NICK) || "";
+  if ($("nick").value) $("text").focus(); else $("nick").focus();
+
+  const words = { connecting: "connecting\u2026", open: "live", reconnecting: "reconnecting\u2026", closed: "offline" };
   Comet.subscribe("/events", {
     transport: "sse",
     events: ["shout", "delete", "mod"],
     lastEventId: list.dataset.cursor,  // exactly after what the server rendered
     onEvent: onEvent,
     onGap: () => location.reload(),    // too much was missed: start from a fresh render
-    onStatus: (s) => { $("status").dataset.status = s; $("status").textContent = s; },
+    onStatus: (s) => { $("status").dataset.status = s; $("status").textContent = words[s] || s; },
   });
 
   async function post(url, fields) {
-    const response = await fetch(url, { method: "POST", body: new URLSearchParams(Object.assign({ csrf: csrf }, fields)) });
-    const doc = await response.json().catch(() => ({ error: "HTTP " + response.status }));
-    if (!response.ok) throw new Error(doc.error || "HTTP " + response.status);
+    let response;
+    try {
+      response = await fetch(url, { method: "POST", body: new URLSearchParams(Object.assign({ csrf: csrf }, fields)) });
+    } catch (err) {  // no answer at all; the browser's "Failed to fetch" tells nobody anything
+      throw new Error("Cannot reach the shoutbox right now: your message is still in the box, try again in a moment.");
+    }
+    const doc = await response.json().catch(() => ({ error: "the server answered " + response.status }));
+    if (!response.ok) throw new Error(doc.error || "the server answered " + response.status);
     return doc;
   }
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     $("error").textContent = "";
+    const nick = $("nick").value.trim();
     try {
-      await post("/shout", { nick: $("nick").value, text: $("text").value });
+      const doc = await post("/shout", { nick: nick, text: $("text").value });
+      localStorage.setItem(NICK, nick);
+      remember(doc.id);
+      toBottom();
       $("text").value = "";
+      $("text").focus();
     } catch (err) {
       $("error").textContent = err.message;  // the text stays in the box: nothing is lost
     }
