@@ -159,9 +159,9 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "lobby:") -> "RedisStore":
-        import redis
+        from comet.backends import redis_client  # redis+sentinel:// URLs too
 
-        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2), prefix)
+        return cls(redis_client(url, socket_timeout=5, socket_connect_timeout=2), prefix)
 
     @_redis_errors
     def get(self, name: str) -> dict | None:

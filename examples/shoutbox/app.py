@@ -448,9 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     limit, window = args.rate
     rate, sessions = RateLimiter(limit, window), ModeratorSessions(args.mod_session)
     if args.redis:
-        import redis
+        from comet.backends import redis_client  # redis+sentinel:// URLs too
 
-        client = redis.Redis.from_url(args.redis, socket_timeout=5, socket_connect_timeout=2)
+        client = redis_client(args.redis, socket_timeout=5, socket_connect_timeout=2)
         rate, sessions = RedisRateLimiter(client, limit, window), RedisModeratorSessions(client, args.mod_session)
     app, config = make_app(hub, mod_secret=args.mod_secret, rate=rate, sessions=sessions,
                            behind_proxy=args.behind_proxy, stats_password=args.stats_password, debug=args.debug)

@@ -32,8 +32,11 @@ def front():
 @pytest.fixture
 def profile(browser):
     """One browser profile (one connection pool) that trusts the test's
-    self-signed certificate."""
+    self-signed certificate. Without BroadcastChannel, so comet.js's shared
+    streams fall back to one stream per tab: the wall shows, as for any
+    site whose tabs each stream."""
     ctx = browser.new_context(ignore_https_errors=True)
+    ctx.add_init_script("delete window.BroadcastChannel;")
     ctx.set_default_timeout(15_000)
     yield ctx
     ctx.close()

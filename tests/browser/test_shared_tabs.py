@@ -4,6 +4,7 @@ gets every event once and in order, and the stream survives its leading tab
 closing or freezing."""
 from __future__ import annotations
 
+import threading
 import time
 
 import cherrypy
@@ -176,3 +177,98 @@ def test_a_tab_that_joins_late_gets_what_it_missed_then_shares(browser, shared_s
         assert [p.evaluate("window.sub.leader") for p in (leader, near, far)] == [True, False, False]
     finally:
         context.close()
+
+
+RECORD_EVENTS = """
+// Record what comet.js hands the page, before the page's own handler
+// (which hides duplicates by id): each event must come exactly once.
+window.__shouts = [];
+let comet;
+Object.defineProperty(window, "Comet", {
+  configurable: true,
+  get: () => comet,
+  set: (value) => {
+    const subscribe = value.subscribe;
+    value.subscribe = (url, options) => {
+      const onEvent = options.onEvent;
+      options.onEvent = (ev) => { if (ev.event === "shout") window.__shouts.push(ev.data.text); onEvent(ev); };
+      const sub = subscribe(url, options);
+      (window.__cometSubs = window.__cometSubs || []).push(sub);
+      setInterval(() => { if (sub.leader && !window.__ledAt) window.__ledAt = Date.now(); }, 10);  // when it took over
+      return sub;
+    };
+    comet = value;
+  },
+});
+"""
+
+
+def test_eight_shoutbox_tabs_hold_one_stream(browser, example_server):
+    """The shoutbox with shared: true, as issue 14 asks: 8 tabs, one stream,
+    50 shouts to all; the leading tab closes while 50 more come."""
+    import json
+    import secrets
+    import urllib.parse
+
+    from comet.testing import http_get
+
+    app = example_server("examples.shoutbox", "--rate", "1000/1")
+
+    def open_streams():
+        return json.loads(http_get(app.url + "/comet/stats/json")[2])["streams"]["open"]
+
+    def shout(text):
+        token = secrets.token_urlsafe(16)
+        status, _, body = http_get(app.url + "/shout", {"Content-Type": "application/x-www-form-urlencoded",
+                                                        "Cookie": f"csrf={token}"}, method="POST",
+                                   body=urllib.parse.urlencode({"nick": "bot", "text": text, "csrf": token}).encode())
+        assert status == 200, body
+
+    context = browser.new_context()
+    context.add_init_script(RECORD_EVENTS)
+    try:
+        pages = []
+        for _ in range(8):
+            page = context.new_page()
+            page.goto(app.url + "/")
+            page.wait_for_function("document.getElementById('status').dataset.status === 'open'")
+            pages.append(page)
+        wait_until(lambda: open_streams() == 1, timeout=5, what="one stream for eight tabs")
+        first = [f"first {n}" for n in range(50)]
+        for text in first:
+            shout(text)
+        for page in pages:
+            page.wait_for_function("window.__shouts.length >= 50", timeout=15_000)
+            assert page.evaluate("window.__shouts") == first
+        [leader] = [p for p in pages if _leads(p)]
+        pages.remove(leader)
+        leader.close()
+        closed_at = time.time()
+        second = [f"second {n}" for n in range(50)]
+        shouter = threading.Thread(target=lambda: [shout(text) for text in second])  # meanwhile
+        shouter.start()
+        wait_until(lambda: any(_leads(p) for p in pages), timeout=5, interval=0.02, what="another tab leading")
+        [led_at] = [p.evaluate("window.__ledAt") for p in pages if _leads(p)]
+        takeover = led_at / 1000 - closed_at  # the browser's clock and ours are the machine's
+        shouter.join(30)
+        wait_until(lambda: open_streams() == 1, timeout=5, what="one stream again")
+        for page in pages:
+            page.wait_for_function("window.__shouts.length >= 100", timeout=15_000)
+            assert page.evaluate("window.__shouts") == first + second  # nothing lost or repeated
+        print(f"\nshoutbox: takeover {takeover:.2f} s after the leading tab closed (50 shouts meanwhile)")
+        assert takeover < 1.0, f"the takeover took {takeover:.2f} s"
+        other = browser.new_context()
+        try:
+            page = other.new_page()
+            page.goto(app.url + "/")
+            page.wait_for_function("document.getElementById('status').dataset.status === 'open'")
+            wait_until(lambda: open_streams() == 2, timeout=5, what="a second profile's own stream")
+        finally:
+            other.close()
+    finally:
+        context.close()
+
+
+def _leads(page):
+    """Does this tab hold the shared stream?"""
+    return page.evaluate("!!window.__cometSubs && window.__cometSubs.some((s) => s.leader)")

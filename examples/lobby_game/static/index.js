@@ -30,6 +30,7 @@
 
   Comet.subscribe("/updates", {
     transport: "sse",
+    shared: true,                      // one connection for all this browser's tabs
     events: ["lobby"],
     lastEventId: list.dataset.cursor,  // exactly after what the server rendered
     onEvent: (ev) => { if (ev.event === "lobby") update(ev.data); },

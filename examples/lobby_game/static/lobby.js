@@ -124,6 +124,7 @@
     if (opening) return;
     opening = Comet.subscribe("/updates", {
       transport: "sse",
+      shared: true,
       events: ["lobby"],
       lastEventId: fromRender ? $("game").dataset.cursor : null,
       onEvent: (ev) => {
@@ -145,6 +146,7 @@
     const url = "/events/" + encodeURIComponent(lobby) + (me ? "?player=" + encodeURIComponent(me.token) : "");
     sub = Comet.subscribe(url, {
       transport: "sse",
+      shared: true,  // a player's tabs of this lobby share one connection
       events: ["state"],
       onEvent: (ev) => { if (ev.event === "state") render(ev.data); },
       // Missed states (the server restarted and forgot, or we fell behind):

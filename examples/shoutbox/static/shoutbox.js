@@ -100,6 +100,7 @@
   const words = { connecting: "connecting\u2026", open: "live", reconnecting: "reconnecting\u2026", closed: "offline" };
   Comet.subscribe("/events", {
     transport: "sse",
+    shared: true,                      // one connection for all this browser's shoutbox tabs
     events: ["shout", "delete", "mod"],
     lastEventId: list.dataset.cursor,  // exactly after what the server rendered
     onEvent: onEvent,
