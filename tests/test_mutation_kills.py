@@ -660,3 +660,20 @@ def test_when_close_all_returns_every_parked_client_has_been_answered(comet_cher
     finally:
         for raw in raws:
             raw.close()
+
+
+def test_a_thread_mode_long_poll_of_plain_items_answers_them(comet_cherrypy, hub):
+    """Plain items (not hub events) in a thread-mode long-poll: answered,
+    with the hub's cursor after them, not a crash on their missing id."""
+    class Root:
+        @cherrypy.expose
+        @comet(transport="longpoll", mode="thread", poll_timeout=2)
+        def poll(self, last_event_id=None):
+            yield "plain"
+            yield {"n": 1}
+            yield from hub.subscribe("lobby", last_id=last_event_id)
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    status, _, body = http_get(server.url + "/poll", timeout=10)
+    doc = json.loads(body)
+    assert status == 200 and [e["data"] for e in doc["events"]] == ["plain", {"n": 1}], body

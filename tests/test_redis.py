@@ -342,6 +342,7 @@ def test_made_up_channels_are_unfollowed_with_their_last_subscriber(hubs, caplog
     for sub in subs:
         sub.close()
     assert b.channels() == ["real"] and list(b._live.values()) == ["real"]
+    assert len(b._cursors) == 1  # the XREAD's arguments: the made-up channels are gone from them too
     # forget while other processes publish: nothing is lost, the reader never trips
     for n in range(60):
         sub = b.subscribe(f"busy-{n}")
@@ -706,3 +707,23 @@ def test_a_publish_many_cut_off_half_way_stores_nothing(splitting, prefix):
     assert admin.xlen(prefix + "batch") == 0
     ids = hub.publish_many("batch", ["a", "b", "c"])  # the caller tries again
     assert [(i.decode(), f[b"d"]) for i, f in admin.xrange(prefix + "batch")] == list(zip(ids, [b"a", b"b", b"c"]))
+
+
+def test_reading_the_newest_id_from_redis_wakes_local_subscribers(hubs):
+    """last_id() catches the mirror up from Redis when its reader is cut
+    off: what it appends must reach the local subscribers at once, not at
+    their next idle tick or the reader's return."""
+    a = hubs()
+    b = hubs(backoff=(5.0, 5.0), idle=10)  # the reader comes back 2.5-5 s after losing Redis
+    sub = b.subscribe("room")
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(next(e for e in sub if e)), daemon=True)
+    reader.start()
+    wait_until(lambda: b.connected and b._reader_id is not None, what="b's reader connected")
+    b.redis.client_kill_filter(_id=b._reader_id)
+    wait_until(lambda: not b.connected, what="b's reader cut off")
+    event_id = a.publish("room", "while b's reader is away")
+    assert b.last_id("room") == event_id  # read from Redis, appended to b's mirror
+    reader.join(1.5)
+    assert got and got[0].id == event_id, "the subscriber was not woken by the catch-up"
+    sub.close()
