@@ -301,7 +301,9 @@ class Writer:
 
     def _join(self, stream: ParkedStream, sub: Subscription) -> None:
         """Wait on *sub*'s channel: the writer hears of every publish to it."""
-        key = (id(sub.hub), sub.channel)
+        # The channel object, not just its name: a forgotten channel's streams
+        # must not share a group (and its watcher) with its successor's.
+        key = (id(sub._ch), sub.channel)
         if stream.key == key:
             return
         self._leave(stream)
@@ -309,7 +311,7 @@ class Writer:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = set()
-            self._unwatch[key] = sub.hub.watch(sub.channel, lambda: self._mark(key))
+            self._unwatch[key] = sub.hub._watch(sub.channel, sub._ch, lambda: self._mark(key))
             self.pool.follow(sub.hub)  # its subscriptions end with the pool's streams at shutdown
         group.add(stream)
 
