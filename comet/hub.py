@@ -302,7 +302,11 @@ class Hub:
         self._epochs: array[int] | None = None
         self._sweeping = threading.Event()
         self._sweeper: threading.Thread | None = None
-        if max_age is not None or max_idle is not None:
+        self._start_sweeper()
+
+    def _start_sweeper(self) -> None:
+        """Start the sweeper if retention asks for one (backends: once ready)."""
+        if self._sweeper is None and (self.max_age is not None or self.max_idle is not None):
             self._sweeper = threading.Thread(target=self._sweep_loop, name="comet-hub-sweeper", daemon=True)
             self._sweeper.start()
 
@@ -609,13 +613,15 @@ class Hub:
         """
         self._check_channel(channel)
         ch = self._channels.get(channel)
-        if ch is None:
-            return False
+        return ch is not None and self._forget_channel(channel, ch)
+
+    def _forget_channel(self, name: str, ch: _Channel) -> bool:
+        """Forget *ch* if it is still *name*'s channel here."""
         with ch.cond:
             with self._lock:
-                if ch.dead or self._channels.get(channel) is not ch:
+                if ch.dead or self._channels.get(name) is not ch:
                     return False
-                self._drop(channel, ch)
+                self._drop(name, ch)
         self.counters.add("forgotten")
         self._wake(ch)  # its subscriptions take what is left, then end
         return True
