@@ -79,7 +79,7 @@ class ParkedStream:
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
                  "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "hint", "shut",
-                 "framing", "context", "__weakref__")
+                 "framing", "context", "handshake", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
                  deadline: float | None, max_bytes: int, admission: Admission, *, sub: Subscription | None = None,
@@ -115,6 +115,9 @@ class ParkedStream:
         self.longpoll = None if longpoll is None else time.monotonic() + longpoll
         self.entries: list[str] = []
         self.cursor = cursor
+        #: A long-poll without a cursor answers once it knows one (with what is
+        #: ready): the client's next poll starts exactly there.
+        self.handshake = longpoll is not None and cursor is None
         self.closing = False  # the last bytes are queued: close once they are out
         self.due = 0.0
         self.initial: list[Any] = []  # items a generator produced before it was parked
@@ -410,9 +413,9 @@ class Writer:
             return
         self._emit(stream, items)
         if stream.longpoll is not None:
-            if not stream.entries:
+            if not stream.entries or stream.cursor is None:
                 stream.cursor = sub.last_id  # where the hub stands, even with nothing new
-            elif not stream.done:
+            if (stream.entries or stream.handshake) and not stream.done:
                 self._answer(stream)
 
     def _emit(self, stream: ParkedStream, items: list[Any]) -> None:
@@ -612,8 +615,10 @@ class Writer:
                         self._answer(stream)
                 continue
             if kind == "cursor":
-                if stream.longpoll is not None and not stream.entries:
+                if stream.longpoll is not None and (not stream.entries or stream.cursor is None):
                     stream.cursor = value
+                if stream.longpoll is not None and stream.handshake and not stream.done and not stream.closing:
+                    self._answer(stream)
                 continue
             stream.stepping = False
             if kind == "waiting":
