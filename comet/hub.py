@@ -19,7 +19,9 @@ milliseconds and ``seq`` counts per channel, the same shape as Redis stream
 ids. They compare as ``(epoch, seq)``. A cursor from an older epoch (the
 server restarted, the memory hub forgot) gets a gap event and then everything
 the new hub still holds; a cursor from the future is rejected with
-:class:`~comet.errors.InvalidEventId`.
+:class:`~comet.errors.InvalidEventId`. A channel created after one of the
+same name was forgotten (:meth:`Hub.forget`) starts a later epoch of its
+own, so cursors of the old one get that gap too.
 
 Subscriptions yield an :class:`Idle` marker whenever they are caught up and
 again every ``idle`` seconds while nothing happens. It is falsy like
@@ -33,9 +35,9 @@ from __future__ import annotations
 
 import re
 import threading
-from array import array
 import time
 import zlib
+from array import array
 from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -668,7 +670,7 @@ class Hub:
         idle_before = None if self.max_idle is None else now - self.max_idle
         forgotten = 0
         for name, ch in channels:
-            if ch.times is not None and ch.times and ch.times[0] < now - (ch.max_age or 0):
+            if ch.times:  # (an unlocked look; expire() decides under the lock)
                 with ch.cond:
                     ch.expire(now)
             if idle_before is not None and ch.touched < idle_before and not ch.refs:
