@@ -226,8 +226,8 @@ def run(args) -> dict:
             "rss_max_mb": max(w["rss_mb"] for w in churn),
             "rss_growth_first_to_last_mb": round(last["rss_mb"] - first["rss_mb"], 1),
             "channels_max": max(w["channels"] for w in churn), "channels_last": last["channels"],
-            "fanout_p50_baseline_ms": statistics.median(w["fanout_p50_ms"] for w in base),
-            "fanout_p50_churn_ms": statistics.median(w["fanout_p50_ms"] for w in churn),
+            "fanout_p50_baseline_ms": round(statistics.median(w["fanout_p50_ms"] for w in base), 1),
+            "fanout_p50_churn_ms": round(statistics.median(w["fanout_p50_ms"] for w in churn), 1),
             "fanout_p50_last_ms": last["fanout_p50_ms"], "fanout_max_churn_ms": max(w["fanout_max_ms"] for w in churn),
             "broadcasts": seq, "churn_elapsed_s": round(elapsed, 1),
         })
