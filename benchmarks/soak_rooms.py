@@ -1,6 +1,6 @@
 """Soak: rooms that come and go beside open streams.
 
-    .venv/bin/python -m benchmarks.soak_rooms [--seconds 600] [--streams 2000] [--rooms 1000] [--redis]
+    .venv/bin/python -m benchmarks.soak_rooms [--seconds 600] [--streams 2000] [--rooms 1000] [--redis --room-threads 8]
 
 One comet server process (CherryPy, parked SSE streams) holds ``--streams``
 open streams on a lobby channel. After a ``--baseline`` period, a thread in
@@ -40,16 +40,21 @@ LOBBY = "lobby"
 
 
 class _Rooms:
-    """Creates and finishes rooms at a steady rate, on a thread of the server."""
+    """Creates and finishes rooms at a steady rate, on threads of the server
+    (as request threads would: with Redis, one thread's round trips in a row
+    would bound the rate long before Redis does)."""
 
-    def __init__(self, hub, rate: int, life: float) -> None:
-        self.hub, self.rate, self.life = hub, rate, life
+    def __init__(self, hub, rate: int, life: float, threads: int) -> None:
+        self.hub, self.rate, self.life = hub, rate / threads, life
         self.made = self.finished = 0
-        self.behind = 0.0  # seconds the thread is behind its schedule (now)
+        self.behind = 0.0  # seconds the slowest thread is behind its schedule (now)
+        self.lock = threading.Lock()
         self.on = threading.Event()
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="rooms", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, args=(i, threads), name=f"rooms-{i}", daemon=True)
+                        for i in range(threads)]
+        for thread in self.threads:
+            thread.start()
 
     def _make(self, n: int) -> None:
         room = f"room:{n}"
@@ -64,11 +69,13 @@ class _Rooms:
         self.hub.publish(room, "over", event="over")
         if n % 2 == 0:
             self.hub.forget(room)  # the other half is left to max_idle
-        self.finished += 1
+        with self.lock:
+            self.finished += 1
 
-    def _run(self) -> None:
+    def _run(self, first: int, step: int) -> None:
         live: collections.deque[tuple[float, int]] = collections.deque()
         tick = 0.01
+        n = first
         self.on.wait()
         due = time.monotonic()
         while not self.stop.is_set():
@@ -76,15 +83,19 @@ class _Rooms:
             while live and live[0][0] <= now - self.life:
                 self._finish(live.popleft()[1])
             for _ in range(max(1, round(self.rate * tick))):
-                self._make(self.made)
-                live.append((now, self.made))
-                self.made += 1
+                self._make(n)
+                live.append((now, n))
+                n += step
+                with self.lock:
+                    self.made += 1
             due += tick
-            self.behind = max(0.0, time.monotonic() - due)
+            behind = max(0.0, time.monotonic() - due)
+            if first == 0 or behind > self.behind:
+                self.behind = behind
             self.stop.wait(max(0.0, due - time.monotonic()))
 
 
-def serve(port: int, rate: int, life: float, max_idle: float, redis_url: str | None) -> None:
+def serve(port: int, rate: int, life: float, max_idle: float, redis_url: str | None, threads: int) -> None:
     import cherrypy
 
     from comet import Hub, comet
@@ -95,7 +106,7 @@ def serve(port: int, rate: int, life: float, max_idle: float, redis_url: str | N
         hub: Hub = RedisHub(redis_url, maxlen=1000, prefix="soak:", max_idle=max_idle)
     else:
         hub = Hub(max_idle=max_idle)
-    rooms = _Rooms(hub, rate, life)
+    rooms = _Rooms(hub, rate, life, threads)
 
     class Root:
         @cherrypy.expose
@@ -177,12 +188,13 @@ def run(args) -> dict:
         redis_url = redis_server.url
     port = _free_port()
     argv = [sys.executable, "-m", "benchmarks.soak_rooms", "--serve", str(port), "--rooms", str(args.rooms),
-            "--room-life", str(args.room_life), "--max-idle", str(args.max_idle)] + (["--redis-url", redis_url] if redis_url else [])
+            "--room-life", str(args.room_life), "--max-idle", str(args.max_idle), "--room-threads", str(args.room_threads)] + (["--redis-url", redis_url] if redis_url else [])
     server = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pipes: list = []
     procs: list = []
     windows: list[dict] = []
-    result: dict = {"bench": "soak_rooms", "streams": args.streams, "rooms_per_s": args.rooms, "seconds": args.seconds,
+    result: dict = {"bench": "soak_rooms", "streams": args.streams, "rooms_per_s": args.rooms, "room_threads": args.room_threads,
+                    "seconds": args.seconds,
                     "baseline_s": args.baseline, "hub": "redis" if args.redis else "memory"}
     bad_total: dict = {}
     try:
@@ -255,13 +267,14 @@ def main() -> None:
     parser.add_argument("--rooms", type=int, default=1000, help="rooms created (and finished) per second (default 1000)")
     parser.add_argument("--room-life", type=float, default=1.0, help="seconds a room lives (default 1)")
     parser.add_argument("--max-idle", type=float, default=5.0, help="the hub's max_idle (default 5)")
+    parser.add_argument("--room-threads", type=int, default=1, help="server threads making rooms (default 1)")
     parser.add_argument("--clients", type=int, default=2, help="load-client processes (default 2)")
     parser.add_argument("--redis", action="store_true", help="a RedisHub on a redis-server of its own")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.rooms, args.room_life, args.max_idle, args.redis_url)
+        serve(args.serve, args.rooms, args.room_life, args.max_idle, args.redis_url, args.room_threads)
         return
     result = run(args)
     print(json.dumps(result))
