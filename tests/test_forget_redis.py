@@ -171,3 +171,54 @@ def test_100k_channels_forgotten_or_expired_leave_no_keys_or_objects(hubs, comet
         steady.close()
     finally:
         admin.close()
+
+
+def test_forgets_racing_a_publisher_lose_nothing_silently(hubs):
+    """As tests/test_forget.py's race, across two processes: a publishes and
+    forgets, b's client resumes from its cursor whenever its subscription
+    ends. Every event is received in order or inside a gap b reported."""
+    a, b = hubs(), hubs()
+    published: list[str] = []
+    done = threading.Event()
+
+    def publish():
+        for n in range(600):
+            published.append(a.publish("race", n))
+        done.set()
+
+    def forget():
+        while not done.is_set():
+            a.forget("race")
+            done.wait(0.01)
+
+    cursor = b.last_id("race")
+    threads = [threading.Thread(target=publish), threading.Thread(target=forget)]
+    for t in threads:
+        t.start()
+    received: list[str] = []
+    gaps: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        sub = b.subscribe("race", last_id=cursor)
+        for item in sub:
+            if not item:
+                if done.is_set() and cursor == a.last_id("race"):
+                    break
+                continue
+            if item.name == GAP:
+                gaps.append((item.data["last_id"], item.data["resume_id"]))
+            else:
+                received.append(item.id)
+            cursor = item.id
+        sub.close()
+        if done.is_set() and cursor == a.last_id("race"):
+            break
+    for t in threads:
+        t.join(10)
+    assert done.is_set() and cursor == a.last_id("race"), "the client never caught up"
+    keys = [parse_id(i) for i in received]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    seen = set(received)
+    missing = [i for i in published if i not in seen]
+    assert all(any(parse_id(g) < parse_id(i) <= parse_id(r) for g, r in gaps) for i in missing), (missing[:5], gaps[:5])
+    assert a.counters["forgotten"] + len(gaps) >= 1

@@ -129,9 +129,15 @@ _PUBLISH = _LIB + """
 local n = #ARGV
 local max_age, idle = tonumber(ARGV[n - 2]), tonumber(ARGV[n - 1])
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local prev
-if #newest > 0 then prev = newest[1][1] else prev = fresh_floor(KEYS[2], ARGV[n], idle, idle) end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], ARGV[1], '*', 'p', prev, unpack(ARGV, 3, n - 3))
+local prev, id = nil, '*'
+if #newest > 0 then prev = newest[1][1] else
+  prev = fresh_floor(KEYS[2], ARGV[n], idle, idle)
+  -- A new stream's ids start at the clock: one forgotten in this very
+  -- millisecond had ids as high, so start right after its newest instead.
+  local ms, seq = string.match(prev, '(%d+)-(%d+)')
+  if tonumber(ms) >= now_ms() then id = ms .. '-' .. string.format('%d', tonumber(seq) + 1) end
+end
+id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], ARGV[1], id, 'p', prev, unpack(ARGV, 3, n - 3))
 if max_age > 0 then
   redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', now_ms() - max_age) .. '-0')
 end
