@@ -76,7 +76,7 @@ from redis.typing import KeyT, StreamIdT
 
 from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event
-from ..hub import Hub, MaxAge, _bucket, _Channel, parse_id
+from ..hub import Hub, MaxAge, _bucket, _Channel, _stored_id, parse_id
 
 __all__ = ["RedisHub"]
 
@@ -382,12 +382,14 @@ class RedisHub(Hub):
 
     def _forgotten_elsewhere(self, channel: str, last: str) -> None:
         """The reader read a forget of *channel* up to *last*: drop the mirror
-        if it is of that stream (not of a successor already)."""
+        if it holds anything of that stream (a mirror loaded since holds only
+        its successor's events), as the forgetting process did."""
         ch = self._channels.get(channel)
         if ch is None:
             return
         with ch.cond:
-            stale = ch.seq > 0 and parse_id(ch.tail_id()) <= parse_id(last)
+            oldest = _stored_id(ch.events[0]) if ch.events else ch.tail_id()
+            stale = ch.seq > 0 and parse_id(oldest) <= parse_id(last)
         if stale:
             self._forget_channel(channel, ch)
 
