@@ -531,10 +531,11 @@ class Hub:
         return self._subscriptions
 
     def channels(self) -> list[str]:
-        """Names of the channels that exist: every channel published to, and
-        those with an open subscription or watcher. (A channel nobody ever
-        published to is forgotten when its last subscriber leaves, so clients
-        asking for made-up channels cannot grow the hub.)"""
+        """Names of the channels that exist: every channel published to and
+        not forgotten since (:meth:`forget`, ``max_idle``), and those with an
+        open subscription or watcher. (A channel nobody ever published to is
+        forgotten when its last subscriber leaves, so clients asking for
+        made-up channels cannot grow the hub.)"""
         with self._lock:
             return list(self._channels)
 

@@ -12,9 +12,10 @@ import sys
 import threading
 import time
 
+import cherrypy
 import pytest
 
-from comet import GAP, Hub
+from comet import GAP, Hub, comet
 from comet.hub import _Channel, parse_id
 
 from conftest import RawStream, settle
@@ -98,6 +99,30 @@ def test_a_parked_stream_gets_the_last_events_then_finishes_and_resuming_gets_a_
         assert b"event: comet.gap\n" in gap and f'"last_id":"{last}"'.encode() in gap
         nxt = hub.publish("game:3", "a new game")  # ...and the stream goes on in the new channel
         assert raw.chunk() == f"id: {nxt}\ndata: a new game\n\n".encode()
+
+
+@pytest.mark.parametrize("mode", ["auto", "thread"])
+def test_a_forget_ends_generator_streams_in_either_mode(comet_cherrypy, hub, mode):
+    """A generator handler that goes on after its subscription ends (a
+    farewell line), parked or on a thread of its own."""
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="chunked", mode=mode)
+        def game(self):
+            yield from hub.subscribe("game:4")
+            yield "the game is over\n"
+
+    server = comet_cherrypy(Root())
+    with RawStream(server.url + "/game") as raw:
+        assert raw.chunk() == b"\n"  # the preamble
+        settle(lambda: hub.subscriptions == 1, what="the stream waits")
+        last = hub.publish("game:4", "checkmate")
+        hub.forget("game:4")
+        assert raw.chunk() == ('{"id":"%s","event":null,"data":"checkmate"}\n' % last).encode()
+        assert raw.chunk() == b"the game is over\n"
+        assert raw.chunk() == b""
+    settle(lambda: hub.subscriptions == 0, what="the subscription released")
 
 
 def test_events_older_than_max_age_leave_the_buffer():
