@@ -19,7 +19,9 @@ milliseconds and ``seq`` counts per channel, the same shape as Redis stream
 ids. They compare as ``(epoch, seq)``. A cursor from an older epoch (the
 server restarted, the memory hub forgot) gets a gap event and then everything
 the new hub still holds; a cursor from the future is rejected with
-:class:`~comet.errors.InvalidEventId`.
+:class:`~comet.errors.InvalidEventId`. A channel created after one of the
+same name was forgotten (:meth:`Hub.forget`) starts a later epoch of its
+own, so cursors of the old one get that gap too.
 
 Subscriptions yield an :class:`Idle` marker whenever they are caught up and
 again every ``idle`` seconds while nothing happens. It is falsy like
@@ -34,9 +36,11 @@ from __future__ import annotations
 import re
 import threading
 import time
+import zlib
+from array import array
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from .counters import Counters
 from .errors import HubClosed, InvalidEvent, InvalidEventId
@@ -55,6 +59,18 @@ _MAX_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
 _MAX_CHANNEL = 200
 
 View = Callable[[Event], Any]
+#: Seconds, or a function of the channel's name giving seconds (or ``None``).
+MaxAge = Union[float, Callable[[str], Optional[float]], None]
+
+#: Forgetting a channel moves the epoch of every channel hashed with it, so
+#: ids of a later channel of the same name never meet a cursor from before.
+#: Buckets, not one epoch per name ever used: memory stays bounded, and a
+#: forget disturbs only cursors of never-published channels of its bucket.
+_EPOCH_BUCKETS = 4096
+
+
+def _bucket(channel: str) -> int:
+    return zlib.crc32(channel.encode("utf-8", "surrogatepass")) % _EPOCH_BUCKETS
 
 
 def parse_id(value: str) -> tuple[int, int]:
@@ -152,9 +168,10 @@ class _Channel:
     event known to exist but no longer (or never) held, so any cursor at or
     after it is served without a gap."""
 
-    __slots__ = ("cond", "events", "seq", "watchers", "floor", "live", "refs", "dead")
+    __slots__ = ("cond", "events", "seq", "watchers", "floor", "live", "refs", "dead", "epoch", "max_age", "times",
+                 "touched")
 
-    def __init__(self, size: int, floor: str) -> None:
+    def __init__(self, size: int, floor: str, epoch: int = 0, max_age: float | None = None) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.events: deque[Event] = deque(maxlen=size)
         self.seq = 0  # seq of the newest event; events[-1] when any
@@ -163,6 +180,11 @@ class _Channel:
         self.live = False  # backends: the buffer mirrors the shared store
         self.refs = 0  # subscriptions and watchers holding it (under the hub's lock)
         self.dead = False  # forgotten by the hub: look the channel up again
+        self.epoch = epoch  # of the ids the memory hub gives this channel
+        self.max_age = max_age
+        # When each held event arrived (monotonic), only for time-based retention.
+        self.times: deque[float] | None = None if max_age is None else deque(maxlen=size)
+        self.touched = time.monotonic()  # last publish, or last subscriber gone: for max_idle
 
     def append(self, event: Event) -> None:
         """Store *event* as the newest; the caller holds ``cond``."""
@@ -170,11 +192,28 @@ class _Channel:
             self.floor = _stored_id(self.events[0])
         self.events.append(event)
         self.seq += 1
+        self.touched = now = time.monotonic()
+        if self.times is not None:
+            self.times.append(now)
+            self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """Drop events older than ``max_age``: they become the floor, so a
+        cursor before them gets a gap. The caller holds ``cond``."""
+        times = self.times
+        if times is None or self.max_age is None:
+            return
+        limit = now - self.max_age
+        while times and times[0] < limit:
+            times.popleft()
+            self.floor = _stored_id(self.events.popleft())
 
     def reset(self, floor: str) -> None:
         """Forget the buffer: events up to *floor* may exist that nobody here
         saw, so every cursor before it gets a gap. The caller holds ``cond``."""
         self.events.clear()
+        if self.times is not None:
+            self.times.clear()
         self.floor = floor
         self.seq += 1
 
@@ -199,6 +238,8 @@ class _Channel:
     def after(self, cursor: int) -> tuple[bool, int, list[Event], str]:
         """(fell_behind, seq of the first returned event, events after
         *cursor*, floor); the caller holds ``cond``."""
+        if self.times is not None:
+            self.expire(time.monotonic())
         new = self.seq - cursor
         if new <= 0:
             return False, 0, [], self.floor
@@ -224,9 +265,20 @@ class Hub:
     ``max_event_bytes`` bounds one event's data; ``idle`` is how often (in
     seconds) an idle subscription yields ``None`` so its stream can look
     around (heartbeat, disconnect, shutdown).
+
+    Channels that come and go: ``max_age`` (seconds, or a function of the
+    channel's name returning seconds or ``None``) also bounds the buffer by
+    time; a channel with no publish for ``max_idle`` seconds and nobody
+    subscribed or watching is forgotten (:meth:`forget`) by a sweeper thread
+    the hub starts for these two and stops in :meth:`close`.
     """
 
-    def __init__(self, buffer_size: int = 1000, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0) -> None:
+    def __init__(self, buffer_size: int = 1000, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0,
+                 max_age: MaxAge = None, max_idle: float | None = None) -> None:
+        if max_age is not None and not callable(max_age):
+            _positive("max_age", max_age)
+        if max_idle is not None:
+            _positive("max_idle", max_idle)
         if not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}")
         if not isinstance(max_event_bytes, int) or max_event_bytes < 1:
@@ -243,7 +295,22 @@ class Hub:
         self._closed = False
         self._subscriptions = 0
         #: ``published`` events and ``gaps`` reported to subscribers, since start.
-        self.counters = Counters(("published", "gaps"))
+        self.counters = Counters(("published", "gaps", "forgotten"))
+        self.max_age = max_age
+        self.max_idle = None if max_idle is None else float(max_idle)
+        self._dropped = 0  # channels dropped since the dict was last copied
+        # Per bucket, from the first forget on; an array, so no int object per
+        # bucket stays scattered over the allocator's pools after a burst.
+        self._epochs: array[int] | None = None
+        self._sweeping = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self._start_sweeper()
+
+    def _start_sweeper(self) -> None:
+        """Start the sweeper if retention asks for one (backends: once ready)."""
+        if self._sweeper is None and (self.max_age is not None or self.max_idle is not None):
+            self._sweeper = threading.Thread(target=self._sweep_loop, name="comet-hub-sweeper", daemon=True)
+            self._sweeper.start()
 
     @property
     def published(self) -> int:
@@ -270,7 +337,7 @@ class Hub:
             with ch.cond:
                 if ch.dead:  # forgotten as we looked it up: publish into its successor
                     continue
-                event_id = f"{self.epoch}-{ch.seq + 1}"
+                event_id = f"{ch.epoch}-{ch.seq + 1}"
                 stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
                 stored._wire.update(proto._wire)  # its text, if made: a Part's base64 only when asked for
                 ch.append(stored)
@@ -306,7 +373,7 @@ class Hub:
                 if ch.dead:
                     continue
                 for proto in protos:
-                    event_id = f"{self.epoch}-{ch.seq + 1}"
+                    event_id = f"{ch.epoch}-{ch.seq + 1}"
                     stored = Event(proto.data, id=event_id, name=proto.name, channel=channel, retry=proto.retry)
                     stored._wire.update(proto._wire)
                     ch.append(stored)
@@ -432,6 +499,7 @@ class Hub:
         if ch is None:
             return []
         with ch.cond:
+            ch.expire(time.monotonic())
             events = list(ch.events)
         return events if limit is None else events[-limit:] if limit > 0 else []
 
@@ -441,7 +509,7 @@ class Hub:
         self._check_channel(channel)
         ch = self._channels.get(channel)
         if ch is None:
-            return f"{self.epoch}-0"
+            return f"{self._epoch_of(channel)}-0"
         with ch.cond:
             return ch.tail_id()
 
@@ -463,10 +531,11 @@ class Hub:
         return self._subscriptions
 
     def channels(self) -> list[str]:
-        """Names of the channels that exist: every channel published to, and
-        those with an open subscription or watcher. (A channel nobody ever
-        published to is forgotten when its last subscriber leaves, so clients
-        asking for made-up channels cannot grow the hub.)"""
+        """Names of the channels that exist: every channel published to and
+        not forgotten since (:meth:`forget`, ``max_idle``), and those with an
+        open subscription or watcher. (A channel nobody ever published to is
+        forgotten when its last subscriber leaves, so clients asking for
+        made-up channels cannot grow the hub.)"""
         with self._lock:
             return list(self._channels)
 
@@ -474,7 +543,18 @@ class Hub:
         """Call ``wake()`` (from the publishing thread, after the event is
         stored) on every publish to *channel*, and on :meth:`end_subscriptions`.
         Returns the function that stops watching. Keep ``wake`` tiny."""
-        ch = self._acquire(channel)
+        return self._watching(channel, self._acquire(channel), wake)
+
+    def _watch(self, channel: str, ch: _Channel, wake: Callable[[], None]) -> Callable[[], None]:
+        """:meth:`watch` the channel object *ch* a subscription reads, even if
+        *channel* was forgotten since: the parked writer must hear of that
+        one's last events, not of its successor's."""
+        with self._lock:
+            ch.refs += 1  # (the subscription holds it: it cannot go meanwhile)
+        return self._watching(channel, ch, wake)
+
+    def _watching(self, channel: str, ch: _Channel, wake: Callable[[], None]) -> Callable[[], None]:
+        """Add *wake* to *ch*, held by the caller until the unwatch."""
         with ch.cond:
             ch.watchers = ch.watchers + (wake,)
         done: list[bool] = []
@@ -507,6 +587,106 @@ class Hub:
         """End every subscription and refuse further use."""
         self._closed = True
         self.end_subscriptions()
+        self._sweeping.set()
+        if self._sweeper is not None and self._sweeper is not threading.current_thread():
+            self._sweeper.join(10)
+
+    # -- channels that come and go --------------------------------------------
+
+    def forget(self, channel: str) -> bool:
+        """Drop *channel*: its buffer, its ids, its place in the hub. True if
+        it existed here.
+
+        Open subscriptions first receive what was published before the
+        forget, then end (a parked stream finishes its response), as at
+        shutdown: the channel is over, and a client reconnecting with its
+        cursor gets a :data:`GAP` event, since the channel's history is
+        gone. Ids of a channel of the same name created later never collide
+        with old cursors: they start a new epoch.
+
+        >>> hub = Hub()
+        >>> old = hub.publish("game:7", "over")
+        >>> hub.forget("game:7"), hub.channels()
+        (True, [])
+        >>> _ = hub.publish("game:7", "new game")
+        >>> sub = hub.subscribe("game:7", last_id=old)
+        >>> [(e.name, e.data) for e in sub.take()][0][0]
+        'comet.gap'
+        >>> sub.close()
+        """
+        self._check_channel(channel)
+        ch = self._channels.get(channel)
+        return ch is not None and self._forget_channel(channel, ch)
+
+    def _forget_channel(self, name: str, ch: _Channel) -> bool:
+        """Forget *ch* if it is still *name*'s channel here."""
+        with ch.cond:
+            with self._lock:
+                if ch.dead or self._channels.get(name) is not ch:
+                    return False
+                self._drop(name, ch)
+        self.counters.add("forgotten")
+        self._wake(ch)  # its subscriptions take what is left, then end
+        return True
+
+    def _epoch_of(self, channel: str) -> int:
+        """The epoch a new channel *channel* gets."""
+        epochs = self._epochs
+        return self.epoch if epochs is None else epochs[_bucket(channel)]
+
+    def _drop(self, name: str, ch: _Channel) -> None:
+        """Remove *ch* from the hub; the caller holds its lock and the hub's."""
+        ch.dead = True
+        del self._channels[name]
+        self._dropped += 1
+        if self._dropped > 2 * len(self._channels) + 1000:
+            # A dict never shrinks by deletion: copy it once most of it has gone.
+            self._channels, self._dropped = dict(self._channels), 0
+        if ch.seq:  # its ids were handed out: a successor starts a later epoch
+            if self._epochs is None:
+                self._epochs = array("q", [self.epoch]) * _EPOCH_BUCKETS
+            bucket = _bucket(name)
+            self._epochs[bucket] = max(self._epochs[bucket] + 1, ch.epoch + 1, time.time_ns() // 1_000_000)
+        self._forget(name)
+
+    def _sweep_loop(self) -> None:
+        while not self._sweeping.wait(self._sweep_every()):
+            try:
+                self.sweep()
+            except Exception:  # a bug must not stop retention for the life of the hub
+                import logging
+
+                logging.getLogger("comet").exception("comet: hub sweep failed")
+
+    def _sweep_every(self) -> float:
+        bounds = [b for b in (self.max_idle, self.max_age if not callable(self.max_age) else None) if b is not None]
+        return min(max(min(bounds, default=10.0) / 4, 0.05), 10.0)
+
+    def sweep(self) -> int:
+        """Apply ``max_age`` and ``max_idle`` now (the sweeper thread calls
+        this regularly); how many channels were forgotten."""
+        now = time.monotonic()
+        with self._lock:
+            channels = list(self._channels.items())
+        idle_before = None if self.max_idle is None else now - self.max_idle
+        forgotten = 0
+        for name, ch in channels:
+            if ch.times:  # (an unlocked look; expire() decides under the lock)
+                with ch.cond:
+                    ch.expire(now)
+            if idle_before is not None and ch.touched < idle_before and not ch.refs:
+                forgotten += self._forget_idle(name, ch, idle_before)
+        return forgotten
+
+    def _forget_idle(self, name: str, ch: _Channel, idle_before: float) -> bool:
+        """Forget *ch* if it is still idle and unheld (checked under its locks)."""
+        with ch.cond:
+            with self._lock:
+                if ch.dead or ch.refs or ch.touched >= idle_before or self._channels.get(name) is not ch:
+                    return False
+                self._drop(name, ch)
+        self.counters.add("forgotten")
+        return True
 
     # -- helpers ------------------------------------------------------------
 
@@ -514,7 +694,9 @@ class Hub:
         ch = self._channels.get(name)
         if ch is None:
             with self._lock:
-                ch = self._channels.setdefault(name, _Channel(self.buffer_size, f"{self.epoch}-0"))
+                epoch = self._epoch_of(name)
+                max_age = self.max_age(name) if callable(self.max_age) else self.max_age
+                ch = self._channels.setdefault(name, _Channel(self.buffer_size, f"{epoch}-0", epoch, max_age))
         return ch
 
     #: Forget a channel nobody ever published to once nobody holds it. A
@@ -535,6 +717,8 @@ class Hub:
     def _release(self, name: str, ch: _Channel) -> None:
         with self._lock:
             ch.refs -= 1
+            if not ch.refs:
+                ch.touched = time.monotonic()  # max_idle counts from the last subscriber's leaving
             if ch.refs or ch.seq or not self._forget_pristine:
                 return
         # Lock order: a channel's, then the hub's (as a backend's activation
@@ -546,9 +730,7 @@ class Hub:
             with self._lock:
                 if ch.refs or self._channels.get(name) is not ch:
                     return
-                ch.dead = True
-                del self._channels[name]
-                self._forget(name)
+                self._drop(name, ch)
 
     def _forget(self, name: str) -> None:
         """Backends: stop following *name* (the caller holds both locks)."""
@@ -610,8 +792,10 @@ class Subscription:
 
     @property
     def ended(self) -> bool:
-        """True once the hub closed or ended its subscriptions (engine stop)."""
-        return self.closed or self.hub._closed or self._generation != self.hub._generation
+        """True once the hub closed or ended its subscriptions (engine stop),
+        or forgot the channel and everything published before was taken."""
+        return (self.closed or self.hub._closed or self._generation != self.hub._generation
+                or (self._ch.dead and self.cursor >= self._ch.seq and not self._pending))
 
     def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Run *callback* when the subscription closes (the client went away,
@@ -638,6 +822,10 @@ class Subscription:
         ch = self._ch
         with ch.cond:
             behind, start, batch, floor = ch.after(self.cursor)
+        if ch.dead and (behind or batch):
+            # Forgotten: this was the last take. Whoever serves it (the parked
+            # writer) must come back once more to see it ended.
+            self.hub._wake(ch)
         if behind:
             out.append(self.hub._gap(self.channel, self._last_id, floor))
             self.cursor, self._last_id = start - 1, floor
@@ -731,3 +919,8 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} at {self.last_id}{' closed' if self.closed else ''}>"
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -192,11 +192,13 @@ class Stream:
             except StopIteration:
                 break
             if item is None or item.__class__ is Idle:
-                if item is not None and not entries:
+                if item is not None and (not entries or cursor is None):
                     cursor = item.last_id  # where the subscription stands, even with nothing new
                 now = time.monotonic()
                 if entries or now >= deadline or self._expired(now):
                     break
+                if item is not None and self.resume_id is None:
+                    break  # a handshake: a poll without a cursor learns one at once
                 continue
             entries.append(longpoll_item(item))
             if isinstance(item, Event) and item.id is not None:

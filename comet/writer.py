@@ -79,7 +79,7 @@ class ParkedStream:
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
                  "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "hint", "shut",
-                 "framing", "context", "__weakref__")
+                 "framing", "context", "handshake", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
                  deadline: float | None, max_bytes: int, admission: Admission, *, sub: Subscription | None = None,
@@ -115,6 +115,9 @@ class ParkedStream:
         self.longpoll = None if longpoll is None else time.monotonic() + longpoll
         self.entries: list[str] = []
         self.cursor = cursor
+        #: A long-poll without a cursor answers once it knows one (with what is
+        #: ready): the client's next poll starts exactly there.
+        self.handshake = longpoll is not None and cursor is None
         self.closing = False  # the last bytes are queued: close once they are out
         self.due = 0.0
         self.initial: list[Any] = []  # items a generator produced before it was parked
@@ -301,7 +304,9 @@ class Writer:
 
     def _join(self, stream: ParkedStream, sub: Subscription) -> None:
         """Wait on *sub*'s channel: the writer hears of every publish to it."""
-        key = (id(sub.hub), sub.channel)
+        # The channel object, not just its name: a forgotten channel's streams
+        # must not share a group (and its watcher) with its successor's.
+        key = (id(sub._ch), sub.channel)
         if stream.key == key:
             return
         self._leave(stream)
@@ -309,7 +314,7 @@ class Writer:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = set()
-            self._unwatch[key] = sub.hub.watch(sub.channel, lambda: self._mark(key))
+            self._unwatch[key] = sub.hub._watch(sub.channel, sub._ch, lambda: self._mark(key))
             self.pool.follow(sub.hub)  # its subscriptions end with the pool's streams at shutdown
         group.add(stream)
 
@@ -408,9 +413,9 @@ class Writer:
             return
         self._emit(stream, items)
         if stream.longpoll is not None:
-            if not stream.entries:
+            if not stream.entries or stream.cursor is None:
                 stream.cursor = sub.last_id  # where the hub stands, even with nothing new
-            elif not stream.done:
+            if (stream.entries or stream.handshake) and not stream.done:
                 self._answer(stream)
 
     def _emit(self, stream: ParkedStream, items: list[Any]) -> None:
@@ -611,8 +616,10 @@ class Writer:
                         self._answer(stream)
                 continue
             if kind == "cursor":
-                if stream.longpoll is not None and not stream.entries:
+                if stream.longpoll is not None and (not stream.entries or stream.cursor is None):
                     stream.cursor = value
+                if stream.longpoll is not None and stream.handshake and not stream.done and not stream.closing:
+                    self._answer(stream)
                 continue
             stream.stepping = False
             if kind == "waiting":

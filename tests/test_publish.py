@@ -167,9 +167,11 @@ def test_publish_app_refuses_weak_or_missing_keys():
 
 
 def test_another_language_writes_into_a_redis_hub_with_the_documented_script(comet_redis):
-    """The contract for non-Python publishers: EVAL the publish script
-    (docs/publishing.md) on the channel's stream key; comet's subscribers
-    get the event, and the predecessor field keeps gaps exact."""
+    """The contract for non-Python publishers (docs/publishing.md): EVAL the
+    publish script on the channel's stream key with redis-cli; comet's
+    subscribers get the event, and the predecessor field keeps gaps exact."""
+    import zlib
+
     from comet.backends.redis import _PUBLISH
 
     hub = RedisHub(comet_redis.url, prefix="polyglot:", idle=0.2)
@@ -177,11 +179,18 @@ def test_another_language_writes_into_a_redis_hub_with_the_documented_script(com
         first = hub.publish("room", "from python")
         sub = hub.subscribe("room", last_id=first)
         port = str(urlsplit(comet_redis.url).port)
-        out = subprocess.run(["redis-cli", "-p", port, "EVAL", _PUBLISH, "1", "polyglot:room", "1000", "~",
-                              "d", '{"from": "redis-cli"}', "k", "j", "e", "cli"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+        def quoted(text):
+            return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+        bucket = zlib.crc32("room".encode()) % 4096
+        line = " ".join(["EVAL", quoted(_PUBLISH), "2", "polyglot:room", '"polyglot:\\x00forgotten"', "1000", '"~"',
+                         "d", quoted('{"from": "redis-cli"}'), "k", "j", "e", "cli", "0", "0", str(bucket)])
+        out = subprocess.run(["redis-cli", "-p", port], input=line + "\n", capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
         event = next_event(sub)
         assert (event.id, event.name, event.data) == (out, "cli", {"from": "redis-cli"})
+        assert hub.history("room")[-1].id == out
         sub.close()
     finally:
         hub.close()

@@ -96,7 +96,7 @@ from redis.typing import KeyT, StreamIdT
 
 from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
-from ..hub import Hub, _Channel, parse_id
+from ..hub import Hub, MaxAge, _bucket, _Channel, _stored_id, parse_id
 
 __all__ = ["RedisHub"]
 
@@ -115,13 +115,82 @@ _Entry = tuple[bytes, dict[bytes, bytes]]
 #: The publish script's key and arguments for one event.
 _Publish = tuple[str, list[str | int | bytes]]
 
-# KEYS[1] stream; ARGV: maxlen, "~" or "=", then field/value pairs.
+# Shared by the scripts: stream ids compared exactly (as digit strings), the
+# server's time in ms, and the floor of a channel that has no stream: the
+# newest id a forgotten channel of its bucket had, and with max_idle every id
+# older than max_idle (a stream that expired idle had nothing newer).
+_LIB = """
+local function after(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  if #am ~= #bm then return #am > #bm end
+  if am ~= bm then return am > bm end
+  if #as ~= #bs then return #as > #bs end
+  return as > bs
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function fresh_floor(forgotten, bucket, idle, margin)
+  local floor = redis.call('HGET', forgotten, bucket) or '0-0'
+  if idle > 0 then
+    local expired = string.format('%d', now_ms() - margin) .. '-18446744073709551615'
+    if after(expired, floor) then floor = expired end
+  end
+  return floor
+end
+"""
+
+# KEYS[1] stream, KEYS[2] forgotten channels' newest ids by bucket; ARGV:
+# maxlen, "~" or "=", field/value pairs, then max_age ms, max_idle ms, bucket.
 # Reading the newest id and adding happen atomically, so "p" is exact.
-_PUBLISH = """
+_PUBLISH = _LIB + """
+local n = #ARGV
+local max_age, idle = tonumber(ARGV[n - 2]), tonumber(ARGV[n - 1])
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local prev = '0-0'
-if #newest > 0 then prev = newest[1][1] end
-return redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], ARGV[1], '*', 'p', prev, unpack(ARGV, 3))
+local prev, id = nil, '*'
+if #newest > 0 then prev = newest[1][1] else
+  prev = fresh_floor(KEYS[2], ARGV[n], idle, idle)
+  -- A new stream's ids start at the clock: one forgotten in this very
+  -- millisecond had ids as high, so start right after its newest instead.
+  local ms, seq = string.match(prev, '(%d+)-(%d+)')
+  if tonumber(ms) >= now_ms() then id = ms .. '-' .. string.format('%d', tonumber(seq) + 1) end
+end
+id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], ARGV[1], id, 'p', prev, unpack(ARGV, 3, n - 3))
+if max_age > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', now_ms() - max_age) .. '-0')
+end
+if idle > 0 then redis.call('PEXPIRE', KEYS[1], idle) end
+return id
+"""
+
+# A process starts mirroring a channel. KEYS as _PUBLISH; ARGV: how many
+# events, max_age ms, max_idle ms, bucket. Returns {entries, floor}: the
+# floor (only when no entry qualifies) is a cursor that every later event
+# follows, with no gap unless events it should have seen are gone.
+_LOAD = _LIB + """
+local max_age, idle = tonumber(ARGV[2]), tonumber(ARGV[3])
+local min = '-'
+if max_age > 0 then min = string.format('%d', now_ms() - max_age) .. '-0' end
+local entries = redis.call('XREVRANGE', KEYS[1], '+', min, 'COUNT', ARGV[1])
+if #entries > 0 then return {entries, false} end
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #newest > 0 then return {entries, newest[1][1]} end
+return {entries, fresh_floor(KEYS[2], ARGV[4], idle, 1)}
+"""
+
+# KEYS[1] stream, KEYS[2] as _PUBLISH, KEYS[3] the stream of forgets every
+# process reads; ARGV: bucket, channel. Returns the newest id it had, or nil.
+_FORGET = _LIB + """
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #newest == 0 then return false end
+local last = newest[1][1]
+local known = redis.call('HGET', KEYS[2], ARGV[1])
+if not known or after(last, known) then redis.call('HSET', KEYS[2], ARGV[1], last) end
+redis.call('DEL', KEYS[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'c', ARGV[2], 'l', last)
+return last
 """
 
 
@@ -206,13 +275,21 @@ class RedisHub(Hub):
 
     *url* may also be ``redis+sentinel://h1:p1,h2:p2,h3:p3/<service>[/db]``:
     the master Sentinel names for *service*, followed through failovers.
+
+    ``max_age`` trims events older than that from Redis (``XTRIM MINID`` at
+    each publish) and from the mirrors; with ``max_idle`` a stream expires
+    in Redis that long after its last publish unless some process has a
+    subscriber on it (each process's sweeper extends those), and each
+    process drops its idle mirrors. :meth:`forget` deletes the stream and
+    every process ends its subscriptions to it.
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, maxlen: int = 1000, approximate: bool = True,
                  prefix: str = "comet:", buffer_size: int | None = None,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0, block: float = 5.0,
                  backoff: tuple[float, float] = (0.05, 5.0), batch_publishes: bool = True,
-                 replicas: int = 0, replica_timeout: float = 1.0, **redis_options: Any) -> None:
+                 replicas: int = 0, replica_timeout: float = 1.0, max_age: MaxAge = None,
+                 max_idle: float | None = None, **redis_options: Any) -> None:
         if not isinstance(maxlen, int) or maxlen < 1:
             raise ValueError(f"maxlen must be a positive int, got {maxlen!r}")
         if not isinstance(prefix, str) or any(c in prefix for c in "\r\n\x00"):
@@ -225,7 +302,8 @@ class RedisHub(Hub):
             raise ValueError(f"replicas must be a non-negative int, got {replicas!r}")
         if not isinstance(replica_timeout, (int, float)) or not 0 < replica_timeout <= 60:
             raise ValueError(f"replica_timeout must be between 0 and 60 seconds, got {replica_timeout!r}")
-        super().__init__(buffer_size or maxlen, max_event_bytes=max_event_bytes, idle=idle)
+        super().__init__(buffer_size or maxlen, max_event_bytes=max_event_bytes, idle=idle, max_age=max_age,
+                         max_idle=max_idle)
         self.epoch = 0  # ids are Redis', so the first cursor of an empty channel is "0-0"
         self.url = url
         self.maxlen = maxlen
@@ -242,6 +320,13 @@ class RedisHub(Hub):
         self._sentinels = _Sentinels(url, options) if url.startswith("redis+sentinel://") else None
         self.redis = self._connect(options)
         self._publish_script = self.redis.register_script(_PUBLISH)
+        self._load_script = self.redis.register_script(_LOAD)
+        self._forget_script = self.redis.register_script(_FORGET)
+        # Outside every channel's key (names never hold NUL): the newest id of
+        # forgotten channels by bucket, and the stream of forgets.
+        self._forgotten_key = prefix + "\x00forgotten"
+        self._forgets_key = prefix + "\x00forgets"
+        self._forgets_cursor: str | None = None  # the reader's, once connected
         self._batches = _GroupCommit(self._send_batch) if batch_publishes else None
         self.counters.add("round_trips", 0)
         read_timeout = self.block + (options["socket_timeout"] or 5.0)
@@ -264,6 +349,11 @@ class RedisHub(Hub):
         self.connects = 0
         self._reader = threading.Thread(target=self._read_loop, name="comet-redis-reader", daemon=True)
         self._reader.start()
+        self._start_sweeper()
+
+    def _start_sweeper(self) -> None:
+        if hasattr(self, "_reader"):  # not from Hub.__init__: once this hub is ready
+            super()._start_sweeper()
 
     def _connect(self, options: dict[str, Any]) -> redis.Redis:
         if self._sentinels is not None:
@@ -304,7 +394,7 @@ class RedisHub(Hub):
             try:
                 # Script() reloads itself after NOSCRIPT (a restarted Redis):
                 # that is no retry of a publish, the first attempt never ran.
-                return [self._publish_script(keys=[key], args=args)]
+                return [self._publish_script(keys=[key, self._forgotten_key], args=self._retained(key, args))]
             except redis.ResponseError as exc:
                 return [exc]
         results = self._pipeline(batch)
@@ -323,7 +413,7 @@ class RedisHub(Hub):
         sha = self._publish_script.sha
         with self.redis.pipeline(transaction=False) as pipe:
             for key, args in batch:
-                pipe.evalsha(sha, 1, key, *args)
+                pipe.evalsha(sha, 2, key, self._forgotten_key, *self._retained(key, args))
             if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
                 pipe.wait(self.replicas, int(self.replica_timeout * 1000))
             results: list[bytes | BaseException] = pipe.execute(raise_on_error=False)
@@ -357,7 +447,8 @@ class RedisHub(Hub):
             else:
                 with self.redis.pipeline(transaction=True) as pipe:
                     for proto in protos:
-                        self._publish_script(keys=[key], args=self._fields(proto), client=pipe)
+                        self._publish_script(keys=[key, self._forgotten_key],
+                                             args=self._retained(key, self._fields(proto)), client=pipe)
                     ids = pipe.execute()
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
@@ -374,7 +465,7 @@ class RedisHub(Hub):
             pipe.script_load(_PUBLISH)
             raw.execute_command("MULTI")
             for proto in protos:
-                pipe.evalsha(sha, 1, key, *self._fields(proto))
+                pipe.evalsha(sha, 2, key, self._forgotten_key, *self._retained(key, self._fields(proto)))
             raw.execute_command("EXEC")
             pipe.wait(self.replicas, int(self.replica_timeout * 1000))
             replies = pipe.execute()
@@ -401,6 +492,67 @@ class RedisHub(Hub):
         if proto.retry is not None:
             args += ["r", proto.retry]
         return args
+
+    def _epoch_of(self, channel: str) -> int:
+        return 0  # ids are Redis': a new channel's floor is "0-0" or what Redis says (_LOAD)
+
+    def _retained(self, key: str, args: list[str | int | bytes]) -> list[str | int | bytes]:
+        """The publish script's arguments: an event's, then max_age ms,
+        max_idle ms and the epoch bucket of the channel of stream *key*."""
+        channel = key[len(self.prefix):]
+        return args + [self._max_age_ms(channel), round((self.max_idle or 0) * 1000), _bucket(channel)]
+
+    def _max_age_ms(self, channel: str) -> int:
+        max_age = self.max_age(channel) if callable(self.max_age) else self.max_age
+        return 0 if max_age is None else max(1, round(max_age * 1000))
+
+    # -- channels that come and go --------------------------------------------
+
+    def forget(self, channel: str) -> bool:
+        """Delete *channel*'s stream from Redis; every process following it
+        ends its subscriptions there (after what was published before), as
+        :meth:`Hub.forget` does. A later stream of that name starts after
+        the newest id it had, so old cursors get an exact gap. True if the
+        stream or a local mirror existed."""
+        self._check_channel(channel)
+        try:
+            last = self._forget_script(keys=[self._key(channel), self._forgotten_key, self._forgets_key],
+                                       args=[_bucket(channel), channel])
+        except _DOWN as exc:
+            raise BackendUnavailable(f"cannot forget {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
+        here = super().forget(channel)
+        return last is not None or here
+
+    def _forgotten_elsewhere(self, channel: str, last: str) -> None:
+        """The reader read a forget of *channel* up to *last*: drop the mirror
+        if it holds anything of that stream (a mirror loaded since holds only
+        its successor's events), as the forgetting process did."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            return
+        with ch.cond:
+            oldest = _stored_id(ch.events[0]) if ch.events else ch.tail_id()
+            stale = ch.seq > 0 and parse_id(oldest) <= parse_id(last)
+        if stale:
+            self._forget_channel(channel, ch)
+
+    def sweep(self) -> int:
+        forgotten = super().sweep()
+        if self.max_idle is not None:
+            # Streams this process has subscribers on stay in Redis, idle or not.
+            with self._lock:
+                held = [self._key(name) for name, ch in self._channels.items() if ch.refs and ch.live]
+            ttl = round(self.max_idle * 1000)
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for key in held:
+                        pipe.pexpire(key, ttl)
+                    pipe.execute()
+            except _DOWN:
+                pass  # the reader reconnects; the next sweep tries again
+        return forgotten
+
+    sweep.__doc__ = Hub.sweep.__doc__
 
     # -- reading (read-your-writes: catch up before answering) --------------
 
@@ -445,10 +597,15 @@ class RedisHub(Hub):
             if ch.live:
                 return
             try:
-                entries = cast("list[_Entry]", self.redis.xrevrange(key, count=self.buffer_size))
+                raw, floor = self._load_script(keys=[key, self._forgotten_key],
+                                               args=[self.buffer_size, self._max_age_ms(name),
+                                                     round((self.max_idle or 0) * 1000), _bucket(name)])
             except _DOWN as exc:
                 raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} is unreachable ({exc})") from exc
-            entries.reverse()
+            # (a script's reply: entries as [id, [field, value, ...]])
+            entries: list[_Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reversed(raw)]
+            if floor:
+                ch.floor = floor.decode()  # no event (left): where any next one follows
             self._append(name, ch, entries)  # the oldest entry's predecessor becomes the floor
             ch.live = True
             with self._lock:
@@ -558,6 +715,9 @@ class RedisHub(Hub):
                 if conn is None:
                     conn = self._connect(self._reader_options)
                     self._reader_id = conn.client_id()
+                    if self._forgets_cursor is None:  # forgets from now on (mirrors start after them)
+                        newest = cast("list[_Entry]", conn.xrevrange(self._forgets_key, count=1))
+                        self._forgets_cursor = newest[0][0].decode() if newest else "0-0"
                     self.connects += 1
                     self.connected = True
                     delay = self.backoff[0]
@@ -588,6 +748,8 @@ class RedisHub(Hub):
             version = self._version
             # a copy typed as xread asks (a dict[bytes, str] is not one: dict is invariant)
             streams: dict[KeyT, StreamIdT] = dict(self._cursors.items())
+        if self._forgets_cursor is not None:
+            streams[self._forgets_key] = self._forgets_cursor
         if not streams:
             self._seen_version = version
             self._changed.wait(self.block)
@@ -597,6 +759,11 @@ class RedisHub(Hub):
         reply = cast("list[tuple[bytes, list[_Entry]]] | None",
                      conn.xread(streams, count=1000, block=int(self.block * 1000)))
         for key, entries in reply or ():
+            if key == self._forgets_key.encode():
+                for event_id, fields in entries:
+                    self._forgets_cursor = event_id.decode()
+                    self._forgotten_elsewhere(fields[b"c"].decode(), fields[b"l"].decode())
+                continue
             name = self._live.get(key)
             ch = self._channels.get(name) if name is not None else None
             if name is None or ch is None:
