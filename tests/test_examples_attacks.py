@@ -411,6 +411,7 @@ def test_a_lobby_is_removed_when_its_last_player_leaves(lobby):
     for token in tokens:
         assert post(server.url + "/leave", {"name": "brief", "token": token})[0] == 200
     assert root.lobbies.store.names() == []
+    assert "lobby:brief" not in root.lobbies.hub.channels()  # its channel is forgotten: no memory left behind
     assert http_get(server.url + "/lobby/brief")[0] == 404
     status, _, body = post(server.url + "/click", {"name": "brief", "token": tokens[0]})
     assert status == 404 and "join to open it" in json.loads(body)["error"]

@@ -313,6 +313,11 @@ class Lobby:
     def _announce(self, state: dict) -> None:
         self.hub.publish(self.channel, public(state), event="state")
         self.hub.publish(INDEX, summary(state), event="lobby")
+        if not state["players"]:
+            # The lobby is over: its channel goes too (open pages get this
+            # last state, then their stream ends and they show the lobby as
+            # not open). A lobby opened later under this name starts afresh.
+            self.hub.forget(self.channel)
 
     # -- joining and leaving -------------------------------------------------
 
