@@ -304,6 +304,8 @@ def _peek(sock: socket.socket) -> bytes | None:
         return sock.recv(MAX_HEAD, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return None
+    except (ConnectionResetError, ConnectionAbortedError):
+        return b""  # the client is gone already (a reset): as closed, nothing to log
 
 
 def _complete(head: bytes) -> bool:

@@ -197,6 +197,21 @@ def test_a_reused_socket_gets_its_own_full_timeout(comet_cherrypy, hub):
     assert waited > 0.8 * timeout, f"timed out after {waited:.1f} s, at the first connection's deadline"
 
 
+def test_clients_that_reset_before_sending_log_nothing(server, hub, caplog):
+    """A client that connects and resets at once (a scanner, a browser
+    cancelling a preconnect) is a closed connection, not an error."""
+    import struct
+
+    caplog.set_level("WARNING", logger="comet")
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", port_of(server)), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() sends RST
+        sock.close()
+    data = exchange(port_of(server), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 OK"), data
+    assert not [r for r in caplog.records if r.name == "comet"], caplog.text
+
+
 def test_a_head_completed_later_is_served(server, hub):
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
         sock.sendall(b"GET / HTT")
