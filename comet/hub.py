@@ -667,10 +667,15 @@ class Hub:
         this regularly); how many channels were forgotten."""
         now = time.monotonic()
         with self._lock:
-            channels = list(self._channels.items())
+            # Names only: one list, no tuple per channel (a million small
+            # objects made and freed on every sweep would pin allocator pages).
+            names = list(self._channels)
         idle_before = None if self.max_idle is None else now - self.max_idle
         forgotten = 0
-        for name, ch in channels:
+        for name in names:
+            ch = self._channels.get(name)
+            if ch is None:
+                continue
             if ch.times:  # (an unlocked look; expire() decides under the lock)
                 with ch.cond:
                     ch.expire(now)
