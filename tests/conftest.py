@@ -237,8 +237,11 @@ class FreshVenv:
         with open(os.path.join(purelib, "ci-venv.pth"), "w") as f:
             f.write(sysconfig.get_paths()["purelib"] + "\n")
         self.site_packages = purelib
+        # --ignore-installed: through the .pth, pip also sees the CI venv's
+        # own (editable) cherrypy-comet, and would call it already installed.
         subprocess.run([sys.executable, "-m", "pip", "--python", self.python, "install", "-q", "--no-deps", "--no-index",
-                        "--no-build-isolation", *map(str, pip_args)], check=True, capture_output=True, timeout=120)
+                        "--no-build-isolation", "--ignore-installed", *map(str, pip_args)],
+                       check=True, capture_output=True, timeout=120)
 
     def run(self, *args, cwd=None, env=None, timeout=120):
         """``python -P args...`` (-P: the working directory is not on
