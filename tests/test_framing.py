@@ -216,3 +216,17 @@ def test_parsers_handle_any_split():
     for cut in range(1, len(mp)):
         p = MultipartParser("B")
         assert [x.body for x in p.feed(mp[:cut]) + p.feed(mp[cut:])] == [b"one", b"\r\n--x\r\n-"], cut
+
+
+@pytest.mark.parametrize("content_type", ["image/jpeg\r\nX-Forged: 1", "image/jpeg\nX-Forged: 1", "a\x00b"])
+def test_a_part_content_type_cannot_smuggle_headers(content_type):
+    with pytest.raises(InvalidEvent):
+        Part(b"\xff\xd8", content_type=content_type)
+
+
+@pytest.mark.parametrize("transport", ["sse", "chunked", "multipart"])
+def test_an_event_of_exactly_max_bytes_is_written_and_one_more_is_refused(transport):
+    framing = FRAMINGS[transport]
+    assert framing.encode(Event("x" * 10, id="1-1"), "B", max_bytes=10)
+    with pytest.raises(InvalidEvent):
+        framing.encode(Event("x" * 11, id="1-2"), "B", max_bytes=10)
