@@ -230,3 +230,8 @@ def test_an_event_of_exactly_max_bytes_is_written_and_one_more_is_refused(transp
     assert framing.encode(Event("x" * 10, id="1-1"), "B", max_bytes=10)
     with pytest.raises(InvalidEvent):
         framing.encode(Event("x" * 11, id="1-2"), "B", max_bytes=10)
+
+
+def test_a_raw_part_on_a_long_poll_is_refused_saying_why():
+    with pytest.raises(TypeError, match="cannot be sent on the longpoll transport"):
+        longpoll_item(Part(b"\xff\xd8", content_type="image/jpeg"))
