@@ -23,14 +23,11 @@ through its visitors.
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import inspect
 import ipaddress
 import math
 import os
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,6 +41,7 @@ from comet.cherrypy_tool import static_config
 
 from comet.backends import hub_from_url
 
+from ..ratelimit import RateLimiter
 from .game import INDEX, GameError, Lobbies, RedisStore, check_lobby
 
 HERE = Path(__file__).parent
@@ -111,29 +109,13 @@ def json_action(func):
     return action
 
 
-class Openings:
+class Openings(RateLimiter):
     """At most ``limit`` new lobbies per ``window`` seconds per client
     address (in this process): a join flood from one address cannot fill
     the store with seats nobody takes."""
 
     def __init__(self, limit: int = 10, window: float = 60.0) -> None:
-        self.limit, self.window = limit, window
-        self._hits: dict[str, collections.deque] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> float:
-        """0 if allowed now (and counted), else seconds until it would be."""
-        now = time.monotonic()
-        with self._lock:
-            hits = self._hits.setdefault(key, collections.deque())
-            while hits and hits[0] <= now - self.window:
-                hits.popleft()
-            if len(hits) >= self.limit:
-                return hits[0] + self.window - now
-            hits.append(now)
-            if len(self._hits) > 10_000:  # forget idle clients
-                self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self.window}
-            return 0.0
+        super().__init__(limit, window)
 
 
 class LobbyApp:

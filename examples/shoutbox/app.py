@@ -31,7 +31,6 @@ and the rate limit live in Redis (:class:`RedisRateLimiter`,
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import hashlib
 import hmac
@@ -51,6 +50,8 @@ import jinja2
 import comet.stats
 from comet import BackendUnavailable, Hub, comet as stream
 from comet.backends import hub_from_url
+
+from ..ratelimit import RateLimiter
 from comet.cherrypy_tool import static_config
 
 HERE = Path(__file__).parent
@@ -60,29 +61,6 @@ templates.filters["isotime"] = lambda at: time.strftime("%Y-%m-%dT%H:%M:%SZ", ti
 CHANNEL = "shouts"
 NICK = re.compile(r"[^\W_][\w \-]{0,19}")
 SESSION_ID = re.compile(r"[A-Za-z0-9_\-]{43}")  # secrets.token_urlsafe(32)
-
-
-class RateLimiter:
-    """At most ``limit`` actions per ``window`` seconds per client key."""
-
-    def __init__(self, limit: int = 5, window: float = 10.0) -> None:
-        self.limit, self.window = limit, window
-        self._hits: dict[str, collections.deque] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> float:
-        """0 if allowed now (and counted), else seconds until it would be."""
-        now = time.monotonic()
-        with self._lock:
-            hits = self._hits.setdefault(key, collections.deque())
-            while hits and hits[0] <= now - self.window:
-                hits.popleft()
-            if len(hits) >= self.limit:
-                return hits[0] + self.window - now
-            hits.append(now)
-            if len(self._hits) > 10_000:  # forget idle clients
-                self._hits = {k: v for k, v in self._hits.items() if v and v[-1] > now - self.window}
-            return 0.0
 
 
 class RedisRateLimiter:
