@@ -43,7 +43,7 @@ import functools
 import inspect
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cherrypy
 from cherrypy.process.plugins import SimplePlugin
@@ -86,7 +86,7 @@ class CometPlugin(SimplePlugin):
         self.pool.follow(hub)
         return hub
 
-    def route(self, path: str, hub: Hub, channel: str, **options: Any) -> Any:
+    def route(self, path: str, hub: Hub, channel: str | Sequence[str], **options: Any) -> Any:
         """Serve *hub*'s *channel* at *path* as a fast route (see
         :mod:`comet.fastpath`): answered and parked right where cheroot
         accepts the connection, without a worker thread or CherryPy's request

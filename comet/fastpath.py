@@ -51,11 +51,11 @@ import logging
 import re
 import socket
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 from urllib.parse import parse_qs
 
 from .errors import Forbidden
-from .hub import Hub
+from .hub import MAX_CHANNELS, Hub
 from .internals import MAX_HEAD, install_accept_hook, install_gateway
 from .options import Options
 from .pipeline import Parking, Refusal, open_stream, refusal_for
@@ -137,7 +137,7 @@ class FastRoute:
     """One fast route: a path template, a hub, a channel template, options,
     and who may follow it."""
 
-    def __init__(self, path: str, hub: Hub, channel: str, options: Options, pool: StreamPool,
+    def __init__(self, path: str, hub: Hub, channel: str | Sequence[str], options: Options, pool: StreamPool,
                  authorize: Callable[[StreamRequest], bool] | None = None) -> None:
         if not isinstance(path, str) or not path.startswith("/") or "?" in path or "%" in path:
             raise ValueError(f"path must be an absolute path without query or %-escapes, got {path!r}")
@@ -151,7 +151,7 @@ class FastRoute:
         self._pool = pool
         self.path = path
         self.hub = hub
-        self.channel = channel
+        self.channel: str | tuple[str, ...] = channel if isinstance(channel, str) else tuple(channel)
         self.options = options
         self.params = _PARAM.findall(path)
         pattern, last = "", 0
@@ -160,9 +160,14 @@ class FastRoute:
             last = m.end()
         self._regex = re.compile(pattern + re.escape(path[last:]))
         try:
-            Hub._check_channel(self.channel_for({name: "x" for name in self.params}))
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"channel {channel!r} must be a str using only the path's parameters {self.params}") from exc
+            example = self.channel_for({name: "x" for name in self.params})
+            for name in [example] if isinstance(example, str) else example:
+                Hub._check_channel(name)
+            if not isinstance(example, str) and not 0 < len(example) <= MAX_CHANNELS:
+                raise ValueError("too many channels")
+        except (KeyError, IndexError, ValueError, TypeError) as exc:
+            raise ValueError(f"channel {channel!r} must be a str, or a list of 1 to {MAX_CHANNELS} str, using only "
+                             f"the path's parameters {self.params}") from exc
         # The same route served through cheroot (head not complete at accept,
         # TLS, a pipelined request): comet_app, parked, on the same pool.
         self.app = comet_app(self._subscribe, pool=pool, **{f: getattr(options, f) for f in options.__dataclass_fields__})
@@ -171,9 +176,12 @@ class FastRoute:
         m = self._regex.fullmatch(path)
         return None if m is None else m.groupdict()
 
-    def channel_for(self, params: dict[str, str]) -> str:
-        """The hub channel for the values of the path's ``{name}`` segments."""
-        return self.channel.format(**params) if self.params else self.channel
+    def channel_for(self, params: dict[str, str]) -> str | list[str]:
+        """The hub channel (or channels) for the values of the path's
+        ``{name}`` segments."""
+        if isinstance(self.channel, str):
+            return self.channel.format(**params) if self.params else self.channel
+        return [pattern.format(**params) if self.params else pattern for pattern in self.channel]
 
     def check(self, request: StreamRequest) -> None:
         """Raise :class:`~comet.Forbidden` unless ``authorize`` allows *request*
@@ -215,11 +223,13 @@ class FastRoutes:
         # the Server header of the routes' answers, once installed on a server
         self._server = ""
 
-    def add(self, path: str, hub: Hub, channel: str, *, authorize: Callable[[StreamRequest], bool] | None = None,
+    def add(self, path: str, hub: Hub, channel: str | Sequence[str], *, authorize: Callable[[StreamRequest], bool] | None = None,
             **options: Any) -> FastRoute:
         """Serve *channel* of *hub* at *path*. ``{name}`` segments of *path*
         match one URL segment each and may be used in *channel*
-        (``"/rooms/{room}/events"``, ``"room:{room}"``). Keywords are the
+        (``"/rooms/{room}/events"``, ``"room:{room}"``); a list of channels
+        makes one stream of them all (``["room:{room}", "lobby"]``, see
+        :class:`~comet.hub.MultiSubscription`). Keywords are the
         :class:`~comet.Options` names; resume (``Last-Event-ID`` or
         ``?last_event_id=``), heartbeats, gaps and caps work as for ``@comet``.
 
@@ -300,7 +310,7 @@ class FastRoutes:
         route = parsed.route
         channel = route.channel_for(parsed.params)
         cursor = parsed.last_event_id or parse_qs(parsed.query).get(_QUERY_KEY, [None])[-1]
-        if not route.hub._local(channel, cursor or None):
+        if not route.hub._local_for(channel, cursor or None):
             return False  # the subscribe would wait on the network: not on this thread
         if parsed.request is not None:
             parsed.request.remote_addr = remote_addr

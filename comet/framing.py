@@ -50,6 +50,15 @@ Transports
 ``longpoll``
     One JSON document per request: ``{"events": [...], "cursor": ID}``; the
     client sends ``cursor`` back as ``last_event_id`` on its next request.
+
+Streams of several channels
+---------------------------
+Events of a subscription to several channels (:class:`TaggedEvent`) say
+their channel on every transport: the JSON forms gain a ``"channel"``
+member, and on SSE, where a bare ``EventSource`` sees only the id, the
+event name and the data, the data is ``{"channel": ..., "data": ...}``. A
+binary :class:`Part` gains a ``Comet-Channel`` header. Their ids are the
+subscription's cursor on every channel (see ``comet.hub``).
 """
 from __future__ import annotations
 
@@ -64,7 +73,7 @@ from .errors import InvalidEvent, UnserializableData
 
 __all__ = [
     "TRANSPORTS", "Transport", "Framing", "FRAMINGS", "Event", "Part", "Boundary", "encode_item", "heartbeat",
-    "new_boundary", "content_type", "encode_longpoll", "to_json",
+    "new_boundary", "content_type", "encode_longpoll", "to_json", "TaggedEvent",
 ]
 
 Transport = Literal["sse", "multipart", "chunked", "longpoll"]
@@ -122,6 +131,9 @@ class Event:
     # Encodings shared by every stream: "text" and "json" hold str, each
     # transport (and comet.writer's "<transport>+chunk") its bytes.
     _wire: dict[str, str | bytes] = field(default_factory=dict, compare=False, repr=False, hash=False)
+    # Where a hub stored it in this process's order of publishing (every
+    # channel's): how a subscription to several channels merges them.
+    _order: int = field(default=0, compare=False, repr=False, hash=False)
 
     def __post_init__(self) -> None:
         _check_field("event id", self.id)
@@ -176,6 +188,24 @@ class Event:
         return wire
 
 
+@dataclass(frozen=True, eq=True, slots=True)
+class TaggedEvent(Event):
+    """An event of a subscription to several channels: the same fields, and
+    its wire forms carry ``channel`` (see the module docstring).
+
+    >>> TaggedEvent("hi", id="3x.1-1", channel="room").encode("sse")
+    b'id: 3x.1-1\\ndata: {"channel":"room","data":"hi"}\\n\\n'
+    >>> TaggedEvent({"n": 1}, id="3x.1-1", channel="room").encode("chunked")
+    b'{"id":"3x.1-1","event":null,"channel":"room","data":{"n":1}}\\n'
+    """
+
+
+def _data_json(event: Event) -> str:
+    # For non-str data, text() already is the JSON; reuse it so a dict
+    # payload is serialised once per event, whatever the transports.
+    return to_json(event.data) if isinstance(event.data, str) else event.text()
+
+
 def _sse(event: Event, _boundary: str) -> bytes:
     out = []
     if event.id is not None:
@@ -184,9 +214,12 @@ def _sse(event: Event, _boundary: str) -> bytes:
         out.append(f"event: {event.name}\n")
     if event.retry is not None:
         out.append(f"retry: {event.retry}\n")
+    text = event.text()
+    if isinstance(event, TaggedEvent):  # JSON has no raw newlines: one data line
+        text = '{"channel":%s,"data":%s}' % (to_json(event.channel), _data_json(event))
     # A leading space in a value is eaten by the parser once, so "data: " plus
     # the line keeps a line that itself starts with a space intact.
-    for line in _SSE_LINES.split(event.text()):
+    for line in _SSE_LINES.split(text):
         out.append(f"data: {line}\n")
     out.append("\n")
     return "".join(out).encode("utf-8")
@@ -199,17 +232,21 @@ def _json_line(event: Event, _boundary: str) -> bytes:
 def _event_json(event: Event) -> str:
     cached = event._wire.get("json")
     if not isinstance(cached, str):  # not cached yet
-        # For non-str data, text() already is the JSON; reuse it so a dict
-        # payload is serialised once per event, whatever the transports.
-        data_json = to_json(event.data) if isinstance(event.data, str) else event.text()
-        cached = '{"id":%s,"event":%s,"data":%s}' % (to_json(event.id), to_json(event.name), data_json)
+        if isinstance(event, TaggedEvent):
+            cached = '{"id":%s,"event":%s,"channel":%s,"data":%s}' % (
+                to_json(event.id), to_json(event.name), to_json(event.channel), _data_json(event))
+        else:
+            cached = '{"id":%s,"event":%s,"data":%s}' % (to_json(event.id), to_json(event.name), _data_json(event))
         event._wire["json"] = cached
     return cached
 
 
 def _multipart(event: Event, boundary: str) -> bytes:
     if isinstance(event.data, Part):  # a hub carrying binary: the part itself, for <img>
-        return event.data.encode(boundary)
+        part = event.data
+        if isinstance(event, TaggedEvent) and event.channel is not None:
+            part = Part(part.body, part.content_type, part.headers + (("Comet-Channel", event.channel),))
+        return part.encode(boundary)
     if event.name == _GAP and isinstance(boundary, Boundary) and _is_image(boundary.last):
         # An image stream that fell behind needs no repair (the next frame is
         # the whole picture), and a JSON part there would end an <img>: the

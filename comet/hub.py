@@ -33,6 +33,7 @@ no events still tells the client exactly where to resume.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -40,13 +41,14 @@ import zlib
 from array import array
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from .counters import Counters
 from .errors import HubClosed, InvalidEvent, InvalidEventId
-from .framing import DEFAULT_MAX_EVENT_BYTES, Event
+from .framing import DEFAULT_MAX_EVENT_BYTES, Event, TaggedEvent
 
-__all__ = ["Hub", "Subscription", "Idle", "GAP", "parse_id", "Step", "cooperative"]
+__all__ = ["Hub", "Subscription", "MultiSubscription", "Idle", "GAP", "parse_id", "Step", "cooperative",
+           "MAX_CHANNELS"]
 
 #: Name of the event a subscription receives when events it should have seen
 #: are no longer available. Its ``data`` is ``{"last_id": <the client's
@@ -55,6 +57,13 @@ __all__ = ["Hub", "Subscription", "Idle", "GAP", "parse_id", "Step", "cooperativ
 GAP = "comet.gap"
 
 _ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+#: Most channels one subscription may follow: its cursor (every channel's
+#: id, about 30 characters each) must fit a ``Last-Event-ID`` header.
+MAX_CHANNELS = 64
+_PIECE = r"[0-9a-z]{1,7}\.\d{1,20}-\d{1,20}"
+_CURSOR = re.compile(rf"{_PIECE}(?:_{_PIECE}){{0,{MAX_CHANNELS * 2}}}")
+#: This process's order of publishing, over every channel of every hub.
+_ORDER = itertools.count(1)
 _MAX_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
 _MAX_CHANNEL = 200
 
@@ -190,6 +199,7 @@ class _Channel:
         """Store *event* as the newest; the caller holds ``cond``."""
         if len(self.events) == self.events.maxlen:
             self.floor = _stored_id(self.events[0])
+        object.__setattr__(event, "_order", next(_ORDER))  # (frozen: set once, as it is stored)
         self.events.append(event)
         self.seq += 1
         self.touched = now = time.monotonic()
@@ -407,8 +417,8 @@ class Hub:
 
     # -- subscribing --------------------------------------------------------
 
-    def subscribe(self, channel: str, last_id: str | None = None, *, view: View | None = None, idle: float | None = None,
-                  initial: Iterable[Any] = ()) -> "Subscription":
+    def subscribe(self, channel: str | Sequence[str], last_id: str | None = None, *, view: View | None = None,
+                  idle: float | None = None, initial: Iterable[Any] = ()) -> "Subscription":
         """Iterate *channel*'s events after *last_id*, in publish order.
 
         ``last_id=None`` starts with the next event published. Otherwise every
@@ -427,6 +437,13 @@ class Hub:
         Validation happens here, at the call: a malformed or future
         ``last_id`` raises :class:`~comet.errors.InvalidEventId` at once.
 
+        *channel* may be a list of channels (at most :data:`MAX_CHANNELS`):
+        one stream follows them all, and the result is a
+        :class:`MultiSubscription`. Its events say their ``channel``, come in
+        this process's order of publishing, and carry ids that are a cursor
+        on every channel, so one ``last_id`` resumes each channel exactly
+        (and a gap is reported per channel).
+
         >>> hub = Hub()
         >>> _ = hub.publish("c", "secret", event="highlight")
         >>> public = hub.subscribe("c", "0-0", view=lambda e: None if e.name == "highlight" else e)
@@ -435,12 +452,52 @@ class Hub:
         >>> next(public)   # highlight hidden; caught up
         Idle('...-1')
         """
+        if not isinstance(channel, str):
+            return self._subscribe_many(channel, last_id, view, idle, initial)
         self._check_channel(channel)
+        self._check_open(view)
+        key = None if last_id is None or last_id == "" else parse_id(last_id)
+        ch, cursor, resumed, gap = self._open(channel, last_id, key)
+        pending = list(initial) + ([gap] if gap is not None else [])
+        return Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
+
+    def _subscribe_many(self, channels: Sequence[str], last_id: str | None, view: View | None, idle: float | None,
+                        initial: Iterable[Any]) -> "MultiSubscription":
+        if not isinstance(channels, (list, tuple)) or not channels or len(channels) > MAX_CHANNELS:
+            raise InvalidEvent(f"channels must be a str, or a list of 1 to {MAX_CHANNELS} str, got {channels!r:.80}")
+        tags: dict[str, str] = {}
+        for name in channels:
+            self._check_channel(name)
+            tag = channel_tag(name)
+            if tag in tags:
+                raise InvalidEvent(f"channel {name!r} is listed twice" if tags[tag] == name else
+                                   f"channels {tags[tag]!r} and {name!r} share a cursor tag: rename one")
+            tags[tag] = name
+        self._check_open(view)
+        cursors = _cursors(last_id, tags)
+        slots: list[_Slot] = []
+        try:
+            for tag, name in tags.items():
+                given, key = cursors.get(name, (None, None))
+                ch, cursor, resumed, gap = self._open(name, given, key)
+                # Until its gap is sent, a channel's part of the cursor stays the client's.
+                slots.append(_Slot(name, tag, ch, cursor, resumed if gap is None else given or resumed, gap))
+        except BaseException:
+            for slot in slots:
+                self._release(slot.name, slot.ch)
+            raise
+        return MultiSubscription(self, slots, list(initial), view, self.idle if idle is None else idle)
+
+    def _check_open(self, view: View | None) -> None:
         if self._closed:
             raise HubClosed("subscribe on a closed hub")
         if view is not None and not callable(view):
             raise TypeError("view must be callable")
-        key = None if last_id is None or last_id == "" else parse_id(last_id)
+
+    def _open(self, channel: str, last_id: str | None,
+              key: tuple[int, int] | None) -> tuple[_Channel, int, str, Event | None]:
+        """Hold *channel* for a new subscriber at *last_id* (parsed: *key*):
+        the channel, the cursor seq and its id, and a gap event if one is due."""
         ch = self._acquire(channel)
         caught_up = False
         try:
@@ -453,8 +510,7 @@ class Hub:
             raise
         if caught_up:
             self._wake(ch)
-        pending = list(initial) + ([gap] if gap is not None else [])
-        return Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
+        return ch, cursor, resumed, gap
 
     def _resolve(self, channel: str, ch: _Channel, last_id: str | None,
                  key: tuple[int, int] | None) -> tuple[int, str, Event | None]:
@@ -481,6 +537,18 @@ class Hub:
         (``comet.fastpath`` subscribes on cheroot's accepting thread only
         then.) Always, for the memory hub."""
         return True
+
+    def _local_for(self, channel: str | Sequence[str], last_id: str | None) -> bool:
+        """:meth:`_local` for what :meth:`subscribe` takes: one channel or several."""
+        if isinstance(channel, str):
+            return self._local(channel, last_id)
+        try:
+            cursors = _cursors(last_id, {channel_tag(name): name for name in channel})
+        except ValueError:
+            return True  # subscribe refuses it without I/O
+        # A plain id's "(0, 0)" asks for everything held: never ahead of a mirror.
+        return all(self._local(name, None if key in (None, (0, 0)) else given)
+                   for name, (given, key) in ((n, cursors.get(n, (None, None))) for n in channel))
 
     def _gap(self, channel: str, last_id: str | None, resume: str) -> Event:
         self.counters.add("gaps")
@@ -795,6 +863,25 @@ class Subscription:
         parked writer shares one take() among equal cursors)."""
         self.cursor, self._last_id = cursor, last_id
 
+    # -- what the parked writer needs (comet.writer), whatever the subscription --
+
+    def _group_key(self) -> tuple[int, str]:
+        """Subscriptions with equal keys read one channel object: the writer
+        serves them as one group (one watcher, one shared take)."""
+        return id(self._ch), self.channel
+
+    def _watch(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake()`` whenever this subscription may have something new."""
+        return self.hub._watch(self.channel, self._ch, wake)
+
+    def _moved(self) -> bool:
+        """Has anything happened since the last take?"""
+        return self.ended or self._ch.seq != self.cursor
+
+    def _wake(self) -> None:
+        """Wake whoever waits on this subscription (a thread, or the writer)."""
+        self.hub._wake(self._ch)
+
     @property
     def ended(self) -> bool:
         """True once the hub closed or ended its subscriptions (engine stop),
@@ -830,7 +917,7 @@ class Subscription:
         if ch.dead and (behind or batch):
             # Forgotten: this was the last take. Whoever serves it (the parked
             # writer) must come back once more to see it ended.
-            self.hub._wake(ch)
+            self._wake()
         if behind:
             out.append(self.hub._gap(self.channel, self._last_id, floor))
             self.cursor, self._last_id = start - 1, floor
@@ -912,7 +999,7 @@ class Subscription:
         self._ready.clear()
         if self._counted:
             self.hub._count(-1)
-        self.hub._release(self.channel, self._ch)
+        self._release_channels()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             try:
@@ -922,8 +1009,200 @@ class Subscription:
 
                 logging.getLogger("comet").exception("comet: on_close callback failed")
 
+    def _release_channels(self) -> None:
+        self.hub._release(self.channel, self._ch)
+
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} at {self.last_id}{' closed' if self.closed else ''}>"
+
+
+def channel_tag(channel: str) -> str:
+    """The short tag that names *channel* in the cursor of a subscription to
+    several channels: CRC-32 in base 36.
+
+    >>> channel_tag("room:main")
+    '13ecrb1'
+    """
+    n = zlib.crc32(channel.encode("utf-8", "surrogatepass"))
+    digits = ""
+    while True:
+        n, r = divmod(n, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
+        if not n:
+            return digits
+
+
+def is_multi_cursor(value: str) -> bool:
+    """Is *value* the cursor (an event id) of a subscription to several channels?
+
+    >>> is_multi_cursor("13ecrb1.1700000000000-4_x1.1700000000000-0"), is_multi_cursor("1700000000000-4")
+    (True, False)
+    """
+    return _CURSOR.fullmatch(value) is not None
+
+
+def _cursors(last_id: str | None, tags: dict[str, str]) -> dict[str, tuple[str | None, tuple[int, int] | None]]:
+    """Each channel's cursor (its id, parsed) in the cursor *last_id* of a
+    subscription to the channels *tags* names. Channels it does not name
+    start from now; tags it names that are not followed are ignored (the
+    page follows other channels than before). A plain id (of a stream of one
+    channel) cannot say where each channel stands: every channel gets a gap."""
+    if last_id is None or last_id == "":
+        return {}
+    if not isinstance(last_id, str):
+        raise InvalidEventId(f"event id must be a str, got {type(last_id).__name__}")
+    if _ID.fullmatch(last_id):
+        parse_id(last_id)
+        return {name: (last_id, (0, 0)) for name in tags.values()}
+    if not _CURSOR.fullmatch(last_id):
+        raise InvalidEventId(f"malformed event id {last_id[:80]!r}: expected '<tag>.<epoch>-<seq>' pieces joined by '_'")
+    found: dict[str, tuple[str | None, tuple[int, int] | None]] = {}
+    for piece in last_id.split("_"):
+        tag, _, event_id = piece.partition(".")
+        name = tags.get(tag)
+        if name is not None:
+            found[name] = (event_id, parse_id(event_id))
+    return found
+
+
+class _Mux(_Channel):
+    """What a subscription to several channels waits on: a channel holding
+    no events, whose ``seq`` moves (and whose watchers are called) whenever
+    one of the followed channels does. So threads, the parked writer and
+    cooperative steps wait on it exactly as on one channel."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(1, "0-0")
+
+    def bump(self) -> None:
+        with self.cond:
+            self.seq += 1
+            self.cond.notify_all()
+            watchers = self.watchers
+        for wake in watchers:
+            wake()
+
+
+class _Slot:
+    """One channel of a :class:`MultiSubscription`: its cursor (``cursor``
+    seq, ``last`` id, what the subscription's id says), a gap not sent yet."""
+
+    __slots__ = ("name", "tag", "ch", "cursor", "last", "gap")
+
+    def __init__(self, name: str, tag: str, ch: _Channel, cursor: int, last: str, gap: Event | None) -> None:
+        self.name, self.tag, self.ch, self.cursor, self.last, self.gap = name, tag, ch, cursor, last, gap
+
+
+class MultiSubscription(Subscription):
+    """A subscription to several channels (``hub.subscribe([...])``).
+
+    Its items are :class:`~comet.framing.TaggedEvent`: each says its
+    ``channel``, and its ``id`` is the subscription's cursor on every
+    channel (``<tag>.<id>`` pieces joined by ``_``), which
+    ``hub.subscribe(channels, last_id=...)`` takes back to resume each
+    channel exactly. Events of one channel come in order; events of
+    different channels in the order they were published in this process.
+    Served exactly like a :class:`Subscription`: iterated, returned,
+    ``yield from``.
+
+    >>> hub = Hub()
+    >>> sub = hub.subscribe(["room", "dm:ann:bob"])
+    >>> _ = hub.publish("dm:ann:bob", "psst"), hub.publish("room", "hello all")
+    >>> [(e.channel, e.data) for e in sub.take()]
+    [('dm:ann:bob', 'psst'), ('room', 'hello all')]
+    >>> resumed = hub.subscribe(["room", "dm:ann:bob"], last_id=sub.last_id)
+    >>> _ = hub.publish("room", "again")
+    >>> [e.data for e in resumed.take()]
+    ['again']
+    >>> sub.close(), resumed.close()
+    (None, None)
+    """
+
+    def __init__(self, hub: Hub, slots: list[_Slot], pending: list[Any], view: View | None, idle: float) -> None:
+        self._slots = slots
+        #: The channels followed, in the order given.
+        self.channels = tuple(slot.name for slot in slots)
+        mux = _Mux()
+        label = slots[0].name + (f" (+{len(slots) - 1})" if len(slots) > 1 else "")
+        super().__init__(hub, mux, label, 0, self._cursor(), pending, view, idle)
+        self._mux = mux
+        for slot in slots:
+            with slot.ch.cond:
+                slot.ch.watchers = slot.ch.watchers + (mux.bump,)
+
+    def _cursor(self) -> str:
+        return "_".join([f"{slot.tag}.{slot.last}" for slot in self._slots])
+
+    @property
+    def ended(self) -> bool:
+        """As for one channel; and once any followed channel was forgotten
+        and everything published to it before was taken."""
+        if super().ended:
+            return True
+        return any(slot.ch.dead and slot.cursor >= slot.ch.seq for slot in self._slots) and not self._pending
+
+    def take(self) -> list[Any]:
+        out, self._pending = self._pending, []
+        if self._ready:
+            out[:0] = self._ready
+            self._ready.clear()
+        mux = self._mux
+        with mux.cond:  # read first: a publish from now on moves it again, so no wake-up is lost
+            self.cursor = mux.seq
+        merged: list[tuple[int, int, _Slot, Event]] = []
+        for slot in self._slots:
+            ch = slot.ch
+            with ch.cond:
+                behind, start, batch, floor = ch.after(slot.cursor)
+            if ch.dead and (behind or batch):
+                self._wake()  # forgotten: whoever serves us must come back to see it ended
+            gap, slot.gap = slot.gap, None
+            if behind:
+                gap = (self.hub._gap(slot.name, slot.last, floor) if gap is None else
+                       Event({"last_id": slot.last, "resume_id": floor}, id=floor, name=GAP, channel=slot.name))
+                slot.cursor = start - 1
+            if gap is not None:
+                merged.append((batch[0]._order if batch else 0, 0, slot, gap))
+            if batch:
+                slot.cursor = start + len(batch) - 1
+                merged.extend((event._order, 1, slot, event) for event in batch)
+        if len(self._slots) > 1:
+            merged.sort(key=lambda entry: (entry[0], entry[1]))
+        view = self.view
+        for _, kind, slot, event in merged:
+            slot.last = _stored_id(event)
+            shown: Any = event
+            if kind and view is not None:
+                shown = view(event)
+                if shown is None:
+                    continue
+                if not isinstance(shown, Event):
+                    shown = event.replace(data=shown)
+            tagged = TaggedEvent(shown.data, id=self._cursor(), name=shown.name, channel=slot.name, retry=shown.retry)
+            text = shown._wire.get("text")
+            if text is not None:  # the text is shared by every subscriber; only the wrapper is per stream
+                tagged._wire["text"] = text
+            out.append(tagged)
+        if merged:
+            self._last_id = self._cursor()
+        return out
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        for slot in self._slots:
+            with slot.ch.cond:
+                slot.ch.watchers = tuple(w for w in slot.ch.watchers if w != self._mux.bump)
+        super().close()
+
+    def _release_channels(self) -> None:
+        for slot in self._slots:
+            self.hub._release(slot.name, slot.ch)
+
+    def __repr__(self) -> str:
+        return f"<MultiSubscription {list(self.channels)!r} at {self.last_id}{' closed' if self.closed else ''}>"
 
 
 def _positive(name: str, value: Any) -> None:

@@ -30,7 +30,8 @@ import time
 from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
-from .framing import Event, Part
+from .framing import Event, Part, TaggedEvent, to_json
+from .hub import is_multi_cursor
 from .processes import AppProcess, NginxServer, RedisSentinels, RedisServer, free_port
 
 __all__ = [
@@ -169,7 +170,7 @@ class SSEParser:
             if not self._data:
                 self._name = None
                 return None
-            event = Event("\n".join(self._data), id=self.last_event_id or None, name=self._name)
+            event = untag(Event("\n".join(self._data), id=self.last_event_id or None, name=self._name))
             self._data, self._name = [], None
             return event
         if line.startswith(":"):
@@ -187,6 +188,28 @@ class SSEParser:
         elif name == "retry" and value.isdigit():
             self.retry = int(value)
         return None
+
+
+def untag(event: Event) -> Event:
+    """An SSE event of a stream of several channels as it was published:
+    its data out of the ``{"channel": ..., "data": ...}`` envelope (as text,
+    like any SSE data), its ``channel`` set. Other events are returned as
+    they are.
+
+    >>> untag(Event('{"channel":"room","data":{"n":1}}', id="a1.1-1"))
+    TaggedEvent(data='{"n":1}', id='a1.1-1', name=None, channel='room', retry=None)
+    """
+    if event.id is None or not is_multi_cursor(event.id) or not isinstance(event.data, str):
+        return event
+    try:
+        envelope = json.loads(event.data)
+    except ValueError:
+        return event
+    if not isinstance(envelope, dict) or set(envelope) != {"channel", "data"}:
+        return event
+    data = envelope["data"]
+    return TaggedEvent(data if isinstance(data, str) else to_json(data), id=event.id, name=event.name,
+                       channel=envelope["channel"], retry=event.retry)
 
 
 class MultipartParser:
@@ -533,7 +556,9 @@ class StreamClient:
             if self._conn is not None:
                 self._conn.close()
             doc = json.loads(body)
-            items = [Event(e.get("data"), id=e.get("id"), name=e.get("event")) for e in doc["events"]]
+            items = [TaggedEvent(e.get("data"), id=e.get("id"), name=e.get("event"), channel=e["channel"])
+                     if "channel" in e else Event(e.get("data"), id=e.get("id"), name=e.get("event"))
+                     for e in doc["events"]]
             cursor = doc.get("cursor") or cursor
             with self._cond:
                 self.raw += body

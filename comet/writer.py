@@ -306,7 +306,7 @@ class Writer:
         """Wait on *sub*'s channel: the writer hears of every publish to it."""
         # The channel object, not just its name: a forgotten channel's streams
         # must not share a group (and its watcher) with its successor's.
-        key = (id(sub._ch), sub.channel)
+        key = sub._group_key()
         if stream.key == key:
             return
         self._leave(stream)
@@ -314,7 +314,7 @@ class Writer:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = set()
-            self._unwatch[key] = sub.hub._watch(sub.channel, sub._ch, lambda: self._mark(key))
+            self._unwatch[key] = sub._watch(lambda: self._mark(key))
             self.pool.follow(sub.hub)  # its subscriptions end with the pool's streams at shutdown
         group.add(stream)
 
@@ -631,7 +631,7 @@ class Writer:
                 self._join(stream, sub)
                 if stream.longpoll is not None and stream.entries:
                     self._answer(stream)
-                elif sub.ended or sub._ch.seq != sub.cursor:  # moved since the step looked
+                elif sub._moved():  # moved since the step looked
                     if direct:
                         self._feed(stream)
                     else:
@@ -824,4 +824,4 @@ def _wake_blocked(stream: ParkedStream) -> None:
     step = stream.step
     sub = step.blocked if step is not None else None
     if sub is not None:
-        sub.hub._wake(sub._ch)
+        sub._wake()

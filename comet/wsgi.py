@@ -59,7 +59,7 @@ SINGLE_THREADED = ("this server handles one request at a time per process (gunic
 MULTIPROCESS = ("comet: a stream follows an in-memory Hub in a multi-process server: each process sees only the "
                 "events published in it, so clients miss the others'. Use comet.backends.redis.RedisHub, or one process")
 
-_MAX_ID = 256
+_MAX_ID = 4096  # a cursor of 64 channels (comet.hub.MAX_CHANNELS) fits
 _QUERY_KEY = "last_event_id"
 
 StartResponse = Callable[..., Any]

@@ -157,12 +157,37 @@
     }
   }
 
-  /* An item from any transport -> {id, event, data}. */
+  /* An item from any transport -> {id, event, data, channel}. */
   function toEvent(value) {
     if (value && typeof value === "object" && !Array.isArray(value) && "data" in value && "id" in value) {
-      return { id: value.id, event: value.event || "message", data: value.data };
+      return { id: value.id, event: value.event || "message", data: value.data, channel: value.channel || null };
     }
-    return { id: null, event: "message", data: value };
+    return { id: null, event: "message", data: value, channel: null };
+  }
+
+  /* The cursor of a stream of several channels: "<tag>.<epoch>-<seq>" per
+   * channel, joined by "_" (comet.hub.MultiSubscription). */
+  const PIECE = /^([0-9a-z]{1,7})\.(\d+)-(\d+)$/;
+  function cursorPieces(id) {
+    if (typeof id !== "string" || id.indexOf(".") < 0) return null;
+    const pieces = new Map();
+    for (const piece of id.split("_")) {
+      const m = PIECE.exec(piece);
+      if (!m) return null;
+      pieces.set(m[1], [BigInt(m[2]), BigInt(m[3])]);
+    }
+    return pieces;
+  }
+
+  /* SSE carries a channel in the data: {"channel": ..., "data": ...} (the
+   * other transports have a "channel" member of their own). */
+  function sseEvent(e) {
+    const data = parseData(e.data), id = e.lastEventId || null;
+    if (id && data && typeof data === "object" && cursorPieces(id) && Object.keys(data).length === 2 &&
+        "channel" in data && "data" in data) {
+      return { id: id, event: e.type, data: data.data, channel: data.channel };
+    }
+    return { id: id, event: e.type, data: data, channel: null };
   }
 
   function partToEvent(part) {
@@ -304,7 +329,7 @@
     _sse() {
       const source = new EventSource(withCursor(this.url, this.lastEventId), { withCredentials: this.options.withCredentials });
       this._source = source;
-      const handler = (e) => this._deliver({ id: e.lastEventId || null, event: e.type, data: parseData(e.data) });
+      const handler = (e) => this._deliver(sseEvent(e));
       let opened = false;
       source.onopen = () => { opened = true; this._opened(); };
       source.onmessage = handler;
@@ -378,6 +403,18 @@
   /* Event ids are "<a>-<b>" (a hub epoch or a Redis time, then a sequence):
    * -1, 0 or 1 as a is before, equal to or after b; null if either is not one. */
   function compareIds(a, b) {
+    const ca = cursorPieces(a), cb = cursorPieces(b);
+    if (ca && cb) {  // several channels: ordered when every channel agrees
+      let sign = 0;
+      for (const [tag, x] of ca) {
+        const y = cb.get(tag);
+        if (!y) return null;
+        const c = x[0] !== y[0] ? (x[0] < y[0] ? -1 : 1) : x[1] !== y[1] ? (x[1] < y[1] ? -1 : 1) : 0;
+        if (c && sign && c !== sign) return null;
+        sign = sign || c;
+      }
+      return ca.size === cb.size ? sign : null;
+    }
     const pa = /^(\d+)-(\d+)$/.exec(a || ""), pb = /^(\d+)-(\d+)$/.exec(b || "");
     if (!pa || !pb) return null;
     for (const i of [1, 2]) {

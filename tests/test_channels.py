@@ -1,0 +1,408 @@
+"""Several channels on one subscription: ``hub.subscribe([...])``.
+
+One stream follows a room, a private thread and a lobby; each event says its
+channel; one cursor (the event id) resumes every channel exactly, and a gap
+is reported per channel. On both hubs, every transport, decorated handlers
+(generator, returned, thread mode) and fast routes.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import threading
+import time
+
+import cherrypy
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from comet import GAP, Hub, comet
+from comet.errors import InvalidEvent, InvalidEventId
+from comet.framing import TaggedEvent
+from comet.hub import MAX_CHANNELS, MultiSubscription, channel_tag, is_multi_cursor
+from comet.testing import SSEParser, StreamClient, http_get, wait_until
+
+from conftest import RawStream, settle
+
+TRANSPORTS = ["sse", "multipart", "chunked", "longpoll"]
+_names = itertools.count()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def any_hub(request):
+    if request.param == "memory":
+        made = Hub(buffer_size=50, idle=0.2)
+    else:
+        from comet.backends.redis import RedisHub
+
+        server = request.getfixturevalue("comet_redis")
+        made = RedisHub(server.url, prefix=f"chan{next(_names)}-{time.monotonic_ns()}:", maxlen=50, approximate=False,
+                        idle=0.2)
+    yield made
+    made.close()
+
+
+def take_until(sub, count: int, timeout: float = 5.0) -> list:
+    """What *sub* hands out (events, gaps), until *count* items; the Redis
+    hub's events arrive through its reader thread."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {got!r} within {timeout}s"
+        got += sub.take()
+        if len(got) < count:
+            time.sleep(0.01)
+    return got
+
+
+def by_channel(events) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for event in events:
+        out.setdefault(event.channel, []).append(event.data)
+    return out
+
+
+# -- the hub ---------------------------------------------------------------------
+
+
+def test_events_of_several_channels_say_their_channel_in_publish_order(any_hub):
+    sub = any_hub.subscribe(["room", "dm:ann:bob"])
+    assert isinstance(sub, MultiSubscription) and sub.channels == ("room", "dm:ann:bob")
+    plan = [("room", "r1"), ("dm:ann:bob", "d1"), ("elsewhere", "x"), ("room", "r2"), ("dm:ann:bob", "d2")]
+    for channel, data in plan:
+        any_hub.publish(channel, data)
+    got = take_until(sub, 4)
+    assert all(isinstance(e, TaggedEvent) and is_multi_cursor(e.id) for e in got)
+    assert by_channel(got) == {"room": ["r1", "r2"], "dm:ann:bob": ["d1", "d2"]}
+    if isinstance(any_hub, Hub) and type(any_hub) is Hub:  # one process's order of publishing, across channels
+        assert [e.data for e in got] == ["r1", "d1", "r2", "d2"]
+    assert got[-1].id == sub.last_id
+    sub.close()
+    assert any_hub.subscriptions == 0
+
+
+def test_one_cursor_resumes_every_channel_exactly(any_hub):
+    channels = ["a", "b", "c"]
+    sub = any_hub.subscribe(channels)
+    any_hub.publish("a", "a1")
+    any_hub.publish("b", "b1")
+    first = take_until(sub, 2)
+    cursor = first[-1].id
+    sub.close()
+    for channel, data in [("c", "c1"), ("a", "a2"), ("b", "b2"), ("c", "c2")]:  # while the client is away
+        any_hub.publish(channel, data)
+    resumed = any_hub.subscribe(channels, last_id=cursor)
+    got = take_until(resumed, 4)
+    assert by_channel(got) == {"c": ["c1", "c2"], "a": ["a2"], "b": ["b2"]}
+    assert resumed.take() == []
+    resumed.close()
+
+
+def test_a_gap_is_reported_for_the_channel_that_fell_behind_only(any_hub):
+    sub = any_hub.subscribe(["busy", "quiet"])
+    any_hub.publish("busy", "seen")
+    any_hub.publish("quiet", "q1")
+    cursor = take_until(sub, 2)[-1].id
+    sub.close()
+    for n in range(60):  # more than the buffer (50) holds
+        any_hub.publish("busy", n)
+    any_hub.publish("quiet", "q2")
+    resumed = any_hub.subscribe(["busy", "quiet"], last_id=cursor)
+    got = take_until(resumed, 52)
+    gaps = [e for e in got if e.name == GAP]
+    assert len(gaps) == 1 and gaps[0].channel == "busy"
+    assert gaps[0].data["last_id"] != gaps[0].data["resume_id"]
+    assert by_channel([e for e in got if e.name != GAP]) == {"busy": list(range(10, 60)), "quiet": ["q2"]}
+    # The gap comes before the busy channel's events, and its id already says
+    # the busy channel resumes from the gap's point.
+    assert got.index(gaps[0]) < min(i for i, e in enumerate(got) if e.channel == "busy" and e.name != GAP)
+    resumed.close()
+
+
+def test_a_plain_id_gets_a_gap_per_channel_and_unknown_channels_are_ignored(hub):
+    hub.publish("a", "a1")
+    hub.publish("b", "b1")
+    plain = hub.subscribe(["a", "b"], last_id=hub.last_id("a"))
+    got = plain.take()
+    assert [(e.channel, e.name) for e in got] == [("a", GAP), ("a", None), ("b", GAP), ("b", None)]
+    plain.close()
+    # A cursor of another channel set: the followed channel it names resumes,
+    # one it does not name starts from now, one no longer followed is ignored.
+    first = hub.subscribe(["a", "old"])
+    hub.publish("a", "a2")
+    cursor = first.take()[-1].id
+    first.close()
+    hub.publish("a", "a3")
+    hub.publish("new", "before")
+    changed = hub.subscribe(["a", "new"], last_id=cursor)
+    hub.publish("new", "after")
+    assert [(e.channel, e.data) for e in changed.take()] == [("a", "a3"), ("new", "after")]
+    changed.close()
+
+
+def test_bad_channel_lists_and_cursors_are_refused_before_anything_is_held(hub):
+    for bad in ([], ["a", "a"], ["a", ""], [f"c{n}" for n in range(MAX_CHANNELS + 1)], "", ["a", 3]):
+        with pytest.raises(InvalidEvent):
+            hub.subscribe(bad)
+    for cursor in ("nonsense", "x.1-1_", "ZZ.1-1", "a.1-1_" * 200 + "a.1-1"):
+        with pytest.raises(InvalidEventId):
+            hub.subscribe(["a", "b"], last_id=cursor)
+    future = f"{channel_tag('a')}.{hub.epoch}-99"
+    with pytest.raises(InvalidEventId, match="future"):
+        hub.subscribe(["a", "b"], last_id=future)
+    assert hub.subscriptions == 0 and hub.channels() == []
+
+
+def test_closing_releases_every_channel_and_its_watcher(hub):
+    hub.publish("kept", "x")
+    sub = hub.subscribe(["kept", "pristine"])
+    sub.start()
+    assert hub.subscriptions == 1 and sorted(hub.channels()) == ["kept", "pristine"]
+    sub.close()
+    assert hub.subscriptions == 0 and hub.channels() == ["kept"]  # the never-published one is gone
+    assert hub._channels["kept"].watchers == () and hub._channels["kept"].refs == 0
+
+
+def test_a_waiting_thread_wakes_on_any_channel_and_ends_with_the_hub(hub):
+    sub = hub.subscribe(["x", "y"])
+    got: list = []
+    done = threading.Event()
+
+    def follow():
+        for item in sub:
+            if item:
+                got.append((item.channel, item.data))
+        done.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    settle(lambda: sub._waited)
+    hub.publish("y", 1)
+    settle(lambda: got == [("y", 1)])
+    hub.publish("x", 2)
+    settle(lambda: got == [("y", 1), ("x", 2)])
+    hub.end_subscriptions()
+    assert done.wait(5)
+    assert hub.subscriptions == 0
+
+
+def test_forgetting_one_channel_ends_the_stream_after_its_last_events(hub):
+    sub = hub.subscribe(["game:1", "lobby"])
+    hub.publish("game:1", "over")
+    hub.forget("game:1")
+    assert [e.data for e in sub.take()] == ["over"]
+    assert sub.ended
+    sub.close()
+
+
+def test_views_see_each_channel_event(hub):
+    sub = hub.subscribe(["a", "b"], view=lambda e: None if e.data == "hidden" else f"{e.channel}:{e.data}")
+    for channel, data in [("a", "hidden"), ("b", "x"), ("a", "y")]:
+        hub.publish(channel, data)
+    got = sub.take()
+    assert [e.data for e in got] == ["b:x", "a:y"]
+    cursor = got[-1].id
+    sub.close()
+    again = hub.subscribe(["a", "b"], last_id=cursor)
+    assert again.take() == []  # the hidden event is behind the cursor too
+    again.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["p", "q", "r", "s"]), st.booleans()), min_size=1, max_size=60))
+def test_property_reconnects_lose_and_repeat_nothing_on_any_channel(steps):
+    """Publishes on four channels (one not followed) interleaved with
+    reconnects from the last id seen: every followed channel's events arrive
+    exactly once, in order."""
+    hub = Hub(buffer_size=1000, idle=0.05)
+    channels = ["p", "q", "r"]
+    published: dict[str, list[int]] = {c: [] for c in channels}
+    received: dict[str, list[int]] = {c: [] for c in channels}
+    sub = hub.subscribe(channels)
+    cursor = sub.last_id
+    for n, (channel, reconnect) in enumerate(steps):
+        hub.publish(channel, n)
+        if channel in published:
+            published[channel].append(n)
+        if reconnect:
+            for event in sub.take()[:random.Random(n).randint(0, 3)]:  # the client saw only some of it
+                received[event.channel].append(event.data)
+                cursor = event.id
+            sub.close()
+            sub = hub.subscribe(channels, last_id=cursor)
+    for event in sub.take():
+        assert event.name != GAP
+        received[event.channel].append(event.data)
+    sub.close()
+    assert received == published
+    hub.close()
+
+
+def test_redis_reconnects_lose_and_repeat_nothing_on_any_channel(comet_redis):
+    from comet.backends.redis import RedisHub
+
+    hub = RedisHub(comet_redis.url, prefix=f"chanprop-{time.monotonic_ns()}:", idle=0.2)
+    rng = random.Random(7)
+    channels = ["p", "q", "r"]
+    published: dict[str, list[int]] = {c: [] for c in channels}
+    received: dict[str, list[int]] = {c: [] for c in channels}
+    sub = hub.subscribe(channels)
+    cursor = sub.last_id
+    try:
+        for n in range(120):
+            channel = rng.choice(channels + ["s"])
+            hub.publish(channel, n)
+            if channel in published:
+                published[channel].append(n)
+            if rng.random() < 0.2:
+                for event in sub.take()[:rng.randint(0, 3)]:
+                    received[event.channel].append(event.data)
+                    cursor = event.id
+                sub.close()
+                sub = hub.subscribe(channels, last_id=cursor)
+        total = sum(map(len, published.values())) - sum(map(len, received.values()))
+        for event in take_until(sub, total):
+            received[event.channel].append(event.data)
+        assert received == published
+    finally:
+        sub.close()
+        hub.close()
+
+
+# -- over HTTP --------------------------------------------------------------------
+
+
+def data_of(item):
+    """(channel, data) of an item read by StreamClient on any transport."""
+    if isinstance(item, dict):  # chunked NDJSON
+        return item["channel"], item["data"]
+    if hasattr(item, "body"):  # a multipart Part
+        doc = json.loads(item.body)
+        return doc["channel"], doc["data"]
+    if isinstance(item.data, str) and item.data.startswith("{"):  # SSE data is text
+        return item.channel, json.loads(item.data)
+    return item.channel, item.data
+
+
+@pytest.fixture
+def channels_app(comet_cherrypy, hub):
+    """The three shapes of handler, on every transport, following two channels."""
+
+    def handler(transport, shape, **options):
+        @cherrypy.expose
+        @comet(transport=transport, heartbeat=0.5, poll_timeout=5, **options)
+        def stream(self, last_event_id=None, thread="t1"):
+            channels = ["room", f"dm:{thread}"]
+            if shape == "returned":
+                return hub.subscribe(channels, last_id=last_event_id)
+            if shape == "transform":
+                return ({**e.data, "via": "transform"} if isinstance(e.data, dict) and e else e
+                        for e in hub.subscribe(channels, last_id=last_event_id))
+            return generator(channels, last_event_id)
+
+        def generator(channels, last_event_id):
+            yield from hub.subscribe(channels, last_id=last_event_id)
+        return stream
+
+    class Root:
+        pass
+
+    for transport in TRANSPORTS:
+        for shape in ("returned", "generator"):
+            setattr(Root, f"{transport}_{shape}", handler(transport, shape))
+        setattr(Root, f"{transport}_thread", handler(transport, "generator", mode="thread"))
+    return comet_cherrypy(Root())
+
+
+@pytest.mark.parametrize("shape", ["returned", "generator", "thread"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_every_transport_says_the_channel_and_resumes_every_channel(channels_app, hub, transport, shape):
+    url = f"{channels_app.url}/{transport}_{shape}?thread=t1"
+    start = hub.subscribe(["room", "dm:t1"])  # a cursor on both, as a page renders it
+    cursor = start.last_id
+    start.close()
+    hub.publish("room", "r1")
+    hub.publish("dm:t1", {"text": "psst"})
+    hub.publish("dm:t2", "not mine")
+    with StreamClient(url, transport=transport, last_event_id=cursor) as client:
+        got = client.wait_for(2)
+        hub.publish("room", "r2")
+        got = client.wait_for(3)
+        last = client.last_event_id if transport == "longpoll" else None
+    assert [data_of(i) for i in got] == [("room", "r1"), ("dm:t1", {"text": "psst"}), ("room", "r2")]
+    if transport == "sse":
+        last = got[-1].id
+    elif transport == "chunked":
+        last = got[-1]["id"]
+    elif transport == "multipart":
+        last = json.loads(got[-1].body)["id"]
+    assert is_multi_cursor(last)
+    hub.publish("dm:t1", "while away")
+    hub.publish("room", "r3")
+    with StreamClient(url, transport=transport, last_event_id=last) as client:
+        again = client.wait_for(2)
+        hub.publish("dm:t1", "live")
+        again = client.wait_for(3)
+    assert [data_of(i) for i in again] == [("dm:t1", "while away"), ("room", "r3"), ("dm:t1", "live")]
+    settle(lambda: hub.subscriptions == 0, what="every subscription released")
+
+
+def test_sse_wire_form_a_bare_eventsource_can_read(channels_app, hub):
+    """The documented bytes: the data is {"channel", "data"}; the id is the
+    cursor on every channel; named events keep their name."""
+    with RawStream(channels_app.url + "/sse_returned?thread=t9") as raw:
+        assert raw.status == 200
+        raw.chunk()  # the preamble
+        hub.publish("dm:t9", "hi", event="dm")
+        wire = b""
+        while b"data:" not in wire:
+            wire = raw.chunk()
+    cursor = f"{channel_tag('room')}.{hub.last_id('room')}_{channel_tag('dm:t9')}.{hub.last_id('dm:t9')}"
+    assert wire == f'id: {cursor}\nevent: dm\ndata: {{"channel":"dm:t9","data":"hi"}}\n\n'.encode()
+    [event] = SSEParser().feed(wire)  # comet.testing's parser (like comet.js) unwraps it
+    assert (event.channel, event.data, event.name, event.id) == ("dm:t9", "hi", "dm", cursor)
+
+
+def test_a_longpoll_handshake_gives_a_cursor_on_every_channel(channels_app, hub):
+    hub.publish("room", "old")
+    status, _, body = http_get(channels_app.url + "/longpoll_returned?thread=t3")
+    doc = json.loads(body)
+    assert status == 200 and doc["events"] == [] and is_multi_cursor(doc["cursor"])
+    hub.publish("dm:t3", "new")
+    status, _, body = http_get(channels_app.url + f"/longpoll_returned?thread=t3&last_event_id={doc['cursor']}")
+    [event] = json.loads(body)["events"]
+    assert event["channel"] == "dm:t3" and event["data"] == "new"
+
+
+def test_a_malformed_cursor_is_a_400_with_a_reason(channels_app):
+    status, _, body = http_get(channels_app.url + "/sse_returned", headers={"Last-Event-ID": "zz.1-1_nonsense"})
+    assert status == 400 and b"malformed event id" in body
+
+
+# -- fast routes ---------------------------------------------------------------------
+
+
+def test_a_fast_route_may_follow_several_channels(comet_cherrypy, hub):
+    from comet.cherrypy_tool import engine_plugin
+
+    engine_plugin().route("/follow/{user}", hub, ["room", "dm:{user}", "presence"], heartbeat=0.5)
+    from comet.stats import mount
+
+    root = type("Root", (), {})()
+    mount(root)
+    server = comet_cherrypy(root)
+    cursor_sub = hub.subscribe(["room", "dm:ann", "presence"])
+    cursor = cursor_sub.last_id
+    cursor_sub.close()
+    hub.publish("dm:ann", "for ann")
+    hub.publish("dm:bob", "for bob")
+    with StreamClient(server.url + "/follow/ann", last_event_id=cursor) as client:
+        hub.publish("presence", {"joined": "bob"})
+        got = client.wait_for(2)
+        status, _, stats = http_get(server.url + "/comet/stats/json")
+    assert [(e.channel, e.data) for e in got] == [("dm:ann", "for ann"), ("presence", '{"joined":"bob"}')]
+    streams = json.loads(stats)["streams"]
+    assert streams["open"] == 1 and streams["by_channel"] == {"room (+2)": 1}
+    assert engine_plugin().pool.counters["routed_fast"] >= 1
+    with pytest.raises(ValueError, match="list of 1 to"):
+        engine_plugin().route("/bad/{x}", hub, ["room:{y}"])
