@@ -15,7 +15,7 @@ import pytest
 from comet import GAP, SNAPSHOT, Event, Hub, Part, comet
 from comet.backends.redis import RedisHub
 from comet.cherrypy_tool import engine_plugin
-from comet.testing import RedisServer, StreamClient, wait_until
+from comet.testing import HTTPStatusError, RedisServer, StreamClient, wait_until
 
 from conftest import Tracker, make_root
 
@@ -419,3 +419,51 @@ def test_redis_events_trimmed_while_the_reader_was_away_bring_the_state(prefix="
         finally:
             a.close()
             b.close()
+
+
+# -- the examples -------------------------------------------------------------
+
+
+def test_the_lobby_sends_its_state_after_a_gap(comet_cherrypy):
+    from examples.lobby_game.app import make_app
+
+    from test_examples import Browser
+
+    hub = Hub(idle=0.2)
+    root, config = make_app(hub, size=3, grace=0.5)
+    server = comet_cherrypy(root, config)
+    try:
+        b = Browser(server.url)
+        ann = b.json("/join", {"name": "room1", "player": "ann"})[1]
+        stale = "1-0"  # a cursor from long before: a gap
+        with StreamClient(f"{server.url}/events/room1?player={ann['token']}", last_event_id=stale) as client:
+            gap, snap = client.wait_for(2)
+            assert gap.name == GAP and json.loads(gap.data)["snapshot"] is True
+            state = json.loads(snap.data)
+            assert snap.name == SNAPSHOT and [p["name"] for p in state["players"]] == ["ann"]
+            b.json("/join", {"name": "room1", "player": "bob"})
+            client.wait_for(lambda evs: any(e.name == "state" and len(json.loads(e.data)["players"]) == 2 for e in evs))
+        with pytest.raises(HTTPStatusError, match="404"):  # a lobby nobody is in: refused, no snapshot
+            StreamClient(f"{server.url}/events/nobody-here", last_event_id=stale).open()
+    finally:
+        import cherrypy
+
+        cherrypy.engine.unsubscribe("stop", root.lobbies.close)
+        cherrypy.engine.unsubscribe("start", root.lobbies.start)
+
+
+def test_the_shoutbox_snapshot_is_its_render_exact_at_its_cursor(comet_cherrypy):
+    from examples.shoutbox.app import make_app
+
+    hub = Hub(buffer_size=5, idle=0.2)
+    root, config = make_app(hub)
+    server = comet_cherrypy(root, config)
+    ids = [hub.publish("shouts", {"nick": "bot", "text": f"m{n}", "at": 0}, event="shout") for n in range(8)]
+    hub.publish("shouts", {"target": ids[6]}, event="delete")
+    with StreamClient(server.url + "/events", last_event_id=ids[0]) as client:
+        gap, snap = client.wait_for(2)
+        assert json.loads(gap.data)["snapshot"] is True and snap.id == hub.last_id("shouts")
+        assert [s["text"] for s in json.loads(snap.data)["shouts"]] == ["m4", "m5", "m7"]  # m6 deleted
+        assert [s["id"] for s in json.loads(snap.data)["shouts"]] == [ids[4], ids[5], ids[7]]
+        live = hub.publish("shouts", {"nick": "bot", "text": "live", "at": 0}, event="shout")
+        assert [e.id for e in client.wait_for(3)[2:]] == [live]
