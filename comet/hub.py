@@ -950,9 +950,9 @@ class Subscription:
         if behind:
             gap = self.hub._gap(self.channel, self._last_id, floor)
             self.cursor, self._last_id = start - 1, floor
-            shown = self._after_gap(gap)
-            out.extend(shown)
-            if len(shown) > 1:  # the snapshot holds the batch; what follows it comes next take
+            told = self._after_gap(gap)
+            out.extend(told)
+            if len(told) > 1:  # the snapshot holds the batch; what follows it comes next take
                 batch = []
         if batch:
             self.cursor = start + len(batch) - 1
