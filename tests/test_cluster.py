@@ -110,6 +110,41 @@ def test_channels_on_every_master_reach_another_process_exactly(cluster):
     assert _reader_threads() == []
 
 
+def test_concurrent_and_batched_publishes_on_every_master(cluster):
+    """Group commit (a pipeline per master) and publish_many (MULTI/EXEC on
+    the slot's master): every id once, in each channel's order."""
+    writer = RedisHub(cluster.url, idle=0.2, block=1.0)
+    reader = RedisHub(cluster.url, idle=0.2, block=1.0)
+    try:
+        names = _one_channel_per_master(cluster)
+        subs = {name: reader.subscribe(name) for name in names}
+        sent: dict[str, list[str]] = {name: [] for name in names}
+        lock = threading.Lock()
+
+        def publish(t: int) -> None:
+            for i in range(20):
+                name = names[(t + i) % 3]
+                event_id = writer.publish(name, f"{t}-{i}")
+                with lock:
+                    sent[name].append(event_id)
+
+        threads = [threading.Thread(target=publish, args=(t,)) for t in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for name in names:
+            sent[name] += writer.publish_many(name, ["a", "b", "c"])
+        for name, sub in subs.items():
+            got = [_next_event(sub).id for _ in range(len(sent[name]))]
+            assert sorted(got) == sorted(sent[name]) and len(set(got)) == len(got)
+            assert got == sorted(got, key=lambda i: tuple(map(int, i.split("-"))))  # Redis' order
+            sub.close()
+    finally:
+        writer.close()
+        reader.close()
+
+
 def _stream_through(comet_cherrypy, cluster, hub, change) -> dict:
     """Publish every 20 ms to one channel while a parked SSE stream reads
     it; *change* (the channel's stream key) runs once 20 events are

@@ -99,7 +99,7 @@ from redis.typing import KeyT, StreamIdT
 from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
 from ..hub import Hub, MaxAge, _bucket, _Channel, _stored_id, parse_id
-from .redis_cluster import ClusterFollower, cluster_client, slot_tag
+from .redis_cluster import ClusterFollower, _moving, cluster_client, slot_tag
 
 __all__ = ["RedisHub"]
 
@@ -424,13 +424,13 @@ class RedisHub(Hub):
                 return [self._publish_script(keys=[key, self._forgotten_for(key)], args=self._retained(key, args))]
             except redis.ResponseError as exc:
                 return [exc]
-        results = self._pipeline(batch)
+        results = self._cluster_pipeline(batch) if self._cluster else self._pipeline(batch)
         # After a Redis restart the script is gone: those publishes never
         # ran, so sending them again after loading it stores nothing twice.
         again = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
         if again:
             self.redis.script_load(self._publish_script.script)
-            for i, result in zip(again, self._pipeline([batch[i] for i in again])):
+            for i, result in zip(again, (self._cluster_pipeline if self._cluster else self._pipeline)([batch[i] for i in again])):
                 results[i] = result
         return results
 
@@ -471,6 +471,8 @@ class RedisHub(Hub):
         try:
             if self.replicas:
                 ids = self._publish_many_durably(key, protos)
+            elif self._cluster:
+                ids = self._publish_many_on_master(key, protos)
             else:
                 with self.redis.pipeline(transaction=True) as pipe:
                     for proto in protos:
@@ -504,6 +506,62 @@ class RedisHub(Hub):
             if isinstance(result, BaseException):
                 raise result
         return ids
+
+    def _master(self, key: str) -> redis.Redis:
+        """(Cluster) a client of the master that serves stream *key*'s slot:
+        redis-py's cluster pipelines refuse scripts, a master's own take them."""
+        cluster = cast(RedisCluster, self.redis)
+        client: redis.Redis = cluster.nodes_manager.get_node_from_slot(key_slot(key.encode())).redis_connection
+        return client
+
+    def _cluster_pipeline(self, batch: list[_Publish]) -> list[bytes | BaseException]:
+        """:meth:`_pipeline` on a cluster: one pipeline per master; publishes
+        redirected (MOVED, ASK: they never ran) once more one by one through
+        the cluster client, which follows redirections."""
+        sha = self._publish_script.sha
+        results: list[bytes | BaseException] = [RuntimeError("not sent")] * len(batch)
+        by_master: dict[int, tuple[redis.Redis, list[int]]] = {}
+        for i, (key, _) in enumerate(batch):
+            client = self._master(key)
+            by_master.setdefault(id(client), (client, []))[1].append(i)
+        for client, indexes in by_master.values():
+            with client.pipeline(transaction=False) as pipe:
+                for i in indexes:
+                    key, args = batch[i]
+                    pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, args))
+                for i, result in zip(indexes, pipe.execute(raise_on_error=False)):
+                    results[i] = result
+        for i, result in enumerate(results):
+            if isinstance(result, redis.ResponseError) and _moving(result):
+                key, args = batch[i]
+                try:
+                    results[i] = self._publish_script(keys=[key, self._forgotten_for(key)], args=self._retained(key, args))
+                except redis.ResponseError as exc:
+                    results[i] = exc
+        return results
+
+    def _publish_many_on_master(self, key: str, protos: list[Event]) -> list[bytes]:
+        """:meth:`publish_many` on a cluster: MULTI/EXEC on the master of the
+        stream's slot; once more after a redirection (a transaction that
+        got MOVED never ran)."""
+        sha = self._publish_script.sha
+        for attempt in range(2):
+            with self._master(key).pipeline(transaction=False) as pipe:
+                raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
+                pipe.script_load(self._publish_script.script)  # see _publish_many_durably
+                raw.execute_command("MULTI")
+                for proto in protos:
+                    pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, self._fields(proto)))
+                raw.execute_command("EXEC")
+                replies = pipe.execute(raise_on_error=False)
+            self.counters.add("round_trips")
+            error = next((r for r in replies if isinstance(r, BaseException)), None)
+            if error is None:
+                return cast("list[bytes]", replies[-1])
+            if not (attempt == 0 and _moving(error)):
+                raise error
+            cast(RedisCluster, self.redis).nodes_manager.initialize()
+        raise AssertionError("unreachable")
 
     def _fields(self, proto: Event) -> list[str | int | bytes]:
         """The publish script's arguments for one event."""
