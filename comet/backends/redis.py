@@ -71,6 +71,11 @@ connections; the sentinels still name it until they have elected another),
 the reader reconnects to the new master and resumes every channel from its
 last id, and streams keep their heartbeats meanwhile.
 
+``redis+cluster://h1:p1,h2:p2,h3:p3`` spreads channels over a Redis
+Cluster's masters: see :mod:`comet.backends.redis_cluster` (a reader per
+master, woken by a bell the publish script rings; regrouped by the slot map
+after a resharding or a failover).
+
 Replication is asynchronous, so a failover can lose the last events the old
 master acknowledged before its replica had them. ``replicas=N`` makes
 publishing durable: each publish (each batch) is followed by ``WAIT N`` on
