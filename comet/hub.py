@@ -40,11 +40,14 @@ import zlib
 from array import array
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Union
 
 from .counters import Counters
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event
+
+if TYPE_CHECKING:
+    from .presence import Presence
 
 __all__ = ["Hub", "Subscription", "Idle", "GAP", "parse_id", "Step", "cooperative"]
 
@@ -274,11 +277,13 @@ class Hub:
     """
 
     def __init__(self, buffer_size: int = 1000, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0,
-                 max_age: MaxAge = None, max_idle: float | None = None) -> None:
+                 max_age: MaxAge = None, max_idle: float | None = None, presence_grace: float = 2.0) -> None:
         if max_age is not None and not callable(max_age):
             _positive("max_age", max_age)
         if max_idle is not None:
             _positive("max_idle", max_idle)
+        if isinstance(presence_grace, bool) or not isinstance(presence_grace, (int, float)) or presence_grace < 0:
+            raise ValueError(f"presence_grace must be a number of seconds >= 0, got {presence_grace!r}")
         if not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}")
         if not isinstance(max_event_bytes, int) or max_event_bytes < 1:
@@ -304,6 +309,10 @@ class Hub:
         self._epochs: array[int] | None = None
         self._sweeping = threading.Event()
         self._sweeper: threading.Thread | None = None
+        #: Seconds a member with no open stream left still counts (see
+        #: :mod:`comet.presence`): a reload or a reconnect does not flap.
+        self.presence_grace = float(presence_grace)
+        self._presence: Presence | None = None  # made on first use
         self._start_sweeper()
 
     def _start_sweeper(self) -> None:
@@ -408,7 +417,7 @@ class Hub:
     # -- subscribing --------------------------------------------------------
 
     def subscribe(self, channel: str, last_id: str | None = None, *, view: View | None = None, idle: float | None = None,
-                  initial: Iterable[Any] = ()) -> "Subscription":
+                  initial: Iterable[Any] = (), member: str | None = None) -> "Subscription":
         """Iterate *channel*'s events after *last_id*, in publish order.
 
         ``last_id=None`` starts with the next event published. Otherwise every
@@ -427,6 +436,10 @@ class Hub:
         Validation happens here, at the call: a malformed or future
         ``last_id`` raises :class:`~comet.errors.InvalidEventId` at once.
 
+        ``member="ann"`` makes the subscription one of ann's open streams on
+        *channel* while it is open: see :meth:`members`, :meth:`disconnect`
+        and :mod:`comet.presence`.
+
         >>> hub = Hub()
         >>> _ = hub.publish("c", "secret", event="highlight")
         >>> public = hub.subscribe("c", "0-0", view=lambda e: None if e.name == "highlight" else e)
@@ -440,6 +453,8 @@ class Hub:
             raise HubClosed("subscribe on a closed hub")
         if view is not None and not callable(view):
             raise TypeError("view must be callable")
+        if member is not None:
+            check_member(member)
         key = None if last_id is None or last_id == "" else parse_id(last_id)
         ch = self._acquire(channel)
         caught_up = False
@@ -454,7 +469,10 @@ class Hub:
         if caught_up:
             self._wake(ch)
         pending = list(initial) + ([gap] if gap is not None else [])
-        return Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
+        sub = Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
+        if member is not None:
+            self.presence.joined(channel, member, sub)  # and sub's on_close leaves
+        return sub
 
     def _resolve(self, channel: str, ch: _Channel, last_id: str | None,
                  key: tuple[int, int] | None) -> tuple[int, str, Event | None]:
@@ -573,6 +591,62 @@ class Hub:
         with self._lock:
             self._subscriptions += delta
 
+    # -- presence -------------------------------------------------------------
+
+    @property
+    def presence(self) -> "Presence":
+        """This hub's presence registry (:mod:`comet.presence`), made on first use."""
+        presence = self._presence
+        if presence is None:
+            with self._lock:
+                if self._presence is None:
+                    self._presence = self._make_presence()
+                presence = self._presence
+        return presence
+
+    def _make_presence(self) -> "Presence":
+        """Backends: presence across processes."""
+        from .presence import Presence
+
+        return Presence(self)
+
+    def members(self, channel: str) -> dict[str, int]:
+        """Who is on *channel*: member -> open streams, for every member who
+        joined (``subscribe(..., member=...)``) and has not left. A member
+        whose last stream closed counts ``0`` for ``presence_grace`` seconds,
+        then leaves (a :data:`~comet.presence.LEAVE` event), unless a stream
+        of theirs opens again meanwhile.
+
+        >>> hub = Hub()
+        >>> sub = hub.subscribe("room", member="ann")
+        >>> hub.members("room")
+        {'ann': 1}
+        >>> sub.close()
+        """
+        self._check_channel(channel)
+        return self.presence.members(channel)
+
+    def disconnect(self, *, member: str) -> int:
+        """End *member*'s open streams, on every channel (with a backend: on
+        every process). Each ends as at shutdown: its response finishes
+        cleanly and the handler's ``finally`` runs. How many were open here.
+
+        >>> hub = Hub()
+        >>> sub = hub.subscribe("room", member="ann")
+        >>> hub.disconnect(member="ann"), sub.ended
+        (1, True)
+        >>> sub.close()
+        """
+        check_member(member)
+        return self.presence.disconnect(member)
+
+    def on_presence(self, callback: Callable[[str, str, str], None]) -> Callable[[], None]:
+        """Call ``callback(channel, event, member)`` after this process
+        published a join or leave (``event`` is :data:`~comet.presence.JOIN`
+        or :data:`~comet.presence.LEAVE`): exactly one process hears of each.
+        Returns the function that stops it."""
+        return self.presence.on_change(callback)
+
     # -- lifecycle ----------------------------------------------------------
 
     def end_subscriptions(self) -> None:
@@ -587,6 +661,8 @@ class Hub:
         """End every subscription and refuse further use."""
         self._closed = True
         self.end_subscriptions()
+        if self._presence is not None:
+            self._presence.close()
         self._sweeping.set()
         if self._sweeper is not None and self._sweeper is not threading.current_thread():
             self._sweeper.join(10)
@@ -615,6 +691,8 @@ class Hub:
         >>> sub.close()
         """
         self._check_channel(channel)
+        if self._presence is not None:
+            self._presence.forget(channel)  # the channel is over: nobody leaves it
         ch = self._channels.get(channel)
         return ch is not None and self._forget_channel(channel, ch)
 
@@ -626,6 +704,8 @@ class Hub:
                     return False
                 self._drop(name, ch)
         self.counters.add("forgotten")
+        if self._presence is not None:
+            self._presence.dropped(name)
         self._wake(ch)  # its subscriptions take what is left, then end
         return True
 
@@ -783,6 +863,7 @@ class Subscription:
         self._waited = False
         self._callbacks: list[Callable[[], None]] = []
         self._counted = False
+        self._ending = False
         self.closed = False
 
     @property
@@ -799,8 +880,15 @@ class Subscription:
     def ended(self) -> bool:
         """True once the hub closed or ended its subscriptions (engine stop),
         or forgot the channel and everything published before was taken."""
-        return (self.closed or self.hub._closed or self._generation != self.hub._generation
+        return (self.closed or self._ending or self.hub._closed or self._generation != self.hub._generation
                 or (self._ch.dead and self.cursor >= self._ch.seq and not self._pending))
+
+    def end(self) -> None:
+        """End this subscription from any thread, as engine stop would: a
+        thread iterating it, the parked writer or a generator stepped on it
+        sees :attr:`ended` and finishes the stream (``Hub.disconnect``)."""
+        self._ending = True
+        self.hub._wake(self._ch)
 
     def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Run *callback* when the subscription closes (the client went away,
@@ -924,6 +1012,15 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} at {self.last_id}{' closed' if self.closed else ''}>"
+
+
+def check_member(member: Any) -> None:
+    """A member is a non-empty str of at most 200 characters without CR,
+    LF or NUL (it travels as event data and in backends' keys)."""
+    if not isinstance(member, str) or not member:
+        raise InvalidEvent(f"member must be a non-empty str, got {member!r}")
+    if len(member) > _MAX_CHANNEL or any(c in member for c in "\r\n\x00"):
+        raise InvalidEvent(f"member must be at most {_MAX_CHANNEL} characters without CR, LF or NUL: {member[:80]!r}")
 
 
 def _positive(name: str, value: Any) -> None:
