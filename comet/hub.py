@@ -274,6 +274,10 @@ class Hub:
     time; a channel with no publish for ``max_idle`` seconds and nobody
     subscribed or watching is forgotten (:meth:`forget`) by a sweeper thread
     the hub starts for these two and stops in :meth:`close`.
+
+    Presence (:mod:`comet.presence`): ``subscribe(..., member=...)``,
+    :meth:`members`, :meth:`disconnect`; a member whose last stream closed
+    still counts for ``presence_grace`` seconds (a reload is not a leave).
     """
 
     def __init__(self, buffer_size: int = 1000, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0,

@@ -283,6 +283,10 @@ class RedisHub(Hub):
     subscriber on it (each process's sweeper extends those), and each
     process drops its idle mirrors. :meth:`forget` deletes the stream and
     every process ends its subscriptions to it.
+
+    Presence (``member=``, ``members()``, ``disconnect()``) is shared by
+    every process too (:mod:`comet.backends.redis_presence`): a process
+    that dies stops counting within ``presence_lease`` seconds.
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, maxlen: int = 1000, approximate: bool = True,
