@@ -695,8 +695,7 @@ class Hub:
         >>> sub.close()
         """
         self._check_channel(channel)
-        if self._presence is not None:
-            self._presence.forget(channel)  # the channel is over: nobody leaves it
+        self.presence.forget(channel)  # the channel is over: nobody leaves it (with Redis: in every process)
         ch = self._channels.get(channel)
         return ch is not None and self._forget_channel(channel, ch)
 
