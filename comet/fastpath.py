@@ -138,7 +138,8 @@ class FastRoute:
     and who may follow it."""
 
     def __init__(self, path: str, hub: Hub, channel: str | Sequence[str], options: Options, pool: StreamPool,
-                 authorize: Callable[[StreamRequest], bool] | None = None) -> None:
+                 authorize: Callable[[StreamRequest], bool] | None = None,
+                 member: Callable[[StreamRequest], str | None] | None = None) -> None:
         if not isinstance(path, str) or not path.startswith("/") or "?" in path or "%" in path:
             raise ValueError(f"path must be an absolute path without query or %-escapes, got {path!r}")
         if not isinstance(hub, Hub):
@@ -147,7 +148,10 @@ class FastRoute:
             raise ValueError("a fast route streams parked: transport sse, chunked or multipart, mode 'auto'")
         if authorize is not None and not callable(authorize):
             raise TypeError(f"authorize must be a callable taking a StreamRequest, got {authorize!r}")
+        if member is not None and not callable(member):
+            raise TypeError(f"member must be a callable taking a StreamRequest, got {member!r}")
         self.authorize = authorize
+        self.member = member
         self._pool = pool
         self.path = path
         self.hub = hub
@@ -200,8 +204,13 @@ class FastRoute:
             self._pool.counters.add("forbidden")
             raise Forbidden("not allowed to follow this stream")
 
+    def member_of(self, request: StreamRequest) -> str | None:
+        """Whose stream *request* opens (presence), by the ``member`` callback."""
+        return None if self.member is None else self.member(request)
+
     def _subscribe(self, environ: dict[str, Any]) -> Any:
-        return self.hub.subscribe(self.channel_for(environ["comet.route"]), last_id=environ["comet.last_event_id"])
+        return self.hub.subscribe(self.channel_for(environ["comet.route"]), last_id=environ["comet.last_event_id"],
+                                  member=environ.get("comet.member"))
 
     def __repr__(self) -> str:
         return f"FastRoute({self.path!r} -> {self.channel!r} on {self.hub!r})"
@@ -223,8 +232,9 @@ class FastRoutes:
         # the Server header of the routes' answers, once installed on a server
         self._server = ""
 
-    def add(self, path: str, hub: Hub, channel: str | Sequence[str], *, authorize: Callable[[StreamRequest], bool] | None = None,
-            **options: Any) -> FastRoute:
+    def add(self, path: str, hub: Hub, channel: str | Sequence[str], *,
+            authorize: Callable[[StreamRequest], bool] | None = None,
+            member: Callable[[StreamRequest], str | None] | None = None, **options: Any) -> FastRoute:
         """Serve *channel* of *hub* at *path*. ``{name}`` segments of *path*
         match one URL segment each and may be used in *channel*
         (``"/rooms/{room}/events"``, ``"room:{room}"``); a list of channels
@@ -237,8 +247,14 @@ class FastRoutes:
         anything else; a falsy answer, :class:`~comet.Forbidden` or any
         ``PermissionError`` gets ``403`` with the error's message. It must be
         quick and must not block (see the module's introduction).
+
+        *member*, if given, is called next with the same request and names
+        the member whose stream it is (``None``: nobody's), for presence
+        (:meth:`Hub.members <comet.Hub.members>`, :meth:`Hub.disconnect
+        <comet.Hub.disconnect>`); with stream tokens,
+        ``member=lambda request: tokens.verify(request.query.get("token", ""))``.
         """
-        route = FastRoute(path, hub, channel, Options.from_mapping(options), self.pool, authorize)
+        route = FastRoute(path, hub, channel, Options.from_mapping(options), self.pool, authorize, member)
         for other in self._routes:
             if other._regex.pattern == route._regex.pattern:
                 raise ValueError(f"a fast route for {path!r} exists already")
@@ -272,7 +288,9 @@ class FastRoutes:
             route, environ["comet.route"] = found
             if environ.get("REQUEST_METHOD") == "GET":
                 try:
-                    route.check(StreamRequest.from_environ(environ, environ["comet.route"]))
+                    request = StreamRequest.from_environ(environ, environ["comet.route"])
+                    route.check(request)
+                    environ["comet.member"] = route.member_of(request)
                 except Exception as exc:
                     return refuse(start_response, _refusal(exc))
                 self.pool.counters.add("routed_wsgi")
@@ -315,11 +333,13 @@ class FastRoutes:
         if parsed.request is not None:
             parsed.request.remote_addr = remote_addr
         try:
-            if parsed.request is not None:
+            member = None
+            if parsed.request is not None:  # (parsed only for a route that asks)
                 route.check(parsed.request)
+                member = route.member_of(parsed.request)
             last_id = resume_id(parsed.last_event_id, parse_qs(parsed.query).get(_QUERY_KEY, [None])[-1])
-            opened = open_stream(lambda: route.hub.subscribe(channel, last_id=last_id), route.options, self.pool,
-                                 resume_id=last_id, connection=_OWNED)
+            opened = open_stream(lambda: route.hub.subscribe(channel, last_id=last_id, member=member), route.options,
+                                 self.pool, resume_id=last_id, connection=_OWNED)
         except Exception as exc:
             refusal = _refusal(exc)
             refusal.headers.extend(route.options.cors_headers(parsed.origin))
@@ -359,7 +379,7 @@ class FastRoutes:
             return None
         route, params = found
         last_event_id = origin = None
-        headers: dict[str, str] | None = {} if route.authorize is not None else None
+        headers: dict[str, str] | None = {} if route.authorize is not None or route.member is not None else None
         if end > line_end:
             for line in head[line_end + 2:end].split(b"\r\n"):
                 name, sep, value = line.partition(b":")

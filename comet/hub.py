@@ -41,11 +41,14 @@ import zlib
 from array import array
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from .counters import Counters
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event, TaggedEvent
+
+if TYPE_CHECKING:
+    from .presence import Presence
 
 __all__ = ["Hub", "Subscription", "MultiSubscription", "Idle", "GAP", "SNAPSHOT", "parse_id", "Step", "cooperative",
            "MAX_CHANNELS"]
@@ -298,14 +301,20 @@ class Hub:
     time; a channel with no publish for ``max_idle`` seconds and nobody
     subscribed or watching is forgotten (:meth:`forget`) by a sweeper thread
     the hub starts for these two and stops in :meth:`close`.
+
+    Presence (:mod:`comet.presence`): ``subscribe(..., member=...)``,
+    :meth:`members`, :meth:`disconnect`; a member whose last stream closed
+    still counts for ``presence_grace`` seconds (a reload is not a leave).
     """
 
     def __init__(self, buffer_size: int = 1000, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0,
-                 max_age: MaxAge = None, max_idle: float | None = None) -> None:
+                 max_age: MaxAge = None, max_idle: float | None = None, presence_grace: float = 2.0) -> None:
         if max_age is not None and not callable(max_age):
             _positive("max_age", max_age)
         if max_idle is not None:
             _positive("max_idle", max_idle)
+        if isinstance(presence_grace, bool) or not isinstance(presence_grace, (int, float)) or presence_grace < 0:
+            raise ValueError(f"presence_grace must be a number of seconds >= 0, got {presence_grace!r}")
         if not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"buffer_size must be a positive int, got {buffer_size!r}")
         if not isinstance(max_event_bytes, int) or max_event_bytes < 1:
@@ -331,6 +340,10 @@ class Hub:
         self._epochs: array[int] | None = None
         self._sweeping = threading.Event()
         self._sweeper: threading.Thread | None = None
+        #: Seconds a member with no open stream left still counts (see
+        #: :mod:`comet.presence`): a reload or a reconnect does not flap.
+        self.presence_grace = float(presence_grace)
+        self._presence: Presence | None = None  # made on first use
         self._start_sweeper()
 
     def _start_sweeper(self) -> None:
@@ -435,7 +448,7 @@ class Hub:
     # -- subscribing --------------------------------------------------------
 
     def subscribe(self, channel: str | Sequence[str], last_id: str | None = None, *, view: View | None = None,
-                  idle: float | None = None, initial: Iterable[Any] = ()) -> "Subscription":
+                  idle: float | None = None, initial: Iterable[Any] = (), member: str | None = None) -> "Subscription":
         """Iterate *channel*'s events after *last_id*, in publish order.
 
         ``last_id=None`` starts with the next event published. Otherwise every
@@ -461,6 +474,10 @@ class Hub:
         on every channel, so one ``last_id`` resumes each channel exactly
         (and a gap is reported per channel).
 
+        ``member="ann"`` makes the subscription one of ann's open streams on
+        *channel* while it is open: see :meth:`members`, :meth:`disconnect`
+        and :mod:`comet.presence` (with several channels: on each of them).
+
         >>> hub = Hub()
         >>> _ = hub.publish("c", "secret", event="highlight")
         >>> public = hub.subscribe("c", "0-0", view=lambda e: None if e.name == "highlight" else e)
@@ -470,19 +487,22 @@ class Hub:
         Idle('...-1')
         """
         if not isinstance(channel, str):
-            return self._subscribe_many(channel, last_id, view, idle, initial)
+            return self._subscribe_many(channel, last_id, view, idle, initial, member)
         self._check_channel(channel)
-        self._check_open(view)
+        self._check_open(view, member)
         key = None if last_id is None or last_id == "" else parse_id(last_id)
         ch, cursor, resumed, gap = self._open(channel, last_id, key)
         pending = list(initial)
         if gap is not None:
             # A snapshot is made at the first take(), not here: this may be cheroot's accepting thread.
             pending.append(_SnapshotDue(gap) if self._snapshots else gap)
-        return Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
+        sub = Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
+        if member is not None:
+            self.presence.joined(channel, member, sub)  # and sub's on_close leaves
+        return sub
 
     def _subscribe_many(self, channels: Sequence[str], last_id: str | None, view: View | None, idle: float | None,
-                        initial: Iterable[Any]) -> "MultiSubscription":
+                        initial: Iterable[Any], member: str | None) -> "MultiSubscription":
         if not isinstance(channels, (list, tuple)) or not channels or len(channels) > MAX_CHANNELS:
             raise InvalidEvent(f"channels must be a str, or a list of 1 to {MAX_CHANNELS} str, got {channels!r:.80}")
         tags: dict[str, str] = {}
@@ -493,7 +513,7 @@ class Hub:
                 raise InvalidEvent(f"channel {name!r} is listed twice" if tags[tag] == name else
                                    f"channels {tags[tag]!r} and {name!r} share a cursor tag: rename one")
             tags[tag] = name
-        self._check_open(view)
+        self._check_open(view, member)
         cursors = _cursors(last_id, tags)
         slots: list[_Slot] = []
         try:
@@ -506,13 +526,19 @@ class Hub:
             for slot in slots:
                 self._release(slot.name, slot.ch)
             raise
-        return MultiSubscription(self, slots, list(initial), view, self.idle if idle is None else idle)
+        sub = MultiSubscription(self, slots, list(initial), view, self.idle if idle is None else idle)
+        if member is not None:
+            for slot in slots:
+                self.presence.joined(slot.name, member, sub)
+        return sub
 
-    def _check_open(self, view: View | None) -> None:
+    def _check_open(self, view: View | None, member: str | None) -> None:
         if self._closed:
             raise HubClosed("subscribe on a closed hub")
         if view is not None and not callable(view):
             raise TypeError("view must be callable")
+        if member is not None:
+            check_member(member)
 
     def _open(self, channel: str, last_id: str | None,
               key: tuple[int, int] | None) -> tuple[_Channel, int, str, Event | None]:
@@ -755,6 +781,62 @@ class Hub:
         with self._lock:
             self._subscriptions += delta
 
+    # -- presence -------------------------------------------------------------
+
+    @property
+    def presence(self) -> "Presence":
+        """This hub's presence registry (:mod:`comet.presence`), made on first use."""
+        presence = self._presence
+        if presence is None:
+            with self._lock:
+                if self._presence is None:
+                    self._presence = self._make_presence()
+                presence = self._presence
+        return presence
+
+    def _make_presence(self) -> "Presence":
+        """Backends: presence across processes."""
+        from .presence import Presence
+
+        return Presence(self)
+
+    def members(self, channel: str) -> dict[str, int]:
+        """Who is on *channel*: member -> open streams, for every member who
+        joined (``subscribe(..., member=...)``) and has not left. A member
+        whose last stream closed counts ``0`` for ``presence_grace`` seconds,
+        then leaves (a :data:`~comet.presence.LEAVE` event), unless a stream
+        of theirs opens again meanwhile.
+
+        >>> hub = Hub()
+        >>> sub = hub.subscribe("room", member="ann")
+        >>> hub.members("room")
+        {'ann': 1}
+        >>> sub.close()
+        """
+        self._check_channel(channel)
+        return self.presence.members(channel)
+
+    def disconnect(self, *, member: str) -> int:
+        """End *member*'s open streams, on every channel (with a backend: on
+        every process). Each ends as at shutdown: its response finishes
+        cleanly and the handler's ``finally`` runs. How many were open here.
+
+        >>> hub = Hub()
+        >>> sub = hub.subscribe("room", member="ann")
+        >>> hub.disconnect(member="ann"), sub.ended
+        (1, True)
+        >>> sub.close()
+        """
+        check_member(member)
+        return self.presence.disconnect(member)
+
+    def on_presence(self, callback: Callable[[str, str, str], None]) -> Callable[[], None]:
+        """Call ``callback(channel, event, member)`` after this process
+        published a join or leave (``event`` is :data:`~comet.presence.JOIN`
+        or :data:`~comet.presence.LEAVE`): exactly one process hears of each.
+        Returns the function that stops it."""
+        return self.presence.on_change(callback)
+
     # -- lifecycle ----------------------------------------------------------
 
     def end_subscriptions(self) -> None:
@@ -769,6 +851,8 @@ class Hub:
         """End every subscription and refuse further use."""
         self._closed = True
         self.end_subscriptions()
+        if self._presence is not None:
+            self._presence.close()
         self._sweeping.set()
         if self._sweeper is not None and self._sweeper is not threading.current_thread():
             self._sweeper.join(10)
@@ -797,6 +881,7 @@ class Hub:
         >>> sub.close()
         """
         self._check_channel(channel)
+        self.presence.forget(channel)  # the channel is over: nobody leaves it (with Redis: in every process)
         ch = self._channels.get(channel)
         return ch is not None and self._forget_channel(channel, ch)
 
@@ -808,6 +893,8 @@ class Hub:
                     return False
                 self._drop(name, ch)
         self.counters.add("forgotten")
+        if self._presence is not None:
+            self._presence.dropped(name)
         self._wake(ch)  # its subscriptions take what is left, then end
         return True
 
@@ -965,6 +1052,7 @@ class Subscription:
         self._waited = False
         self._callbacks: list[Callable[[], None]] = []
         self._counted = False
+        self._ending = False
         self.closed = False
 
     @property
@@ -1000,8 +1088,15 @@ class Subscription:
     def ended(self) -> bool:
         """True once the hub closed or ended its subscriptions (engine stop),
         or forgot the channel and everything published before was taken."""
-        return (self.closed or self.hub._closed or self._generation != self.hub._generation
+        return (self.closed or self._ending or self.hub._closed or self._generation != self.hub._generation
                 or (self._ch.dead and self.cursor >= self._ch.seq and not self._pending))
+
+    def end(self) -> None:
+        """End this subscription from any thread, as engine stop would: a
+        thread iterating it, the parked writer or a generator stepped on it
+        sees :attr:`ended` and finishes the stream (``Hub.disconnect``)."""
+        self._ending = True
+        self._wake()
 
     def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Run *callback* when the subscription closes (the client went away,
@@ -1339,6 +1434,15 @@ class MultiSubscription(Subscription):
 
     def __repr__(self) -> str:
         return f"<MultiSubscription {list(self.channels)!r} at {self.last_id}{' closed' if self.closed else ''}>"
+
+
+def check_member(member: Any) -> None:
+    """A member is a non-empty str of at most 200 characters without CR,
+    LF or NUL (it travels as event data and in backends' keys)."""
+    if not isinstance(member, str) or not member:
+        raise InvalidEvent(f"member must be a non-empty str, got {member!r}")
+    if len(member) > _MAX_CHANNEL or any(c in member for c in "\r\n\x00"):
+        raise InvalidEvent(f"member must be at most {_MAX_CHANNEL} characters without CR, LF or NUL: {member[:80]!r}")
 
 
 def _positive(name: str, value: Any) -> None:

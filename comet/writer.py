@@ -402,6 +402,10 @@ class Writer:
         if sub.ended:
             if stream.gen is not None:
                 self._submit_step(stream)  # the generator goes on after its ``yield from``
+            elif stream.longpoll is not None and not stream.closing:
+                if not stream.entries or stream.cursor is None:
+                    stream.cursor = sub.last_id
+                self._answer(stream)  # ended with no news (a disconnect): still a whole answer
             else:
                 self._finish(stream)
             return

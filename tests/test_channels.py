@@ -429,3 +429,21 @@ def test_a_channel_that_fell_behind_gets_its_snapshot_on_a_stream_of_several(any
     again = any_hub.subscribe(["score", "chat"], last_id=got[1].id)
     assert [e.data for e in take_until(again, 2)] == ["still here", "live"]
     again.close()
+
+
+def test_a_member_on_a_stream_of_several_channels_is_present_on_each(any_hub):
+    any_hub.presence_grace = 0.2
+    watcher = any_hub.subscribe(["room", "dm:ann:bob"])
+    sub = any_hub.subscribe(["room", "dm:ann:bob"], member="ann")
+    sub.start()
+    settle(lambda: any_hub.members("room") == {"ann": 1} and any_hub.members("dm:ann:bob") == {"ann": 1})
+    joins = take_until(watcher, 2)
+    assert sorted((e.channel, e.name, e.data) for e in joins) == [
+        ("dm:ann:bob", "comet.join", "ann"), ("room", "comet.join", "ann")]
+    assert any_hub.disconnect(member="ann") == 1  # one stream, however many channels
+    settle(lambda: sub.ended, what="the stream of several channels ended")
+    sub.close()
+    leaves = take_until(watcher, 2)
+    assert sorted((e.channel, e.name) for e in leaves) == [("dm:ann:bob", "comet.leave"), ("room", "comet.leave")]
+    settle(lambda: any_hub.members("room") == {} and any_hub.members("dm:ann:bob") == {})
+    watcher.close()

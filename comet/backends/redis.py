@@ -104,6 +104,7 @@ from redis.typing import KeyT, StreamIdT
 from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
 from ..hub import Hub, MaxAge, _bucket, _Channel, _stored_id, parse_id
+from ..presence import Presence
 from .redis_cluster import ClusterFollower, _moving, cluster_client, slot_tag
 
 __all__ = ["RedisHub"]
@@ -299,6 +300,10 @@ class RedisHub(Hub):
     subscriber on it (each process's sweeper extends those), and each
     process drops its idle mirrors. :meth:`forget` deletes the stream and
     every process ends its subscriptions to it.
+
+    Presence (``member=``, ``members()``, ``disconnect()``) is shared by
+    every process too (:mod:`comet.backends.redis_presence`): a process
+    that dies stops counting within ``presence_lease`` seconds.
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, maxlen: int = 1000, approximate: bool = True,
@@ -306,7 +311,8 @@ class RedisHub(Hub):
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0, block: float = 5.0,
                  backoff: tuple[float, float] = (0.05, 5.0), batch_publishes: bool = True,
                  replicas: int = 0, replica_timeout: float = 1.0, max_age: MaxAge = None,
-                 max_idle: float | None = None, **redis_options: Any) -> None:
+                 max_idle: float | None = None, presence_grace: float = 2.0, presence_lease: float = 10.0,
+                 **redis_options: Any) -> None:
         if not isinstance(maxlen, int) or maxlen < 1:
             raise ValueError(f"maxlen must be a positive int, got {maxlen!r}")
         if not isinstance(prefix, str) or any(c in prefix for c in "\r\n\x00"):
@@ -319,8 +325,11 @@ class RedisHub(Hub):
             raise ValueError(f"replicas must be a non-negative int, got {replicas!r}")
         if not isinstance(replica_timeout, (int, float)) or not 0 < replica_timeout <= 60:
             raise ValueError(f"replica_timeout must be between 0 and 60 seconds, got {replica_timeout!r}")
+        if isinstance(presence_lease, bool) or not isinstance(presence_lease, (int, float)) or presence_lease <= 0:
+            raise ValueError(f"presence_lease must be a positive number of seconds, got {presence_lease!r}")
         super().__init__(buffer_size or maxlen, max_event_bytes=max_event_bytes, idle=idle, max_age=max_age,
-                         max_idle=max_idle)
+                         max_idle=max_idle, presence_grace=presence_grace)
+        self.presence_lease = float(presence_lease)  # a dead process's members count this long at most
         self.epoch = 0  # ids are Redis', so the first cursor of an empty channel is "0-0"
         self.url = url
         self.maxlen = maxlen
@@ -382,6 +391,11 @@ class RedisHub(Hub):
     def _start_sweeper(self) -> None:
         if hasattr(self, "_reader"):  # not from Hub.__init__: once this hub is ready
             super()._start_sweeper()
+
+    def _make_presence(self) -> Presence:
+        from .redis_presence import RedisPresence  # (comet/backends/redis_presence.py)
+
+        return RedisPresence(self, self.presence_lease)
 
     def _connect(self, options: dict[str, Any]) -> redis.Redis:
         if self._cluster:

@@ -8,7 +8,8 @@ live in Redis, so any number of processes (behind nginx, say) serve the same
 game: see docs/deployment.md.
 
 Each page subscribes to ``/events/<lobby>?player=<token>``; the stream is the
-player's presence (open = online; closed for ``grace`` seconds = gone).
+player's presence (comet's: ``hub.subscribe(..., member=<name>)``; open =
+online; closed for ``grace`` seconds = gone).
 Actions are POSTs carrying the player's token, which the page keeps in
 ``sessionStorage``: one player per tab, so three tabs are three players.
 The index page follows ``/updates``, one ``lobby`` event per change.
@@ -200,19 +201,18 @@ class LobbyApp:
     @stream(transport="sse")
     def events(self, name: str, player: str | None = None, last_event_id: str | None = None):
         lobby = self._lobby(name)
+        try:
+            me = lobby.player(player)
+        except GameError as exc:
+            raise cherrypy.HTTPError(exc.status, str(exc)) from None
         # Take the cursor before the snapshot: anything published in between
         # arrives again (whole states, so harmless), nothing is missed.
         cursor = last_event_id or self.hub.last_id(lobby.channel)
-        snapshot = [] if last_event_id else [Event(lobby.state(), name="state")]
-        sub = self.hub.subscribe(lobby.channel, last_id=cursor, initial=snapshot)
-        try:
-            me = lobby.player(player)
-            if me is not None:  # this page's stream is the player's presence
-                lobby.connected(me)
-                sub.on_close(lambda: lobby.disconnected(me))
-        except GameError as exc:
-            sub.close()
-            raise cherrypy.HTTPError(exc.status, str(exc)) from None
+        snapshot = [] if last_event_id else [Event(lobby.state(viewer=me and me.name), name="state")]
+        # This page's stream is the player's presence: their first one makes
+        # the hub publish comet.join (and the lobby shows them online), their
+        # last one closed for the grace period comet.leave (and the seat goes).
+        sub = self.hub.subscribe(lobby.channel, last_id=cursor, initial=snapshot, member=me and me.name)
         # comet parks the stream on its writer thread once the headers are out
         # (as it would with `yield from sub`), so an open lobby page costs a
         # socket, not a server thread.
@@ -250,7 +250,7 @@ def error_page(status, message, traceback, version):
     return templates.get_template("error.html").render(status=status, message=message)
 
 
-def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None, lease: float = 6.0,
+def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None,
              openings: Openings | None = None, behind_proxy: bool = False,
              stats_password: str | None = None, debug: bool = False, **lobby_options):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
@@ -259,9 +259,12 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
     signature unless ``debug`` (``--debug``): production-safe by default.
 
     ``store`` holds the lobbies' state: a ``MemoryStore`` (default) or a
-    ``RedisStore`` shared by every process of the game."""
+    ``RedisStore`` shared by every process of the game. ``grace`` becomes
+    the hub's ``presence_grace``: how long a seat waits for its player's
+    page to come back."""
     hub = hub or Hub()
-    lobbies = Lobbies(hub, size=size, grace=grace, store=store, lease=lease, **lobby_options)
+    hub.presence_grace = grace
+    lobbies = Lobbies(hub, size=size, grace=grace, store=store, **lobby_options)
     cherrypy.engine.subscribe("start", lobbies.start)
     cherrypy.engine.subscribe("stop", lobbies.close)
     config = {
@@ -299,10 +302,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--debug", action="store_true",
                         help="show Python tracebacks on error pages (development only: they reveal server paths)")
     args = parser.parse_args(argv)
-    hub = hub_from_url(args.redis)
+    # A dead process's players count until its presence lease runs out (Redis).
+    hub = hub_from_url(args.redis, presence_grace=args.grace, **({"presence_lease": args.lease} if args.redis else {}))
     store = RedisStore.from_url(args.redis) if args.redis else None
     app, config = make_app(hub, size=args.size, store=store, grace=args.grace, countdown=args.countdown,
-                           lease=args.lease, openings=Openings(args.openings), behind_proxy=args.behind_proxy,
+                           openings=Openings(args.openings), behind_proxy=args.behind_proxy,
                            stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})

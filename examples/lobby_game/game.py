@@ -14,9 +14,12 @@ lobby's hub channel: small, and a client that missed something is whole
 again with the next event. The index page gets a ``lobby`` summary of each
 change on one more channel.
 
-Presence: each open stream of a player counts as a connection. When the last
-one closes, the seat is kept for ``grace`` seconds so a reload or a network
-blip does not cost it; after that the player leaves and everyone sees it.
+Presence is comet's (:mod:`comet.presence`): a player's page stream is
+subscribed with ``member=<their name>``, so ``hub.members(channel)`` says who
+is online, across processes. When a player's last stream closes, the hub
+keeps them for its ``presence_grace`` seconds so a reload or a network blip
+does not cost the seat; then it publishes ``comet.leave`` and tells the one
+process that published it (``hub.on_presence``), which gives the seat up.
 
 State lives in a *store*: :class:`MemoryStore` in this process (the
 default), or :class:`RedisStore` so that several processes behind a load
@@ -25,12 +28,12 @@ online for a player on process B, and a click on C can win. Every change is
 one atomic read-modify-write of the lobby's state (a lock, or Redis
 ``WATCH``/``MULTI``) and carries a ``version``; pages ignore a state older
 than the one they show, since two processes may publish in either order.
-Timers (countdown, seat grace) run in the process whose action started
-them and re-check the stored state when they fire. Connections are counted
-per process, and each process holds a lease in the store that it renews
-every ``lease / 3`` seconds: if a process dies, the others see its lease
-expire, drop its connections, and its players leave after the usual grace. Times are wall-clock
-(``time.time()``), so machines serving one lobby need synchronised clocks.
+Timers (countdown, a seat nobody connects to) run in the process whose
+action started them and re-check the stored state when they fire. If a
+process dies, the hub's presence lease runs out and its players leave after
+the usual grace (see :class:`~comet.backends.redis.RedisHub`'s
+``presence_lease``). Times are wall-clock (``time.time()``), so machines
+serving one lobby need synchronised clocks.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from comet import Hub
+from comet.presence import JOIN, LEAVE
 
 log = logging.getLogger("lobby")
 NAME = re.compile(r"[^\W_][\w \-]{0,19}")
@@ -127,12 +131,6 @@ class MemoryStore:
         with self._lock:
             return copy.deepcopy(self._states)
 
-    def renew(self, process: str, ttl: float) -> None:
-        """One process: it is alive as long as it runs."""
-
-    def alive(self, processes: set[str]) -> set[str]:
-        return set(processes)
-
 
 def _redis_errors(method):
     """Redis down is a 503 with a reason, like comet's own BackendUnavailable."""
@@ -208,18 +206,6 @@ class RedisStore:
         raws = self.redis.mget([self.prefix + "state:" + n for n in names]) if names else []
         return {n: json.loads(raw) for n, raw in zip(names, raws) if raw}
 
-    @_redis_errors
-    def renew(self, process: str, ttl: float) -> None:
-        """This process is alive for another *ttl* seconds."""
-        self.redis.set(self.prefix + "process:" + process, "1", px=int(ttl * 1000))
-
-    @_redis_errors
-    def alive(self, processes: set[str]) -> set[str]:
-        """Which of *processes* hold a lease now."""
-        names = sorted(processes)
-        leases = self.redis.mget([self.prefix + "process:" + p for p in names]) if names else []
-        return {p for p, lease in zip(names, leases) if lease}
-
 
 def _fresh(name: str, size: int) -> dict:
     # Versions start from the clock (in µs) so that a lobby removed and opened
@@ -227,11 +213,6 @@ def _fresh(name: str, size: int) -> dict:
     # new one's states (it ignores versions lower than what it shows).
     return {"lobby": name, "phase": "waiting", "count": None, "round": 0, "size": size, "winner": None,
             "reaction_ms": None, "false_starts": [], "go_at": None, "players": [], "version": time.time_ns() // 1000}
-
-
-def _online(player: dict) -> int:
-    """Open streams of *player*, over every process."""
-    return sum(player["connections"].values())
 
 
 def same_token(given: str, expected: str) -> bool:
@@ -257,14 +238,16 @@ def summary(state: dict) -> dict:
             "phase": state["phase"], "version": state["version"]}
 
 
-def public(state: dict) -> dict:
-    """What every page sees: no tokens, no server clock."""
+def public(state: dict, online: dict[str, int] | None = None) -> dict:
+    """What every page sees: no tokens, no server clock. *online* is the
+    lobby channel's members (a player in their grace period still counts)."""
+    online = online or {}
     players = state["players"]
     return {
         "lobby": state["lobby"], "phase": state["phase"], "count": state["count"], "round": state["round"],
         "size": state["size"], "host": players[0]["name"] if players else None, "winner": state["winner"],
         "reaction_ms": state["reaction_ms"], "false_starts": sorted(state["false_starts"]),
-        "players": [{"name": p["name"], "online": _online(p) > 0} for p in players],
+        "players": [{"name": p["name"], "online": p["name"] in online} for p in players],
         "wins": {p["name"]: p.get("wins", 0) for p in players},  # rounds won since joining
         "version": state["version"],
     }
@@ -275,10 +258,8 @@ class Lobby:
     process-safe with a :class:`RedisStore`."""
 
     def __init__(self, name: str, hub: Hub, store: MemoryStore | RedisStore | None = None, size: int = 4,
-                 grace: float = 3.0, countdown: int = 3, go_delay: tuple[float, float] = (0.5, 1.5),
-                 process: str = "local") -> None:
+                 grace: float = 3.0, countdown: int = 3, go_delay: tuple[float, float] = (0.5, 1.5)) -> None:
         self.name = name
-        self.process = process  # whose connections this handle counts
         self.hub = hub
         self.store = store if store is not None else MemoryStore()
         self.size = size
@@ -311,7 +292,7 @@ class Lobby:
             return default
 
     def _announce(self, state: dict) -> None:
-        self.hub.publish(self.channel, public(state), event="state")
+        self.hub.publish(self.channel, public(state, self.online()), event="state")
         self.hub.publish(INDEX, summary(state), event="lobby")
         if not state["players"]:
             # The lobby is over: its channel goes too (open pages get this
@@ -336,8 +317,7 @@ class Lobby:
                 raise GameError("a round is being played: you can join as soon as it ends")
             if len(s["players"]) >= self.size:
                 raise GameError(f"this lobby is full ({self.size} players)")
-            s["players"].append({"name": name, "token": new_token, "connections": {}, "since": time.time(),
-                                 "wins": 0})
+            s["players"].append({"name": name, "token": new_token, "wins": 0})
             # A full lobby starts the first round by itself; between rounds
             # the host says when (the newcomer may want a moment).
             full = len(s["players"]) == self.size and s["phase"] == "waiting"
@@ -374,58 +354,29 @@ class Lobby:
         if not s["players"] and s["phase"] != "waiting":
             self._reset(s)
 
-    def connected(self, player: Player) -> None:
+    def online(self) -> dict[str, int]:
+        """Who has this lobby's page open: the channel's members (comet's presence)."""
+        try:
+            return self.hub.members(self.channel)
+        except Exception as exc:  # e.g. BackendUnavailable: say who is seated, if not who is online
+            log.warning("lobby: presence of %r unknown: %s", self.name, exc)
+            return {}
+
+    def came(self, name: str) -> None:
+        """*name*'s first page opened (``comet.join``): show them online."""
         def change(s):
-            mine = _find(s, token=player.token)
-            if mine is None:
-                return None, None, False
-            here = mine["connections"]
-            here[self.process] = here.get(self.process, 0) + 1
-            return s, None, _online(mine) == 1
+            return (s, None, True) if _find(s, name=name) is not None else (None, None, False)
 
         self._quietly(change)
 
-    def disconnected(self, player: Player) -> None:
+    def _gone(self, player: Player | str) -> None:
+        """Give the seat up if its player has no page open (after the hub's
+        grace period, or a seat nobody ever connected to)."""
+        name = player if isinstance(player, str) else player.name
+
         def change(s):
-            mine = _find(s, token=player.token)
-            here = mine["connections"] if mine is not None else {}
-            if not here.get(self.process):
-                return None, False, False
-            here[self.process] -= 1
-            if not here[self.process]:
-                del here[self.process]
-            if _online(mine):
-                return s, False, False
-            mine["since"] = time.time()
-            return s, True, True
-
-        if self._quietly(change, False) and not self.closed:
-            self._later(self.grace, self._gone, player)
-
-    def forget(self, dead: set[str]) -> None:
-        """Drop the connections of processes whose lease expired; their
-        players go offline and, after the grace period, leave."""
-        def change(s):
-            changed, offline = False, []
-            for mine in s["players"]:
-                if dead & mine["connections"].keys():
-                    changed = True
-                    before = _online(mine)
-                    mine["connections"] = {p: n for p, n in mine["connections"].items() if p not in dead}
-                    if before and not _online(mine):
-                        mine["since"] = time.time()
-                        offline.append(Player(mine["name"], mine["token"]))
-            return (s, offline, bool(offline)) if changed else (None, [], False)
-
-        for player in self._quietly(change, []):
-            self._later(self.grace, self._gone, player)
-
-    def _gone(self, player: Player) -> None:
-        def change(s):
-            mine = _find(s, token=player.token)
-            # Wall-clock grace, not "this timer's": the player may have come
-            # and gone again on another process since this timer was set.
-            if mine is None or _online(mine) or time.time() - mine["since"] < self.grace - 0.05:
+            mine = _find(s, name=name)
+            if mine is None or name in self.online():
                 return None, None, False
             self._remove(s, mine)
             return s, None, True
@@ -519,9 +470,13 @@ class Lobby:
     def host(self) -> str | None:
         return self.state()["host"]
 
-    def state(self) -> dict:
-        """The public state, as pages see it (an empty lobby if it is gone)."""
-        return public(self.store.get(self.name) or _fresh(self.name, self.size))
+    def state(self, viewer: str | None = None) -> dict:
+        """The public state, as pages see it (an empty lobby if it is gone);
+        *viewer*, whose page is opening, counts as online."""
+        online = self.online()
+        if viewer is not None:
+            online[viewer] = online.get(viewer, 0) + 1
+        return public(self.store.get(self.name) or _fresh(self.name, self.size), online)
 
     def _later(self, delay: float, func, *args) -> threading.Timer:
         timer = threading.Timer(delay, func, args)
@@ -558,18 +513,16 @@ class Lobbies:
     MAX_LOBBIES = 1000
 
     def __init__(self, hub: Hub, size: int = 4, grace: float = 3.0, store: MemoryStore | RedisStore | None = None,
-                 lease: float = 6.0, **lobby_options) -> None:
+                 **lobby_options) -> None:
         self.hub = hub
         self.size = size
         self.grace = grace
         self.store = store if store is not None else MemoryStore()
-        self.lease = lease
-        self.process = secrets.token_hex(6)  # this process, in every player's connection counts
         self.options = lobby_options
         self._lock = threading.Lock()
         self._lobbies: dict[str, Lobby] = {}
-        self._stop = threading.Event()
-        self._keeper: threading.Thread | None = None
+        self._stopped = False
+        self._unwatch = hub.on_presence(self._presence)
 
     def get(self, name: str, create: bool = False) -> Lobby:
         """The lobby called *name*: 404 if nobody is in it, unless *create*
@@ -586,9 +539,8 @@ class Lobbies:
             if lobby is None:
                 if len(self._lobbies) >= 2 * self.MAX_LOBBIES:
                     self._forget_idle()
-                lobby = self._lobbies[name] = Lobby(name, self.hub, self.store, self.size, self.grace,
-                                                    process=self.process, **self.options)
-                if self._stop.is_set():
+                lobby = self._lobbies[name] = Lobby(name, self.hub, self.store, self.size, self.grace, **self.options)
+                if self._stopped:
                     lobby.close()
         return lobby
 
@@ -608,52 +560,35 @@ class Lobbies:
         """Every open lobby, as the index lists it."""
         return sorted((summary(s) for s in self.store.states().values()), key=lambda s: s["lobby"])
 
-    # -- process leases -------------------------------------------------------
+    # -- presence ------------------------------------------------------------
+
+    def _presence(self, channel: str, event: str, member: str) -> None:
+        """The hub published a join or leave on a lobby's channel, here."""
+        if not channel.startswith("lobby:"):
+            return
+        try:
+            lobby = self.get(channel[len("lobby:"):])
+        except GameError:
+            return  # gone meanwhile, or not a lobby's name
+        if event == JOIN:
+            lobby.came(member)
+        elif event == LEAVE:
+            lobby._gone(member)
+
+    # -- engine start and stop ---------------------------------------------------
 
     def start(self) -> None:
-        """Renew this process's lease and sweep dead processes' connections,
-        every ``lease / 3`` seconds, until :meth:`close` (engine start/stop)."""
+        """Accept timers again (engine start after a stop)."""
         with self._lock:
+            self._stopped = False
             lobbies = list(self._lobbies.values())
-            if self._keeper is not None and self._keeper.is_alive():
-                return
-            self._stop.clear()
-            self._keeper = threading.Thread(target=self._keep, name="lobby-lease", daemon=True)
-            self._keeper.start()
         for lobby in lobbies:
             lobby.open()
 
-    def _keep(self) -> None:
-        while True:
-            try:
-                self.store.renew(self.process, self.lease)
-                self.sweep()
-            except GameError as exc:  # the store is down: try again next round
-                log.warning("lobby: lease/sweep failed: %s", exc)
-            if self._stop.wait(self.lease / 3):
-                return
-
-    def sweep(self) -> None:
-        """Forget the connections of processes whose lease expired."""
-        states = self.store.states()
-        counted = {p for s in states.values() for player in s["players"] for p in player["connections"]}
-        dead = counted - self.store.alive(counted) - {self.process}
-        if not dead:
-            return
-        for name, state in states.items():
-            if any(dead & player["connections"].keys() for player in state["players"]):
-                try:
-                    self.get(name).forget(dead)
-                except GameError as exc:
-                    if exc.status != 404:  # gone in the meantime: nothing to forget
-                        raise
-
     def close(self) -> None:
-        self._stop.set()
+        """Cancel every pending timer (engine stop)."""
         with self._lock:
+            self._stopped = True
             lobbies = list(self._lobbies.values())
-            keeper = self._keeper
-        if keeper is not None:
-            keeper.join(5)
         for lobby in lobbies:
             lobby.close()

@@ -1,0 +1,222 @@
+"""Presence on both hubs: subscribe(member=...), members(), comet.join and
+comet.leave with a grace period, disconnect(member=...). The Redis hub runs
+against a real redis-server; two RedisHubs stand for two processes, and a
+real process killed with SIGKILL stops counting within its lease. Streams
+over HTTP (every transport, parked, generator and thread mode, fast routes)
+are in tests/test_presence_http.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from comet import Hub, InvalidEvent
+from comet.presence import JOIN, LEAVE
+from comet.testing import wait_until
+from test_redis import hubs, prefix  # noqa: F401  (the Redis hub fixtures)
+
+GRACE = 0.4
+
+
+@pytest.fixture(params=["memory", "redis"])
+def processes(request):
+    """``make()`` -> a hub; with Redis each is another process's, sharing
+    one Redis; in memory, every "process" is the same hub."""
+    if request.param == "memory":
+        hub = Hub(idle=0.2, presence_grace=GRACE)
+        yield lambda **options: hub
+        hub.close()
+        assert not [t for t in threading.enumerate() if t.name == "comet-presence"]
+    else:
+        make = request.getfixturevalue("hubs")
+        yield lambda **options: make(idle=0.2, presence_grace=GRACE, **{"presence_lease": 2.0, **options})
+
+
+class Watcher:
+    """Collects the join and leave events of a channel, in order."""
+
+    def __init__(self, hub: Hub, channel: str) -> None:
+        self.sub = hub.subscribe(channel)
+        self.seen: list[tuple[str, str]] = []
+
+    def events(self) -> list[tuple[str, str]]:
+        self.seen += [(e.name, e.data) for e in self.sub.take() if e and e.name in (JOIN, LEAVE)]
+        return self.seen
+
+    def wait(self, expected: list[tuple[str, str]], timeout: float = 5.0) -> None:
+        wait_until(lambda: self.events() == expected, timeout, what=f"events {expected}")
+
+
+def test_members_count_streams_and_join_and_leave_once(processes):
+    hub = processes()
+    watcher = Watcher(hub, "room")
+    one, two = hub.subscribe("room", member="ann"), hub.subscribe("room", member="ann")
+    bob = hub.subscribe("room", member="bob")
+    wait_until(lambda: hub.members("room") == {"ann": 2, "bob": 1}, what="two members")
+    watcher.wait([(JOIN, "ann"), (JOIN, "bob")])
+    one.close()
+    wait_until(lambda: hub.members("room") == {"ann": 1, "bob": 1}, what="one of ann's streams")
+    two.close()  # ann's last stream: she counts 0 for the grace period, then leaves
+    wait_until(lambda: hub.members("room") == {"ann": 0, "bob": 1}, what="ann leaving")
+    assert watcher.events() == [(JOIN, "ann"), (JOIN, "bob")]
+    watcher.wait([(JOIN, "ann"), (JOIN, "bob"), (LEAVE, "ann")])
+    assert hub.members("room") == {"bob": 1}
+    bob.close()
+    watcher.wait([(JOIN, "ann"), (JOIN, "bob"), (LEAVE, "ann"), (LEAVE, "bob")])
+    assert hub.members("room") == {} and hub.members("elsewhere") == {}
+    watcher.sub.close()
+
+
+def test_a_reconnect_within_the_grace_period_does_not_flap(processes):
+    a, b = processes(), processes()
+    watcher = Watcher(a, "room")
+    sub = a.subscribe("room", member="ann")
+    watcher.wait([(JOIN, "ann")])
+    for hub in (a, b, a):  # reloads, on this process and on another
+        sub.close()
+        sub = hub.subscribe("room", member="ann")
+    deadline = time.monotonic() + 3 * GRACE
+    while time.monotonic() < deadline:  # well past the grace period: still one join, no leave
+        assert watcher.events() == [(JOIN, "ann")]
+        time.sleep(0.05)
+    assert a.members("room") == b.members("room") == {"ann": 1}
+    sub.close()
+    watcher.wait([(JOIN, "ann"), (LEAVE, "ann")])
+    watcher.sub.close()
+
+
+def test_members_and_events_across_processes(processes):
+    a, b = processes(), processes()
+    on_b = Watcher(b, "room")
+    heard: list[tuple[str, str, str]] = []
+    for hub in {id(a): a, id(b): b}.values():
+        hub.on_presence(lambda *change: heard.append(change))
+    ann, bob = a.subscribe("room", member="ann"), b.subscribe("room", member="bob")
+    for hub in (a, b):
+        wait_until(lambda: hub.members("room") == {"ann": 1, "bob": 1}, what="both members, seen from each")
+    on_b.wait([(JOIN, "ann"), (JOIN, "bob")]) if a is b else wait_until(
+        lambda: sorted(on_b.events()) == [(JOIN, "ann"), (JOIN, "bob")], what="both joins")
+    ann.close()
+    bob.close()
+    wait_until(lambda: sorted(on_b.events()) == sorted([(JOIN, "ann"), (JOIN, "bob"), (LEAVE, "ann"), (LEAVE, "bob")]),
+               what="both leaves")
+    # each change heard once, by the one process that published it
+    assert sorted(heard) == sorted([("room", JOIN, "ann"), ("room", JOIN, "bob"), ("room", LEAVE, "ann"),
+                                    ("room", LEAVE, "bob")])
+    on_b.sub.close()
+
+
+def test_disconnect_ends_a_members_streams_on_every_process(processes):
+    a, b = processes(), processes()
+    mine = [a.subscribe("room", member="ann"), b.subscribe("dm:ann:bob", member="ann")]
+    other = b.subscribe("room", member="bob")
+    ended = threading.Event()
+
+    def follow():  # thread mode: iterating ends
+        for _ in mine[1]:
+            pass
+        ended.set()
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    wait_until(lambda: b.subscriptions >= 1, what="the follower waits")
+    started = time.monotonic()
+    assert a.disconnect(member="ann") == (2 if a is b else 1)  # ended here at once
+    assert mine[0].ended
+    assert ended.wait(5), "the other process's stream did not end"
+    assert time.monotonic() - started < 1.5  # "within a second", with room for a busy machine
+    thread.join(5)
+    assert mine[1].closed and not other.ended
+    assert a.disconnect(member="nobody") == 0
+    for sub in mine + [other]:
+        sub.close()
+    wait_until(lambda: a.members("room") == {} and a.members("dm:ann:bob") == {}, what="everyone left")
+
+
+def test_a_disconnect_spares_streams_opened_after_it(processes):
+    a, b = processes(), processes()
+    a.disconnect(member="ann")
+    later = b.subscribe("room", member="ann")
+    time.sleep(0.3)  # (a Redis listener has read the entry by now)
+    assert not later.ended
+    later.close()
+
+
+def test_forgetting_a_channel_forgets_its_members_without_leaves(processes):
+    hub = processes()
+    sub = hub.subscribe("game", member="ann")
+    wait_until(lambda: hub.members("game") == {"ann": 1}, what="ann")
+    hub.forget("game")
+    wait_until(lambda: sub.take() is not None and sub.ended, what="the subscription to end (after its own join)")
+    sub.close()
+    assert hub.members("game") == {}
+    time.sleep(GRACE + 0.4)
+    assert "game" not in hub.channels() and hub.history("game") == []  # no leave event recreated it
+
+
+@pytest.mark.parametrize("bad", ["", "a\nb", "x" * 201, 7, "nul\x00"])
+def test_a_bad_member_is_refused_before_anything_is_made(processes, bad):
+    hub = processes()
+    with pytest.raises(InvalidEvent, match="member must be"):
+        hub.subscribe("room", member=bad)
+    with pytest.raises(InvalidEvent, match="member must be"):
+        hub.disconnect(member=bad)
+    assert hub.subscriptions == 0 and "room" not in hub.channels()
+
+
+def test_bad_presence_settings_fail_at_construction(comet_redis):
+    with pytest.raises(ValueError, match="presence_grace must be"):
+        Hub(presence_grace=-1)
+    from comet.backends.redis import RedisHub
+
+    with pytest.raises(ValueError, match="presence_lease must be"):
+        RedisHub(comet_redis.url, presence_lease=0)
+
+
+_VICTIM = """
+import sys, time
+from comet.backends.redis import RedisHub
+hub = RedisHub(sys.argv[1], prefix=sys.argv[2], presence_lease=1.0, presence_grace=0.3)
+sub = hub.subscribe("room", member="zed")
+while hub.members("room") != {"zed": 1}:
+    time.sleep(0.02)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_process_killed_with_sigkill_stops_counting_within_its_lease(hubs, comet_redis, prefix):
+    hub = hubs(idle=0.2, presence_grace=0.3, presence_lease=1.0)
+    watcher = Watcher(hub, "room")
+    hub.members("room")  # this process takes part in sweeping
+    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, comet_redis.url, prefix], stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
+        assert hub.members("room") == {"zed": 1}
+        watcher.wait([(JOIN, "zed")])
+        victim.kill()  # no on_close, no retire: only the lease tells
+        killed = time.monotonic()
+        victim.wait(10)
+        watcher.wait([(JOIN, "zed"), (LEAVE, "zed")], timeout=10)
+        # lease 1 s + grace 0.3 s + sweeps of 0.25 s; generous for a busy machine
+        assert time.monotonic() - killed < 4
+        assert hub.members("room") == {}
+    finally:
+        victim.kill()
+        victim.wait(10)
+        victim.stdout.close()
+    watcher.sub.close()
+
+
+def test_a_closing_process_retires_at_once_and_its_members_leave_after_the_grace(hubs):
+    a, b = hubs(idle=0.2, presence_grace=0.3), hubs(idle=0.2, presence_grace=0.3)
+    watcher = Watcher(b, "room")
+    a.subscribe("room", member="ann")
+    wait_until(lambda: b.members("room") == {"ann": 1}, what="ann seen from b")
+    a.close()  # engine stop: its streams end, its counts go
+    watcher.wait([(JOIN, "ann"), (LEAVE, "ann")])
+    assert b.members("room") == {}
+    watcher.sub.close()
