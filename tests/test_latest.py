@@ -5,13 +5,23 @@ left unread (its memory bounded) instead of being disconnected."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 
+import cherrypy
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comet import GAP, Event, Hub
+from comet import GAP, Hub, comet
+from comet.cherrypy_tool import engine_plugin
 from comet.errors import InvalidEvent
+from comet.testing import SSEParser, http_get, wait_until
+from comet.writer import STEP_HIGH_WATER
+
+from test_forget import rss_mb
+from test_redis import hubs, prefix  # noqa: F401  (fixtures, for the Redis test)
 
 
 def values(items) -> list:
@@ -163,18 +173,9 @@ def test_every_read_is_the_newest_of_each_key_changed_since_the_previous(ops, si
 
 # -- live: a client that reads nothing, on a latest-value channel ------------------------------
 
-import socket  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
 
-import cherrypy  # noqa: E402
 
-from comet import comet  # noqa: E402
-from comet.cherrypy_tool import engine_plugin  # noqa: E402
-from comet.testing import SSEParser, http_get, wait_until  # noqa: E402
-from comet.writer import STEP_HIGH_WATER  # noqa: E402
 
-from test_forget import rss_mb  # noqa: E402
 
 KEYS = 16
 PAD = 25_000  # bytes of each event's data: 50 MB is about 2,000 events
@@ -421,7 +422,6 @@ def test_thread_mode_and_long_poll_take_later_and_get_the_state(comet_cherrypy):
 
 # -- Redis: the key travels with the event, across processes ----------------------------------
 
-from test_redis import hubs, prefix  # noqa: E402,F401  (fixtures)
 
 
 def test_redis_processes_keep_the_same_keys_and_a_trimmed_history_is_a_gap(hubs):
