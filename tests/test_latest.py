@@ -175,8 +175,6 @@ def test_every_read_is_the_newest_of_each_key_changed_since_the_previous(ops, si
 
 
 
-
-
 KEYS = 16
 PAD = 25_000  # bytes of each event's data: 50 MB is about 2,000 events
 MB = 2**20
@@ -421,8 +419,6 @@ def test_thread_mode_and_long_poll_take_later_and_get_the_state(comet_cherrypy):
 
 
 # -- Redis: the key travels with the event, across processes ----------------------------------
-
-
 
 def test_redis_processes_keep_the_same_keys_and_a_trimmed_history_is_a_gap(hubs):
     a, b = hubs(maxlen=8, approximate=False), hubs(maxlen=8, approximate=False)
