@@ -134,6 +134,9 @@ class Event:
     # Where a hub stored it in this process's order of publishing (every
     # channel's): how a subscription to several channels merges them.
     _order: int = field(default=0, compare=False, repr=False, hash=False)
+    # What it is the latest value of on a latest-value channel (``publish(key=)``;
+    # None: its name is). Not on the wire.
+    _key: str | None = field(default=None, compare=False, repr=False, hash=False)
 
     def __post_init__(self) -> None:
         _check_field("event id", self.id)

@@ -189,7 +189,7 @@ class _Channel:
     after it is served without a gap."""
 
     __slots__ = ("cond", "events", "seq", "watchers", "floor", "live", "refs", "dead", "epoch", "max_age", "times",
-                 "touched")
+                 "touched", "latest", "latest_floor", "latest_seq")
 
     def __init__(self, size: int, floor: str, epoch: int = 0, max_age: float | None = None) -> None:
         self.cond = threading.Condition(threading.Lock())
@@ -205,6 +205,11 @@ class _Channel:
         # When each held event arrived (monotonic), only for time-based retention.
         self.times: deque[float] | None = None if max_age is None else deque(maxlen=size)
         self.touched = time.monotonic()  # last publish, or last subscriber gone: for max_idle
+        # A latest-value channel (Hub.latest): key -> (seq, newest event of that key),
+        # in order of seq; it knows every event after latest_floor (seq latest_seq).
+        self.latest: dict[str | None, tuple[int, Event]] | None = None
+        self.latest_floor: str | None = None  # None: the floor as of the first event kept
+        self.latest_seq = 0
 
     def append(self, event: Event) -> None:
         """Store *event* as the newest; the caller holds ``cond``."""
@@ -213,6 +218,8 @@ class _Channel:
         object.__setattr__(event, "_order", next(_ORDER))  # (frozen: set once, as it is stored)
         self.events.append(event)
         self.seq += 1
+        if self.latest is not None:
+            self._keep(event, self.seq)
         self.touched = now = time.monotonic()
         if self.times is not None:
             self.times.append(now)
@@ -237,6 +244,8 @@ class _Channel:
             self.times.clear()
         self.floor = floor
         self.seq += 1
+        if self.latest is not None:  # values of keys changed in the hole are unknown
+            self.latest_floor, self.latest_seq = floor, self.seq
 
     def tail_id(self) -> str:
         return _stored_id(self.events[-1]) if self.events else self.floor
@@ -264,12 +273,66 @@ class _Channel:
         new = self.seq - cursor
         if new <= 0:
             return False, 0, [], self.floor
+        if self.latest is not None:
+            return self._compact(cursor)
         held = len(self.events)
         if new > held:
             return True, self.seq - held + 1, list(self.events), self.floor
         # Index from the right end: O(new), not O(buffer), for a caught-up cursor.
         events = self.events
         return False, cursor + 1, [events[i] for i in range(held - new, held)], self.floor
+
+    # -- latest-value channels (Hub.latest): kept apart from the buffer above --
+
+    def keep_latest(self) -> None:
+        """Keep the newest event of each key from now on, starting with the
+        events held; the caller holds ``cond`` (or nobody sees *self* yet)."""
+        if self.latest is not None:
+            return
+        self.latest = {}
+        first = self.first_seq()
+        for i, event in enumerate(self.events):
+            self._keep(event, first + i)
+        self.latest_floor, self.latest_seq = (self.floor if self.events else None), first - 1
+
+    def _keep(self, event: Event, seq: int) -> None:
+        latest = self.latest
+        assert latest is not None
+        if self.latest_floor is None:
+            self.latest_floor = self.floor  # (a backend may set the floor before the first event)
+        key = event.name if event._key is None else event._key
+        latest.pop(key, None)  # re-inserted last: the dict stays in order of seq
+        latest[key] = (seq, event)
+
+    def latest_since(self) -> str:
+        """The id after which every event's key is known."""
+        return self.floor if self.latest_floor is None else self.latest_floor
+
+    def _compact(self, cursor: int) -> tuple[bool, int, list[Event], str]:
+        """``after()`` for a latest-value channel: the newest event of each key
+        changed after *cursor*, oldest first (O(keys changed)); behind when
+        the cursor is from before what the channel knows of its keys."""
+        assert self.latest is not None
+        batch: list[Event] = []
+        for seq, event in reversed(self.latest.values()):
+            if seq <= cursor:
+                break
+            batch.append(event)
+        batch.reverse()
+        return cursor < self.latest_seq, self.seq - len(batch) + 1, batch, self.latest_since()
+
+    def latest_cursor(self, key: tuple[int, int]) -> int:
+        """The cursor seq from which :meth:`_compact` gives exactly the keys
+        changed after the event id *key* (-1: from before what is known)."""
+        assert self.latest is not None
+        if key < parse_id(self.latest_since()):
+            return -1
+        cursor = self.seq
+        for seq, event in reversed(self.latest.values()):
+            if parse_id(_stored_id(event)) <= key:
+                break
+            cursor = seq - 1
+        return cursor
 
 
 class _SnapshotDue:
@@ -359,7 +422,8 @@ class Hub:
 
     # -- publishing ---------------------------------------------------------
 
-    def publish(self, channel: str, data: Any, event: str | None = None, *, retry: int | None = None) -> str:
+    def publish(self, channel: str, data: Any, event: str | None = None, *, retry: int | None = None,
+                key: str | None = None) -> str:
         """Append an event to *channel*, wake its subscribers, return its id.
 
         Safe from any thread; never blocks on subscribers. Raises
@@ -367,18 +431,21 @@ class Hub:
         ``ValueError`` for CR/LF in names or oversize data, before anything
         is stored.
 
+        ``key`` says what the event is the newest value of on a latest-value
+        channel (:meth:`latest`; default: the event's name).
+
         >>> hub = Hub()
         >>> hub.publish("chat", {"text": "hi"}, event="shout").endswith("-1")
         True
         """
-        proto = self._prepare(channel, data, event, retry)
+        proto = self._prepare(channel, data, event, retry, key)
         while True:
             ch = self._channel(channel)
             with ch.cond:
                 if ch.dead:  # forgotten as we looked it up: publish into its successor
                     continue
                 event_id = f"{ch.epoch}-{ch.seq + 1}"
-                stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry)
+                stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry, _key=proto._key)
                 stored._wire.update(proto._wire)  # its text, if made: a Part's base64 only when asked for
                 ch.append(stored)
                 ch.cond.notify_all()  # in the same lock hold as the append: the hot path
@@ -425,10 +492,12 @@ class Hub:
             wake()
         return ids
 
-    def _prepare(self, channel: str, data: Any, event: str | None, retry: int | None) -> Event:
+    def _prepare(self, channel: str, data: Any, event: str | None, retry: int | None, key: str | None = None) -> Event:
         """Validate and serialise an event to publish, before anything is stored."""
         self._check_channel(channel)
-        proto = Event(data, name=event, channel=channel, retry=retry)
+        if key is not None and (not isinstance(key, str) or len(key) > _MAX_CHANNEL):
+            raise InvalidEvent(f"key must be a str of at most {_MAX_CHANNEL} characters, got {key!r:.80}")
+        proto = Event(data, name=event, channel=channel, retry=retry, _key=key)
         size = proto.size()  # serialises once, here, outside any lock
         if size > self.max_event_bytes:
             raise InvalidEvent(f"event data of {size} bytes exceeds max_event_bytes={self.max_event_bytes}")
@@ -569,6 +638,9 @@ class Hub:
         if key >= parse_id(ch.floor):
             assert last_id is not None  # key was parsed from it
             return ch.first_seq() - 1 + ch.count_upto(key), last_id, None
+        if ch.latest is not None:  # the newest of each key since; take() says if there is a gap
+            assert last_id is not None
+            return ch.latest_cursor(key), last_id, None
         # Older epoch or evicted: everything held is new to the client.
         return ch.first_seq() - 1, ch.floor, self._gap(channel, last_id, ch.floor)
 
@@ -962,6 +1034,47 @@ class Hub:
         self.counters.add("forgotten")
         return True
 
+    # -- latest-value channels ------------------------------------------------
+
+    _latest: tuple[Channels, ...] = ()
+
+    def latest(self, channels: Channels) -> None:
+        """Make *channels* latest-value channels: each event is the newest
+        value of its key (``publish(..., key=)``, default: the event's name),
+        and a subscriber is given, at each read, the newest event of every
+        key changed since its previous read. One that falls behind (a slow
+        client) thus catches up with the current state instead of a
+        :data:`GAP`, and the parked writer pauses it rather than disconnect
+        it: its memory stays bounded by the channel's number of keys.
+
+        *channels* is a channel's name or a function of a name (channels
+        made on the fly: ``lambda ch: ch.startswith("score:")``; called
+        under the hub's lock, keep it quick). With :class:`RedisHub` every
+        process declares the same.
+
+        >>> hub = Hub(buffer_size=3)
+        >>> hub.latest(lambda ch: ch.startswith("score:"))
+        >>> sub = hub.subscribe("score:7")
+        >>> for n in range(10):
+        ...     _ = hub.publish("score:7", n, key="ann" if n % 2 else "bob")
+        >>> [e.data for e in sub.take()]   # bob's newest, then ann's
+        [8, 9]
+        >>> sub.close()
+        """
+        if isinstance(channels, str):
+            self._check_channel(channels)
+        elif not callable(channels):
+            raise TypeError(f"channels must be a channel name or a function of one, got {channels!r}")
+        with self._lock:
+            self._latest = self._latest + (channels,)
+            existing = [ch for name, ch in self._channels.items() if self._is_latest(name)]
+        for ch in existing:
+            with ch.cond:
+                ch.keep_latest()
+
+    def _is_latest(self, name: str) -> bool:
+        return any(match == name if isinstance(match, str) else match(name) for match in self._latest)
+
     # -- helpers ------------------------------------------------------------
 
     def _channel(self, name: str) -> _Channel:
@@ -970,7 +1083,10 @@ class Hub:
             with self._lock:
                 epoch = self._epoch_of(name)
                 max_age = self.max_age(name) if callable(self.max_age) else self.max_age
-                ch = self._channels.setdefault(name, _Channel(self.buffer_size, f"{epoch}-0", epoch, max_age))
+                fresh = _Channel(self.buffer_size, f"{epoch}-0", epoch, max_age)
+                if self._latest and self._is_latest(name):
+                    fresh.keep_latest()
+                ch = self._channels.setdefault(name, fresh)
         return ch
 
     #: Forget a channel nobody ever published to once nobody holds it. A
@@ -1075,6 +1191,12 @@ class Subscription:
     def _watch(self, wake: Callable[[], None]) -> Callable[[], None]:
         """Call ``wake()`` whenever this subscription may have something new."""
         return self.hub._watch(self.channel, self._ch, wake)
+
+    def _bounded(self) -> bool:
+        """Does a take give at most the channel's state (latest-value
+        channels, :meth:`Hub.latest`)? Then a server may leave it unread
+        while its client is slow, instead of disconnecting the client."""
+        return self._ch.latest is not None
 
     def _moved(self) -> bool:
         """Has anything happened since the last take?"""
@@ -1358,6 +1480,9 @@ class MultiSubscription(Subscription):
 
     def _cursor(self) -> str:
         return "_".join([f"{slot.tag}.{slot.last}" for slot in self._slots])
+
+    def _bounded(self) -> bool:
+        return all(slot.ch.latest is not None for slot in self._slots)
 
     @property
     def ended(self) -> bool:

@@ -27,7 +27,11 @@ object goes to every socket at the same cursor. Each socket has a bounded
 output buffer: a consumer whose backlog passes ``max_buffer`` bytes is
 disconnected rather than allowed to grow memory (it reconnects with its last
 id and resumes, with a gap event if it fell out of the replay buffer);
-a generator producing faster than its client reads is paused instead.
+a generator producing faster than its client reads is paused instead, and
+so is a stream of a latest-value channel (:meth:`comet.Hub.latest`): it is
+not read while its backlog is over ``STEP_HIGH_WATER``, and when the socket
+has drained it takes the newest value of each key it missed, so its memory
+is bounded by that mark plus the channel's state.
 Heartbeats, ``max_duration`` and long-poll timeouts come from a timer heap;
 a client that went away is noticed when its socket turns readable with EOF.
 :meth:`Writer.stop` ends every stream at once (terminating chunk, close) and
@@ -58,7 +62,8 @@ log = logging.getLogger("comet")
 LONGPOLL_MAX_BATCH = 1000
 #: Items one step may produce before it yields its pool thread to others.
 STEP_BUDGET = 64
-#: A generator's unsent output above which its steps pause (bytes, items).
+#: A generator's unsent output above which its steps pause (bytes, items);
+#: and a latest-value stream's, above which it is not read (Hub.latest).
 STEP_HIGH_WATER = 256 * 1024
 STEP_HIGH_ITEMS = 1024
 
@@ -79,7 +84,7 @@ class ParkedStream:
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
                  "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "hint", "shut",
-                 "framing", "context", "handshake", "__weakref__")
+                 "framing", "context", "handshake", "paused", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
                  deadline: float | None, max_bytes: int, admission: Admission, *, sub: Subscription | None = None,
@@ -123,6 +128,13 @@ class ParkedStream:
         self.initial: list[Any] = []  # items a generator produced before it was parked
         self.hint: str | None = None  # its channel, seen before its first step
         self.shut = False  # the socket is closed (under _SHUT)
+        self.paused = False  # a latest-value stream left unread until its backlog drains
+
+    def bounded(self) -> bool:
+        """Read in place of its stream from a latest-value subscription: when
+        its client is slow it waits unread (and then catches up with the
+        newest value of each key) rather than being disconnected."""
+        return self.direct and self.sub is not None and self.sub._bounded()
 
     @property
     def channel(self) -> str | None:
@@ -357,6 +369,9 @@ class Writer:
             if not stream.direct:
                 self._submit_step(stream)
                 continue
+            if stream.out_size > STEP_HIGH_WATER and stream.bounded():
+                stream.paused = True  # _flush reads it again once the socket has taken most of it
+                continue
             if (sub.view is not None or stream.out or sub._pending or not stream.chunked or sub.ended
                     or not stream.framing.shared_bytes or stream.longpoll is not None):
                 self._feed(stream)
@@ -408,6 +423,9 @@ class Writer:
                 self._answer(stream)  # ended with no news (a disconnect): still a whole answer
             else:
                 self._finish(stream)
+            return
+        if stream.out_size > STEP_HIGH_WATER and stream.bounded():
+            stream.paused = True
             return
         try:
             items = sub.take()
@@ -483,7 +501,7 @@ class Writer:
             return
         stream.last_write = time.monotonic()
         if out:
-            if stream.out_size > self.max_buffer:
+            if stream.out_size > self.max_buffer and not stream.bounded():
                 log.info("comet: disconnecting a slow consumer (%d bytes unsent)", stream.out_size)
                 self.pool.counters.add("slow_consumers")
                 self._end(stream)
@@ -500,6 +518,9 @@ class Writer:
                 return
         if stream.gen is not None and stream.out_size <= STEP_HIGH_WATER:
             stream.drained.set()
+        if stream.paused and stream.out_size <= STEP_HIGH_WATER // 2 and not stream.closing:
+            stream.paused = False
+            self._feed(stream)  # what it missed meanwhile: the newest value of each key
 
     def _readable(self, stream: ParkedStream) -> None:
         try:

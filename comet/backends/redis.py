@@ -408,14 +408,15 @@ class RedisHub(Hub):
 
     # -- publishing ---------------------------------------------------------
 
-    def publish(self, channel: str, data: Any, event: str | None = None, *, retry: int | None = None) -> str:
+    def publish(self, channel: str, data: Any, event: str | None = None, *, retry: int | None = None,
+                key: str | None = None) -> str:
         """``XADD`` the event to *channel*'s stream and return Redis' id.
 
         Every process subscribed to *channel* receives it, in one order.
         Raises :class:`~comet.errors.BackendUnavailable` if Redis cannot be
         reached; nothing is retried (no duplicates).
         """
-        proto = self._prepare(channel, data, event, retry)
+        proto = self._prepare(channel, data, event, retry, key)
         key, args = self._key(channel), self._fields(proto)
         event_id: bytes
         try:
@@ -595,6 +596,8 @@ class RedisHub(Hub):
             args += ["e", proto.name]
         if proto.retry is not None:
             args += ["r", proto.retry]
+        if proto._key is not None:  # a latest-value channel's key (Hub.latest)
+            args += ["y", proto._key]
         return args
 
     def _epoch_of(self, channel: str) -> int:
@@ -802,8 +805,10 @@ class RedisHub(Hub):
         else:
             text = fields[b"d"].decode()
             data = json.loads(text) if kind == b"j" else text
+        key = fields.get(b"y")
         event = Event(data, id=event_id.decode(), name=name.decode() if name is not None else None,
-                      channel=channel, retry=int(retry) if retry is not None else None)
+                      channel=channel, retry=int(retry) if retry is not None else None,
+                      _key=key.decode() if key is not None else None)
         if text is not None:
             event._wire["text"] = text  # the publisher's serialisation, reused by every stream
         return event
