@@ -98,15 +98,19 @@
   if ($("nick").value) $("text").focus(); else $("nick").focus();
 
   const words = { connecting: "connecting\u2026", open: "live", reconnecting: "reconnecting\u2026", closed: "offline" };
-  Comet.subscribe("/events", {
-    transport: "sse",
-    shared: true,                      // one connection for all this browser's shoutbox tabs
+  const room = {
     events: ["shout", "delete", "mod"],
-    lastEventId: list.dataset.cursor,  // exactly after what the server rendered
     onEvent: onEvent,
     onGap: () => location.reload(),    // too much was missed: start from a fresh render
     onStatus: (s) => { $("status").dataset.status = s; $("status").textContent = words[s] || s; },
-  });
+  };
+  if (!$("pm")) {  // signed in, pm.js follows the room on the page's one stream
+    Comet.subscribe("/events", Object.assign({
+      transport: "sse",
+      shared: true,                      // one connection for all this browser's shoutbox tabs
+      lastEventId: list.dataset.cursor,  // exactly after what the server rendered
+    }, room));
+  }
 
   async function post(url, fields) {
     let response;
@@ -119,6 +123,9 @@
     if (!response.ok) throw new Error(doc.error || "the server answered " + response.status);
     return doc;
   }
+
+  room.post = post;
+  window.Shoutbox = room;  // for pm.js
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
