@@ -104,3 +104,33 @@ def test_two_users_and_an_intruder_each_on_one_stream(profiles, example_server):
     ann.wait_for_function("document.getElementById('pm-error').textContent.includes('signed out')")
     assert ann.get_attribute("#status", "data-status") == "closed"
     print(f"sign-out to stream end: {ended * 1000:.0f} ms")
+
+
+# -- at a phone's width and a laptop's -------------------------------------------------
+
+from .test_examples_players import SCREENSHOTS, assert_fits, people, width  # noqa: E402,F401  (fixtures)
+
+
+def test_private_messages_fit_a_phone_and_a_laptop(example_server, people, width):
+    server = example_server("examples.shoutbox", "--rate", "100/10")
+    ann, bob = (sign_in(people(), server.url, name) for name in ("ann", "bob"))
+    ann.fill("#nick", "ann")
+    ann.fill("#text", "anyone up for a game tonight?")
+    ann.click("#shout button")
+    ann.click("#pm-peer")
+    ann.fill("#pm-peer", "bob")
+    ann.press("#pm-peer", "Enter")
+    for text in ("are you coming at eight?", "bring the cards " * 12):
+        ann.fill("#pm-text", text)
+        ann.press("#pm-text", "Control+Enter")
+        bob.wait_for_selector(f"#threads li[data-peer='ann'] .badge:not([hidden])")
+    bob.wait_for_selector("#threads li[data-peer='ann'] .badge:has-text('2')")
+    ann.wait_for_selector("#pm-messages li:has-text('bring the cards')")
+    for page in (ann, bob):
+        assert_fits(page)
+        page.locator("#pm").scroll_into_view_if_needed()
+    assert ann.locator("#pm-text").is_visible() and ann.locator("#pm-form button").is_visible()
+    ann.screenshot(path=str(SCREENSHOTS / f"shoutbox-pm-{width}.png"), full_page=True)
+    bob.click("#threads li[data-peer='ann'] button")
+    bob.wait_for_selector("#pm-messages li:has-text('are you coming at eight?')")
+    assert_fits(bob)
