@@ -664,6 +664,8 @@
     MultipartParser: MultipartParser,
     NDJSONParser: NDJSONParser,
     toEvent: toEvent,
+    sseEvent: sseEvent,
+    compareIds: compareIds,
     GAP: GAP,
   };
 })(typeof window !== "undefined" ? window : globalThis);

@@ -16,6 +16,8 @@ from comet.cherrypy_tool import engine_plugin, static_config
 
 from comet.testing import wait_until
 
+MULTI = ["unit", "side"]  # the channels of the two_* streams
+
 UNIT_JS = r"""
 window.results = {};
 const enc = new TextEncoder();
@@ -53,28 +55,47 @@ check("ndjson lines split at every byte, multibyte too", () => {
   }
 });
 check("items become events", () => {
-  eq(Comet.toEvent({id: "1-3", event: "join", data: 5}), {id: "1-3", event: "join", data: 5});
-  eq(Comet.toEvent({id: "1-3", event: null, data: 5}), {id: "1-3", event: "message", data: 5});
-  eq(Comet.toEvent("raw"), {id: null, event: "message", data: "raw"});
+  eq(Comet.toEvent({id: "1-3", event: "join", data: 5}), {id: "1-3", event: "join", data: 5, channel: null});
+  eq(Comet.toEvent({id: "1-3", event: null, data: 5}), {id: "1-3", event: "message", data: 5, channel: null});
+  eq(Comet.toEvent("raw"), {id: null, event: "message", data: "raw", channel: null});
+  eq(Comet.toEvent({id: "a.1-3_b.1-0", event: null, channel: "room", data: 5}),
+     {id: "a.1-3_b.1-0", event: "message", data: 5, channel: "room"});
+});
+check("events of several channels: SSE envelopes and cursors", () => {
+  const sse = (id, data) => Comet.sseEvent({lastEventId: id, type: "message", data: data});
+  eq(sse("a.1-3_b.1-0", '{"channel":"room","data":{"n":1}}'), {id: "a.1-3_b.1-0", event: "message", data: {n: 1}, channel: "room"});
+  // one channel: the data is the data, even when it looks like an envelope
+  eq(sse("1-3", '{"channel":"room","data":1}'), {id: "1-3", event: "message", data: {channel: "room", data: 1}, channel: null});
+  eq(Comet.compareIds("a.1-3_b.1-0", "a.1-2_b.1-0"), 1);
+  eq(Comet.compareIds("a.1-2_b.1-0", "a.1-2_b.1-0"), 0);
+  eq(Comet.compareIds("a.1-2_b.1-0", "a.1-3_b.2-0"), -1);
+  eq(Comet.compareIds("a.1-3_b.1-0", "a.1-2_b.1-1"), null);  // not ordered
+  eq(Comet.compareIds("a.1-3_b.1-0", "a.1-3_c.1-0"), null);  // other channels
+  eq(Comet.compareIds("1-3", "1-2"), 1);
 });
 window.live = {};
 // Report to the server when every transport has its 12 events (or after 30 s):
 // a browser driven without a driver (Firefox headless) has no other way out.
 const reportTimer = setInterval(() => {
-  const done = Object.values(live).every((l) => l.events.length >= 12);
+  const done = Object.entries(live).every(([k, l]) => l.events.length >= (k.startsWith("two_") ? 24 : 12));
   if (done || performance.now() > 30000) {
     clearInterval(reportTimer);
     const live_ = Object.fromEntries(Object.entries(live).map(([k, v]) => [k, {events: v.events, statuses: v.statuses}]));
     fetch("/results", {method: "POST", body: JSON.stringify({results: results, live: live_})});
   }
 }, 100);
+// ?set=multi: the streams of two channels instead (eight streams at once
+// would meet the browser's six connections per origin).
+const multi = new URLSearchParams(location.search).get("set") === "multi";
 for (const t of ["sse", "multipart", "chunked", "longpoll"]) {
-  live[t] = {events: [], statuses: []};
-  live[t].sub = Comet.subscribe("/stream/" + t, {
-    transport: t, events: ["tick"], lastEventId: document.body.dataset.cursor, minDelay: 100, maxDelay: 400,
-    onEvent: (ev) => live[t].events.push({id: ev.id, event: ev.event, data: ev.data}),
-    onStatus: (s) => live[t].statuses.push(s),
-  });
+  for (const [name, cursor] of [multi ? ["two_" + t, document.body.dataset.multi] : [t, document.body.dataset.cursor]]) {
+    live[name] = {events: [], statuses: []};
+    live[name].sub = Comet.subscribe("/stream/" + name, {
+      transport: t, events: ["tick"], lastEventId: cursor, minDelay: 100, maxDelay: 400,
+      onEvent: (ev) => live[name].events.push({id: ev.id, event: ev.event, data: ev.data, channel: ev.channel}),
+      onStatus: (s) => live[name].statuses.push(s),
+    });
+  }
 }
 """
 
@@ -84,19 +105,20 @@ def unit_server(comet_cherrypy):
     hub = Hub(idle=0.2)
     engine_plugin().add_hub(hub)
 
-    def streamer(transport):
+    def streamer(transport, channel):
         # max_duration ends every stream after a second: the client must
         # reconnect and resume, on every transport, without loss or repeats.
         @comet(transport=transport, heartbeat=0.5, max_duration=1, poll_timeout=1)
         def handler(self, last_event_id=None):
-            yield from hub.subscribe("unit", last_id=last_event_id)
+            yield from hub.subscribe(channel, last_id=last_event_id)
         return handler
 
     class Stream:
         pass
 
     for t in ["sse", "multipart", "chunked", "longpoll"]:
-        setattr(Stream, t, cherrypy.expose(streamer(t)))
+        setattr(Stream, t, cherrypy.expose(streamer(t, "unit")))
+        setattr(Stream, "two_" + t, cherrypy.expose(streamer(t, MULTI)))
 
     reported = threading.Event()
     report = {}
@@ -105,11 +127,13 @@ def unit_server(comet_cherrypy):
         stream = Stream()
 
         @cherrypy.expose
-        def index(self, hold=False):
+        def index(self, hold=False, set="single"):
             # hold=1: an image the server releases only after the report, so a
             # browser's load event (and Firefox's --screenshot exit) waits for it.
             extra = '<img src="/hold" alt="">' if hold else ""
-            return (f'<!doctype html><body data-cursor="{hub.last_id("unit")}">'
+            multi = hub.subscribe(MULTI)  # the cursor on both channels, as a page renders it
+            multi.close()
+            return (f'<!doctype html><body data-cursor="{hub.last_id("unit")}" data-multi="{multi.last_id}">'
                     f'<script src="/comet/comet.js"></script><script src="/unit.js"></script>{extra}</body>')
 
         @cherrypy.expose
@@ -134,19 +158,23 @@ def unit_server(comet_cherrypy):
     yield server, hub
 
 
-def test_comet_js_parsers_and_live_resume_on_every_transport(context, unit_server):
+@pytest.mark.parametrize("streams", ["single", "multi"])
+def test_comet_js_parsers_and_live_resume_on_every_transport(context, unit_server, streams):
+    """streams=multi: each stream follows two channels (hub.subscribe([...]));
+    events say their channel, one cursor resumes both after every cut."""
     server, hub = unit_server
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server.url + "/")
-    page.wait_for_function("window.results && Object.keys(window.results).length === 3")
+    page.goto(server.url + "/?set=" + streams)
+    page.wait_for_function("window.results && Object.keys(window.results).length === 4")
     results = page.evaluate("window.results")
     assert results == {name: "ok" for name in results}, results
     wait_until(lambda: hub.subscriptions >= 4, timeout=10, what="four transports connected")
     sent = publish_ticks(hub, lambda: page.wait_for_timeout(250))
     try:
-        page.wait_for_function("Object.values(window.live).every(l => l.events.length >= 12)", timeout=20_000)
+        page.wait_for_function("() => Object.entries(window.live).every(([k, l]) => l.events.length >= (k.startsWith('two_') ? 24 : 12))",
+                               timeout=20_000)
     except Exception:
         raise AssertionError(page.evaluate("JSON.stringify(Object.fromEntries(Object.entries(window.live).map(([k, v]) => [k, [v.events.map(e => e.data), v.statuses]])))")) from None
     page.wait_for_timeout(500)  # nothing more may arrive
@@ -160,11 +188,19 @@ def publish_ticks(hub, pause):
     sent = []
     for n in range(12):  # over ~3 s: each stream is cut and resumed about three times
         sent.append(hub.publish("unit", {"n": n}, event="tick" if n % 2 else None))
+        hub.publish("side", {"side": n})
         pause()
     return sent
 
 
 def check_live(live, sent):
+    for name in [k for k in live if k.startswith("two_")]:  # the streams of two channels
+        got = live.pop(name)
+        assert [(e["channel"], e["data"]) for e in got["events"]] == [
+            pair for n in range(12) for pair in [("unit", {"n": n}), ("side", {"side": n})]], name
+        assert [e["event"] for e in got["events"] if e["channel"] == "unit"] == [
+            "message" if n % 2 == 0 else "tick" for n in range(12)], name
+        assert got["statuses"][-1] == "open", (name, got["statuses"])
     for transport, got in live.items():
         assert [e["data"] for e in got["events"]] == [{"n": n} for n in range(12)], transport
         assert [e["id"] for e in got["events"]] == sent, transport
