@@ -48,7 +48,7 @@ MAX_TEXT = 10_000
 #: Messages of a thread a page gets when it opens the thread.
 HISTORY = 100
 #: The channel whose join and leave events say who is online.
-ONLINE = "online"
+ONLINE = "presence"
 #: Threads one page follows: the stream's other channels are the room, the
 #: user's own channel and the online list.
 MAX_THREADS = MAX_CHANNELS - 3
