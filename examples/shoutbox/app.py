@@ -27,6 +27,9 @@ several behind a load balancer: shouts and deletions are events on the
 (Redis) hub, deleted shouts are found from its history, moderator sessions
 and the rate limit live in Redis (:class:`RedisRateLimiter`,
 :class:`RedisModeratorSessions`).
+
+Signed-in users send each other private messages, following the room and
+their threads on one stream: see :mod:`examples.shoutbox.pm` (``/pm/...``).
 """
 from __future__ import annotations
 
