@@ -12,7 +12,7 @@ import pytest
 from comet import Hub
 from comet.testing import HTTPStatusError, StreamClient, http_get, wait_until
 from examples.shoutbox.app import RateLimiter, make_app
-from examples.shoutbox.pm import HISTORY, MAX_TEXT, Accounts
+from examples.shoutbox.pm import HISTORY, MAX_TEXT, Accounts, RedisAccounts
 
 from test_examples import Browser
 
@@ -166,7 +166,7 @@ def test_sign_out_ends_the_stream_and_revokes_the_session(pm_server):
     old_cookies = ann.cookie_header()
     stream = ann.stream().open()
     try:
-        assert hub.subscriptions == 1
+        wait_until(lambda: hub.subscriptions == 1, 2.0)
         started = time.monotonic()
         assert ann.request("/pm/signout", {"csrf": ann.csrf()})[0] == 200  # 303 to the page
         wait_until(lambda: stream.ended, 1.0, what="the stream ended by the server")
@@ -177,3 +177,32 @@ def test_sign_out_ends_the_stream_and_revokes_the_session(pm_server):
     status, _, body = http_get(server.url + "/pm/events", headers=old_cookies)  # a copy of the cookie
     assert status == 403 and b"sign in" in body
     assert 'id="pm"' not in ann.page()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def accounts(request):
+    if request.param == "memory":
+        return Accounts()
+    import redis
+
+    client = redis.Redis.from_url(request.getfixturevalue("comet_redis").url)
+    request.addfinalizer(client.close)
+    return RedisAccounts(client, ttl=60, prefix=f"pm-test-{time.monotonic_ns()}:")
+
+
+def test_accounts_claim_names_count_messages_and_keep_sessions(accounts):
+    assert accounts.claim("ann", "pw") and accounts.claim("ann", "pw") and not accounts.claim("ann", "PW")
+    assert accounts.exists("ann") and not accounts.exists("bob")
+    assert accounts.delivered("ann", "bob") is True  # new to bob
+    assert accounts.delivered("ann", "bob") is False
+    assert accounts.delivered("bob", "ann") is False  # ann has the thread since she opened it
+    assert accounts.summary("ann") == ({"sent": 2, "received": 1}, {"bob": 1})
+    assert accounts.summary("bob") == ({"sent": 1, "received": 2}, {"ann": 2})
+    accounts.read("bob", "ann")
+    accounts.read("bob", "cat")  # no such thread: nothing made up
+    assert accounts.summary("bob") == ({"sent": 1, "received": 2}, {"ann": 0})
+    assert accounts.summary("nobody") == ({"sent": 0, "received": 0}, {})
+    sid = accounts.sessions.open("ann")
+    assert accounts.sessions.who(sid) == "ann" and accounts.sessions.valid(sid)
+    accounts.sessions.close(sid)
+    assert accounts.sessions.who(sid) is None

@@ -154,8 +154,9 @@ class RedisAccounts(Accounts):
         pipe.hincrby(mine, "sent", 1)
         pipe.hsetnx(mine, "t:" + recipient, 0)
         pipe.hincrby(theirs, "received", 1)
+        pipe.hexists(theirs, "t:" + sender)
         pipe.hincrby(theirs, "t:" + sender, 1)
-        return bool(pipe.execute()[3] == 1)
+        return not pipe.execute()[3]
 
     def read(self, name: str, peer: str) -> None:
         key = self.prefix + "pm:" + name

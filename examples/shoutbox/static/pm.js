@@ -74,8 +74,8 @@
       pending.add(ev.data.peer);  // the message that opened it is in the thread's history
       drawThreads();
       follow();
-    } else if (ev.event === "comet.join") { online.add(ev.data); drawOnline(); }
-    else if (ev.event === "comet.leave") { online.delete(ev.data); drawOnline(); }
+    } else if (ev.channel === "presence" && ev.event === "comet.join") { online.add(ev.data); drawOnline(); }
+    else if (ev.channel === "presence" && ev.event === "comet.leave") { online.delete(ev.data); drawOnline(); }
   }
 
   function onGap(ev) {
