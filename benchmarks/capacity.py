@@ -16,6 +16,11 @@ load-client processes (asyncio, raw sockets, uvloop when present), then
   seconds, a page request's time while all streams are open, and the time
   to exit on SIGTERM with every stream open.
 
+The ``comet-3ch-*`` rows compare a client that follows three channels with
+one stream (``hub.subscribe(["b", "c", "d"])``) against one that opens three
+streams (b, c and d); broadcasts go to b. ``rss_per_stream_kb`` is then per
+*client* (all its streams).
+
 Then one stream: POST /burst?n=... and events/s received.
 
 Prints a table and one JSON line (with the ratios of comet's last-stream p50,
@@ -45,13 +50,20 @@ SERVERS = {
     "comet-parked": ["-m", "benchmarks.peers.comet_app", "{port}", "parked"],
     "comet-generator": ["-m", "benchmarks.peers.comet_app", "{port}", "generator"],
     "comet-thread": ["-m", "benchmarks.peers.comet_app", "{port}", "thread", "{n}"],
+    # Three channels per client: one stream following all three, or three streams.
+    "comet-3ch-1stream": ["-m", "benchmarks.peers.comet_app", "{port}", "multi3"],
+    "comet-3ch-3streams": ["-m", "benchmarks.peers.comet_app", "{port}", "parked"],
     "aiohttp": ["-m", "benchmarks.peers.aiohttp_app", "{port}"],
     "aiohttp-direct": ["-m", "benchmarks.peers.aiohttp_direct_app", "{port}"],
     "starlette-uvloop": ["-m", "benchmarks.peers.starlette_app", "{port}", "uvloop"],
     "starlette-asyncio": ["-m", "benchmarks.peers.starlette_app", "{port}", "asyncio"],
 }
-EVENT = re.compile(rb"data: (\d+) ([\d.]+)\r?\n")  # sse-starlette ends lines with CRLF
-BURST = re.compile(rb"data: b(\d+)\r?\n")
+# sse-starlette ends lines with CRLF; a stream of several channels wraps the data
+EVENT = re.compile(rb'data: (?:\{"channel":"\w+","data":")?(\d+) ([\d.]+)"?\}?\r?\n')
+#: Streams each client opens besides the measured one (which follows channel
+#: "b", where the broadcasts go): counted in memory and connect time.
+SILENT = {"comet-3ch-3streams": ["/events?ch=c", "/events?ch=d"]}
+BURST = re.compile(rb'data: (?:\{"channel":"\w+","data":")?b(\d+)"?\}?\r?\n')
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -103,9 +115,26 @@ class _Stream(asyncio.Protocol):
         self.client.lost_connection(self)
 
 
+class _Silent(asyncio.Protocol):
+    """A stream that is open and read, but not measured."""
+
+    def __init__(self, path: str, client: "_Client") -> None:
+        self.path, self.client = path, client
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc) -> None:
+        self.client.lost_connection(self)
+
+
 class _Client:
-    def __init__(self, port: int, n: int, pipe) -> None:
-        self.port, self.n, self.pipe = port, n, pipe
+    def __init__(self, port: int, n: int, pipe, silent: tuple[str, ...] = ()) -> None:
+        self.port, self.n, self.pipe, self.silent = port, n, pipe, silent
         self.streams: list[_Stream] = []
         self.opened_count = 0
         self.latencies: dict[int, list[float]] = {}
@@ -156,7 +185,19 @@ class _Client:
                         await asyncio.sleep(0.05 * (attempt + 1))
                 raise RuntimeError("cannot connect")
 
-        await asyncio.gather(*(connect() for _ in range(self.n)))
+        async def connect_silent(path: str):
+            async with gate:
+                for attempt in range(50):
+                    try:
+                        _, stream = await self.loop.create_connection(lambda: _Silent(path, self), "127.0.0.1", self.port)
+                        self.streams.append(stream)
+                        return
+                    except OSError:
+                        await asyncio.sleep(0.05 * (attempt + 1))
+                raise RuntimeError("cannot connect")
+
+        await asyncio.gather(*(connect() for _ in range(self.n)),
+                             *(connect_silent(path) for path in self.silent for _ in range(self.n)))
         await asyncio.wait_for(self.all_open.wait(), 120)
         self.pipe.send(("open", time.monotonic() - started))
         while True:
@@ -171,7 +212,7 @@ class _Client:
         self.pipe.send(("bye", dict(self.bad)))
 
 
-def _client_main(port: int, n: int, pipe) -> None:
+def _client_main(port: int, n: int, pipe, silent: tuple[str, ...] = ()) -> None:
     try:
         import uvloop
 
@@ -180,7 +221,7 @@ def _client_main(port: int, n: int, pipe) -> None:
         pass
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    loop.run_until_complete(_Client(port, n, pipe).run())
+    loop.run_until_complete(_Client(port, n, pipe, silent).run())
 
 
 # -- the driver ----------------------------------------------------------------
@@ -245,7 +286,7 @@ def run_one(name: str, n: int, args) -> dict:
     try:
         _wait_up(name, server, port)
         rss0, cpu0 = _rss_kb(server.pid), _cpu_s(server.pid)
-        result["connect_s"] = round(start_clients(port, n, args.clients, pipes, procs), 3)
+        result["connect_s"] = round(start_clients(port, n, args.clients, pipes, procs, SILENT.get(name, ())), 3)
         # server CPU per stream connect (clock ticks: coarse below ~1,000 streams)
         result["connect_cpu_ms"] = round((_cpu_s(server.pid) - cpu0) * 1000 / n, 3)
         time.sleep(0.5)
@@ -331,15 +372,17 @@ def run_one(name: str, n: int, args) -> dict:
     return result
 
 
-def start_clients(port: int, n: int, clients: int, pipes: list, procs: list) -> float:
+def start_clients(port: int, n: int, clients: int, pipes: list, procs: list, silent: tuple[str, ...] = ()) -> float:
     """Open *n* streams on *port* from up to *clients* load-client processes
-    (at most one per 500 streams). Their pipes and processes are appended to
-    *pipes*/*procs* as they start, so the caller's ``finally`` can stop them.
-    Returns the seconds until every stream was open."""
+    (at most one per 500 streams), and *n* of each *silent* path. Their pipes
+    and processes are appended to *pipes*/*procs* as they start, so the
+    caller's ``finally`` can stop them. Returns the seconds until every
+    stream was open."""
     k = max(1, min(clients, n // 500 or 1))
     for i in range(k):
         parent, child = mp.Pipe()
-        proc = mp.Process(target=_client_main, args=(port, n // k + (1 if i < n % k else 0), child), daemon=True)
+        proc = mp.Process(target=_client_main, args=(port, n // k + (1 if i < n % k else 0), child, tuple(silent)),
+                          daemon=True)
         proc.start()
         pipes.append(parent)
         procs.append(proc)
@@ -424,6 +467,9 @@ def main() -> None:
         for name in args.servers:
             if name == "comet-thread" and n > 5000:
                 rows.append({"server": name, "n": n, "error": "skipped: one thread per stream"})
+                continue
+            if name.startswith("comet-3ch") and n > 5000:
+                rows.append({"server": name, "n": n, "error": "skipped: three streams per client"})
                 continue
             row = run_one(name, n, args)
             rows.append(row)

@@ -1,5 +1,8 @@
 """comet under test: `python -m benchmarks.peers.comet_app PORT thread|parked|generator|fast [STREAMS [REDIS_URL]]`.
 
+multi3: a handler that returns a subscription to three channels
+(b, c, d); the others take ``?ch=`` (default b).
+
 thread: a @comet handler that keeps its thread (mode="thread"); parked: a
 handler that returns its subscription; generator: the natural handler, a
 generator that greets and then ``yield from``\ s the subscription, on
@@ -38,11 +41,16 @@ class Root:
         def events(self, last_event_id=None):
             yield "hello"
             yield from hub.subscribe("b", last_id=last_event_id)
+    elif mode == "multi3":
+        @cherrypy.expose
+        @comet(transport="sse")
+        def events(self, last_event_id=None):
+            return hub.subscribe(["b", "c", "d"], last_id=last_event_id)
     else:
         @cherrypy.expose
         @comet(transport="sse", mode="auto" if mode == "parked" else "thread")
-        def events(self, last_event_id=None):
-            return hub.subscribe("b", last_id=last_event_id)
+        def events(self, last_event_id=None, ch="b"):
+            return hub.subscribe(ch, last_id=last_event_id)
 
     @cherrypy.expose
     def publish(self, seq, ts):
