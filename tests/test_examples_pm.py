@@ -149,7 +149,7 @@ def test_one_stream_follows_the_room_the_threads_and_a_new_thread(pm_server):
             ("shouts", "shout"), ("dm:ann:bob", "pm"), ("user:ann", "thread")]
         assert json.loads(stream.events[-1].data) == {"peer": "cat"}
         cursor = stream.events[-1].id
-    assert hub.subscriptions == 0
+    wait_until(lambda: hub.subscriptions == 0, 2.0, what="the server saw the client go")
     # The page follows cat's thread too, from the cursor: nothing missed meanwhile.
     assert bob.send("ann", "while you switched")[0] == 200
     with ann.stream("ann:bob,ann:cat", last_event_id=cursor) as stream:
