@@ -1,7 +1,7 @@
 """Scale-out: comet on 1, 2 and 4 processes behind nginx, sharing one Redis,
 side by side with one process on the in-memory hub, in one run.
 
-    .venv/bin/python -m benchmarks.scaleout [--processes 1 2 4] [--n 1000 5000] [--broadcasts 30]
+    .venv/bin/python -m benchmarks.scaleout [--processes 1 2 4] [--n 1000 5000] [--broadcasts 30] [--cluster]
 
 For each setup: start redis-server, the comet processes
 (``benchmarks/peers/comet_app.py`` with a RedisHub, parked streams) and
@@ -15,6 +15,9 @@ streams *through nginx* (round-robin spreads them over the processes), then
 * events/s through Redis: one stream, one process publishing a burst of
   ``--burst`` events (each one an XADD), time until the stream has them all;
   then the same with ``publish_many`` in batches of 100 (one round trip each).
+
+``--cluster`` shares a 3-master Redis Cluster on loopback instead
+(``comet.processes.RedisClusterNodes``; rows ``cluster-Np-nginx``).
 
 The reference row "memory-direct" is one process on the in-memory hub with
 no nginx and no Redis: the ratios say what the shared backend and the proxy
@@ -31,7 +34,7 @@ import time
 from pathlib import Path
 
 from benchmarks.capacity import _cpu_s, _pct, _request, one_stream_burst, start_clients, stop_clients
-from comet.processes import AppProcess, NginxServer, RedisServer
+from comet.processes import AppProcess, NginxServer, RedisClusterNodes, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "deploy" / "nginx-comet.conf"
@@ -39,13 +42,16 @@ SITE = ROOT / "deploy" / "nginx-comet.conf"
 
 class Setup:
     """``processes`` comet apps (RedisHub) behind nginx, or with
-    ``processes=0`` one app on the in-memory hub, no proxy."""
+    ``processes=0`` one app on the in-memory hub, no proxy; ``cluster``: a
+    3-master Redis Cluster instead of one redis-server."""
 
-    def __init__(self, processes: int) -> None:
-        self.name = f"redis-{processes}p-nginx" if processes else "memory-direct"
-        self.redis = RedisServer().start() if processes else None
+    def __init__(self, processes: int, cluster: bool = False) -> None:
+        kind = "cluster" if cluster else "redis"
+        self.name = f"{kind}-{processes}p-nginx" if processes else "memory-direct"
+        self.redis = RedisServer().start() if processes and not cluster else None
+        self.cluster = RedisClusterNodes().start() if processes and cluster else None
         count = processes or 1
-        extra = [self.redis.url] if self.redis else []
+        extra = [self.redis.url] if self.redis else [self.cluster.url] if self.cluster else []
         self.apps = [AppProcess(["-m", "benchmarks.peers.comet_app", "{port}", "parked", "100", *extra], cwd=ROOT, ready=None)
                      for _ in range(count)]
         for app in self.apps:
@@ -60,6 +66,8 @@ class Setup:
             pids += _children(self.nginx.process.pid)
         if self.redis:
             pids.append(self.redis.process.pid)
+        if self.cluster:
+            pids += [node.process.pid for node in self.cluster.nodes]
         return pids
 
     def cpu(self) -> float:
@@ -72,6 +80,8 @@ class Setup:
             app.close()
         if self.redis:
             self.redis.close()
+        if self.cluster:
+            self.cluster.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -144,11 +154,12 @@ def main() -> None:
     parser.add_argument("--broadcasts", type=int, default=30)
     parser.add_argument("--clients", type=int, default=1, help="load-client processes (at most one per 500 streams)")
     parser.add_argument("--burst", type=int, default=20_000)
+    parser.add_argument("--cluster", action="store_true", help="a 3-master Redis Cluster instead of one redis-server")
     parser.add_argument("--json", type=Path, help="also write all results here")
     args = parser.parse_args()
     rows, bursts = [], []
     for processes in [0, *args.processes]:
-        setup = Setup(processes)
+        setup = Setup(processes, cluster=args.cluster)
         try:
             for n in args.n:
                 row = run_broadcasts(setup, n, args)

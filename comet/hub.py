@@ -47,7 +47,7 @@ from .counters import Counters
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event, TaggedEvent
 
-__all__ = ["Hub", "Subscription", "MultiSubscription", "Idle", "GAP", "parse_id", "Step", "cooperative",
+__all__ = ["Hub", "Subscription", "MultiSubscription", "Idle", "GAP", "SNAPSHOT", "parse_id", "Step", "cooperative",
            "MAX_CHANNELS"]
 
 #: Name of the event a subscription receives when events it should have seen
@@ -55,6 +55,12 @@ __all__ = ["Hub", "Subscription", "MultiSubscription", "Idle", "GAP", "parse_id"
 #: cursor>, "resume_id": <id of the gap event>}``; its ``id`` is the cursor to
 #: resume from, so clients that store ids need no special case.
 GAP = "comet.gap"
+
+#: Name of the event that follows a :data:`GAP` on a channel with a snapshot
+#: function (:meth:`Hub.snapshot`): the channel's current state. Its ``id``
+#: is the cursor the state is exact at; the gap's data then has
+#: ``"snapshot": true``.
+SNAPSHOT = "comet.snapshot"
 
 _ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 #: Most channels one subscription may follow: its cursor (every channel's
@@ -68,6 +74,8 @@ _MAX_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
 _MAX_CHANNEL = 200
 
 View = Callable[[Event], Any]
+#: A channel's name, or a function of a name saying whether it is one of them.
+Channels = Union[str, Callable[[str], bool]]
 #: Seconds, or a function of the channel's name giving seconds (or ``None``).
 MaxAge = Union[float, Callable[[str], Optional[float]], None]
 
@@ -259,6 +267,15 @@ class _Channel:
         # Index from the right end: O(new), not O(buffer), for a caught-up cursor.
         events = self.events
         return False, cursor + 1, [events[i] for i in range(held - new, held)], self.floor
+
+
+class _SnapshotDue:
+    """A gap met at subscribe, whose snapshot the first :meth:`Subscription.take` makes."""
+
+    __slots__ = ("gap",)
+
+    def __init__(self, gap: Event) -> None:
+        self.gap = gap
 
 
 class Hub:
@@ -458,7 +475,10 @@ class Hub:
         self._check_open(view)
         key = None if last_id is None or last_id == "" else parse_id(last_id)
         ch, cursor, resumed, gap = self._open(channel, last_id, key)
-        pending = list(initial) + ([gap] if gap is not None else [])
+        pending = list(initial)
+        if gap is not None:
+            # A snapshot is made at the first take(), not here: this may be cheroot's accepting thread.
+            pending.append(_SnapshotDue(gap) if self._snapshots else gap)
         return Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
 
     def _subscribe_many(self, channels: Sequence[str], last_id: str | None, view: View | None, idle: float | None,
@@ -553,6 +573,100 @@ class Hub:
     def _gap(self, channel: str, last_id: str | None, resume: str) -> Event:
         self.counters.add("gaps")
         return Event({"last_id": last_id, "resume_id": resume}, id=resume, name=GAP, channel=channel)
+
+    # -- snapshots after a gap ------------------------------------------------
+
+    #: (channels, function) pairs, newest last; replaced, never changed in
+    #: place, so a gap reads it without a lock.
+    _snapshots: tuple[tuple[Channels, Callable[[str], Any]], ...] = ()
+
+    def snapshot(self, channels: Channels, fn: Callable[[str], Any]) -> Callable[[], None]:
+        """After a :data:`GAP` on *channels*, send ``fn(channel)``, the
+        channel's current state, as a :data:`SNAPSHOT` event, then the live
+        events after it; returns the function that unregisters *fn*.
+
+        *channels* is a channel's name or a function of a name (channels
+        made on the fly: ``lambda ch: ch.startswith("lobby:")``); the most
+        recently registered match wins. ``fn`` returns the state (anything
+        an event can carry; ``None``: no snapshot, the gap alone), or an
+        :class:`~comet.Event` whose ``id`` is the event id the state is
+        exact at (read under the lock your publishes hold, or the last
+        event of :meth:`history`). Otherwise the hub reads the channel's
+        newest id *before* calling ``fn``: ``fn`` must reflect at least
+        every event up to it; events published while it runs follow the
+        snapshot even if it already reflects them, so they must be safe to
+        apply twice. A ``fn`` that raises is logged and the gap goes alone.
+        It runs on the thread that serves the stream, outside the hub's
+        locks: keep it quick.
+
+        >>> hub = Hub(buffer_size=2)
+        >>> ids = [hub.publish("score", n) for n in range(5)]
+        >>> remove = hub.snapshot("score", lambda channel: {"total": 10})
+        >>> sub = hub.subscribe("score", last_id=ids[0])
+        >>> [(e.name, e.data) for e in sub.take()][1:]
+        [('comet.snapshot', {'total': 10})]
+        >>> _ = hub.publish("score", 5)
+        >>> [e.data for e in sub.take()]
+        [5]
+        >>> sub.close(); remove()
+        """
+        if isinstance(channels, str):
+            self._check_channel(channels)
+        elif not callable(channels):
+            raise TypeError(f"channels must be a channel name or a function of one, got {channels!r}")
+        if not callable(fn):
+            raise TypeError(f"the snapshot function must be callable, got {fn!r}")
+        entry = (channels, fn)
+        with self._lock:
+            self._snapshots = self._snapshots + (entry,)
+
+        def remove() -> None:
+            with self._lock:
+                self._snapshots = tuple(e for e in self._snapshots if e is not entry)
+
+        return remove
+
+    def _after_gap(self, channel: str, ch: _Channel, gap: Event) -> tuple[int, str, list[Event]] | None:
+        """The snapshot that follows *gap*: (cursor seq, its id, the gap and
+        the snapshot), or None (no snapshot function, it returned None or
+        failed). The caller holds no lock: ``fn`` may use the hub."""
+        try:
+            fn = next((f for match, f in reversed(self._snapshots)
+                       if (match == channel if isinstance(match, str) else match(channel))), None)
+            if fn is None:
+                return None
+            with ch.cond:  # the cursor before the state: nothing published after it is missed
+                seq, tail = ch.seq, ch.tail_id()
+            state = fn(channel)
+            if state is None:
+                return None
+            if isinstance(state, Event) and state.id is not None and state.id != tail:
+                seq, tail = self._snapshot_cursor(channel, ch, state.id)
+            snapshot = Event(state.data if isinstance(state, Event) else state, id=tail, name=SNAPSHOT,
+                             channel=channel)
+            snapshot.text()  # serialise here: a bad state is this function's failure, not the stream's
+        except Exception:
+            import logging
+
+            logging.getLogger("comet").exception("comet: snapshot of %r failed; sending the gap alone", channel)
+            return None
+        return seq, tail, [gap.replace(data={**gap.data, "snapshot": True}), snapshot]
+
+    def _snapshot_cursor(self, channel: str, ch: _Channel, event_id: str) -> tuple[int, str]:
+        """(seq, id) of the cursor at *event_id*, which a snapshot says it is
+        exact at; ``ValueError`` if the buffer cannot resume there."""
+        key = parse_id(event_id)
+        caught_up = False
+        with ch.cond:
+            if key > parse_id(ch.tail_id()):
+                caught_up = self._catch_up(channel, ch)  # another process published it
+            if not parse_id(ch.floor) <= key <= parse_id(ch.tail_id()):
+                raise ValueError(f"a snapshot at {event_id} is out of the buffer of {channel!r} "
+                                 f"({ch.floor} to {ch.tail_id()})")
+            seq = ch.first_seq() - 1 + ch.count_upto(key)
+        if caught_up:
+            self._wake(ch)
+        return seq, event_id
 
     # -- reading ------------------------------------------------------------
 
@@ -908,6 +1022,8 @@ class Subscription:
         first. ``view`` is applied here, once per event for this subscriber.
         """
         out, self._pending = self._pending, []
+        if out and isinstance(out[-1], _SnapshotDue):
+            out[-1:] = self._after_gap(out[-1].gap)
         if self._ready:  # taken by __next__, not handed out yet: first, in order
             out[:0] = self._ready
             self._ready.clear()
@@ -919,8 +1035,12 @@ class Subscription:
             # writer) must come back once more to see it ended.
             self._wake()
         if behind:
-            out.append(self.hub._gap(self.channel, self._last_id, floor))
+            gap = self.hub._gap(self.channel, self._last_id, floor)
             self.cursor, self._last_id = start - 1, floor
+            told = self._after_gap(gap)
+            out.extend(told)
+            if len(told) > 1:  # the snapshot holds the batch; what follows it comes next take
+                batch = []
         if batch:
             self.cursor = start + len(batch) - 1
             self._last_id = _stored_id(batch[-1])
@@ -934,6 +1054,15 @@ class Subscription:
                         continue
                     out.append(shown if isinstance(shown, Event) else event.replace(data=shown))
         return out
+
+    def _after_gap(self, gap: Event) -> list[Event]:
+        """*gap*, and the channel's snapshot if it has one: the cursor then
+        moves to where the snapshot is exact."""
+        found = self.hub._after_gap(self.channel, self._ch, gap)
+        if found is None:
+            return [gap]
+        self.cursor, self._last_id, shown = found
+        return shown
 
     def __iter__(self) -> "Subscription":
         return self
@@ -1164,7 +1293,14 @@ class MultiSubscription(Subscription):
                        Event({"last_id": slot.last, "resume_id": floor}, id=floor, name=GAP, channel=slot.name))
                 slot.cursor = start - 1
             if gap is not None:
-                merged.append((batch[0]._order if batch else 0, 0, slot, gap))
+                found = self.hub._after_gap(slot.name, ch, gap) if self.hub._snapshots else None
+                told = [gap]
+                if found is not None:  # the state at the snapshot's cursor, then what came after it
+                    slot.cursor, _, told = found
+                    with ch.cond:
+                        _, start, batch, _ = ch.after(slot.cursor)
+                order = batch[0]._order if batch else 0
+                merged.extend((order, 0, slot, event) for event in told)
             if batch:
                 slot.cursor = start + len(batch) - 1
                 merged.extend((event._order, 1, slot, event) for event in batch)

@@ -13,7 +13,7 @@ Example: the deployment that docs/deployment.md describes, for real::
         for app in apps:
             app.stop()
 
-Debian packages: redis-server, nginx (``./run test`` installs them).
+Debian packages: redis-server (with redis-cli), nginx (``./run test`` installs them).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["RedisServer", "RedisSentinels", "NginxServer", "AppProcess", "free_port"]
+__all__ = ["RedisServer", "RedisSentinels", "RedisClusterNodes", "NginxServer", "AppProcess", "free_port"]
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> None:
@@ -239,6 +239,168 @@ class RedisSentinels:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "RedisSentinels":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RedisClusterNodes:
+    """A Redis Cluster on loopback: *masters* masters (3 at least, as
+    ``redis-cli --cluster create`` asks), each with *replicas* replicas,
+    every node on free ports (its cluster-bus port too), the hash slots
+    spread evenly; ready when ``start()`` returns (every node says
+    ``cluster_state:ok`` and knows every other).
+
+    Example::
+
+        with RedisClusterNodes() as cluster:
+            hub = RedisHub(cluster.url)                  # redis+cluster://127.0.0.1:p1,...
+            cluster.move_slot(cluster.slot_of("comet:room"), to=cluster.masters[1])  # a resharding
+    """
+
+    def __init__(self, masters: int = 3, replicas: int = 0, *, node_timeout_ms: int = 1000) -> None:
+        if masters < 3:
+            raise ValueError(f"a Redis Cluster needs at least 3 masters, got {masters}")
+        self.dir = tempfile.mkdtemp(prefix="comet-cluster-")
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes = [self._node() for _ in range(masters * (1 + replicas))]
+        self.replicas = replicas
+        self.cli = shutil.which("redis-cli")
+        if self.cli is None:
+            raise RuntimeError("redis-cli not found: install Debian's redis-server (./run test does)")
+
+    def _node(self) -> RedisServer:
+        bus = free_port()
+        return RedisServer(args=("--cluster-enabled", "yes", "--cluster-port", str(bus),
+                                 "--cluster-node-timeout", str(self.node_timeout_ms)))
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` with every node as a seed."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 60.0) -> "RedisClusterNodes":
+        try:
+            for node in self.nodes:
+                # the cluster config (node id, epochs) lives in the node's own dir
+                node.args += ("--cluster-config-file", os.path.join(node.dir, "nodes.conf"))
+                node.start()
+            subprocess.run([str(self.cli), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                            "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                           check=True, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            _wait(self._ready, timeout, "every cluster node to agree on the cluster")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        import redis
+
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            try:
+                with redis.Redis(port=node.port, socket_timeout=1) as r:
+                    info = r.execute_command("CLUSTER", "INFO").decode()
+                    if "cluster_state:ok" not in info or f"cluster_known_nodes:{len(self.nodes)}" not in info:
+                        return False
+                    if self.replicas and r.execute_command("ROLE")[0] == b"slave" and \
+                            r.info("replication").get("master_link_status") != "up":
+                        return False
+            except redis.RedisError:
+                return False
+        return True
+
+    def _client(self, node: RedisServer) -> Any:
+        import redis
+
+        return redis.Redis(port=node.port, socket_timeout=5)
+
+    @property
+    def masters(self) -> list[RedisServer]:
+        """The nodes that are masters now (a failover changes them)."""
+        import redis
+
+        found = []
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            try:
+                with self._client(node) as r:
+                    if r.execute_command("ROLE")[0] == b"master":
+                        found.append(node)
+            except redis.ConnectionError:
+                continue  # a node that is down is not a master
+        return found
+
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        with self._client(master) as r:
+            ports = {int(entry["port"]) for key, entry in r.info("replication").items()
+                     if key.startswith("slave") and isinstance(entry, dict)}
+        return [n for n in self.nodes if n.port in ports]
+
+    @staticmethod
+    def slot_of(key: str | bytes) -> int:
+        """The hash slot of *key* (hash tags included)."""
+        from redis.crc import key_slot
+
+        return int(key_slot(key.encode() if isinstance(key, str) else key))
+
+    def owner(self, slot: int) -> RedisServer:
+        """The master that serves *slot* now."""
+        for node in self.masters:
+            with self._client(node) as r:
+                for start, end, master, *_ in r.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        port = int(master[1])
+                        return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no master serves slot {slot}")
+
+    def move_slot(self, slot: int, to: RedisServer, *, batch: int = 10, between: Callable[[], Any] | None = None) -> None:
+        """Reshard one slot to master *to*, keys and all, as ``redis-cli
+        --cluster reshard`` does (IMPORTING/MIGRATING, ``MIGRATE`` in
+        batches of *batch* keys, then ``SETSLOT NODE`` everywhere); *between*
+        runs after each batch (say, to publish while the slot is half moved)."""
+        source = self.owner(slot)
+        if source is to:
+            return
+        with self._client(source) as src, self._client(to) as dst:
+            src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while True:
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+                if between is not None:
+                    between()
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        for node in self.masters:
+            if node is not source and node is not to:
+                with self._client(node) as r:
+                    r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+    def failover(self, master: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """A planned failover: one of *master*'s replicas takes over with
+        ``CLUSTER FAILOVER`` (it first catches up, so nothing acknowledged
+        is lost); the new master once every node agrees."""
+        replica = self.replicas_of(master)[0]
+        with self._client(replica) as r:
+            r.execute_command("CLUSTER", "FAILOVER")
+            _wait(lambda: r.execute_command("ROLE")[0] == b"master", timeout, f"replica {replica.port} promoted")
+        _wait(self._ready, timeout, "the cluster to agree after the failover")
+        return replica
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "RedisClusterNodes":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -406,3 +406,26 @@ def test_a_fast_route_may_follow_several_channels(comet_cherrypy, hub):
     assert engine_plugin().pool.counters["routed_fast"] >= 1
     with pytest.raises(ValueError, match="list of 1 to"):
         engine_plugin().route("/bad/{x}", hub, ["room:{y}"])
+
+
+def test_a_channel_that_fell_behind_gets_its_snapshot_on_a_stream_of_several(any_hub):
+    any_hub.snapshot("score", lambda channel: {"total": 99})
+    sub = any_hub.subscribe(["score", "chat"])
+    any_hub.publish("chat", "hi")
+    cursor = take_until(sub, 1)[-1].id
+    sub.close()
+    for n in range(60):  # more than the buffer (50) holds
+        any_hub.publish("score", n)
+    any_hub.publish("chat", "still here")
+    resumed = any_hub.subscribe(["score", "chat"], last_id=cursor)
+    got = take_until(resumed, 3)
+    assert [(e.channel, e.name) for e in got[:2]] == [("score", GAP), ("score", "comet.snapshot")]
+    assert got[1].data == {"total": 99} and got[0].data["snapshot"] is True
+    assert [(e.channel, e.data) for e in got[2:]] == [("chat", "still here")]
+    any_hub.publish("score", "live")
+    assert [(e.channel, e.data) for e in take_until(resumed, 1)] == [("score", "live")]
+    # The snapshot's id resumes there: nothing before it comes back.
+    resumed.close()
+    again = any_hub.subscribe(["score", "chat"], last_id=got[1].id)
+    assert [e.data for e in take_until(again, 2)] == ["still here", "live"]
+    again.close()

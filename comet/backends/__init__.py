@@ -17,7 +17,7 @@ __all__ = ["hub_from_url", "redis_client"]
 
 def hub_from_url(url: str | None = None, **options: Any) -> Hub:
     """``RedisHub(url, **options)`` for a ``redis://``/``rediss://``/``unix://``
-    URL, else the in-memory ``Hub(**options)``: what the examples' ``--redis``
+    URL (or ``redis+sentinel://``, ``redis+cluster://h1:p1,h2:p2,h3:p3``), else the in-memory ``Hub(**options)``: what the examples' ``--redis``
     option does.
 
     >>> hub_from_url(None)
@@ -25,8 +25,8 @@ def hub_from_url(url: str | None = None, **options: Any) -> Hub:
     """
     if not url:
         return Hub(**options)
-    if not url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
-        raise ValueError(f"expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got {url!r}")
+    if not url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")):
+        raise ValueError(f"expected a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL, got {url!r}")
     from .redis import RedisHub
 
     return RedisHub(url, **options)
@@ -35,7 +35,9 @@ def hub_from_url(url: str | None = None, **options: Any) -> Hub:
 def redis_client(url: str, **options: Any) -> "redis.Redis":
     """A redis-py client for any Redis URL :func:`hub_from_url` takes,
     ``redis+sentinel://h1:p1,h2:p2,h3:p3/<service>[/db]`` included (the
-    master Sentinel names, followed through failovers): for an app's own
+    master Sentinel names, followed through failovers) and
+    ``redis+cluster://h1:p1,h2:p2`` (a :class:`redis.cluster.RedisCluster`,
+    which has the same commands, routed by key): for an app's own
     keys beside the hub (a rate limit, a game's state). *options* go to
     redis-py (``socket_timeout=5``, ...).
 

@@ -71,6 +71,11 @@ connections; the sentinels still name it until they have elected another),
 the reader reconnects to the new master and resumes every channel from its
 last id, and streams keep their heartbeats meanwhile.
 
+``redis+cluster://h1:p1,h2:p2,h3:p3`` spreads channels over a Redis
+Cluster's masters: see :mod:`comet.backends.redis_cluster` (a reader per
+master, woken by a bell the publish script rings; regrouped by the slot map
+after a resharding or a failover).
+
 Replication is asynchronous, so a failover can lose the last events the old
 master acknowledged before its replica had them. ``replicas=N`` makes
 publishing durable: each publish (each batch) is followed by ``WAIT N`` on
@@ -90,6 +95,8 @@ from typing import Any, Callable, Generic, Iterable, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 from redis.typing import KeyT, StreamIdT
@@ -97,6 +104,7 @@ from redis.typing import KeyT, StreamIdT
 from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
 from ..hub import Hub, MaxAge, _bucket, _Channel, _stored_id, parse_id
+from .redis_cluster import ClusterFollower, _moving, cluster_client, slot_tag
 
 __all__ = ["RedisHub"]
 
@@ -105,7 +113,9 @@ MAX_BATCH = 256
 
 log = logging.getLogger("comet")
 
-_DOWN = (redis.ConnectionError, redis.TimeoutError)
+# Unreachable, or (Redis Cluster) the slot has no master right now or is moving.
+_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.TryAgainError,
+         redis.exceptions.RedisClusterException)
 
 #: One stream entry as this module's clients return it: (id, fields). redis-py
 #: types replies for every client setting (str with ``decode_responses``,
@@ -189,9 +199,14 @@ local last = newest[1][1]
 local known = redis.call('HGET', KEYS[2], ARGV[1])
 if not known or after(last, known) then redis.call('HSET', KEYS[2], ARGV[1], last) end
 redis.call('DEL', KEYS[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'c', ARGV[2], 'l', last)
+if #KEYS > 2 then redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'c', ARGV[2], 'l', last) end
 return last
 """
+
+# On Redis Cluster the publish script also rings the stream's bell: SPUBLISH
+# on the stream key, a shard channel of the same slot (see redis_cluster).
+_PUBLISH_CLUSTER = _PUBLISH.replace("\nreturn id\n", "\nredis.call('SPUBLISH', KEYS[1], id)\nreturn id\n")
+assert _PUBLISH_CLUSTER != _PUBLISH
 
 
 class _Sentinels:
@@ -246,6 +261,8 @@ def client_for(url: str, options: dict[str, Any]) -> redis.Redis:
     :func:`comet.backends.redis_client`."""
     if url.startswith("redis+sentinel://"):
         return _Sentinels(url, options).client(options)
+    if url.startswith("redis+cluster://"):
+        return cast(redis.Redis, cluster_client(url, options))  # same commands, routed by key
     return redis.Redis.from_url(url, **options)
 
 
@@ -318,8 +335,11 @@ class RedisHub(Hub):
         options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0,
                                    "retry": Retry(NoBackoff(), 0), "health_check_interval": 0, **redis_options}
         self._sentinels = _Sentinels(url, options) if url.startswith("redis+sentinel://") else None
+        self._cluster = url.startswith("redis+cluster://")
+        if self._cluster and replicas:
+            raise ValueError("replicas (a durable publish with WAIT) is not supported on Redis Cluster yet")
         self.redis = self._connect(options)
-        self._publish_script = self.redis.register_script(_PUBLISH)
+        self._publish_script = self.redis.register_script(_PUBLISH_CLUSTER if self._cluster else _PUBLISH)
         self._load_script = self.redis.register_script(_LOAD)
         self._forget_script = self.redis.register_script(_FORGET)
         # Outside every channel's key (names never hold NUL): the newest id of
@@ -333,6 +353,7 @@ class RedisHub(Hub):
         # One connection, always the same: CLIENT UNBLOCK must name the one that blocks.
         self._reader_options = {**options, "socket_timeout": read_timeout, "single_connection_client": True}
         self._where: str = (str(self._sentinels) if self._sentinels is not None
+                            else "the cluster " + url[len("redis+cluster://"):].rpartition("@")[2] if self._cluster
                             else self.redis.connection_pool.connection_kwargs.get("host", url))
         self._live: dict[bytes, str] = {}  # stream key -> channel, for the reader
         # stream key -> id of the newest event mirrored: the reader's XREAD
@@ -348,7 +369,14 @@ class RedisHub(Hub):
         #: Times the reader (re)connected; 1 after the first connect.
         self.connects = 0
         self._reader = threading.Thread(target=self._read_loop, name="comet-redis-reader", daemon=True)
-        self._reader.start()
+        self._follower: ClusterFollower | None = None
+        if self._cluster:  # a reader per master instead (redis_cluster)
+            self._follower = ClusterFollower(self, cast(RedisCluster, self.redis), options)
+            newest = cast("list[_Entry]", self.redis.xrevrange(self._forgets_key, count=1))
+            self._forgets_cursor = newest[0][0].decode() if newest else "0-0"
+            self._follower.follow(self._forgets_key.encode())
+        else:
+            self._reader.start()
         self._start_sweeper()
 
     def _start_sweeper(self) -> None:
@@ -356,6 +384,10 @@ class RedisHub(Hub):
             super()._start_sweeper()
 
     def _connect(self, options: dict[str, Any]) -> redis.Redis:
+        if self._cluster:
+            # Typed as the plain client it stands in for: every command this
+            # hub sends has the same signature on both (routed by key here).
+            return cast(redis.Redis, cluster_client(self.url, options))
         if self._sentinels is not None:
             return self._sentinels.client(options)
         return redis.Redis.from_url(self.url, **options)
@@ -394,16 +426,16 @@ class RedisHub(Hub):
             try:
                 # Script() reloads itself after NOSCRIPT (a restarted Redis):
                 # that is no retry of a publish, the first attempt never ran.
-                return [self._publish_script(keys=[key, self._forgotten_key], args=self._retained(key, args))]
+                return [self._publish_script(keys=[key, self._forgotten_for(key)], args=self._retained(key, args))]
             except redis.ResponseError as exc:
                 return [exc]
-        results = self._pipeline(batch)
+        results = self._cluster_pipeline(batch) if self._cluster else self._pipeline(batch)
         # After a Redis restart the script is gone: those publishes never
         # ran, so sending them again after loading it stores nothing twice.
         again = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
         if again:
-            self.redis.script_load(_PUBLISH)
-            for i, result in zip(again, self._pipeline([batch[i] for i in again])):
+            self.redis.script_load(self._publish_script.script)
+            for i, result in zip(again, (self._cluster_pipeline if self._cluster else self._pipeline)([batch[i] for i in again])):
                 results[i] = result
         return results
 
@@ -413,7 +445,7 @@ class RedisHub(Hub):
         sha = self._publish_script.sha
         with self.redis.pipeline(transaction=False) as pipe:
             for key, args in batch:
-                pipe.evalsha(sha, 2, key, self._forgotten_key, *self._retained(key, args))
+                pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, args))
             if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
                 pipe.wait(self.replicas, int(self.replica_timeout * 1000))
             results: list[bytes | BaseException] = pipe.execute(raise_on_error=False)
@@ -444,10 +476,12 @@ class RedisHub(Hub):
         try:
             if self.replicas:
                 ids = self._publish_many_durably(key, protos)
+            elif self._cluster:
+                ids = self._publish_many_on_master(key, protos)
             else:
                 with self.redis.pipeline(transaction=True) as pipe:
                     for proto in protos:
-                        self._publish_script(keys=[key, self._forgotten_key],
+                        self._publish_script(keys=[key, self._forgotten_for(key)],
                                              args=self._retained(key, self._fields(proto)), client=pipe)
                     ids = pipe.execute()
         except _DOWN as exc:
@@ -462,10 +496,10 @@ class RedisHub(Hub):
         sha = self._publish_script.sha
         with self.redis.pipeline(transaction=False) as pipe:
             raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
-            pipe.script_load(_PUBLISH)
+            pipe.script_load(self._publish_script.script)
             raw.execute_command("MULTI")
             for proto in protos:
-                pipe.evalsha(sha, 2, key, self._forgotten_key, *self._retained(key, self._fields(proto)))
+                pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, self._fields(proto)))
             raw.execute_command("EXEC")
             pipe.wait(self.replicas, int(self.replica_timeout * 1000))
             replies = pipe.execute()
@@ -477,6 +511,62 @@ class RedisHub(Hub):
             if isinstance(result, BaseException):
                 raise result
         return ids
+
+    def _master(self, key: str) -> redis.Redis:
+        """(Cluster) a client of the master that serves stream *key*'s slot:
+        redis-py's cluster pipelines refuse scripts, a master's own take them."""
+        cluster = cast(RedisCluster, self.redis)
+        client: redis.Redis = cluster.nodes_manager.get_node_from_slot(key_slot(key.encode())).redis_connection
+        return client
+
+    def _cluster_pipeline(self, batch: list[_Publish]) -> list[bytes | BaseException]:
+        """:meth:`_pipeline` on a cluster: one pipeline per master; publishes
+        redirected (MOVED, ASK: they never ran) once more one by one through
+        the cluster client, which follows redirections."""
+        sha = self._publish_script.sha
+        results: list[bytes | BaseException] = [RuntimeError("not sent")] * len(batch)
+        by_master: dict[int, tuple[redis.Redis, list[int]]] = {}
+        for i, (key, _) in enumerate(batch):
+            client = self._master(key)
+            by_master.setdefault(id(client), (client, []))[1].append(i)
+        for client, indexes in by_master.values():
+            with client.pipeline(transaction=False) as pipe:
+                for i in indexes:
+                    key, args = batch[i]
+                    pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, args))
+                for i, result in zip(indexes, pipe.execute(raise_on_error=False)):
+                    results[i] = result
+        for i, result in enumerate(results):
+            if isinstance(result, redis.ResponseError) and _moving(result):
+                key, args = batch[i]
+                try:
+                    results[i] = self._publish_script(keys=[key, self._forgotten_for(key)], args=self._retained(key, args))
+                except redis.ResponseError as exc:
+                    results[i] = exc
+        return results
+
+    def _publish_many_on_master(self, key: str, protos: list[Event]) -> list[bytes]:
+        """:meth:`publish_many` on a cluster: MULTI/EXEC on the master of the
+        stream's slot; once more after a redirection (a transaction that
+        got MOVED never ran)."""
+        sha = self._publish_script.sha
+        for attempt in range(2):
+            with self._master(key).pipeline(transaction=False) as pipe:
+                raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
+                pipe.script_load(self._publish_script.script)  # see _publish_many_durably
+                raw.execute_command("MULTI")
+                for proto in protos:
+                    pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, self._fields(proto)))
+                raw.execute_command("EXEC")
+                replies = pipe.execute(raise_on_error=False)
+            self.counters.add("round_trips")
+            error = next((r for r in replies if isinstance(r, BaseException)), None)
+            if error is None:
+                return cast("list[bytes]", replies[-1])
+            if not (attempt == 0 and _moving(error)):
+                raise error
+            cast(RedisCluster, self.redis).nodes_manager.initialize()
+        raise AssertionError("unreachable")
 
     def _fields(self, proto: Event) -> list[str | int | bytes]:
         """The publish script's arguments for one event."""
@@ -515,9 +605,16 @@ class RedisHub(Hub):
         the newest id it had, so old cursors get an exact gap. True if the
         stream or a local mirror existed."""
         self._check_channel(channel)
+        key = self._key(channel)
         try:
-            last = self._forget_script(keys=[self._key(channel), self._forgotten_key, self._forgets_key],
-                                       args=[_bucket(channel), channel])
+            if self._cluster:  # the note goes to another slot: written on its own, with its bell
+                last = self._forget_script(keys=[key, self._forgotten_for(key)], args=[_bucket(channel), channel])
+                if last is not None:
+                    note = self.redis.xadd(self._forgets_key, {"c": channel, "l": last}, maxlen=1000)
+                    self.redis.spublish(self._forgets_key, note)
+            else:
+                last = self._forget_script(keys=[key, self._forgotten_key, self._forgets_key],
+                                           args=[_bucket(channel), channel])
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot forget {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
         here = super().forget(channel)
@@ -584,6 +681,14 @@ class RedisHub(Hub):
     def _key(self, channel: str) -> str:
         return self.prefix + channel
 
+    def _forgotten_for(self, key: str) -> str:
+        """The hash of forgotten channels' newest ids that stream *key*'s
+        scripts use: one per hub, or on a cluster one per slot (a script
+        touches one slot)."""
+        if self._cluster:
+            return f"{self._forgotten_key}{{{slot_tag(key_slot(key.encode()))}}}"
+        return self._forgotten_key
+
     def _channel(self, name: str) -> _Channel:
         ch = super()._channel(name)
         if not ch.live:
@@ -597,7 +702,7 @@ class RedisHub(Hub):
             if ch.live:
                 return
             try:
-                raw, floor = self._load_script(keys=[key, self._forgotten_key],
+                raw, floor = self._load_script(keys=[key, self._forgotten_for(key)],
                                                args=[self.buffer_size, self._max_age_ms(name),
                                                      round((self.max_idle or 0) * 1000), _bucket(name)])
             except _DOWN as exc:
@@ -617,11 +722,13 @@ class RedisHub(Hub):
 
     def _forget(self, name: str) -> None:
         # The reader's next XREAD leaves the key out; entries its current one
-        # still returns for it are skipped (_read_once).
+        # still returns for it are skipped (_deliver).
         key = self._key(name).encode()
         self._live.pop(key, None)
         self._cursors.pop(key, None)
         self._version += 1
+        if self._follower is not None:
+            self._follower.unfollow(key)
 
     def _local(self, channel: str, last_id: str | None) -> bool:
         ch = self._channels.get(channel)
@@ -697,6 +804,12 @@ class RedisHub(Hub):
         new channel up by itself (a bounded handshake, at most ~0.5 s).
         """
         self._changed.set()
+        if self._follower is not None:
+            with self._lock:
+                new = [key for key in self._cursors if key not in self._follower.owner]
+            for key in new:
+                self._follower.follow(key)
+            return
         for _ in range(100):
             if self._seen_version >= version or not self.connected or self._reader_id is None:
                 return
@@ -759,21 +872,36 @@ class RedisHub(Hub):
         reply = cast("list[tuple[bytes, list[_Entry]]] | None",
                      conn.xread(streams, count=1000, block=int(self.block * 1000)))
         for key, entries in reply or ():
-            if key == self._forgets_key.encode():
-                for event_id, fields in entries:
-                    self._forgets_cursor = event_id.decode()
-                    self._forgotten_elsewhere(fields[b"c"].decode(), fields[b"l"].decode())
-                continue
-            name = self._live.get(key)
-            ch = self._channels.get(name) if name is not None else None
-            if name is None or ch is None:
-                continue  # forgotten meanwhile: whoever uses it next reads it from Redis
-            with ch.cond:
-                if ch.dead:
-                    continue
-                added = self._append(name, ch, entries)
-            if added:
-                self._wake(ch)
+            self._deliver(key, entries)
+
+    def _deliver(self, key: bytes, entries: list[_Entry]) -> None:
+        """What a reader read from stream *key*: into its channel's mirror."""
+        if key == self._forgets_key.encode():
+            for event_id, fields in entries:
+                self._forgets_cursor = event_id.decode()
+                self._forgotten_elsewhere(fields[b"c"].decode(), fields[b"l"].decode())
+            return
+        name = self._live.get(key)
+        ch = self._channels.get(name) if name is not None else None
+        if name is None or ch is None:
+            return  # forgotten meanwhile: whoever uses it next reads it from Redis
+        with ch.cond:
+            if ch.dead:
+                return
+            added = self._append(name, ch, entries)
+        if added:
+            self._wake(ch)
+
+    def _cursor(self, key: bytes) -> str | None:
+        """Where a read of stream *key* starts (None: not followed now)."""
+        if key == self._forgets_key.encode():
+            return self._forgets_cursor
+        return self._cursors.get(key)
+
+    def _cluster_state(self) -> None:
+        """A cluster reader (dis)connected: connected while all of them are."""
+        if self._follower is not None:
+            self.connected = self._follower.connected
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -782,12 +910,15 @@ class RedisHub(Hub):
         super().close()
         self._stop.set()
         self._changed.set()
+        if self._follower is not None:
+            self._follower.close()
         if self._reader_id is not None:
             try:
                 self.redis.client_unblock(self._reader_id)
             except _DOWN:
                 pass
-        self._reader.join(self.block + 10)
+        if self._reader.is_alive():
+            self._reader.join(self.block + 10)
         self.redis.close()
         if self._sentinels is not None:
             self._sentinels.close()

@@ -7,7 +7,8 @@
  *     lastEventId: "1700000000000-41",  // resume after this id (e.g. the last rendered one)
  *     onEvent(ev) { ... },              // ev = {id, event, data}; data is parsed JSON when it can be
  *     onStatus(status) { ... },         // "connecting" | "open" | "reconnecting" | "closed"
- *     onGap(ev) { ... },                // events were lost for this client: reload state
+ *     onGap(ev) { ... },                // events were lost for this client (ev.data.snapshot: the state follows)
+ *     onSnapshot(ev) { ... },           // after a gap, the channel's current state (server: hub.snapshot)
  *     onDenied(info) { ... },           // {status, reason}: the server refused this stream for good
  *     withCredentials: true,            // cross-origin: send cookies too (the server sets cors_credentials)
  *     shared: true,                     // one connection for every tab of this browser (below)
@@ -48,6 +49,13 @@
   "use strict";
 
   const GAP = "comet.gap";
+  const SNAPSHOT = "comet.snapshot";
+
+  /* The handler an event goes to: onGap, onSnapshot, or else onEvent. */
+  function handlerFor(options, ev) {
+    const own = ev.event === GAP ? options.onGap : ev.event === SNAPSHOT ? options.onSnapshot : null;
+    return own || options.onEvent;
+  }
 
   function parseData(text) {
     if (typeof text !== "string") return text;
@@ -203,7 +211,7 @@
       this.options = Object.assign({
         transport: "sse", events: [], lastEventId: null,
         minDelay: 500, maxDelay: 30000,
-        onEvent: () => {}, onStatus: () => {}, onGap: null, onDenied: null,
+        onEvent: () => {}, onStatus: () => {}, onGap: null, onSnapshot: null, onDenied: null,
         withCredentials: false,
       }, options || {});
       // Cross-origin streams: send cookies and HTTP auth only when asked
@@ -236,15 +244,12 @@
 
     _deliver(ev) {
       if (ev.id) {
-        if (this.lastEventId && ev.id === this.lastEventId) return; // already shown
+        // A snapshot may carry its gap's id (a restarted server with nothing new): never "already shown".
+        if (this.lastEventId && ev.id === this.lastEventId && ev.event !== SNAPSHOT) return; // already shown
         this.lastEventId = ev.id;
       }
       if (this.status !== "open") this._opened();
-      if (ev.event === GAP && this.options.onGap) {
-        try { this.options.onGap(ev); } catch (e) { console.error(e); }
-        return;
-      }
-      try { this.options.onEvent(ev); } catch (e) { console.error(e); }
+      try { handlerFor(this.options, ev)(ev); } catch (e) { console.error(e); }
     }
 
     _opened() { this.attempt = 0; this._setStatus("open"); }
@@ -333,7 +338,7 @@
       let opened = false;
       source.onopen = () => { opened = true; this._opened(); };
       source.onmessage = handler;
-      for (const name of new Set([GAP].concat(this.options.events))) source.addEventListener(name, handler);
+      for (const name of new Set([GAP, SNAPSHOT].concat(this.options.events))) source.addEventListener(name, handler);
       source.onerror = () => {
         source.close();
         if (this._source === source) this._source = null;
@@ -434,7 +439,7 @@
       this.url = url;
       this.options = Object.assign({
         transport: "sse", events: [], lastEventId: null,
-        onEvent: () => {}, onStatus: () => {}, onGap: null, onDenied: null,
+        onEvent: () => {}, onStatus: () => {}, onGap: null, onSnapshot: null, onDenied: null,
       }, options || {});
       this.lastEventId = this.options.lastEventId || null;
       this.status = null;
@@ -523,6 +528,7 @@
         lastEventId: this.lastEventId,
         onEvent: (ev) => this._fromServer(ev),
         onGap: (ev) => this._fromServer(ev),
+        onSnapshot: (ev) => this._fromServer(ev),  // every tab gets the state, not only the leader
         onStatus: (status) => {
           if (!this.leader) return;  // our own close() while stepping down: not news for the others
           this._post({ type: "status", status: status });
@@ -552,18 +558,16 @@
     }
 
     _deliver(ev) {
-      if (ev.id) {
+      if (ev.id && ev.event === SNAPSHOT) {
+        this.lastEventId = ev.id;  // (its id may be its gap's: see Subscription._deliver)
+      } else if (ev.id) {
         if (this._seen.has(ev.id)) return;
         this._seen.add(ev.id);
         this._seenOrder.push(ev.id);
         if (this._seenOrder.length > RECENT) this._seen.delete(this._seenOrder.shift());
         this.lastEventId = ev.id;
       }
-      if (ev.event === GAP && this.options.onGap) {
-        try { this.options.onGap(ev); } catch (e) { console.error(e); }
-        return;
-      }
-      try { this.options.onEvent(ev); } catch (e) { console.error(e); }
+      try { handlerFor(this.options, ev)(ev); } catch (e) { console.error(e); }
     }
 
     _denied(info) {
@@ -626,10 +630,12 @@
         this._held = null;
         for (const ev of held) this._deliver(ev);
       };
+      const onEvent = (ev) => { this._deliver(ev); if (ev.id && compareIds(ev.id, until) >= 0) done(); };
       this._catchup = new Subscription(this.url, Object.assign({}, this.options, {
         lastEventId: this.lastEventId,
-        onEvent: (ev) => { this._deliver(ev); if (ev.id && compareIds(ev.id, until) >= 0) done(); },
+        onEvent: onEvent,
         onGap: (ev) => this._deliver(ev),
+        onSnapshot: onEvent,
         onStatus: (status) => { if (status === "open" && compareIds(this.lastEventId, until) >= 0) done(); },
         onDenied: (info) => this._denied(info),
       }));
@@ -667,5 +673,6 @@
     sseEvent: sseEvent,
     compareIds: compareIds,
     GAP: GAP,
+    SNAPSHOT: SNAPSHOT,
   };
 })(typeof window !== "undefined" ? window : globalThis);

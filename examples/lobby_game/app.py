@@ -125,6 +125,17 @@ class LobbyApp:
         self.lobbies = lobbies
         self.openings = openings or Openings()
         self.behind_proxy = behind_proxy
+        # A page that missed states (its cursor left the buffer, or the lobby
+        # was forgotten and opened anew) gets the whole state after the gap.
+        hub.snapshot(lambda channel: channel.startswith("lobby:"), self._snapshot)
+
+    def _snapshot(self, channel: str):
+        """The lobby's state now. A state published while this reads comes
+        again after it: whole versioned states, so harmless."""
+        try:
+            return self.lobbies.get(channel.removeprefix("lobby:")).state()
+        except GameError:
+            return None  # nobody is here: the gap alone; the page's reconnect hears the 404
 
     def client_ip(self) -> str:
         """The TCP peer, or behind a proxy on this host the address the

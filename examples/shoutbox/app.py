@@ -5,7 +5,11 @@
 
 The page renders the last 50 shouts on the server and hands the id of the
 newest event to the stream, which resumes exactly after it: no gap and no
-duplicate between the page and the stream.
+duplicate between the page and the stream. A page whose cursor the hub can
+no longer resume from (the server restarted, or the page was away for more
+than the buffer holds) gets the same last 50 shouts as a ``comet.snapshot``
+(``hub.snapshot``), exact at their newest id: the page redraws its list and
+keeps what the user was typing.
 
 One channel, two views: guests and moderators subscribe to the same channel;
 a per-subscriber ``view`` hides moderator notices from guests. A moderator's
@@ -51,7 +55,7 @@ import cherrypy
 import jinja2
 
 import comet.stats
-from comet import BackendUnavailable, Hub, comet as stream
+from comet import BackendUnavailable, Event, Hub, comet as stream
 from comet.backends import hub_from_url
 
 from ..ratelimit import RateLimiter
@@ -226,6 +230,7 @@ class Shoutbox:
         self.rate = rate or RateLimiter()
         self.sessions = sessions or ModeratorSessions()
         self.behind_proxy = behind_proxy
+        hub.snapshot(CHANNEL, self.snapshot)
 
     # -- identity ---------------------------------------------------------
 
@@ -281,13 +286,23 @@ class Shoutbox:
 
     # -- pages ------------------------------------------------------------
 
-    @cherrypy.expose
-    def index(self):
+    def recent(self) -> tuple[list[Event], str]:
+        """The last 50 shouts not deleted, and the id of the newest event
+        of any kind they reflect: the cursor to resume after."""
         events = self.hub.history(CHANNEL)
-        # Resume after the newest event of any kind that this render saw.
         cursor = events[-1].id if events else self.hub.last_id(CHANNEL)
         deleted = {e.data.get("target") for e in events if e.name == "delete" and isinstance(e.data, dict)}
-        shouts = [e for e in events if e.name == "shout" and e.id not in deleted][-50:]
+        return [e for e in events if e.name == "shout" and e.id not in deleted][-50:], cursor
+
+    def snapshot(self, channel: str) -> Event:
+        """What a page that missed too much redraws (after a ``comet.gap``):
+        the shouts a fresh render would show, exact at their cursor."""
+        shouts, cursor = self.recent()
+        return Event({"shouts": [{"id": e.id, **e.data} for e in shouts]}, id=cursor)
+
+    @cherrypy.expose
+    def index(self):
+        shouts, cursor = self.recent()
         return templates.get_template("index.html").render(
             shouts=shouts, cursor=cursor, csrf=self._csrf(), moderator=self.is_moderator(), **self.pm.page(cursor))
 

@@ -144,8 +144,8 @@ def test_pages_reconnect_after_server_restart_and_show_what_was_sent(context, ex
     post_shout(restarted.url, "bob", "sent while you were away")
     post_shout(restarted.url, "bob", "and another one")
     for page in pages:
-        # the old cursor belongs to the old server: a gap event makes the page
-        # re-render from the new server's history, then stream on
+        # the old cursor belongs to the old server: a gap, then the new
+        # server's shouts as a snapshot the page redraws, then live shouts
         page.wait_for_selector("#shouts li:has-text('and another one')", timeout=30_000)
         page.wait_for_selector('#status[data-status="open"]')
         assert page.locator("#shouts .what").all_inner_texts()[-2:] == ["sent while you were away", "and another one"]

@@ -149,10 +149,13 @@
       shared: true,  // a player's tabs of this lobby share one connection
       events: ["state"],
       onEvent: (ev) => { if (ev.event === "state") render(ev.data); },
-      // Missed states (the server restarted and forgot, or we fell behind):
-      // start over without a cursor, which brings a fresh snapshot, whose
+      // Missed states (we fell behind, or the lobby was opened anew): the
+      // server follows the gap with the whole state (hub.snapshot), whose
       // version may be lower than what is on screen (a restarted store).
-      onGap: () => { shown = -1; connect(); },
+      onSnapshot: (ev) => { shown = -1; render(ev.data); },
+      // A gap with no state after it: start over without a cursor, which
+      // brings a fresh state (or the 404 of a lobby nobody is in).
+      onGap: (ev) => { if (!(ev.data && ev.data.snapshot)) { shown = -1; connect(); } },
       onDenied: () => closedLobby(false),
       onStatus: showStatus,
     });

@@ -89,6 +89,16 @@
     }
   }
 
+  function redraw(snapshot) {
+    // The server's current shouts, exact at the snapshot's id: they replace
+    // the list (what it showed may be gone, deleted, or from before a
+    // restart). The form is not touched: the unsent text and nickname stay.
+    const follow = nearBottom();
+    list.replaceChildren(...snapshot.data.shouts.map((s) => shoutItem(s.id, s)));
+    $("empty").hidden = list.children.length > 0;
+    if (follow) toBottom();
+  }
+
   for (const li of list.children) {
     stamp(li.querySelector("time"), Date.parse(li.querySelector("time").dateTime));
     li.classList.toggle("mine", mine.has(li.dataset.id));
@@ -101,7 +111,9 @@
   const room = {
     events: ["shout", "delete", "mod"],
     onEvent: onEvent,
-    onGap: () => location.reload(),    // too much was missed: start from a fresh render
+    onSnapshot: redraw,                // after a gap: the current shouts, then live ones
+    // A gap with no snapshot after it (the server could not make one): a fresh render.
+    onGap: (ev) => { if (!(ev.data && ev.data.snapshot)) location.reload(); },
     onStatus: (s) => { $("status").dataset.status = s; $("status").textContent = words[s] || s; },
   };
   if (!$("pm")) {  // signed in, pm.js follows the room on the page's one stream

@@ -1,0 +1,261 @@
+"""RedisHub on Redis Cluster, for real on loopback: three masters (and a
+replica each for the failover), created with ``redis-cli --cluster create``.
+
+Mid-stream, the channel's slot is resharded to another master (MIGRATE,
+with publishes while the slot is half moved), or its master hands over to
+its replica (``CLUSTER FAILOVER``). Counted: events acknowledged (publish
+returned an id), delivered (on a parked SSE stream served by CherryPy),
+duplicates, gaps, and acknowledged but lost, which must be 0."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import cherrypy
+import pytest
+
+from comet import BackendUnavailable, comet
+from comet.backends import hub_from_url, redis_client
+from comet.backends.redis import RedisHub
+from comet.backends.redis_cluster import slot_tag
+from comet.hub import Idle
+from comet.processes import RedisClusterNodes
+from comet.testing import wait_until
+
+from conftest import RawStream
+
+
+@pytest.fixture
+def cluster():
+    with RedisClusterNodes() as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def cluster_with_replicas():
+    with RedisClusterNodes(replicas=1) as nodes:
+        yield nodes
+
+
+def _reader_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("comet-redis-reader")]
+
+
+def _next_event(sub, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    for item in sub:
+        if not isinstance(item, Idle):
+            return item
+        if time.monotonic() > deadline:
+            raise TimeoutError("no event")
+    raise AssertionError("the subscription ended")
+
+
+def _one_channel_per_master(cluster: RedisClusterNodes) -> list[str]:
+    """Channel names whose streams land on three different masters."""
+    names: dict[int, str] = {}
+    n = 0
+    while len(names) < 3:
+        name = f"room{n}"
+        names.setdefault(cluster.owner(cluster.slot_of("comet:" + name)).port, name)
+        n += 1
+    return list(names.values())
+
+
+def test_cluster_urls_are_parsed_and_checked(cluster):
+    hub = hub_from_url(cluster.url, idle=0.2)
+    try:
+        assert isinstance(hub, RedisHub) and "the cluster 127.0.0.1:" in repr(hub)
+        for name in _one_channel_per_master(cluster):
+            event_id = hub.publish(name, "hello")
+            assert hub.history(name)[-1].id == event_id
+        with redis_client(cluster.url, socket_timeout=5) as client:  # an app's own keys, routed by slot
+            assert client.xlen("comet:room0") == 1
+    finally:
+        hub.close()
+    for bad in ("redis+cluster://127.0.0.1", "redis+cluster://127.0.0.1:1/3", "redis+cluster://h:x"):
+        with pytest.raises(ValueError):
+            RedisHub(bad)
+    with pytest.raises(ValueError, match="replicas"):
+        RedisHub(cluster.url, replicas=1)
+    assert cluster.slot_of("{" + slot_tag(1234) + "}") == 1234
+
+
+def test_channels_on_every_master_reach_another_process_exactly(cluster):
+    writer = RedisHub(cluster.url, idle=0.2, block=1.0)
+    reader = RedisHub(cluster.url, idle=0.2, block=1.0)
+    try:
+        names = _one_channel_per_master(cluster)
+        subs = {name: reader.subscribe(name) for name in names}
+        assert len({n for n in reader._follower.owner.values()}) == 3  # a reader per master
+        sent = {name: [writer.publish(name, f"{name}-{i}") for i in range(5)] for name in names}
+        for name, sub in subs.items():
+            assert [_next_event(sub).id for _ in range(5)] == sent[name]
+        # Resuming elsewhere from an id is exact, on every master.
+        for name in names:
+            again = reader.subscribe(name, last_id=sent[name][1])
+            assert [_next_event(again).data for _ in range(3)] == [f"{name}-{i}" for i in (2, 3, 4)]
+            again.close()
+        # A forget in one process ends the others' subscriptions there.
+        assert writer.forget(names[0])
+        deadline = time.monotonic() + 10
+        for _ in subs[names[0]]:  # idle ticks until it ends
+            assert time.monotonic() < deadline, "the forget never reached the other process"
+        for sub in subs.values():
+            sub.close()
+    finally:
+        writer.close()
+        reader.close()
+    assert _reader_threads() == []
+
+
+def test_concurrent_and_batched_publishes_on_every_master(cluster):
+    """Group commit (a pipeline per master) and publish_many (MULTI/EXEC on
+    the slot's master): every id once, in each channel's order."""
+    writer = RedisHub(cluster.url, idle=0.2, block=1.0)
+    reader = RedisHub(cluster.url, idle=0.2, block=1.0)
+    try:
+        names = _one_channel_per_master(cluster)
+        subs = {name: reader.subscribe(name) for name in names}
+        sent: dict[str, list[str]] = {name: [] for name in names}
+        lock = threading.Lock()
+
+        def publish(t: int) -> None:
+            for i in range(20):
+                name = names[(t + i) % 3]
+                event_id = writer.publish(name, f"{t}-{i}")
+                with lock:
+                    sent[name].append(event_id)
+
+        threads = [threading.Thread(target=publish, args=(t,)) for t in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for name in names:
+            sent[name] += writer.publish_many(name, ["a", "b", "c"])
+        for name, sub in subs.items():
+            got = [_next_event(sub).id for _ in range(len(sent[name]))]
+            assert sorted(got) == sorted(sent[name]) and len(set(got)) == len(got)
+            assert got == sorted(got, key=lambda i: tuple(map(int, i.split("-"))))  # Redis' order
+            sub.close()
+    finally:
+        writer.close()
+        reader.close()
+
+
+def _stream_through(comet_cherrypy, cluster, hub, change) -> dict:
+    """Publish every 20 ms to one channel while a parked SSE stream reads
+    it; *change* (the channel's stream key) runs once 20 events are
+    acknowledged. The counts."""
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=0.5)
+        def events(self, last_event_id=None):
+            return hub.subscribe("room", last_id=last_event_id)
+
+    server = comet_cherrypy(Root(), thread_pool=4)
+    hub.publish("room", "warm-up")  # the stream exists; the SSE stream starts after it
+    acked: list[tuple[str, str]] = []
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def publish() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                acked.append((str(n), hub.publish("room", str(n))))
+            except BackendUnavailable:
+                refused.append(str(n))
+            stop.wait(0.02)
+
+    got: list[tuple[str | None, str]] = []
+    with RawStream(server.url + "/events", timeout=10) as raw:
+        assert raw.chunk() == b":ok\n\n"
+
+        def read() -> None:
+            while True:
+                try:
+                    chunk = raw.chunk()
+                except (TimeoutError, EOFError, OSError):
+                    return
+                for block in chunk.decode().split("\n\n"):
+                    data = re.search(r"^data: (.*)$", block, re.M)
+                    if data:
+                        name = re.search(r"^event: (.*)$", block, re.M)
+                        ident = re.search(r"^id: (.*)$", block, re.M)
+                        got.append((ident[1] if ident else None, data[1] if not name else f"{name[1]}:{data[1]}"))
+
+        reader = threading.Thread(target=read, daemon=True)
+        publisher = threading.Thread(target=publish, daemon=True)
+        reader.start()
+        publisher.start()
+        try:
+            wait_until(lambda: len(acked) >= 20, timeout=20, what="20 publishes before the change")
+            started = time.monotonic()
+            change("comet:room")
+            changed_s = time.monotonic() - started
+            count = len(acked)
+            wait_until(lambda: len(acked) >= count + 20, timeout=30, what="20 publishes after the change")
+        finally:
+            stop.set()
+            publisher.join(10)
+        wait_until(lambda: {i for _, i in acked} <= {i for i, _ in got}, timeout=20,
+                   what=f"every acknowledged event delivered ({len(got)} events so far, {len(acked)} acknowledged)")
+        raw.close()
+        reader.join(5)
+    delivered = [i for i, _ in got if i is not None]
+    acked_ids = [i for _, i in acked]
+    return {"change_s": changed_s, "acknowledged": len(acked), "refused": len(refused), "delivered": len(delivered),
+            "duplicates": len(delivered) - len(set(delivered)), "gaps": [d for _, d in got if d.startswith("comet.gap:")],
+            "lost": [i for i in acked_ids if i not in set(delivered)],
+            "in_order": [i for i in delivered if i in set(acked_ids)] == acked_ids}
+
+
+def test_a_resharding_mid_stream_loses_nothing(comet_cherrypy, cluster):
+    hub = RedisHub(cluster.url, idle=0.2, block=1.0, backoff=(0.05, 0.5))
+
+    def reshard(key: str) -> None:
+        slot = cluster.slot_of(key)
+        source = cluster.owner(slot)
+        target = next(m for m in cluster.masters if m is not source)
+        # Publishes keep coming while the slot is half moved (ASK, TRYAGAIN).
+        cluster.move_slot(slot, target, batch=1, between=lambda: time.sleep(0.3))
+        assert cluster.owner(slot) is target
+
+    try:
+        counts = _stream_through(comet_cherrypy, cluster, hub, reshard)
+        regroups = hub._follower.regroups
+    finally:
+        hub.close()
+    print(f"\nresharding in {counts['change_s']:.2f} s: acknowledged {counts['acknowledged']}, refused {counts['refused']}, "
+          f"delivered {counts['delivered']}, duplicates {counts['duplicates']}, gaps {len(counts['gaps'])}, "
+          f"acknowledged but lost {len(counts['lost'])}, reader regroups {regroups}")
+    assert counts["lost"] == [] and counts["duplicates"] == 0 and counts["gaps"] == [] and counts["in_order"]
+    assert regroups >= 1  # the reader noticed the move
+    assert _reader_threads() == []
+
+
+def test_a_master_failover_mid_stream_loses_nothing(comet_cherrypy, cluster_with_replicas):
+    cluster = cluster_with_replicas
+    hub = RedisHub(cluster.url, idle=0.2, block=1.0, backoff=(0.05, 0.5))
+
+    def failover(key: str) -> None:
+        old = cluster.owner(cluster.slot_of(key))
+        new = cluster.failover(old)
+        wait_until(lambda: cluster.owner(cluster.slot_of(key)) is new, timeout=30, what="the replica serving the slot")
+
+    try:
+        counts = _stream_through(comet_cherrypy, cluster, hub, failover)
+        regroups = hub._follower.regroups
+    finally:
+        hub.close()
+    print(f"\nfailover in {counts['change_s']:.2f} s: acknowledged {counts['acknowledged']}, refused {counts['refused']}, "
+          f"delivered {counts['delivered']}, duplicates {counts['duplicates']}, gaps {len(counts['gaps'])}, "
+          f"acknowledged but lost {len(counts['lost'])}, reader regroups {regroups}")
+    assert counts["lost"] == [] and counts["duplicates"] == 0 and counts["gaps"] == [] and counts["in_order"]
+    assert regroups >= 1
+    assert _reader_threads() == []
