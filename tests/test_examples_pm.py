@@ -140,7 +140,8 @@ def test_one_stream_follows_the_room_the_threads_and_a_new_thread(pm_server):
     User(server.url, "cat")
     with ann.stream("ann:bob", last_event_id=ann.cursor()) as stream:
         csrf = ann.csrf()
-        assert ann.json("/shout", {"nick": "ann", "text": "hi room", "csrf": csrf})[0] == 200
+        status, shouted, _ = ann.json("/shout", {"nick": "ann", "text": "hi room", "csrf": csrf})
+        assert status == 200
         assert bob.send("ann", "hello ann")[0] == 200
         cat = User(server.url + "", "cat")
         assert cat.send("ann", "it's cat")[0] == 200  # a new thread: a notice on ann's own channel
@@ -148,6 +149,7 @@ def test_one_stream_follows_the_room_the_threads_and_a_new_thread(pm_server):
         assert [(e.channel, e.name) for e in stream.events] == [
             ("shouts", "shout"), ("dm:ann:bob", "pm"), ("user:ann", "thread")]
         assert json.loads(stream.events[-1].data) == {"peer": "cat"}
+        assert json.loads(stream.events[0].data)["id"] == shouted["id"]  # a shout says its own id
         cursor = stream.events[-1].id
     wait_until(lambda: hub.subscriptions == 0, 2.0, what="the server saw the client go")
     # The page follows cat's thread too, from the cursor: nothing missed meanwhile.

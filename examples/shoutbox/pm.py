@@ -260,8 +260,19 @@ class PrivateMessages:
             channel = thread_channel(*names)
             if channel not in channels:
                 channels.append(channel)
-        view = None if self.box.is_moderator() else guest_view
-        return self.follow(me, channels, last_event_id, view)
+        return self.follow(me, channels, last_event_id, self._view(self.box.is_moderator()))
+
+    @staticmethod
+    def _view(moderator: bool) -> Any:
+        """What the stream shows: the room as on ``/events`` (notices for
+        moderators only), each shout with its own id, which the page deletes
+        and marks shouts by (the event's id is the cursor of every channel)."""
+        def view(event: Any) -> Any:
+            if event.name == "shout":
+                return {**event.data, "id": event.id}
+            return event if moderator else guest_view(event)
+
+        return view
 
     # -- actions ---------------------------------------------------------------
 

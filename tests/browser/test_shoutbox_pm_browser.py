@@ -75,6 +75,7 @@ def test_two_users_and_an_intruder_each_on_one_stream(profiles, example_server):
     ann.click("#shout button")
     for page in (bob, eve):
         page.wait_for_selector("#shouts li:has-text('hello room')")
+    ann.wait_for_selector("#shouts li.mine:has-text('hello room')")  # known by its own id
 
     # still one stream per page, the room and a thread on each of ann's and bob's
     wait_until(lambda: open_streams(server.url) == 3, 5.0, what="one stream per page after the resubscribe")

@@ -52,6 +52,7 @@
       lastEventId: cursor,
       onEvent: onEvent,
       onGap: onGap,
+      onSnapshot: (ev) => { if (ev.channel === "shouts") room.onSnapshot(ev); },  // only the room has one
       onStatus: (s) => {
         room.onStatus(s);
         if (s !== "open") return;
@@ -67,7 +68,7 @@
   }
 
   function onEvent(ev) {
-    if (ev.channel === "shouts") room.onEvent(ev);
+    if (ev.channel === "shouts") room.onEvent(ev.event === "shout" ? Object.assign({}, ev, { id: ev.data.id }) : ev);
     else if (ev.event === "pm") received(peerOf(ev.channel), ev.data);
     else if (ev.event === "thread" && !threads.has(ev.data.peer)) {
       thread(ev.data.peer);
