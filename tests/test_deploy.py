@@ -8,6 +8,7 @@ client does not care which process serves it.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import socket
 import subprocess
@@ -300,3 +301,42 @@ def test_the_systemd_units_command_line_serves(redis_server):
         status, _, body = http_get(app.url + "/")
         assert status == 200 and b"Lobby" in body
         assert app.stop() == 0  # KillSignal=SIGTERM: a clean exit
+
+
+def test_a_private_message_sent_through_one_process_reaches_a_page_on_another(shoutbox):
+    """ann on process 1, bob's page on process 3 (and through nginx): the
+    sessions, the thread and the counts are in Redis, the message on the
+    Redis hub; a sign-out on process 2 ends bob's stream on process 3."""
+    from test_examples_pm import User
+
+    one, two, three = shoutbox.apps
+    tag = secrets.token_hex(3)
+    ann, bob = User(one.url, f"ann{tag}"), User(three.url, f"bob{tag}")
+    thread = f"{ann.name}:{bob.name}"
+    with bob.stream(thread, last_event_id=bob.cursor()) as on_three, \
+            StreamClient(f"{shoutbox.nginx.url}/pm/events?dm={thread}", headers=bob.cookie_header()) as via_nginx:
+        status, doc, _ = ann.send(bob.name, "from process one")
+        assert status == 200, doc
+        for client in (on_three, via_nginx):
+            got = client.wait_for(lambda evs: any(e.name == "pm" for e in evs), timeout=10)
+            [event] = [e for e in got if e.name == "pm"]
+            assert event.channel == f"dm:{thread}" and json.loads(event.data)["text"] == "from process one"
+        on_three.wait_for(lambda evs: any(e.name == "thread" for e in evs), timeout=10)  # new to bob
+        ann.base = two.url
+        assert ann.send(bob.name, "from process two")[0] == 200
+        on_three.wait_for(lambda evs: len([e for e in evs if e.name == "pm"]) == 2, timeout=10)
+        # another user's follow of the thread is refused on every process
+        eve = User(two.url, f"eve{tag}")
+        assert http_get(f"{three.url}/pm/events?dm={thread}", headers=eve.cookie_header())[0] == 403
+        # counts and the thread's history, on a third process
+        bob.base = two.url
+        page = bob.page()
+        assert 'data-received="2"' in page and re.search(rf'data-peer="{ann.name}">.*?>2</span>', page, re.S)
+        assert [m["text"] for m in json.loads(bob.request(f"/pm/thread?peer={ann.name}")[2])["messages"]] == [
+            "from process one", "from process two"]
+        # bob signs out on process 2: his streams on process 3 and behind nginx end
+        copied = bob.cookie_header()
+        assert bob.request("/pm/signout", {"csrf": bob.csrf()})[0] == 200
+        on_three.wait_closed(5)
+        via_nginx.wait_closed(5)
+    assert http_get(f"{three.url}/pm/events", headers=copied)[0] == 403  # the session is revoked everywhere

@@ -31,6 +31,9 @@ several behind a load balancer: shouts and deletions are events on the
 (Redis) hub, deleted shouts are found from its history, moderator sessions
 and the rate limit live in Redis (:class:`RedisRateLimiter`,
 :class:`RedisModeratorSessions`).
+
+Signed-in users send each other private messages, following the room and
+their threads on one stream: see :mod:`examples.shoutbox.pm` (``/pm/...``).
 """
 from __future__ import annotations
 
@@ -98,24 +101,30 @@ class RedisRateLimiter:
 
 class ModeratorSessions:
     """Moderator session ids in this process, each valid for ``ttl`` seconds
-    or until closed (logout)."""
+    or until closed (logout). A session may hold who opened it (the signed-in
+    users of private messages use the same kind of store)."""
 
     def __init__(self, ttl: float = 8 * 3600) -> None:
         self.ttl = ttl
-        self._expires: dict[str, float] = {}
+        self._expires: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
 
-    def open(self) -> str:
+    def open(self, who: str = "") -> str:
         sid = secrets.token_urlsafe(32)
         now = time.monotonic()
         with self._lock:
-            self._expires = {s: t for s, t in self._expires.items() if t > now}
-            self._expires[sid] = now + self.ttl
+            self._expires = {s: t for s, t in self._expires.items() if t[0] > now}
+            self._expires[sid] = (now + self.ttl, who)
         return sid
 
-    def valid(self, sid: str) -> bool:
+    def who(self, sid: str) -> str | None:
+        """Who opened session *sid* (``""`` if nobody said), None if it is not valid."""
         with self._lock:
-            return self._expires.get(sid, 0.0) > time.monotonic()
+            expires, who = self._expires.get(sid, (0.0, ""))
+        return who if expires > time.monotonic() else None
+
+    def valid(self, sid: str) -> bool:
+        return self.who(sid) is not None
 
     def close(self, sid: str) -> None:
         with self._lock:
@@ -129,13 +138,15 @@ class RedisModeratorSessions(ModeratorSessions):
     def __init__(self, client, ttl: float = 8 * 3600, prefix: str = "shoutbox:mod:") -> None:
         self.redis, self.ttl, self.prefix = client, ttl, prefix
 
-    def open(self) -> str:
+    def open(self, who: str = "") -> str:
         sid = secrets.token_urlsafe(32)
-        self.redis.set(self.prefix + sid, b"1", px=max(1, int(self.ttl * 1000)))
+        self.redis.set(self.prefix + sid, b"=" + who.encode(), px=max(1, int(self.ttl * 1000)))
         return sid
 
-    def valid(self, sid: str) -> bool:
-        return bool(self.redis.exists(self.prefix + sid))
+    def who(self, sid: str) -> str | None:
+        value = self.redis.get(self.prefix + sid)
+        # b"1": a session opened before sessions said who (an upgrade in place).
+        return None if value is None else value[1:].decode() if value.startswith(b"=") else ""
 
     def close(self, sid: str) -> None:
         self.redis.delete(self.prefix + sid)
@@ -293,7 +304,7 @@ class Shoutbox:
     def index(self):
         shouts, cursor = self.recent()
         return templates.get_template("index.html").render(
-            shouts=shouts, cursor=cursor, csrf=self._csrf(), moderator=self.is_moderator())
+            shouts=shouts, cursor=cursor, csrf=self._csrf(), moderator=self.is_moderator(), **self.pm.page(cursor))
 
     @cherrypy.expose
     @stream(transport="sse")
@@ -393,12 +404,16 @@ def error_page(status, message, traceback, version):
 
 def make_app(hub: Hub | None = None, *, mod_secret: str | None = None, rate: RateLimiter | None = None,
              sessions: ModeratorSessions | None = None, behind_proxy: bool = False,
-             stats_password: str | None = None, debug: bool = False):
+             stats_password: str | None = None, debug: bool = False, accounts=None):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
 
     Production-safe by default: error pages show no Python traceback
     (server paths) and no handler signature unless ``debug`` (``--debug``),
-    and without ``mod_secret`` a random one is made (``root.mod_secret``)."""
+    and without ``mod_secret`` a random one is made (``root.mod_secret``).
+    ``accounts`` keeps the private messages' users and counts
+    (:class:`examples.shoutbox.pm.Accounts`, in memory, by default)."""
+    from .pm import Accounts, PrivateMessages  # pm builds on this module: imported once it is loaded
+
     hub = hub or Hub(buffer_size=1000)
     config = {
         "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug,
@@ -409,6 +424,7 @@ def make_app(hub: Hub | None = None, *, mod_secret: str | None = None, rate: Rat
         **static_config("/comet"),
     }
     root = Shoutbox(hub, mod_secret or secrets.token_urlsafe(12), rate, sessions, behind_proxy)
+    root.pm = PrivateMessages(root, accounts or Accounts())  # /pm/...: signed-in users' private threads
     # The live operations page, /comet/stats: behind a password when given
     # (deploy/nginx-comet.conf also keeps it to the proxy's own host).
     comet.stats.mount(root, password=stats_password, hubs=[hub])
@@ -440,12 +456,16 @@ def main(argv: list[str] | None = None) -> None:
     hub = hub_from_url(args.redis, maxlen=1000) if args.redis else Hub(buffer_size=1000)
     limit, window = args.rate
     rate, sessions = RateLimiter(limit, window), ModeratorSessions(args.mod_session)
+    accounts = None  # private messages' users: in this process
     if args.redis:
         from comet.backends import redis_client  # redis+sentinel:// URLs too
 
         client = redis_client(args.redis, socket_timeout=5, socket_connect_timeout=2)
         rate, sessions = RedisRateLimiter(client, limit, window), RedisModeratorSessions(client, args.mod_session)
-    app, config = make_app(hub, mod_secret=args.mod_secret, rate=rate, sessions=sessions,
+        from .pm import RedisAccounts
+
+        accounts = RedisAccounts(client, args.mod_session)
+    app, config = make_app(hub, mod_secret=args.mod_secret, rate=rate, sessions=sessions, accounts=accounts,
                            behind_proxy=args.behind_proxy, stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})

@@ -108,17 +108,21 @@
   if ($("nick").value) $("text").focus(); else $("nick").focus();
 
   const words = { connecting: "connecting\u2026", open: "live", reconnecting: "reconnecting\u2026", closed: "offline" };
-  Comet.subscribe("/events", {
-    transport: "sse",
-    shared: true,                      // one connection for all this browser's shoutbox tabs
+  const room = {
     events: ["shout", "delete", "mod"],
-    lastEventId: list.dataset.cursor,  // exactly after what the server rendered
     onEvent: onEvent,
     onSnapshot: redraw,                // after a gap: the current shouts, then live ones
     // A gap with no snapshot after it (the server could not make one): a fresh render.
     onGap: (ev) => { if (!(ev.data && ev.data.snapshot)) location.reload(); },
     onStatus: (s) => { $("status").dataset.status = s; $("status").textContent = words[s] || s; },
-  });
+  };
+  if (!$("pm")) {  // signed in, pm.js follows the room on the page's one stream
+    Comet.subscribe("/events", Object.assign({
+      transport: "sse",
+      shared: true,                      // one connection for all this browser's shoutbox tabs
+      lastEventId: list.dataset.cursor,  // exactly after what the server rendered
+    }, room));
+  }
 
   async function post(url, fields) {
     let response;
@@ -131,6 +135,9 @@
     if (!response.ok) throw new Error(doc.error || "the server answered " + response.status);
     return doc;
   }
+
+  room.post = post;
+  window.Shoutbox = room;  // for pm.js
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();

@@ -1,0 +1,210 @@
+"""The shoutbox's private messages over HTTP: sign-in, threads only their two
+users can follow, the 10,000-character limit, history, counters, one stream
+for the room and the threads, and sign-out ending it."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from comet import Hub
+from comet.testing import HTTPStatusError, StreamClient, http_get, wait_until
+from examples.shoutbox.app import RateLimiter, make_app
+from examples.shoutbox.pm import HISTORY, MAX_TEXT, Accounts, RedisAccounts
+
+from test_examples import Browser
+
+
+@pytest.fixture
+def pm_server(comet_cherrypy):
+    hub = Hub(buffer_size=1000, idle=0.2)
+    root, config = make_app(hub, mod_secret="s3cret", rate=RateLimiter(limit=1000, window=60), accounts=Accounts())
+    server = comet_cherrypy(root, config)
+    yield server, hub
+
+
+class User(Browser):
+    """A browser signed in as *name* (the first sign-in claims the name)."""
+
+    def __init__(self, base: str, name: str, password: str = "pw") -> None:
+        super().__init__(base)
+        self.name = name.lower()
+        status, _, body = self.request("/pm/signin", {"name": name, "password": password, "csrf": self.csrf()})
+        assert status == 200 and f'data-me="{self.name}"' in body.decode(), body[:300]
+
+    def csrf(self) -> str:
+        return re.search(r'name="csrf" value="([^"]+)"', self.request("/")[2].decode())[1]
+
+    def page(self) -> str:
+        return self.request("/")[2].decode()
+
+    def cursor(self) -> str:
+        return re.search(r'data-cursor="([^"]+)"', self.request("/")[2].decode().split('id="pm"')[1])[1]
+
+    def send(self, to: str, text: str):
+        return self.json("/pm/send", {"to": to, "text": text, "csrf": self.csrf()})
+
+    def stream(self, dm: str = "", last_event_id: str | None = None) -> StreamClient:
+        url = self.base + "/pm/events" + (f"?dm={dm}" if dm else "")
+        return StreamClient(url, last_event_id=last_event_id, headers=self.cookie_header())
+
+
+def pms(client: StreamClient) -> list:
+    return [(e.channel, json.loads(e.data)["text"]) for e in client.events if e.name == "pm"]
+
+
+def test_sign_in_claims_a_name_and_a_wrong_password_is_refused(pm_server):
+    server, _ = pm_server
+    User(server.url, "Ann", "right")  # spelled any way, the name is "ann"
+    other = Browser(server.url)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', other.request("/")[2].decode())[1]
+    status, _, body = other.request("/pm/signin", {"name": "ann", "password": "wrong", "csrf": csrf})
+    assert status == 403 and b"is taken and that is not its password" in body
+    status, _, body = other.request("/pm/signin", {"name": "a:b", "password": "x", "csrf": csrf})
+    assert status == 400 and b"a name is 1-20 letters" in body
+    assert other.request("/pm/signin", {"name": "cat", "password": "x", "csrf": "forged" * 4})[0] == 403
+    assert 'id="pm"' not in other.request("/")[2].decode()
+    assert 'data-me="ann"' in User(server.url, "ann", "right").page()
+
+
+def test_only_the_two_users_can_follow_a_thread(pm_server):
+    server, hub = pm_server
+    ann, eve = User(server.url, "ann"), User(server.url, "eve")
+    User(server.url, "bob")
+    for who, dm, status, reason in [
+        (eve, "ann:bob", 403, "you are not part of the thread 'ann:bob'"),
+        (eve, "eve:ann,ann:bob", 403, "not part of the thread 'ann:bob'"),
+        (Browser(server.url), "ann:bob", 403, "sign in"),
+        (ann, "ann:ann", 400, "two different names"),
+        (ann, "ann:bob:cat", 400, "two different names"),
+        (ann, "ann:B%C3%96B", 400, "two different names"),
+        (ann, ",".join(f"ann:u{n}" for n in range(62)), 400, "at most 61 threads"),
+    ]:
+        got, headers, body = http_get(f"{server.url}/pm/events?dm={dm}", headers=who.cookie_header())
+        assert got == status and reason in body.decode(), (dm, got, body[:200])
+        assert headers["content-type"].startswith("text/plain")
+    got, _, body = http_get(f"{server.url}/pm/events?dm=ann:bob&dm=ann:bob", headers=ann.cookie_header())
+    assert got == 400 and b"more than once" in body
+    assert hub.subscriptions == 0
+    # and the thread's history is the user's own: eve asking for "bob" gets eve:bob
+    ann.send("bob", "for bob only")
+    assert eve.request("/pm/thread?peer=bob")[2] and json.loads(eve.request("/pm/thread?peer=bob")[2])["messages"] == []
+
+
+def test_the_length_limit_and_bad_messages_are_refused_with_a_reason(pm_server):
+    server, hub = pm_server
+    ann = User(server.url, "ann")
+    User(server.url, "bob")
+    status, doc, _ = ann.send("bob", "x" * MAX_TEXT)
+    assert status == 200
+    for to, text, code, reason in [
+        ("bob", "y" * (MAX_TEXT + 1), 400, "at most 10,000 characters; this one has 10,001"),
+        ("bob", "\U0001F600" * (MAX_TEXT + 1), 400, "this one has 10,001"),
+        ("bob", "  \n ", 400, "empty"),
+        ("nobody", "hi", 404, "nobody has signed in as 'nobody'"),
+        ("ann", "hi", 400, "someone else"),
+        ("a b", "hi", 400, "a name is"),
+    ]:
+        status, doc, _ = ann.send(to, text)
+        assert status == code and reason in doc["error"], (to, status, doc)
+    status, doc, _ = Browser(server.url).json("/pm/send", {"to": "bob", "text": "hi", "csrf": ann.csrf()})
+    assert status == 403  # no CSRF cookie in that browser, nor a session
+    status, doc, _ = ann.json("/pm/send", {"to": "bob", "text": "hi", "csrf": ann.csrf(), "extra": "1"})
+    assert status == 400 and "unexpected field 'extra'" in doc["error"]
+    assert [len(e.data["text"]) for e in hub.history("dm:ann:bob")] == [MAX_TEXT]
+
+
+def test_a_thread_opens_with_its_last_100_messages_and_counts_hold(pm_server):
+    server, hub = pm_server
+    ann, bob = User(server.url, "ann"), User(server.url, "bob")
+    for n in range(HISTORY + 20):
+        sender, to = (ann, "bob") if n % 3 else (bob, "ann")
+        assert sender.send(to, f"m{n}")[0] == 200
+    doc = json.loads(ann.request("/pm/thread?peer=BOB")[2])
+    assert [m["text"] for m in doc["messages"]] == [f"m{n}" for n in range(20, HISTORY + 20)]
+    assert doc["peer"] == "bob" and doc["counters"] == {"sent": 80, "received": 40}
+    page = bob.page()
+    assert 'data-sent="40"' in page and 'data-received="80"' in page
+    assert re.search(r'data-peer="ann">.*?<span class="badge"[^>]*>80</span>', page, re.S)
+    assert bob.json("/pm/read", {"peer": "ann", "csrf": bob.csrf()})[0] == 200
+    assert re.search(r'data-peer="ann">.*?<span class="badge" aria-label="unread" hidden>0</span>', bob.page(), re.S)
+    assert json.loads(bob.request("/pm/thread?peer=ann")[2])["unread"] == 0
+
+
+def test_one_stream_follows_the_room_the_threads_and_a_new_thread(pm_server):
+    server, hub = pm_server
+    ann, bob = User(server.url, "ann"), User(server.url, "bob")
+    assert ann.send("bob", "hello bob")[0] == 200  # a thread both pages render
+    User(server.url, "cat")
+    with ann.stream("ann:bob", last_event_id=ann.cursor()) as stream:
+        csrf = ann.csrf()
+        status, shouted, _ = ann.json("/shout", {"nick": "ann", "text": "hi room", "csrf": csrf})
+        assert status == 200
+        assert bob.send("ann", "hello ann")[0] == 200
+        cat = User(server.url + "", "cat")
+        assert cat.send("ann", "it's cat")[0] == 200  # a new thread: a notice on ann's own channel
+        stream.wait_for(lambda evs: any(e.name == "thread" for e in evs))
+        assert [(e.channel, e.name) for e in stream.events] == [
+            ("shouts", "shout"), ("dm:ann:bob", "pm"), ("user:ann", "thread")]
+        assert json.loads(stream.events[-1].data) == {"peer": "cat"}
+        assert json.loads(stream.events[0].data)["id"] == shouted["id"]  # a shout says its own id
+        cursor = stream.events[-1].id
+    wait_until(lambda: hub.subscriptions == 0, 2.0, what="the server saw the client go")
+    # The page follows cat's thread too, from the cursor: nothing missed meanwhile.
+    assert bob.send("ann", "while you switched")[0] == 200
+    with ann.stream("ann:bob,ann:cat", last_event_id=cursor) as stream:
+        assert cat.send("ann", "again")[0] == 200
+        stream.wait_for(2)
+        assert pms(stream) == [("dm:ann:bob", "while you switched"), ("dm:ann:cat", "again")]
+    # and cat's first message, sent before ann followed the thread, is in its history
+    assert [m["text"] for m in json.loads(ann.request("/pm/thread?peer=cat")[2])["messages"]] == ["it's cat", "again"]
+
+
+def test_sign_out_ends_the_stream_and_revokes_the_session(pm_server):
+    server, hub = pm_server
+    ann = User(server.url, "ann")
+    old_cookies = ann.cookie_header()
+    stream = ann.stream().open()
+    try:
+        wait_until(lambda: hub.subscriptions == 1, 2.0)
+        started = time.monotonic()
+        assert ann.request("/pm/signout", {"csrf": ann.csrf()})[0] == 200  # 303 to the page
+        wait_until(lambda: stream.ended, 1.0, what="the stream ended by the server")
+        assert time.monotonic() - started < 1.5
+        wait_until(lambda: hub.subscriptions == 0, 1.0)
+    finally:
+        stream.close()
+    status, _, body = http_get(server.url + "/pm/events", headers=old_cookies)  # a copy of the cookie
+    assert status == 403 and b"sign in" in body
+    assert 'id="pm"' not in ann.page()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def accounts(request):
+    if request.param == "memory":
+        return Accounts()
+    import redis
+
+    client = redis.Redis.from_url(request.getfixturevalue("comet_redis").url)
+    request.addfinalizer(client.close)
+    return RedisAccounts(client, ttl=60, prefix=f"pm-test-{time.monotonic_ns()}:")
+
+
+def test_accounts_claim_names_count_messages_and_keep_sessions(accounts):
+    assert accounts.claim("ann", "pw") and accounts.claim("ann", "pw") and not accounts.claim("ann", "PW")
+    assert accounts.exists("ann") and not accounts.exists("bob")
+    assert accounts.delivered("ann", "bob") is True  # new to bob
+    assert accounts.delivered("ann", "bob") is False
+    assert accounts.delivered("bob", "ann") is False  # ann has the thread since she opened it
+    assert accounts.summary("ann") == ({"sent": 2, "received": 1}, {"bob": 1})
+    assert accounts.summary("bob") == ({"sent": 1, "received": 2}, {"ann": 2})
+    accounts.read("bob", "ann")
+    accounts.read("bob", "cat")  # no such thread: nothing made up
+    assert accounts.summary("bob") == ({"sent": 1, "received": 2}, {"ann": 0})
+    assert accounts.summary("nobody") == ({"sent": 0, "received": 0}, {})
+    sid = accounts.sessions.open("ann")
+    assert accounts.sessions.who(sid) == "ann" and accounts.sessions.valid(sid)
+    accounts.sessions.close(sid)
+    assert accounts.sessions.who(sid) is None
