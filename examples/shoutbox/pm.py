@@ -206,18 +206,18 @@ class PrivateMessages:
     # -- the one place presence and sign-out reach the hub ---------------------
 
     def follow(self, me: str, channels: list[str], last_id: str | None, view: Any) -> Any:
-        """*me*'s one stream on *channels*."""
-        return self.hub.subscribe(channels, last_id=last_id, view=view)
+        """*me*'s one stream on *channels*: while it is open, *me* is one of
+        their members (``hub.members``), and joins and leaves are published
+        on them (the page shows those of the presence channel)."""
+        return self.hub.subscribe(channels, last_id=last_id, view=view, member=me)
 
     def online(self) -> list[str]:
         """Who is online now, for the page's first render."""
-        return []
+        return sorted(self.hub.members(ONLINE))
 
     def end_streams(self, me: str) -> None:
-        """End every open stream of *me*, on every process: forgetting the
-        user's own channel ends the streams that follow it (each page's
-        does), here and, on Redis, on the other processes."""
-        self.hub.forget(inbox(me))
+        """End every open stream of *me*, on every process."""
+        self.hub.disconnect(member=me)
 
     # -- the page --------------------------------------------------------------
 

@@ -46,6 +46,9 @@ def test_two_users_and_an_intruder_each_on_one_stream(profiles, example_server):
     server = example_server("examples.shoutbox")
     ann, bob, eve = (sign_in(profiles(), server.url, name) for name in ("ann", "bob", "eve"))
     wait_until(lambda: open_streams(server.url) == 3, 5.0, what="one stream per page")
+    # who is online, on the same stream (the library's presence: comet.join events)
+    for page in (ann, bob, eve):
+        page.wait_for_function("['ann', 'bob', 'eve'].every((n) => document.querySelector(`#online li[data-name='${n}']`))")
 
     # ann opens a thread with bob and sends with Ctrl+Enter
     ann.fill("#pm-peer", "bob")
@@ -54,7 +57,7 @@ def test_two_users_and_an_intruder_each_on_one_stream(profiles, example_server):
     ann.fill("#pm-text", "hello bob, privately")
     ann.press("#pm-text", "Control+Enter")
     ann.wait_for_selector("#pm-messages li.mine:has-text('hello bob, privately')")
-    assert ann.input_value("#pm-text") == ""
+    ann.wait_for_function("document.getElementById('pm-text').value === ''")  # once the POST has answered
 
     # bob's page learns of the new thread on its stream, with an unread badge
     bob.wait_for_selector('#threads li[data-peer="ann"] .badge:not([hidden]):has-text("1")')
@@ -104,6 +107,9 @@ def test_two_users_and_an_intruder_each_on_one_stream(profiles, example_server):
     ended = time.monotonic() - started
     ann.wait_for_function("document.getElementById('pm-error').textContent.includes('signed out')")
     assert ann.get_attribute("#status", "data-status") == "closed"
+    # ... and, once the grace period is over, the others see her leave
+    for page in (bob, eve):
+        page.wait_for_function("!document.querySelector(`#online li[data-name='ann']`)", timeout=10_000)
     print(f"sign-out to stream end: {ended * 1000:.0f} ms")
 
 
