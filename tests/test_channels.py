@@ -447,3 +447,34 @@ def test_a_member_on_a_stream_of_several_channels_is_present_on_each(any_hub):
     assert sorted((e.channel, e.name) for e in leaves) == [("dm:ann:bob", "comet.leave"), ("room", "comet.leave")]
     settle(lambda: any_hub.members("room") == {} and any_hub.members("dm:ann:bob") == {})
     watcher.close()
+
+
+def test_a_redis_fast_route_of_several_channels_resumes_at_accept_time(comet_cherrypy, comet_redis):
+    """On RedisHub: the first stream (the mirrors are cold) goes through a
+    worker, the next ones are answered where cheroot accepts them, and one
+    cursor resumes both channels exactly."""
+    from comet.backends.redis import RedisHub
+    from comet.cherrypy_tool import engine_plugin
+
+    hub = RedisHub(comet_redis.url, prefix=f"chanfast-{time.monotonic_ns()}:", idle=0.2)
+    try:
+        engine_plugin().route("/follow/{user}", hub, ["room", "dm:{user}"], heartbeat=0.5)
+        server = comet_cherrypy(type("Root", (), {})(), thread_pool=2)
+        pool = engine_plugin().pool
+        with StreamClient(server.url + "/follow/ann") as first:
+            wait_until(lambda: hub.connected and hub.subscriptions == 1, what="first stream subscribed")
+            hub.publish("dm:ann", "d1")
+            hub.publish("room", "r1")
+            got = first.wait_for(2)
+        assert sorted((e.channel, e.data) for e in got) == [("dm:ann", "d1"), ("room", "r1")]
+        cursor = got[-1].id
+        hub.publish("room", "r2")
+        hub.publish("dm:ann", "d2")
+        wait_until(lambda: [e.data for e in hub.history("dm:ann")][-1:] == ["d2"], what="the mirror caught up")
+        fast_before = pool.counters["routed_fast"]
+        with StreamClient(server.url + "/follow/ann", last_event_id=cursor) as again:
+            more = again.wait_for(2)
+        assert sorted((e.channel, e.data) for e in more) == [("dm:ann", "d2"), ("room", "r2")]
+        assert pool.counters["routed_fast"] > fast_before  # the resumed one at accept time
+    finally:
+        hub.close()
