@@ -70,11 +70,55 @@ CLK = os.sysconf("SC_CLK_TCK")
 # -- load client (runs in its own processes) ---------------------------------
 
 
+class Dechunk:
+    r"""The body of an HTTP/1.1 ``Transfer-Encoding: chunked`` response, fed
+    as it arrives: ``feed(data)`` returns the body bytes in *data* (what it
+    cannot decode yet it keeps). Events must be parsed from the body, not
+    the raw bytes: a proxy re-chunks at its own read boundaries (nginx cuts
+    a burst of events wherever its buffer fills), so a chunk header can fall
+    in the middle of an event's line.
+
+    >>> d = Dechunk()
+    >>> d.feed(b"6\r\ndata: ") + d.feed(b"\r\n4\r\nb12\n\r") + d.feed(b"\n0\r\n\r\n")
+    b'data: b12\n'
+    """
+
+    def __init__(self) -> None:
+        self.raw = b""
+        self.left = 0  # body bytes left in the current chunk; -1: its CRLF next; 0: a size line next
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        buf, pos, out = self.raw + data, 0, []
+        while not self.done:
+            if self.left > 0:
+                piece = buf[pos:pos + self.left]
+                out.append(piece)
+                pos += len(piece)
+                self.left -= len(piece)
+                if self.left:
+                    break
+                self.left = -1
+            if self.left < 0:
+                if len(buf) - pos < 2:
+                    break
+                pos, self.left = pos + 2, 0
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            self.left = int(buf[pos:end].split(b";")[0], 16)
+            pos = end + 2
+            self.done = self.left == 0  # the last chunk (trailers are not read)
+        self.raw = buf[pos:]
+        return b"".join(out)
+
+
 class _Stream(asyncio.Protocol):
     def __init__(self, client: "_Client") -> None:
         self.client = client
         self.head = b""
         self.tail = b""
+        self.chunks: Dechunk | None = None  # a chunked response's decoder
         self.open = False
         self.last = -1
         self.bursts = 0
@@ -91,7 +135,11 @@ class _Stream(asyncio.Protocol):
                 return
             head, _, data = self.head.partition(b"\r\n\r\n")
             self.open = True
+            if b"transfer-encoding: chunked" in head.lower():
+                self.chunks = Dechunk()
             self.client.opened(self, head)
+        if self.chunks is not None:
+            data = self.chunks.feed(data)
         buf = self.tail + data
         end = buf.rfind(b"\n")  # every benchmark event is one data line: complete lines suffice
         if end < 0:

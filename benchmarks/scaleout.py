@@ -1,7 +1,7 @@
 """Scale-out: comet on 1, 2 and 4 processes behind nginx, sharing one Redis,
 side by side with one process on the in-memory hub, in one run.
 
-    .venv/bin/python -m benchmarks.scaleout [--processes 1 2 4] [--n 1000 5000] [--broadcasts 30] [--cluster]
+    .venv/bin/python -m benchmarks.scaleout [--processes 1 2 4] [--n 1000 5000] [--broadcasts 30] [--sentinel] [--cluster]
 
 For each setup: start redis-server, the comet processes
 (``benchmarks/peers/comet_app.py`` with a RedisHub, parked streams) and
@@ -16,8 +16,14 @@ streams *through nginx* (round-robin spreads them over the processes), then
   ``--burst`` events (each one an XADD), time until the stream has them all;
   then the same with ``publish_many`` in batches of 100 (one round trip each).
 
-``--cluster`` shares a 3-master Redis Cluster on loopback instead
-(``comet.processes.RedisClusterNodes``; rows ``cluster-Np-nginx``).
+``--sentinel`` adds rows ``sentinel-Np-nginx`` beside the single Redis
+ones: the processes follow the master of a Sentinel group through
+``redis+sentinel://`` (``comet.processes.RedisSentinels``: a master, a
+replica, three sentinels). ``--cluster`` adds rows ``cluster-Np-nginx``: a
+3-master Redis Cluster on loopback (``comet.processes.RedisClusterNodes``).
+``--backends`` picks the shared backends outright (``--backends cluster``:
+the cluster rows only). Each row beside single Redis also gets its ratio to
+the single Redis row of as many processes.
 
 The reference row "memory-direct" is one process on the in-memory hub with
 no nginx and no Redis: the ratios say what the shared backend and the proxy
@@ -34,24 +40,36 @@ import time
 from pathlib import Path
 
 from benchmarks.capacity import _cpu_s, _pct, _request, one_stream_burst, start_clients, stop_clients
-from comet.processes import AppProcess, NginxServer, RedisClusterNodes, RedisServer
+from comet.processes import AppProcess, NginxServer, RedisClusterNodes, RedisSentinels, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "deploy" / "nginx-comet.conf"
 
 
+BACKENDS = ("redis", "sentinel", "cluster")
+
+
 class Setup:
     """``processes`` comet apps (RedisHub) behind nginx, or with
-    ``processes=0`` one app on the in-memory hub, no proxy; ``cluster``: a
-    3-master Redis Cluster instead of one redis-server."""
+    ``processes=0`` one app on the in-memory hub, no proxy. *backend* is
+    what the RedisHubs share: one redis-server ("redis"), a Sentinel group
+    ("sentinel") or a 3-master Redis Cluster ("cluster")."""
 
-    def __init__(self, processes: int, cluster: bool = False) -> None:
-        kind = "cluster" if cluster else "redis"
-        self.name = f"{kind}-{processes}p-nginx" if processes else "memory-direct"
-        self.redis = RedisServer().start() if processes and not cluster else None
-        self.cluster = RedisClusterNodes().start() if processes and cluster else None
+    def __init__(self, processes: int, backend: str = "redis") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.name = f"{backend}-{processes}p-nginx" if processes else "memory-direct"
+        self.redis = self.sentinels = self.cluster = None
+        if processes:
+            if backend == "redis":
+                self.redis = RedisServer().start()
+            elif backend == "sentinel":
+                self.sentinels = RedisSentinels().start()
+            else:
+                self.cluster = RedisClusterNodes().start()
+        shared = self.redis or self.sentinels or self.cluster
         count = processes or 1
-        extra = [self.redis.url] if self.redis else [self.cluster.url] if self.cluster else []
+        extra = [shared.url] if shared else []
         self.apps = [AppProcess(["-m", "benchmarks.peers.comet_app", "{port}", "parked", "100", *extra], cwd=ROOT, ready=None)
                      for _ in range(count)]
         for app in self.apps:
@@ -66,6 +84,9 @@ class Setup:
             pids += _children(self.nginx.process.pid)
         if self.redis:
             pids.append(self.redis.process.pid)
+        if self.sentinels:  # the replica and the sentinels work for every event too
+            pids += [self.sentinels.master.process.pid, self.sentinels.replica.process.pid]
+            pids += [p.pid for p in self.sentinels.sentinels]
         if self.cluster:
             pids += [node.process.pid for node in self.cluster.nodes]
         return pids
@@ -78,10 +99,9 @@ class Setup:
             self.nginx.close()
         for app in self.apps:
             app.close()
-        if self.redis:
-            self.redis.close()
-        if self.cluster:
-            self.cluster.close()
+        for shared in (self.redis, self.sentinels, self.cluster):
+            if shared:
+                shared.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -143,6 +163,26 @@ def run_burst(setup: Setup, args) -> dict:
         return {"setup": setup.name, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _ratios_to_single_redis(rows: list[dict], bursts: list[dict]) -> dict:
+    """Sentinel and Cluster rows against the single-Redis row of as many
+    processes: broadcast latency to the last stream, and burst rates."""
+    def single(name: str) -> str:
+        return "redis-" + name.split("-", 1)[1]
+
+    latency = {}
+    for row in rows:
+        base = next((r for r in rows if r["setup"] == single(row["setup"]) and r["n"] == row["n"]), None)
+        if row["setup"].startswith(("sentinel-", "cluster-")) and base and "error" not in row and "error" not in base:
+            latency[f"{row['n']}:{row['setup']}"] = round(row["last_p50_ms"] / base["last_p50_ms"], 2)
+    rates = {}
+    for burst in bursts:
+        base = next((b for b in bursts if b["setup"] == single(burst["setup"])), None)
+        if burst["setup"].startswith(("sentinel-", "cluster-")) and base and "error" not in burst and "error" not in base:
+            rates[burst["setup"]] = {key: round(burst[key] / base[key], 2) for key in
+                                     ("burst_events_per_s", "publish_events_per_s", "batched_events_per_s")}
+    return {"last_p50_ratio_to_single_redis": latency, "burst_ratio_to_single_redis": rates}
+
+
 COLUMNS = ["setup", "n", "connect_s", "last_p50_ms", "last_p99_ms", "last_max_ms", "stream_p50_ms",
            "cpu_us_per_event_stream", "lost", "duplicate_or_out_of_order", "error"]
 
@@ -154,12 +194,18 @@ def main() -> None:
     parser.add_argument("--broadcasts", type=int, default=30)
     parser.add_argument("--clients", type=int, default=1, help="load-client processes (at most one per 500 streams)")
     parser.add_argument("--burst", type=int, default=20_000)
-    parser.add_argument("--cluster", action="store_true", help="a 3-master Redis Cluster instead of one redis-server")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["redis"],
+                        help="what the processes share (rows of each, in this order)")
+    parser.add_argument("--sentinel", action="store_true", help="add rows on a Sentinel group (master, replica, 3 sentinels)")
+    parser.add_argument("--cluster", action="store_true", help="add rows on a 3-master Redis Cluster")
     parser.add_argument("--json", type=Path, help="also write all results here")
     args = parser.parse_args()
+    backends = [*args.backends, *(["sentinel"] if args.sentinel else []), *(["cluster"] if args.cluster else [])]
+    backends = list(dict.fromkeys(backends))  # once each, in order
     rows, bursts = [], []
-    for processes in [0, *args.processes]:
-        setup = Setup(processes, cluster=args.cluster)
+    # ("redis", 0): the reference row, memory-direct (no Redis at all)
+    for backend, processes in [("redis", 0), *((b, p) for b in backends for p in args.processes)]:
+        setup = Setup(processes, backend)
         try:
             for n in args.n:
                 row = run_broadcasts(setup, n, args)
@@ -183,7 +229,8 @@ def main() -> None:
         for row in rows:
             if base and row["n"] == n and row is not base and "error" not in row:
                 ratios[f"{n}:{row['setup']}"] = round(row["last_p50_ms"] / base["last_p50_ms"], 2)
-    summary = {"bench": "scaleout", "rows": rows, "bursts": bursts, "last_p50_ratio_to_memory_direct": ratios}
+    summary = {"bench": "scaleout", "rows": rows, "bursts": bursts, "last_p50_ratio_to_memory_direct": ratios,
+               **_ratios_to_single_redis(rows, bursts)}
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))

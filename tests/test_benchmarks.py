@@ -1,11 +1,17 @@
 """The benchmark scripts keep working: a tiny run of each comet server in
-``benchmarks.capacity`` and of ``benchmarks.redis_publish`` (timings are not
+``benchmarks.capacity``, of ``benchmarks.redis_publish`` and of
+``benchmarks.scaleout`` on its three shared backends (timings are not
 checked, only that every event arrived once, in order, and every process
-was stopped)."""
+was stopped); the load client's parser."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from benchmarks.capacity import Dechunk, one_stream_burst
+from comet.processes import AppProcess, NginxServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +45,57 @@ def test_redis_publish_benchmark_runs():
     assert summary["rows"][0]["round_trips"] == 400  # unbatched: one each
     assert set(summary["batched_to_plain_per_s"]) == {"1", "8"}
     assert len(_running("redis-server")) == before, "the benchmark left its redis-server running"
+
+
+def test_the_load_client_decodes_chunks_cut_anywhere():
+    body = b"".join(b"id: 17-%d\r\ndata: b%d\r\n\r\n" % (i, i) for i in range(40))
+    # Chunks of odd sizes, as a proxy cuts them: headers land mid-line.
+    wire, start = b"", 0
+    for size in (1, 7, 33, 2, 120, 5, 1000):
+        piece = body[start:start + size]
+        wire += b"%x;ext=1\r\n%s\r\n" % (len(piece), piece)
+        start += size
+    wire += b"0\r\n\r\n"
+    for step in (1, 2, 3, 64, len(wire)):
+        decoder = Dechunk()
+        assert b"".join(decoder.feed(wire[i:i + step]) for i in range(0, len(wire), step)) == body, step
+        assert decoder.done
+
+
+@pytest.fixture
+def app_behind_nginx():
+    with AppProcess(["-m", "benchmarks.peers.comet_app", "{port}", "parked", "100"], cwd=ROOT, ready=None) as app, \
+            NginxServer(ROOT / "deploy" / "nginx-comet.conf", [app.port]) as nginx:
+        yield app, nginx
+
+
+def test_a_burst_through_nginx_is_counted_whole(app_behind_nginx):
+    # nginx re-chunks a burst of publish_many() events at its read
+    # boundaries; the load client counted events in the raw bytes, missed
+    # the lines a chunk header cut, and waited forever (the scaleout "stall").
+    app, nginx = app_behind_nginx
+    received, published = one_stream_burst(nginx.port, app.port, 2000, timeout=30, batch=100)
+    assert received > 0 and published > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_scaleout_benchmark_has_sentinel_and_cluster_rows():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scaleout", "--processes", "2", "--n", "10", "--broadcasts", "2",
+         "--burst", "2000", "--backends", "redis", "--sentinel", "--cluster"],
+        cwd=ROOT, capture_output=True, text=True, timeout=380)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    names = ["memory-direct", "redis-2p-nginx", "sentinel-2p-nginx", "cluster-2p-nginx"]
+    assert [row["setup"] for row in summary["rows"]] == names
+    for row in summary["rows"]:
+        assert "error" not in row and row["lost"] == 0 and row["duplicate_or_out_of_order"] == 0, row
+    # Every burst completed, on every backend (the cluster's used to "stall": see the load client's Dechunk).
+    assert [b["setup"] for b in summary["bursts"]] == names and all("error" not in b for b in summary["bursts"]), summary
+    assert set(summary["last_p50_ratio_to_single_redis"]) == {"10:sentinel-2p-nginx", "10:cluster-2p-nginx"}
+    assert set(summary["burst_ratio_to_single_redis"]) == {"sentinel-2p-nginx", "cluster-2p-nginx"}
+    assert not _running("benchmarks.peers.comet_app"), "the benchmark left a server running"
 
 
 def _running(needle: str) -> list[str]:
