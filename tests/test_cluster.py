@@ -259,3 +259,45 @@ def test_a_master_failover_mid_stream_loses_nothing(comet_cherrypy, cluster_with
     assert counts["lost"] == [] and counts["duplicates"] == 0 and counts["gaps"] == [] and counts["in_order"]
     assert regroups >= 1
     assert _reader_threads() == []
+
+
+def _flush_scripts(cluster: RedisClusterNodes) -> None:
+    """Every master forgets its scripts, as a replica promoted by a failover
+    never had them (Redis does not replicate its script cache)."""
+    for node in cluster.masters:
+        with cluster._client(node) as r:
+            r.script_flush()
+
+
+def test_every_script_recovers_on_masters_that_lost_it(cluster):
+    hub = RedisHub(cluster.url, idle=0.2, block=1.0)
+    other = RedisHub(cluster.url, idle=0.2, block=1.0)
+    try:
+        names = _one_channel_per_master(cluster)
+        for name in names:
+            hub.publish(name, "before")
+        sub = other.subscribe(names[0], member="ann")  # presence scripts loaded too
+        wait_until(lambda: hub.members(names[0]) == {"ann": 1}, what="ann")
+        _flush_scripts(cluster)
+        # one publish (EVALSHA through the cluster client), then one batch
+        # spread over every master (a pipeline per master), then MULTI/EXEC
+        ids = [hub.publish(names[0], "single")]
+        batch = [(hub._key(name), hub._fields(hub._prepare(name, f"batch-{name}", None, None, None))) for name in names]
+        results = hub._send_batch(batch)
+        assert all(isinstance(r, bytes) for r in results), results
+        ids += [r.decode() for r in results]
+        ids += hub.publish_many(names[1], ["many-1", "many-2"])
+        assert len(ids) == 6
+        assert [e.data for e in other.history(names[0]) if e.name is None] == ["before", "single", f"batch-{names[0]}"]
+        assert [e.data for e in other.history(names[1])] == ["before", f"batch-{names[1]}", "many-1", "many-2"]
+        _flush_scripts(cluster)
+        assert other.subscribe("newroom").take() is not None  # the load script, on a new channel
+        sub.close()  # presence pushes again (its pipeline on the presence slot's master)
+        wait_until(lambda: hub.members(names[0]) == {}, what="ann left")
+        # forget's scripts: the stream's slot, then presence's slot
+        assert hub.forget(names[2])
+        assert hub.history(names[2]) == []
+    finally:
+        hub.close()
+        other.close()
+    assert _reader_threads() == []
