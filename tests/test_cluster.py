@@ -9,6 +9,8 @@ duplicates, gaps, and acknowledged but lost, which must be 0."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -300,4 +302,63 @@ def test_every_script_recovers_on_masters_that_lost_it(cluster):
     finally:
         hub.close()
         other.close()
+    assert _reader_threads() == []
+
+
+_VICTIM = """
+import sys, time
+from comet.backends.redis import RedisHub
+hub = RedisHub(sys.argv[1], presence_lease=1.0, presence_grace=0.3, idle=0.2, block=1.0)
+sub = hub.subscribe("room", member="zed")
+while hub.members("room").get("zed") != 1:
+    time.sleep(0.02)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_presence_across_processes_on_a_cluster(cluster):
+    from comet.presence import JOIN, LEAVE
+
+    a = RedisHub(cluster.url, idle=0.2, block=1.0, presence_grace=0.3, presence_lease=1.0)
+    b = RedisHub(cluster.url, idle=0.2, block=1.0, presence_grace=0.3, presence_lease=1.0)
+    victim = None
+    try:
+        base = b.presence._base.encode()
+        assert cluster.slot_of(base + b"m:room") == cluster.slot_of(base + b"leases")  # one slot for all of it
+        seen = b.subscribe("room")
+
+        def changes() -> list[tuple[str, str]]:
+            changes.got += [(e.name, e.data) for e in seen.take() if e and e.name in (JOIN, LEAVE)]
+            return changes.got
+        changes.got = []
+        ann, bob = a.subscribe("room", member="ann"), b.subscribe("room", member="bob")
+        for hub in (a, b):
+            wait_until(lambda: hub.members("room") == {"ann": 1, "bob": 1}, what="both members, seen from each")
+        wait_until(lambda: sorted(changes()) == [(JOIN, "ann"), (JOIN, "bob")], what="both joins")
+        # a disconnect in one process ends the member's streams in the other
+        assert b.disconnect(member="ann") == 0
+        wait_until(lambda: ann.take() is not None and ann.ended, what="ann's stream in the other process ended")
+        ann.close()  # (the handler's finally, as on a single Redis)
+        wait_until(lambda: (LEAVE, "ann") in changes() and a.members("room") == {"bob": 1}, what="ann left")
+        # a process killed with SIGKILL stops counting within its lease
+        victim = subprocess.Popen([sys.executable, "-c", _VICTIM, cluster.url], stdout=subprocess.PIPE, text=True)
+        assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
+        wait_until(lambda: (JOIN, "zed") in changes(), what="zed's join")
+        victim.kill()
+        victim.wait(10)
+        wait_until(lambda: (LEAVE, "zed") in changes(), timeout=10, what="zed's leave after its lease")
+        assert a.members("room") == {"bob": 1}
+        # forgetting the channel forgets its members (the presence slot's script)
+        assert a.forget("room")
+        wait_until(lambda: b.members("room") == {}, what="no members")
+        bob.close()
+        seen.close()
+    finally:
+        if victim is not None:
+            victim.kill()
+            victim.wait(10)
+            victim.stdout.close()
+        a.close()
+        b.close()
     assert _reader_threads() == []
