@@ -9,6 +9,8 @@ duplicates, gaps, and acknowledged but lost, which must be 0."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -258,4 +260,105 @@ def test_a_master_failover_mid_stream_loses_nothing(comet_cherrypy, cluster_with
           f"acknowledged but lost {len(counts['lost'])}, reader regroups {regroups}")
     assert counts["lost"] == [] and counts["duplicates"] == 0 and counts["gaps"] == [] and counts["in_order"]
     assert regroups >= 1
+    assert _reader_threads() == []
+
+
+def _flush_scripts(cluster: RedisClusterNodes) -> None:
+    """Every master forgets its scripts, as a replica promoted by a failover
+    never had them (Redis does not replicate its script cache)."""
+    for node in cluster.masters:
+        with cluster._client(node) as r:
+            r.script_flush()
+
+
+def test_every_script_recovers_on_masters_that_lost_it(cluster):
+    hub = RedisHub(cluster.url, idle=0.2, block=1.0)
+    other = RedisHub(cluster.url, idle=0.2, block=1.0)
+    try:
+        names = _one_channel_per_master(cluster)
+        for name in names:
+            hub.publish(name, "before")
+        sub = other.subscribe(names[0], member="ann")  # presence scripts loaded too
+        wait_until(lambda: hub.members(names[0]) == {"ann": 1}, what="ann")
+        _flush_scripts(cluster)
+        # one publish (EVALSHA through the cluster client), then one batch
+        # spread over every master (a pipeline per master), then MULTI/EXEC
+        ids = [hub.publish(names[0], "single")]
+        batch = [(hub._key(name), hub._fields(hub._prepare(name, f"batch-{name}", None, None, None))) for name in names]
+        results = hub._send_batch(batch)
+        assert all(isinstance(r, bytes) for r in results), results
+        ids += [r.decode() for r in results]
+        ids += hub.publish_many(names[1], ["many-1", "many-2"])
+        assert len(ids) == 6
+        assert [e.data for e in other.history(names[0]) if e.name is None] == ["before", "single", f"batch-{names[0]}"]
+        assert [e.data for e in other.history(names[1])] == ["before", f"batch-{names[1]}", "many-1", "many-2"]
+        _flush_scripts(cluster)
+        assert other.subscribe("newroom").take() is not None  # the load script, on a new channel
+        sub.close()  # presence pushes again (its pipeline on the presence slot's master)
+        wait_until(lambda: hub.members(names[0]) == {}, what="ann left")
+        # forget's scripts: the stream's slot, then presence's slot
+        assert hub.forget(names[2])
+        assert hub.history(names[2]) == []
+    finally:
+        hub.close()
+        other.close()
+    assert _reader_threads() == []
+
+
+_VICTIM = """
+import sys, time
+from comet.backends.redis import RedisHub
+hub = RedisHub(sys.argv[1], presence_lease=1.0, presence_grace=0.3, idle=0.2, block=1.0)
+sub = hub.subscribe("room", member="zed")
+while hub.members("room").get("zed") != 1:
+    time.sleep(0.02)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_presence_across_processes_on_a_cluster(cluster):
+    from comet.presence import JOIN, LEAVE
+
+    a = RedisHub(cluster.url, idle=0.2, block=1.0, presence_grace=0.3, presence_lease=1.0)
+    b = RedisHub(cluster.url, idle=0.2, block=1.0, presence_grace=0.3, presence_lease=1.0)
+    victim = None
+    try:
+        base = b.presence._base.encode()
+        assert cluster.slot_of(base + b"m:room") == cluster.slot_of(base + b"leases")  # one slot for all of it
+        seen = b.subscribe("room")
+
+        def changes() -> list[tuple[str, str]]:
+            changes.got += [(e.name, e.data) for e in seen.take() if e and e.name in (JOIN, LEAVE)]
+            return changes.got
+        changes.got = []
+        ann, bob = a.subscribe("room", member="ann"), b.subscribe("room", member="bob")
+        for hub in (a, b):
+            wait_until(lambda: hub.members("room") == {"ann": 1, "bob": 1}, what="both members, seen from each")
+        wait_until(lambda: sorted(changes()) == [(JOIN, "ann"), (JOIN, "bob")], what="both joins")
+        # a disconnect in one process ends the member's streams in the other
+        assert b.disconnect(member="ann") == 0
+        wait_until(lambda: ann.take() is not None and ann.ended, what="ann's stream in the other process ended")
+        ann.close()  # (the handler's finally, as on a single Redis)
+        wait_until(lambda: (LEAVE, "ann") in changes() and a.members("room") == {"bob": 1}, what="ann left")
+        # a process killed with SIGKILL stops counting within its lease
+        victim = subprocess.Popen([sys.executable, "-c", _VICTIM, cluster.url], stdout=subprocess.PIPE, text=True)
+        assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
+        wait_until(lambda: (JOIN, "zed") in changes(), what="zed's join")
+        victim.kill()
+        victim.wait(10)
+        wait_until(lambda: (LEAVE, "zed") in changes(), timeout=10, what="zed's leave after its lease")
+        assert a.members("room") == {"bob": 1}
+        # forgetting the channel forgets its members (the presence slot's script)
+        assert a.forget("room")
+        wait_until(lambda: b.members("room") == {}, what="no members")
+        bob.close()
+        seen.close()
+    finally:
+        if victim is not None:
+            victim.kill()
+            victim.wait(10)
+            victim.stdout.close()
+        a.close()
+        b.close()
     assert _reader_threads() == []

@@ -96,6 +96,7 @@ from typing import Any, Callable, Generic, Iterable, TypeVar, cast
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.commands.core import Script
 from redis.crc import key_slot
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -105,7 +106,7 @@ from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
 from ..hub import Hub, MaxAge, _bucket, _Channel, _stored_id, parse_id
 from ..presence import Presence
-from .redis_cluster import ClusterFollower, _moving, cluster_client, slot_tag
+from .redis_cluster import ClusterFollower, _moving, cluster_client, pipeline_scripts, run_script, slot_tag
 
 __all__ = ["RedisHub"]
 
@@ -439,20 +440,31 @@ class RedisHub(Hub):
         if len(batch) == 1 and not self.replicas:
             key, args = batch[0]
             try:
-                # Script() reloads itself after NOSCRIPT (a restarted Redis):
+                # The script reloads itself after NOSCRIPT (a restarted Redis):
                 # that is no retry of a publish, the first attempt never ran.
-                return [self._publish_script(keys=[key, self._forgotten_for(key)], args=self._retained(key, args))]
+                return [self._script(self._publish_script, [key, self._forgotten_for(key)], self._retained(key, args))]
             except redis.ResponseError as exc:
                 return [exc]
-        results = self._cluster_pipeline(batch) if self._cluster else self._pipeline(batch)
+        if self._cluster:
+            return self._cluster_pipeline(batch)  # (it recovers from NOSCRIPT per master)
+        results = self._pipeline(batch)
         # After a Redis restart the script is gone: those publishes never
         # ran, so sending them again after loading it stores nothing twice.
         again = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
         if again:
             self.redis.script_load(self._publish_script.script)
-            for i, result in zip(again, (self._cluster_pipeline if self._cluster else self._pipeline)([batch[i] for i in again])):
+            for i, result in zip(again, self._pipeline([batch[i] for i in again])):
                 results[i] = result
         return results
+
+    def _script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """Run one of this hub's scripts. On a cluster, on the master of
+        *keys*' slot, recovering from a master that lacks it (a failover's
+        new master: see :func:`~comet.backends.redis_cluster.run_script`);
+        on a single Redis ``Script`` reloads itself after ``NOSCRIPT``."""
+        if self._cluster:
+            return run_script(self.redis, script, keys, args)
+        return script(keys=keys, args=args)
 
     def _pipeline(self, batch: list[_Publish]) -> list[bytes | BaseException]:
         # EVALSHA by hand: a pipeline given the Script object asks SCRIPT
@@ -538,24 +550,20 @@ class RedisHub(Hub):
         """:meth:`_pipeline` on a cluster: one pipeline per master; publishes
         redirected (MOVED, ASK: they never ran) once more one by one through
         the cluster client, which follows redirections."""
-        sha = self._publish_script.sha
         results: list[bytes | BaseException] = [RuntimeError("not sent")] * len(batch)
         by_master: dict[int, tuple[redis.Redis, list[int]]] = {}
         for i, (key, _) in enumerate(batch):
             client = self._master(key)
             by_master.setdefault(id(client), (client, []))[1].append(i)
         for client, indexes in by_master.values():
-            with client.pipeline(transaction=False) as pipe:
-                for i in indexes:
-                    key, args = batch[i]
-                    pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, args))
-                for i, result in zip(indexes, pipe.execute(raise_on_error=False)):
-                    results[i] = result
+            calls = [([key, self._forgotten_for(key)], self._retained(key, args)) for key, args in (batch[i] for i in indexes)]
+            for i, result in zip(indexes, pipeline_scripts(client, self._publish_script, calls)):
+                results[i] = result
         for i, result in enumerate(results):
             if isinstance(result, redis.ResponseError) and _moving(result):
                 key, args = batch[i]
                 try:
-                    results[i] = self._publish_script(keys=[key, self._forgotten_for(key)], args=self._retained(key, args))
+                    results[i] = self._script(self._publish_script, [key, self._forgotten_for(key)], self._retained(key, args))
                 except redis.ResponseError as exc:
                     results[i] = exc
         return results
@@ -625,7 +633,7 @@ class RedisHub(Hub):
         key = self._key(channel)
         try:
             if self._cluster:  # the note goes to another slot: written on its own, with its bell
-                last = self._forget_script(keys=[key, self._forgotten_for(key)], args=[_bucket(channel), channel])
+                last = self._script(self._forget_script, [key, self._forgotten_for(key)], [_bucket(channel), channel])
                 if last is not None:
                     note = self.redis.xadd(self._forgets_key, {"c": channel, "l": last}, maxlen=1000)
                     self.redis.spublish(self._forgets_key, note)
@@ -719,9 +727,9 @@ class RedisHub(Hub):
             if ch.live:
                 return
             try:
-                raw, floor = self._load_script(keys=[key, self._forgotten_for(key)],
-                                               args=[self.buffer_size, self._max_age_ms(name),
-                                                     round((self.max_idle or 0) * 1000), _bucket(name)])
+                raw, floor = self._script(self._load_script, [key, self._forgotten_for(key)],
+                                          [self.buffer_size, self._max_age_ms(name),
+                                           round((self.max_idle or 0) * 1000), _bucket(name)])
             except _DOWN as exc:
                 raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} is unreachable ({exc})") from exc
             # (a script's reply: entries as [id, [field, value, ...]])

@@ -41,11 +41,13 @@ import random
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
 from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
 if TYPE_CHECKING:
     from .redis import RedisHub, _Entry
@@ -121,6 +123,46 @@ def cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
     retry = options.pop("retry", None)
     seeds = [cast(Any, ClusterNode)(h, p) for h, p in nodes]  # (untyped in redis-py)
     return RedisCluster(startup_nodes=seeds, retry=retry, **options)
+
+
+def run_script(client: Any, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """Run *script* through the cluster *client* on the master of its keys'
+    slot (redirections followed).
+
+    A master may lack the script: a replica promoted by a failover (Redis
+    does not replicate its script cache), a restarted or flushed node. Then
+    ``EVAL`` of its text, routed by the same keys, runs it there once and
+    caches it: no retry of anything that ran (``NOSCRIPT`` means it did not).
+    redis-py's own retry (``SCRIPT LOAD`` on the masters its slot map knows,
+    then ``EVALSHA`` again) fails while that map is behind the cluster.
+    """
+    try:
+        return client.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return client.eval(script.script, len(keys), *keys, *args)
+
+
+def pipeline_scripts(client: redis.Redis, script: Script,
+                     calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+    """*script* once per ``(keys, args)`` in one round trip on one master's
+    *client* (redis-py's cluster pipelines refuse scripts); each call's reply
+    or error, in order. Calls answered ``NOSCRIPT`` (they never ran) go once
+    more after ``SCRIPT LOAD`` on that same master."""
+    def send(indexes: Sequence[int]) -> list[Any]:
+        with client.pipeline(transaction=False) as pipe:
+            for i in indexes:
+                keys, args = calls[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+            return replies
+
+    results = send(range(len(calls)))
+    missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if missing:
+        client.script_load(script.script)
+        for i, result in zip(missing, send(missing)):
+            results[i] = result
+    return results
 
 
 class ClusterFollower:

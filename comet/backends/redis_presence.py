@@ -40,10 +40,14 @@ so clocks must agree to well under a second), and a listener cut off from
 Redis resumes from the last entry it read, so a blip delays a disconnect
 rather than losing it; after the stream's last 1000 entries it is lost.
 
+Redis Cluster: the scripts compute their keys, and a script may touch one
+slot only, so on a cluster every presence key shares one hash tag
+(``<prefix>\\0presence{presence}:`` first): all of a hub's presence lives on
+one slot's master, and each script names that base as its key, so the
+cluster routes it there (and follows it through a failover or resharding).
+
 Bounds: a process that dies between a transition and publishing its event
-loses that one event (``members()`` stays right); Redis keys are computed
-inside the scripts, so presence needs a single Redis (or Sentinel), not a
-Cluster.
+loses that one event (``members()`` stays right).
 """
 from __future__ import annotations
 
@@ -54,9 +58,11 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
+from redis.crc import key_slot
 
 from ..errors import BackendUnavailable
 from ..presence import JOIN, LEAVE, Presence
+from .redis_cluster import _moving, pipeline_scripts
 
 if TYPE_CHECKING:
     from .redis import RedisHub
@@ -65,7 +71,9 @@ __all__ = ["RedisPresence"]
 
 log = logging.getLogger("comet")
 
-_DOWN = (redis.ConnectionError, redis.TimeoutError)
+# Unreachable, or (Redis Cluster) no master serves the slot right now.
+_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.TryAgainError,
+         redis.exceptions.RedisClusterException)
 
 #: Seconds between two sweeps of a process: leaves and dead processes.
 SWEEP_EVERY = 0.25
@@ -184,6 +192,11 @@ class RedisPresence(Presence):
         #: This process, in Redis' keys (fixed length: the keys stay unambiguous).
         self.process = secrets.token_hex(8)
         self._base = hub.prefix + "\x00presence:"
+        if hub._cluster:  # one hash tag: every script touches one slot (see the module's docstring)
+            self._base = hub.prefix + "\x00presence{presence}:"
+            if key_slot(self._base.encode() + b"a") != key_slot(self._base.encode() + b"b"):
+                raise ValueError(f"prefix {hub.prefix!r} has an empty hash tag '{{}}': "
+                                 "presence keys on a Redis Cluster could not share a slot")
         client = hub.redis
         self._set = client.register_script(_SET)
         self._renew_script = client.register_script(_RENEW)
@@ -245,12 +258,25 @@ class RedisPresence(Presence):
                 log.warning("comet: presence cannot reach Redis (%s); retrying", exc)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.lease / 4)
+            except redis.ResponseError as exc:
+                if not (self.redis_hub._follower is not None and _moving(exc)):
+                    raise
+                # (Cluster) the presence slot moved or its master failed over:
+                # reload the slot map, push again (the counts are absolute).
+                self.failures += 1
+                self.redis_hub._follower.regroup()
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.lease / 4)
             except Exception:  # a bug must not stop presence for the life of the hub
                 log.exception("comet: presence worker failed")
                 self._stop.wait(delay)
 
+    def _call(self, script: Any, args: list[Any]) -> Any:
+        # The base as the script's key routes it on a cluster (its keys share its slot).
+        return self.redis_hub._script(script, [self._base], [self._base, *args])
+
     def _renew(self) -> None:
-        if self._renew_script(args=[self._base, self.process, round(self.lease * 1000)]):
+        if self._call(self._renew_script, [self.process, round(self.lease * 1000)]):
             with self._lock:  # our counts may have been retired: push them all again
                 self._dirty.update(((c, m), None) for c, members in self._counts.items() for m in members)
 
@@ -261,22 +287,36 @@ class RedisPresence(Presence):
         if not dirty:
             return
         grace = round(self.hub.presence_grace * 1000)
+        error: BaseException | None = None
         try:
-            with self.redis_hub.redis.pipeline(transaction=False) as pipe:
-                for (channel, member), n in zip(dirty, counts):
-                    self._set(args=[self._base, self.process, channel, member, n, grace], client=pipe)
-                joins = pipe.execute()
+            if self.redis_hub._cluster:
+                calls = [([self._base], [self._base, self.process, channel, member, n, grace])
+                         for (channel, member), n in zip(dirty, counts)]
+                joins = pipeline_scripts(self.redis_hub._master(self._base), self._set, calls)
+                failed = [key for key, joined in zip(dirty, joins) if isinstance(joined, BaseException)]
+                if failed:  # (the slot moved) those again after the slot map reloads; the rest are done
+                    error = next(j for j in joins if isinstance(j, BaseException))
+                    with self._lock:
+                        self._dirty = {**dict.fromkeys(failed), **self._dirty}
+            else:
+                with self.redis_hub.redis.pipeline(transaction=False) as pipe:
+                    for (channel, member), n in zip(dirty, counts):
+                        self._set(keys=[self._base], args=[self._base, self.process, channel, member, n, grace],
+                                  client=pipe)
+                    joins = pipe.execute()
         except BaseException:
             with self._lock:  # pushed again next time: the counts are absolute
                 self._dirty = {**dict.fromkeys(dirty), **self._dirty}
             raise
         with self._order:
             for (channel, member), joined in zip(dirty, joins):
-                if joined:
+                if joined and not isinstance(joined, BaseException):
                     self._announce(channel, JOIN, member)
+        if error is not None:
+            raise error
 
     def _sweep(self) -> None:
-        flat = cast("list[bytes]", self._sweep_script(args=[self._base, round(self.hub.presence_grace * 1000)]))
+        flat = cast("list[bytes]", self._call(self._sweep_script, [round(self.hub.presence_grace * 1000)]))
         with self._order:
             for i in range(0, len(flat), 2):
                 self._announce(flat[i].decode(), LEAVE, flat[i + 1].decode())
@@ -348,7 +388,7 @@ class RedisPresence(Presence):
     def forget(self, channel: str) -> None:
         self.dropped(channel)
         try:
-            self._forget(args=[self._base, channel])
+            self._call(self._forget, [channel])
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot forget the members of {channel!r}: Redis at {self.redis_hub._where} "
                                      f"is unreachable ({exc})") from exc
@@ -363,6 +403,6 @@ class RedisPresence(Presence):
             thread.join(5)
         if self._started:
             try:
-                self._retire(args=[self._base, self.process, round(self.hub.presence_grace * 1000)])
+                self._call(self._retire, [self.process, round(self.hub.presence_grace * 1000)])
             except _DOWN:
                 pass  # the lease expires instead
