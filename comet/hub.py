@@ -4,8 +4,8 @@ Design
 ------
 Each channel keeps a bounded buffer of its last events and one lock (with
 a ``threading.Condition`` on it once a thread waits there). ``publish()``
-appends once and wakes every waiter;
-it never touches a subscriber, so a slow or stuck consumer cannot block it.
+appends once and wakes every waiter; it never touches a subscriber, so a
+slow or stuck consumer cannot block it.
 
 A subscription is a *cursor* (the sequence number of the last event it
 handed out), not a queue of copies. Whenever it wakes it takes everything
