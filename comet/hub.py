@@ -2,9 +2,10 @@
 
 Design
 ------
-Each channel keeps a bounded buffer of its last events and one
-``threading.Condition``. ``publish()`` appends once and wakes every waiter;
-it never touches a subscriber, so a slow or stuck consumer cannot block it.
+Each channel keeps a bounded buffer of its last events and one lock (with
+a ``threading.Condition`` on it once a thread waits there). ``publish()``
+appends once and wakes every waiter; it never touches a subscriber, so a
+slow or stuck consumer cannot block it.
 
 A subscription is a *cursor* (the sequence number of the last event it
 handed out), not a queue of copies. Whenever it wakes it takes everything
@@ -188,11 +189,17 @@ class _Channel:
     event known to exist but no longer (or never) held, so any cursor at or
     after it is served without a gap."""
 
-    __slots__ = ("cond", "events", "seq", "watchers", "floor", "live", "refs", "dead", "epoch", "max_age", "times",
-                 "touched", "latest", "latest_floor", "latest_seq")
+    __slots__ = ("cond", "waiting", "events", "seq", "watchers", "floor", "live", "refs", "dead", "epoch", "max_age",
+                 "times", "touched", "latest", "latest_floor", "latest_seq")
 
     def __init__(self, size: int, floor: str, epoch: int = 0, max_age: float | None = None) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        # The channel's lock (``with ch.cond``). Threads that wait on the
+        # channel do so through wait() and notify_all(): a Condition costs
+        # about 1 KB (a dict, a deque of waiters), 40 % of an idle channel,
+        # and most channels never have a waiting thread (parked streams and
+        # cooperative steps use ``watchers``), so it is made for the first.
+        self.cond = threading.Lock()
+        self.waiting: threading.Condition | None = None
         self.events: deque[Event] = deque(maxlen=size)
         self.seq = 0  # seq of the newest event; events[-1] when any
         self.watchers: tuple[Callable[[], None], ...] = ()
@@ -210,6 +217,18 @@ class _Channel:
         self.latest: dict[str | None, tuple[int, Event]] | None = None
         self.latest_floor: str | None = None  # None: the floor as of the first event kept
         self.latest_seq = 0
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to *timeout* seconds for :meth:`notify_all`; the caller holds ``cond``."""
+        waiting = self.waiting
+        if waiting is None:
+            waiting = self.waiting = threading.Condition(self.cond)
+        waiting.wait(timeout)
+
+    def notify_all(self) -> None:
+        """Wake every thread in :meth:`wait`; the caller holds ``cond``."""
+        if self.waiting is not None:
+            self.waiting.notify_all()
 
     def append(self, event: Event) -> None:
         """Store *event* as the newest; the caller holds ``cond``."""
@@ -397,10 +416,14 @@ class Hub:
         self.counters = Counters(("published", "gaps", "forgotten"))
         self.max_age = max_age
         self.max_idle = None if max_idle is None else float(max_idle)
-        self._dropped = 0  # channels dropped since the dict was last copied
-        # Per bucket, from the first forget on; an array, so no int object per
-        # bucket stays scattered over the allocator's pools after a burst.
-        self._epochs: array[int] | None = None
+        # Channels dropped since the dict was last copied, and per bucket the
+        # epoch a new channel gets: arrays made now, not int objects made as
+        # channels go. An object made in the middle of a burst of channels
+        # and kept stays alone in the allocator's pages the burst used, and
+        # keeps them all from going back to the system (tests/test_forget.py).
+        self._dropped = array("q", [0])
+        self._epochs = array("q", [self.epoch]) * _EPOCH_BUCKETS
+        self._floor: str | None = None  # "<epoch>-0", shared by the channels of the hub's epoch
         self._sweeping = threading.Event()
         self._sweeper: threading.Thread | None = None
         #: Seconds a member with no open stream left still counts (see
@@ -448,7 +471,7 @@ class Hub:
                 stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry, _key=proto._key)
                 stored._wire.update(proto._wire)  # its text, if made: a Part's base64 only when asked for
                 ch.append(stored)
-                ch.cond.notify_all()  # in the same lock hold as the append: the hot path
+                ch.notify_all()  # in the same lock hold as the append: the hot path
                 watchers = ch.watchers
             break
         self.counters.add("published")
@@ -485,7 +508,7 @@ class Hub:
                     stored._wire.update(proto._wire)
                     ch.append(stored)
                     ids.append(event_id)
-                ch.cond.notify_all()
+                ch.notify_all()
                 watchers = ch.watchers
         self.counters.add("published", len(ids))
         for wake in watchers:
@@ -509,7 +532,7 @@ class Hub:
     def _wake(ch: _Channel) -> None:
         """Wake *ch*'s waiters, then its watchers (outside the lock)."""
         with ch.cond:
-            ch.cond.notify_all()
+            ch.notify_all()
             watchers = ch.watchers
         for wake in watchers:  # e.g. the parked-stream writer: one call per channel, not per stream
             wake()
@@ -953,7 +976,7 @@ class Hub:
         >>> sub.close()
         """
         self._check_channel(channel)
-        self.presence.forget(channel)  # the channel is over: nobody leaves it (with Redis: in every process)
+        self._forget_members(channel)
         ch = self._channels.get(channel)
         return ch is not None and self._forget_channel(channel, ch)
 
@@ -970,22 +993,25 @@ class Hub:
         self._wake(ch)  # its subscriptions take what is left, then end
         return True
 
+    def _forget_members(self, channel: str) -> None:
+        """*channel* is over: nobody leaves it. (Backends: in every process.)"""
+        if self._presence is not None:  # (none made: nobody ever joined here)
+            self._presence.forget(channel)
+
     def _epoch_of(self, channel: str) -> int:
         """The epoch a new channel *channel* gets."""
-        epochs = self._epochs
-        return self.epoch if epochs is None else epochs[_bucket(channel)]
+        epoch = self._epochs[_bucket(channel)]
+        return self.epoch if epoch == self.epoch else epoch  # (the hub's: one int, not one per channel)
 
     def _drop(self, name: str, ch: _Channel) -> None:
         """Remove *ch* from the hub; the caller holds its lock and the hub's."""
         ch.dead = True
         del self._channels[name]
-        self._dropped += 1
-        if self._dropped > 2 * len(self._channels) + 1000:
+        self._dropped[0] += 1
+        if self._dropped[0] > 2 * len(self._channels) + 1000:
             # A dict never shrinks by deletion: copy it once most of it has gone.
-            self._channels, self._dropped = dict(self._channels), 0
+            self._channels, self._dropped[0] = dict(self._channels), 0
         if ch.seq:  # its ids were handed out: a successor starts a later epoch
-            if self._epochs is None:
-                self._epochs = array("q", [self.epoch]) * _EPOCH_BUCKETS
             bucket = _bucket(name)
             self._epochs[bucket] = max(self._epochs[bucket] + 1, ch.epoch + 1, time.time_ns() // 1_000_000)
         self._forget(name)
@@ -1083,11 +1109,20 @@ class Hub:
             with self._lock:
                 epoch = self._epoch_of(name)
                 max_age = self.max_age(name) if callable(self.max_age) else self.max_age
-                fresh = _Channel(self.buffer_size, f"{epoch}-0", epoch, max_age)
+                fresh = _Channel(self.buffer_size, self._floor_of(epoch), epoch, max_age)
                 if self._latest and self._is_latest(name):
                     fresh.keep_latest()
                 ch = self._channels.setdefault(name, fresh)
         return ch
+
+    def _floor_of(self, epoch: int) -> str:
+        """A new channel's floor, ``"<epoch>-0"``: one string for every
+        channel of the hub's epoch, not one each (the caller holds the lock)."""
+        if epoch != self.epoch:
+            return f"{epoch}-0"
+        if self._floor is None:  # (made at first use: a backend sets its epoch after Hub.__init__)
+            self._floor = f"{epoch}-0"
+        return self._floor
 
     #: Forget a channel nobody ever published to once nobody holds it. A
     #: forgotten pristine channel comes back exactly as it was (no events,
@@ -1329,7 +1364,7 @@ class Subscription:
                 # Re-checked under the lock: a publish between take() and here
                 # has moved ch.seq, so we do not wait for it (no lost wake-up).
                 if ch.seq == self.cursor and not self.ended:
-                    ch.cond.wait(self.idle)
+                    ch.wait(self.idle)
             items = self.take()
             if items:
                 self._ready.extend(items)
@@ -1425,7 +1460,7 @@ class _Mux(_Channel):
     def bump(self) -> None:
         with self.cond:
             self.seq += 1
-            self.cond.notify_all()
+            self.notify_all()
             watchers = self.watchers
         for wake in watchers:
             wake()

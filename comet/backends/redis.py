@@ -645,6 +645,9 @@ class RedisHub(Hub):
         here = super().forget(channel)
         return last is not None or here
 
+    def _forget_members(self, channel: str) -> None:
+        self.presence.forget(channel)  # other processes' members too, whether or not any joined here
+
     def _forgotten_elsewhere(self, channel: str, last: str) -> None:
         """The reader read a forget of *channel* up to *last*: drop the mirror
         if it holds anything of that stream (a mirror loaded since holds only
