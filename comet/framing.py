@@ -202,6 +202,40 @@ class TaggedEvent(Event):
     b'{"id":"3x.1-1","event":null,"channel":"room","data":{"n":1}}\\n'
     """
 
+    @classmethod
+    def of(cls, event: Event, cursor: str, channel: str) -> "TaggedEvent":
+        """*event* of *channel* as a stream of several channels sends it, at
+        *cursor*: what the hub makes for each subscriber. Not validated
+        again (the event was, and the hub makes the cursor), and what does
+        not depend on the cursor is encoded once, on *event*, and shared by
+        every subscriber.
+
+        >>> stored = Event("hi", id="1-1", channel="room")
+        >>> TaggedEvent.of(stored, "3x.1-1", "room").encode("sse")
+        b'id: 3x.1-1\\ndata: {"channel":"room","data":"hi"}\\n\\n'
+        """
+        tagged = object.__new__(cls)
+        wire: dict[str, str | bytes] = {}
+        if event.channel == channel and not isinstance(event.data, Part):
+            shared = event._wire
+            tail = shared.get("tagged-tail")
+            if not isinstance(tail, str):
+                tail = shared["tagged-tail"] = ',"event":%s,"channel":%s,"data":%s}' % (
+                    to_json(event.name), to_json(channel), _data_json(event))
+            wire["tagged-tail"] = tail
+        for name, value in (("data", event.data), ("id", cursor), ("name", event.name), ("channel", channel),
+                            ("retry", event.retry), ("_wire", wire), ("_order", event._order), ("_key", event._key)):
+            object.__setattr__(tagged, name, value)
+        return tagged
+
+    def _tail(self) -> str:
+        """``,"event":...,"channel":...,"data":...}``: its JSON after the id."""
+        tail = self._wire.get("tagged-tail")
+        if not isinstance(tail, str):
+            tail = self._wire["tagged-tail"] = ',"event":%s,"channel":%s,"data":%s}' % (
+                to_json(self.name), to_json(self.channel), _data_json(self))
+        return tail
+
 
 def _data_json(event: Event) -> str:
     # For non-str data, text() already is the JSON; reuse it so a dict
@@ -210,6 +244,8 @@ def _data_json(event: Event) -> str:
 
 
 def _sse(event: Event, _boundary: str) -> bytes:
+    if isinstance(event, TaggedEvent):
+        return _sse_tagged(event)
     out = []
     if event.id is not None:
         out.append(f"id: {event.id}\n")
@@ -218,14 +254,25 @@ def _sse(event: Event, _boundary: str) -> bytes:
     if event.retry is not None:
         out.append(f"retry: {event.retry}\n")
     text = event.text()
-    if isinstance(event, TaggedEvent):  # JSON has no raw newlines: one data line
-        text = '{"channel":%s,"data":%s}' % (to_json(event.channel), _data_json(event))
     # A leading space in a value is eaten by the parser once, so "data: " plus
     # the line keeps a line that itself starts with a space intact.
     for line in _SSE_LINES.split(text):
         out.append(f"data: {line}\n")
     out.append("\n")
     return "".join(out).encode("utf-8")
+
+
+def _sse_tagged(event: TaggedEvent) -> bytes:
+    # The data is {"channel":...,"data":...}: JSON has no raw newlines, so one
+    # data line; it is the JSON form's tail without the event name.
+    tail = event._tail()
+    data = '{"channel":' + tail[tail.index(',"channel":') + 11:]
+    head = f"id: {event.id}\n"
+    if event.name is not None:
+        head += f"event: {event.name}\n"
+    if event.retry is not None:
+        head += f"retry: {event.retry}\n"
+    return f"{head}data: {data}\n\n".encode("utf-8")
 
 
 def _json_line(event: Event, _boundary: str) -> bytes:
@@ -236,8 +283,7 @@ def _event_json(event: Event) -> str:
     cached = event._wire.get("json")
     if not isinstance(cached, str):  # not cached yet
         if isinstance(event, TaggedEvent):
-            cached = '{"id":%s,"event":%s,"channel":%s,"data":%s}' % (
-                to_json(event.id), to_json(event.name), to_json(event.channel), _data_json(event))
+            cached = '{"id":%s%s' % (to_json(event.id), event._tail())
         else:
             cached = '{"id":%s,"event":%s,"data":%s}' % (to_json(event.id), to_json(event.name), _data_json(event))
         event._wire["json"] = cached
