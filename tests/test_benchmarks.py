@@ -92,7 +92,11 @@ def test_scaleout_benchmark_has_sentinel_and_cluster_rows():
     for row in summary["rows"]:
         assert "error" not in row and row["lost"] == 0 and row["duplicate_or_out_of_order"] == 0, row
     # Every burst completed, on every backend (the cluster's used to "stall": see the load client's Dechunk).
-    assert [b["setup"] for b in summary["bursts"]] == names and all("error" not in b for b in summary["bursts"]), summary
+    # (The in-memory reference may deliver a burst this small in one read, which the
+    # load client cannot time: that is not a stall.)
+    assert [b["setup"] for b in summary["bursts"]] == names, summary["bursts"]
+    assert all("error" not in b or (b["setup"] == "memory-direct" and "at once" in b["error"])
+               for b in summary["bursts"]), summary["bursts"]
     assert set(summary["last_p50_ratio_to_single_redis"]) == {"10:sentinel-2p-nginx", "10:cluster-2p-nginx"}
     assert set(summary["burst_ratio_to_single_redis"]) == {"sentinel-2p-nginx", "cluster-2p-nginx"}
     assert not _running("benchmarks.peers.comet_app"), "the benchmark left a server running"
