@@ -946,10 +946,12 @@ class Hub:
 
     def close(self) -> None:
         """End every subscription and refuse further use."""
+        if self._presence is not None:
+            # First: a join or leave already decided is still published on
+            # this hub (a backend decides one in Redis, then announces it).
+            self._presence.close()
         self._closed = True
         self.end_subscriptions()
-        if self._presence is not None:
-            self._presence.close()
         self._sweeping.set()
         if self._sweeper is not None and self._sweeper is not threading.current_thread():
             self._sweeper.join(10)
