@@ -50,9 +50,10 @@ from cherrypy.process.plugins import SimplePlugin
 
 from .errors import InvalidEventId
 from .hub import Hub
-from .internals import connection_for, install_gateway, keep_charset, release_session, request_context
+from .direct import DirectHandlers
+from .internals import connection_for, install_accept_hook, install_gateway, keep_charset, release_session, request_context
 from .options import Options
-from .pipeline import Refusal, open_stream
+from .pipeline import OWNED, Parking, Refusal, open_stream
 from .pool import StreamPool
 from .wsgi import resume_id
 
@@ -71,6 +72,8 @@ class CometPlugin(SimplePlugin):
         self.pool = StreamPool()
         self._cap_configured = False
         self._routes: Any = None
+        #: URLs of ``@comet`` handlers served at accept time (:mod:`comet.direct`).
+        self.direct = DirectHandlers(self.pool)
 
     @property
     def hubs(self) -> list[Hub]:
@@ -151,10 +154,14 @@ class CometPlugin(SimplePlugin):
             install_gateway(httpserver)
             if self._routes is not None:
                 self._routes.install(httpserver)
+            self.direct.clear()
+            self.direct.server = httpserver
+            install_accept_hook(httpserver, self.direct.take)
 
     start.priority = 60  # type: ignore[attr-defined]  # before the HTTP server starts (75): bad config fails startup
 
     def stop(self) -> None:
+        self.direct.clear()
         self.pool.close_all()
         hook = getattr(getattr(cherrypy.server, "httpserver", None), "_comet_accept", None)
         if hook is not None:
@@ -238,18 +245,22 @@ def _config_namespace(key: str, value: Any) -> None:
 cherrypy.config.namespaces["comet"] = _config_namespace
 
 
-def _serve(call: Callable[[], Any], options: Options) -> Any:
+def _serve(call: Callable[[], Any], options: Options, learn: Callable[..., Any] | None = None) -> Any:
     """Run one streaming request through :func:`comet.pipeline.open_stream`
-    and give CherryPy what it opened."""
+    and give CherryPy what it opened. *learn*: the handler, to serve its URL
+    directly next time if it may (:mod:`comet.direct`). In a direct request
+    the body goes back to :mod:`comet.direct`, which owns the socket."""
     keep_charset()
     _no_gzip()
     request, response = cherrypy.serving.request, cherrypy.serving.response
     plugin = engine_plugin()
     plugin.ensure_cap()
+    direct = getattr(request, "comet_direct", False)
     try:
         opened = open_stream(call, options, plugin.pool, method=request.method,
-                             resume_id=request.comet_last_event_id, connection=connection_for(request.wsgi_environ),
-                             context=request_context())
+                             resume_id=request.comet_last_event_id,
+                             connection=OWNED if direct else connection_for(request.wsgi_environ),
+                             context=request_context(), first_step_here=direct)
     except Refusal as refusal:
         return _refuse(refusal, options)
     except cherrypy.HTTPError as exc:
@@ -262,6 +273,11 @@ def _serve(call: Callable[[], Any], options: Options) -> Any:
     release_session()
     for name, value in opened.headers + _cors(options):
         response.headers[name] = value
+    if direct:
+        return opened.body
+    if learn is not None and isinstance(opened.body, Parking) and not opened.body.late:
+        # (A first step still running may yet attach hooks or use a tool.)
+        plugin.direct.learn(learn)
     if isinstance(opened.body, list):  # HEAD, or a long-poll answered in thread mode
         return b"".join(opened.body)
     response.stream = True
@@ -319,6 +335,9 @@ def _check_params(signature: inspect.Signature | None, args: tuple[Any, ...], kw
     a form field) with a 400 naming them, instead of a TypeError's 500."""
     if signature is None:
         return
+    simple = _simple_params(signature)
+    if simple is not None and len(args) == simple[0] and kwargs.keys() <= simple[1] and simple[2] <= kwargs.keys():
+        return  # (the common case, without Signature.bind: it costs as much as the rest of a direct connect)
     try:
         signature.bind(*args, **kwargs)
     except TypeError:
@@ -332,6 +351,22 @@ def _check_params(signature: inspect.Signature | None, args: tuple[Any, ...], kw
         if unexpected:
             raise Refusal(400, f"unexpected parameter(s) {', '.join(unexpected)}; this stream takes: {takes}") from None
         raise Refusal(400, f"missing or malformed parameters; this stream takes: {takes}") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _simple_params(signature: inspect.Signature) -> tuple[int, frozenset[str], frozenset[str]] | None:
+    """For a signature of plain parameters only, what any call binds to it
+    for sure: called with its first parameter (``self``) alone positionally,
+    ``(1, names, required)`` where *names* may be passed as keywords and the
+    *required* ones must be; ``None`` for ``*args``, ``**kwargs`` or
+    positional-only parameters (those go through ``bind``)."""
+    params = list(signature.parameters.values())
+    if not params or any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params):
+        return None
+    if params[0].kind is not params[0].POSITIONAL_OR_KEYWORD:
+        return None
+    rest = params[1:]
+    return (1, frozenset(p.name for p in rest), frozenset(p.name for p in rest if p.default is p.empty))
 
 
 def _signature(func: Callable[..., Any]) -> inspect.Signature | None:
@@ -390,7 +425,7 @@ def comet(transport: str = "sse", **options: Any) -> Callable[[Callable[..., Any
                 _check_params(signature, args, kwargs)
                 return func(*args, **kwargs)
 
-            return _serve(call, opts)
+            return _serve(call, opts, functools.partial(handler, *args))
 
         setattr(handler, "comet_options", opts)  # what the decorator made, for introspection
         return handler

@@ -56,9 +56,9 @@ from urllib.parse import parse_qs
 
 from .errors import Forbidden
 from .hub import MAX_CHANNELS, Hub
-from .internals import MAX_HEAD, install_accept_hook, install_gateway
+from .internals import MAX_HEAD, install_accept_hook, install_gateway, parse_get_head
 from .options import Options
-from .pipeline import Parking, Refusal, open_stream, refusal_for
+from .pipeline import OWNED, Parking, Refusal, open_stream, refusal_for
 from .pool import StreamPool
 from .wsgi import StartResponse, comet_app, refuse, resume_id
 
@@ -297,6 +297,7 @@ class FastRoutes:
             return route.app(environ, start_response)
 
         fast_routes.comet_routes = self  # type: ignore[attr-defined]
+        fast_routes.comet_inner = app  # type: ignore[attr-defined]  # what is behind it (comet.direct checks)
         return fast_routes
 
     # -- at accept -------------------------------------------------------------
@@ -314,7 +315,7 @@ class FastRoutes:
         install_gateway(server)
         self._server = _server_name(server)
         server.wsgi_app = self.wsgi(server.wsgi_app)
-        install_accept_hook(server, self.take)
+        install_accept_hook(server, self.take, first=True)
         server._comet_routes = self
 
     def take(self, sock: socket.socket, head: bytes, remote_addr: str) -> bool:
@@ -339,7 +340,7 @@ class FastRoutes:
                 member = route.member_of(parsed.request)
             last_id = resume_id(parsed.last_event_id, parse_qs(parsed.query).get(_QUERY_KEY, [None])[-1])
             opened = open_stream(lambda: route.hub.subscribe(channel, last_id=last_id, member=member), route.options,
-                                 self.pool, resume_id=last_id, connection=_OWNED)
+                                 self.pool, resume_id=last_id, connection=OWNED)
         except Exception as exc:
             refusal = _refusal(exc)
             refusal.headers.extend(route.options.cors_headers(parsed.origin))
@@ -362,45 +363,29 @@ class FastRoutes:
         """The parts of a complete fast-route GET, or ``None`` (not ours).
         Anything irregular is left to cheroot, which answers malformed
         requests itself."""
-        if not head.startswith(b"GET /"):
+        got = parse_get_head(head)
+        if got is None:
             return None
-        line_end = head.find(b"\r\n")
-        end = head.find(b"\r\n\r\n")
-        if line_end < 0 or end < 0:
-            return None
-        parts = head[:line_end].split(b" ")
-        if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-            return None
-        path, _, query = parts[1].partition(b"?")
-        if b"%" in path or b"#" in parts[1]:
-            return None  # escaped paths: cheroot decodes them, the middleware routes them
-        found = self.match(path.decode("latin-1"))
+        found = self.match(got.path)
         if found is None:
             return None
         route, params = found
         last_event_id = origin = None
         headers: dict[str, str] | None = {} if route.authorize is not None or route.member is not None else None
-        if end > line_end:
-            for line in head[line_end + 2:end].split(b"\r\n"):
-                name, sep, value = line.partition(b":")
-                if not sep or not name or name != name.strip() or b" " in name or b"\t" in name:
-                    return None
-                name = name.lower()
-                if name in (b"content-length", b"transfer-encoding", b"expect", b"upgrade"):
-                    return None  # a body or a protocol switch: not a stream request
-                if name == b"last-event-id":
-                    last_event_id = value.strip().decode("latin-1")
-                elif name == b"origin":
-                    origin = value.strip().decode("latin-1")
-                if headers is not None:
-                    key, text = name.decode("latin-1"), value.strip().decode("latin-1")
-                    if key in headers:  # as cheroot folds repeated headers into environ
-                        text = headers[key] + ("; " if key == "cookie" else ", ") + text
-                    headers[key] = text
+        for name, value in got.headers:
+            key = name.lower()
+            if key == "last-event-id":
+                last_event_id = value
+            elif key == "origin":
+                origin = value
+            if headers is not None:
+                if key in headers:  # as cheroot folds repeated headers into environ
+                    value = headers[key] + ("; " if key == "cookie" else ", ") + value
+                headers[key] = value
         request = None
         if headers is not None:
-            request = StreamRequest(path.decode("latin-1"), params, query.decode("latin-1"), headers, "")
-        return _Head(end + 4, parts[2] == b"HTTP/1.0", route, params, query.decode("latin-1"), last_event_id, request, origin)
+            request = StreamRequest(got.path, params, got.query, headers, "")
+        return _Head(got.length, got.http10, route, params, got.query, last_event_id, request, origin)
 
     def _head(self, headers: list[tuple[str, str]], http10: bool) -> bytes:
         now = int(time.time())
@@ -417,19 +402,6 @@ class FastRoutes:
         ])
 
 
-class _Owned:
-    """The connection of a fast route: comet owns its socket already."""
-
-    parkable = True
-
-    def closed(self) -> bool:  # pragma: no cover - parked streams never poll
-        return False
-
-    def take(self) -> tuple[socket.socket, bool]:  # pragma: no cover - FastRoutes.take parks directly
-        raise RuntimeError("a fast route parks its own socket")
-
-
-_OWNED = _Owned()
 
 
 def _consume(sock: socket.socket, length: int) -> None:

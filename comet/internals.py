@@ -29,6 +29,8 @@ cheroot (``cheroot.server``, ``cheroot.connections``):
 ``.ensure_headers_sent()``,          (also for a long-poll, whose body comes
 ``.chunked_write``,                  later), learn whether it is chunked, stop
 ``.close_connection``                cheroot's terminating chunk and keep-alive.
+``comma_separated_headers``          how cheroot folds repeated headers; a
+                                     direct request folds them the same way.
 ===================================  ===========================================
 
 CherryPy (``cherrypy._cprequest``, ``cherrypy.lib``):
@@ -39,6 +41,17 @@ CherryPy (``cherrypy._cprequest``, ``cherrypy.lib``):
                                      its start (:func:`release_session`).
 ``ResponseEncoder.add_charset``,     the encode tool must not relabel stream
 ``handler.oldhandler``               bytes (:func:`keep_charset`).
+``Request`` attributes that          a *direct* request (:mod:`comet.direct`)
+``Request.run`` and ``_do_respond``  is built as those two build one
+set up (``header_list``,             (:func:`prepare_direct_request`), minus
+``hooks``, ``toolmaps``,             the steps that did nothing for its URL
+``process_headers()``, ...);         when a request went through the whole
+``Response.finalize()``,             pipeline (:func:`why_not_direct`: the
+``.output_status``,                  hooks and their callbacks, the dispatcher
+``.header_list``; ``app.toolboxes``, and WSGI pipeline, config namespaces);
+``app.wsgiapp.pipeline``,            the response head is the one cheroot
+``request.hooks`` and ``Hook``       would write from ``finalize()``.
+``.callback``
 ===================================  ===========================================
 
 A failure in the accept-time hook hands the connection back to cheroot
@@ -48,6 +61,7 @@ because of comet.
 from __future__ import annotations
 
 import errno
+import functools
 import heapq
 import logging
 import select
@@ -56,9 +70,11 @@ import ssl
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, NamedTuple
 
-__all__ = ["install_gateway", "install_accept_hook", "AcceptHook", "CherootConnection", "connection_for",
+__all__ = ["install_gateway", "install_accept_hook", "AcceptHook", "CherootConnection", "connection_for", "GetHead", "parse_get_head",
+           "why_not_direct", "begin_direct_request", "end_direct_request", "prepare_direct_request",
+           "direct_settings", "write_access_log",
            "release_session", "keep_charset", "request_context", "MAX_HEAD"]
 
 log = logging.getLogger("comet")
@@ -191,16 +207,17 @@ def _peer_closed(sock: socket.socket) -> bool:
 # -- at accept -------------------------------------------------------------------
 
 
-def install_accept_hook(server: Any, routes: HeadTaker | None = None) -> "AcceptHook":
+def install_accept_hook(server: Any, routes: HeadTaker | None = None, first: bool = False) -> "AcceptHook":
     """Put an :class:`AcceptHook` in front of cheroot *server* (idempotent);
-    *routes*, if given, may take complete request heads (fast routes)."""
+    *routes*, if given, may take complete request heads (fast routes:
+    ``first``, before any taker already there)."""
     hook: AcceptHook | None = getattr(server, "_comet_accept", None)
     if hook is None:
         hook = AcceptHook(server)
         server._comet_accept = hook
         server.process_conn = hook.process_conn
-    if routes is not None:
-        hook.routes = routes
+    if routes is not None and routes not in hook.takers:
+        hook.takers.insert(0 if first else len(hook.takers), routes)
     hook.start()
     return hook
 
@@ -223,7 +240,9 @@ class AcceptHook:
     def __init__(self, server: Any) -> None:
         self.server = server
         self.original: Callable[[Any], None] = server.process_conn
-        self.routes: HeadTaker | None = None
+        #: Asked in order whether they serve a complete head (fast routes,
+        #: then handlers served directly: :mod:`comet.direct`).
+        self.takers: list[HeadTaker] = []
         self._waiter: _HeadWaiter | None = None
         self._lock = threading.Lock()
 
@@ -254,10 +273,10 @@ class AcceptHook:
         return self._complete(conn, sock, head)
 
     def _complete(self, conn: Any, sock: socket.socket, head: bytes) -> bool:
-        routes = self.routes
-        if routes is None:
-            return False
-        if not routes(sock, head, conn.remote_addr or ""):
+        for taker in self.takers:
+            if taker(sock, head, conn.remote_addr or ""):
+                break
+        else:
             return False
         for f in (conn.rfile, conn.wfile):  # drop cheroot's file objects' claims on the socket
             try:
@@ -300,16 +319,78 @@ class AcceptHook:
 
 def _peek(sock: socket.socket) -> bytes | None:
     """The bytes waiting on *sock*, left there; ``None`` when none yet."""
+    # Non-blocking for the call: on a socket with a timeout (cheroot sets
+    # server.socket_timeout on each one) Python polls *before* recv for up to
+    # that timeout, MSG_DONTWAIT or not, and a client that connects and
+    # sends nothing would hold the accepting thread, and every accept, that long.
+    timeout = sock.gettimeout()
+    if timeout != 0.0:
+        sock.settimeout(0.0)
     try:
-        return sock.recv(MAX_HEAD, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return sock.recv(MAX_HEAD, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
         return None
     except (ConnectionResetError, ConnectionAbortedError):
         return b""  # the client is gone already (a reset): as closed, nothing to log
+    finally:
+        if timeout != 0.0:
+            sock.settimeout(timeout)
 
 
 def _complete(head: bytes) -> bool:
     return b"\r\n\r\n" in head or b"\n\n" in head
+
+
+class GetHead(NamedTuple):
+    """A complete, plain ``GET`` request head peeked at accept time."""
+
+    #: Bytes of the head, the blank line included: what to consume.
+    length: int
+    http10: bool
+    #: The path as sent (no ``%``-escapes: those are left to cheroot).
+    path: str
+    query: str
+    #: ``(name, value)`` as sent, values stripped.
+    headers: list[tuple[str, str]]
+
+
+#: Headers whose presence means a body or a protocol switch: not a stream request.
+_NOT_A_STREAM = (b"content-length", b"transfer-encoding", b"expect", b"upgrade")
+
+
+def parse_get_head(head: bytes) -> GetHead | None:
+    """The parts of a complete ``GET`` head with no body, or ``None``.
+    Anything irregular (another method, a folded or malformed header, an
+    escaped path, a body) is ``None``: cheroot reads it and answers
+    malformed requests itself, so an accept-time route never has to.
+
+    >>> parse_get_head(b"GET /events?x=1 HTTP/1.1\\r\\nHost: h\\r\\n\\r\\n")
+    GetHead(length=37, http10=False, path='/events', query='x=1', headers=[('Host', 'h')])
+    >>> parse_get_head(b"POST /events HTTP/1.1\\r\\nContent-Length: 0\\r\\n\\r\\n") is None
+    True
+    """
+    if not head.startswith(b"GET /"):
+        return None
+    line_end = head.find(b"\r\n")
+    end = head.find(b"\r\n\r\n")
+    if line_end < 0 or end < 0:
+        return None
+    parts = head[:line_end].split(b" ")
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return None
+    path, _, query = parts[1].partition(b"?")
+    if b"%" in path or b"#" in parts[1]:
+        return None  # escaped paths: cheroot decodes them
+    headers = []
+    if end > line_end:
+        for line in head[line_end + 2:end].split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip() or b" " in name or b"\t" in name:
+                return None
+            if name.lower() in _NOT_A_STREAM:
+                return None
+            headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+    return GetHead(end + 4, parts[2] == b"HTTP/1.0", path.decode("latin-1"), query.decode("latin-1"), headers)
 
 
 class _HeadWaiter:
@@ -492,11 +573,13 @@ def request_context() -> Callable[[], ContextManager[None]]:
     @contextmanager
     def enter() -> Iterator[None]:
         serving = cherrypy.serving
+        before = dict(vars(serving))  # empty on a step thread; a direct request's own on its thread
         vars(serving).update(saved)
         try:
             yield
         finally:
             vars(serving).clear()
+            vars(serving).update(before)
 
     return enter
 
@@ -521,3 +604,187 @@ def keep_charset() -> None:
         if isinstance(handler, ResponseEncoder):
             handler.add_charset = False
         handler = getattr(handler, "oldhandler", None)
+
+
+# -- a CherryPy request built without the pipeline (comet.direct) ----------------
+
+# The default WSGI pipeline of a CherryPy app (``app.wsgiapp.pipeline``).
+_DEFAULT_WSGI_PIPELINE = ["ExceptionTrapper", "InternalRedirector"]
+# Config namespaces every request applies: tools show up as hooks (checked
+# one by one); request.* and response.* are applied to a direct request too;
+# error pages are never shown for a stream.
+_KNOWN_NAMESPACES = frozenset({"tools", "hooks", "request", "response", "error_page"})
+
+
+@functools.lru_cache(maxsize=1)
+def _harmless_hooks() -> frozenset[Any]:
+    """Hooks a direct request may skip: the encoder only relabels (comet
+    keeps it and gzip off its bodies), ``trailing_slash`` let this very URL
+    through already, the log tools act on error pages only. These are
+    CherryPy's defaults (``tools.encode``, ``trailing_slash``,
+    ``log_tracebacks`` and ``log_headers`` are on unless turned off)."""
+    from cherrypy.lib import cptools, encoding
+
+    return frozenset({encoding.ResponseEncoder, encoding.gzip, cptools.trailing_slash,
+                      cptools.log_traceback, cptools.log_request_headers})
+
+
+def why_not_direct(request: Any, server: Any) -> str | None:
+    """Why the URL of *request* (CherryPy's, inside its pipeline, in the
+    handler) may not be served directly by cheroot *server*'s accept-time
+    hook, or ``None`` if it may.
+
+    An allowlist: whatever CherryPy would do for the URL that a direct
+    request skips (a tool, a hook, WSGI middleware, a custom dispatcher,
+    request or response class, config namespace) makes it not direct.
+    """
+    import cherrypy
+    from cherrypy import _cpdispatch, _cprequest
+
+    if request.method != "GET" or request.scheme != "http":
+        return "not a plain GET"
+    if type(request) is not _cprequest.Request or type(cherrypy.serving.response) is not _cprequest.Response:
+        return "a custom request or response class"
+    cheroot_request = (getattr(request, "wsgi_environ", None) or {}).get("comet.request")
+    if cheroot_request is None or getattr(cheroot_request, "server", None) is not server:
+        return "another server"
+    wsgi_app = getattr(server, "wsgi_app", None)
+    if getattr(wsgi_app, "comet_inner", wsgi_app) is not cherrypy.tree:
+        return "WSGI middleware in front of cherrypy.tree"
+    if [name for name, _ in getattr(request.app.wsgiapp, "pipeline", None) or ()] != _DEFAULT_WSGI_PIPELINE:
+        return "WSGI middleware in the app's pipeline"
+    parts = request.request_line.split(" ")
+    if len(parts) != 3 or parts[1].partition("?")[0] != request.script_name + request.path_info:
+        return "the URL as sent is not the path served (escapes)"
+    if type(request.app.find_config(request.path_info, "request.dispatch", request.dispatch)) is not _cpdispatch.Dispatcher:
+        return "a custom dispatcher"
+    from cherrypy.lib import httputil
+
+    if request.params != httputil.parse_query_string(request.query_string, encoding=request.query_string_encoding):
+        return "params that do not come from the query string (a _cp_dispatch)"
+    harmless = _harmless_hooks()
+    for point, hooks in request.hooks.items():
+        for hook in hooks:
+            if hook.callback not in harmless:
+                return f"a hook at {point}: {getattr(hook.callback, '__qualname__', hook.callback)!r}"
+    for key in request.config:
+        namespace = key.split(".", 1)[0]
+        if namespace in request.namespaces and namespace not in _KNOWN_NAMESPACES:
+            return f"config namespace {namespace!r}"
+    return None
+
+
+def begin_direct_request(app: Any, local: Any, remote: Any) -> tuple[Any, Any]:
+    """A request and response of *app* made current (``cherrypy.serving``),
+    as ``Application.get_serving`` makes them, less its ``acquire_thread``:
+    a direct request runs on a comet step thread, not a server thread that
+    per-thread plugins should set up (the later steps of every generator
+    handler run there too)."""
+    import cherrypy
+    from cherrypy.lib import httputil
+
+    request = app.request_class(httputil.Host(local[0], local[1], ""), httputil.Host(remote[0], remote[1], ""),
+                                "http", "HTTP/1.1")
+    request.app = app
+    for name, toolbox in app.toolboxes.items():
+        request.namespaces[name] = toolbox
+    response = app.response_class()
+    cherrypy.serving.load(request, response)
+    cherrypy.engine.publish("before_request")
+    return request, response
+
+
+def end_direct_request(request: Any) -> None:
+    """As ``Application.release_serving``: ``after_request``, the
+    request's ``on_end_request`` hooks, ``cherrypy.serving`` cleared."""
+    import cherrypy
+
+    cherrypy.engine.publish("after_request")
+    try:
+        request.close()
+    except Exception:
+        cherrypy.log(traceback=True, severity=40)
+    cherrypy.serving.clear()
+
+
+def direct_settings(request: Any) -> list[tuple[Callable[[str, Any], None], str, Any]]:
+    """The config of *request*'s URL that a direct request applies again:
+    ``request.*``, ``response.*`` and ``error_page.*`` entries, with the
+    namespace handler that applies each (in CherryPy's order). Tools are
+    left out: :func:`why_not_direct` allowed only tools whose hooks do
+    nothing for a stream."""
+    settings = []
+    for key, value in request.config.items():
+        namespace, _, name = key.partition(".")
+        if namespace in ("request", "response", "error_page") and namespace in request.namespaces:
+            settings.append((request.namespaces[namespace], name, value))
+    return settings
+
+
+def write_access_log() -> None:
+    """``cherrypy.log.access()`` for the current request, unless no handler
+    would receive the line (formatting it costs more than the rest of a
+    direct request's bookkeeping)."""
+    import cherrypy
+
+    request = cherrypy.serving.request
+    manager = getattr(request.app, "log", None) or cherrypy.log
+    logger = manager.access_log
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+        cherrypy.log.access()
+
+
+def prepare_direct_request(request: Any, response: Any, head: GetHead, script_name: str, path_info: str,
+                           is_index: bool | None, config: dict[str, Any],
+                           settings: list[tuple[Callable[[str, Any], None], str, Any]]) -> None:
+    """What ``Request.run`` and ``_do_respond`` set up before the handler,
+    from a peeked *head* and what the learning request found for its URL
+    (``config``, ``is_index``, :func:`direct_settings`): headers (folded as
+    cheroot folds them), cookies, ``Host`` and ``base``, the body object,
+    ``request.*`` and ``response.*`` config, params. May raise
+    ``HTTPError`` as CherryPy would (a bad cookie, a bad query encoding)."""
+    import cherrypy
+    from cherrypy import _cprequest
+    from cherrypy._cpreqbody import RequestBody
+    from cherrypy.lib import httputil
+
+    request.error_response = cherrypy.HTTPError(500).set_response
+    request.method = "GET"
+    request.query_string = head.query
+    request.params = {}
+    request.protocol = (1, 0) if head.http10 else (1, 1)
+    response.headers.protocol = request.protocol
+    sent = "HTTP/1.0" if head.http10 else "HTTP/1.1"
+    request.request_line = f"GET {head.path}?{head.query} {sent}" if head.query else f"GET {head.path} {sent}"
+    request.header_list = _as_cheroot_folds(head.headers)
+    request.headers = httputil.HeaderMap()
+    request.rfile = None
+    request.cookie = _cprequest.SimpleCookie()
+    request.script_name = script_name
+    request.path_info = path_info
+    request.stage = "respond"
+    request.hooks = request.__class__.hooks.copy()
+    request.toolmaps = {}
+    request.process_headers()
+    request.is_index = is_index
+    request.config = dict(config)
+    request.handler = None
+    request.body = RequestBody(None, request.headers, request_params=request.params)
+    for apply, name, value in settings:
+        apply(name, value)
+    request.process_query_string()
+
+
+def _as_cheroot_folds(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Repeated headers as cheroot hands them on (``comma_separated_headers``):
+    list-valued ones joined with ``", "``, for the others the last one sent."""
+    import cheroot.server
+
+    comma_separated_headers = getattr(cheroot.server, "comma_separated_headers", ())
+    folded: dict[str, tuple[str, str]] = {}
+    for name, value in headers:
+        key = name.title()
+        if key in folded and key.encode("latin-1") in comma_separated_headers:
+            value = folded[key][1] + ", " + value
+        folded[key] = (key, value)
+    return list(folded.values())

@@ -37,7 +37,7 @@ from .pool import Admission, StreamPool
 from .stream import Stream, close_quietly
 from .writer import ParkedStream, _chunk, inner_subscription
 
-__all__ = ["open_stream", "Opened", "Refusal", "Connection", "Parking", "refusal_for", "ALLOW"]
+__all__ = ["open_stream", "Opened", "Refusal", "Connection", "Parking", "refusal_for", "ALLOW", "OWNED"]
 
 log = logging.getLogger("comet")
 
@@ -107,6 +107,23 @@ class Connection(Protocol):
         ``(socket, chunked)``. The server writes nothing more on it."""
 
 
+class Owned:
+    """The connection of a socket comet owns already (a fast route, a
+    direct request): parkable, handed to :meth:`Parking.park` by its owner."""
+
+    parkable = True
+
+    def closed(self) -> bool:  # pragma: no cover - parked streams never poll
+        return False
+
+    def take(self) -> tuple[socket.socket, bool]:  # pragma: no cover - the owner parks directly
+        raise RuntimeError("the owner of this socket parks it")
+
+
+#: The one :class:`Owned`.
+OWNED = Owned()
+
+
 class Opened:
     """What an adapter sends: ``status`` 200, ``headers`` and ``body`` (an
     iterable of bytes: a :class:`Parking` that parks when first iterated, a
@@ -139,12 +156,15 @@ def stream_headers(options: Options, boundary: str, *, parked_longpoll: bool = F
 
 def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, method: str = "GET",
                 resume_id: str | None = None, connection: Connection | None = None,
-                context: Callable[[], ContextManager[Any]] | None = None) -> Opened:
+                context: Callable[[], ContextManager[Any]] | None = None, first_step_here: bool = False) -> Opened:
     """Open one stream: see the module's introduction. Raises
     :class:`Refusal`, or whatever the handler raised that is not an input
     error (the adapter's 500). ``context``, if given, is entered around each
     later step of a parked generator (on a pool thread): the framework's
     per-request state, so the handler's code keeps seeing its own request.
+    ``first_step_here``: this thread is a step thread already (a direct
+    request, :mod:`comet.direct`): run a generator's first step on it,
+    with no hand-off and no :data:`PRIME_WAIT`.
 
     >>> from comet import Hub
     >>> hub, pool = Hub(), StreamPool()
@@ -171,7 +191,8 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
             items = call()
             if park:
                 assert connection is not None
-                body: Iterable[bytes] = Parking(items, options, admission, boundary, resume_id, connection, context)
+                body: Iterable[bytes] = Parking(items, options, admission, boundary, resume_id, connection, context,
+                                                first_step_here)
                 headers = stream_headers(options, boundary, parked_longpoll=not options.framing.streaming)
             else:
                 stream = Stream(items, options, admission, closed=connection.closed if connection else None,
@@ -214,7 +235,8 @@ class Parking:
     """
 
     def __init__(self, items: Any, options: Options, admission: Admission, boundary: str, resume_id: str | None,
-                 connection: Connection | None, context: Callable[[], ContextManager[Any]] | None = None) -> None:
+                 connection: Connection | None, context: Callable[[], ContextManager[Any]] | None = None,
+                 first_step_here: bool = False) -> None:
         self.context = context
         self.options = options
         self.admission = admission
@@ -235,17 +257,27 @@ class Parking:
         if isinstance(items, Subscription):
             self._sub = items
             self._channel = items.channel
+            self.context = None  # no handler code runs later: the request need not stay
         elif hasattr(items, "__next__") and hasattr(items, "send"):  # a generator
             self._gen = items
         else:  # any other iterable: a list, a tuple, an iterator over them; its items need no waiting
             self._gen = _as_generator(items)
         admission.park(self)  # counted (and capped) from now: the handler's first step may look at stats
         if self._gen is not None:
-            self._prime()
+            if first_step_here:
+                self._apply(self._first_step())
+            else:
+                self._prime()
 
     @property
     def channel(self) -> str | None:
         return self._channel
+
+    @property
+    def late(self) -> bool:
+        """Did the handler's first step outlast :data:`PRIME_WAIT` (it is
+        still running, or finished after the response started)?"""
+        return self._late
 
     def _prime(self) -> None:
         writer = self.admission.pool.writer()
@@ -331,9 +363,12 @@ class Parking:
         self.park(sock, chunked)
         raise StopIteration
 
-    def park(self, sock: socket.socket, chunked: bool, head: bytes = b"") -> None:
+    def park(self, sock: socket.socket, chunked: bool, head: bytes = b"", step_here: bool = False) -> None:
         """Hand the stream to the writer: *head* (a response head comet
-        writes itself), the preamble, then the stream."""
+        writes itself), the preamble, then the stream. ``step_here``: this
+        thread is a step thread (a direct request): it runs a generator's
+        next step itself, up to its wait on a hub, instead of handing it to
+        another thread (the step the writer would have started at once)."""
         self._done = True
         options = self.options
         deadline = time.monotonic() + options.max_duration if options.max_duration else None
@@ -359,7 +394,13 @@ class Parking:
             self._done = False
             self.close()
             return
+        stepping_here = step_here and self._gen is not None and not self._late
+        if stepping_here:
+            stream.stepping = True  # the writer starts no step of its own
+            stream.step = Step()
         writer.park(stream)
+        if stepping_here:
+            writer._step(stream)
         if self._late:
             with self._lock:
                 self._stream = stream

@@ -133,7 +133,7 @@ class StreamPool:
         #: consumers dropped, and streams opened by a fast route at accept
         #: time or through its WSGI middleware (``comet.fastpath``).
         self.counters = Counters(("opened", "closed", "refused", "parked", "disconnects", "heartbeats", "items", "bytes",
-                                  "slow_consumers", "routed_fast", "routed_wsgi", "forbidden"))
+                                  "slow_consumers", "routed_fast", "routed_wsgi", "routed_direct", "forbidden"))
         self.stopping = False
 
     def admit(self, transport: str) -> Admission:

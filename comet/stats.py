@@ -94,7 +94,8 @@ def snapshot(pool: StreamPool, hubs: Iterable[Hub] = ()) -> dict[str, Any]:
         "slow_consumers": counts.get("slow_consumers", 0),
         # Streams opened by a fast route (comet.fastpath): at accept time, or
         # through its middleware on a worker thread.
-        "routed": {"at_accept": counts.get("routed_fast", 0), "through_wsgi": counts.get("routed_wsgi", 0)},
+        "routed": {"at_accept": counts.get("routed_fast", 0), "through_wsgi": counts.get("routed_wsgi", 0),
+                   "handlers_at_accept": counts.get("routed_direct", 0)},
         "hubs": [{"type": type(h).__name__, "channels": len(h.channels()), "subscriptions": h.subscriptions,
                   **c} for h, c in zip(hubs, hub_counts)],
     }
@@ -153,8 +154,10 @@ def prometheus_text(snap: dict[str, Any], channels: bool = True) -> str:
     if channels:
         family("comet_streams_by_channel", "gauge", 'Streams open now, per hub channel ("?": not following one).',
                [(f'{{channel="{_label(c)}"}}', n) for c, n in sorted(snap["streams"]["by_channel"].items())])
-    family("comet_streams_routed_total", "counter", "Streams opened by a fast route: at accept time, or through its WSGI middleware.",
-           [('{how="at_accept"}', snap["routed"]["at_accept"]), ('{how="through_wsgi"}', snap["routed"]["through_wsgi"])])
+    family("comet_streams_routed_total", "counter", "Streams opened by a fast route (at accept time, or through its "
+           "WSGI middleware), or by a @comet handler served at accept time.",
+           [('{how="at_accept"}', snap["routed"]["at_accept"]), ('{how="through_wsgi"}', snap["routed"]["through_wsgi"]),
+            ('{how="handler_at_accept"}', snap["routed"]["handlers_at_accept"])])
     hubs = snap["hubs"]
     family("comet_hub_channels", "gauge", "Channels per hub.",
            [(f'{{hub="{i}",type="{_label(h["type"])}"}}', h["channels"]) for i, h in enumerate(hubs)])

@@ -167,6 +167,10 @@ class Writer:
         self.pool = pool
         self.max_buffer = max_buffer
         self.steps = StepPool()
+        #: Where requests to ``@comet`` handlers served directly are opened
+        #: (:mod:`comet.direct`): a storm of them is worked off by two
+        #: threads, with more only while one is stuck in a handler's code.
+        self.connects = StepPool(core=2, limit=64, name="comet-connect", patience=0.02)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -237,6 +241,7 @@ class Writer:
             self._wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        self.connects.stop()
         self.steps.stop()
 
     # -- the writer thread ------------------------------------------------------
@@ -260,6 +265,7 @@ class Writer:
                 self._take_inbox()
                 self._dispatch()
                 self._timers_due(time.monotonic())
+                self.connects.nudge()
         except Exception:
             log.exception("comet: parked-stream writer crashed; ending its streams")
         finally:
@@ -305,6 +311,8 @@ class Writer:
             self._schedule(stream)
             initial, stream.initial = stream.initial, []
             self._emit(stream, initial)
+            if stream.done:
+                continue  # writing the first items found the client gone: ended, released
             if stream.gen is not None:
                 self._submit_step(stream)
             else:
