@@ -56,7 +56,7 @@ from urllib.parse import parse_qs
 
 from .errors import Forbidden
 from .hub import MAX_CHANNELS, Hub
-from .internals import MAX_HEAD, install_accept_hook, install_gateway, parse_get_head
+from .internals import install_accept_hook, install_gateway, parse_get_head
 from .options import Options
 from .pipeline import OWNED, Parking, Refusal, open_stream, refusal_for
 from .pool import StreamPool

@@ -130,13 +130,6 @@ def make_root(hub: Hub, seen: Seen):
 
 
 @pytest.fixture
-def hub():
-    hub = Hub(idle=0.2)
-    yield hub
-    hub.close()
-
-
-@pytest.fixture
 def seen():
     return Seen()
 
