@@ -201,6 +201,18 @@ def latest_root(hub: Hub):
     return Root()
 
 
+OPEN_READERS: list["Reader"] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_readers():
+    """A failing test still closes its sockets (or the next test fails on
+    the unraisable ResourceWarning of their collection)."""
+    yield
+    while OPEN_READERS:
+        OPEN_READERS.pop().close()
+
+
 class Reader:
     """An SSE client on a raw socket that keeps only the newest value of
     each key (nothing else piles up in this process, whose memory is
@@ -222,6 +234,7 @@ class Reader:
         self.events = self.gaps = 0
         self.closed = False
         self.thread: threading.Thread | None = None
+        OPEN_READERS.append(self)
 
     def pump(self, until, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -342,7 +355,9 @@ def test_a_client_that_never_reads_stays_connected_in_bounded_memory_and_then_se
         # Both still connected, unread; the healthy one has the state
         wait_until(lambda: healthy.state == final, timeout=20, what="the healthy reader has the state")
         assert pool.parked_streams == 3 and pool.counters.get("slow_consumers", 0) == 0
-        assert not any(s.done for s in streams) and all(s.out for s in streams)  # unread, still there
+        # Still connected, and they did fall behind (the kernel's send buffer,
+        # which grows to megabytes, may by now hold what is left for them).
+        assert not any(s.done for s in streams) and peak["backlog"] > 0
         # Memory: bounded by the pause mark plus one read of the state (KEYS events),
         # whatever was published; RSS grows by the hub's buffer and that, not 50 MB.
         bound = STEP_HIGH_WATER + (KEYS + 1) * (PAD + 200)  # (an event's bytes on the wire: its data and framing)
