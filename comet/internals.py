@@ -730,8 +730,22 @@ def write_access_log() -> None:
     request = cherrypy.serving.request
     manager = getattr(request.app, "log", None) or cherrypy.log
     logger = manager.access_log
-    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+    if logger.isEnabledFor(logging.INFO) and _has_real_handler(logger):
         cherrypy.log.access()
+
+
+def _has_real_handler(logger: logging.Logger) -> bool:
+    """Whether a line logged on *logger* reaches a handler that writes it
+    (CherryPy gives every log a NullHandler, so ``hasHandlers`` is always
+    true)."""
+    from cherrypy._cplogging import NullHandler
+
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(not isinstance(h, (NullHandler, logging.NullHandler)) for h in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False
 
 
 def prepare_direct_request(request: Any, response: Any, head: GetHead, script_name: str, path_info: str,
