@@ -279,8 +279,16 @@ class Writer:
                 elif kind in ("finished", "failed", "cancelled"):  # ... or done with
                     stream.stepping = False
                     stream.gen = None
-            for stream in list(self._streams) + adds + [entry[0] for entry in inbox]:
-                self._end(stream, final=True)
+            for stream in dict.fromkeys(list(self._streams) + adds + [entry[0] for entry in inbox]):
+                if not stream.done:
+                    self._end(stream, final=True)
+                elif not stream.stepping:
+                    # Ended earlier while a step ran, whose news came after the
+                    # loop's last look: _end() left the release to that news.
+                    if stream.gen is not None:
+                        self._release_generator(stream)
+                    else:
+                        self._release(stream)
             self._selector.close()
             self._wake_r.close()
             self._wake_w.close()

@@ -201,6 +201,29 @@ def settle(predicate, timeout: float = 5.0, what: str = "state to settle"):
     return wait_until(predicate, timeout=timeout, what=what)
 
 
+@pytest.fixture(autouse=True)
+def _no_stream_outlives_its_server():
+    """Once a test has stopped CherryPy's engine, every stream it opened
+    has given its place back. A leaked admission otherwise stays in the
+    engine plugin's pool (it lives as long as the process) and fails every
+    later test that counts streams, far from the test that leaked it."""
+    yield
+    from cherrypy.process.wspbus import states
+
+    plugin = getattr(cherrypy.engine, "_comet_plugin", None)
+    if plugin is None or cherrypy.engine.state not in (states.STOPPED, states.EXITING):
+        return
+    pool = plugin.pool
+    deadline = time.monotonic() + 5
+    while pool.open_streams and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if pool.open_streams:
+        leaked = dict(pool._open)
+        with pool._cond:  # so the next test starts clean and only this one fails
+            pool._open.clear(), pool._parked.clear(), pool._setup.clear()
+        pytest.fail(f"{len(leaked)} stream(s) still hold their place after the server stopped: {leaked}")
+
+
 @pytest.fixture
 def hub():
     h = Hub(idle=0.2)
