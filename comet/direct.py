@@ -46,7 +46,7 @@ from typing import Any, Callable, NamedTuple
 import cherrypy
 
 from .internals import (GetHead, begin_direct_request, direct_settings, end_direct_request, parse_get_head,
-                        prepare_direct_request, why_not_direct, write_access_log)
+                        prepare_direct_request, slim_spent_request, why_not_direct, write_access_log)
 from .pipeline import Parking, Refusal
 from .pool import StreamPool
 
@@ -149,12 +149,17 @@ class DirectHandlers:
             sock.close()
             return
         request, response = begin_direct_request(entry.app, local, remote)
+        kept = False
         try:
-            self._respond(entry, sock, got, request, response)
+            kept = self._respond(entry, sock, got, request, response)
         finally:
             end_direct_request(request)
+        if kept:
+            slim_spent_request(request, response)
 
-    def _respond(self, entry: _Direct, sock: socket.socket, got: GetHead, request: Any, response: Any) -> None:
+    def _respond(self, entry: _Direct, sock: socket.socket, got: GetHead, request: Any, response: Any) -> bool:
+        """Serve it; True if a parked generator keeps the request for its
+        later steps."""
         body: Any = None
         try:
             prepare_direct_request(request, response, got, entry.script_name, entry.path_info, entry.is_index,
@@ -167,11 +172,11 @@ class DirectHandlers:
         except cherrypy.HTTPError as exc:
             if exc.code >= 500:
                 _fail(sock, exc)
-                return
+                return False
             body = _plain(response, exc.code, exc._message or "")
         except Exception as exc:
             _fail(sock, exc)
-            return
+            return False
         try:
             if isinstance(body, Parking):
                 response.stream = True
@@ -186,7 +191,7 @@ class DirectHandlers:
             if isinstance(body, Parking):
                 body.close()
             _fail(sock, exc)
-            return
+            return False
         if isinstance(body, Parking):
             body.park(sock, not got.http10, head, step_here=True)
         else:
@@ -195,6 +200,7 @@ class DirectHandlers:
             write_access_log()
         except Exception:
             cherrypy.log.error(traceback=True)
+        return isinstance(body, Parking) and body.context is not None
 
 
 def _plain(response: Any, status: int, reason: str) -> bytes:

@@ -52,6 +52,11 @@ set up (``header_list``,             (:func:`prepare_direct_request`), minus
 ``app.wsgiapp.pipeline``,            the response head is the one cheroot
 ``request.hooks`` and ``Hook``       would write from ``finalize()``.
 ``.callback``
+``request.hooks``, ``.toolmaps``,   a direct request that a generator stream
+``.namespaces``, ``.body``,          keeps for its later steps lets go of
+``.header_list``, ``.rfile``;        these once it is over
+``response.header_list``,            (:func:`slim_spent_request`): less memory
+``.cookie``                          and garbage-collector work per stream.
 ===================================  ===========================================
 
 A failure in the accept-time hook hands the connection back to cheroot
@@ -69,12 +74,11 @@ import socket
 import ssl
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, ContextManager, Iterator, NamedTuple
+from typing import Any, Callable, ContextManager, NamedTuple
 
 __all__ = ["install_gateway", "install_accept_hook", "AcceptHook", "CherootConnection", "connection_for", "GetHead", "parse_get_head",
            "why_not_direct", "begin_direct_request", "end_direct_request", "prepare_direct_request",
-           "direct_settings", "write_access_log",
+           "direct_settings", "write_access_log", "slim_spent_request",
            "release_session", "keep_charset", "request_context", "MAX_HEAD"]
 
 log = logging.getLogger("comet")
@@ -564,24 +568,46 @@ def request_context() -> Callable[[], ContextManager[None]]:
     are still this request's, as they were on its own thread.
 
     ``cherrypy.serving`` is a thread-local; its values are copied into the
-    step thread for the step and cleared after it.
+    step thread for the step and put back as they were after it.
     """
     import cherrypy
 
-    saved = dict(vars(cherrypy.serving))
+    return _KeptRequest(dict(vars(cherrypy.serving)))
 
-    @contextmanager
-    def enter() -> Iterator[None]:
-        serving = cherrypy.serving
-        before = dict(vars(serving))  # empty on a step thread; a direct request's own on its thread
-        vars(serving).update(saved)
-        try:
-            yield
-        finally:
-            vars(serving).clear()
-            vars(serving).update(before)
 
-    return enter
+class _KeptRequest:
+    # A class rather than a closure over a @contextmanager: it is kept by
+    # every generator stream for its life (fewer objects for the garbage
+    # collector to go over), and entered at every step.
+    __slots__ = ("saved",)
+
+    def __init__(self, saved: dict[str, Any]) -> None:
+        self.saved = saved
+
+    def __call__(self) -> "_Entered":
+        return _Entered(self.saved)
+
+
+class _Entered:
+    __slots__ = ("saved", "before")
+
+    def __init__(self, saved: dict[str, Any]) -> None:
+        self.saved = saved
+        self.before: dict[str, Any] = {}
+
+    def __enter__(self) -> None:
+        import cherrypy
+
+        state = vars(cherrypy.serving)
+        self.before = dict(state)  # empty on a step thread; a direct request's own on its thread
+        state.update(self.saved)
+
+    def __exit__(self, *exc: object) -> None:
+        import cherrypy
+
+        state = vars(cherrypy.serving)
+        state.clear()
+        state.update(self.before)
 
 
 def keep_charset() -> None:
@@ -762,7 +788,8 @@ def prepare_direct_request(request: Any, response: Any, head: GetHead, script_na
     from cherrypy._cpreqbody import RequestBody
     from cherrypy.lib import httputil
 
-    request.error_response = cherrypy.HTTPError(500).set_response
+    # (request.error_response: the class default, HTTPError(500).set_response,
+    # which Request.run sets again per request; it keeps no state of its own.)
     request.method = "GET"
     request.query_string = head.query
     request.params = {}
@@ -787,6 +814,24 @@ def prepare_direct_request(request: Any, response: Any, head: GetHead, script_na
     for apply, name, value in settings:
         apply(name, value)
     request.process_query_string()
+
+
+#: A finished direct request's machinery, which no later step uses: the hooks
+#: have run, the tools were looked at, the body was never read, the head (and
+#: its cookies) is written. ``None`` rather than deleted: CherryPy's class
+#: defaults are shared mutable objects a handler must not reach by accident.
+_SPENT_REQUEST = {"hooks": None, "toolmaps": None, "namespaces": None, "body": None, "header_list": (), "rfile": None}
+_SPENT_RESPONSE = {"header_list": None, "cookie": None}
+
+
+def slim_spent_request(request: Any, response: Any) -> None:
+    """Let go of what a direct request that is over no longer needs, when a
+    generator stream keeps it for its later steps (``cherrypy.request`` there
+    is still this request: its headers, cookies, params, config, remote).
+    About 25 objects fewer per stream, each of which the garbage collector
+    would otherwise go over again and again while the stream is open."""
+    vars(request).update(_SPENT_REQUEST)
+    vars(response).update(_SPENT_RESPONSE)
 
 
 def _as_cheroot_folds(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -47,7 +47,7 @@ import socket
 import threading
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Generator, Iterator
+from typing import Any, Callable, ContextManager, Generator, Iterator, Sequence
 
 from .framing import FRAMINGS, Event, encode_longpoll, longpoll_item
 from .hub import Idle, Step, Subscription, cooperative
@@ -115,7 +115,9 @@ class ParkedStream:
         self.stepping = False
         self.step: Step | None = None
         self.inbox_items = 0  # produced by a step, not yet taken by the writer (under the writer's lock)
-        self.drained = threading.Event()
+        #: Set by the writer as a generator's backlog drains; made by the
+        #: first step that has to wait for that (most never do).
+        self.drained: threading.Event | None = None
         #: Long-poll: when to answer at the latest (None: a streaming transport).
         self.longpoll = None if longpoll is None else time.monotonic() + longpoll
         self.entries: list[str] = []
@@ -125,7 +127,7 @@ class ParkedStream:
         self.handshake = longpoll is not None and cursor is None
         self.closing = False  # the last bytes are queued: close once they are out
         self.due = 0.0
-        self.initial: list[Any] = []  # items a generator produced before it was parked
+        self.initial: Sequence[Any] = ()  # items a generator produced before it was parked
         self.hint: str | None = None  # its channel, seen before its first step
         self.shut = False  # the socket is closed (under _SHUT)
         self.paused = False  # a latest-value stream left unread until its backlog drains
@@ -317,7 +319,7 @@ class Writer:
                 continue
             self._streams.add(stream)
             self._schedule(stream)
-            initial, stream.initial = stream.initial, []
+            initial, stream.initial = stream.initial, ()
             self._emit(stream, initial)
             if stream.done:
                 continue  # writing the first items found the client gone: ended, released
@@ -456,7 +458,7 @@ class Writer:
             if (stream.entries or stream.handshake) and not stream.done:
                 self._answer(stream)
 
-    def _emit(self, stream: ParkedStream, items: list[Any]) -> None:
+    def _emit(self, stream: ParkedStream, items: Sequence[Any]) -> None:
         if not items or stream.done or stream.closing:
             return
         if stream.longpoll is not None:
@@ -532,7 +534,7 @@ class Writer:
             if stream.closing:
                 self._end(stream)  # the last bytes are out
                 return
-        if stream.gen is not None and stream.out_size <= STEP_HIGH_WATER:
+        if stream.gen is not None and stream.out_size <= STEP_HIGH_WATER and stream.drained is not None:
             stream.drained.set()
         if stream.paused and stream.out_size <= STEP_HIGH_WATER // 2 and not stream.closing:
             stream.paused = False
@@ -622,6 +624,8 @@ class Writer:
                 if produced >= STEP_BUDGET:
                     break  # let others have the thread; the writer steps us again
                 while not step.cancelled and (stream.out_size > STEP_HIGH_WATER or stream.inbox_items > STEP_HIGH_ITEMS):
+                    if stream.drained is None:
+                        stream.drained = threading.Event()
                     stream.drained.clear()  # the writer sets it as the backlog drains
                     stream.drained.wait(0.25)
         if outcome == "waiting":
@@ -662,7 +666,7 @@ class Writer:
                 if stream.longpoll is not None and stream.handshake and not stream.done and not stream.closing:
                     self._answer(stream)
                 continue
-            stream.stepping = False
+            stream.stepping, stream.step = False, None
             if kind == "waiting":
                 sub, direct = value
                 stream.sub, stream.direct = sub, direct
@@ -827,7 +831,8 @@ def _close_connection(stream: ParkedStream, final: bool) -> None:
     sock.close()
     stream.out.clear()
     stream.out_size = 0
-    stream.drained.set()
+    if stream.drained is not None:
+        stream.drained.set()
 
 
 def _delegates_to(gen: Generator[Any, None, Any], sub: Subscription) -> bool:
