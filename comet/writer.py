@@ -762,6 +762,7 @@ class Writer:
         def close() -> None:
             with stream.context() if stream.context is not None else nullcontext():
                 _close_generator(gen)
+                _close_waited_on(stream)
             stream.admission.release()
 
         self.steps.submit(close)
@@ -785,8 +786,7 @@ class Writer:
         gen, stream.gen = stream.gen, None
         if gen is not None:
             _close_generator(gen)
-        elif stream.sub is not None:
-            stream.sub.close()
+        _close_waited_on(stream)
         stream.admission.release()
 
 
@@ -864,6 +864,19 @@ def _close_generator(gen: Iterator[Any]) -> None:
             close()
     except Exception:  # a handler's finally failing must not leak its place
         log.exception("comet: error while closing a stream handler")
+
+
+def _close_waited_on(stream: ParkedStream) -> None:
+    """Close the subscription a stream last waited on. A generator closed
+    in ``yield from sub`` closed it already; one that iterated it in a
+    ``for`` loop did not, and nothing else would: the hub would count it
+    open, and its ``on_close`` callbacks (presence) would never run."""
+    sub = stream.sub
+    if sub is not None:
+        try:
+            sub.close()
+        except Exception:
+            log.exception("comet: closing a parked subscription failed")
 
 
 def _wake_blocked(stream: ParkedStream) -> None:

@@ -4,6 +4,7 @@ errors answered the same way, and nothing direct that CherryPy would have
 done more for."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -94,6 +95,20 @@ def make_root(hub: Hub, seen: Seen):
 
         @cherrypy.expose
         @comet(transport="sse")
+        def later(self, room="main"):
+            yield "hi"
+            for event in hub.subscribe("later:" + room):  # each on a step thread, the request long over
+                if not event:
+                    yield event  # an Idle tick, passed on: the stream waits parked
+                    continue
+                request = cherrypy.request
+                yield {"event": event.data, "agent": request.headers.get("User-Agent"),
+                       "cookie": request.cookie["sid"].value, "params": request.params, "ip": request.remote.ip,
+                       "line": request.request_line, "config": request.config.get("comet.test_marker"),
+                       "type": cherrypy.response.headers.get("Content-Type")}
+
+        @cherrypy.expose
+        @comet(transport="sse")
         def guarded(self, who=""):
             if who == "redirect":
                 raise cherrypy.HTTPRedirect("/elsewhere", 303)
@@ -164,6 +179,28 @@ def test_the_second_connect_is_served_at_accept_time_with_the_same_bytes_and_req
         assert seen.finished.acquire(timeout=10)
     wait_until(lambda: hub.subscriptions == 0, 10, what="subscriptions released")
     wait_until(lambda: engine_plugin().pool.parked_streams == 0, 10, what="parked streams released")
+
+
+def test_later_steps_of_a_direct_stream_still_see_its_request(comet_cherrypy, hub, seen):
+    """Once a direct request is over, the stream keeps only what a later step
+    can use of it (comet.internals.slim_spent_request): headers, cookies,
+    params, peer, request line, config and response headers read there are
+    those the pipeline's stream reads."""
+    server = comet_cherrypy(make_root(hub, seen), {"/": {"comet.test_marker": "on"}})
+    headers = "User-Agent: probe/2\r\nCookie: sid=7\r\n"
+    first, second = direct_after(server, "/later?room=r1", headers)
+    try:
+        wait_until(lambda: hub.subscriptions == 2, 10, what="both streams subscribed")
+        hub.publish("later:r1", "tick")
+        seen_by = [json.loads(raw.more(b'"tick"').split(b"data: ")[-1].split(b"\n")[0]) for raw in (first, second)]
+        assert seen_by[0] == seen_by[1] == {"event": "tick", "agent": "probe/2", "cookie": "7", "params": {"room": "r1"},
+                                             "ip": "127.0.0.1", "line": "GET /later?room=r1 HTTP/1.1", "config": "on",
+                                             "type": "text/event-stream; charset=utf-8"}
+    finally:
+        first.close()
+        second.close()
+    wait_until(lambda: engine_plugin().pool.open_streams == 0, 10, what="streams released")
+    wait_until(lambda: hub.subscriptions == 0, 10, what="subscriptions released")
 
 
 def test_a_resumed_stream_is_direct_too(server, hub, seen):

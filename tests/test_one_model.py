@@ -383,6 +383,9 @@ def test_a_generators_later_steps_see_their_own_request(comet_cherrypy, hub):
         wait_until(lambda: hub.subscriptions == 2, what="both subscribed")
         hub.publish("room", "hi")
         assert alice.chunk() == b"alice:hi\n" and bob.chunk() == b"bob:hi\n"
+    # A for loop does not close what it iterates: comet closes the
+    # subscription a closed generator waited on (its on_close runs).
+    wait_until(lambda: hub.subscriptions == 0, what="both subscriptions closed with their streams")
 
 
 def test_a_generator_slow_to_start_holds_no_server_thread(comet_cherrypy, hub):
