@@ -208,10 +208,18 @@ def test_a_resumed_stream_is_direct_too(server, hub, seen):
     first.close()
     old = hub.publish("room:r", "one")
     hub.publish("room:r", "two")
-    before = counters()["routed_direct"]
-    resumed = Raw(server.url, "/events?room=r", f"Last-Event-ID: {old}\r\n")
+    for _ in range(5):
+        before = counters()["routed_direct"]
+        resumed = Raw(server.url, "/events?room=r", f"Last-Event-ID: {old}\r\n")
+        if counters()["routed_direct"] == before + 1:
+            break
+        # Through the pipeline: on a loaded machine the URL's second went by,
+        # or the first step outran PRIME_WAIT (not learned). This one learned it.
+        resumed.more(b"data: two")
+        resumed.close()
+    else:
+        pytest.fail("no resumed request was served at accept time")
     try:
-        assert counters()["routed_direct"] == before + 1
         assert b"data: two" in resumed.more(b"data: two") and b"data: one" not in resumed.rest
         assert seen.requests[-1]["last_event_id"] == old
     finally:
