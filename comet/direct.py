@@ -31,7 +31,7 @@ answers a ``@comet`` handler's: a 4xx in plain text, a redirect as a
 redirect, and a 500 without a traceback (logged to ``cherrypy.log``).
 Access log lines are written as CherryPy writes them.
 
->>> DirectHandlers(StreamPool()).take(None, b"GET /events HTTP/1.1\\r\\n\\r\\n", "")  # nothing learned yet
+>>> DirectHandlers(StreamPool()).take(None, b"GET /events HTTP/1.1\\r\\n\\r\\n", None)  # nothing learned yet
 False
 """
 from __future__ import annotations
@@ -45,8 +45,8 @@ from typing import Any, Callable, NamedTuple
 
 import cherrypy
 
-from .internals import (GetHead, begin_direct_request, direct_settings, end_direct_request, parse_get_head,
-                        prepare_direct_request, slim_spent_request, why_not_direct, write_access_log)
+from .internals import (GetHead, Peer, begin_direct_request, direct_settings, end_direct_request, parse_get_head,
+                        peer_of, prepare_direct_request, slim_spent_request, why_not_direct, write_access_log)
 from .pipeline import Parking, Refusal
 from .pool import StreamPool
 
@@ -117,7 +117,7 @@ class DirectHandlers:
 
     # -- at accept --------------------------------------------------------------
 
-    def take(self, sock: socket.socket, head: bytes, remote_addr: str) -> bool:
+    def take(self, sock: socket.socket, head: bytes, conn: Any) -> bool:
         """Serve a complete request *head* peeked from *sock* if it is a
         ``GET`` of a direct URL (True, on a step thread); else False, with
         nothing read."""
@@ -135,20 +135,19 @@ class DirectHandlers:
         if writer is None:
             return False  # stopping: cheroot answers as it does
         self.pool.counters.add("routed_direct")
-        writer.connects.submit(functools.partial(self._serve, entry, sock, got))
+        writer.connects.submit(functools.partial(self._serve, entry, sock, got, peer_of(conn)))
         return True
 
-    def _serve(self, entry: _Direct, sock: socket.socket, got: GetHead) -> None:
+    def _serve(self, entry: _Direct, sock: socket.socket, got: GetHead, peer: Peer) -> None:
         """On a step thread: the request CherryPy would have made, the
         handler, the response head, the stream parked."""
         try:
             if len(sock.recv(got.length, socket.MSG_DONTWAIT)) != got.length:
                 raise OSError("request head vanished between peek and read")
-            local, remote = sock.getsockname(), sock.getpeername()
         except OSError:
             sock.close()
             return
-        request, response = begin_direct_request(entry.app, local, remote)
+        request, response = begin_direct_request(entry.app, peer)
         kept = False
         try:
             kept = self._respond(entry, sock, got, request, response)

@@ -56,7 +56,7 @@ from urllib.parse import parse_qs
 
 from .errors import Forbidden
 from .hub import MAX_CHANNELS, Hub
-from .internals import install_accept_hook, install_gateway, parse_get_head
+from .internals import install_accept_hook, install_gateway, parse_get_head, peer_of
 from .options import Options
 from .pipeline import OWNED, Parking, Refusal, open_stream, refusal_for
 from .pool import StreamPool
@@ -318,7 +318,7 @@ class FastRoutes:
         install_accept_hook(server, self.take, first=True)
         server._comet_routes = self
 
-    def take(self, sock: socket.socket, head: bytes, remote_addr: str) -> bool:
+    def take(self, sock: socket.socket, head: bytes, conn: Any) -> bool:
         """Serve a complete request *head* peeked from *sock* if it is a
         fast-route GET (True); else False, with nothing read."""
         if not self._routes:
@@ -332,7 +332,7 @@ class FastRoutes:
         if not route.hub._local_for(channel, cursor or None):
             return False  # the subscribe would wait on the network: not on this thread
         if parsed.request is not None:
-            parsed.request.remote_addr = remote_addr
+            parsed.request.remote_addr = peer_of(conn).remote_addr
         try:
             member = None
             if parsed.request is not None:  # (parsed only for a route that asks)

@@ -19,9 +19,12 @@ cheroot (``cheroot.server``, ``cheroot.connections``):
                                      request head may take to arrive.
 ``HTTPConnection.socket``,           the plain socket (``type(...) is
 ``.rfile.has_data()``,               socket.socket``), whether cheroot buffered
-``.remote_addr``, ``.close()``,      bytes already (a pipelined request), the
-``.rfile``, ``.wfile``               peer, closing; dropping cheroot's file
-                                     objects when a fast route takes a socket.
+``.remote_addr``, ``.remote_port``,  bytes already (a pipelined request), the
+``.server``, ``.close()``,           peer, the server, closing; dropping
+``.rfile``, ``.wfile``               cheroot's file objects when a fast route
+                                     takes a socket.
+``HTTPServer.server_name``,          a direct request's ``request.local``, as
+``.bind_addr``                       CherryPy's WSGI gateway makes it.
 ``HTTPConnection.linger``            set when a stream takes the connection:
                                      cheroot then leaves the socket open
                                      (the flag cheroot has for exactly this).
@@ -79,7 +82,7 @@ from typing import Any, Callable, ContextManager, NamedTuple
 __all__ = ["install_gateway", "install_accept_hook", "AcceptHook", "CherootConnection", "connection_for", "GetHead", "parse_get_head",
            "why_not_direct", "begin_direct_request", "end_direct_request", "prepare_direct_request",
            "direct_settings", "write_access_log", "slim_spent_request",
-           "release_session", "keep_charset", "request_context", "MAX_HEAD"]
+           "release_session", "keep_charset", "request_context", "MAX_HEAD", "Peer", "peer_of"]
 
 log = logging.getLogger("comet")
 
@@ -88,9 +91,30 @@ MAX_HEAD = 8192
 #: Connections whose head is still arriving, at most, per server.
 MAX_WAITING = 50_000
 
-#: ``(socket, head, remote_addr) -> bool``: serve a complete request head
+#: ``(socket, head, connection) -> bool``: serve a complete request head
 #: here (a fast route) and say so; False leaves it to cheroot untouched.
-HeadTaker = Callable[[socket.socket, bytes, str], bool]
+#: The connection is cheroot's; read its peer with :func:`peer_of`.
+HeadTaker = Callable[[socket.socket, bytes, Any], bool]
+
+
+class Peer(NamedTuple):
+    """Who is at either end of a connection, as CherryPy's WSGI gateway
+    tells a request (``request.local``, ``request.remote``): the server's
+    name and port, the client's address and port (-1 when unknown)."""
+    server_name: str
+    server_port: int
+    remote_addr: str
+    remote_port: int
+
+
+def peer_of(conn: Any) -> Peer:
+    """The :class:`Peer` of cheroot connection *conn*, from what cheroot
+    knows already (no ``getsockname``/``getpeername``: a syscall each)."""
+    server = getattr(conn, "server", None)
+    bind = getattr(server, "bind_addr", None)
+    port = int(bind[1]) if isinstance(bind, tuple) and len(bind) > 1 and bind[1] else -1
+    return Peer(str(getattr(server, "server_name", "") or ""), port,
+                str(getattr(conn, "remote_addr", "") or ""), int(getattr(conn, "remote_port", None) or -1))
 
 
 # -- the gateway and the connection of one request ------------------------------
@@ -257,6 +281,19 @@ class AcceptHook:
                 return
         except Exception:
             log.exception("comet: accept-time hook failed; the connection goes to cheroot untouched")
+        self._hand_back(conn)
+
+    def _hand_back(self, conn: Any) -> None:
+        """Give *conn* to cheroot as it was: :func:`_peek` left its socket
+        non-blocking (so it stays when comet takes it, two syscalls fewer a
+        stream); cheroot reads with its ``server.timeout``, which it sets on
+        every socket it accepts."""
+        try:
+            sock = getattr(conn, "socket", None)
+            if type(sock) is socket.socket and sock.gettimeout() == 0.0:
+                sock.settimeout(self.server.timeout)
+        except Exception:  # closed meanwhile, or an odd server: cheroot copes as it does
+            pass
         self.original(conn)
 
     def _look(self, conn: Any) -> bool:
@@ -278,7 +315,7 @@ class AcceptHook:
 
     def _complete(self, conn: Any, sock: socket.socket, head: bytes) -> bool:
         for taker in self.takers:
-            if taker(sock, head, conn.remote_addr or ""):
+            if taker(sock, head, conn):
                 break
         else:
             return False
@@ -312,7 +349,7 @@ class AcceptHook:
                 return
         except Exception:
             log.exception("comet: accept-time hook failed; the connection goes to cheroot untouched")
-        self.original(conn)
+        self._hand_back(conn)
 
     def stop(self) -> None:
         with self._lock:
@@ -322,13 +359,17 @@ class AcceptHook:
 
 
 def _peek(sock: socket.socket) -> bytes | None:
-    """The bytes waiting on *sock*, left there; ``None`` when none yet."""
-    # Non-blocking for the call: on a socket with a timeout (cheroot sets
+    """The bytes waiting on *sock*, left there; ``None`` when none yet.
+    *sock* is left non-blocking: :meth:`AcceptHook._hand_back` gives
+    cheroot its timeout back; comet keeps it so when it takes the socket."""
+    # Non-blocking: on a socket with a timeout (cheroot sets
     # server.socket_timeout on each one) Python polls *before* recv for up to
     # that timeout, MSG_DONTWAIT or not, and a client that connects and
     # sends nothing would hold the accepting thread, and every accept, that long.
-    timeout = sock.gettimeout()
-    if timeout != 0.0:
+    # Each settimeout() is a syscall that lets go of the GIL: in a connect
+    # storm every one is a hand-over between the accepting, connect and
+    # writer threads, so the mode is changed once, not back and forth.
+    if sock.gettimeout() != 0.0:
         sock.settimeout(0.0)
     try:
         return sock.recv(MAX_HEAD, socket.MSG_PEEK)
@@ -336,9 +377,6 @@ def _peek(sock: socket.socket) -> bytes | None:
         return None
     except (ConnectionResetError, ConnectionAbortedError):
         return b""  # the client is gone already (a reset): as closed, nothing to log
-    finally:
-        if timeout != 0.0:
-            sock.settimeout(timeout)
 
 
 def _complete(head: bytes) -> bool:
@@ -700,17 +738,18 @@ def why_not_direct(request: Any, server: Any) -> str | None:
     return None
 
 
-def begin_direct_request(app: Any, local: Any, remote: Any) -> tuple[Any, Any]:
+def begin_direct_request(app: Any, peer: Peer) -> tuple[Any, Any]:
     """A request and response of *app* made current (``cherrypy.serving``),
     as ``Application.get_serving`` makes them, less its ``acquire_thread``:
     a direct request runs on a comet step thread, not a server thread that
     per-thread plugins should set up (the later steps of every generator
-    handler run there too)."""
+    handler run there too). ``request.local`` and ``.remote`` are what
+    CherryPy's WSGI gateway would make of *peer*."""
     import cherrypy
     from cherrypy.lib import httputil
 
-    request = app.request_class(httputil.Host(local[0], local[1], ""), httputil.Host(remote[0], remote[1], ""),
-                                "http", "HTTP/1.1")
+    request = app.request_class(httputil.Host("", peer.server_port, peer.server_name),
+                                httputil.Host(peer.remote_addr, peer.remote_port, ""), "http", "HTTP/1.1")
     request.app = app
     for name, toolbox in app.toolboxes.items():
         request.namespaces[name] = toolbox

@@ -314,7 +314,8 @@ class Writer:
             adds, self._adds = self._adds, []
         for stream in adds:
             try:
-                stream.sock.setblocking(False)
+                if stream.sock.gettimeout() != 0.0:  # (taken at accept, it is already: a syscall saved)
+                    stream.sock.setblocking(False)
                 self._selector.register(stream.sock, selectors.EVENT_READ, stream)
             except (OSError, ValueError):
                 self._end(stream)

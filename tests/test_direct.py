@@ -84,7 +84,9 @@ def make_root(hub: Hub, seen: Seen):
                 "room": room, "rest": rest, "last_event_id": last_event_id,
                 "agent": request.headers.get("User-Agent"), "accept": request.headers.get("Accept"),
                 "cookie": request.cookie["sid"].value if "sid" in request.cookie else None,
-                "remote": request.remote.ip, "base": request.base, "line": request.request_line,
+                "remote": request.remote.ip, "remote_port": request.remote.port > 0, "remote_name": request.remote.name,
+                "local": (request.local.ip, request.local.port, request.local.name),  # as CherryPy's gateway has them
+                "base": request.base, "line": request.request_line,
                 "thread": threading.current_thread().name,
             })
             try:
@@ -168,6 +170,7 @@ def test_the_second_connect_is_served_at_accept_time_with_the_same_bytes_and_req
         assert direct == pipeline  # the handler saw the same request
         assert pipeline["accept"] == "text/event-stream, */*" and pipeline["cookie"] == "42"
         assert pipeline["rest"] == {"x": "1"} and pipeline["base"].startswith("http://127.0.0.1:")
+        assert pipeline["local"][1] == int(server.url.rsplit(":", 1)[1]) and pipeline["remote"] == "127.0.0.1" and pipeline["remote_port"]
         wait_until(lambda: hub.subscriptions == 2, 10, what="both streams subscribed")
         hub.publish("room:lobby", "live")
         for raw in (first, second):

@@ -25,6 +25,10 @@ class Root:
         return "plain page"
 
     @cherrypy.expose
+    def echo(self):
+        return cherrypy.request.body.read()
+
+    @cherrypy.expose
     @comet(transport="sse")
     def events(self, last_event_id=None, room="lobby"):
         yield "hello"
@@ -231,6 +235,30 @@ def test_a_head_completed_later_is_served(server, hub):
                 break
             data += more
     assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"plain page"), data
+
+
+@pytest.mark.parametrize("head_in_pieces", [False, True])
+def test_a_connection_handed_back_is_cheroots_again_timeout_and_all(server, hub, head_in_pieces):
+    """comet peeks at each head on a non-blocking socket. A connection it
+    leaves to cheroot gets its timeout back: a request body still on its
+    way is waited for, not an error or a closed connection."""
+    head = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 1000\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=5) as sock:
+        if head_in_pieces:  # through the head waiter
+            sock.sendall(head[:9])
+            hook = cherrypy.server.httpserver._comet_accept
+            wait_until(lambda: hook._waiter is not None and len(hook._waiter._conns) == 1, what="waiting")
+            sock.sendall(head[9:])
+        else:
+            sock.sendall(head)
+        sock.settimeout(0.5)  # the slow client: nothing may come back while its body is on its way
+        with pytest.raises(socket.timeout):
+            sock.recv(1)
+        sock.settimeout(5)
+        sock.sendall(b"x" * 1000)
+        data = read_until(sock, b"x" * 1000)
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"x" * 1000), data[:200]
 
 
 # -- comet failing at accept time -----------------------------------------------------
