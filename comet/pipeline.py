@@ -265,7 +265,7 @@ class Parking:
         admission.park(self)  # counted (and capped) from now: the handler's first step may look at stats
         if self._gen is not None:
             if first_step_here:
-                self._apply(self._first_step())
+                self._apply(self._first_step(enter=False))
             else:
                 self._prime()
 
@@ -308,9 +308,10 @@ class Parking:
         assert self._outcome is not None
         self._apply(self._outcome)
 
-    def _first_step(self) -> tuple[str, Any, Subscription | None]:
+    def _first_step(self, enter: bool = True) -> tuple[str, Any, Subscription | None]:
+        # enter=False: this is the request's own thread, in its context already.
         step = Step()
-        with (self.context() if self.context is not None else nullcontext()), cooperative(step):
+        with (self.context() if enter and self.context is not None else nullcontext()), cooperative(step):
             try:
                 first = next(self._gen)
             except StopIteration:
@@ -400,7 +401,7 @@ class Parking:
             stream.step = Step()
         writer.park(stream)
         if stepping_here:
-            writer._step(stream)
+            writer._step(stream, enter=False)  # (a direct request's thread is in its context still)
         if self._late:
             with self._lock:
                 self._stream = stream

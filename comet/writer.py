@@ -9,7 +9,7 @@ shape:
   :meth:`~comet.hub.Subscription.take` whenever its channel moves;
 * a **generator** handler: it is run in *steps* on a small elastic pool
   (:mod:`comet.steps`), each step going until the generator waits on a hub
-  (:func:`comet.hub.cooperative` makes that wait return at once and say which
+  (:class:`comet.hub.cooperative` makes that wait return at once and say which
   subscription it was), ends, or has produced a batch. The stream then waits
   in the writer, costing no thread, until that subscription's channel moves.
   A generator suspended in ``yield from subscription`` is served exactly like
@@ -594,14 +594,17 @@ class Writer:
         stream.step = Step()
         self.steps.submit(lambda: self._step(stream))
 
-    def _step(self, stream: ParkedStream) -> None:
-        """Run *stream*'s generator until it waits on a hub (on a pool thread)."""
+    def _step(self, stream: ParkedStream, enter: bool = True) -> None:
+        """Run *stream*'s generator until it waits on a hub (on a pool
+        thread). ``enter=False``: this thread is in the stream's request
+        context already (the request's own thread)."""
         gen, step = stream.gen, stream.step
         assert gen is not None and step is not None
         produced = 0
         outcome: str = "again"
         value: Subscription | None = None
-        with cooperative(step), (stream.context() if stream.context is not None else nullcontext()):
+        context = stream.context if enter else None
+        with cooperative(step), (context() if context is not None else nullcontext()):
             while True:
                 if step.cancelled:
                     outcome = "cancelled"
@@ -639,7 +642,7 @@ class Writer:
             self._post(stream, "again")
         else:
             if outcome == "cancelled":
-                with stream.context() if stream.context is not None else nullcontext():
+                with context() if context is not None else nullcontext():
                     _close_generator(gen)
             self._post(stream, outcome)
 
