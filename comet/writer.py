@@ -66,6 +66,8 @@ STEP_BUDGET = 64
 #: and a latest-value stream's, above which it is not read (Hub.latest).
 STEP_HIGH_WATER = 256 * 1024
 STEP_HIGH_ITEMS = 1024
+#: Queued pieces up to this many bytes in all go out in one send().
+COALESCE = 16 * 1024
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -83,7 +85,7 @@ class ParkedStream:
 
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
-                 "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "hint", "shut",
+                 "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "news", "hint", "shut",
                  "framing", "context", "handshake", "paused", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
@@ -128,6 +130,10 @@ class ParkedStream:
         self.closing = False  # the last bytes are queued: close once they are out
         self.due = 0.0
         self.initial: Sequence[Any] = ()  # items a generator produced before it was parked
+        #: What its steps reported while the stream waited to be taken by the
+        #: writer (under the writer's lock; None once taken): it comes with
+        #: the stream, without a wake-up of its own.
+        self.news: list[tuple[ParkedStream, str, Any]] | None = None
         self.hint: str | None = None  # its channel, seen before its first step
         self.shut = False  # the socket is closed (under _SHUT)
         self.paused = False  # a latest-value stream left unread until its backlog drains
@@ -202,6 +208,7 @@ class Writer:
         has already exited ends the stream at once instead."""
         with self._lock:
             if not self._exited:
+                stream.news = []
                 self._adds.append(stream)
                 self._wake()
                 return
@@ -212,6 +219,9 @@ class Writer:
         with self._lock:
             exited = self._exited
             if not exited:
+                if stream.news is not None:  # not taken yet: the wake-up of its park() is on its way
+                    stream.news.append((stream, kind, value))
+                    return
                 if kind == "item":
                     stream.inbox_items += 1
                 self._inbox.append((stream, kind, value))
@@ -277,9 +287,14 @@ class Writer:
                 self._exited = True  # later park() calls end their stream themselves
                 adds, self._adds = self._adds, []
                 inbox, self._inbox = self._inbox, []
-            for stream, kind, _ in inbox:
+                for stream in adds:
+                    inbox += stream.news or ()
+                    stream.news = None
+            for stream, kind, value in inbox:
                 if kind in ("again", "waiting"):  # that step has returned: the generator is suspended
                     stream.stepping = False
+                    if kind == "waiting":
+                        stream.sub = value[0]  # closed with the generator (a for loop would not)
                 elif kind in ("finished", "failed", "cancelled"):  # ... or done with
                     stream.stepping = False
                     stream.gen = None
@@ -312,21 +327,29 @@ class Writer:
     def _take_adds(self) -> None:
         with self._lock:
             adds, self._adds = self._adds, []
-        for stream in adds:
+            news = []
+            for stream in adds:
+                news.append(stream.news)
+                stream.news = None  # from now on its steps post to the inbox
+        for stream, early in zip(adds, news):
             try:
                 if stream.sock.gettimeout() != 0.0:  # (taken at accept, it is already: a syscall saved)
                     stream.sock.setblocking(False)
                 self._selector.register(stream.sock, selectors.EVENT_READ, stream)
             except (OSError, ValueError):
                 self._end(stream)
+                if early:
+                    self._handle_news(early)  # a step that has returned releases it now
                 continue
             self._streams.add(stream)
             self._schedule(stream)
             initial, stream.initial = stream.initial, ()
             self._emit(stream, initial)
-            if stream.done:
+            if early:  # its steps' news, after the initial items as they came (also if that found it gone)
+                self._handle_news(early)
+            elif stream.done:
                 continue  # writing the first items found the client gone: ended, released
-            if stream.gen is not None:
+            elif stream.gen is not None:
                 self._submit_step(stream)
             else:
                 assert stream.sub is not None
@@ -504,6 +527,10 @@ class Writer:
     def _flush(self, stream: ParkedStream) -> None:
         out = stream.out
         sock = stream.sock
+        if len(out) > 1 and stream.out_size <= COALESCE:
+            joined = b"".join(out)  # one send, not one per piece (a new stream's head, greeting, first items)
+            out.clear()
+            out.append(joined)
         try:
             while out:
                 data = out[0]
@@ -659,6 +686,10 @@ class Writer:
             for stream, kind, _ in inbox:
                 if kind == "item":
                     stream.inbox_items -= 1
+        self._handle_news(inbox)
+
+    def _handle_news(self, inbox: list[tuple[ParkedStream, str, Any]]) -> None:
+        """What steps reported, in order: items, cursors, how they ended."""
         for stream, kind, value in inbox:
             if kind == "item":
                 if not stream.done:
