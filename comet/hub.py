@@ -1208,12 +1208,15 @@ class Subscription:
         self.cursor = cursor  # local seq of the last event taken
         self._last_id = last_id  # ... and its id
         self._ch = ch
-        self._pending = pending
+        # Each of 10,000 streams keeps its subscription: what most never need
+        # is made when first needed (fewer objects for the garbage collector
+        # to go over, and less memory): the empty tuples are placeholders.
+        self._pending: list[Any] | tuple[()] = pending or ()
         self._generation = hub._generation
-        self._ready: deque[Any] = deque()  # taken, not yet handed out by __next__
+        self._ready: deque[Any] | None = None  # taken, not yet handed out by __next__
         self._tick = False  # a caught-up tick is due after the batch in _ready
         self._waited = False
-        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks: list[Callable[[], None]] | tuple[()] = ()
         self._counted = False
         self._ending = False
         self.closed = False
@@ -1270,6 +1273,8 @@ class Subscription:
     def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Run *callback* when the subscription closes (the client went away,
         the server stopped): presence, cleanup. Usable as a decorator."""
+        if not self._callbacks:
+            self._callbacks = []
         self._callbacks.append(callback)
         return callback
 
@@ -1285,12 +1290,9 @@ class Subscription:
         A subscriber that fell behind the buffer gets a :data:`GAP` event
         first. ``view`` is applied here, once per event for this subscriber.
         """
-        out, self._pending = self._pending, []
+        out = self._take_pending()
         if out and isinstance(out[-1], _SnapshotDue):
             out[-1:] = self._after_gap(out[-1].gap)
-        if self._ready:  # taken by __next__, not handed out yet: first, in order
-            out[:0] = self._ready
-            self._ready.clear()
         ch = self._ch
         with ch.cond:
             behind, start, batch, floor = ch.after(self.cursor)
@@ -1317,6 +1319,16 @@ class Subscription:
                     if shown is None:
                         continue
                     out.append(shown if isinstance(shown, Event) else event.replace(data=shown))
+        return out
+
+    def _take_pending(self) -> list[Any]:
+        """What was ready before the channel is read: items taken by
+        ``__next__`` and not handed out yet, then the initial items and a
+        gap (in order); a new list."""
+        pending, ready = self._pending, self._ready
+        self._pending, self._ready = (), None
+        out = list(ready) if ready else []
+        out += pending
         return out
 
     def _after_gap(self, gap: Event) -> list[Event]:
@@ -1346,12 +1358,13 @@ class Subscription:
         while True:
             if self._ready:
                 return self._ready.popleft()
+            self._ready = None
             if self._tick:
                 self._tick = False
                 return Idle(self._last_id)
             items = self.take()
             if items:
-                self._ready.extend(items)
+                self._ready = deque(items)
                 self._tick = True  # a tick after each batch: "caught up"
                 continue
             if self.ended:
@@ -1379,7 +1392,7 @@ class Subscription:
                     ch.wait(self.idle)
             items = self.take()
             if items:
-                self._ready.extend(items)
+                self._ready = deque(items)
                 self._tick = True
                 continue
             return Idle(self._last_id)
@@ -1389,11 +1402,11 @@ class Subscription:
         if self.closed:
             return
         self.closed = True
-        self._ready.clear()
+        self._ready = None
         if self._counted:
             self.hub._count(-1)
         self._release_channels()
-        callbacks, self._callbacks = self._callbacks, []
+        callbacks, self._callbacks = self._callbacks, ()
         for callback in callbacks:
             try:
                 callback()
@@ -1580,10 +1593,7 @@ class MultiSubscription(Subscription):
         return any(slot.ch.dead and slot.cursor >= slot.ch.seq for slot in self._slots) and not self._pending
 
     def take(self) -> list[Any]:
-        out, self._pending = self._pending, []
-        if self._ready:
-            out[:0] = self._ready
-            self._ready.clear()
+        out = self._take_pending()
         mux = self._mux
         with mux.cond:  # read first: a publish from now on moves it again, so no wake-up is lost
             self.cursor = mux.seq

@@ -610,27 +610,33 @@ def request_context() -> Callable[[], ContextManager[None]]:
     """
     import cherrypy
 
-    return _KeptRequest(dict(vars(cherrypy.serving)))
+    state = vars(cherrypy.serving)
+    if state.keys() == {"request", "response"}:  # (no session or other per-request state)
+        return _KeptRequest(state["request"], state["response"], None)
+    return _KeptRequest(None, None, dict(state))
 
 
 class _KeptRequest:
-    # A class rather than a closure over a @contextmanager: it is kept by
-    # every generator stream for its life (fewer objects for the garbage
-    # collector to go over), and entered at every step.
-    __slots__ = ("saved",)
+    # A class rather than a closure over a @contextmanager, and the request
+    # and response in slots rather than a dict of them: it is kept by every
+    # generator stream for its life (fewer objects for the garbage collector
+    # to go over), and entered at every step.
+    __slots__ = ("request", "response", "more")
 
-    def __init__(self, saved: dict[str, Any]) -> None:
-        self.saved = saved
+    def __init__(self, request: Any, response: Any, more: dict[str, Any] | None) -> None:
+        self.request = request
+        self.response = response
+        self.more = more
 
     def __call__(self) -> "_Entered":
-        return _Entered(self.saved)
+        return _Entered(self)
 
 
 class _Entered:
-    __slots__ = ("saved", "before")
+    __slots__ = ("kept", "before")
 
-    def __init__(self, saved: dict[str, Any]) -> None:
-        self.saved = saved
+    def __init__(self, kept: _KeptRequest) -> None:
+        self.kept = kept
         self.before: dict[str, Any] = {}
 
     def __enter__(self) -> None:
@@ -638,7 +644,11 @@ class _Entered:
 
         state = vars(cherrypy.serving)
         self.before = dict(state)  # empty on a step thread; a direct request's own on its thread
-        state.update(self.saved)
+        kept = self.kept
+        if kept.more is not None:
+            state.update(kept.more)
+        else:
+            state["request"], state["response"] = kept.request, kept.response
 
     def __exit__(self, *exc: object) -> None:
         import cherrypy
@@ -860,7 +870,7 @@ def prepare_direct_request(request: Any, response: Any, head: GetHead, script_na
 #: its cookies) is written. ``None`` rather than deleted: CherryPy's class
 #: defaults are shared mutable objects a handler must not reach by accident.
 _SPENT_REQUEST = {"hooks": None, "toolmaps": None, "namespaces": None, "body": None, "header_list": (), "rfile": None}
-_SPENT_RESPONSE = {"header_list": None, "cookie": None}
+_SPENT_RESPONSE = {"header_list": None, "cookie": None, "_body": ()}
 
 
 def slim_spent_request(request: Any, response: Any) -> None:
