@@ -988,7 +988,11 @@ class Hub:
         >>> sub.close()
         """
         self._check_channel(channel)
-        self._forget_members(channel)
+        self._forget_members(channel)  # first: a join being published lands before the channel goes
+        return self._forget_here(channel)
+
+    def _forget_here(self, channel: str) -> bool:
+        """Forget *channel* in this process; True if it existed here."""
         ch = self._channels.get(channel)
         return ch is not None and self._forget_channel(channel, ch)
 

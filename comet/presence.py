@@ -72,8 +72,10 @@ class Presence:
         self.hub = hub
         self._lock = threading.Lock()
         # Held from deciding a join or leave to publishing it: a leave and the
-        # join that follows it are published in that order.
-        self._order = threading.Lock()
+        # join that follows it are published in that order, and a forget waits
+        # for a join being published (it lands before the channel goes).
+        # Reentrant: a presence callback may forget a channel.
+        self._order = threading.RLock()
         #: channel -> member -> open streams here (0: leaving, in grace)
         self._counts: dict[str, dict[str, int]] = {}
         #: member -> their open subscriptions -> (channel, when opened: time.time())
@@ -222,7 +224,8 @@ class Presence:
 
     def forget(self, channel: str) -> None:
         """*channel* is being forgotten by this process: see :meth:`dropped`."""
-        self.dropped(channel)
+        with self._order:
+            self.dropped(channel)
 
     def dropped(self, channel: str) -> None:
         """*channel* is over: drop its members here, announcing nothing."""

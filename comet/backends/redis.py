@@ -630,6 +630,7 @@ class RedisHub(Hub):
         the newest id it had, so old cursors get an exact gap. True if the
         stream or a local mirror existed."""
         self._check_channel(channel)
+        self._forget_members(channel)  # first: a join being published lands before the stream goes
         key = self._key(channel)
         try:
             if self._cluster:  # the note goes to another slot: written on its own, with its bell
@@ -642,7 +643,7 @@ class RedisHub(Hub):
                                            args=[_bucket(channel), channel])
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot forget {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
-        here = super().forget(channel)
+        here = self._forget_here(channel)
         return last is not None or here
 
     def _forget_members(self, channel: str) -> None:

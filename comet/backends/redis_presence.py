@@ -206,6 +206,9 @@ class RedisPresence(Presence):
         # (channel, member) whose count changed, in order: joins are published
         # in the order the streams opened
         self._dirty: dict[tuple[str, str], None] = {}
+        # Channels forgotten since the worker took its last batch: a join in
+        # that batch is not published, and its count is forgotten again.
+        self._forgotten: set[str] = set()
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -284,6 +287,7 @@ class RedisPresence(Presence):
         with self._lock:
             dirty, self._dirty = list(self._dirty), {}
             counts = [self._counts.get(c, {}).get(m, 0) for c, m in dirty]
+            self._forgotten.clear()
         if not dirty:
             return
         grace = round(self.hub.presence_grace * 1000)
@@ -309,9 +313,15 @@ class RedisPresence(Presence):
                 self._dirty = {**dict.fromkeys(dirty), **self._dirty}
             raise
         with self._order:
+            with self._lock:
+                forgotten = set(self._forgotten)
             for (channel, member), joined in zip(dirty, joins):
+                if channel in forgotten:
+                    continue  # forgotten while this batch was pushed: nobody joins it
                 if joined and not isinstance(joined, BaseException):
                     self._announce(channel, JOIN, member)
+            for channel in {channel for channel, _ in dirty} & forgotten:
+                self._call(self._forget, [channel])  # a count pushed after the forget goes too
         if error is not None:
             raise error
 
@@ -386,12 +396,15 @@ class RedisPresence(Presence):
             self._dirty = {key: None for key in self._dirty if key[0] != channel}
 
     def forget(self, channel: str) -> None:
-        self.dropped(channel)
-        try:
-            self._call(self._forget, [channel])
-        except _DOWN as exc:
-            raise BackendUnavailable(f"cannot forget the members of {channel!r}: Redis at {self.redis_hub._where} "
-                                     f"is unreachable ({exc})") from exc
+        with self._order:  # a join being published lands first; one pushed but not yet published is dropped
+            self.dropped(channel)
+            with self._lock:
+                self._forgotten.add(channel)
+            try:
+                self._call(self._forget, [channel])
+            except _DOWN as exc:
+                raise BackendUnavailable(f"cannot forget the members of {channel!r}: Redis at "
+                                         f"{self.redis_hub._where} is unreachable ({exc})") from exc
 
     def close(self) -> None:
         """Stop the threads and retire this process: its members leave
