@@ -254,6 +254,7 @@ class Parking:
         self._stream: ParkedStream | None = None
         self._abandoned = False
         self._channel: str | None = None
+        self._first_sub: Subscription | None = None  # what the generator's first step iterated
         if isinstance(items, Subscription):
             self._sub = items
             self._channel = items.channel
@@ -315,19 +316,22 @@ class Parking:
             try:
                 first = next(self._gen)
             except StopIteration:
-                return "end", None, None
+                return "end", None, step.blocked
             except BaseException as exc:
-                return "error", exc, None
-        return "item", first, step.blocked or inner_subscription(self._gen)
+                return "error", exc, step.blocked
+        sub = step.blocked or inner_subscription(self._gen)
+        self._first_sub = sub  # closed with the generator, should it leave it open (a for loop)
+        return "item", first, sub
 
     def _apply(self, outcome: tuple[str, Any, Subscription | None]) -> None:
         """The first step's outcome, in time to shape the response."""
         kind, value, sub = outcome
-        if kind == "error":
-            raise value
-        if kind == "end":
+        if kind in ("end", "error"):
             close_quietly(self._gen)
             self._gen = None
+            close_quietly(sub)  # what it iterated, if a for loop left it open
+            if kind == "error":
+                raise value
             return
         if sub is not None:
             self._channel = sub.channel
@@ -343,15 +347,15 @@ class Parking:
             return
         if kind == "error":
             log.error("comet: a stream handler failed before its first item", exc_info=value)
-            writer._post(stream, "failed")
+            writer._post(stream, "failed", sub)
         elif kind == "end":
-            writer._post(stream, "finished")
+            writer._post(stream, "finished", sub)
         else:
             if sub is not None:
                 stream.hint = sub.channel
             if value is not None and value.__class__ is not Idle:
                 writer._post(stream, "item", value)
-            writer._post(stream, "again")
+            writer._post(stream, "again", sub)
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -378,6 +382,8 @@ class Parking:
                               options.max_event_bytes, self.admission, sub=self._sub, gen=self._gen,
                               longpoll=longpoll, cursor=self.resume_id)
         stream.initial = self._first
+        if self._first_sub is not None and self._gen is not None:
+            stream.sub = self._first_sub  # (a generator's: closed with it unless it waits on another)
         stream.hint = self._channel
         stream.context = self.context
         stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
@@ -424,6 +430,7 @@ class Parking:
         try:
             with self.context() if self.context is not None and self._gen is not None else nullcontext():
                 close_quietly(self._gen if self._gen is not None else self._sub)
+                close_quietly(self._first_sub)
         finally:
             self.admission.release()
 

@@ -86,7 +86,7 @@ class ParkedStream:
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
                  "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "news", "hint", "shut",
-                 "framing", "context", "handshake", "paused", "__weakref__")
+                 "framing", "context", "handshake", "paused", "earlier", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
                  deadline: float | None, max_bytes: int, admission: Admission, *, sub: Subscription | None = None,
@@ -137,6 +137,9 @@ class ParkedStream:
         self.hint: str | None = None  # its channel, seen before its first step
         self.shut = False  # the socket is closed (under _SHUT)
         self.paused = False  # a latest-value stream left unread until its backlog drains
+        #: Subscriptions the generator waited on before ``sub`` and left open
+        #: (it broke out of a ``for`` over one): closed with the generator.
+        self.earlier: list[Subscription] | None = None
 
     def bounded(self) -> bool:
         """Read in place of its stream from a latest-value subscription: when
@@ -150,6 +153,23 @@ class ParkedStream:
         if self.sub is not None:
             return self.sub.channel
         return self.hint
+
+    def waits_on(self, sub: Subscription) -> None:
+        """The generator now waits on *sub*; one it waited on before stays
+        its own to close (a ``for`` loop it broke out of does not close
+        it, and the generator may come back to it)."""
+        old, self.sub = self.sub, sub
+        if old is not None and old is not sub:
+            self.owns(old)
+
+    def owns(self, sub: Subscription) -> None:
+        """*sub* was iterated by the generator: close it with the generator
+        if it is still open then."""
+        if sub is self.sub or sub.closed:
+            return
+        earlier = [s for s in self.earlier if not s.closed and s is not sub] if self.earlier else []
+        earlier.append(sub)
+        self.earlier = earlier
 
     def queue(self, data: bytes) -> None:
         self.out.append(data)
@@ -227,6 +247,10 @@ class Writer:
                 self._inbox.append((stream, kind, value))
                 self._wake()
         if exited and kind != "item":
+            if kind == "waiting":
+                stream.waits_on(value[0])
+            elif value is not None:
+                stream.owns(value)
             self._abandon(stream)
 
     def _wake(self) -> None:
@@ -294,10 +318,14 @@ class Writer:
                 if kind in ("again", "waiting"):  # that step has returned: the generator is suspended
                     stream.stepping = False
                     if kind == "waiting":
-                        stream.sub = value[0]  # closed with the generator (a for loop would not)
+                        stream.waits_on(value[0])  # closed with the generator (a for loop would not)
+                    elif value is not None:
+                        stream.owns(value)
                 elif kind in ("finished", "failed", "cancelled"):  # ... or done with
                     stream.stepping = False
                     stream.gen = None
+                    if value is not None:
+                        stream.owns(value)
             for stream in dict.fromkeys(list(self._streams) + adds + [entry[0] for entry in inbox]):
                 if not stream.done:
                     self._end(stream, final=True)
@@ -666,12 +694,12 @@ class Writer:
             direct = _delegates_to(gen, value)
             self._post(stream, "waiting", (value, direct))
         elif outcome == "again":
-            self._post(stream, "again")
+            self._post(stream, "again", step.blocked)
         else:
             if outcome == "cancelled":
                 with context() if context is not None else nullcontext():
                     _close_generator(gen)
-            self._post(stream, outcome)
+            self._post(stream, outcome, step.blocked)
 
     def _take_inbox(self) -> None:
         with self._lock:
@@ -704,9 +732,12 @@ class Writer:
                     self._answer(stream)
                 continue
             stream.stepping, stream.step = False, None
+            if kind != "waiting" and value is not None:
+                stream.owns(value)  # the subscription the step waited on in place
             if kind == "waiting":
                 sub, direct = value
-                stream.sub, stream.direct = sub, direct
+                stream.waits_on(sub)
+                stream.direct = direct
                 if stream.done or stream.closing:
                     self._release_generator(stream)
                     continue
@@ -806,10 +837,8 @@ class Writer:
         if not stream.done:
             return
         try:
-            if stream.sub is not None and stream.gen is None:
-                stream.sub.close()  # runs the handler's on_close callbacks (presence, cleanup)
-        except Exception:
-            log.exception("comet: closing a parked subscription failed")
+            if stream.gen is None:
+                _close_waited_on(stream)  # runs the handler's on_close callbacks (presence, cleanup)
         finally:
             stream.admission.release()
 
@@ -902,16 +931,18 @@ def _close_generator(gen: Iterator[Any]) -> None:
 
 
 def _close_waited_on(stream: ParkedStream) -> None:
-    """Close the subscription a stream last waited on. A generator closed
+    """Close the subscriptions a stream's generator waited on. One closed
     in ``yield from sub`` closed it already; one that iterated it in a
     ``for`` loop did not, and nothing else would: the hub would count it
     open, and its ``on_close`` callbacks (presence) would never run."""
-    sub = stream.sub
-    if sub is not None:
-        try:
-            sub.close()
-        except Exception:
-            log.exception("comet: closing a parked subscription failed")
+    subs = [*stream.earlier, stream.sub] if stream.earlier else [stream.sub]
+    stream.earlier = None
+    for sub in subs:
+        if sub is not None:
+            try:
+                sub.close()
+            except Exception:
+                log.exception("comet: closing a parked subscription failed")
 
 
 def _wake_blocked(stream: ParkedStream) -> None:

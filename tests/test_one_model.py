@@ -388,6 +388,52 @@ def test_a_generators_later_steps_see_their_own_request(comet_cherrypy, hub):
     wait_until(lambda: hub.subscriptions == 0, what="both subscriptions closed with their streams")
 
 
+@pytest.mark.parametrize("ticks", ["yielded", "swallowed"])
+def test_every_subscription_a_generator_waited_on_closes_with_it(comet_cherrypy, hub, ticks):
+    """A generator that breaks out of a ``for`` over one subscription and
+    waits on another: when its client goes, both close, not just the last
+    (their on_close runs: presence leaves, the hub counts none). Whether it
+    yields the subscriptions' ticks (it parks) or swallows them (its steps
+    wait in place)."""
+    import cherrypy
+
+    from comet import comet
+
+    from conftest import RawStream
+
+    closed: list[str] = []
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="chunked")
+        def events(self):
+            lobby = hub.subscribe("lobby")
+            lobby.on_close(lambda: closed.append("lobby"))
+            for event in lobby:
+                if event:
+                    yield f"lobby:{event.data}\n"
+                    break  # the game starts: on to its channel
+                if ticks == "yielded":
+                    yield event
+            game = hub.subscribe("game")
+            game.on_close(lambda: closed.append("game"))
+            for event in game:
+                if event or ticks == "yielded":
+                    yield f"game:{event.data}\n" if event else event
+
+    server = comet_cherrypy(Root(), thread_pool=2)
+    with RawStream(server.url + "/events") as raw:
+        assert raw.chunk() == b"\n"
+        wait_until(lambda: hub.subscriptions == 1, what="waiting in the lobby")
+        hub.publish("lobby", "go")
+        assert raw.chunk() == b"lobby:go\n"
+        wait_until(lambda: hub.subscriptions == 2, what="waiting on the game too")
+        hub.publish("game", "move")
+        assert raw.chunk() == b"game:move\n"
+    wait_until(lambda: hub.subscriptions == 0, what="both subscriptions closed with the stream")
+    assert sorted(closed) == ["game", "lobby"]
+
+
 def test_a_generator_slow_to_start_holds_no_server_thread(comet_cherrypy, hub):
     """A handler that blocks before its first item (a slow query) gets its
     headers after PRIME_WAIT; its first step goes on on the step pool."""
