@@ -206,9 +206,10 @@ class RedisPresence(Presence):
         # (channel, member) whose count changed, in order: joins are published
         # in the order the streams opened
         self._dirty: dict[tuple[str, str], None] = {}
-        # Channels forgotten since the worker took its last batch: a join in
-        # that batch is not published, and its count is forgotten again.
+        # Channels forgotten while the worker pushes a batch (_pushing): a
+        # join in that batch is not published, and its count is forgotten again.
         self._forgotten: set[str] = set()
+        self._pushing = False
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -288,8 +289,17 @@ class RedisPresence(Presence):
             dirty, self._dirty = list(self._dirty), {}
             counts = [self._counts.get(c, {}).get(m, 0) for c, m in dirty]
             self._forgotten.clear()
+            self._pushing = bool(dirty)
         if not dirty:
             return
+        try:
+            self._push(dirty, counts)
+        finally:
+            with self._lock:
+                self._pushing = False
+                self._forgotten.clear()
+
+    def _push(self, dirty: list[tuple[str, str]], counts: list[int]) -> None:
         grace = round(self.hub.presence_grace * 1000)
         error: BaseException | None = None
         try:
@@ -399,7 +409,8 @@ class RedisPresence(Presence):
         with self._order:  # a join being published lands first; one pushed but not yet published is dropped
             self.dropped(channel)
             with self._lock:
-                self._forgotten.add(channel)
+                if self._pushing:  # (else nothing is in flight: nothing to remember)
+                    self._forgotten.add(channel)
             try:
                 self._call(self._forget, [channel])
             except _DOWN as exc:
