@@ -119,11 +119,14 @@ class Step:
     subscription it would have waited on (``blocked``), if any. Set
     ``cancelled`` to end, instead, any subscription iterated in the step."""
 
-    __slots__ = ("blocked", "cancelled")
+    __slots__ = ("blocked", "cancelled", "opened")
 
     def __init__(self) -> None:
         self.blocked: Subscription | None = None
         self.cancelled = False
+        #: What the step subscribed to (one, or a list of several): the
+        #: stepper closes it with the generator, should the generator not.
+        self.opened: Subscription | list[Subscription] | None = None
 
 
 _steps = threading.local()
@@ -131,6 +134,30 @@ _steps = threading.local()
 
 def _step() -> Step | None:
     return getattr(_steps, "current", None)
+
+
+def subscriptions_recorded(seen: list[Subscription] | None) -> list[Subscription] | None:
+    """Until called again, every subscription opened on this thread (out
+    of a :func:`cooperative` step) notes itself in *seen* (None: stop);
+    returns what was set before. A thread-mode stream closes them with its
+    generator: a ``for`` loop it broke out of leaves one open, and nothing
+    else would close it."""
+    before = getattr(_steps, "seen", None)
+    _steps.seen = seen
+    return before
+
+
+def _opened(sub: Subscription) -> None:
+    """*sub* was just made: the step or stream running here owns it."""
+    step = getattr(_steps, "current", None)
+    if step is not None:
+        opened = step.opened
+        step.opened = sub if opened is None else [*(opened if isinstance(opened, list) else (opened,)), sub]
+        return
+    seen = getattr(_steps, "seen", None)
+    if seen is not None:
+        seen[:] = [other for other in seen if not other.closed]  # (one made and closed per loop: stays short)
+        seen.append(sub)
 
 
 class cooperative:
@@ -601,6 +628,7 @@ class Hub:
         sub = Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
         if member is not None:
             self.presence.joined(channel, member, sub)  # and sub's on_close leaves
+        _opened(sub)
         return sub
 
     def _subscribe_many(self, channels: Sequence[str], last_id: str | None, view: View | None, idle: float | None,
@@ -632,6 +660,7 @@ class Hub:
         if member is not None:
             for slot in slots:
                 self.presence.joined(slot.name, member, sub)
+        _opened(sub)
         return sub
 
     def _check_open(self, view: View | None, member: str | None) -> None:

@@ -254,7 +254,7 @@ class Parking:
         self._stream: ParkedStream | None = None
         self._abandoned = False
         self._channel: str | None = None
-        self._first_sub: Subscription | None = None  # what the generator's first step iterated
+        self._first_opened: Subscription | list[Subscription] | None = None  # what its first step subscribed to
         if isinstance(items, Subscription):
             self._sub = items
             self._channel = items.channel
@@ -316,12 +316,13 @@ class Parking:
             try:
                 first = next(self._gen)
             except StopIteration:
+                self._first_opened = step.opened
                 return "end", None, step.blocked
             except BaseException as exc:
+                self._first_opened = step.opened
                 return "error", exc, step.blocked
-        sub = step.blocked or inner_subscription(self._gen)
-        self._first_sub = sub  # closed with the generator, should it leave it open (a for loop)
-        return "item", first, sub
+        self._first_opened = step.opened  # closed with the generator, should it leave them open
+        return "item", first, step.blocked or inner_subscription(self._gen)
 
     def _apply(self, outcome: tuple[str, Any, Subscription | None]) -> None:
         """The first step's outcome, in time to shape the response."""
@@ -329,7 +330,8 @@ class Parking:
         if kind in ("end", "error"):
             close_quietly(self._gen)
             self._gen = None
-            close_quietly(sub)  # what it iterated, if a for loop left it open
+            close_quietly(sub)  # what it iterated or opened, if a for loop left it open
+            self._close_first_opened()
             if kind == "error":
                 raise value
             return
@@ -345,6 +347,9 @@ class Parking:
         if writer is None or stream.done:
             self._release()  # stopping, or ended meanwhile: the stream is closed; let the handler go
             return
+        opened, self._first_opened = self._first_opened, None
+        if opened is not None:
+            stream.adopt(opened)  # (the writer waits for this outcome: nothing else touches the stream)
         if kind == "error":
             log.error("comet: a stream handler failed before its first item", exc_info=value)
             writer._post(stream, "failed", sub)
@@ -382,8 +387,8 @@ class Parking:
                               options.max_event_bytes, self.admission, sub=self._sub, gen=self._gen,
                               longpoll=longpoll, cursor=self.resume_id)
         stream.initial = self._first
-        if self._first_sub is not None and self._gen is not None:
-            stream.sub = self._first_sub  # (a generator's: closed with it unless it waits on another)
+        if self._first_opened is not None and self._gen is not None and not self._late:
+            stream.adopt(self._first_opened)  # (a late first step's come with its outcome)
         stream.hint = self._channel
         stream.context = self.context
         stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
@@ -430,9 +435,14 @@ class Parking:
         try:
             with self.context() if self.context is not None and self._gen is not None else nullcontext():
                 close_quietly(self._gen if self._gen is not None else self._sub)
-                close_quietly(self._first_sub)
+                self._close_first_opened()
         finally:
             self.admission.release()
+
+    def _close_first_opened(self) -> None:
+        opened, self._first_opened = self._first_opened, None
+        for sub in opened if isinstance(opened, list) else (opened,):
+            close_quietly(sub)
 
     def stop(self) -> None:
         """Nothing to do before it is parked; the writer ends it after."""

@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from .framing import Event, encode_longpoll, longpoll_item
-from .hub import Idle, Subscription
+from .hub import Idle, Subscription, subscriptions_recorded
 from .options import Options
 from .pool import Admission, StreamPool
 from .writer import inner_subscription
@@ -68,6 +68,8 @@ class Stream:
         self._closed = False
         self._primed = False
         self._pending: list[Any] = []
+        #: Subscriptions the handler opened (comet.hub.subscriptions_recorded).
+        self._opened: list[Subscription] = []
         self._framing = options.framing
         self._preamble = self._framing.preamble(options.retry, boundary)
         now = time.monotonic()
@@ -98,7 +100,7 @@ class Stream:
         if isinstance(self._items, Subscription):
             return  # validated when it was created; pulling now would start thread-mode iteration
         try:
-            self._pending.append(next(self._items))
+            self._pending.append(self._next())
             self._see_channel()
         except StopIteration:
             self._stopping = True
@@ -141,13 +143,20 @@ class Stream:
         if self._pending:
             return self._pending.pop()
         try:
-            item = next(self._items)
+            item = self._next()
         except StopIteration:
             self._stopping = True
             raise
         if self._channel is None:
             self._see_channel()
         return item
+
+    def _next(self) -> Any:
+        before = subscriptions_recorded(self._opened)
+        try:
+            return next(self._items)
+        finally:
+            subscriptions_recorded(before)
 
     def _see_channel(self) -> None:
         # Only a *suspended* generator shows what it delegates to, so look
@@ -228,6 +237,9 @@ class Stream:
         except Exception:  # a handler's finally failing must not leak the ticket
             log.exception("comet: error while closing a stream handler")
         finally:
+            opened, self._opened = self._opened, []
+            for sub in opened:  # what a for loop left open (yield from closed it already)
+                close_quietly(sub)
             self._admission.release()
 
 

@@ -165,6 +165,15 @@ class ParkedStream:
         if old is not None and old is not sub:
             self.owns(old)
 
+    def adopt(self, opened: Subscription | list[Subscription]) -> None:
+        """What a step subscribed to (``Step.opened``) is the generator's:
+        closed with it, should it not close it itself."""
+        for sub in opened if isinstance(opened, list) else (opened,):
+            if self.sub is None:
+                self.sub = sub  # (until it waits on one: usually this one)
+            else:
+                self.owns(sub)
+
     def owns(self, sub: Subscription) -> None:
         """*sub* was iterated by the generator: close it with the generator
         if it is still open then."""
@@ -696,6 +705,8 @@ class Writer:
                         stream.drained = threading.Event()
                     stream.drained.clear()  # the writer sets it as the backlog drains
                     stream.drained.wait(0.25)
+        if step.opened is not None:
+            stream.adopt(step.opened)  # (on this thread: the writer leaves them be while a step runs)
         if outcome == "waiting":
             assert value is not None
             direct = _delegates_to(gen, value)

@@ -388,13 +388,14 @@ def test_a_generators_later_steps_see_their_own_request(comet_cherrypy, hub):
     wait_until(lambda: hub.subscriptions == 0, what="both subscriptions closed with their streams")
 
 
-@pytest.mark.parametrize("ticks", ["yielded", "swallowed"])
-def test_every_subscription_a_generator_waited_on_closes_with_it(comet_cherrypy, hub, ticks):
+@pytest.mark.parametrize("mode, ticks", [("auto", "yielded"), ("auto", "swallowed"), ("thread", "yielded")])
+def test_every_subscription_a_generator_waited_on_closes_with_it(comet_cherrypy, hub, mode, ticks):
     """A generator that breaks out of a ``for`` over one subscription and
     waits on another: when its client goes, both close, not just the last
     (their on_close runs: presence leaves, the hub counts none). Whether it
     yields the subscriptions' ticks (it parks) or swallows them (its steps
-    wait in place)."""
+    wait in place), and in thread mode. (A thread-mode handler that
+    swallows ticks never hears that its client left: not a case here.)"""
     import cherrypy
 
     from comet import comet
@@ -405,7 +406,7 @@ def test_every_subscription_a_generator_waited_on_closes_with_it(comet_cherrypy,
 
     class Root:
         @cherrypy.expose
-        @comet(transport="chunked")
+        @comet(transport="chunked", mode=mode)
         def events(self):
             lobby = hub.subscribe("lobby")
             lobby.on_close(lambda: closed.append("lobby"))
