@@ -139,7 +139,8 @@ class StepPool:
                     cond.wait(self.linger)
                     self._idle -= 1
                 job = self._jobs.popleft()
-                self._busy_since[me] = time.monotonic()  # (patience may be set later: at shutdown)
+                if self.patience:
+                    self._busy_since[me] = time.monotonic()
             _run(job)
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -152,9 +153,7 @@ class StepPool:
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._jobs and time.monotonic() < deadline:
-                if self.patience and self._stuck():
-                    self._spawn_for_queue()  # (nobody submits or nudges any more)
-                self._cond.wait(0.01 if self.patience else 0.05)
+                self._cond.wait(0.05)
             leftover = list(self._jobs)
             self._jobs.clear()
         for job in leftover:  # threads are all busy in handlers' own code: run cleanup here

@@ -68,9 +68,6 @@ STEP_HIGH_WATER = 256 * 1024
 STEP_HIGH_ITEMS = 1024
 #: Queued pieces up to this many bytes in all go out in one send().
 COALESCE = 16 * 1024
-#: At shutdown, a generator's close waits this long (seconds) for a step
-#: thread before it gets one of its own: see StepPool's ``patience``.
-SHUTDOWN_PATIENCE = 0.02
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -319,10 +316,6 @@ class Writer:
         except Exception:
             log.exception("comet: parked-stream writer crashed; ending its streams")
         finally:
-            # Thousands of generators close now (their ``finally``): the
-            # threads there are work them off, with more only for those
-            # stuck behind a slow one, rather than a thread each.
-            self.steps.patience = SHUTDOWN_PATIENCE
             with self._lock:
                 self._exited = True  # later park() calls end their stream themselves
                 adds, self._adds = self._adds, []

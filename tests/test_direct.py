@@ -517,26 +517,3 @@ def test_a_patient_step_pool_works_a_burst_off_with_the_threads_it_has():
         release.set()
     finally:
         pool.stop()
-
-
-def test_at_shutdown_cleanup_behind_a_stuck_job_gets_a_thread_not_the_wait():
-    """The writer's exit makes the step pool patient (generators close on
-    the threads there are) and stops it: a close stuck in a handler's slow
-    ``finally`` must not hold the others until stop() gives up on the pool;
-    they get a pool thread once it is stuck past the patience."""
-    from comet.steps import StepPool
-    from comet.writer import SHUTDOWN_PATIENCE
-
-    pool = StepPool(core=1, limit=8, name="test-shutdown")
-    release = threading.Event()
-    ran_on: list[str] = []
-    try:
-        pool.patience = SHUTDOWN_PATIENCE
-        pool.submit(lambda: release.wait(10))  # the slow finally, on the pool's only thread
-        for _ in range(5):
-            pool.submit(lambda: ran_on.append(threading.current_thread().name))
-        pool.stop(timeout=5)  # returns once every job is taken (a thread may still be running one)
-        wait_until(lambda: len(ran_on) == 5, what="the five cleanups")
-        assert all(name.startswith("test-shutdown") for name in ran_on), ran_on  # not run by stop()'s caller
-    finally:
-        release.set()
