@@ -152,7 +152,13 @@ def _opened(sub: Subscription) -> None:
     step = getattr(_steps, "current", None)
     if step is not None:
         opened = step.opened
-        step.opened = sub if opened is None else [*(opened if isinstance(opened, list) else (opened,)), sub]
+        if opened is None or (not isinstance(opened, list) and opened.closed):
+            step.opened = sub
+        elif isinstance(opened, list):
+            opened[:] = [other for other in opened if not other.closed]  # (one made and closed per loop: stays short)
+            opened.append(sub)
+        else:
+            step.opened = [opened, sub]
         return
     seen = getattr(_steps, "seen", None)
     if seen is not None:

@@ -186,6 +186,7 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
         raise Refusal(405, "a stream answers GET (and HEAD, OPTIONS)", [("Allow", ALLOW)])
     park = connection is not None and connection.parkable and options.mode == "auto"
     items: Any = None
+    stream: Stream | None = None
     try:
         with pool.admit(options.transport) as admission:
             items = call()
@@ -212,6 +213,8 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
             admission.hand_over()
     except Exception as exc:
         close_quietly(items)
+        if stream is not None:
+            stream.close_opened()  # what the handler subscribed to before it failed or was refused
         refusal = refusal_for(exc)
         if refusal is None:
             raise

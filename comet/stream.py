@@ -237,10 +237,15 @@ class Stream:
         except Exception:  # a handler's finally failing must not leak the ticket
             log.exception("comet: error while closing a stream handler")
         finally:
-            opened, self._opened = self._opened, []
-            for sub in opened:  # what a for loop left open (yield from closed it already)
-                close_quietly(sub)
+            self.close_opened()
             self._admission.release()
+
+    def close_opened(self) -> None:
+        """Close what the handler subscribed to and left open (a ``for``
+        loop does not close what it iterates; ``yield from`` does)."""
+        opened, self._opened = self._opened, []
+        for sub in opened:
+            close_quietly(sub)
 
 
 def close_quietly(items: Any) -> None:

@@ -255,10 +255,10 @@ class Writer:
                     stream.inbox_items += 1
                 self._inbox.append((stream, kind, value))
                 self._wake()
-        if exited and kind != "item":
+        if exited and kind not in ("item", "cursor"):
             if kind == "waiting":
                 stream.waits_on(value[0])
-            elif value is not None:
+            elif isinstance(value, Subscription):
                 stream.owns(value)
             self._abandon(stream)
 

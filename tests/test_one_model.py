@@ -435,6 +435,43 @@ def test_every_subscription_a_generator_waited_on_closes_with_it(comet_cherrypy,
     assert sorted(closed) == ["game", "lobby"]
 
 
+def test_a_thread_mode_stream_refused_at_the_cap_leaves_no_subscription(comet_cherrypy, hub):
+    """Two thread-mode handlers subscribe in a ``for`` loop before their
+    first item, side by side, with room for one stream thread: the one
+    refused (503) once its handler has run has its subscription closed."""
+    import cherrypy
+
+    from comet import comet
+
+    from conftest import RawStream
+
+    both_running = threading.Barrier(2)
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="chunked", mode="thread")
+        def events(self):
+            sub = hub.subscribe("room")
+            both_running.wait(5)  # both are admitted and in their handlers: one will be refused after
+            for event in sub:
+                yield f"{event.data}\n" if event else event
+
+    server = comet_cherrypy(Root(), global_config={"comet.max_streams": 1})
+    streams: list[RawStream] = []
+    openers = [threading.Thread(target=lambda: streams.append(RawStream(server.url + "/events"))) for _ in range(2)]
+    for opener in openers:
+        opener.start()
+    for opener in openers:
+        opener.join(10)
+    try:
+        assert sorted(raw.status for raw in streams) == [200, 503]
+        wait_until(lambda: hub.subscriptions == 1, what="only the stream served to stay subscribed")
+    finally:
+        for raw in streams:
+            raw.close()
+    wait_until(lambda: hub.subscriptions == 0, what="the served stream's subscription closed")
+
+
 def test_a_generator_slow_to_start_holds_no_server_thread(comet_cherrypy, hub):
     """A handler that blocks before its first item (a slow query) gets its
     headers after PRIME_WAIT; its first step goes on on the step pool."""

@@ -323,14 +323,16 @@ class RedisPresence(Presence):
                 self._dirty = {**dict.fromkeys(dirty), **self._dirty}
             raise
         with self._order:
-            with self._lock:
-                forgotten = set(self._forgotten)
             for (channel, member), joined in zip(dirty, joins):
-                if channel in forgotten:
+                with self._lock:  # (asked each time: a presence callback may forget a channel)
+                    forgotten = channel in self._forgotten
+                if forgotten:
                     continue  # forgotten while this batch was pushed: nobody joins it
                 if joined and not isinstance(joined, BaseException):
                     self._announce(channel, JOIN, member)
-            for channel in {channel for channel, _ in dirty} & forgotten:
+            with self._lock:
+                again = {channel for channel, _ in dirty} & self._forgotten
+            for channel in again:
                 self._call(self._forget, [channel])  # a count pushed after the forget goes too
         if error is not None:
             raise error
@@ -404,13 +406,12 @@ class RedisPresence(Presence):
         super().dropped(channel)
         with self._lock:
             self._dirty = {key: None for key in self._dirty if key[0] != channel}
+            if self._pushing:  # a join in the batch in flight must not recreate it (else nothing to remember)
+                self._forgotten.add(channel)
 
     def forget(self, channel: str) -> None:
         with self._order:  # a join being published lands first; one pushed but not yet published is dropped
             self.dropped(channel)
-            with self._lock:
-                if self._pushing:  # (else nothing is in flight: nothing to remember)
-                    self._forgotten.add(channel)
             try:
                 self._call(self._forget, [channel])
             except _DOWN as exc:
