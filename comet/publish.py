@@ -37,7 +37,6 @@ import hmac
 import json
 import logging
 from typing import Any, Callable, Iterable, Mapping, Sequence
-from urllib.parse import unquote
 
 from .errors import BackendUnavailable, InvalidEvent, UnserializableData
 from .framing import Event
@@ -54,6 +53,13 @@ MIN_KEY_LENGTH = 16
 #: Most events one request may carry.
 MAX_BATCH = 1000
 
+#: Deepest nesting of an event's ``data`` (arrays and objects). Parsing and
+#: encoding JSON recurse once per level, in this process (a RecursionError
+#: past about 1,000 levels) and in every client that parses the event; no
+#: real payload comes near 64 levels, so anything deeper is refused with a
+#: 400 long before it could cost a stack.
+MAX_DEPTH = 64
+
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
@@ -64,6 +70,18 @@ class _Refusal(Exception):
         self.status = status
         self.reason = reason
         self.headers = list(headers)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON *value* nests arrays and objects more than *limit* levels
+    deep (without recursing: the value may be as deep as the parser allows)."""
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [child for item in level if isinstance(item, (list, dict))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return any(isinstance(item, (list, dict)) for item in level)
 
 
 def publish_app(hub: Hub, keys: Mapping[str, Sequence[str] | None] | Iterable[str], *,
@@ -87,6 +105,10 @@ def publish_app(hub: Hub, keys: Mapping[str, Sequence[str] | None] | Iterable[st
     for key, patterns in pairs:
         if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH:
             raise ValueError(f"every key must be a str of at least {MIN_KEY_LENGTH} characters")
+        if not (key.isascii() and key.isprintable()) or key != key.strip():
+            # A header carries it: anything else never arrives as configured.
+            raise ValueError("every key must be printable ASCII without leading or trailing spaces "
+                             "(secrets.token_urlsafe(32)), got a key with other characters")
         if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
             raise ValueError(f"the channel patterns of a key must be a list of str, got {patterns!r}")
         allowed[key.encode()] = None if patterns is None else list(patterns)
@@ -129,6 +151,8 @@ def publish_app(hub: Hub, keys: Mapping[str, Sequence[str] | None] | Iterable[st
                 raise _Refusal("413 Content Too Large", f"the body is over {max_body} bytes")
         try:
             return json.loads(raw.decode("utf-8"))
+        except RecursionError:  # (the parser's own bound, far above MAX_DEPTH)
+            raise _Refusal("400 Bad Request", f"the body is nested more than {MAX_DEPTH} levels deep") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise _Refusal("400 Bad Request", f"the body is not JSON: {exc}") from None
 
@@ -146,6 +170,8 @@ def publish_app(hub: Hub, keys: Mapping[str, Sequence[str] | None] | Iterable[st
             extra = sorted(set(item) - {"data", "event", "retry"})
             if extra:
                 raise _Refusal("400 Bad Request", where + f"unknown field(s) {', '.join(extra)}")
+            if _deeper_than(item["data"], MAX_DEPTH):
+                raise _Refusal("400 Bad Request", where + f'"data" is nested more than {MAX_DEPTH} levels deep')
             name, retry = item.get("event"), item.get("retry")
             if name is not None and not isinstance(name, str):
                 raise _Refusal("400 Bad Request", where + '"event" must be a string')
@@ -167,7 +193,9 @@ def publish_app(hub: Hub, keys: Mapping[str, Sequence[str] | None] | Iterable[st
                 path = raw_path.encode("latin-1").decode("utf-8")
             except UnicodeError:
                 raise _Refusal("400 Bad Request", "the channel name is not UTF-8") from None
-            channel = unquote(path.lstrip("/"))
+            # The server has %-decoded the path already: decoding it again would
+            # publish "pct%2541" to "pctA" (and let "%252F" smuggle a "/" in).
+            channel = path.lstrip("/")
             if not channel or "/" in channel:
                 raise _Refusal("400 Bad Request", "POST to /<channel>, one channel name without '/'")
             if patterns is not None and not any(fnmatch.fnmatchcase(channel, p) for p in patterns):

@@ -204,3 +204,75 @@ def test_the_docs_show_the_script_comet_runs():
     page = (Path(__file__).resolve().parent.parent / "docs" / "publishing.md").read_text()
     shown = page.split("```lua\n", 1)[1].split("```", 1)[0]
     assert shown.strip() == _PUBLISH.strip()
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"data": ' + b"[" * 5_000 + b"]" * 5_000 + b"}",
+    b'{"data": ' + b'{"a":' * 101 + b"1" + b"}" * 101 + b"}",
+])
+def test_a_deeply_nested_body_is_a_400_with_the_reason(mounted, body):
+    hub = Hub()
+    server = mounted(hub)
+    code, headers, answer = post(server, "/publish/room:1", body)
+    assert code == 400 and b"nested" in answer, (code, answer[:300])
+    assert headers["Content-Type"] == "text/plain; charset=utf-8" and b"Traceback" not in answer
+    assert hub.last_id("room:1").endswith("-0")
+
+
+def test_nesting_up_to_the_bound_is_published(mounted):
+    hub = Hub()
+    server = mounted(hub)
+    data = json.loads("[" * 64 + "]" * 64)
+    code, _, answer = post(server, "/publish/room:1", [{"data": data}])
+    assert code == 201, answer
+    assert hub.history("room:1")[0].data == data
+    code, _, answer = post(server, "/publish/room:1", [{"data": [data]}])
+    assert code == 400 and answer == b'event 0: "data" is nested more than 64 levels deep\n', answer
+
+
+@pytest.mark.parametrize("key", ["\u00e9t\u00e9-key-0123456789", "key-with-a-newline\n0123", " padded-key-0123456789 "])
+def test_a_key_no_client_can_send_is_refused_at_construction(key):
+    with pytest.raises(ValueError, match="printable ASCII"):
+        publish_app(Hub(), keys=[key])
+
+
+def test_the_channel_in_the_path_is_percent_decoded_once(mounted):
+    hub = Hub()
+    server = mounted(hub)
+    code, _, answer = post(server, "/publish/pct%2541", {"data": "literal"})
+    assert code == 201, answer
+    assert [e.data for e in hub.history("pct%41")] == ["literal"]
+    assert hub.history("pctA") == []
+    code, _, answer = post(server, "/publish/caf%C3%A9", {"data": "utf-8"})
+    assert code == 201 and hub.history("caf\u00e9")[0].data == "utf-8", answer
+
+
+def test_a_body_of_exactly_max_body_bytes_is_accepted(mounted):
+    hub = Hub()
+    server = mounted(hub, max_body=100)
+    body = b'{"data": "' + b"x" * (100 - 12) + b'"}'
+    assert len(body) == 100
+    code, _, answer = post(server, "/publish/room:1", body)
+    assert code == 201, answer
+    code, _, answer = post(server, "/publish/room:1", body[:-1] + b' }')
+    assert code == 413 and b"over 100 bytes" in answer, answer
+    # An unsized (chunked) body gets the same limit.
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("POST", "/publish/room:1", body=iter([body[:50], body[50:]]), encode_chunked=True,
+                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        response = conn.getresponse()
+        assert response.status == 201, response.read()
+    finally:
+        conn.close()
+    assert len(hub.history("room:1")) == 2
+
+
+def test_retry_true_is_refused_not_written_as_retry_true(mounted):
+    hub = Hub()
+    server = mounted(hub)
+    code, _, answer = post(server, "/publish/room:1", {"data": 1, "retry": True})
+    assert code == 400 and b'"retry" must be an integer' in answer, answer
+    assert hub.history("room:1") == []
