@@ -463,6 +463,30 @@ def test_lobby_bad_queries_are_a_4xx_with_the_reason(lobby, path, reason):
     assert reason in body.decode()
 
 
+@pytest.mark.parametrize("path,shown,meant", [
+    ("/lobby/Friday-Night", "Friday-Night", "friday-night"),
+    ("/lobby/Friday%20Night%21", "Friday Night!", "friday-night"),
+    ("/lobby/Caf%C3%A9_42", "Café_42", "cafe-42"),
+    ("/lobby/%3Cscript%3Ealert(1)%3C%2Fscript%3E", "&lt;script&gt;alert(1)&lt;/script&gt;", "script-alert-1-script"),
+    ("/lobby/%21%21%21", "!!!", None),
+    ("/lobby/" + "x" * 40, "x" * 40, None),
+])
+def test_a_malformed_lobby_name_gets_the_rule_and_a_link_to_the_name_meant(lobby, path, shown, meant):
+    server, root = lobby
+    status, headers, body = http_get(server.url + path)
+    assert_clean_refusal(status, body, allowed=(404,))
+    page = body.decode()
+    assert headers["content-type"].startswith("text/html") and '<link rel="stylesheet" href="/static/style.css">' in page
+    assert f"No lobby can be called &ldquo;<span class=\"lobby-name\">{shown}</span>&rdquo;" in page
+    assert "1&ndash;32 lowercase letters" in page and "<script>" not in page
+    links = re.findall(r'<a href="/lobby/([^"]*)">', page)
+    assert links == ([meant] if meant else [])
+    if meant:  # the link leads to a real page (empty: it offers to join), and nothing was opened
+        status, _, body = http_get(f"{server.url}/lobby/{meant}")
+        assert status == 404 and b'<form id="join"' in body
+    assert root.lobbies.store.names() == []
+
+
 def test_the_index_lists_open_lobbies(lobby):
     server, _ = lobby
     assert post(server.url + "/join", {"name": "listed", "player": "ann"})[0] == 200

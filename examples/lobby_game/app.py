@@ -15,11 +15,12 @@ Actions are POSTs carrying the player's token, which the page keeps in
 The index page follows ``/updates``, one ``lobby`` event per change.
 
 Only a join opens a lobby; ``GET /lobby/<name>`` of an empty one answers 404
-with a page that offers to join. Actions carry no cookie, so a forged
-cross-site form could act as nobody; still, browsers' cross-site POSTs are
-refused (``Sec-Fetch-Site``, else ``Origin`` against ``Host``, as Go's
-``http.CrossOriginProtection`` does), so no other site opens lobbies
-through its visitors.
+with a page that offers to join, and of a malformed name (``Friday-Night``)
+a 404 page that says what a lobby name may be and links to ``friday-night``.
+Actions carry no cookie, so a forged cross-site form could act as nobody;
+still, browsers' cross-site POSTs are refused (``Sec-Fetch-Site``, else
+``Origin`` against ``Host``, as Go's ``http.CrossOriginProtection`` does),
+so no other site opens lobbies through its visitors.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from comet.cherrypy_tool import static_config
 from comet.backends import hub_from_url
 
 from ..ratelimit import RateLimiter
-from .game import INDEX, GameError, Lobbies, RedisStore, check_lobby
+from .game import INDEX, GameError, Lobbies, RedisStore, check_lobby, lobby_like
 
 HERE = Path(__file__).parent
 templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
@@ -178,7 +179,11 @@ class LobbyApp:
         try:
             check_lobby(name)
         except GameError:
-            raise cherrypy.NotFound() from None  # no page can live at a malformed name
+            # No lobby can live at a malformed name (404), but a person typed
+            # it, maybe "Friday-Night": say what a name may be, and offer the
+            # one they most likely meant.
+            cherrypy.response.status = 404
+            return templates.get_template("badname.html").render(name=name[:80], suggestion=lobby_like(name))
         # An empty lobby's page follows /updates from here to see it open.
         cursor = self.hub.last_id(INDEX)
         try:

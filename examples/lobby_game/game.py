@@ -46,6 +46,7 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -82,10 +83,22 @@ def check_token(token: str | None) -> str | None:
     return token
 
 
+LOBBY_RULE = "lobby names are 1-32 lowercase letters, digits or '-'"
+
+
 def check_lobby(name: str) -> str:
     if not isinstance(name, str) or not LOBBY.fullmatch(name):
-        raise GameError("lobby names are 1-32 lowercase letters, digits or '-'", 400)
+        raise GameError(LOBBY_RULE, 400)
     return name
+
+
+def lobby_like(name: str) -> str | None:
+    """The well-formed lobby name a person most likely meant, or None:
+    ``lobby_like("Friday Night") == "friday-night"``, ``lobby_like("Café") == "cafe"``,
+    ``lobby_like("!!") is None``."""
+    letters = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    guess = re.sub(r"[^a-z0-9]+", "-", letters.lower()).strip("-")
+    return guess if LOBBY.fullmatch(guess) else None
 
 
 @dataclass(frozen=True)
