@@ -42,6 +42,7 @@ import zlib
 from array import array
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from urllib.parse import unquote_to_bytes
 
 from .counters import Counters
 from .errors import HubClosed, InvalidEvent, InvalidEventId
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from .presence import Presence
 
 __all__ = ["Hub", "Subscription", "MultiSubscription", "Idle", "GAP", "SNAPSHOT", "parse_id", "Step", "cooperative",
-           "MAX_CHANNELS"]
+           "MAX_CHANNELS", "multi_cursor", "cursor_name", "is_multi_cursor"]
 
 #: Name of the event a subscription receives when events it should have seen
 #: are no longer available. Its ``data`` is ``{"last_id": <the client's
@@ -67,10 +68,16 @@ SNAPSHOT = "comet.snapshot"
 
 _ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 #: Most channels one subscription may follow: its cursor (every channel's
-#: id, about 30 characters each) must fit a ``Last-Event-ID`` header.
+#: name and id) must fit a ``Last-Event-ID`` header.
 MAX_CHANNELS = 64
-_PIECE = r"[0-9a-z]{1,7}\.\d{1,20}-\d{1,20}"
+#: A channel's name in a cursor: UTF-8, %XX-encoded but for ASCII letters,
+#: digits, ``-`` and ``:`` (so never ``.`` or ``_``, the separators).
+_NAME = r"(?:[A-Za-z0-9:-]|%[0-9A-Fa-f]{2})"
+_PIECE = rf"{_NAME}{{1,2400}}\.\d{{1,20}}-\d{{1,20}}"
 _CURSOR = re.compile(rf"{_PIECE}(?:_{_PIECE}){{0,{MAX_CHANNELS * 2}}}")
+_KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-:")
+#: What a cursor of the first format (``<crc32 tag>.<id>`` pieces) named a channel by.
+_OLD_TAG = re.compile(r"[0-9a-z]{1,7}")
 #: This process's order of publishing, over every channel of every hub.
 _ORDER = itertools.count(1)
 _MAX_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
@@ -641,23 +648,21 @@ class Hub:
                         initial: Iterable[Any], member: str | None) -> "MultiSubscription":
         if not isinstance(channels, (list, tuple)) or not channels or len(channels) > MAX_CHANNELS:
             raise InvalidEvent(f"channels must be a str, or a list of 1 to {MAX_CHANNELS} str, got {channels!r:.80}")
-        tags: dict[str, str] = {}
+        names: dict[str, str] = {}  # channel: its name in the cursor, in the order given
         for name in channels:
             self._check_channel(name)
-            tag = channel_tag(name)
-            if tag in tags:
-                raise InvalidEvent(f"channel {name!r} is listed twice" if tags[tag] == name else
-                                   f"channels {tags[tag]!r} and {name!r} share a cursor tag: rename one")
-            tags[tag] = name
+            if name in names:
+                raise InvalidEvent(f"channel {name!r} is listed twice")
+            names[name] = cursor_name(name)
         self._check_open(view, member)
-        cursors = _cursors(last_id, tags)
+        cursors = _cursors(last_id, names)
         slots: list[_Slot] = []
         try:
-            for tag, name in tags.items():
+            for name, key_name in names.items():
                 given, key = cursors.get(name, (None, None))
                 ch, cursor, resumed, gap = self._open(name, given, key)
                 # Until its gap is sent, a channel's part of the cursor stays the client's.
-                slots.append(_Slot(name, tag, ch, cursor, resumed if gap is None else given or resumed, gap))
+                slots.append(_Slot(name, key_name, ch, cursor, resumed if gap is None else given or resumed, gap))
         except BaseException:
             for slot in slots:
                 self._release(slot.name, slot.ch)
@@ -729,7 +734,7 @@ class Hub:
         if isinstance(channel, str):
             return self._local(channel, last_id)
         try:
-            cursors = _cursors(last_id, {channel_tag(name): name for name in channel})
+            cursors = _cursors(last_id, channel)
         except ValueError:
             return True  # subscribe refuses it without I/O
         # A plain id's "(0, 0)" asks for everything held: never ahead of a mirror.
@@ -1462,8 +1467,10 @@ class Subscription:
 
 
 def channel_tag(channel: str) -> str:
-    """The short tag that names *channel* in the cursor of a subscription to
-    several channels: CRC-32 in base 36.
+    """The tag that named *channel* in the first format of the cursor of a
+    subscription to several channels (CRC-32 in base 36). Such cursors are
+    still resumed where a tag matches one followed channel; new cursors name
+    channels by :func:`cursor_name`, which no one can make collide.
 
     >>> channel_tag("room:main")
     '13ecrb1'
@@ -1477,36 +1484,91 @@ def channel_tag(channel: str) -> str:
             return digits
 
 
+def cursor_name(channel: str) -> str:
+    """*channel* as it is named in the cursor of a subscription to several
+    channels: UTF-8, percent-encoded but for ASCII letters, digits, ``-``
+    and ``:``. Two channels never share one, whatever they are called.
+
+    >>> cursor_name("dm:ann:bob"), cursor_name("room.1"), cursor_name("café_2")
+    ('dm:ann:bob', 'room%2E1', 'caf%C3%A9%5F2')
+    """
+    if all(c in _KEPT for c in channel):
+        return channel
+    return "".join(c if c in _KEPT else "".join([f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")])
+                   for c in channel)
+
+
+def multi_cursor(ids: dict[str, str]) -> str:
+    """The cursor of a subscription to several channels that stands at
+    ``ids[channel]`` on each channel: for a page that renders some state
+    and hands its stream the cursor to resume right after it.
+
+    >>> multi_cursor({"shouts": "1700000000000-3", "dm:ann:bob": "1700000000000-5"})
+    'shouts.1700000000000-3_dm:ann:bob.1700000000000-5'
+    """
+    for event_id in ids.values():
+        parse_id(event_id)
+    return "_".join([f"{cursor_name(channel)}.{event_id}" for channel, event_id in ids.items()])
+
+
+def _channel_of(name: str) -> str | None:
+    """The channel a cursor's (validated) *name* stands for; None if it is
+    no channel's (its bytes are not UTF-8)."""
+    if "%" not in name:
+        return name
+    try:
+        return unquote_to_bytes(name).decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return None
+
+
 def is_multi_cursor(value: str) -> bool:
     """Is *value* the cursor (an event id) of a subscription to several channels?
 
-    >>> is_multi_cursor("13ecrb1.1700000000000-4_x1.1700000000000-0"), is_multi_cursor("1700000000000-4")
+    >>> is_multi_cursor("room:main.1700000000000-4_dm%2E1.1700000000000-0"), is_multi_cursor("1700000000000-4")
     (True, False)
     """
     return _CURSOR.fullmatch(value) is not None
 
 
-def _cursors(last_id: str | None, tags: dict[str, str]) -> dict[str, tuple[str | None, tuple[int, int] | None]]:
+def _cursors(last_id: str | None, channels: Iterable[str]) -> dict[str, tuple[str | None, tuple[int, int] | None]]:
     """Each channel's cursor (its id, parsed) in the cursor *last_id* of a
-    subscription to the channels *tags* names. Channels it does not name
-    start from now; tags it names that are not followed are ignored (the
-    page follows other channels than before). A plain id (of a stream of one
-    channel) cannot say where each channel stands: every channel gets a gap."""
+    subscription to *channels*. Channels it does not name start from now;
+    channels it names that are not followed are ignored (the page follows
+    other channels than before). A plain id (of a stream of one channel)
+    cannot say where each channel stands: every channel gets a gap.
+
+    A cursor of the first format names channels by :func:`channel_tag`: as
+    long as none of its pieces names a followed channel, a tag resumes the
+    one followed channel it is the tag of (a tag of two is ignored)."""
     if last_id is None or last_id == "":
         return {}
     if not isinstance(last_id, str):
         raise InvalidEventId(f"event id must be a str, got {type(last_id).__name__}")
     if _ID.fullmatch(last_id):
         parse_id(last_id)
-        return {name: (last_id, (0, 0)) for name in tags.values()}
+        return {name: (last_id, (0, 0)) for name in channels}
     if not _CURSOR.fullmatch(last_id):
-        raise InvalidEventId(f"malformed event id {last_id[:80]!r}: expected '<tag>.<epoch>-<seq>' pieces joined by '_'")
+        raise InvalidEventId(f"malformed event id {last_id[:80]!r}: expected '<channel>.<epoch>-<seq>' pieces "
+                             "joined by '_'")
+    followed = set(channels)
+    pieces = [piece.rpartition(".") for piece in last_id.split("_")]
     found: dict[str, tuple[str | None, tuple[int, int] | None]] = {}
-    for piece in last_id.split("_"):
-        tag, _, event_id = piece.partition(".")
-        name = tags.get(tag)
-        if name is not None:
-            found[name] = (event_id, parse_id(event_id))
+    for name, _, event_id in pieces:
+        channel = _channel_of(name)
+        if channel in followed:
+            assert channel is not None
+            found[channel] = (event_id, parse_id(event_id))
+    if found:
+        return found
+    tags: dict[str, str | None] = {}
+    for channel in followed:
+        tag = channel_tag(channel)
+        tags[tag] = None if tag in tags else channel  # a tag two channels share resumes neither
+    for name, _, event_id in pieces:
+        channel = tags.get(name) if _OLD_TAG.fullmatch(name) else None
+        if channel is not None:
+            found[channel] = (event_id, parse_id(event_id))
     return found
 
 
@@ -1570,15 +1632,15 @@ class _Slot:
     """One channel of a :class:`MultiSubscription`: its cursor (``cursor``
     seq, ``last`` id, what the subscription's id says), a gap not sent yet."""
 
-    __slots__ = ("name", "tag", "ch", "cursor", "last", "piece", "gap")
+    __slots__ = ("name", "key", "ch", "cursor", "last", "piece", "gap")
 
-    def __init__(self, name: str, tag: str, ch: _Channel, cursor: int, last: str, gap: Event | None) -> None:
-        self.name, self.tag, self.ch, self.cursor, self.gap = name, tag, ch, cursor, gap
+    def __init__(self, name: str, key: str, ch: _Channel, cursor: int, last: str, gap: Event | None) -> None:
+        self.name, self.key, self.ch, self.cursor, self.gap = name, key, ch, cursor, gap  # key: cursor_name(name)
         self.at(last)
 
     def at(self, last: str) -> None:
         """The channel's part of the subscription's cursor is now *last*."""
-        self.last, self.piece = last, f"{self.tag}.{last}"
+        self.last, self.piece = last, f"{self.key}.{last}"
 
 
 class MultiSubscription(Subscription):
@@ -1586,7 +1648,8 @@ class MultiSubscription(Subscription):
 
     Its items are :class:`~comet.framing.TaggedEvent`: each says its
     ``channel``, and its ``id`` is the subscription's cursor on every
-    channel (``<tag>.<id>`` pieces joined by ``_``), which
+    channel (``<name>.<id>`` pieces joined by ``_``, the name as
+    :func:`cursor_name` writes it), which
     ``hub.subscribe(channels, last_id=...)`` takes back to resume each
     channel exactly. Events of one channel come in order; events of
     different channels in the order they were published in this process.

@@ -12,6 +12,7 @@ import json
 import random
 import threading
 import time
+import zlib
 
 import cherrypy
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from comet import GAP, Hub, comet
 from comet.errors import InvalidEvent, InvalidEventId
 from comet.framing import TaggedEvent
-from comet.hub import MAX_CHANNELS, MultiSubscription, channel_tag, is_multi_cursor
+from comet.hub import MAX_CHANNELS, MultiSubscription, _cursors, channel_tag, is_multi_cursor, multi_cursor
 from comet.testing import SSEParser, StreamClient, http_get, wait_until
 
 from conftest import RawStream, settle
@@ -151,12 +152,13 @@ def test_bad_channel_lists_and_cursors_are_refused_before_anything_is_held(hub):
     for bad in ([], ["a", "a"], ["a", ""], [f"c{n}" for n in range(MAX_CHANNELS + 1)], "", ["a", 3]):
         with pytest.raises(InvalidEvent):
             hub.subscribe(bad)
-    for cursor in ("nonsense", "x.1-1_", "ZZ.1-1", "a.1-1_" * 200 + "a.1-1"):
+    for cursor in ("nonsense", "x.1-1_", "a.b.1-1", "a%G1.1-1", "a%4.1-1", "\u00e9.1-1", "a_b.1-1", "a.1-1-1",
+                   "a.1-1_" * 200 + "a.1-1"):
         with pytest.raises(InvalidEventId):
             hub.subscribe(["a", "b"], last_id=cursor)
-    future = f"{channel_tag('a')}.{hub.epoch}-99"
-    with pytest.raises(InvalidEventId, match="future"):
-        hub.subscribe(["a", "b"], last_id=future)
+    for future in (f"a.{hub.epoch}-99", f"{channel_tag('a')}.{hub.epoch}-99"):
+        with pytest.raises(InvalidEventId, match="future"):
+            hub.subscribe(["a", "b"], last_id=future)
     assert hub.subscriptions == 0 and hub.channels() == []
 
 
@@ -363,7 +365,7 @@ def test_sse_wire_form_a_bare_eventsource_can_read(channels_app, hub):
         wire = b""
         while b"data:" not in wire:
             wire = raw.chunk()
-    cursor = f"{channel_tag('room')}.{hub.last_id('room')}_{channel_tag('dm:t9')}.{hub.last_id('dm:t9')}"
+    cursor = f"room.{hub.last_id('room')}_dm:t9.{hub.last_id('dm:t9')}"
     assert wire == f'id: {cursor}\nevent: dm\ndata: {{"channel":"dm:t9","data":"hi"}}\n\n'.encode()
     [event] = SSEParser().feed(wire)  # comet.testing's parser (like comet.js) unwraps it
     assert (event.channel, event.data, event.name, event.id) == ("dm:t9", "hi", "dm", cursor)
@@ -484,3 +486,187 @@ def test_a_redis_fast_route_of_several_channels_resumes_at_accept_time(comet_che
         assert pool.counters["routed_fast"] > fast_before  # the resumed one at accept time
     finally:
         hub.close()
+
+
+# -- cursors no one can collide ----------------------------------------------------
+#
+# The first cursor format named each channel by its CRC-32 (``channel_tag``), and
+# refused to follow two channels of one tag: anyone who could name a channel could
+# break someone else's stream. These forge such collisions in microseconds.
+
+
+def forge_crc32(prefix: str, target: int, length: int = 19) -> str:
+    """``prefix`` + *length* letters of ``acegikmo`` whose UTF-8 has CRC-32
+    *target*. CRC-32 is affine over GF(2): flipping bits 1-3 of each letter
+    changes the checksum by a fixed vector each, so the flips that reach
+    *target* are a solution of 32 linear equations (Gaussian elimination)."""
+    base = prefix + "a" * length
+    zero = zlib.crc32(bytes(len(base.encode())))
+    start = len(prefix.encode())
+    basis: dict[int, tuple[int, int]] = {}  # highest bit: (checksum change, flips making it)
+    for flip in range(length * 3):
+        delta = bytearray(len(base.encode()))
+        delta[start + flip // 3] = 2 << (flip % 3)
+        change, flips = zlib.crc32(bytes(delta)) ^ zero, 1 << flip
+        for top in sorted(basis, reverse=True):
+            if change >> top & 1:
+                change, flips = change ^ basis[top][0], flips ^ basis[top][1]
+        if change:
+            basis[change.bit_length() - 1] = (change, flips)
+    want, flips = target ^ zlib.crc32(base.encode()), 0
+    for top in sorted(basis, reverse=True):
+        if want >> top & 1:
+            want, flips = want ^ basis[top][0], flips ^ basis[top][1]
+    assert want == 0, "no solution: use more letters"
+    out = bytearray(base.encode())
+    for flip in range(length * 3):
+        if flips >> flip & 1:
+            out[start + flip // 3] ^= 2 << (flip % 3)
+    return out.decode()
+
+
+def twin_of(channel: str, prefix: str) -> str:
+    """Another channel, starting with *prefix*, with *channel*'s CRC-32 (and so its old tag)."""
+    twin = forge_crc32(prefix, zlib.crc32(channel.encode()))
+    assert twin != channel and zlib.crc32(twin.encode()) == zlib.crc32(channel.encode())
+    assert channel_tag(twin) == channel_tag(channel)
+    return twin
+
+
+def test_the_cursor_names_each_channel_by_its_name_percent_encoded():
+    assert multi_cursor({"shouts": "1700000000000-3", "dm:ann:bob": "1700000000000-5"}) == \
+        "shouts.1700000000000-3_dm:ann:bob.1700000000000-5"
+    assert multi_cursor({"room.1": "1-2", "a_b%": "3-4", "é~ ": "5-6"}) == "room%2E1.1-2_a%5Fb%25.3-4_%C3%A9%7E%20.5-6"
+    cursor = "room%2e1.1-2_x.7-8"  # lowercase hex is read too
+    assert _cursors(cursor, ["room.1", "y"]) == {"room.1": ("1-2", (1, 2))}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(st.characters(blacklist_characters="\r\n\x00"), min_size=1, max_size=200),
+                       st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), min_size=1,
+                       max_size=MAX_CHANNELS))
+def test_property_any_channel_names_make_a_cursor_that_gives_each_channel_its_own_id(ids):
+    cursor = multi_cursor({channel: f"{e}-{s}" for channel, (e, s) in ids.items()})
+    assert is_multi_cursor(cursor)
+    assert _cursors(cursor, list(ids)) == {channel: (f"{e}-{s}", (e, s)) for channel, (e, s) in ids.items()}
+
+
+def test_channels_whose_old_tags_collide_share_a_stream_and_resume_exactly(any_hub):
+    hub = any_hub
+    room = "room:main"
+    twin = twin_of(room, "room:")
+    other = "room.1_b%"  # the separators themselves, in a name
+    sub = hub.subscribe([room, twin, other])  # refused with a 400 before: "share a cursor tag"
+    sub.start()
+    hub.publish(room, "r1")
+    hub.publish(twin, "t1")
+    hub.publish(other, "o1")
+    got = take_until(sub, 3)
+    sub.close()
+    assert [(e.channel, e.data) for e in got] == [(room, "r1"), (twin, "t1"), (other, "o1")]
+    hub.publish(twin, "t2")
+    hub.publish(room, "r2")
+    # From the first event's cursor: room after r1, the twin and the other from before theirs.
+    resumed = hub.subscribe([room, twin, other], last_id=got[0].id)
+    more = take_until(resumed, 4)
+    assert [(e.channel, e.data) for e in more] == [(twin, "t1"), (other, "o1"), (twin, "t2"), (room, "r2")]
+    assert not any(e.name == GAP for e in more)
+    resumed.close()
+    again = hub.subscribe([twin, room], last_id=more[-1].id)  # another order, one channel fewer
+    hub.publish(room, "r3")
+    assert [(e.channel, e.data) for e in take_until(again, 1)] == [(room, "r3")]
+    again.close()
+
+
+def test_a_cursor_resumes_colliding_channels_exactly_on_another_process(comet_redis):
+    from comet.backends.redis import RedisHub
+
+    prefix = f"chancoll-{time.monotonic_ns()}:"
+    room = "room:main"
+    twin = twin_of(room, "dm:ann:")
+    one = RedisHub(comet_redis.url, prefix=prefix, idle=0.2)
+    other = RedisHub(comet_redis.url, prefix=prefix, idle=0.2)
+    try:
+        sub = one.subscribe([room, twin])
+        sub.start()
+        one.publish(room, "r1")
+        one.publish(twin, "t1")
+        cursor = take_until(sub, 2)[0].id  # room at r1; the twin before t1
+        sub.close()
+        one.publish(twin, "t2")
+        one.publish(room, "r2")
+        there = other.subscribe([room, twin], last_id=cursor)
+        got = take_until(there, 3)  # (another process's order across channels may differ)
+        assert by_channel(got) == {twin: ["t1", "t2"], room: ["r2"]}
+        there.close()
+    finally:
+        one.close()
+        other.close()
+
+
+def test_an_old_cursor_still_resumes_where_its_tag_names_one_followed_channel(hub):
+    room, news = "room:main", "news"
+    twin = twin_of(room, "room:")
+    for channel in (room, twin, news):
+        hub.publish(channel, channel + " 1")
+    old = "_".join(f"{channel_tag(c)}.{hub.last_id(c)}" for c in (room, twin, news))
+    for channel in (room, twin, news):
+        hub.publish(channel, channel + " 2")
+    sub = hub.subscribe([room, news], last_id=old)
+    assert [(e.channel, e.data) for e in sub.take()] == [(room, "room:main 1"[:-1] + "2"), (news, "news 2")]
+    sub.close()
+    # A tag two followed channels share says nothing: both start from now; never a refusal.
+    sub = hub.subscribe([room, twin, news], last_id=old)
+    hub.publish(twin, "live")
+    assert [(e.channel, e.data) for e in sub.take()] == [(news, "news 2"), (twin, "live")]
+    sub.close()
+
+
+def test_a_fast_route_follows_a_channel_a_user_named_to_collide(comet_cherrypy, hub):
+    from comet.cherrypy_tool import engine_plugin
+
+    engine_plugin().route("/follow/{user}", hub, ["shouts", "dm:{user}"], heartbeat=0.5)
+    server = comet_cherrypy(type("Root", (), {})())
+    user = twin_of("shouts", "dm:")[3:]
+    with StreamClient(server.url + f"/follow/{user}") as client:
+        wait_until(lambda: hub.subscriptions == 1, what="the stream subscribed")
+        hub.publish("shouts", "hello")
+        hub.publish(f"dm:{user}", "psst")
+        got = client.wait_for(2)
+    assert [(e.channel, e.data) for e in got] == [("shouts", "hello"), (f"dm:{user}", "psst")]
+    hub.publish("shouts", "while away")
+    with StreamClient(server.url + f"/follow/{user}", last_event_id=got[0].id) as client:
+        again = client.wait_for(2)
+    assert [(e.channel, e.data) for e in again] == [(f"dm:{user}", "psst"), ("shouts", "while away")]
+
+
+def test_the_shoutbox_a_name_forged_to_collide_with_the_room_breaks_nobody(comet_cherrypy):
+    """The attack on record: a user name that makes ``dm:ann:<name>``
+    collide with ``shouts``; one private message to ann, and her stream
+    (room, online list, messages) answered 400 on every connect."""
+    from examples.shoutbox.app import RateLimiter, make_app
+    from examples.shoutbox.pm import NAME, Accounts
+    from test_examples_pm import User
+
+    hub = Hub(buffer_size=1000, idle=0.2)
+    root, config = make_app(hub, mod_secret="s3cret", rate=RateLimiter(limit=1000, window=60), accounts=Accounts())
+    server = comet_cherrypy(root, config)
+    name = twin_of("shouts", "dm:ann:z")[len("dm:ann:"):]
+    assert NAME.fullmatch(name)  # a valid user name
+    ann, mallory = User(server.url, "ann"), User(server.url, name)
+    assert mallory.send("ann", "hi")[0] == 200
+    thread = f"ann:{name}"
+    with ann.stream(thread, last_event_id=ann.cursor()) as stream:  # the page's own cursor, built by the app
+        assert stream.status == 200
+        assert mallory.send("ann", "second")[0] == 200
+        stream.wait_for(lambda evs: any(e.name == "pm" for e in evs))
+        cursor = stream.events[-1].id
+    wait_until(lambda: hub.subscriptions == 0, 2.0, what="the server saw the client go")
+    status, _, _ = ann.json("/shout", {"nick": "ann", "text": "while away", "csrf": ann.csrf()})
+    assert status == 200
+    assert mallory.send("ann", "third")[0] == 200
+    with ann.stream(thread, last_event_id=cursor) as stream:
+        stream.wait_for(lambda evs: any(e.name == "pm" for e in evs) and any(e.name == "shout" for e in evs))
+        news = [(e.channel, e.name) for e in stream.events if e.name in ("pm", "shout")]
+        assert news == [("shouts", "shout"), (f"dm:ann:{name}", "pm")]
+        assert [json.loads(e.data)["text"] for e in stream.events if e.name == "pm"] == ["third"]

@@ -38,7 +38,7 @@ from typing import Any
 import cherrypy
 
 from comet import Forbidden, comet as stream
-from comet.hub import MAX_CHANNELS, channel_tag
+from comet.hub import MAX_CHANNELS, multi_cursor
 
 from .app import CHANNEL, ModeratorSessions, RedisModeratorSessions, Shoutbox, form_page, guest_view, json_action, templates
 
@@ -232,8 +232,7 @@ class PrivateMessages:
         counters, threads = self.accounts.summary(me)
         peers = list(threads)[:MAX_THREADS]
         channels = [ONLINE, inbox(me)] + [thread_channel(me, p) for p in peers]
-        cursor = "_".join([f"{channel_tag(CHANNEL)}.{room_cursor}"] +
-                          [f"{channel_tag(c)}.{self.hub.last_id(c)}" for c in channels])
+        cursor = multi_cursor({CHANNEL: room_cursor, **{c: self.hub.last_id(c) for c in channels}})
         return {"user": me, "counters": counters, "threads": {p: threads[p] for p in peers},
                 "online": self.online(), "pm_cursor": cursor, "max_text": MAX_TEXT}
 
