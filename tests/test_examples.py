@@ -207,6 +207,25 @@ def test_history_then_stream_has_no_gap_and_no_duplicate(shout_server):
         assert [json.loads(e.data)["text"] for e in c.events] == ["m60", "m61", "m62", "m63"]
 
 
+@pytest.mark.parametrize("shouts,more", [(3, False), (51, False), (52, True)])
+def test_a_cursor_from_before_a_restart_gets_the_shouts_and_what_is_gone(shout_server, shouts, more):
+    """The page of a restarted server: a gap whose ``resume_id`` says what
+    the server no longer holds (the page keeps its older shouts under a
+    note), then the last 50 shouts, and whether the server has older ones
+    (a shown shout older than the 50 is then not deleted)."""
+    server, hub, _ = shout_server
+    for n in range(shouts):
+        hub.publish("shouts", {"nick": "bot", "text": f"m{n}", "at": 0}, event="shout")
+    hub.publish("shouts", {"target": hub.history("shouts")[-1].id}, event="delete")  # the newest goes
+    with StreamClient(server.url + "/events", last_event_id="1-7") as c:  # an epoch long gone
+        gap, snapshot = c.wait_for(2)
+    assert gap.name == "comet.gap" and json.loads(gap.data) == {"last_id": "1-7", "resume_id": f"{hub.epoch}-0", "snapshot": True}
+    doc = json.loads(snapshot.data)
+    assert snapshot.name == "comet.snapshot" and snapshot.id == hub.last_id("shouts")
+    assert [s["text"] for s in doc["shouts"]] == [f"m{n}" for n in range(max(0, shouts - 51), shouts - 1)]
+    assert doc["more"] is more
+
+
 def test_shout_bad_input_is_refused_and_nothing_is_saved(shout_server):
     server, hub, _ = shout_server
     b = Browser(server.url)

@@ -8,8 +8,9 @@ newest event to the stream, which resumes exactly after it: no gap and no
 duplicate between the page and the stream. A page whose cursor the hub can
 no longer resume from (the server restarted, or the page was away for more
 than the buffer holds) gets the same last 50 shouts as a ``comet.snapshot``
-(``hub.snapshot``), exact at their newest id: the page redraws its list and
-keeps what the user was typing.
+(``hub.snapshot``), exact at their newest id: the page merges them into its
+list, keeps the shouts the server no longer has under a note that says so
+(an in-memory server forgets on restart), and keeps what the user was typing.
 
 One channel, two views: guests and moderators subscribe to the same channel;
 a per-subscriber ``view`` hides moderator notices from guests. A moderator's
@@ -286,19 +287,21 @@ class Shoutbox:
 
     # -- pages ------------------------------------------------------------
 
-    def recent(self) -> tuple[list[Event], str]:
-        """The last 50 shouts not deleted, and the id of the newest event
-        of any kind they reflect: the cursor to resume after."""
+    def recent(self, count: int = 50) -> tuple[list[Event], str]:
+        """The last *count* shouts not deleted, and the id of the newest
+        event of any kind they reflect: the cursor to resume after."""
         events = self.hub.history(CHANNEL)
         cursor = events[-1].id if events else self.hub.last_id(CHANNEL)
         deleted = {e.data.get("target") for e in events if e.name == "delete" and isinstance(e.data, dict)}
-        return [e for e in events if e.name == "shout" and e.id not in deleted][-50:], cursor
+        return [e for e in events if e.name == "shout" and e.id not in deleted][-count:], cursor
 
     def snapshot(self, channel: str) -> Event:
         """What a page that missed too much redraws (after a ``comet.gap``):
-        the shouts a fresh render would show, exact at their cursor."""
-        shouts, cursor = self.recent()
-        return Event({"shouts": [{"id": e.id, **e.data} for e in shouts]}, id=cursor)
+        the shouts a fresh render would show, exact at their cursor, and
+        whether the server holds older ones (``more``): a shown shout older
+        than these is then still on the server, not deleted."""
+        shouts, cursor = self.recent(51)
+        return Event({"shouts": [{"id": e.id, **e.data} for e in shouts[-50:]], "more": len(shouts) > 50}, id=cursor)
 
     @cherrypy.expose
     def index(self):

@@ -145,13 +145,27 @@ def test_pages_reconnect_after_server_restart_and_show_what_was_sent(context, ex
     post_shout(restarted.url, "bob", "and another one")
     for page in pages:
         # the old cursor belongs to the old server: a gap, then the new
-        # server's shouts as a snapshot the page redraws, then live shouts
+        # server's shouts as a snapshot the page merges, then live shouts
         page.wait_for_selector("#shouts li:has-text('and another one')", timeout=30_000)
         page.wait_for_selector('#status[data-status="open"]')
-        assert page.locator("#shouts .what").all_inner_texts()[-2:] == ["sent while you were away", "and another one"]
+        # what the page showed stays, greyed, under a note: the server has forgotten it
+        assert page.locator("#shouts .what").all_inner_texts() == [
+            "before the restart", "sent while you were away", "and another one"]
+        assert page.locator("#shouts li.gone .what").all_inner_texts() == ["before the restart"]
+        note = page.locator("#shouts li.gone + li#gone-note")
+        assert note.is_visible() and note.get_attribute("role") == "note"
+        assert note.inner_text() == ("The shout above is no longer on the server (it restarted, "
+                                     "or dropped old shouts): only this page still shows it.")
     post_shout(restarted.url, "cat", "live again")
     for page in pages:
         page.wait_for_selector("#shouts li:has-text('live again')")
+    # a reload shows what the server has: the note was the page's own memory
+    pages[0].reload()
+    pages[0].wait_for_selector('#status[data-status="open"]')
+    assert pages[0].locator("#shouts .what").all_inner_texts() == [
+        "sent while you were away", "and another one", "live again"]
+    assert pages[0].locator("#gone-note").count() == 0
+    for page in pages:
         page.close()
 
 

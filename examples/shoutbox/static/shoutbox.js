@@ -74,6 +74,7 @@
       li.classList.add("new");
       list.append(li);
       while (list.children.length > 200) list.firstElementChild.remove();
+      if (list.firstElementChild && list.firstElementChild.id === "gone-note") list.firstElementChild.remove();
       $("empty").hidden = true;
       if (follow || mine.has(ev.id)) toBottom();
     } else if (ev.event === "delete") {
@@ -89,13 +90,44 @@
     }
   }
 
+  let floor = null;  // after a gap: the newest id the server no longer holds
+
   function redraw(snapshot) {
-    // The server's current shouts, exact at the snapshot's id: they replace
-    // the list (what it showed may be gone, deleted, or from before a
-    // restart). The form is not touched: the unsent text and nickname stay.
+    // The server's current shouts, exact at the snapshot's id. What the page
+    // showed stays: shouts the server still has come from the snapshot,
+    // shouts deleted meanwhile go, and shouts from before anything the server
+    // holds (it restarted, or dropped them) stay, greyed, above a note that
+    // says so, instead of vanishing. The form is not touched.
     const follow = nearBottom();
-    list.replaceChildren(...snapshot.data.shouts.map((s) => shoutItem(s.id, s)));
+    const fresh = snapshot.data.shouts;
+    const served = new Set(fresh.map((s) => s.id));
+    const oldest = fresh.length ? fresh[0].id : null;
+    const gone = [], older = [];
+    for (const li of list.querySelectorAll("li[data-id]")) {
+      const id = li.dataset.id;
+      if (served.has(id)) continue;
+      if (li.classList.contains("gone") || floor && Comet.compareIds(id, floor) !== 1) gone.push(li);
+      else if (snapshot.data.more && oldest && Comet.compareIds(id, oldest) === -1) older.push(li);  // beyond the 50
+      // else: deleted while this page was away
+    }
+    for (const li of gone) {
+      li.classList.add("gone");
+      li.classList.remove("new");
+      const del = li.querySelector("button.delete");
+      if (del) del.remove();  // the server cannot delete what it no longer has
+    }
+    const items = [...gone];
+    if (gone.length) {
+      const note = document.createElement("li");
+      note.id = "gone-note"; note.className = "note"; note.setAttribute("role", "note");
+      note.textContent = (gone.length === 1 ? "The shout above is" : "The " + gone.length + " shouts above are") +
+        " no longer on the server (it restarted, or dropped old shouts): only this page still shows " +
+        (gone.length === 1 ? "it." : "them.");
+      items.push(note);
+    }
+    list.replaceChildren(...items, ...older, ...fresh.map((s) => shoutItem(s.id, s)));
     $("empty").hidden = list.children.length > 0;
+    floor = null;
     if (follow) toBottom();
   }
 
@@ -113,7 +145,8 @@
     onEvent: onEvent,
     onSnapshot: redraw,                // after a gap: the current shouts, then live ones
     // A gap with no snapshot after it (the server could not make one): a fresh render.
-    onGap: (ev) => { if (!(ev.data && ev.data.snapshot)) location.reload(); },
+    // With one, the snapshot comes next: what came before resume_id is gone from the server.
+    onGap: (ev) => { if (ev.data && ev.data.snapshot) floor = ev.data.resume_id; else location.reload(); },
     onStatus: (s) => { $("status").dataset.status = s; $("status").textContent = words[s] || s; },
   };
   if (!$("pm")) {  // signed in, pm.js follows the room on the page's one stream
