@@ -33,7 +33,13 @@ to expose the very same dict. The suite checks the output with
 The numbers (channel names included) are for operators: give ``mount`` or
 ``stats_wsgi`` a ``password`` (HTTP Basic, user ``comet``), or keep the URL
 off the public side of the proxy (``deploy/nginx-comet.conf`` allows only
-the proxy's own host).
+the proxy's own host). Wrong passwords are throttled per client address:
+after ``GUESSES_FREE`` of them in a row, that address is answered ``429``
+with a ``Retry-After`` that doubles with each further wrong guess (up to
+``LONGEST_WAIT``), right password or not, so guessing costs hours instead
+of seconds. Behind a proxy every client shares the proxy's address: a
+guesser then delays the operators too (never for more than
+``LONGEST_WAIT``), a fair price for a page of numbers.
 """
 from __future__ import annotations
 
@@ -42,7 +48,9 @@ import binascii
 import hmac
 import json
 import threading
+import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -57,6 +65,17 @@ __all__ = ["snapshot", "prometheus_text", "StatsApp", "mount", "stats_wsgi", "me
 
 #: The Content-Type of the Prometheus text exposition format.
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Wrong passwords an address may send in a row before it must wait.
+GUESSES_FREE = 5
+#: The first wait, in seconds; each further wrong guess doubles it...
+FIRST_WAIT = 1.0
+#: ... up to this.
+LONGEST_WAIT = 300.0
+#: An address's wrong guesses are forgotten this long after its last one.
+FORGET_AFTER = 900.0
+#: Addresses remembered at most (the oldest are forgotten first).
+MAX_ADDRESSES = 10_000
 
 _STARTED = time.time()
 _PAGE = Path(__file__).resolve().parent / "static" / "stats.html"
@@ -206,15 +225,26 @@ class StatsApp:
         if not isinstance(interval, (int, float)) or interval <= 0:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self.interval = float(interval)
-        if password is not None:
-            check = _checker(user, password)
-            # CherryPy's own Basic auth, for the page, the JSON and the stream
-            # (a browser sends the credentials with the page's EventSource too).
-            self._cp_config = {"tools.auth_basic.on": True, "tools.auth_basic.realm": "comet stats",
-                               "tools.auth_basic.checkpassword": lambda realm, u, p: check(u, p),
-                               "tools.auth_basic.accept_charset": "UTF-8"}
-        self._stopped = threading.Event()
         import cherrypy
+
+        if password is not None:
+            guard = _Guard(user, password)
+
+            def ask_password() -> None:
+                # Before every handler here: the page, the JSON, the metrics
+                # and the stream (a browser sends the credentials with the
+                # page's EventSource too). Priority 50, after json_out's
+                # wrapping (30), so that a refusal skips the wrapped handler.
+                request, response = cherrypy.serving.request, cherrypy.serving.response
+                refusal = guard.refusal(request.headers.get("Authorization", ""), request.remote.ip or "")
+                if refusal is not None:
+                    response.status, headers, response.body = refusal
+                    for name, value in headers:
+                        response.headers[name] = value
+                    request.handler = None  # a plain-text answer, not an error page
+
+            self._cp_config = {"hooks.before_handler": ask_password}
+        self._stopped = threading.Event()
 
         from . import comet
 
@@ -255,6 +285,59 @@ class StatsApp:
         self.json = json_
         self.metrics = metrics
         self.stream = stream
+
+
+_Answer = tuple[str, list[tuple[str, str]], bytes]
+
+
+class _Guard:
+    """HTTP Basic with *user* and *password*, wrong guesses throttled per
+    client address (see the module docstring)."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self._check = _checker(user, password)
+        self._lock = threading.Lock()
+        #: address -> (wrong guesses in a row, last one at, refused until)
+        self._wrong: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+
+    def refusal(self, header: str, address: str) -> _Answer | None:
+        """None to let the request through, else its answer."""
+        scheme, _, encoded = header.partition(" ")
+        try:
+            user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            sep = ""
+        # One lock around the whole decision: guesses sent in parallel are
+        # counted one by one, none slips past a lock another one earned.
+        with self._lock:
+            now = time.monotonic()
+            count, last, until = self._wrong.pop(address, (0, now, 0.0))
+            if now - last > FORGET_AFTER:
+                count, until = 0, 0.0
+            if count:
+                self._wrong[address] = (count, last, until)  # (at the end: the newest)
+            if until > now:
+                wait = str(math.ceil(until - now))
+                return ("429 Too Many Requests", [("Retry-After", wait), *_PLAIN],
+                        f"too many wrong passwords: try again in {wait} s\n".encode())
+            if scheme.lower() != "basic":  # (a browser's first request: not a guess)
+                return "401 Unauthorized", [_ASK, *_PLAIN], b"credentials needed\n"
+            if not sep:
+                return "400 Bad Request", list(_PLAIN), b"malformed Basic credentials\n"
+            if self._check(user, password):
+                self._wrong.pop(address, None)
+                return None
+            count += 1
+            doublings = min(count - GUESSES_FREE, 30)  # (a float's range: LONGEST_WAIT binds long before)
+            until = now + min(FIRST_WAIT * 2 ** doublings, LONGEST_WAIT) if count >= GUESSES_FREE else 0.0
+            self._wrong[address] = (count, now, until)
+            while len(self._wrong) > MAX_ADDRESSES:
+                self._wrong.popitem(last=False)
+        return "401 Unauthorized", [_ASK, *_PLAIN], b"wrong user or password\n"
+
+
+_ASK = ("WWW-Authenticate", 'Basic realm="comet stats", charset="UTF-8"')
+_PLAIN = (("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store"))
 
 
 def _checker(user: str, password: str) -> Callable[[str, str], bool]:
@@ -321,13 +404,14 @@ def metrics_wsgi(pool: StreamPool, hubs: Iterable[Hub] = (), password: str | Non
 
 
 def _numbers_app(render: Callable[[], bytes], content_type: str, password: str | None, user: str) -> WSGIApplication:
-    check = _checker(user, password) if password is not None else None
+    guard = _Guard(user, password) if password is not None else None
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
-        if check is not None and not _basic_ok(environ.get("HTTP_AUTHORIZATION", ""), check):
-            start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="comet stats", charset="UTF-8"'),
-                                                ("Content-Type", "text/plain; charset=utf-8")])
-            return [b"credentials needed\n"]
+        refusal = guard and guard.refusal(environ.get("HTTP_AUTHORIZATION", ""), environ.get("REMOTE_ADDR", ""))
+        if refusal:
+            status, headers, body = refusal
+            start_response(status, [*headers, ("Content-Length", str(len(body)))])
+            return [body]
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")])
             return [b"GET only\n"]
@@ -338,13 +422,3 @@ def _numbers_app(render: Callable[[], bytes], content_type: str, password: str |
 
     return app
 
-
-def _basic_ok(header: str, check: Callable[[str, str], bool]) -> bool:
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return False
-    try:
-        user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return False
-    return bool(sep) and check(user, password)

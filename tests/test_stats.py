@@ -172,18 +172,87 @@ def test_a_password_guards_the_page_the_json_and_the_stream(comet_cherrypy):
     root = Root()
     mount(root, password="s3cret pass")
     server = comet_cherrypy(root)
-    for path in ("/comet/stats/", "/comet/stats/json", "/comet/stats/stream"):
-        for headers in ({}, basic("comet", "wrong"), basic("admin", "s3cret pass")):
-            status, answer, _ = http_get(server.url + path, headers=headers)
-            assert status == 401 and answer["www-authenticate"].startswith('Basic realm="comet stats"'), (path, headers)
-        assert http_get(server.url + path, headers={"Authorization": "Basic !!"})[0] == 400  # CherryPy: malformed
     good = basic("comet", "s3cret pass")
+    for n, path in enumerate(("/comet/stats/", "/comet/stats/json", "/comet/stats/metrics", "/comet/stats/stream")):
+        wrong = basic("comet", "wrong") if n % 2 else basic("admin", "s3cret pass")
+        for headers, reason in (({}, b"credentials needed\n"), (wrong, b"wrong user or password\n")):
+            status, answer, body = http_get(server.url + path, headers=headers)
+            assert status == 401 and answer["www-authenticate"].startswith('Basic realm="comet stats"'), (path, headers)
+            assert answer["content-type"] == "text/plain; charset=utf-8" and body == reason, (path, body)
+        status, answer, body = http_get(server.url + path, headers={"Authorization": "Basic !!"})
+        assert (status, body) == (400, b"malformed Basic credentials\n")
+        assert http_get(server.url + path, headers=good, deadline=3)[0] == 200 if path != "/comet/stats/stream" else True
     assert http_get(server.url + "/comet/stats/json", headers=good)[0] == 200
     assert http_get(server.url + "/")[2] == b"public page"  # the rest of the app is untouched
     with StreamClient(server.url + "/comet/stats/stream", headers=good) as client:
         assert client.wait_for(1, timeout=10)[0].name == "stats"
     with pytest.raises(ValueError, match="non-empty"):
         mount(Root(), password="")
+
+
+def get_from(address: str, url: str, headers: dict) -> tuple[int, dict, bytes]:
+    """GET *url* from the local *address* (127.0.0.x: another client)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10, source_address=(address, 0))
+    try:
+        conn.request("GET", parts.path, headers=headers)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def test_password_guesses_are_throttled_per_client_address(comet_cherrypy):
+    from comet import stats
+
+    class Root:
+        pass
+
+    root = Root()
+    mount(root, password="s3cret pass")
+    server = comet_cherrypy(root)
+    url = server.url + "/comet/stats/json"
+    good, wrong = basic("comet", "s3cret pass"), basic("comet", "guess")
+    for _ in range(stats.GUESSES_FREE):
+        assert get_from("127.0.0.1", url, wrong)[0] == 401
+    # Locked out, right password or not; plain text, and how long to wait.
+    status, headers, body = get_from("127.0.0.1", url, good)
+    assert (status, headers["retry-after"]) == (429, "1"), body
+    assert headers["content-type"] == "text/plain; charset=utf-8" and body.startswith(b"too many wrong passwords")
+    # Another address is not held up.
+    assert get_from("127.0.0.2", url, good)[0] == 200
+    # The next wrong guess after the wait doubles it.
+    wait_until(lambda: get_from("127.0.0.1", url, {})[0] == 401, timeout=5, what="the first wait over")
+    assert get_from("127.0.0.1", url, wrong)[0] == 401
+    status, headers, _ = get_from("127.0.0.1", url, good)
+    assert (status, headers["retry-after"]) == (429, "2")
+    # The right password, once let in, starts the count afresh.
+    wait_until(lambda: get_from("127.0.0.1", url, {})[0] == 401, timeout=5, what="the second wait over")
+    assert get_from("127.0.0.1", url, good)[0] == 200
+    for _ in range(stats.GUESSES_FREE - 1):
+        assert get_from("127.0.0.1", url, wrong)[0] == 401
+    assert get_from("127.0.0.1", url, good)[0] == 200
+
+
+def test_parallel_guesses_are_counted_one_by_one(comet_cherrypy, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from comet import stats
+
+    monkeypatch.setattr(stats, "FIRST_WAIT", 60.0)  # (longer than the burst takes on a loaded machine)
+    class Root:
+        pass
+
+    root = Root()
+    mount(root, password="s3cret pass")
+    server = comet_cherrypy(root)
+    url = server.url + "/comet/stats/json"
+    with ThreadPoolExecutor(8) as workers:
+        statuses = list(workers.map(lambda n: get_from("127.0.0.1", url, basic("comet", f"guess{n}"))[0], range(40)))
+    assert statuses.count(401) == stats.GUESSES_FREE and statuses.count(429) == 40 - stats.GUESSES_FREE
 
 
 def test_stats_wsgi_password():
@@ -200,3 +269,23 @@ def test_stats_wsgi_password():
     assert ask(basic("comet", "nope"))[0][0].startswith("401")
     (status, _), body = ask(basic("comet", "pw"))
     assert status.startswith("200") and json.loads(body)["streams"]["open"] == 0
+
+
+def test_stats_wsgi_throttles_guesses_per_remote_addr():
+    from comet import stats
+
+    app = stats_wsgi(StreamPool(), password="pw")
+
+    def ask(address, headers):
+        got = []
+        environ = {"REQUEST_METHOD": "GET", "REMOTE_ADDR": address,
+                   **{"HTTP_" + k.upper(): v for k, v in headers.items()}}
+        body = b"".join(app(environ, lambda status, hdrs: got.append((status, dict(hdrs)))))
+        return got[0][0][:3], got[0][1], body
+
+    for _ in range(stats.GUESSES_FREE):
+        status, headers, body = ask("10.0.0.1", basic("comet", "nope"))
+        assert (status, body) == ("401", b"wrong user or password\n") and "Basic" in headers["WWW-Authenticate"]
+    status, headers, body = ask("10.0.0.1", basic("comet", "pw"))
+    assert (status, headers["Retry-After"]) == ("429", "1") and headers["Content-Type"].startswith("text/plain")
+    assert ask("10.0.0.2", basic("comet", "pw"))[0] == "200"
