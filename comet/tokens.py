@@ -13,9 +13,17 @@ database lookup and no session, on any process that shares the secret::
     member = tokens.verify(token, channel=f"dm:{thread}")   # raises comet.Forbidden
 
 A token is ``<payload>.<signature>``: the payload is base64url JSON
-(``{"m": member, "c": [channels], "x": expiry}``), the signature HMAC-SHA256
+(``{"m": member, "c": [patterns], "x": expiry}``), the signature HMAC-SHA256
 over it with the secret. It is not encrypted: the member and channels are
 readable by whoever holds the URL, so put nothing secret in them.
+
+Channel names are literal, patterns explicit: ``sign(member, channels,
+patterns=[...])``. Names often carry what users chose (``dm:ann:<name>``),
+and a name read as a pattern would cover other channels (a user called
+``*``) or not its own (``room:[x]``). Both go into ``"c"`` as ``fnmatch``
+patterns, a name escaped (``room:[[]x]``): tokens signed before names were
+literal still mean what they meant, and every process reads every token
+alike during an upgrade.
 """
 from __future__ import annotations
 
@@ -44,13 +52,19 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _literal(name: str) -> str:
+    """The ``fnmatch`` pattern matching exactly *name*: each special
+    character in a set of its own (``"[*]"`` matches only ``"*"``)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 class StreamTokens:
     """Sign and check stream tokens with *secret* (at least 16 bytes; there
     is no default). *ttl* is how long a token is valid, in seconds, unless
     :meth:`sign` says otherwise.
 
     >>> tokens = StreamTokens("a-secret-of-at-least-16-bytes")
-    >>> token = tokens.sign("ann", ["dm:ann:bob", "room:*"], ttl=60)
+    >>> token = tokens.sign("ann", ["dm:ann:bob"], patterns=["room:*"], ttl=60)
     >>> tokens.verify(token, channel="room:main")
     'ann'
     >>> tokens.verify(token, channel="dm:cat:dan")
@@ -71,16 +85,32 @@ class StreamTokens:
     def _signature(self, payload: str) -> str:
         return _b64(hmac.new(self._key, payload.encode("ascii"), hashlib.sha256).digest())
 
-    def sign(self, member: str, channels: Iterable[str], *, ttl: float | None = None) -> str:
-        """A token letting *member* follow *channels* (names, or ``fnmatch``
-        patterns such as ``"room:*"``) for *ttl* seconds."""
-        names = list(channels)
+    def sign(self, member: str, channels: Iterable[str] = (), *, patterns: Iterable[str] = (),
+             ttl: float | None = None) -> str:
+        """A token letting *member* follow *channels* (exact names: ``*``,
+        ``?`` and ``[`` are plain characters there) and every channel
+        matching one of *patterns* (``fnmatch`` style: ``"room:*"``) for
+        *ttl* seconds.
+
+        >>> tokens = StreamTokens("a-secret-of-at-least-16-bytes")
+        >>> token = tokens.sign("ann", ["room:[x]"])
+        >>> tokens.verify(token, channel="room:[x]")
+        'ann'
+        >>> tokens.verify(token, channel="room:x")
+        Traceback (most recent call last):
+        ...
+        comet.errors.Forbidden: this token does not cover channel 'room:x'
+        """
+        if isinstance(channels, str) or isinstance(patterns, str):
+            raise ValueError("channels and patterns are lists of str, not one str")
+        names, wanted = list(channels), list(patterns)
         if not isinstance(member, str) or not member:
             raise ValueError(f"member must be a non-empty str, got {member!r}")
-        if not names or not all(isinstance(c, str) and c for c in names):
-            raise ValueError(f"channels must be non-empty strs, got {names!r}")
+        if not names + wanted or not all(isinstance(c, str) and c for c in names + wanted):
+            raise ValueError(f"channels and patterns must be non-empty strs, at least one, got {names!r}, {wanted!r}")
         expiry = int(time.time() + (self.ttl if ttl is None else ttl))
-        payload = _b64(json.dumps({"m": member, "c": names, "x": expiry}, separators=(",", ":")).encode())
+        covered = [_literal(name) for name in names] + wanted
+        payload = _b64(json.dumps({"m": member, "c": covered, "x": expiry}, separators=(",", ":")).encode())
         return f"{payload}.{self._signature(payload)}"
 
     def verify(self, token: str, channel: str | None = None) -> str:

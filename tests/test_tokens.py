@@ -69,7 +69,7 @@ def test_a_token_opens_its_channels_only(comet_cherrypy, hub, tokens):
 
 
 def test_patterns_members_and_settings(tokens):
-    token = tokens.sign("ann", ["room:*", "dm:ann:bob"])
+    token = tokens.sign("ann", ["dm:ann:bob"], patterns=["room:*"])
     assert tokens.verify(token) == "ann"
     assert tokens.verify(token, channel="room:lobby") == "ann"
     with pytest.raises(Forbidden, match="does not cover"):
@@ -86,6 +86,50 @@ def test_patterns_members_and_settings(tokens):
         tokens.sign("", ["room:a"])
     with pytest.raises(ValueError):
         tokens.sign("ann", [])
+    with pytest.raises(ValueError):
+        tokens.sign("ann", patterns=[""])
+    with pytest.raises(ValueError, match="not one str"):
+        tokens.sign("ann", "room:a")
+
+
+def test_channel_names_are_literal_and_patterns_explicit(comet_cherrypy, hub, tokens):
+    """A name is signed as itself, whatever its characters: a user named
+    "*" gets no one else's thread, "room:[x]" opens "room:[x]" only."""
+    engine_plugin().route("/fast/{thread}", hub, "dm:{thread}", heartbeat=0.5, authorize=tokens.authorize("dm:{thread}"))
+    server = comet_cherrypy(root(hub, tokens), thread_pool=4)
+    bracket = tokens.sign("ann", ["dm:ann:[x]"])
+    for url in (f"{server.url}/dm?thread={quote('ann:[x]')}&token={bracket}",):  # (fast routes take no "[")
+        with StreamClient(url) as client:
+            wait_until(lambda: hub.subscriptions == 1, what="subscribed")
+            hub.publish("dm:ann:[x]", "psst")
+            assert client.wait_for(1)[-1].data == "psst"
+        wait_until(lambda: hub.subscriptions == 0, what="released")
+    star = tokens.sign("*", ["dm:ann:*"])  # a user who named herself "*"
+    for thread, token in (("ann:x", bracket), ("ann:bob", star)):
+        for path in (f"/dm?thread={thread}&token={token}", f"/fast/{thread}?token={token}"):
+            status, _, body = http_get(server.url + path)
+            assert status == 403 and f"does not cover channel 'dm:{thread}'".encode() in body, (path, body)
+    for name in ("a*b", "a?b", "[!a]", "]", "a[b]c[", "caf\u00e9"):
+        token = tokens.sign("ann", [name])
+        assert tokens.verify(token, channel=name) == "ann"
+        with pytest.raises(Forbidden):
+            tokens.verify(token, channel=name.replace("*", "xy").replace("?", "x").replace("[!a]", "b") + "z")
+    either = tokens.sign("ann", ["dm:ann:*"], patterns=["room:?"])
+    assert tokens.verify(either, channel="room:a") == tokens.verify(either, channel="dm:ann:*") == "ann"
+    with pytest.raises(Forbidden):
+        tokens.verify(either, channel="dm:ann:bob")
+
+
+def test_tokens_signed_before_names_were_literal_still_read_as_patterns(tokens):
+    import base64
+    import json
+
+    # What sign("ann", ["room:*"]) made before: the claim is a pattern.
+    payload = base64.urlsafe_b64encode(json.dumps({"m": "ann", "c": ["room:*"], "x": int(time.time()) + 60},
+                                                  separators=(",", ":")).encode()).rstrip(b"=").decode()
+    old = payload + "." + tokens._signature(payload)
+    assert tokens.verify(old, channel="room:lobby") == "ann"
+    assert tokens.sign("ann", patterns=["room:*"]).partition(".")[0] == payload  # and the same bytes now
 
 
 def _expired(tokens, token):
