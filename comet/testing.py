@@ -30,12 +30,13 @@ import time
 from typing import Any, Callable
 from urllib.parse import urlencode, urlsplit
 
+from .faults import FaultProxy
 from .framing import Event, Part, TaggedEvent, to_json
 from .hub import is_multi_cursor
 from .processes import AppProcess, NginxServer, RedisSentinels, RedisServer, free_port
 
 __all__ = [
-    "StreamClient", "SSEParser", "MultipartParser", "NDJSONParser", "StreamClosed", "HTTPStatusError",
+    "StreamClient", "FaultProxy", "SSEParser", "MultipartParser", "NDJSONParser", "StreamClosed", "HTTPStatusError",
     "CherryPyServer", "WSGIServer", "RedisServer", "RedisSentinels", "NginxServer", "AppProcess", "free_port", "wait_until", "http_get",
 ]
 
