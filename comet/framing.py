@@ -57,7 +57,8 @@ Events of a subscription to several channels (:class:`TaggedEvent`) say
 their channel on every transport: the JSON forms gain a ``"channel"``
 member, and on SSE, where a bare ``EventSource`` sees only the id, the
 event name and the data, the data is ``{"channel": ..., "data": ...}``. A
-binary :class:`Part` gains a ``Comet-Channel`` header. Their ids are the
+binary :class:`Part` gains a ``Comet-Channel`` header (the name as %-escaped
+UTF-8, as in a URL: a header carries Latin-1 only). Their ids are the
 subscription's cursor on every channel (see ``comet.hub``).
 """
 from __future__ import annotations
@@ -68,6 +69,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
+from urllib.parse import quote
 
 from .errors import InvalidEvent, UnserializableData
 
@@ -105,6 +107,20 @@ def _check_field(what: str, value: str | None) -> None:
         raise InvalidEvent(f"{what} must be a str, got {type(value).__name__}")
     if _FORBIDDEN.search(value):
         raise InvalidEvent(f"{what} must not contain CR, LF or NUL: {value!r}")
+
+
+def _check_latin1(what: str, value: str) -> None:
+    # A part's header block goes on the wire as Latin-1 (HTTP header text):
+    # refused here, it can never end the streams it is sent to.
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise InvalidEvent(f"{what} must be Latin-1 text (it goes in a header): {value!r}") from None
+
+
+#: Left as they are in a ``Comet-Channel`` header: RFC 3986 unreserved and
+#: sub-delims, ":" and "@" (a URL path segment's characters, less "%").
+_CHANNEL_SAFE = "-._~!$&'()*+,;=:@"
 
 
 @dataclass(frozen=True, eq=True, slots=True)
@@ -294,7 +310,8 @@ def _multipart(event: Event, boundary: str) -> bytes:
     if isinstance(event.data, Part):  # a hub carrying binary: the part itself, for <img>
         part = event.data
         if isinstance(event, TaggedEvent) and event.channel is not None:
-            part = Part(part.body, part.content_type, part.headers + (("Comet-Channel", event.channel),))
+            # (%-escaped: any channel name, Latin-1 or not, fits in a header)
+            part = Part(part.body, part.content_type, part.headers + (("Comet-Channel", quote(event.channel, safe=_CHANNEL_SAFE)),))
         return part.encode(boundary)
     if event.name == _GAP and isinstance(boundary, Boundary) and _is_image(boundary.last):
         # An image stream that fell behind needs no repair (the next frame is
@@ -335,9 +352,11 @@ class Part:
         if not self.body:
             raise InvalidEvent("a part must not be empty: readers skip empty parts and browsers blank the image")
         _check_field("part content type", self.content_type)
+        _check_latin1("part content type", self.content_type)
         for name, value in self.headers:
             _check_field("part header name", name)
             _check_field("part header value", value)
+            _check_latin1("part header", f"{name}: {value}")
 
     def head(self) -> bytes:
         """The part's header block: type, extra headers, the blank line."""

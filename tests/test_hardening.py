@@ -294,3 +294,39 @@ def test_a_failure_in_a_fast_route_before_reading_hands_the_connection_back(serv
     monkeypatch.setattr(FastRoutes, "_parse", broken)
     assert _page_times(server.url + "/", 2)
     assert calls  # the hook ran, failed, and cheroot served the page anyway
+
+
+def test_a_part_whose_headers_cannot_go_on_the_wire_is_refused_at_construction():
+    from comet import InvalidEvent, Part
+
+    for kw in ({"content_type": "image/\u2713"}, {"headers": (("X-Name", "caf\u00e9 \u2713"),)},
+               {"headers": (("X-\u2713", "1"),)}):
+        with pytest.raises(InvalidEvent, match="Latin-1"):
+            Part(b"\xff\xd8frame", **kw)
+    assert Part(b"\xff\xd8frame", "image/jpeg", (("X-Name", "caf\u00e9"),)).head().endswith(b"caf\xe9\r\n\r\n")
+
+
+def test_a_unicode_channel_name_keeps_a_multipart_viewer_of_several_channels(comet_cherrypy, hub):
+    """A binary part of channel "cam:✓" says its channel in a header that
+    can carry it (%-escaped UTF-8), and the viewer goes on to the next."""
+    from urllib.parse import unquote
+
+    from comet import Part
+
+    class Cams:
+        @cherrypy.expose
+        @comet(transport="multipart", heartbeat=0.5)
+        def both(self):
+            return hub.subscribe(["cam:\u2713", "cam:b"])
+
+    server = comet_cherrypy(Cams())
+    with StreamClient(server.url + "/both", transport="multipart") as client:
+        wait_until(lambda: hub.subscriptions >= 1, what="subscribed")
+        hub.publish("cam:\u2713", Part(b"\xff\xd8one", "image/jpeg"))
+        hub.publish("cam:b", Part(b"\xff\xd8two", "image/jpeg"))
+        hub.publish("cam:\u2713", Part(b"\xff\xd8three", "image/jpeg"))
+        got = client.wait_for(3, timeout=10)
+    assert [(p.body, unquote(dict(p.headers)["Comet-Channel"])) for p in got[:3]] == [
+        (b"\xff\xd8one", "cam:\u2713"), (b"\xff\xd8two", "cam:b"), (b"\xff\xd8three", "cam:\u2713")]
+    assert dict(got[0].headers)["Comet-Channel"] == "cam:%E2%9C%93"
+    wait_until(lambda: hub.subscriptions == 0, what="released")
