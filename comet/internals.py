@@ -155,6 +155,8 @@ class CherootConnection:
         self._sock: socket.socket | None = sock if type(sock) is socket.socket else None
         #: TLS (ssl.SSLSocket, pyOpenSSL) keeps its thread: writes may need reads.
         self.parkable = self._sock is not None
+        #: The TCP socket, TLS included, for socket options (comet.liveness).
+        self.tcp_socket: socket.socket | None = sock if isinstance(sock, socket.socket) else None
 
     def closed(self) -> bool:
         return self._sock is None or _peer_closed(self._sock)
@@ -177,6 +179,7 @@ class _SocketOnly:
 
     def __init__(self, sock: socket.socket | None) -> None:
         self._sock = sock
+        self.tcp_socket = sock
 
     def closed(self) -> bool:
         return self._sock is not None and _peer_closed(self._sock)

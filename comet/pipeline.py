@@ -30,8 +30,9 @@ from http import HTTPStatus
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
 from .errors import CometError
-from .framing import content_type
+from .framing import content_type, heartbeat_seconds
 from .hub import Idle, Step, Subscription, cooperative
+from .liveness import watch_peer
 from .options import Options
 from .pool import Admission, StreamPool
 from .stream import Stream, close_quietly
@@ -140,12 +141,14 @@ class Opened:
 
 
 def stream_headers(options: Options, boundary: str, *, parked_longpoll: bool = False) -> list[tuple[str, str]]:
-    """Response headers: type, no caching, no proxy buffering."""
+    """Response headers: type, no caching, no proxy buffering, and the
+    longest silence the server promises (a long-poll's is its timeout)."""
     headers = [
         ("Content-Type", content_type(options.transport, boundary, options.content_type)),
         ("Cache-Control", "no-cache"),
         # nginx reads this to turn off proxy buffering for this response.
         ("X-Accel-Buffering", "no"),
+        ("Comet-Heartbeat", heartbeat_seconds(options.heartbeat if options.framing.streaming else options.poll_timeout)),
     ]
     if parked_longpoll:
         # The writer answers and then closes: say so, so clients do not try
@@ -196,6 +199,8 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
                                                 first_step_here)
                 headers = stream_headers(options, boundary, parked_longpoll=not options.framing.streaming)
             else:
+                # (a thread-mode stream's socket, when the server shows it: TLS included)
+                watch_peer(getattr(connection, "tcp_socket", None), options.heartbeat)
                 stream = Stream(items, options, admission, closed=connection.closed if connection else None,
                                 resume_id=resume_id, boundary=boundary)
                 stream.prime()
@@ -384,9 +389,11 @@ class Parking:
         another thread (the step the writer would have started at once)."""
         self._done = True
         options = self.options
+        watch_peer(sock, options.heartbeat)  # a client that vanishes is noticed (comet.liveness)
         deadline = time.monotonic() + options.max_duration if options.max_duration else None
         longpoll = None if options.framing.streaming else options.poll_timeout
-        stream = ParkedStream(sock, self.transport, self.boundary, chunked, options.heartbeat, deadline,
+        # (a long-poll's heartbeat is its poll_timeout: what its answer announces)
+        stream = ParkedStream(sock, self.transport, self.boundary, chunked, longpoll or options.heartbeat, deadline,
                               options.max_event_bytes, self.admission, sub=self._sub, gen=self._gen,
                               longpoll=longpoll, cursor=self.resume_id)
         stream.initial = self._first
@@ -396,7 +403,7 @@ class Parking:
         stream.context = self.context
         stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
         self.admission.served_by(stream)
-        start = options.framing.preamble(options.retry, self.boundary)
+        start = options.framing.preamble(options.retry, self.boundary, options.heartbeat)
         if head or start:
             stream.queue(head + ((_chunk(start) if chunked else start) if start else b""))
         if self._sub is not None:

@@ -1,0 +1,274 @@
+"""The server notices clients that vanished without a FIN (comet.liveness).
+
+The packets really vanish: the test makes two network namespaces joined by
+a veth pair, runs tests/apps/vanish_app.py (heartbeat 1 s) in one, opens
+streams from the other (parked generator, the same served at accept, thread
+mode, fast route; a presence member), then sets the client's end of the
+link down: no FIN, no RST, nothing acknowledged. Within the documented bound
+(:func:`comet.liveness.notice_within` plus the presence grace) the server's
+stream counts drop to zero, every handler's ``finally`` has run and the
+member is gone from ``hub.members()``.
+
+Addresses exist only inside the namespaces made here (10.231.x.y/30); the
+namespaces, and the link with them, are removed when the test ends, also
+when it fails.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import pytest
+
+from comet.liveness import notice_within
+from comet.testing import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "tests" / "apps" / "vanish_app.py"
+HEARTBEAT = 1.0  # the app's
+GRACE = 1.0  # the app's presence_grace
+IDLE = 1.0  # its hub's idle tick: a thread-mode stream looks at its socket at each
+SERVER, CLIENT = "10.231.{n}.1", "10.231.{n}.2"
+CLONE_NEWNET = 0x40000000
+READY = "vanish_app ready"  # tests/apps/vanish_app.py's
+
+T = TypeVar("T")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def _why_no_netns() -> str | None:
+    """None if this process may make network namespaces, else why not."""
+    if sys.platform != "linux":
+        return "network namespaces are Linux's"
+    probe = f"cvprobe{uuid.uuid4().hex[:8]}"
+    try:
+        done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`ip netns` cannot run here: {exc}"
+    if done.returncode != 0:
+        return f"`ip netns add` is not permitted here: {done.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
+    return None
+
+
+def in_netns(name: str, call: Callable[[], T]) -> T:
+    """Run *call* on a thread that has entered network namespace *name*:
+    sockets it makes live there (and keep living there, used from any thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {name}")
+            finally:
+                os.close(fd)
+            result.append((True, call()))
+        except BaseException as exc:  # handed to the caller's thread
+            result.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"in-{name}")
+    thread.start()
+    thread.join(30)
+    assert result, f"a call in namespace {name} did not return"
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+class Net:
+    """Two namespaces joined by a veth pair: ``server`` and ``client``."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.server_ns, self.client_ns = f"cvs{tag}", f"cvc{tag}"
+        self.server_dev, self.client_dev = f"cvs{tag}", f"cvc{tag}"  # 11 chars: under IFNAMSIZ
+        n = int(tag[:2], 16)  # a /30 of its own: two runs at once do not meet
+        self.server_addr, self.client_addr = SERVER.format(n=n), CLIENT.format(n=n)
+        self.made: list[str] = []
+
+    def make(self) -> "Net":
+        for ns in (self.server_ns, self.client_ns):
+            _ip("netns", "add", ns)
+            self.made.append(ns)
+        _ip("link", "add", self.server_dev, "netns", self.server_ns, "type", "veth",
+            "peer", "name", self.client_dev, "netns", self.client_ns)
+        for ns, dev, addr in ((self.server_ns, self.server_dev, self.server_addr),
+                              (self.client_ns, self.client_dev, self.client_addr)):
+            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")  # the server's namespace reaches its own address
+        return self
+
+    def cut(self) -> None:
+        """The client's end goes down: what the server sends vanishes, and
+        the client sends nothing (no FIN, no RST)."""
+        _ip("-n", self.client_ns, "link", "set", self.client_dev, "down")
+
+    def remove(self) -> None:
+        # Deleting a namespace deletes the veth end in it, and so its peer.
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        self.made.clear()
+
+    def leftovers(self) -> list[str]:
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+        return [ns for ns in (self.server_ns, self.client_ns) if ns in listed]
+
+
+class App:
+    """tests/apps/vanish_app.py in the server's namespace."""
+
+    def __init__(self, net: Net) -> None:
+        self.net = net
+        self.port = 8080
+        self.log = tempfile.NamedTemporaryFile(prefix="vanish-app-", suffix=".log", delete=False)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "App":
+        self.process = subprocess.Popen(
+            ["ip", "netns", "exec", self.net.server_ns, sys.executable, str(APP), "--host", self.net.server_addr,
+             "--port", str(self.port)],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"vanish_app exited with {self.process.returncode}:\n{self.text()[-3000:]}")
+            return READY in self.text()
+
+        wait_until(ready, timeout=20, interval=0.05, what="vanish_app started")
+        return self
+
+    def text(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def get(self, path: str) -> Any:
+        """GET *path* from inside the server's namespace: JSON."""
+        def fetch() -> bytes:
+            with socket.create_connection((self.net.server_addr, self.port), timeout=5) as sock:
+                sock.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            return data
+
+        data = in_netns(self.net.server_ns, fetch)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], data[:500]
+        return json.loads(body)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    why = _why_no_netns()
+    if why is not None:
+        pytest.skip(why)
+    made = Net()
+    try:
+        yield made.make()
+    finally:
+        made.remove()
+        assert not made.leftovers(), "a network namespace of this test is still there"
+
+
+@pytest.fixture
+def app(net: Net) -> Iterator[App]:
+    started = App(net)
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+
+
+def open_stream(net: Net, port: int, path: str, expect: bytes) -> socket.socket:
+    """A client's stream from the client's namespace, read up to *expect*."""
+    sock = in_netns(net.client_ns, lambda: socket.create_connection((net.server_addr, port), timeout=5))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = b""
+    deadline = time.monotonic() + 5
+    while expect not in data:
+        assert time.monotonic() < deadline, f"{path}: {data!r}"
+        chunk = sock.recv(65536)
+        assert chunk, f"{path} closed: {data!r}"
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data
+    return sock
+
+
+def test_streams_and_presence_of_a_vanished_client_end_within_the_bound(net: Net, app: App) -> None:
+    clients = []
+    try:
+        clients.append(open_stream(net, app.port, "/parked?name=ann", b"hello"))
+        clients.append(open_stream(net, app.port, "/parked?name=bob", b"hello"))  # learned: served at accept
+        clients.append(open_stream(net, app.port, "/threaded", b"hello"))
+        clients.append(open_stream(net, app.port, "/fast/a", b":ok"))
+        stats = wait_until(lambda: (s := app.get("/comet/stats/json"))["streams"]["open"] == 4 and s,
+                           timeout=5, what="four streams open")
+        assert stats["streams"]["threaded"] == 1 and stats["streams"]["parked"] == 3, stats["streams"]
+        assert stats["streams"]["by_channel"] == {"room": 2, "threads": 1, "fast": 1}, stats["streams"]
+        assert stats["routed"]["at_accept"] == 1 and stats["routed"]["handlers_at_accept"] == 1, stats["routed"]
+        assert app.get("/members") == {"ann": 1, "bob": 1}
+        for sock in clients:  # live: a heartbeat arrives on each before the cut
+            sock.settimeout(HEARTBEAT * 3)
+            assert sock.recv(65536)
+
+        net.cut()
+        cut = time.monotonic()  # CLOCK_MONOTONIC: the app's finals are on the same clock
+        bound = notice_within(HEARTBEAT)
+        seen: dict[str, float] = {}
+
+        def gone() -> bool:
+            now = time.monotonic() - cut
+            streams = app.get("/comet/stats/json")["streams"]
+            if "fast" not in streams["by_channel"]:
+                seen.setdefault("fast route", now)
+            if app.get("/members") == {}:
+                seen.setdefault("members", now)
+            return len(seen) == 2 and streams["open"] == 0
+
+        wait_until(gone, timeout=bound + GRACE + 10, interval=0.05, what="the vanished client's streams ended")
+        finals = app.get("/finals")
+        assert sorted(finals) == ["parked ann", "parked bob", "threaded"], finals  # each handler's finally ...
+        assert all(len(times) == 1 for times in finals.values()), finals  # ... once
+        seen.update({{"parked ann": "parked generator", "parked bob": "parked, served at accept",
+                      "threaded": "thread mode"}[what]: times[0] - cut for what, times in finals.items()})
+        print(f"\nended after the cut (s): {json.dumps({k: round(v, 2) for k, v in seen.items()})}; "
+              f"bound {bound} s (members +{GRACE} s, thread mode +{2 * IDLE} s)")
+        extra = {"members": GRACE, "thread mode": 2 * IDLE}  # as docs/deployment.md says
+        for what, after in seen.items():
+            assert after <= bound + extra.get(what, 0), (what, seen)
+        # Noticed as a disconnect, not as the end of anything the client said.
+        assert app.get("/comet/stats/json")["disconnects"] >= 3
+    finally:
+        for sock in clients:
+            sock.close()
