@@ -30,7 +30,7 @@ from http import HTTPStatus
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
 from .errors import CometError
-from .framing import content_type, heartbeat_seconds
+from .framing import content_type
 from .hub import Idle, Step, Subscription, cooperative
 from .liveness import watch_peer
 from .options import Options
@@ -141,14 +141,12 @@ class Opened:
 
 
 def stream_headers(options: Options, boundary: str, *, parked_longpoll: bool = False) -> list[tuple[str, str]]:
-    """Response headers: type, no caching, no proxy buffering, and the
-    longest silence the server promises (a long-poll's is its timeout)."""
+    """Response headers: type, no caching, no proxy buffering."""
     headers = [
         ("Content-Type", content_type(options.transport, boundary, options.content_type)),
         ("Cache-Control", "no-cache"),
         # nginx reads this to turn off proxy buffering for this response.
         ("X-Accel-Buffering", "no"),
-        ("Comet-Heartbeat", heartbeat_seconds(options.heartbeat if options.framing.streaming else options.poll_timeout)),
     ]
     if parked_longpoll:
         # The writer answers and then closes: say so, so clients do not try
@@ -392,8 +390,7 @@ class Parking:
         watch_peer(sock, options.heartbeat)  # a client that vanishes is noticed (comet.liveness)
         deadline = time.monotonic() + options.max_duration if options.max_duration else None
         longpoll = None if options.framing.streaming else options.poll_timeout
-        # (a long-poll's heartbeat is its poll_timeout: what its answer announces)
-        stream = ParkedStream(sock, self.transport, self.boundary, chunked, longpoll or options.heartbeat, deadline,
+        stream = ParkedStream(sock, self.transport, self.boundary, chunked, options.heartbeat, deadline,
                               options.max_event_bytes, self.admission, sub=self._sub, gen=self._gen,
                               longpoll=longpoll, cursor=self.resume_id)
         stream.initial = self._first
@@ -403,7 +400,7 @@ class Parking:
         stream.context = self.context
         stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
         self.admission.served_by(stream)
-        start = options.framing.preamble(options.retry, self.boundary, options.heartbeat)
+        start = options.framing.preamble(options.retry, self.boundary)
         if head or start:
             stream.queue(head + ((_chunk(start) if chunked else start) if start else b""))
         if self._sub is not None:
