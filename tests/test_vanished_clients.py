@@ -162,6 +162,10 @@ class App:
 
     def get(self, path: str) -> Any:
         """GET *path* from inside the server's namespace: JSON."""
+        return json.loads(self.fetch(path))
+
+    def fetch(self, path: str) -> bytes:
+        """GET *path* from inside the server's namespace: the body of a 200."""
         def fetch() -> bytes:
             with socket.create_connection((self.net.server_addr, self.port), timeout=5) as sock:
                 sock.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
@@ -173,7 +177,18 @@ class App:
         data = in_netns(self.net.server_ns, fetch)
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], data[:500]
-        return json.loads(body)
+        return body
+
+    def send_queue(self, client_port: int) -> int:
+        """Bytes the server's kernel holds for the client at *client_port*
+        (sent but unacknowledged, or not sent: ``ss``'s Send-Q)."""
+        listed = subprocess.run(["ip", "netns", "exec", self.net.server_ns, "ss", "-Htn", "state", "established"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        for line in listed.splitlines():  # Recv-Q Send-Q Local:Port Peer:Port
+            fields = line.split()
+            if len(fields) >= 4 and fields[3].endswith(f":{client_port}"):
+                return int(fields[1])
+        raise AssertionError(f"no connection from port {client_port}:\n{listed}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -241,6 +256,14 @@ def test_streams_and_presence_of_a_vanished_client_end_within_the_bound(net: Net
         for sock in clients:  # live: a heartbeat arrives on each before the cut
             sock.settimeout(HEARTBEAT * 3)
             assert sock.recv(65536)
+        # A client that reads nothing while events pour in: its window shuts,
+        # the server's send buffer fills, the writer waits for writability.
+        full = open_stream(net, app.port, "/full", b"hello")
+        clients.append(full)
+        app.fetch(f"/publish?channel=full&size={8 * 1024}&count=64")
+        queued = wait_until(lambda: (q := app.send_queue(full.getsockname()[1])) >= 16 * 1024 and q, timeout=5,
+                            what="the server's send buffer filling")
+        print(f"\nqueued {queued}, client has {len(full.recv(1 << 24, socket.MSG_PEEK | socket.MSG_DONTWAIT))}")
 
         net.cut()
         cut = time.monotonic()  # CLOCK_MONOTONIC: the app's finals are on the same clock
@@ -258,10 +281,10 @@ def test_streams_and_presence_of_a_vanished_client_end_within_the_bound(net: Net
 
         wait_until(gone, timeout=bound + GRACE + 10, interval=0.05, what="the vanished client's streams ended")
         finals = app.get("/finals")
-        assert sorted(finals) == ["parked ann", "parked bob", "threaded"], finals  # each handler's finally ...
+        assert sorted(finals) == ["full", "parked ann", "parked bob", "threaded"], finals  # each handler's finally ...
         assert all(len(times) == 1 for times in finals.values()), finals  # ... once
         seen.update({{"parked ann": "parked generator", "parked bob": "parked, served at accept",
-                      "threaded": "thread mode"}[what]: times[0] - cut for what, times in finals.items()})
+                      "threaded": "thread mode", "full": "parked, send buffer full"}[what]: times[0] - cut for what, times in finals.items()})
         print(f"\nended after the cut (s): {json.dumps({k: round(v, 2) for k, v in seen.items()})}; "
               f"bound {bound} s (members +{GRACE} s, thread mode +{2 * IDLE} s)")
         extra = {"members": GRACE, "thread mode": 2 * IDLE}  # as docs/deployment.md says

@@ -7,6 +7,8 @@ with a 1 s heartbeat, for clients that vanish without a FIN.
 * ``/threaded``: a generator in thread mode (a worker thread writes), on
   "threads";
 * ``/fast/{x}``: a fast route (:mod:`comet.fastpath`) on "fast";
+* ``/full``: a parked generator on "full", whose client reads nothing:
+  ``/publish?channel=full&size=&count=`` fills its socket's buffers;
 * ``/members``: ``hub.members("room")`` as JSON; ``/finals``: when each
   handler's ``finally`` ran (``time.monotonic()``, the same clock in every
   process of a machine), by path and name;
@@ -62,6 +64,21 @@ class Root:
             yield from self.hub.subscribe("threads")  # the hub's idle tick: 1 s
         finally:
             self._ended("threaded")
+
+    @cherrypy.expose
+    @comet(transport="sse", heartbeat=HEARTBEAT)
+    def full(self) -> Any:
+        try:
+            yield "hello"
+            yield from self.hub.subscribe("full")
+        finally:
+            self._ended("full")
+
+    @cherrypy.expose
+    def publish(self, channel: str, size: str = "100", count: str = "1") -> str:
+        for _ in range(int(count)):
+            last = self.hub.publish(channel, "x" * int(size))
+        return last
 
     @cherrypy.expose
     @cherrypy.tools.json_out()
