@@ -1,17 +1,20 @@
 /*
  * comet.js: the browser client for comet streams. No build step, no dependencies.
  *
- *   const sub = Comet.subscribe("/events", {
+ *   const sub = Comet.subscribe("/events", {  // or a function (sync or async) returning the URL
  *     transport: "sse",                 // "sse" | "multipart" | "chunked" | "longpoll"
  *     events: ["join", "leave"],        // SSE event names to listen for ("message" always)
  *     lastEventId: "1700000000000-41",  // resume after this id (e.g. the last rendered one)
  *     onEvent(ev) { ... },              // ev = {id, event, data}; data is parsed JSON when it can be
- *     onStatus(status) { ... },         // "connecting" | "open" | "reconnecting" | "closed"
+ *     onStatus(status) { ... },         // "connecting" | "open" | "reconnecting" | "offline" | "closed"
  *     onGap(ev) { ... },                // events were lost for this client (ev.data.snapshot: the state follows)
  *     onSnapshot(ev) { ... },           // after a gap, the channel's current state (server: hub.snapshot)
  *     onDenied(info) { ... },           // {status, reason}: the server refused this stream for good
  *     withCredentials: true,            // cross-origin: send cookies too (the server sets cors_credentials)
  *     shared: true,                     // one connection for every tab of this browser (below)
+ *     heartbeat: 15,                    // seconds assumed until the server announces its heartbeat
+ *     pollUrl: "/events/poll",          // the same stream as long-poll, for buffering proxies (below)
+ *     onFallback(info) { ... },         // {from, to, reason}: streaming <-> long-poll; sub.transport
  *   });
  *   sub.close();
  *
@@ -36,6 +39,23 @@
  * `last_event_id` query parameter), so nothing is lost or shown twice across a
  * reconnect. EventSource's own retry is not used: it cannot back off, and it
  * gives up for good on a non-200 answer (a 503 from admission control).
+ *
+ * A dead connection is noticed, not waited for: every comet stream announces
+ * its heartbeat (SSE: a `comet.heartbeat` event; fetch transports: the
+ * Comet-Heartbeat header; long-poll: the poll timeout, also the answer's
+ * `heartbeat`), and a stream with no byte for 2 heartbeats, or a long-poll
+ * unanswered past its timeout plus a margin, is dropped and resumed: the
+ * status is never "open" on a stream silent for longer. On `online`, on a
+ * tab shown again, restored from the back/forward cache or resumed after
+ * being frozen, a connection silent for over a heartbeat is replaced at
+ * once, without waiting out a backoff; while the browser is offline the
+ * status is "offline". A stream that opens but never shows a byte within
+ * 3 heartbeats, twice in a row, is held back by a buffering proxy: with a
+ * `pollUrl` the subscription follows on by long-poll from the same cursor
+ * (onFallback) and tries streaming again after `retryStreamAfter` ms (5
+ * minutes, doubling). A URL function is called on every (re)connect; a 403
+ * after the stream had opened calls it once more before it counts as a
+ * refusal (an expired token costs one round trip).
  *
  * What the server answers decides what happens next: 5xx, 408, 429 and
  * network errors are retried (no sooner than a 503's or 429's Retry-After); a 400 for a cursor the server cannot resume
@@ -173,16 +193,23 @@
     return { id: null, event: "message", data: value, channel: null };
   }
 
-  /* The cursor of a stream of several channels: "<tag>.<epoch>-<seq>" per
-   * channel, joined by "_" (comet.hub.MultiSubscription). */
-  const PIECE = /^([0-9a-z]{1,7})\.(\d+)-(\d+)$/;
+  /* The cursor of a stream of several channels: "<name>.<epoch>-<seq>" per
+   * channel, joined by "_" (comet.hub.MultiSubscription), where <name> is the
+   * channel's name percent-encoded (all but ASCII letters, digits, "-" and
+   * ":"), so "." and "_" never occur in it: split on "_", then each piece at
+   * its last ".". Older servers wrote a CRC-32 tag (base 36) as the name,
+   * which parses the same way. A map name -> [epoch, seq], or null. */
+  const PIECE = /^([A-Za-z0-9:%-]*)\.(\d+)-(\d+)$/;
   function cursorPieces(id) {
     if (typeof id !== "string" || id.indexOf(".") < 0) return null;
     const pieces = new Map();
     for (const piece of id.split("_")) {
       const m = PIECE.exec(piece);
       if (!m) return null;
-      pieces.set(m[1], [BigInt(m[2]), BigInt(m[3])]);
+      let name;
+      try { name = decodeURIComponent(m[1]); } catch (e) { return null; }
+      if (pieces.has(name)) return null;
+      pieces.set(name, [BigInt(m[2]), BigInt(m[3])]);
     }
     return pieces;
   }
@@ -205,34 +232,79 @@
     return { id: null, event: "part", data: new Blob([part.body], { type: part.contentType }) };
   }
 
+  const DEFAULT_HEARTBEAT = 30;  // seconds assumed until the server announces its own
+  const DEAD_AFTER = 2;          // heartbeats without a byte on a live stream: it is dead
+  const STALL_AFTER = 3;         // heartbeats without a byte since connecting: stalled
+  const RETRY_STREAM = 300000;   // ms on long-poll before a buffered stream is tried again
+
+  /* Seconds in a Comet-Heartbeat header or field, or null. */
+  function seconds(value) {
+    const s = typeof value === "number" ? value : parseFloat(value);
+    return Number.isFinite(s) && s > 0 ? s : null;
+  }
+
+  function online() { return !(global.navigator && global.navigator.onLine === false); }
+
   class Subscription {
     constructor(url, options) {
-      this.url = url;
+      this.url = url;  // a string, or a function (sync or async) returning one, called on every (re)connect
       this.options = Object.assign({
         transport: "sse", events: [], lastEventId: null,
         minDelay: 500, maxDelay: 30000,
-        onEvent: () => {}, onStatus: () => {}, onGap: null, onSnapshot: null, onDenied: null,
+        heartbeat: null,   // seconds assumed until the server announces its interval
+        pollUrl: null,     // the same stream as long-poll: where a buffered stream falls back
+        retryStreamAfter: RETRY_STREAM,
+        onEvent: () => {}, onStatus: () => {}, onGap: null, onSnapshot: null, onDenied: null, onFallback: null,
         withCredentials: false,
       }, options || {});
       // Cross-origin streams: send cookies and HTTP auth only when asked
       // (the server must allow it: cors_credentials).
       this._credentials = this.options.withCredentials ? "include" : "same-origin";
       this.lastEventId = this.options.lastEventId || null;
+      this.transport = this.options.transport;  // in use now: "longpoll" after a fallback
+      this.heartbeat = null;                    // seconds the server announced for this transport
       this.status = null;
       this.attempt = 0;
       this.closed = false;
-      this._timer = null;
+      this._timer = null;     // the next connect (a backoff wait)
       this._abort = null;
       this._source = null;
-      this._retryAfter = 0;  // ms a 503 or 429 asked us to wait
+      this._gen = 0;          // bumped by every connect: a stale connection's news is ignored
+      this._retryAfter = 0;   // ms a 503 or 429 asked us to wait
+      this._heard = Date.now();  // last sign of life of this connection (its start, headers, any byte)
+      this._got = 0;          // of this connection: 0 nothing yet, 1 its headers, 2 body bytes
+      this._announced = false;  // an SSE connection that sends comet.heartbeat (so it can be watched)
+      this._speaks = false;   // this server announces heartbeats (an SSE open with no event yet is stalled)
+      this._stalls = 0;       // connections in a row that never got a byte
+      this._everOpened = false;
+      this._renewed = false;  // a 403 made us ask the URL function once more
+      this._streamAgain = 0;  // when a fallen-back subscription tries streaming again
+      this._streamDelay = this.options.retryStreamAfter;
+      this._wake = (e) => this._woken(e);
+      this._offline = () => { if (!this.closed) this._setStatus("offline"); };
+      if (global.addEventListener) {
+        for (const name of ["online", "pageshow"]) global.addEventListener(name, this._wake);
+        global.addEventListener("offline", this._offline);
+      }
+      if (global.document && global.document.addEventListener) {
+        for (const name of ["visibilitychange", "resume"]) global.document.addEventListener(name, this._wake);
+      }
+      this._tick();
       this._connect();
     }
 
     close() {
       this.closed = true;
       clearTimeout(this._timer);
-      if (this._source) this._source.close();
-      if (this._abort) this._abort.abort();
+      clearTimeout(this._ticker);
+      this._hangUp();
+      if (global.removeEventListener) {
+        for (const name of ["online", "pageshow"]) global.removeEventListener(name, this._wake);
+        global.removeEventListener("offline", this._offline);
+      }
+      if (global.document && global.document.removeEventListener) {
+        for (const name of ["visibilitychange", "resume"]) global.document.removeEventListener(name, this._wake);
+      }
       this._setStatus("closed");
     }
 
@@ -240,6 +312,32 @@
       if (status === this.status) return;
       this.status = status;
       try { this.options.onStatus(status); } catch (e) { console.error(e); }
+    }
+
+    /* Drop the current connection, if any; its late news is ignored. */
+    _hangUp() {
+      this._gen += 1;
+      if (this._source) { this._source.close(); this._source = null; }
+      if (this._abort) { this._abort.abort(); this._abort = null; }
+    }
+
+    /* The interval this connection is watched with, in ms. */
+    _interval() {
+      return 1000 * (this.heartbeat || seconds(this.options.heartbeat) || DEFAULT_HEARTBEAT);
+    }
+
+    _learn(value) {
+      const s = seconds(value);
+      if (s) this.heartbeat = s;
+    }
+
+    /* Any byte (a heartbeat too) of connection gen. */
+    _alive(gen, body) {
+      if (gen !== this._gen) return false;
+      this._heard = Date.now();
+      if (body) { this._got = 2; this._stalls = 0; }
+      else if (!this._got) this._got = 1;
+      return true;
     }
 
     _deliver(ev) {
@@ -252,7 +350,94 @@
       try { handlerFor(this.options, ev)(ev); } catch (e) { console.error(e); }
     }
 
-    _opened() { this.attempt = 0; this._setStatus("open"); }
+    _opened() {
+      this.attempt = 0;
+      this._everOpened = true;
+      this._renewed = false;
+      this._setStatus("open");
+    }
+
+    /* The watchdog: a connection silent for too long is dead (or stalled
+     * behind a buffering proxy). It runs a few times per heartbeat. */
+    _tick() {
+      if (this.closed) return;
+      const every = Math.max(50, Math.min(1000, this._interval() / 5));
+      this._ticker = setTimeout(() => this._tick(), every);
+      if (this._timer !== null) return;  // between connections: nothing to watch
+      const beat = this._interval(), silent = Date.now() - this._heard;
+      if (this.transport === "longpoll") {
+        // An empty answer is the long-poll's heartbeat: a request that
+        // outlives poll_timeout by a margin will not be answered.
+        if (silent > beat + Math.max(1000, beat / 2)) this._dead("the long-poll was not answered in time");
+      } else if (this._got === 2) {
+        // EventSource shows no comments: an SSE stream is watched only once
+        // it sends comet.heartbeat events (every comet server does).
+        if ((this.transport !== "sse" || this._announced) && silent > DEAD_AFTER * beat) this._dead("the stream went silent");
+      } else if (silent > STALL_AFTER * beat && (this.transport !== "sse" || !this._got || this._speaks)) {
+        this._stalled();
+      }
+    }
+
+    /* Nothing arrived since connecting: the network is gone, or a proxy
+     * holds the whole response (it never ends, so it never comes). */
+    _stalled() {
+      this._stalls += 1;
+      const buffered = this._got === 1 || (this._stalls >= 2 && online());
+      if (buffered && this.options.pollUrl && this.transport !== "longpoll") {
+        this._fallback(this._got === 1 ? "the stream opened but sent nothing" : "no byte of the stream arrived");
+      } else {
+        this._dead("no answer");
+      }
+    }
+
+    _dead(reason) {
+      this._hangUp();
+      this._retry();
+    }
+
+    _callFallback(info) {
+      if (!this.options.onFallback) return;
+      try { this.options.onFallback(info); } catch (e) { console.error(e); }
+    }
+
+    /* Follow on by long-poll from the same cursor; try streaming again later. */
+    _fallback(reason) {
+      const from = this.transport;
+      this._hangUp();
+      this.transport = "longpoll";
+      this.heartbeat = null;
+      this._stalls = 0;
+      this._streamAgain = Date.now() + this._streamDelay;
+      this._streamDelay = Math.min(this._streamDelay * 2, 3600000);
+      this._callFallback({ from: from, to: "longpoll", reason: reason });
+      this.attempt = 0;
+      this._connectNow();
+    }
+
+    /* After a wake-up (online, a tab shown or restored, a frozen tab resumed):
+     * a connection silent for longer than a heartbeat is not trusted. */
+    _woken(e) {
+      if (this.closed) return;
+      if (e && e.type === "pageshow" && !e.persisted) return;
+      if (e && e.type === "visibilitychange" && global.document.visibilityState !== "visible") return;
+      if (!online()) { this._setStatus("offline"); return; }
+      const silent = Date.now() - this._heard;
+      const slack = this.transport === "longpoll" ? 500 : 0;
+      const blind = this.transport === "sse" && this._got && !this._announced;  // EventSource hides its heartbeats
+      if (this._timer !== null || (!blind && silent > this._interval() + slack)) {
+        this.attempt = 0;
+        this._connectNow();
+      } else if (this.status === "offline") {
+        this._setStatus(this._got ? "open" : "connecting");
+      }
+    }
+
+    _connectNow() {
+      clearTimeout(this._timer);
+      this._timer = null;
+      this._retryAfter = 0;
+      this._connect();
+    }
 
     /* A non-200 answer: true if it was dealt with here (no plain retry). */
     async _refused(response) {
@@ -260,14 +445,15 @@
       const after = response.headers.get("Retry-After");
       if (after && (status === 503 || status === 429)) {
         // The server says when (admission control, a backend outage): not sooner.
-        const seconds = Number(after);
-        const ms = Number.isFinite(seconds) ? seconds * 1000 : Date.parse(after) - Date.now();
+        const secs = Number(after);
+        const ms = Number.isFinite(secs) ? secs * 1000 : Date.parse(after) - Date.now();
         if (ms > 0) this._retryAfter = Math.min(ms, 300000);
       }
       if (status < 400 || status >= 500 || status === 408 || status === 429) return false;
       let reason = "";
+      const gen = this._gen;
       try { reason = (await response.text()).trim(); } catch (e) { /* the reason is a courtesy */ }
-      if (this.closed) return true;
+      if (this.closed || gen !== this._gen) return true;
       if (status === 400 && this.lastEventId) {
         // The cursor cannot be resumed from (another server's, or corrupted):
         // say what the server would have said with a gap, start from now.
@@ -278,34 +464,51 @@
         this._retry(true);
         return true;
       }
+      if (status === 403 && typeof this.url === "function" && this._everOpened && !this._renewed) {
+        // Most likely an expired token in a URL that renews itself: one
+        // more URL, at once. A second 403 in a row is a refusal.
+        this._renewed = true;
+        this._retry(true);
+        return true;
+      }
       this.close();
       if (this.options.onDenied) {
         try { this.options.onDenied({ status: status, reason: reason }); } catch (e) { console.error(e); }
       } else {
-        console.error("comet: " + this.url + " refused with " + status + ": " + reason);
+        console.error("comet: " + this._lastUrl + " refused with " + status + ": " + reason);
       }
       return true;
     }
 
     /* EventSource failed before it opened: fetch the URL once to learn why. */
-    async _probe() {
+    async _probe(url, gen) {
       const abort = new AbortController();
       this._abort = abort;
       try {
-        const response = await fetch(withCursor(this.url, this.lastEventId), {
+        const response = await fetch(withCursor(url, this.lastEventId), {
           signal: abort.signal, cache: "no-store", credentials: this._credentials, headers: { Accept: "text/event-stream" },
         });
+        if (gen !== this._gen) return;
         if (response.status !== 200 && await this._refused(response)) return;
-        abort.abort(); // a stream (or a 5xx): the EventSource retry below takes it from here
+        abort.abort(); // a stream (or a 5xx): the retry below opens the EventSource again
       } catch (e) {
-        if (this.closed) return;
+        if (this.closed || gen !== this._gen) return;
       }
-      if (this._abort === abort) this._abort = null;
+      if (gen !== this._gen) return;
+      this._abort = null;
       this._retry();
     }
 
     _retry(now) {
       if (this.closed) return;
+      this._hangUp();
+      if (!online()) {
+        // No network: wait for the browser's "online" (and try now and then, in case it is wrong).
+        this._setStatus("offline");
+        clearTimeout(this._timer);
+        this._timer = setTimeout(() => this._connectNow(), this.options.maxDelay);
+        return;
+      }
       this._setStatus("reconnecting");
       // Exponential backoff with full jitter: many clients dropped at once by a
       // restart do not all come back in the same instant.
@@ -318,46 +521,79 @@
       }
       this.attempt += 1;
       clearTimeout(this._timer);
-      this._timer = setTimeout(() => this._connect(), delay);
+      this._timer = setTimeout(() => { this._timer = null; this._connect(); }, delay);
     }
 
-    _connect() {
+    async _connect() {
       if (this.closed) return;
-      if (this.status !== "reconnecting") this._setStatus("connecting");
-      const t = this.options.transport;
-      if (t === "sse") this._sse();
-      else if (t === "longpoll") this._longpoll();
-      else if (t === "multipart" || t === "chunked") this._fetchStream(t);
+      this._hangUp();
+      clearTimeout(this._timer);
+      this._timer = null;
+      const gen = this._gen;
+      this._heard = Date.now();
+      this._got = 0;
+      this._announced = false;
+      if (this.status !== "reconnecting" && this.status !== "offline") this._setStatus("connecting");
+      if (this.transport === "longpoll" && this.options.transport !== "longpoll" && Date.now() >= this._streamAgain) {
+        // Fallen back a while ago: is the stream through now?
+        this.transport = this.options.transport;
+        this.heartbeat = null;
+        this._stalls = 1;  // one more silent connect and we are back on long-poll
+        this._callFallback({ from: "longpoll", to: this.transport, reason: "trying the stream again" });
+      }
+      const t = this.transport;
+      let url = t === "longpoll" && this.options.transport !== "longpoll" ? this.options.pollUrl : this.url;
+      try {
+        if (typeof url === "function") url = await url();
+      } catch (e) {
+        if (gen !== this._gen || this.closed) return;
+        console.error(e);
+        this._retry();
+        return;
+      }
+      if (gen !== this._gen || this.closed) return;
+      this._lastUrl = url;
+      if (t === "sse") this._sse(url, gen);
+      else if (t === "longpoll") this._longpoll(url, gen);
+      else if (t === "multipart" || t === "chunked") this._fetchStream(t, url, gen);
       else throw new Error("unknown transport " + t);
     }
 
-    _sse() {
-      const source = new EventSource(withCursor(this.url, this.lastEventId), { withCredentials: this.options.withCredentials });
+    _sse(url, gen) {
+      const source = new EventSource(withCursor(url, this.lastEventId), { withCredentials: this.options.withCredentials });
       this._source = source;
-      const handler = (e) => this._deliver(sseEvent(e));
+      const handler = (e) => { if (this._alive(gen, true)) this._deliver(sseEvent(e)); };
       let opened = false;
-      source.onopen = () => { opened = true; this._opened(); };
+      source.onopen = () => { if (!this._alive(gen, false)) return; opened = true; this._opened(); };
       source.onmessage = handler;
       for (const name of new Set([GAP, SNAPSHOT].concat(this.options.events))) source.addEventListener(name, handler);
+      source.addEventListener("comet.heartbeat", (e) => {
+        if (!this._alive(gen, true)) return;
+        this._announced = this._speaks = true;
+        this._learn(e.data);
+        if (this.status !== "open") this._opened();
+      });
       source.onerror = () => {
         source.close();
-        if (this._source === source) this._source = null;
-        if (this.closed) return;
+        if (gen !== this._gen || this.closed) return;
+        this._source = null;
         if (opened) this._retry();
-        else this._probe();
+        else this._probe(url, gen);
       };
     }
 
-    async _fetchStream(transport) {
+    async _fetchStream(transport, url, gen) {
       const abort = new AbortController();
       this._abort = abort;
       try {
-        const response = await fetch(withCursor(this.url, this.lastEventId), {
+        const response = await fetch(withCursor(url, this.lastEventId), {
           signal: abort.signal, cache: "no-store", credentials: this._credentials,
           headers: { Accept: transport === "multipart" ? "multipart/x-mixed-replace" : "application/x-ndjson" },
         });
+        if (!this._alive(gen, false)) return;
         if (response.status !== 200 && await this._refused(response)) return;
         if (response.status !== 200 || !response.body) throw new Error("HTTP " + response.status);
+        this._learn(response.headers.get("Comet-Heartbeat"));
         let parser;
         if (transport === "multipart") {
           const m = /boundary="?([^";]+)"?/.exec(response.headers.get("Content-Type") || "");
@@ -366,11 +602,11 @@
         } else {
           parser = new NDJSONParser();
         }
-        this._opened();
         const reader = response.body.getReader();
         for (;;) {
           const { value, done } = await reader.read();
-          if (done) break;
+          if (done || !this._alive(gen, true)) break;
+          if (this.status !== "open") this._opened();  // the preamble: the stream is through
           for (const item of parser.feed(value)) {
             this._deliver(transport === "multipart" ? partToEvent(item) : toEvent(item));
           }
@@ -378,26 +614,38 @@
       } catch (e) {
         if (this.closed) return;
       }
-      if (this._abort === abort) this._abort = null;
+      if (gen !== this._gen) return;
+      this._abort = null;
       this._retry(); // the server ended the stream or it broke: come back and resume
     }
 
-    async _longpoll() {
-      while (!this.closed) {
+    async _longpoll(url, gen) {
+      while (!this.closed && gen === this._gen) {
+        if (this.options.transport !== "longpoll" && Date.now() >= this._streamAgain) {
+          this._connect();  // time to try the stream again
+          return;
+        }
         const abort = new AbortController();
         this._abort = abort;
+        this._heard = Date.now();
         try {
-          const response = await fetch(withCursor(this.url, this.lastEventId), {
+          const response = await fetch(withCursor(url, this.lastEventId), {
             signal: abort.signal, cache: "no-store", credentials: this._credentials, headers: { Accept: "application/json" },
           });
+          if (!this._alive(gen, false)) return;
           if (response.status !== 200 && await this._refused(response)) return;
           if (response.status !== 200) throw new Error("HTTP " + response.status);
+          this._learn(response.headers.get("Comet-Heartbeat"));
           const doc = await response.json();
+          if (!this._alive(gen, true)) return;
+          this._learn(doc.heartbeat);
           this._opened();
           for (const item of doc.events) this._deliver(toEvent(item));
+          // The answer's cursor, events or not: the next poll starts exactly
+          // there (without it, what is published between polls is lost).
           if (doc.cursor) this.lastEventId = doc.cursor;
         } catch (e) {
-          if (this.closed) return;
+          if (this.closed || gen !== this._gen) return;
           this._retry();
           return;
         }
@@ -456,10 +704,18 @@
       this._release = null;   // resolves the promise that holds the lock
       this._heard = Date.now();
       this._pinged = 0;
-      const abs = new URL(url, global.location.href);
-      abs.searchParams.delete("last_event_id");
+      this.transport = this.options.transport;
+      // The tabs that share: same transport, event names and URL (a URL
+      // function: its source, or options.key).
+      let where = this.options.key;
+      if (!where && typeof url === "function") where = "fn " + String(url);
+      if (!where) {
+        const abs = new URL(url, global.location.href);
+        abs.searchParams.delete("last_event_id");
+        where = abs.href;
+      }
       this.key = "comet " + this.options.transport + " " +
-        Array.from(new Set(this.options.events)).sort().join(",") + " " + abs.href;
+        Array.from(new Set(this.options.events)).sort().join(",") + " " + where;
       this._channel = new global.BroadcastChannel(this.key);
       this._channel.onmessage = (e) => this._message(e.data);
       this._setStatus("connecting");
@@ -538,7 +794,18 @@
           this._post({ type: "denied", info: info });
           this._denied(info);
         },
+        onFallback: (info) => {
+          if (!this.leader) return;
+          this._post({ type: "fallback", info: info });
+          this._fellBack(info);
+        },
       }));
+    }
+
+    _fellBack(info) {
+      this.transport = info.to;
+      if (!this.options.onFallback) return;
+      try { this.options.onFallback(info); } catch (e) { console.error(e); }
     }
 
     _stepDown() {
@@ -593,6 +860,7 @@
         else this._deliver(m.ev);
       } else if (m.type === "status") this._setStatus(m.status);
       else if (m.type === "denied") this._denied(m.info);
+      else if (m.type === "fallback") this._fellBack(m.info);
       else if (m.type === "replay" && m.to === this._me) {
         if (m.behind && !this._catchup) this._catchUp(m.last);
         for (const ev of m.events) this._deliver(ev);
@@ -672,6 +940,7 @@
     toEvent: toEvent,
     sseEvent: sseEvent,
     compareIds: compareIds,
+    cursorPieces: cursorPieces,
     GAP: GAP,
     SNAPSHOT: SNAPSHOT,
   };
