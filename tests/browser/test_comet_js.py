@@ -73,6 +73,23 @@ check("events of several channels: SSE envelopes and cursors", () => {
   eq(Comet.compareIds("a.1-3_b.1-0", "a.1-3_c.1-0"), null);  // other channels
   eq(Comet.compareIds("1-3", "1-2"), 1);
 });
+check("cursors name their channels, percent-encoded; old CRC tags still parse", () => {
+  const pieces = (id) => { const m = Comet.cursorPieces(id); return m && Array.from(m, ([k, v]) => [k, v.map(String)]); };
+  eq(pieces("shouts.1700000000000-3_dm:ann:bob.1700000000000-5"),
+     [["shouts", ["1700000000000", "3"]], ["dm:ann:bob", ["1700000000000", "5"]]]);
+  eq(pieces("room%2E1.1-2_a%5Fb%25.1-0_%C3%A9t%C3%A9.1-1"), [["room.1", ["1", "2"]], ["a_b%", ["1", "0"]], ["\u00e9t\u00e9", ["1", "1"]]]);
+  eq(pieces("1kx9z3.5-1_0.5-2"), [["1kx9z3", ["5", "1"]], ["0", ["5", "2"]]]);  // older servers: CRC-32 tags
+  eq(pieces("1-3"), null);
+  eq(pieces("a.b.1-3"), null);           // a raw "." in a name: not a cursor
+  eq(pieces("a%ZZ.1-3"), null);          // bad percent-encoding
+  eq(pieces("a.1-3_a.1-4"), null);       // one channel twice
+  const sse = (id, data) => Comet.sseEvent({lastEventId: id, type: "message", data: data});
+  eq(sse("shouts.1-3_dm:ann:bob.1-0", '{"channel":"dm:ann:bob","data":1}'),
+     {id: "shouts.1-3_dm:ann:bob.1-0", event: "message", data: 1, channel: "dm:ann:bob"});
+  eq(Comet.compareIds("shouts.1-3_dm:ann:bob.1-0", "shouts.1-2_dm:ann:bob.1-0"), 1);
+  eq(Comet.compareIds("dm:ann:bob.1-0_shouts.1-2", "shouts.1-2_dm:ann:bob.1-1"), -1);  // by name, in any order
+  eq(Comet.compareIds("room%2E1.1-3", "room%2E2.1-3"), null);
+});
 window.live = {};
 // Report to the server when every transport has its 12 events (or after 30 s):
 // a browser driven without a driver (Firefox headless) has no other way out.
@@ -167,7 +184,7 @@ def test_comet_js_parsers_and_live_resume_on_every_transport(context, unit_serve
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(server.url + "/?set=" + streams)
-    page.wait_for_function("window.results && Object.keys(window.results).length === 4")
+    page.wait_for_function("window.results && Object.keys(window.results).length === 5")
     results = page.evaluate("window.results")
     assert results == {name: "ok" for name in results}, results
     wait_until(lambda: hub.subscriptions >= 4, timeout=10, what="four transports connected")

@@ -1,0 +1,145 @@
+"""comet.js behaviour users rely on, pinned in real Chromium (issue 27): each
+test fails when that behaviour breaks, and says it as a user would notice.
+
+- long-poll follows the answer's cursor, also before its first event: what
+  is published between two polls is not lost;
+- 429 Too Many Requests is retried after its Retry-After, not the end;
+- with shared: true, a follower tab that heard the leader's pong leaves the
+  stream where it is (it does not steal it in every quiet spell).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from urllib.parse import quote
+
+import cherrypy
+import pytest
+
+from comet import Hub, comet
+from comet.cherrypy_tool import static_config
+from comet.testing import wait_until
+
+PAGE = ('<!doctype html><body><script src="/comet/comet.js"></script><script>{script}</script></body>')
+
+
+@pytest.fixture
+def pin_server(comet_cherrypy):
+    hub = Hub(idle=0.1)
+    state = {"requests": [], "hold": None, "refuse_until": 0.0}
+
+    def stream(transport):
+        @comet(transport=transport, heartbeat=1, poll_timeout=0.5)
+        def handler(self, transport, last_event_id=None):
+            return hub.subscribe("pin", last_id=last_event_id)
+        return handler
+
+    handlers = {t: stream(t) for t in ["sse", "chunked", "longpoll"]}
+
+    class Root:
+        @cherrypy.expose
+        def page(self, script):
+            return PAGE.format(script=script)
+
+        @cherrypy.expose
+        def events(self, transport, last_event_id=None):
+            state["requests"].append((transport, last_event_id, time.monotonic()))
+            hold = state["hold"]
+            if hold is not None and transport == "longpoll":  # between two polls: the test publishes now
+                state["hold"] = None
+                hold[0].set()
+                hold[1].wait(5)
+            if time.monotonic() < state["refuse_until"]:
+                cherrypy.response.status = 429
+                cherrypy.response.headers["Retry-After"] = "1"
+                return "too many requests: try again in a second"
+            return handlers[transport](self, transport=transport, last_event_id=last_event_id)
+
+    server = comet_cherrypy(Root(), static_config("/comet"), thread_pool=20)
+    server.hub, server.state = hub, state
+    yield server
+    hub.close()
+
+
+def follow(transports, shared=False, more=""):
+    """The page's script, URL-encoded: one subscription per transport."""
+    return quote("window.got = {}; window.statuses = {}; window.subs = {};" + "".join(
+        f"""got.{t} = []; statuses.{t} = [];
+        subs.{t} = Comet.subscribe("/events?transport={t}", {{transport: "{t}", shared: {str(shared).lower()},
+          onEvent: (ev) => got.{t}.push(ev.data), onStatus: (s) => statuses.{t}.push(s)}});"""
+        for t in transports) + more)
+
+
+def test_longpoll_keeps_the_answers_cursor_before_its_first_event(context, pin_server):
+    """A page that has seen no event yet (no lastEventId) polls, gets empty
+    answers carrying the channel's cursor, and must poll from that cursor:
+    an event published while no poll is waiting is then still delivered."""
+    hub, state = pin_server.hub, pin_server.state
+    hub.publish("pin", "before the page")  # the channel has a cursor the page never saw
+    page = context.new_page()
+    page.goto(pin_server.url + "/page?script=" + follow(["longpoll"]))
+    wait_until(lambda: len(state["requests"]) >= 3, timeout=10, what="a few empty polls")
+    entered, proceed = threading.Event(), threading.Event()
+    state["hold"] = (entered, proceed)
+    assert entered.wait(5), "no next poll"
+    hub.publish("pin", "between two polls")  # no poll is subscribed right now
+    proceed.set()
+    page.wait_for_function("window.got.longpoll.length >= 1", timeout=5_000)
+    assert page.evaluate("window.got.longpoll") == ["between two polls"]
+    polls = [cursor for transport, cursor, _ in state["requests"]]
+    assert polls[0] is None and all(polls[1:]), polls  # every poll after the first carries a cursor
+    elapsed = state["requests"][-1][2] - state["requests"][0][2]
+    assert len(polls) <= elapsed / 0.5 + 3, (len(polls), elapsed)  # one poll per poll_timeout, not a tight loop
+
+
+def test_429_is_retried_after_its_retry_after(context, pin_server):
+    """Rate limited on every transport: the page waits the second it was
+    told, then follows the stream; nothing ends."""
+    hub, state = pin_server.hub, pin_server.state
+    transports = ["sse", "chunked", "longpoll"]
+    state["refuse_until"] = time.monotonic() + 0.5
+    page = context.new_page()
+    page.goto(pin_server.url + "/page?script=" + follow(transports))
+    page.wait_for_function("Object.values(window.subs).every((s) => s.status === 'open')", timeout=10_000)
+    sent = hub.publish("pin", "after the limit")
+    page.wait_for_function("Object.values(window.got).every((g) => g.length === 1)", timeout=5_000)
+    assert page.evaluate("window.got") == {t: ["after the limit"] for t in transports}, sent
+    for t in transports:
+        times = [at for transport, _, at in state["requests"] if transport == t]
+        statuses = page.evaluate(f"window.statuses.{t}")
+        assert "closed" not in statuses and statuses[-1] == "open", (t, statuses)
+        # SSE: EventSource's request and the fetch that reads its status are
+        # one attempt; the next attempt waits the Retry-After (1 s).
+        first = times[:2] if t == "sse" else times[:1]
+        assert len(times) > len(first) and times[len(first)] - first[-1] >= 1.0, (t, times)
+
+
+def test_a_follower_that_heard_the_pong_does_not_steal_the_stream(browser, pin_server):
+    """Two tabs share one stream and stay quiet for 3 s (many ping/pong
+    rounds): the same tab leads throughout, on one server connection."""
+    hub, state = pin_server.hub, pin_server.state
+    context = browser.new_context()
+    try:
+        pages = []
+        for _ in range(2):
+            page = context.new_page()
+            page.goto(pin_server.url + "/page?script=" + follow(["sse"], shared=True, more=(
+                "window.led = 0; setInterval(() => { if (subs.sse.leader) led += 1; }, 50);")))
+            page.wait_for_function("window.subs.sse.status === 'open'")
+            pages.append(page)
+        wait_until(lambda: hub.subscriptions == 1, timeout=5, what="one stream for two tabs")
+        before = len(state["requests"])
+        leader = [p for p in pages if p.evaluate("window.subs.sse.leader")]
+        assert len(leader) == 1
+        follower = [p for p in pages if p is not leader[0]][0]
+        led_before = follower.evaluate("window.led")
+        time.sleep(3)  # the quiet spell under test: nothing is published
+        assert follower.evaluate("window.led") == led_before, "the follower took the stream in a quiet spell"
+        assert leader[0].evaluate("window.subs.sse.leader")
+        assert len(state["requests"]) == before, state["requests"][before:]  # no new connection
+        sent = hub.publish("pin", "still shared")
+        for page in pages:
+            page.wait_for_function("window.got.sse.length === 1")
+        assert [p.evaluate("window.got.sse") for p in pages] == [["still shared"]] * 2, sent
+    finally:
+        context.close()
