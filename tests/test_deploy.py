@@ -314,7 +314,7 @@ def test_a_private_message_sent_through_one_process_reaches_a_page_on_another(sh
     ann, bob = User(one.url, f"ann{tag}"), User(three.url, f"bob{tag}")
     thread = f"{ann.name}:{bob.name}"
     with bob.stream(thread, last_event_id=bob.cursor()) as on_three, \
-            StreamClient(f"{shoutbox.nginx.url}/pm/events?dm={thread}", headers=bob.cookie_header()) as via_nginx:
+            StreamClient(shoutbox.nginx.url + bob.stream_url(thread), headers=bob.cookie_header()) as via_nginx:
         status, doc, _ = ann.send(bob.name, "from process one")
         assert status == 200, doc
         for client in (on_three, via_nginx):
@@ -327,7 +327,7 @@ def test_a_private_message_sent_through_one_process_reaches_a_page_on_another(sh
         on_three.wait_for(lambda evs: len([e for e in evs if e.name == "pm"]) == 2, timeout=10)
         # another user's follow of the thread is refused on every process
         eve = User(two.url, f"eve{tag}")
-        assert http_get(f"{three.url}/pm/events?dm={thread}", headers=eve.cookie_header())[0] == 403
+        assert http_get(f"{three.url}/pm/url?dm={thread}", headers=eve.cookie_header())[0] == 403
         # counts and the thread's history, on a third process
         bob.base = two.url
         page = bob.page()
@@ -339,4 +339,4 @@ def test_a_private_message_sent_through_one_process_reaches_a_page_on_another(sh
         assert bob.request("/pm/signout", {"csrf": bob.csrf()})[0] == 200
         on_three.wait_closed(5)
         via_nginx.wait_closed(5)
-    assert http_get(f"{three.url}/pm/events", headers=copied)[0] == 403  # the session is revoked everywhere
+    assert http_get(f"{three.url}/pm/url", headers=copied)[0] == 403  # the session is revoked everywhere

@@ -3,6 +3,7 @@ users can follow, the 10,000-character limit, history, counters, one stream
 for the room and the threads, and sign-out ending it."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -46,9 +47,14 @@ class User(Browser):
     def send(self, to: str, text: str):
         return self.json("/pm/send", {"to": to, "text": text, "csrf": self.csrf()})
 
+    def stream_url(self, dm: str = "", kind: str = "url") -> str:
+        """A freshly signed stream URL (``kind="poll"``: its long-poll twin), as the page's URL function gets it."""
+        status, _, body = self.request("/pm/url" + (f"?dm={dm}" if dm else ""))
+        assert status == 200, body[:300]
+        return json.loads(body)[kind]
+
     def stream(self, dm: str = "", last_event_id: str | None = None) -> StreamClient:
-        url = self.base + "/pm/events" + (f"?dm={dm}" if dm else "")
-        return StreamClient(url, last_event_id=last_event_id, headers=self.cookie_header())
+        return StreamClient(self.base + self.stream_url(dm), last_event_id=last_event_id, headers=self.cookie_header())
 
 
 def pms(client: StreamClient) -> list:
@@ -82,11 +88,26 @@ def test_only_the_two_users_can_follow_a_thread(pm_server):
         (ann, "ann:B%C3%96B", 400, "two different names"),
         (ann, ",".join(f"ann:u{n}" for n in range(62)), 400, "at most 61 threads"),
     ]:
-        got, headers, body = http_get(f"{server.url}/pm/events?dm={dm}", headers=who.cookie_header())
-        assert got == status and reason in body.decode(), (dm, got, body[:200])
-        assert headers["content-type"].startswith("text/plain")
-    got, _, body = http_get(f"{server.url}/pm/events?dm=ann:bob&dm=ann:bob", headers=ann.cookie_header())
+        # no signed URL for it ...
+        got, headers, body = http_get(f"{server.url}/pm/url?dm={dm}", headers=who.cookie_header())
+        assert got == status and reason in json.loads(body)["error"], (dm, got, body[:200])
+    got, _, body = http_get(f"{server.url}/pm/url?dm=ann:bob&dm=ann:bob", headers=ann.cookie_header())
     assert got == 400 and b"more than once" in body
+    # ... and the stream checks its token, whoever holds the URL and whatever cookie comes with it
+    eves, anns = eve.stream_url("eve:ann"), ann.stream_url("ann:bob")
+    token = anns.split("token=")[1]
+    for url, status, reason in [
+        ("/pm/events?dm=ann:bob", 403, "a stream token is required"),
+        (eves.replace("dm=eve%3Aann", "dm=ann%3Abob"), 403, "you are not part of the thread 'ann:bob'"),
+        (eves.replace("dm=eve%3Aann", "dm=eve%3Aann%2Cann%3Abob"), 403, "not part of the thread 'ann:bob'"),
+        (eves.replace("dm=eve%3Aann", "dm=eve%3Abob"), 403, "this token does not cover channel 'dm:bob:eve'"),
+        (anns.replace("dm=ann%3Abob", "dm=ann%3Abob%2Cann%3Acat"), 403, "does not cover channel 'dm:ann:cat'"),
+        (anns[:-3] + ("AAA" if not anns.endswith("AAA") else "BBB"), 403, "invalid stream token"),
+        (f"/pm/events?dm=ann:bob&token={token}&token={token}", 400, "'token' was sent more than once"),
+    ]:
+        got, headers, body = http_get(server.url + url, headers=eve.cookie_header())
+        assert got == status and reason in body.decode(), (url, got, body[:200])
+        assert headers["content-type"].startswith("text/plain")
     assert hub.subscriptions == 0
     # and the thread's history is the user's own: eve asking for "bob" gets eve:bob
     ann.send("bob", "for bob only")
@@ -180,9 +201,36 @@ def test_sign_out_ends_the_stream_and_revokes_the_session(pm_server):
         wait_until(lambda: hub.subscriptions == 0, 1.0)
     finally:
         stream.close()
-    status, _, body = http_get(server.url + "/pm/events", headers=old_cookies)  # a copy of the cookie
+    status, _, body = http_get(server.url + "/pm/url", headers=old_cookies)  # a copy of the cookie: no stream URL
     assert status == 403 and b"sign in" in body
     assert 'id="pm"' not in ann.page()
+
+
+def test_an_expired_stream_url_is_refused_and_a_fresh_one_resumes_after_the_last_id(comet_cherrypy):
+    """What the page's URL function does on every reconnect: a URL older
+    than ``stream_url_ttl`` opens nothing (403, fetch a fresh one); a fresh
+    one resumes exactly after the last id seen, on the stream and by long-poll."""
+    hub = Hub(buffer_size=1000, idle=0.2)
+    root, config = make_app(hub, mod_secret="s3cret", rate=RateLimiter(limit=1000, window=60), accounts=Accounts(),
+                            stream_url_ttl=1)
+    server = comet_cherrypy(root, config)
+    ann, bob = User(server.url, "ann"), User(server.url, "bob")
+    old = bob.stream_url("ann:bob")
+    with StreamClient(server.url + old, last_event_id=bob.cursor()) as stream:
+        ann.send("bob", "one")
+        [first] = [e for e in stream.wait_for(lambda evs: any(e.name == "pm" for e in evs)) if e.name == "pm"]
+    ann.send("bob", "two")  # while bob's page is away
+    payload = old.split("token=")[1].split(".")[0]
+    expiry = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["x"]  # readable, not secret
+    wait_until(lambda: time.time() > expiry, 3.0, 0.05, what="the URL expired")
+    status, _, body = http_get(server.url + old, headers=bob.cookie_header())
+    assert status == 403 and body.decode().strip() == "the stream token has expired: fetch a fresh stream URL"
+    with StreamClient(server.url + bob.stream_url("ann:bob"), last_event_id=first.id) as stream:
+        got = stream.wait_for(lambda evs: any(e.name == "pm" for e in evs))
+        assert [json.loads(e.data)["text"] for e in got if e.name == "pm"] == ["two"]
+    status, _, body = http_get(server.url + bob.stream_url("ann:bob", "poll") + "&last_event_id=" + first.id)
+    assert status == 200 and [json.loads(e["data"])["text"] if isinstance(e["data"], str) else e["data"]["text"]
+                              for e in json.loads(body)["events"] if e.get("event") == "pm"] == ["two"]
 
 
 @pytest.fixture(params=["memory", "redis"])

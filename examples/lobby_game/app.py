@@ -38,7 +38,7 @@ import jinja2
 
 import comet
 import comet.stats
-from comet import Event, Hub, comet as stream
+from comet import Event, Hub
 from comet.cherrypy_tool import static_config
 
 from comet.backends import hub_from_url
@@ -122,8 +122,9 @@ class Openings(RateLimiter):
 
 class LobbyApp:
     def __init__(self, hub: Hub, lobbies: Lobbies, openings: Openings | None = None,
-                 behind_proxy: bool = False) -> None:
+                 behind_proxy: bool = False, heartbeat: float = 5.0) -> None:
         self.hub = hub
+        self.heartbeat = heartbeat  # the pages' comet.js expects it before the stream says it
         self.lobbies = lobbies
         self.openings = openings or Openings()
         self.behind_proxy = behind_proxy
@@ -172,7 +173,7 @@ class LobbyApp:
         # (whole summaries, so harmless), none is missed.
         cursor = self.hub.last_id(INDEX)
         return templates.get_template("index.html").render(lobbies=self.lobbies.summaries(), cursor=cursor,
-                                                           size=self.lobbies.size)
+                                                           size=self.lobbies.size, heartbeat=self.heartbeat)
 
     @cherrypy.expose
     def lobby(self, name: str):
@@ -194,17 +195,35 @@ class LobbyApp:
             # Nobody here: say so (404), and offer the join that opens it.
             cherrypy.response.status = 404
             state = self.lobbies.empty(name)
-        return templates.get_template("lobby.html").render(state=state, cursor=cursor)
+        return templates.get_template("lobby.html").render(state=state, cursor=cursor, heartbeat=self.heartbeat)
+
+    # Each stream twice: SSE, and long-poll for a page behind a proxy that
+    # holds streamed responses back (comet.js falls back to it: pollUrl).
+    # Their heartbeat comes from the config (make_app's ``heartbeat``).
 
     @cherrypy.expose
-    @stream(transport="sse")
+    @cherrypy.tools.comet(transport="sse")
     def updates(self, last_event_id: str | None = None):
         """The index page's stream: one ``lobby`` event per change anywhere."""
         return self.hub.subscribe(INDEX, last_id=last_event_id)
 
     @cherrypy.expose
-    @stream(transport="sse")
+    @cherrypy.tools.comet(transport="longpoll")
+    def updates_poll(self, last_event_id: str | None = None):
+        return self.hub.subscribe(INDEX, last_id=last_event_id)
+
+    @cherrypy.expose
+    @cherrypy.tools.comet(transport="sse")
     def events(self, name: str, player: str | None = None, last_event_id: str | None = None):
+        """A lobby page's stream: its ``state`` events, and the player's presence."""
+        return self._follow(name, player, last_event_id)
+
+    @cherrypy.expose
+    @cherrypy.tools.comet(transport="longpoll")
+    def poll(self, name: str, player: str | None = None, last_event_id: str | None = None):
+        return self._follow(name, player, last_event_id)
+
+    def _follow(self, name: str, player: str | None, last_event_id: str | None):
         lobby = self._lobby(name)
         try:
             me = lobby.player(player)
@@ -216,7 +235,8 @@ class LobbyApp:
         snapshot = [] if last_event_id else [Event(lobby.state(viewer=me and me.name), name="state")]
         # This page's stream is the player's presence: their first one makes
         # the hub publish comet.join (and the lobby shows them online), their
-        # last one closed for the grace period comet.leave (and the seat goes).
+        # last one closed for the grace period comet.leave (and the seat goes;
+        # a long-poll's next request comes well within it).
         sub = self.hub.subscribe(lobby.channel, last_id=cursor, initial=snapshot, member=me and me.name)
         # comet parks the stream on its writer thread once the headers are out
         # (as it would with `yield from sub`), so an open lobby page costs a
@@ -256,9 +276,15 @@ def error_page(status, message, traceback, version):
 
 
 def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store=None,
-             openings: Openings | None = None, behind_proxy: bool = False,
+             openings: Openings | None = None, behind_proxy: bool = False, heartbeat: float = 5.0,
              stats_password: str | None = None, debug: bool = False, **lobby_options):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
+
+    ``heartbeat`` is the longest silence of a stream, in seconds: a page
+    whose stream is silent for about twice that takes it for dead and
+    reconnects (and says "reconnecting", not "live"); a long-poll answers
+    empty after as long. Short for a game: a player sees a dead connection
+    within seconds.
 
     Error pages show no Python traceback (server paths) and no handler
     signature unless ``debug`` (``--debug``): production-safe by default.
@@ -274,13 +300,14 @@ def make_app(hub: Hub | None = None, *, size: int = 4, grace: float = 3.0, store
     cherrypy.engine.subscribe("stop", lobbies.close)
     config = {
         "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug,
+              "tools.comet.heartbeat": heartbeat, "tools.comet.poll_timeout": heartbeat,
               # In the app's look, with the reason and without CherryPy's version;
               # CherryPy's own page (with the traceback) under --debug.
               **({} if debug else {"error_page.default": error_page})},
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }
-    root = LobbyApp(hub, lobbies, openings, behind_proxy)
+    root = LobbyApp(hub, lobbies, openings, behind_proxy, heartbeat)
     # The live operations page, /comet/stats: behind a password when given
     # (deploy/nginx-comet.conf also keeps it to the proxy's own host).
     comet.stats.mount(root, password=stats_password, hubs=[hub])
@@ -301,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--behind-proxy", action="store_true",
                         help="count clients by the X-Forwarded-For address a proxy on this host appends")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
+    parser.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
+                        help="longest silence of a stream; a page notices a dead one in about twice that (default: 5)")
     parser.add_argument("--redis", metavar="URL", help="share lobbies and events through Redis, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--stats-password", default=os.environ.get("COMET_STATS_PASSWORD") or None,
                         help="HTTP Basic password (user 'comet') for /comet/stats (default: $COMET_STATS_PASSWORD)")
@@ -311,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     hub = hub_from_url(args.redis, presence_grace=args.grace, **({"presence_lease": args.lease} if args.redis else {}))
     store = RedisStore.from_url(args.redis) if args.redis else None
     app, config = make_app(hub, size=args.size, store=store, grace=args.grace, countdown=args.countdown,
-                           openings=Openings(args.openings), behind_proxy=args.behind_proxy,
+                           openings=Openings(args.openings), behind_proxy=args.behind_proxy, heartbeat=args.heartbeat,
                            stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})

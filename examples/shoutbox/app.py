@@ -56,7 +56,7 @@ import cherrypy
 import jinja2
 
 import comet.stats
-from comet import BackendUnavailable, Event, Hub, comet as stream
+from comet import BackendUnavailable, Event, Hub, StreamTokens
 from comet.backends import hub_from_url
 
 from ..ratelimit import RateLimiter
@@ -223,8 +223,10 @@ def form_page(handler):
 
 class Shoutbox:
     def __init__(self, hub: Hub, mod_secret: str, rate: RateLimiter | None = None,
-                 sessions: ModeratorSessions | None = None, behind_proxy: bool = False) -> None:
+                 sessions: ModeratorSessions | None = None, behind_proxy: bool = False,
+                 heartbeat: float = 15.0) -> None:
         self.hub = hub
+        self.heartbeat = heartbeat  # the page's comet.js expects it before the stream says it
         self.mod_secret = mod_secret
         # From the secret, not random: every process must give a browser the same tag.
         self._tag_key = hashlib.sha256(b"comet-shoutbox-author:" + mod_secret.encode()).digest()
@@ -307,15 +309,25 @@ class Shoutbox:
     def index(self):
         shouts, cursor = self.recent()
         return templates.get_template("index.html").render(
-            shouts=shouts, cursor=cursor, csrf=self._csrf(), moderator=self.is_moderator(), **self.pm.page(cursor))
+            shouts=shouts, cursor=cursor, csrf=self._csrf(), moderator=self.is_moderator(), heartbeat=self.heartbeat,
+            **self.pm.page(cursor))
+
+    # The stream twice: SSE, and long-poll for a page behind a proxy that
+    # holds streamed responses back (comet.js falls back to it: pollUrl).
+    # Their heartbeat comes from the config (make_app's ``heartbeat``).
 
     @cherrypy.expose
-    @stream(transport="sse")
+    @cherrypy.tools.comet(transport="sse")
     def events(self, last_event_id=None):
         view = None if self.is_moderator() else guest_view
         # Parked on comet's writer thread once the headers are out (as it would be
         # with `yield from`): no server thread per open page.
         return self.hub.subscribe(CHANNEL, last_id=last_event_id, view=view)
+
+    @cherrypy.expose
+    @cherrypy.tools.comet(transport="longpoll")
+    def poll(self, last_event_id=None):
+        return self.events(last_event_id)  # the tool wraps the handler per request: this is the plain method
 
     @staticmethod
     def _fail(status: int, reason: str, retry_after: float | None = None) -> dict:
@@ -406,28 +418,36 @@ def error_page(status, message, traceback, version):
 
 
 def make_app(hub: Hub | None = None, *, mod_secret: str | None = None, rate: RateLimiter | None = None,
-             sessions: ModeratorSessions | None = None, behind_proxy: bool = False,
-             stats_password: str | None = None, debug: bool = False, accounts=None):
+             sessions: ModeratorSessions | None = None, behind_proxy: bool = False, heartbeat: float = 15.0,
+             stream_url_ttl: float = 60.0, stats_password: str | None = None, debug: bool = False, accounts=None):
     """The app and its config, for ``cherrypy.tree.mount`` or a test fixture.
 
     Production-safe by default: error pages show no Python traceback
     (server paths) and no handler signature unless ``debug`` (``--debug``),
     and without ``mod_secret`` a random one is made (``root.mod_secret``).
     ``accounts`` keeps the private messages' users and counts
-    (:class:`examples.shoutbox.pm.Accounts`, in memory, by default)."""
+    (:class:`examples.shoutbox.pm.Accounts`, in memory, by default).
+    ``heartbeat`` is the longest silence of a stream, in seconds: a page
+    notices a dead one in about twice that. A signed private-message stream
+    URL opens streams for ``stream_url_ttl`` seconds (the page fetches a
+    fresh one for every connect)."""
     from .pm import Accounts, PrivateMessages  # pm builds on this module: imported once it is loaded
 
     hub = hub or Hub(buffer_size=1000)
     config = {
         "/": {"request.show_tracebacks": debug, "request.show_mismatched_params": debug,
+              "tools.comet.heartbeat": heartbeat, "tools.comet.poll_timeout": heartbeat,
               # In the app's look, with the reason and without CherryPy's version;
               # CherryPy's own page (with the traceback) under --debug.
               **({} if debug else {"error_page.default": error_page})},
         "/static": {"tools.staticdir.on": True, "tools.staticdir.dir": str(HERE / "static")},
         **static_config("/comet"),
     }
-    root = Shoutbox(hub, mod_secret or secrets.token_urlsafe(12), rate, sessions, behind_proxy)
-    root.pm = PrivateMessages(root, accounts or Accounts())  # /pm/...: signed-in users' private threads
+    root = Shoutbox(hub, mod_secret or secrets.token_urlsafe(12), rate, sessions, behind_proxy, heartbeat)
+    # From the secret, not random: every process must accept the others' stream URLs.
+    tokens = StreamTokens(hashlib.sha256(b"comet-shoutbox-streams:" + root.mod_secret.encode()).hexdigest(),
+                          ttl=stream_url_ttl)
+    root.pm = PrivateMessages(root, accounts or Accounts(), tokens)  # /pm/...: signed-in users' private threads
     # The live operations page, /comet/stats: behind a password when given
     # (deploy/nginx-comet.conf also keeps it to the proxy's own host).
     comet.stats.mount(root, password=stats_password, hubs=[hub])
@@ -447,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--behind-proxy", action="store_true",
                         help="count clients by the X-Forwarded-For address a proxy on this host appends")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
+    parser.add_argument("--heartbeat", type=float, default=15.0, metavar="SECONDS",
+                        help="longest silence of a stream; a page notices a dead one in about twice that (default: 15)")
+    parser.add_argument("--stream-url-ttl", type=float, default=60.0, metavar="SECONDS",
+                        help="how long a signed private-message stream URL opens streams (default: 60)")
     parser.add_argument("--redis", metavar="URL", help="share shouts and rate limits through Redis, e.g. redis://127.0.0.1:6379/0")
     parser.add_argument("--stats-password", default=os.environ.get("COMET_STATS_PASSWORD") or None,
                         help="HTTP Basic password (user 'comet') for /comet/stats (default: $COMET_STATS_PASSWORD)")
@@ -469,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
 
         accounts = RedisAccounts(client, args.mod_session)
     app, config = make_app(hub, mod_secret=args.mod_secret, rate=rate, sessions=sessions, accounts=accounts,
-                           behind_proxy=args.behind_proxy, stats_password=args.stats_password, debug=args.debug)
+                           behind_proxy=args.behind_proxy, heartbeat=args.heartbeat, stream_url_ttl=args.stream_url_ttl,
+                           stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
                             "server.thread_pool": args.threads, "engine.autoreload.on": False})
     print(f"shoutbox on http://{args.host}:{args.port}/  (moderator login at /login)")

@@ -8,9 +8,12 @@ the same store as the moderators' sessions (in memory, or in Redis with
 
 A thread is a channel, ``dm:<a>:<b>`` with the two names sorted. The page
 follows the room, its threads, the signed-in user's own channel and who is
-online on ONE stream (``/pm/events?dm=ann:bob,ann:cat``): a stream may name
-only threads its user is part of; any other is a ``403`` with the reason,
-whoever holds the URL. ``user:<name>`` carries the notice that someone
+online on ONE stream (``/pm/events?dm=ann:bob,ann:cat&token=...``). The
+stream URL is signed (:class:`comet.StreamTokens`) for that user and those
+channels, and short-lived: the page's comet.js fetches a fresh one from
+``/pm/url`` on every (re)connect (a URL function), so an expired token
+costs nothing, and the stream itself needs no session. A stream may name
+only threads its user is part of; any other is a ``403`` with the reason. ``user:<name>`` carries the notice that someone
 opened a thread with that user; the page then follows the new thread too,
 resubscribing from its cursor (``Last-Event-ID`` resumes every channel it
 already followed; the new one starts now, and the page reads its last 100
@@ -34,10 +37,11 @@ import secrets
 import threading
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import cherrypy
 
-from comet import Forbidden, comet as stream
+from comet import Forbidden, StreamTokens
 from comet.hub import MAX_CHANNELS, multi_cursor
 
 from .app import CHANNEL, ModeratorSessions, RedisModeratorSessions, Shoutbox, form_page, guest_view, json_action, templates
@@ -181,8 +185,8 @@ NAME_RULE = "a name is 1-20 letters a-z, digits, '-' or '_'"
 class PrivateMessages:
     """The private-message pages and endpoints, mounted at ``/pm``."""
 
-    def __init__(self, box: Shoutbox, accounts: Accounts) -> None:
-        self.box, self.accounts = box, accounts
+    def __init__(self, box: Shoutbox, accounts: Accounts, tokens: StreamTokens) -> None:
+        self.box, self.accounts, self.tokens = box, accounts, tokens
         self.hub = box.hub
 
     # -- who is signed in ------------------------------------------------------
@@ -196,12 +200,6 @@ class PrivateMessages:
         sid = self._sid()
         who = self.accounts.sessions.who(sid) if sid else None
         return who or None
-
-    def _need_user(self) -> str:
-        me = self.user()
-        if me is None:
-            raise Forbidden("sign in to use private messages (your session may have ended)")
-        return me
 
     # -- the one place presence and sign-out reach the hub ---------------------
 
@@ -238,12 +236,9 @@ class PrivateMessages:
 
     # -- the stream ------------------------------------------------------------
 
-    @cherrypy.expose
-    @stream(transport="sse")
-    def events(self, dm: Any = "", last_event_id: str | None = None) -> Any:
-        """The room, ``dm`` threads (``ann:bob,ann:cat``), the user's own
-        channel and who is online, on one stream."""
-        me = self._need_user()
+    def _channels(self, me: str, dm: Any) -> list[str]:
+        """The channels of *me*'s stream with the ``dm`` threads
+        (``ann:bob,ann:cat``), or a 400/403 saying what is wrong."""
         if not isinstance(dm, str):
             raise cherrypy.HTTPError(400, "the parameter 'dm' was sent more than once")
         threads = [t for t in dm.split(",") if t]
@@ -259,6 +254,50 @@ class PrivateMessages:
             channel = thread_channel(*names)
             if channel not in channels:
                 channels.append(channel)
+        return channels
+
+    @cherrypy.expose
+    @cherrypy.tools.json_out()
+    def url(self, dm: Any = "") -> dict[str, Any]:
+        """A freshly signed URL of the signed-in user's stream on the ``dm``
+        threads: ``{"url": "/pm/events?...&token=...", "poll": "/pm/poll?..."}``.
+
+        The page's comet.js asks for one on every (re)connect (a URL
+        function), so the token in it may be short-lived: a URL that leaks
+        opens nothing for long, and the stream checks it with no session."""
+        me = self.user()
+        if me is None:
+            return Shoutbox._fail(403, "sign in to use private messages (your session may have ended)")
+        try:
+            channels = self._channels(me, dm)
+        except cherrypy.HTTPError as exc:
+            return Shoutbox._fail(exc.status, exc._message)
+        except Forbidden as exc:
+            return Shoutbox._fail(403, str(exc))
+        query = urlencode({**({"dm": dm} if dm else {}), "token": self.tokens.sign(me, channels)})
+        return {"url": "/pm/events?" + query, "poll": "/pm/poll?" + query}
+
+    @cherrypy.expose
+    @cherrypy.tools.comet(transport="sse")
+    def events(self, dm: Any = "", token: Any = "", last_event_id: str | None = None) -> Any:
+        """The room, ``dm`` threads (``ann:bob,ann:cat``), the user's own
+        channel and who is online, on one stream, for whoever the token
+        (from :meth:`url`) was signed for."""
+        return self._follow(dm, token, last_event_id)
+
+    @cherrypy.expose
+    @cherrypy.tools.comet(transport="longpoll")
+    def poll(self, dm: Any = "", token: Any = "", last_event_id: str | None = None) -> Any:
+        """The same by long-poll, for a page behind a proxy that holds streamed responses back."""
+        return self._follow(dm, token, last_event_id)
+
+    def _follow(self, dm: Any, token: Any, last_event_id: str | None) -> Any:
+        if not isinstance(token, str):
+            raise cherrypy.HTTPError(400, "the parameter 'token' was sent more than once")
+        me = self.tokens.verify(token)  # genuine and unexpired, else a 403 saying which
+        channels = self._channels(me, dm)
+        for channel in channels:
+            self.tokens.verify(token, channel=channel)
         return self.follow(me, channels, last_event_id, self._view(self.box.is_moderator()))
 
     @staticmethod

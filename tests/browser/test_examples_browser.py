@@ -1,10 +1,12 @@
 """The example apps, for real: server processes, headless Chromium pages."""
+import json
 import re
+import time
 import urllib.parse
 import urllib.request
 import http.cookiejar
 
-from comet.testing import http_get, wait_until
+from comet.testing import FaultProxy, http_get, wait_until
 
 
 def post_shout(base: str, nick: str, text: str) -> None:
@@ -15,6 +17,12 @@ def post_shout(base: str, nick: str, text: str) -> None:
     csrf = re.search(r'name="csrf" value="([^"]+)"', html)[1]
     data = urllib.parse.urlencode({"nick": nick, "text": text, "csrf": csrf}).encode()
     assert opener.open(base + "/shout", data=data, timeout=10).status == 200
+
+
+def post_json(url: str, fields: dict) -> dict:
+    data = urllib.parse.urlencode(fields).encode()
+    with urllib.request.urlopen(url, data=data, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def lobby_players(base: str, lobby: str) -> list[str]:
@@ -79,6 +87,33 @@ def test_a_lobby_page_shows_the_restarted_servers_state(context, example_server)
     page.wait_for_selector('#status[data-status="open"]')
     assert lobby_players(restarted.url, "saturday") == ["ann"]
     page.close()
+
+
+def test_behind_a_proxy_that_buffers_streams_a_lobby_page_plays_by_long_poll(context, example_server):
+    """Some proxies (anti-virus, corporate, CDNs) hold a response until it
+    ends: an SSE stream never arrives. The lobby page notices (no byte in a
+    few heartbeats), follows the same lobby by long-poll from its cursor,
+    and says so: "live (long-poll)". Its player stays online meanwhile."""
+    server = example_server("examples.lobby_game", "--heartbeat", "1", "--grace", "1")
+    with FaultProxy(server.url) as proxy:
+        proxy.buffer_responses(True)
+        page = context.new_page()
+        page.goto(proxy.url + "/lobby/buffered")
+        started = time.monotonic()
+        page.fill("#name", "ann")
+        page.click("#join button")
+        page.wait_for_selector('#status[data-status="open"][data-transport="longpoll"]', timeout=20_000)
+        fell_back = time.monotonic() - started
+        assert page.inner_text("#status") == "live (long-poll)"
+        assert "long-poll" in page.get_attribute("#status", "title")
+        page.wait_for_selector("#players li.me")
+        post_json(server.url + "/join", {"name": "buffered", "player": "bob"})
+        page.wait_for_function("document.querySelectorAll('#players li').length === 2")
+        # a long-poll is a new request each time: the player's presence outlives the gaps between them
+        online_since = time.monotonic()
+        wait_until(lambda: time.monotonic() - online_since > 3, 5.0, what="three grace periods")
+        assert page.locator("#players li.me.offline").count() == 0 and lobby_players(server.url, "buffered") == ["ann", "bob"]
+    print(f"fell back to long-poll {fell_back:.1f} s after joining (heartbeat 1 s)")
 
 
 def test_shouts_appear_in_every_page_and_xss_stays_text(context, example_server):

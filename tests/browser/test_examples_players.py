@@ -7,10 +7,13 @@ current with the pages.
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+
+from comet.testing import FaultProxy
 
 from .conftest import ROOT
 from .test_examples_browser import post_shout
@@ -256,3 +259,43 @@ def test_a_chat_between_two_time_zones_with_a_moderator(example_server, people, 
     error = ann.inner_text("#error")
     assert "Cannot reach the shoutbox" in error and "fetch" not in error.lower()
     assert ann.input_value("#text") == "anyone there?"
+
+
+def test_the_status_says_live_reconnecting_and_offline_in_words(example_server, people, width):
+    """The status tells the truth in words that fit a phone: "live" while
+    the stream is heard from; "reconnecting…" once it has gone silent (a
+    network that drops the packets: no FIN, no RST, the socket looks open);
+    "offline" when the device has no network. Each time the page catches up."""
+    server = example_server("examples.shoutbox", "--heartbeat", "1")
+    with FaultProxy(server.url) as proxy:
+        ctx = people()
+        page = ctx.new_page()
+        page.goto(proxy.url + "/")
+        page.wait_for_selector('#status[data-status="open"]')
+        assert page.inner_text("#status") == "live"
+
+        proxy.offline()  # the packets go nowhere; the browser is not told
+        silent = time.monotonic()
+        page.wait_for_selector('#status[data-status="reconnecting"]', timeout=10_000)
+        noticed = time.monotonic() - silent
+        assert page.inner_text("#status") == "reconnecting\u2026" and noticed < 5, noticed  # about 2 heartbeats
+        assert in_view(page, "#status")
+        assert_fits(page)
+        post_shout(server.url, "ann", "sent while the page was cut off")
+        proxy.restore()
+        page.wait_for_selector("#shouts li:has-text('sent while the page was cut off')", timeout=10_000)
+        page.wait_for_selector('#status[data-status="open"]')
+        assert page.inner_text("#status") == "live"
+
+        ctx.set_offline(True)
+        page.wait_for_selector('#status[data-status="offline"]')
+        assert page.inner_text("#status") == "offline" and in_view(page, "#status")
+        assert_fits(page)
+        post_shout(server.url, "bob", "sent while the device was offline")
+        ctx.set_offline(False)
+        page.wait_for_selector("#shouts li:has-text('sent while the device was offline')", timeout=10_000)
+        page.wait_for_selector('#status[data-status="open"]')
+        assert page.inner_text("#status") == "live"
+        assert page.locator("#shouts .what").all_inner_texts() == [
+            "sent while the page was cut off", "sent while the device was offline"]  # each once
+    print(f"{width} px: silence noticed after {noticed:.1f} s (heartbeat 1 s)")

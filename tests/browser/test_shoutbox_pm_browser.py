@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from comet.testing import http_get, wait_until
+from comet.testing import FaultProxy, http_get, wait_until
 
 
 
@@ -85,10 +85,16 @@ def test_two_users_and_an_intruder_each_on_one_stream(profiles, example_server):
     by_channel = json.loads(http_get(server.url + "/comet/stats/json")[2])["streams"]["by_channel"]
     assert sum(by_channel.values()) == 3 and all(name.startswith("shouts") for name in by_channel), by_channel
 
-    # the intruder, with the URL: 403 and the reason; eve's page sees nothing of it
-    status, reason = eve.evaluate(
-        "async () => { const r = await fetch('/pm/events?dm=ann:bob'); return [r.status, await r.text()]; }")
-    assert status == 403 and "you are not part of the thread 'ann:bob'" in reason
+    # the intruder gets no signed URL for the thread, and her own does not open it: 403s with the reason
+    refused = eve.evaluate("""async () => {
+        const asked = await fetch('/pm/url?dm=ann:bob');
+        const own = (await (await fetch('/pm/url?dm=eve:ann')).json()).url;
+        const forged = await fetch(own.replace('dm=eve%3Aann', 'dm=ann%3Abob'));
+        const bare = await fetch('/pm/events?dm=ann:bob');
+        return [asked.status, (await asked.json()).error, forged.status, await forged.text(), bare.status, await bare.text()];
+    }""")
+    assert refused == [403, "you are not part of the thread 'ann:bob'", 403, "you are not part of the thread 'ann:bob'\n",
+                       403, "a stream token is required\n"]
     assert eve.locator("#pm-messages li").count() == 0 and eve.locator("#threads li").count() == 0
 
     # too long: a clear message in the page, nothing sent
@@ -111,6 +117,58 @@ def test_two_users_and_an_intruder_each_on_one_stream(profiles, example_server):
     for page in (bob, eve):
         page.wait_for_function("!document.querySelector(`#online li[data-name='ann']`)", timeout=10_000)
     print(f"sign-out to stream end: {ended * 1000:.0f} ms")
+
+
+def pumping(page, predicate, what: str, timeout: float = 10.0) -> None:
+    """wait_until that lets Playwright deliver the page's events meanwhile
+    (the sync API delivers them only inside its own calls)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        page.wait_for_timeout(50)
+
+
+def test_an_expiring_stream_url_is_renewed_without_the_app(profiles, example_server):
+    """The private-message stream URL is signed for 2 s only. Ann's page is
+    cut off for longer (no network); when it is back, comet.js asks the
+    page's URL function for a fresh URL: no 403, and what bob sent meanwhile
+    shows once. The URL it used before would have been refused."""
+    server = example_server("examples.shoutbox", "--heartbeat", "1", "--stream-url-ttl", "2")
+    with FaultProxy(server.url) as proxy:
+        ann_ctx = profiles()
+        signed, streams, refused = [], [], []
+        ann_ctx.on("request", lambda r: signed.append(time.monotonic()) if "/pm/url" in r.url else
+                   streams.append(r.url) if "/pm/events" in r.url else None)
+        ann_ctx.on("response", lambda r: refused.append(r.url) if "/pm/" in r.url and r.status >= 400 else None)
+        ann = sign_in(ann_ctx, proxy.url, "ann")
+        bob = sign_in(profiles(), server.url, "bob")
+        ann.fill("#pm-peer", "bob")
+        ann.click("#pm-open button")
+        ann.wait_for_selector("#pm-thread:not([hidden])")
+        pumping(ann, lambda: streams and "dm=ann%3Abob" in streams[-1], "ann's page follows the thread")
+        ann.wait_for_selector('#status[data-status="open"]')
+        before = len(signed)
+
+        proxy.offline()
+        ann_ctx.set_offline(True)
+        ann.wait_for_selector('#status[data-status="offline"]')
+        bob.fill("#pm-peer", "ann")
+        bob.click("#pm-open button")
+        bob.fill("#pm-text", "sent while you were away")
+        bob.press("#pm-text", "Control+Enter")
+        bob.wait_for_selector("#pm-messages li.mine:has-text('sent while you were away')")
+        expired = signed[-1] + 3.0  # signed for 2 s, rounded up to the second
+        pumping(ann, lambda: time.monotonic() > expired, "the page's stream URL expired")
+        old_url = streams[-1]
+        proxy.restore()
+        ann_ctx.set_offline(False)
+        ann.wait_for_selector("#pm-messages li.theirs:has-text('sent while you were away')", timeout=10_000)
+        ann.wait_for_selector('#status[data-status="open"]')
+        assert ann.locator("#pm-messages li").all_inner_texts()[-1].endswith("sent while you were away")
+        assert ann.locator("#pm-messages li:has-text('sent while you were away')").count() == 1
+        assert len(signed) > before and refused == []
+        status, _, body = http_get(old_url.replace(proxy.url, server.url))
+        assert status == 403 and b"expired" in body  # what a fixed URL would have got
 
 
 # -- at a phone's width and a laptop's -------------------------------------------------

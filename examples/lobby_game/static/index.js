@@ -30,11 +30,14 @@
 
   Comet.subscribe("/updates", {
     transport: "sse",
+    pollUrl: "/updates_poll",          // the same stream by long-poll, behind a proxy that holds streams back
+    heartbeat: Number(document.body.dataset.heartbeat),  // the server's, until its stream says so itself
     shared: true,                      // one connection for all this browser's tabs
     events: ["lobby"],
     lastEventId: list.dataset.cursor,  // exactly after what the server rendered
     onEvent: (ev) => { if (ev.event === "lobby") update(ev.data); },
     onGap: () => location.reload(),
     onStatus: showStatus,
+    onFallback: showFallback,
   });
 })();

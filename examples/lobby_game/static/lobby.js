@@ -3,6 +3,7 @@
   "use strict";
   const $ = (id) => document.getElementById(id);
   const lobby = $("game").dataset.lobby;
+  const heartbeat = Number(document.body.dataset.heartbeat);
   const key = "comet-lobby:" + lobby;  // sessionStorage: one player per tab
   let me = JSON.parse(sessionStorage.getItem(key) || "null");
   let sub = null;
@@ -124,6 +125,8 @@
     if (opening) return;
     opening = Comet.subscribe("/updates", {
       transport: "sse",
+      pollUrl: "/updates_poll",
+      heartbeat: heartbeat,
       shared: true,
       events: ["lobby"],
       lastEventId: fromRender ? $("game").dataset.cursor : null,
@@ -143,9 +146,11 @@
   function connect() {
     stopWatching();
     if (sub) sub.close();
-    const url = "/events/" + encodeURIComponent(lobby) + (me ? "?player=" + encodeURIComponent(me.token) : "");
-    sub = Comet.subscribe(url, {
+    const query = me ? "?player=" + encodeURIComponent(me.token) : "";
+    sub = Comet.subscribe("/events/" + encodeURIComponent(lobby) + query, {
       transport: "sse",
+      pollUrl: "/poll/" + encodeURIComponent(lobby) + query,  // behind a proxy that holds streams back
+      heartbeat: heartbeat,  // the server's, until its stream says so itself
       shared: true,  // a player's tabs of this lobby share one connection
       events: ["state"],
       onEvent: (ev) => { if (ev.event === "state") render(ev.data); },
@@ -158,6 +163,7 @@
       onGap: (ev) => { if (!(ev.data && ev.data.snapshot)) { shown = -1; connect(); } },
       onDenied: () => closedLobby(false),
       onStatus: showStatus,
+      onFallback: showFallback,
     });
   }
 

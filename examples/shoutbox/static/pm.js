@@ -1,5 +1,6 @@
 // Private messages: the room, the user's threads, their own channel and who
-// is online, all on ONE stream (/pm/events). Opening a thread resubscribes
+// is online, all on ONE stream (/pm/events, signed: its URL comes from
+// /pm/url on every connect). Opening a thread resubscribes
 // with the longer channel list, resuming from the stream's cursor: the
 // channels followed already lose nothing, the new one starts now and its
 // last 100 messages come from /pm/thread, merged by message id.
@@ -34,9 +35,25 @@
 
   // -- the one stream ---------------------------------------------------------
 
-  function url() {
-    const list = [...threads.keys()].sort().map(threadOf).join(",");
-    return "/pm/events" + (list ? "?dm=" + encodeURIComponent(list) : "");
+  const threadList = () => [...threads.keys()].sort().map(threadOf).join(",");
+  let followed = null;  // the thread list of the stream we follow
+
+  /* A freshly signed URL of the stream on *list* ("url", or "poll": its
+   * long-poll twin). comet.js asks on every (re)connect, so the short-lived
+   * token in it is always fresh: no refresh loop here. */
+  async function signed(list, kind) {
+    const response = await fetch("/pm/url" + (list ? "?dm=" + encodeURIComponent(list) : ""), { cache: "no-store" });
+    const doc = await response.json().catch(() => ({ error: "the server answered " + response.status }));
+    if (response.status === 403) ended("You are signed out: reload the page.");  // retrying cannot help
+    if (!response.ok) throw new Error(doc.error);
+    return doc[kind];
+  }
+
+  function ended(message) {
+    if (sub) sub.close();
+    room.onStatus("closed");
+    $("pm-error").textContent = message;
+    box.classList.add("ended");
   }
 
   /* (Re)subscribe with every thread we know; the cursor resumes the rest. */
@@ -45,9 +62,13 @@
       cursor = sub.lastEventId || cursor;
       sub.close();
     }
-    sub = Comet.subscribe(url(), {
+    const list = followed = threadList();
+    sub = Comet.subscribe(() => signed(list, "url"), {
       transport: "sse",
-      shared: true,                  // the user's tabs share it (same threads, same URL)
+      pollUrl: () => signed(list, "poll"),   // behind a proxy that holds streams back
+      heartbeat: Number(document.body.dataset.heartbeat),
+      shared: true,                  // the user's tabs share it (same threads) ...
+      key: "/pm/events?dm=" + list,  // ... which the URL function alone cannot say
       events: room.events.concat(["pm", "thread", "comet.join", "comet.leave"]),
       lastEventId: cursor,
       onEvent: onEvent,
@@ -59,11 +80,8 @@
         for (const peer of pending) load(peer);  // followed from now on: read what came before
         pending.clear();
       },
-      onDenied: (info) => {
-        room.onStatus("closed");
-        $("pm-error").textContent = info.status === 403 ? "You are signed out: reload the page." : info.reason;
-        box.classList.add("ended");
-      },
+      onFallback: room.onFallback,
+      onDenied: (info) => ended(info.reason + ": reload the page."),
     });
   }
 
@@ -134,10 +152,10 @@
     drawThreads();
     markRead();
     if (t.loaded) return;
-    if (sub && sub.url === url() && sub.status === "open") load(peer);
+    if (sub && followed === threadList() && sub.status === "open") load(peer);
     else {
       pending.add(peer);
-      if (!sub || sub.url !== url()) follow();  // a thread we did not follow: resubscribe, then read it
+      if (!sub || followed !== threadList()) follow();  // a thread we did not follow: resubscribe, then read it
     }
   }
 

@@ -139,7 +139,29 @@
   $("nick").value = localStorage.getItem(NICK) || "";
   if ($("nick").value) $("text").focus(); else $("nick").focus();
 
-  const words = { connecting: "connecting\u2026", open: "live", reconnecting: "reconnecting\u2026", closed: "offline" };
+  // The connection's real state, in words. comet.js says "open" only while
+  // the stream is heard from (a heartbeat at least), "reconnecting" once it
+  // has been silent for about two heartbeats or broke, and "offline" while
+  // the browser has no network; data-status keeps comet.js's name.
+  const words = { connecting: "connecting\u2026", open: "live", reconnecting: "reconnecting\u2026", offline: "offline", closed: "ended" };
+  const titles = {
+    connecting: "Connecting to the shoutbox.",
+    open: "Connected: new shouts appear as they are sent.",
+    reconnecting: "The connection broke or went silent: reconnecting. New shouts may be missing until then.",
+    offline: "Your device has no network: the page catches up when it is back.",
+    closed: "This page no longer follows the shoutbox.",
+  };
+  let status = "idle";
+  let polling = false;  // fell back to long-poll (a proxy holds the stream back)
+
+  function drawStatus() {
+    const el = $("status");
+    el.dataset.status = status;
+    el.dataset.transport = polling ? "longpoll" : "stream";
+    el.textContent = (words[status] || status) + (polling && status === "open" ? " (long-poll)" : "");
+    el.title = (titles[status] || "") + (polling ? " Something on the way (a proxy) holds the stream back, so the page follows it by long-poll." : "");
+  }
+
   const room = {
     events: ["shout", "delete", "mod"],
     onEvent: onEvent,
@@ -147,7 +169,8 @@
     // A gap with no snapshot after it (the server could not make one): a fresh render.
     // With one, the snapshot comes next: what came before resume_id is gone from the server.
     onGap: (ev) => { if (ev.data && ev.data.snapshot) floor = ev.data.resume_id; else location.reload(); },
-    onStatus: (s) => { $("status").dataset.status = s; $("status").textContent = words[s] || s; },
+    onStatus: (s) => { status = s; drawStatus(); },
+    onFallback: (info) => { polling = info.to === "longpoll"; drawStatus(); },
   };
   if (!$("pm")) {  // signed in, pm.js follows the room on the page's one stream
     Comet.subscribe("/events", Object.assign({
