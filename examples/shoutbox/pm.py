@@ -274,6 +274,7 @@ class PrivateMessages:
             return Shoutbox._fail(exc.status, exc._message)
         except Forbidden as exc:
             return Shoutbox._fail(403, str(exc))
+        cherrypy.response.headers["Cache-Control"] = "no-store"  # fresh each time, by design
         query = urlencode({**({"dm": dm} if dm else {}), "token": self.tokens.sign(me, channels)})
         return {"url": "/pm/events?" + query, "poll": "/pm/poll?" + query}
 
