@@ -204,6 +204,44 @@ def test_pages_reconnect_after_server_restart_and_show_what_was_sent(context, ex
         page.close()
 
 
+def test_after_a_gap_the_shoutbox_merges_what_the_server_still_has(context, example_server):
+    """The page's side of a gap, event by event: shouts deleted while the
+    page was away go; shouts the server no longer holds (older than the
+    gap's resume_id) stay under the note; shouts older than the snapshot's
+    50 stay quietly when the server says it has more."""
+    server = example_server("examples.shoutbox", "--rate", "100/10")
+    for text in ("a", "b", "c", "d"):
+        post_shout(server.url, "ann", text)
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector('#status[data-status="open"]')
+    ids = page.eval_on_selector_all("#shouts li[data-id]", "els => els.map((li) => li.dataset.id)")
+    epoch = ids[0].split("-")[0]
+
+    def shout(event_id, text):
+        return {"id": event_id, "nick": "ann", "text": text, "at": 0}
+
+    def gap_then(floor, shouts, more=False):
+        page.evaluate("""([floor, shouts, more]) => {
+            Shoutbox.onGap({event: "comet.gap", data: {last_id: "x", resume_id: floor, snapshot: true}});
+            Shoutbox.onSnapshot({event: "comet.snapshot", data: {shouts: shouts, more: more}});
+        }""", [floor, shouts, more])
+        return page.locator("#shouts li").evaluate_all(
+            "els => els.map((li) => li.id === 'gone-note' ? 'NOTE' : (li.classList.contains('gone') ? '~' : '') + li.querySelector('.what').textContent)")
+
+    # b was deleted while the page was away, e is new: nothing else changes
+    assert gap_then(f"{epoch}-0", [shout(ids[0], "a"), shout(ids[2], "c"), shout(ids[3], "d"), shout(f"{epoch}-9", "e")]) == [
+        "a", "c", "d", "e"]
+    # the server holds more than the 50 it sends: a shown shout older than them is kept, not taken for deleted
+    assert gap_then(f"{epoch}-0", [shout(ids[2], "c"), shout(ids[3], "d"), shout(f"{epoch}-9", "e")], more=True) == [
+        "a", "c", "d", "e"]
+    # the server dropped everything up to c (its buffer, or a restart): a and c stay, greyed, above the note
+    assert gap_then(ids[2], [shout(ids[3], "d"), shout(f"{epoch}-9", "e")]) == ["~a", "~c", "NOTE", "d", "e"]
+    assert page.inner_text("#gone-note").startswith("The 2 shouts above are no longer on the server")
+    assert page.locator("#shouts li.gone button.delete").count() == 0
+    page.close()
+
+
 def test_the_live_stats_page_renders_and_moves(context, example_server):
     lobby = example_server("examples.lobby_game", "--size", "4")
     shoutbox = example_server("examples.shoutbox")
