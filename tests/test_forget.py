@@ -104,7 +104,7 @@ def test_a_parked_stream_gets_the_last_events_then_finishes_and_resuming_gets_a_
     """Over HTTP: the stream ends with its response properly terminated; the
     client's reconnect with its cursor is told the history is gone."""
     with RawStream(app.url + "/sse?channel=game:3") as raw:
-        assert raw.chunk() == b":ok\n\n"
+        assert raw.chunk().startswith(b":ok\n\n")  # (and maybe the heartbeat it keeps)
         settle(lambda: hub.subscriptions == 1, what="the stream is parked")
         hub.publish("game:3", "move")
         last = hub.publish("game:3", "game over")
@@ -115,7 +115,7 @@ def test_a_parked_stream_gets_the_last_events_then_finishes_and_resuming_gets_a_
     settle(lambda: tracker.open == 0 and hub.subscriptions == 0, what="the handler's finally")
     assert "game:3" not in hub.channels()
     with RawStream(app.url + "/sse?channel=game:3&last_event_id=" + last) as raw:
-        assert raw.chunk() == b":ok\n\n"
+        assert raw.chunk().startswith(b":ok\n\n")
         gap = raw.chunk()
         assert b"event: comet.gap\n" in gap and f'"last_id":"{last}"'.encode() in gap
         nxt = hub.publish("game:3", "a new game")  # ...and the stream goes on in the new channel

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+import pytest
 import redis
 
 from comet import GAP
@@ -26,6 +27,9 @@ def test_a_forget_reaches_every_process_and_old_cursors_get_exact_gaps(hubs, com
         other = b.subscribe("lobby")
         sub = b.subscribe("game")
         move, over = a.publish("game", "move"), a.publish("game", "game over")
+        # (Across processes a subscriber gets what its reader read before the
+        # forget deleted the stream: let b's reader have it first.)
+        wait_until(lambda: b._cursors.get((prefix + "game").encode()) == over, what="b's reader to read the game")
         assert a.forget("game") is True
         # b's subscriber gets what was published before the forget, then its subscription ends
         assert [e.data for e in drain(sub, 2)] == ["move", "game over"]
@@ -36,19 +40,58 @@ def test_a_forget_reaches_every_process_and_old_cursors_get_exact_gaps(hubs, com
         sub.close()
         new = a.publish("game", "new game")
         assert parse_id(new) > parse_id(over)
+        # The new game starts right after the old one's last id: a cursor of
+        # the old game, whatever it saw, is told its history is gone.
+        ms, seq = over.split("-")
+        start = f"{ms}-{int(seq) + 1}"
         stale = b.subscribe("game", last_id=move)  # missed "game over": told so
         gap, event = drain(stale, 2)
-        assert gap.name == GAP and gap.data == {"last_id": move, "resume_id": over} and event.id == new
+        assert gap.name == GAP and gap.data == {"last_id": move, "resume_id": start} and event.id == new
         stale.close()
-        caught_up = b.subscribe("game", last_id=over)  # saw everything of the old game: no gap
-        assert [e.data for e in drain(caught_up, 1)] == ["new game"]
+        caught_up = b.subscribe("game", last_id=over)  # saw everything of the old game: a gap all the same
+        gap, event = drain(caught_up, 2)
+        assert gap.name == GAP and gap.data == {"last_id": over, "resume_id": start} and event.data == "new game"
         caught_up.close()
+        resumed = b.subscribe("game", last_id=start)  # where the gap said to resume: no gap
+        assert [e.data for e in drain(resumed, 1)] == ["new game"]
+        resumed.close()
         a.publish("lobby", "undisturbed")
         assert [e.data for e in drain(other, 1)] == ["undisturbed"]
         other.close()
         assert a.forget("never-published") is False
     finally:
         admin.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_resuming_at_a_forgotten_channels_last_event_gets_a_gap_on_both_hubs(hubs, kind):
+    """docs/hubs.md: a client that reconnects to a forgotten channel with its
+    cursor gets a comet.gap, even one that saw the channel's last event
+    (with Redis it once got the new channel's events with no gap: a page
+    that resets on the gap, a lobby reused under the same name, stacked the
+    new game on the old one)."""
+    from comet import Hub
+
+    hub, other = (Hub(), None) if kind == "memory" else (hubs(), hubs())
+    try:
+        last = hub.publish("lobby:1", "old game over")
+        seen = hub.subscribe("lobby:1", last_id=hub.before(last))
+        assert [e.data for e in drain(seen, 1)] == ["old game over"]
+        seen.close()
+        hub.forget("lobby:1")
+        new = hub.publish("lobby:1", "new game")
+        for where in [hub] + ([other] if other is not None else []):  # here, and from another process
+            sub = where.subscribe("lobby:1", last_id=last)
+            gap, event = drain(sub, 2)
+            assert gap.name == GAP and gap.data["last_id"] == last, gap
+            assert (event.id, event.data) == (new, "new game")
+            sub.close()
+            again = where.subscribe("lobby:1", last_id=gap.id)  # resuming where the gap says: no gap
+            assert [e.data for e in drain(again, 1)] == ["new game"]
+            again.close()
+    finally:
+        if kind == "memory":
+            hub.close()
 
 
 def test_max_age_trims_redis_and_what_a_process_loads(hubs, comet_redis, prefix):

@@ -128,9 +128,10 @@ _Entry = tuple[bytes, dict[bytes, bytes]]
 _Publish = tuple[str, list[str | int | bytes]]
 
 # Shared by the scripts: stream ids compared exactly (as digit strings), the
-# server's time in ms, and the floor of a channel that has no stream: the
-# newest id a forgotten channel of its bucket had, and with max_idle every id
-# older than max_idle (a stream that expired idle had nothing newer).
+# server's time in ms, and the floor of a channel that has no stream: the id
+# right after the newest a forgotten channel of its bucket had, and with
+# max_idle every id older than max_idle (a stream that expired idle had
+# nothing newer).
 _LIB = """
 local function after(a, b)
   local am, as = string.match(a, '(%d+)-(%d+)')
@@ -154,27 +155,37 @@ local function fresh_floor(forgotten, bucket, idle, margin)
 end
 """
 
-# KEYS[1] stream, KEYS[2] forgotten channels' newest ids by bucket; ARGV:
+# Appending one event to a channel's stream, as every writer does it (the
+# publish script, and presence's join and leave): reading the newest id and
+# adding happen atomically, so "p" is exact. *fields* are the entry's
+# field/value pairs; *bell* rings the stream's shard channel (Cluster).
+_PUBLISH_FN = """
+local function publish(stream, forgotten, maxlen, approx, max_age, idle, bucket, bell, fields)
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  local prev, id = nil, '*'
+  if #newest > 0 then prev = newest[1][1] else
+    prev = fresh_floor(forgotten, bucket, idle, idle)
+    -- A new stream's ids start at the clock: one forgotten in this very
+    -- millisecond had ids as high, so start right after its floor instead.
+    local ms, seq = string.match(prev, '(%d+)-(%d+)')
+    if tonumber(ms) >= now_ms() then id = ms .. '-' .. string.format('%d', tonumber(seq) + 1) end
+  end
+  id = redis.call('XADD', stream, 'MAXLEN', approx, maxlen, id, 'p', prev, unpack(fields))
+  if max_age > 0 then
+    redis.call('XTRIM', stream, 'MINID', string.format('%d', now_ms() - max_age) .. '-0')
+  end
+  if idle > 0 then redis.call('PEXPIRE', stream, idle) end
+  if bell then redis.call('SPUBLISH', stream, id) end
+  return id
+end
+"""
+
+# KEYS[1] stream, KEYS[2] forgotten channels' floors by bucket; ARGV:
 # maxlen, "~" or "=", field/value pairs, then max_age ms, max_idle ms, bucket.
-# Reading the newest id and adding happen atomically, so "p" is exact.
-_PUBLISH = _LIB + """
+_PUBLISH = _LIB + _PUBLISH_FN + """
 local n = #ARGV
-local max_age, idle = tonumber(ARGV[n - 2]), tonumber(ARGV[n - 1])
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local prev, id = nil, '*'
-if #newest > 0 then prev = newest[1][1] else
-  prev = fresh_floor(KEYS[2], ARGV[n], idle, idle)
-  -- A new stream's ids start at the clock: one forgotten in this very
-  -- millisecond had ids as high, so start right after its newest instead.
-  local ms, seq = string.match(prev, '(%d+)-(%d+)')
-  if tonumber(ms) >= now_ms() then id = ms .. '-' .. string.format('%d', tonumber(seq) + 1) end
-end
-id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], ARGV[1], id, 'p', prev, unpack(ARGV, 3, n - 3))
-if max_age > 0 then
-  redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', now_ms() - max_age) .. '-0')
-end
-if idle > 0 then redis.call('PEXPIRE', KEYS[1], idle) end
-return id
+return publish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[n - 2]), tonumber(ARGV[n - 1]), ARGV[n], BELL,
+               {unpack(ARGV, 3, n - 3)})
 """
 
 # A process starts mirroring a channel. KEYS as _PUBLISH; ARGV: how many
@@ -192,23 +203,30 @@ if #newest > 0 then return {entries, newest[1][1]} end
 return {entries, fresh_floor(KEYS[2], ARGV[4], idle, 1)}
 """
 
-# KEYS[1] stream, KEYS[2] as _PUBLISH, KEYS[3] the stream of forgets every
-# process reads; ARGV: bucket, channel. Returns the newest id it had, or nil.
+# KEYS[1] stream, KEYS[2] as _PUBLISH, KEYS[3..5] the channel's presence
+# (members, counts, leave deadlines: see redis_presence), KEYS[6] (single
+# Redis) the stream of forgets every process reads; ARGV: bucket, channel.
+# Returns the newest id it had, or nil. The bucket's floor becomes the id
+# right after that newest one: a cursor at the old channel's last event is
+# before the new channel's floor, so it gets a gap (as with the memory hub).
 _FORGET = _LIB + """
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #newest == 0 then return false end
 local last = newest[1][1]
+local ms, seq = string.match(last, '(%d+)-(%d+)')
+local floor = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
 local known = redis.call('HGET', KEYS[2], ARGV[1])
-if not known or after(last, known) then redis.call('HSET', KEYS[2], ARGV[1], last) end
+if not known or after(floor, known) then redis.call('HSET', KEYS[2], ARGV[1], floor) end
 redis.call('DEL', KEYS[1])
-if #KEYS > 2 then redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'c', ARGV[2], 'l', last) end
+if #KEYS > 5 then redis.call('XADD', KEYS[6], 'MAXLEN', '~', 1000, '*', 'c', ARGV[2], 'l', last) end
 return last
 """
 
 # On Redis Cluster the publish script also rings the stream's bell: SPUBLISH
 # on the stream key, a shard channel of the same slot (see redis_cluster).
-_PUBLISH_CLUSTER = _PUBLISH.replace("\nreturn id\n", "\nredis.call('SPUBLISH', KEYS[1], id)\nreturn id\n")
-assert _PUBLISH_CLUSTER != _PUBLISH
+_PUBLISH_CLUSTER = _PUBLISH.replace("BELL", "true")
+_PUBLISH = _PUBLISH.replace("BELL", "false")
 
 
 class _Sentinels:
@@ -629,25 +647,31 @@ class RedisHub(Hub):
         :meth:`Hub.forget` does. A later stream of that name starts after
         the newest id it had, so old cursors get an exact gap. True if the
         stream or a local mirror existed."""
+        from .redis_presence import presence_keys  # (it imports this module's scripts)
+
         self._check_channel(channel)
-        self._forget_members(channel)  # first: a join being published lands before the stream goes
+        self._forget_members(channel)  # first: nobody here joins it any more
         key = self._key(channel)
+        # The stream and its presence go in one script: a join or leave is
+        # counted and appended to the stream in one script too, so it lands
+        # wholly before the forget or is refused after it (redis_presence).
+        keys = [key, self._forgotten_for(key), *presence_keys(self.prefix, self._cluster, key, channel)]
         try:
             if self._cluster:  # the note goes to another slot: written on its own, with its bell
-                last = self._script(self._forget_script, [key, self._forgotten_for(key)], [_bucket(channel), channel])
+                last = self._script(self._forget_script, keys, [_bucket(channel), channel])
                 if last is not None:
                     note = self.redis.xadd(self._forgets_key, {"c": channel, "l": last}, maxlen=1000)
                     self.redis.spublish(self._forgets_key, note)
             else:
-                last = self._forget_script(keys=[key, self._forgotten_key, self._forgets_key],
-                                           args=[_bucket(channel), channel])
+                last = self._forget_script(keys=[*keys, self._forgets_key], args=[_bucket(channel), channel])
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot forget {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
         here = self._forget_here(channel)
         return last is not None or here
 
     def _forget_members(self, channel: str) -> None:
-        self.presence.forget(channel)  # other processes' members too, whether or not any joined here
+        if self._presence is not None:  # (Redis' members go with the stream: see forget)
+            self._presence.dropped(channel)
 
     def _forgotten_elsewhere(self, channel: str, last: str) -> None:
         """The reader read a forget of *channel* up to *last*: drop the mirror

@@ -5,31 +5,53 @@ Design
 ------
 Each process counts its own members' streams (the local registry of
 :mod:`comet.presence`) and pushes each changed count to Redis from one
-worker thread: the *absolute* count, so a push is idempotent, a reconnect
-after a blip coalesces into nothing, and a process whose counts were lost
-(a Redis restart, an expired lease) simply pushes them all again. Nothing on
-a stream's path waits on Redis: fast routes subscribe members on cheroot's
-accepting thread.
+worker thread, comet's presence thread: the *absolute* count, so a push is
+idempotent, a reconnect after a blip coalesces into nothing, and a process
+whose counts were lost (a Redis restart, an expired lease) simply pushes
+them all again. Nothing on a stream's path waits on Redis, and no lock is
+held across Redis I/O: ``subscribe(..., member=)`` counts the stream here
+and queues the push (fast routes subscribe members on cheroot's accepting
+thread); the join is announced once Redis answers.
+
+**A count and its event are one step.** The script that moves a member's
+count also appends the ``comet.join`` or ``comet.leave`` to the channel's
+stream, with :meth:`RedisHub.publish <comet.backends.redis.RedisHub.publish>`'s
+ids and trimming (one Lua function for both), so ``members()`` and the
+events agree at every instant and each event is appended exactly once,
+whoever retries a push. A ``forget`` deletes the stream and the channel's
+presence in one script too, so a join lands wholly before it (and is
+forgotten with it) or comes after it. A join that comes after it must
+not recreate the channel: each push carries where the pushing process's
+mirror of the channel stands (its newest event's id, or nothing for a
+mirror with no event), and a push that raises a count is refused while the
+stream does not follow that id (its oldest entry's predecessor is newer,
+or the stream is gone): the mirror is of a forgotten stream, or behind.
+The worker tries it again later; by then the process has either read the
+forget (its counts there are dropped and a zero is pushed) or caught up.
 
 Keys (``<prefix>\\0presence:`` first; channel names and members hold no NUL):
 
-* ``c:<process>:<channel>`` hash member -> this process's open streams;
-* ``m:<channel>`` hash member -> open streams over every process (``0``:
-  leaving, in its grace period);
-* ``leaving`` sorted set ``<channel>\\0<member>`` by the time its grace ends;
+* per channel: ``m:<channel>`` hash member -> open streams over every
+  process (``0``: leaving, in its grace period); ``c:<channel>`` hash
+  ``<process>\\0<member>`` -> that process's open streams; ``l:<channel>``
+  hash member -> when its grace period ends (ms, Redis' clock);
+* ``leaving`` sorted set ``<channel>\\0<member>`` by the end of its grace:
+  the index the sweep reads (each entry is checked against ``l:`` under
+  the channel's script, so a stale one is harmless);
 * ``p:<process>`` the channels where the process counts streams;
 * ``leases`` sorted set process -> lease expiry; ``disconnects`` a stream.
 
-Every transition is one Lua script, atomic across processes: a member's
-total going 0 -> 1 is a join (published by the process whose push did it)
-unless the member was leaving (then the leave is cancelled: no flap); 1 -> 0
-puts it in ``leaving``. Each process's worker renews its lease every
-``lease / 4`` seconds and, every quarter second, runs the sweep script: it
-retires the processes whose lease expired (their counts are subtracted, as
-if their streams had closed: a SIGKILLed process stops counting within a
-lease) and removes the members whose grace ended, which that worker then
-publishes as leaves, so each leave is published once, by whichever process
-swept it. A process that closes retires itself at once.
+A member's total going 0 -> 1 is a join, appended by the script of the
+process whose push did it (that process runs the ``on_presence``
+callbacks), unless the member was leaving: then the leave is cancelled (no
+flap). 1 -> 0 sets the grace deadline. Each process's worker renews its
+lease every ``lease / 4`` seconds and, every quarter second, sweeps: it
+retires the processes whose lease expired (their counts are subtracted
+channel by channel, as if their streams had closed: a SIGKILLed process
+stops counting within a lease) and runs the leave script for each member
+whose grace ended, which removes the member and appends the leave in one
+step: each leave is appended once, by whichever process swept it. A process
+that closes retires itself at once.
 
 ``disconnect`` ends the member's streams here at once and appends the member
 to the ``disconnects`` stream, which every process's listener thread follows
@@ -40,14 +62,21 @@ so clocks must agree to well under a second), and a listener cut off from
 Redis resumes from the last entry it read, so a blip delays a disconnect
 rather than losing it; after the stream's last 1000 entries it is lost.
 
-Redis Cluster: the scripts compute their keys, and a script may touch one
-slot only, so on a cluster every presence key shares one hash tag
-(``<prefix>\\0presence{presence}:`` first): all of a hub's presence lives on
-one slot's master, and each script names that base as its key, so the
-cluster routes it there (and follows it through a failover or resharding).
+Redis Cluster: a script may touch one slot only. A channel's presence keys
+carry the hash tag of its stream's slot (``<prefix>\\0presence{<tag>}:``,
+*tag* as for the forgotten channels' hash: see
+:mod:`comet.backends.redis_cluster`), so the stream, its presence and its
+slot's forgotten-ids hash go in one script. The global keys (``leases``,
+``leaving``, ``p:``, ``disconnects``) share the tag ``{presence}``: they live
+on one slot's master (and follow it through a failover or resharding).
 
-Bounds: a process that dies between a transition and publishing its event
-loses that one event (``members()`` stays right).
+Bounds: a push whose reply was lost (Redis froze past the socket timeout,
+then ran it) has its event appended but its ``on_presence`` callback not
+run (the push again finds nothing to change). A member joining in a
+process whose mirror of the channel holds no event yet, in the moment the
+channel is forgotten elsewhere, may be counted in the new channel until
+that process reads the forget (then it pushes a zero: the member leaves
+after the grace period).
 """
 from __future__ import annotations
 
@@ -61,8 +90,10 @@ import redis
 from redis.crc import key_slot
 
 from ..errors import BackendUnavailable
+from ..hub import _bucket
 from ..presence import JOIN, LEAVE, Presence
-from .redis_cluster import _moving, pipeline_scripts
+from .redis import _LIB, _PUBLISH_FN
+from .redis_cluster import _moving, pipeline_scripts, slot_tag
 
 if TYPE_CHECKING:
     from .redis import RedisHub
@@ -78,107 +109,137 @@ _DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterErro
 #: Seconds between two sweeps of a process: leaves and dead processes.
 SWEEP_EVERY = 0.25
 
-# Shared: the server's clock, and moving a member's total by delta (returns
-# 1 for a join to publish). ARGV[1] is always the keys' base.
-_LIB = """
-local base = ARGV[1]
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+def presence_keys(prefix: str, cluster: bool, stream_key: str, channel: str) -> list[str]:
+    """The keys of *channel*'s presence (members, counts, leave deadlines),
+    on its stream's slot on a cluster."""
+    tag = f"{{{slot_tag(key_slot(stream_key.encode()))}}}" if cluster else ""
+    base = f"{prefix}\x00presence{tag}:"
+    return [base + "m:" + channel, base + "c:" + channel, base + "l:" + channel]
+
+
+# A channel's scripts. KEYS: the stream, its slot's forgotten-ids hash, then
+# presence_keys(). ``announce`` appends a join or leave as publish() would,
+# its settings at ARGV[a..a+5]: maxlen, "~" or "=", max_age ms, max_idle ms,
+# bucket, bell (1: Cluster). ``shift`` moves a member's total by delta and
+# returns (1, id) for a join (appended with announce's settings at a), (0,
+# deadline) while the member is leaving, else (0, 0).
+_CHANNEL_LIB = _LIB + _PUBLISH_FN + """
+local function announce(event, member, a)
+  return publish(KEYS[1], KEYS[2], ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4],
+                 ARGV[a + 5] == '1', {'d', member, 'k', 's', 'e', event})
 end
-local function shift(channel, member, delta, grace)
-  local members = base .. 'm:' .. channel
-  local before = tonumber(redis.call('HGET', members, member) or '-1')
+-- Does the stream follow a mirror that has read it up to *seen* ('': a
+-- mirror with no event)? Not if it is gone, nor if its oldest entry's
+-- predecessor is newer (a new stream since a forget, or a mirror behind).
+local function current(seen)
+  if seen == '' then return true end
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if #oldest == 0 then return false end
+  local fields = oldest[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'p' then return not after(fields[i + 1], seen) end
+  end
+  return true
+end
+local function shift(member, delta, grace, a)
+  local before = tonumber(redis.call('HGET', KEYS[3], member) or '-1')
   local total = math.max(before, 0) + delta
-  local key = channel .. '\\0' .. member
   if total <= 0 then
-    if before <= 0 then
-      if before < 0 then redis.call('HDEL', members, member) end
-      return 0
-    end
-    redis.call('HSET', members, member, 0)
-    redis.call('ZADD', base .. 'leaving', now_ms() + grace, key)
-    return 0
+    if before < 0 then return 0, 0 end
+    if before == 0 then return 0, tonumber(redis.call('HGET', KEYS[5], member) or '0') end
+    local deadline = now_ms() + grace
+    redis.call('HSET', KEYS[3], member, 0)
+    redis.call('HSET', KEYS[5], member, deadline)
+    return 0, deadline
   end
-  redis.call('HSET', members, member, total)
-  if before == 0 then redis.call('ZREM', base .. 'leaving', key) end
-  if before < 0 then return 1 end
-  return 0
-end
-local function retire(proc, grace)
-  local set = base .. 'p:' .. proc
-  for _, channel in ipairs(redis.call('SMEMBERS', set)) do
-    local counts = base .. 'c:' .. proc .. ':' .. channel
-    local flat = redis.call('HGETALL', counts)
-    for i = 1, #flat, 2 do shift(channel, flat[i], -tonumber(flat[i + 1]), grace) end
-    redis.call('DEL', counts)
+  if before < 0 then
+    -- The event first: a script that fails midway is not undone, and a
+    -- count without its event would never be announced.
+    local id = announce('comet.join', member, a)
+    redis.call('HSET', KEYS[3], member, total)
+    return 1, id
   end
-  redis.call('DEL', set)
-  redis.call('ZREM', base .. 'leases', proc)
+  redis.call('HSET', KEYS[3], member, total)
+  if before == 0 then redis.call('HDEL', KEYS[5], member) end
+  return 0, 0
 end
 """
 
-# ARGV: base, process, channel, member, its streams in that process, grace ms.
-_SET = _LIB + """
-local proc, channel, member, new = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local counts = base .. 'c:' .. proc .. ':' .. channel
-local old = tonumber(redis.call('HGET', counts, member) or '0')
-if new == old then return 0 end
-if new > 0 then
-  redis.call('HSET', counts, member, new)
-  redis.call('SADD', base .. 'p:' .. proc, channel)
-else
-  redis.call('HDEL', counts, member)
-end
-return shift(channel, member, new - old, tonumber(ARGV[6]))
+# ARGV: process, member, its streams in that process, grace ms, the mirror's
+# newest id, then announce's settings. {1, id} for a join (appended), {0,
+# deadline} for a member leaving, {0, 0}, or {-1, 0}: refused, try later.
+_SET = _CHANNEL_LIB + """
+local proc, member, new, grace = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local field = proc .. '\\0' .. member
+local old = tonumber(redis.call('HGET', KEYS[4], field) or '0')
+if new > old and not current(ARGV[5]) then return {-1, 0} end
+local joined, result = shift(member, new - old, grace, 6)
+if new > 0 then redis.call('HSET', KEYS[4], field, new) elseif old > 0 then redis.call('HDEL', KEYS[4], field) end
+return {joined, result}
 """
 
-# ARGV: base, process, lease ms. 1 if the lease was not held (new, or taken
-# away as expired): then the process pushes every count again.
-_RENEW = _LIB + """
-return redis.call('ZADD', base .. 'leases', now_ms() + tonumber(ARGV[3]), ARGV[2])
+# ARGV: member, then announce's settings. {1, id} if the member's grace
+# ended and it left (appended), {0, deadline} if it ends later, else {0, 0}.
+_LEAVE = _CHANNEL_LIB + """
+local member = ARGV[1]
+if tonumber(redis.call('HGET', KEYS[3], member) or '-1') ~= 0 then return {0, 0} end
+local deadline = tonumber(redis.call('HGET', KEYS[5], member) or '0')
+if deadline > now_ms() then return {0, deadline} end
+local id = announce('comet.leave', member, 2)  -- first, as in shift
+redis.call('HDEL', KEYS[3], member)
+redis.call('HDEL', KEYS[5], member)
+return {1, id}
 """
 
-# ARGV: base, grace ms (for dead processes' members). Returns the members
-# whose grace ended, as channel, member, channel, member, ...
-_SWEEP = _LIB + """
-local grace, now = tonumber(ARGV[2]), now_ms()
-for _, proc in ipairs(redis.call('ZRANGEBYSCORE', base .. 'leases', '-inf', now, 'LIMIT', 0, 10)) do
-  retire(proc, grace)
-end
+# ARGV: process, grace ms: the process's counts on this channel go (it
+# closed, or its lease expired). Returns member, deadline, ... of those
+# now leaving.
+_RETIRE = _CHANNEL_LIB + """
+local mine = ARGV[1] .. '\\0'
 local out = {}
-for _, key in ipairs(redis.call('ZRANGEBYSCORE', base .. 'leaving', '-inf', now, 'LIMIT', 0, 200)) do
-  redis.call('ZREM', base .. 'leaving', key)
-  local sep = string.find(key, '\\0', 1, true)
-  local channel, member = string.sub(key, 1, sep - 1), string.sub(key, sep + 1)
-  local members = base .. 'm:' .. channel
-  if tonumber(redis.call('HGET', members, member) or '-1') == 0 then
-    redis.call('HDEL', members, member)
-    table.insert(out, channel)
-    table.insert(out, member)
+local flat = redis.call('HGETALL', KEYS[4])
+for i = 1, #flat, 2 do
+  if string.sub(flat[i], 1, #mine) == mine then
+    redis.call('HDEL', KEYS[4], flat[i])
+    local member = string.sub(flat[i], #mine + 1)
+    local joined, deadline = shift(member, -tonumber(flat[i + 1]), tonumber(ARGV[2]), 0)
+    if joined == 0 and deadline > 0 then
+      table.insert(out, member)
+      table.insert(out, deadline)
+    end
   end
 end
 return out
 """
 
-# ARGV: base, process, grace ms: a process closing.
-_RETIRE = _LIB + """
-retire(ARGV[2], tonumber(ARGV[3]))
+# The global scripts: KEYS[1] and ARGV[1] are the global keys' base.
+# ARGV: base, process, lease ms. 1 if the lease was not held (new, or taken
+# away as expired): then the process pushes every count again.
+_RENEW = _LIB + """
+return redis.call('ZADD', ARGV[1] .. 'leases', now_ms() + tonumber(ARGV[3]), ARGV[2])
+"""
+
+# ARGV: base. Returns {{process, {its channels}}, ...} for up to 10
+# processes whose lease expired, and the index of leaves due: key, score, ...
+_SWEEP = _LIB + """
+local base, now = ARGV[1], now_ms()
+local dead = {}
+for _, proc in ipairs(redis.call('ZRANGEBYSCORE', base .. 'leases', '-inf', now, 'LIMIT', 0, 10)) do
+  table.insert(dead, {proc, redis.call('SMEMBERS', base .. 'p:' .. proc)})
+end
+return {dead, redis.call('ZRANGEBYSCORE', base .. 'leaving', '-inf', now, 'WITHSCORES', 'LIMIT', 0, 200)}
+"""
+
+# ARGV: base, key, score: the index entry goes unless it was moved later
+# meanwhile (the member left again: that deadline counts).
+_UNINDEX = _LIB + """
+local score = redis.call('ZSCORE', ARGV[1] .. 'leaving', ARGV[2])
+if score and tonumber(score) <= tonumber(ARGV[3]) then redis.call('ZREM', ARGV[1] .. 'leaving', ARGV[2]) end
 return 0
 """
 
-# ARGV: base, channel: forgotten, nobody leaves it.
-_FORGET = _LIB + """
-local channel = ARGV[2]
-for _, member in ipairs(redis.call('HKEYS', base .. 'm:' .. channel)) do
-  redis.call('ZREM', base .. 'leaving', channel .. '\\0' .. member)
-end
-redis.call('DEL', base .. 'm:' .. channel)
-for _, proc in ipairs(redis.call('ZRANGE', base .. 'leases', 0, -1)) do
-  redis.call('DEL', base .. 'c:' .. proc .. ':' .. channel)
-end
-return 0
-"""
+_Result = Any  # a script's reply, or the exception it raised
 
 
 class RedisPresence(Presence):
@@ -192,24 +253,21 @@ class RedisPresence(Presence):
         #: This process, in Redis' keys (fixed length: the keys stay unambiguous).
         self.process = secrets.token_hex(8)
         self._base = hub.prefix + "\x00presence:"
-        if hub._cluster:  # one hash tag: every script touches one slot (see the module's docstring)
+        if hub._cluster:  # one hash tag for the global keys (see the module's docstring)
             self._base = hub.prefix + "\x00presence{presence}:"
             if key_slot(self._base.encode() + b"a") != key_slot(self._base.encode() + b"b"):
                 raise ValueError(f"prefix {hub.prefix!r} has an empty hash tag '{{}}': "
                                  "presence keys on a Redis Cluster could not share a slot")
         client = hub.redis
         self._set = client.register_script(_SET)
+        self._leave = client.register_script(_LEAVE)
+        self._retire = client.register_script(_RETIRE)
         self._renew_script = client.register_script(_RENEW)
         self._sweep_script = client.register_script(_SWEEP)
-        self._retire = client.register_script(_RETIRE)
-        self._forget = client.register_script(_FORGET)
-        # (channel, member) whose count changed, in order: joins are published
+        self._unindex = client.register_script(_UNINDEX)
+        # (channel, member) whose count changed, in order: joins are pushed
         # in the order the streams opened
         self._dirty: dict[tuple[str, str], None] = {}
-        # Channels forgotten while the worker pushes a batch (_pushing): a
-        # join in that batch is not published, and its count is forgotten again.
-        self._forgotten: set[str] = set()
-        self._pushing = False
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -230,14 +288,16 @@ class RedisPresence(Presence):
 
     # -- counts go to Redis ------------------------------------------------------
 
-    def _changed(self, channel: str, member: str, before: int | None, after: int) -> None:
-        with self._lock:
-            if after == 0 and self._counts.get(channel, {}).get(member) == 0:
-                counts = self._counts[channel]
-                del counts[member]  # Redis keeps the grace period, for every process
-                if not counts:
-                    del self._counts[channel]
-            self._dirty[(channel, member)] = None
+    def _changed(self, channel: str, member: str, before: int | None, after: int) -> tuple[Any, ...]:
+        if after == 0:
+            counts = self._counts[channel]
+            del counts[member]  # Redis keeps the grace period, for every process
+            if not counts:
+                del self._counts[channel]
+        self._dirty[(channel, member)] = None
+        return ()
+
+    def _after(self, wakes: tuple[Any, ...]) -> None:
         self.start()
         self._kick.set()
 
@@ -264,9 +324,12 @@ class RedisPresence(Presence):
                 delay = min(delay * 2, self.lease / 4)
             except redis.ResponseError as exc:
                 if not (self.redis_hub._follower is not None and _moving(exc)):
-                    raise
-                # (Cluster) the presence slot moved or its master failed over:
-                # reload the slot map, push again (the counts are absolute).
+                    log.exception("comet: presence worker failed")
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, self.lease / 4)
+                    continue
+                # (Cluster) a slot moved or its master failed over: reload
+                # the slot map, push again (the counts are absolute).
                 self.failures += 1
                 self.redis_hub._follower.regroup()
                 self._stop.wait(delay)
@@ -276,72 +339,141 @@ class RedisPresence(Presence):
                 self._stop.wait(delay)
 
     def _call(self, script: Any, args: list[Any]) -> Any:
-        # The base as the script's key routes it on a cluster (its keys share its slot).
+        """A global script: the base as its key routes it on a cluster."""
         return self.redis_hub._script(script, [self._base], [self._base, *args])
+
+    def _keys(self, channel: str) -> list[str]:
+        hub = self.redis_hub
+        stream = hub._key(channel)
+        return [stream, hub._forgotten_for(stream), *presence_keys(hub.prefix, hub._cluster, stream, channel)]
+
+    def _settings(self, channel: str) -> list[Any]:
+        """announce's settings for *channel* (see _CHANNEL_LIB)."""
+        hub = self.redis_hub
+        return [hub.maxlen, "~" if hub.approximate else "=", hub._max_age_ms(channel),
+                round((hub.max_idle or 0) * 1000), _bucket(channel), 1 if hub._cluster else 0]
+
+    def _on_channels(self, script: Any, calls: list[tuple[str, list[Any]]]) -> list[_Result]:
+        """*script* once per ``(channel, args)``, on each channel's keys: one
+        pipeline per master; each reply or error, in order."""
+        hub = self.redis_hub
+        results: list[_Result] = [None] * len(calls)
+        groups: dict[int, tuple[redis.Redis, list[int]]] = {}
+        for i, (channel, _) in enumerate(calls):
+            client = hub._master(hub._key(channel)) if hub._cluster else hub.redis
+            groups.setdefault(id(client), (client, []))[1].append(i)
+        for client, indexes in groups.values():
+            replies = pipeline_scripts(client, script, [(self._keys(calls[i][0]), calls[i][1]) for i in indexes])
+            for i, reply in zip(indexes, replies):
+                results[i] = reply
+        return results
 
     def _renew(self) -> None:
         if self._call(self._renew_script, [self.process, round(self.lease * 1000)]):
             with self._lock:  # our counts may have been retired: push them all again
                 self._dirty.update(((c, m), None) for c, members in self._counts.items() for m in members)
 
+    def _seen(self, channel: str) -> str:
+        """Where this process's mirror of *channel* stands: its newest
+        event's id ('' if it holds none: see _CHANNEL_LIB's ``current``)."""
+        ch = self.redis_hub._channels.get(channel)
+        if ch is None:
+            return ""
+        with ch.cond:
+            return ch.tail_id() if ch.seq else ""
+
     def _flush(self) -> None:
         with self._lock:
             dirty, self._dirty = list(self._dirty), {}
             counts = [self._counts.get(c, {}).get(m, 0) for c, m in dirty]
-            self._forgotten.clear()
-            self._pushing = bool(dirty)
         if not dirty:
             return
         try:
-            self._push(dirty, counts)
-        finally:
-            with self._lock:
-                self._pushing = False
-                self._forgotten.clear()
-
-    def _push(self, dirty: list[tuple[str, str]], counts: list[int]) -> None:
-        grace = round(self.hub.presence_grace * 1000)
-        error: BaseException | None = None
-        try:
-            if self.redis_hub._cluster:
-                calls = [([self._base], [self._base, self.process, channel, member, n, grace])
-                         for (channel, member), n in zip(dirty, counts)]
-                joins = pipeline_scripts(self.redis_hub._master(self._base), self._set, calls)
-                failed = [key for key, joined in zip(dirty, joins) if isinstance(joined, BaseException)]
-                if failed:  # (the slot moved) those again after the slot map reloads; the rest are done
-                    error = next(j for j in joins if isinstance(j, BaseException))
-                    with self._lock:
-                        self._dirty = {**dict.fromkeys(failed), **self._dirty}
-            else:
-                with self.redis_hub.redis.pipeline(transaction=False) as pipe:
-                    for (channel, member), n in zip(dirty, counts):
-                        self._set(keys=[self._base], args=[self._base, self.process, channel, member, n, grace],
-                                  client=pipe)
-                    joins = pipe.execute()
+            calls = self._push(dirty, counts)
         except BaseException:
             with self._lock:  # pushed again next time: the counts are absolute
                 self._dirty = {**dict.fromkeys(dirty), **self._dirty}
             raise
-        with self._order:
-            for (channel, member), joined in zip(dirty, joins):
-                with self._lock:  # (asked each time: a presence callback may forget a channel)
-                    forgotten = channel in self._forgotten
-                if forgotten:
-                    continue  # forgotten while this batch was pushed: nobody joins it
-                if joined and not isinstance(joined, BaseException):
-                    self._announce(channel, JOIN, member)
+        self._tell(calls)
+
+    def _push(self, dirty: list[tuple[str, str]], counts: list[int]) -> list[tuple[str, str, str]]:
+        """Push *counts*; the joins they made, for the callbacks."""
+        hub = self.redis_hub
+        grace = round(self.hub.presence_grace * 1000)
+        added = {channel for (channel, _), n in zip(dirty, counts) if n > 0}
+        if added:  # first: a process that dies after its push is retired there too
+            hub.redis.sadd(self._base + "p:" + self.process, *added)
+        replies = self._on_channels(self._set, [
+            (channel, [self.process, member, n, grace, self._seen(channel) if n else "", *self._settings(channel)])
+            for (channel, member), n in zip(dirty, counts)])
+        joins: list[tuple[str, str, str]] = []
+        leaving: dict[str, int] = {}
+        again: list[tuple[str, str]] = []
+        error: BaseException | None = None
+        for key, reply in zip(dirty, replies):
+            if isinstance(reply, BaseException):
+                if not _moving(reply):
+                    raise reply
+                error = reply
+                again.append(key)  # (the slot moved) again after the slot map reloads
+            elif reply[0] == 1:
+                joins.append((key[0], JOIN, key[1]))
+            elif reply[0] == -1:
+                again.append(key)  # the mirror is behind or of a forgotten stream: later
+            elif reply[1]:
+                leaving["\x00".join(key)] = reply[1]
+        if again:
             with self._lock:
-                again = {channel for channel, _ in dirty} & self._forgotten
-            for channel in again:
-                self._call(self._forget, [channel])  # a count pushed after the forget goes too
+                self._dirty = {**dict.fromkeys(again), **self._dirty}
+        if leaving:
+            hub.redis.zadd(self._base + "leaving", leaving)
+        if error is not None:
+            self._tell(joins)
+            raise error
+        return joins
+
+    def _sweep(self) -> None:
+        dead, due = cast("list[Any]", self._call(self._sweep_script, []))
+        hub = self.redis_hub
+        for proc, channels in dead:
+            self._retire_process(proc.decode(), [c.decode() for c in channels])
+        keys = [(due[i].decode(), float(due[i + 1])) for i in range(0, len(due), 2)]
+        if not keys:
+            return
+        pairs = [key.split("\x00", 1) for key, _ in keys]
+        replies = self._on_channels(self._leave, [(channel, [member, *self._settings(channel)])
+                                                  for channel, member in pairs])
+        left: list[tuple[str, str, str]] = []
+        later: dict[str, int] = {}
+        error: BaseException | None = None
+        for (key, score), (channel, member), reply in zip(keys, pairs, replies):
+            if isinstance(reply, BaseException):
+                error = reply
+            elif reply[0] == 0 and reply[1]:
+                later[key] = reply[1]
+            else:
+                if reply[0] == 1:
+                    left.append((channel, LEAVE, member))
+                self._call(self._unindex, [key, score])
+        if later:
+            hub.redis.zadd(self._base + "leaving", later)
+        self._tell(left)
         if error is not None:
             raise error
 
-    def _sweep(self) -> None:
-        flat = cast("list[bytes]", self._call(self._sweep_script, [round(self.hub.presence_grace * 1000)]))
-        with self._order:
-            for i in range(0, len(flat), 2):
-                self._announce(flat[i].decode(), LEAVE, flat[i + 1].decode())
+    def _retire_process(self, proc: str, channels: list[str]) -> None:
+        """Subtract *proc*'s counts, channel by channel, then drop its lease."""
+        grace = round(self.hub.presence_grace * 1000)
+        leaving: dict[str, int] = {}
+        for channel, reply in zip(channels, self._on_channels(self._retire, [(c, [proc, grace]) for c in channels])):
+            if isinstance(reply, BaseException):
+                raise reply
+            for i in range(0, len(reply), 2):
+                leaving[channel + "\x00" + reply[i].decode()] = reply[i + 1]
+        if leaving:
+            self.redis_hub.redis.zadd(self._base + "leaving", leaving)
+        self.redis_hub.redis.delete(self._base + "p:" + proc)
+        self.redis_hub.redis.zrem(self._base + "leases", proc)
 
     # -- disconnects ---------------------------------------------------------------
 
@@ -391,10 +523,12 @@ class RedisPresence(Presence):
 
     def members(self, channel: str) -> dict[str, int]:
         self.start()  # a process that asks sweeps too
+        hub = self.redis_hub
+        key = presence_keys(hub.prefix, hub._cluster, hub._key(channel), channel)[0]
         try:
-            raw = cast("dict[bytes, bytes]", self.redis_hub.redis.hgetall(self._base + "m:" + channel))
+            raw = cast("dict[bytes, bytes]", hub.redis.hgetall(key))
         except _DOWN as exc:
-            raise BackendUnavailable(f"cannot read the members of {channel!r}: Redis at {self.redis_hub._where} "
+            raise BackendUnavailable(f"cannot read the members of {channel!r}: Redis at {hub._where} "
                                      f"is unreachable ({exc})") from exc
         return {member.decode(): int(n) for member, n in raw.items()}
 
@@ -403,20 +537,14 @@ class RedisPresence(Presence):
         return super().on_change(callback)
 
     def dropped(self, channel: str) -> None:
-        super().dropped(channel)
         with self._lock:
+            counts = self._drop(channel)
             self._dirty = {key: None for key in self._dirty if key[0] != channel}
-            if self._pushing:  # a join in the batch in flight must not recreate it (else nothing to remember)
-                self._forgotten.add(channel)
-
-    def forget(self, channel: str) -> None:
-        with self._order:  # a join being published lands first; one pushed but not yet published is dropped
-            self.dropped(channel)
-            try:
-                self._call(self._forget, [channel])
-            except _DOWN as exc:
-                raise BackendUnavailable(f"cannot forget the members of {channel!r}: Redis at "
-                                         f"{self.redis_hub._where} is unreachable ({exc})") from exc
+            # Zeros: a count of ours that landed after the forget (see the
+            # module's bounds) goes too; otherwise they change nothing.
+            self._dirty.update(((channel, member), None) for member in counts)
+        if counts:
+            self._after(())
 
     def close(self) -> None:
         """Stop the threads and retire this process: its members leave
@@ -428,6 +556,7 @@ class RedisPresence(Presence):
             thread.join(5)
         if self._started:
             try:
-                self._call(self._retire, [self.process, round(self.hub.presence_grace * 1000)])
+                channels = cast("set[bytes]", self.redis_hub.redis.smembers(self._base + "p:" + self.process))
+                self._retire_process(self.process, sorted(c.decode() for c in channels))
             except _DOWN:
                 pass  # the lease expires instead
