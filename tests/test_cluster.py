@@ -294,9 +294,9 @@ def test_every_script_recovers_on_masters_that_lost_it(cluster):
         assert [e.data for e in other.history(names[1])] == ["before", f"batch-{names[1]}", "many-1", "many-2"]
         _flush_scripts(cluster)
         assert other.subscribe("newroom").take() is not None  # the load script, on a new channel
-        sub.close()  # presence pushes again (its pipeline on the presence slot's master)
+        sub.close()  # presence pushes again (its pipeline on the channel's master)
         wait_until(lambda: hub.members(names[0]) == {}, what="ann left")
-        # forget's scripts: the stream's slot, then presence's slot
+        # forget's script: the stream's slot, the channel's presence with it
         assert hub.forget(names[2])
         assert hub.history(names[2]) == []
     finally:
@@ -324,8 +324,15 @@ def test_presence_across_processes_on_a_cluster(cluster):
     b = RedisHub(cluster.url, idle=0.2, block=1.0, presence_grace=0.3, presence_lease=1.0)
     victim = None
     try:
+        # A channel's presence lives on its stream's slot (one script moves a
+        # count and appends its join or leave); the hub's shared keys on one.
+        from comet.backends.redis_presence import presence_keys
+
+        stream = a._key("room")
+        keys = [stream, a._forgotten_for(stream), *presence_keys(a.prefix, True, stream, "room")]
+        assert {cluster.slot_of(key.encode()) for key in keys} == {cluster.slot_of(stream.encode())}
         base = b.presence._base.encode()
-        assert cluster.slot_of(base + b"m:room") == cluster.slot_of(base + b"leases")  # one slot for all of it
+        assert cluster.slot_of(base + b"leases") == cluster.slot_of(base + b"leaving") == cluster.slot_of(base + b"p:x")
         seen = b.subscribe("room")
 
         def changes() -> list[tuple[str, str]]:
@@ -349,9 +356,12 @@ def test_presence_across_processes_on_a_cluster(cluster):
         victim.wait(10)
         wait_until(lambda: (LEAVE, "zed") in changes(), timeout=10, what="zed's leave after its lease")
         assert a.members("room") == {"bob": 1}
-        # forgetting the channel forgets its members (the presence slot's script)
+        assert sorted(changes()) == sorted([(JOIN, "ann"), (JOIN, "bob"), (LEAVE, "ann"), (JOIN, "zed"),
+                                            (LEAVE, "zed")])  # each once
+        # forgetting the channel forgets its members (in the stream's script)
         assert a.forget("room")
         wait_until(lambda: b.members("room") == {}, what="no members")
+        assert not any(a.redis.exists(key) for key in keys[2:])  # members, counts, deadlines: gone
         bob.close()
         seen.close()
     finally:
