@@ -5,6 +5,7 @@ import contextlib
 import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import cherrypy
 import pytest
@@ -330,3 +331,39 @@ def test_a_unicode_channel_name_keeps_a_multipart_viewer_of_several_channels(com
         (b"\xff\xd8one", "cam:\u2713"), (b"\xff\xd8two", "cam:b"), (b"\xff\xd8three", "cam:\u2713")]
     assert dict(got[0].headers)["Comet-Channel"] == "cam:%E2%9C%93"
     wait_until(lambda: hub.subscriptions == 0, what="released")
+
+
+def test_a_closed_stream_is_freed_at_once_not_at_its_next_heartbeat(comet_cherrypy, hub):
+    """2,000 streams opened and dropped: none stays alive in the writer
+    (its timer heap held each until its next heartbeat, 15 s away)."""
+    import gc
+
+    from comet.writer import ParkedStream
+
+    class Quiet:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=15)
+        def events(self):
+            return hub.subscribe("quiet")
+
+    server = comet_cherrypy(Quiet())
+    pool = engine_plugin().pool
+
+    def alive() -> int:
+        gc.collect()
+        return sum(type(o) is ParkedStream for o in gc.get_objects())
+
+    before = alive()
+    address = urlsplit(server.url)
+    request = f"GET /events HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode()
+    for _ in range(400):  # (5 at a time: the listen backlog is 5, and a dropped SYN waits a second)
+        socks = []
+        for _ in range(5):
+            socks.append(socket.create_connection((address.hostname, address.port), timeout=10))
+            socks[-1].sendall(request)
+        for sock in socks:
+            read_until(sock, b":ok")
+            sock.close()
+    wait_until(lambda: hub.subscriptions == 0 and pool.parked_streams == 0, timeout=20, what="every stream closed")
+    # (The writer loop's variables may still name the last one it served.)
+    wait_until(lambda: alive() <= before + 1, timeout=3, what="closed streams freed")
