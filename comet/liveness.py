@@ -24,11 +24,13 @@ thread mode):
   timeout is 2 heartbeats and a margin, so the server is never quicker to
   give up on a slow network than a client watching heartbeats (which waits
   about 2 heartbeats of silence).
-* keepalive, first probe after ``2 h`` seconds with nothing received, for a
-  stream that has nothing in flight (a long-poll waiting, a handler busy in
-  its own code): a probe unanswered within the user timeout aborts too.
-  On a heartbeating stream no probe is ever sent: the heartbeat's
-  acknowledgement comes first. The cost per idle stream is the heartbeat.
+* keepalive, first probe after ``h + 4`` seconds with nothing received,
+  then one every *h*, for a stream that has nothing in flight (a long-poll
+  waiting, a handler busy in its own code): the connection is aborted once
+  a probe is out and nothing came for the user timeout. On a heartbeating
+  stream no probe is ever sent (a thread-mode stream's heartbeats may come
+  an idle tick late, hence the margin): the heartbeat's acknowledgement
+  comes first. The cost per idle stream is the heartbeat.
 
 A client that is alive but reads nothing, its receive window shut for the
 whole user timeout, is aborted too (Linux applies the user timeout to
@@ -93,7 +95,7 @@ def watch_peer(sock: socket.socket | None, heartbeat: float) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     timeout = user_timeout(heartbeat)
-    idle = max(1, math.ceil(2 * heartbeat))
+    idle = max(1, math.ceil(heartbeat + MARGIN))
     try:
         if _USER_TIMEOUT is not None:
             sock.setsockopt(_TCP, _USER_TIMEOUT, min(int(timeout * 1000), 2**31 - 1))

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 
-from comet.liveness import notice_within
+from comet.liveness import MARGIN, notice_within
 from comet.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +179,13 @@ class App:
         assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], data[:500]
         return body
 
+    def keepalive_probes(self) -> int:
+        """Keepalive probes sent in the server's namespace so far."""
+        netstat = subprocess.run(["ip", "netns", "exec", self.net.server_ns, "cat", "/proc/net/netstat"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+        names, values = (line.split() for line in netstat if line.startswith("TcpExt:"))
+        return int(dict(zip(names, values))["TCPKeepAlive"])
+
     def send_queue(self, client_port: int) -> int:
         """Bytes the server's kernel holds for the client at *client_port*
         (sent but unacknowledged, or not sent: ``ss``'s Send-Q)."""
@@ -247,23 +254,37 @@ def test_streams_and_presence_of_a_vanished_client_end_within_the_bound(net: Net
         clients.append(open_stream(net, app.port, "/parked?name=bob", b"hello"))  # learned: served at accept
         clients.append(open_stream(net, app.port, "/threaded", b"hello"))
         clients.append(open_stream(net, app.port, "/fast/a", b":ok"))
-        stats = wait_until(lambda: (s := app.get("/comet/stats/json"))["streams"]["open"] == 4 and s,
-                           timeout=5, what="four streams open")
+        opened = time.monotonic()
+        expected = {"room": 2, "threads": 1, "fast": 1}  # (a generator's, once it waits on its subscription)
+        stats = wait_until(lambda: (s := app.get("/comet/stats/json"))["streams"]["by_channel"] == expected and s,
+                           timeout=5, what="four streams open, on their channels")
         assert stats["streams"]["threaded"] == 1 and stats["streams"]["parked"] == 3, stats["streams"]
-        assert stats["streams"]["by_channel"] == {"room": 2, "threads": 1, "fast": 1}, stats["streams"]
         assert stats["routed"]["at_accept"] == 1 and stats["routed"]["handlers_at_accept"] == 1, stats["routed"]
         assert app.get("/members") == {"ann": 1, "bob": 1}
         for sock in clients:  # live: a heartbeat arrives on each before the cut
             sock.settimeout(HEARTBEAT * 3)
             assert sock.recv(65536)
+        # Streams that heartbeat never cost a keepalive probe, however long
+        # they stay open: each heartbeat's acknowledgement comes before the
+        # keepalive's idle time (heartbeat + MARGIN) is up.
+        wait_until(lambda: time.monotonic() > opened + HEARTBEAT + MARGIN + 1.5, timeout=15,
+                   what="streams open past the keepalive's idle time")
+        assert app.keepalive_probes() == 0
+        # A long-poll waiting for news has nothing in flight: keepalive is
+        # what notices its client gone.
+        cursor = app.fetch("/last_id?channel=polls").decode()
+        clients.append(open_stream(net, app.port, f"/poll?last_event_id={cursor}", b"\r\n\r\n"))
+        wait_until(lambda: app.get("/comet/stats/json")["streams"]["open"] == 5, timeout=5, what="the long-poll open")
+
         # A client that reads nothing while events pour in: its window shuts,
         # the server's send buffer fills, the writer waits for writability.
+        # (Just before the cut: a window shut for the whole user timeout ends
+        # the connection as well, client gone or not.)
         full = open_stream(net, app.port, "/full", b"hello")
         clients.append(full)
         app.fetch(f"/publish?channel=full&size={8 * 1024}&count=64")
         queued = wait_until(lambda: (q := app.send_queue(full.getsockname()[1])) >= 16 * 1024 and q, timeout=5,
                             what="the server's send buffer filling")
-        print(f"\nqueued {queued}, client has {len(full.recv(1 << 24, socket.MSG_PEEK | socket.MSG_DONTWAIT))}")
 
         net.cut()
         cut = time.monotonic()  # CLOCK_MONOTONIC: the app's finals are on the same clock
@@ -279,19 +300,69 @@ def test_streams_and_presence_of_a_vanished_client_end_within_the_bound(net: Net
                 seen.setdefault("members", now)
             return len(seen) == 2 and streams["open"] == 0
 
-        wait_until(gone, timeout=bound + GRACE + 10, interval=0.05, what="the vanished client's streams ended")
+        try:
+            wait_until(gone, timeout=bound + GRACE + 10, interval=0.05, what="the vanished client's streams ended")
+        except TimeoutError:
+            raise AssertionError(f"ended after the cut: {seen}; streams {app.get('/comet/stats/json')['streams']}; "
+                                 f"finals {app.get('/finals')}; the app's threads:\n{app.fetch('/stacks').decode()}")
         finals = app.get("/finals")
-        assert sorted(finals) == ["full", "parked ann", "parked bob", "threaded"], finals  # each handler's finally ...
+        assert sorted(finals) == ["full", "parked ann", "parked bob", "poll", "threaded"], finals  # each handler's finally ...
         assert all(len(times) == 1 for times in finals.values()), finals  # ... once
         seen.update({{"parked ann": "parked generator", "parked bob": "parked, served at accept",
-                      "threaded": "thread mode", "full": "parked, send buffer full"}[what]: times[0] - cut for what, times in finals.items()})
+                      "threaded": "thread mode", "full": "parked, send buffer full",
+                      "poll": "long-poll (keepalive)"}[what]: times[0] - cut for what, times in finals.items()})
         print(f"\nended after the cut (s): {json.dumps({k: round(v, 2) for k, v in seen.items()})}; "
-              f"bound {bound} s (members +{GRACE} s, thread mode +{2 * IDLE} s)")
+              f"bound {bound} s (members +{GRACE} s, thread mode +{2 * IDLE} s); {queued} bytes were queued in the "
+              f"full stream's send buffer")
         extra = {"members": GRACE, "thread mode": 2 * IDLE}  # as docs/deployment.md says
         for what, after in seen.items():
             assert after <= bound + extra.get(what, 0), (what, seen)
         # Noticed as a disconnect, not as the end of anything the client said.
         assert app.get("/comet/stats/json")["disconnects"] >= 3
+        assert app.keepalive_probes() > 0  # the long-poll's
     finally:
         for sock in clients:
             sock.close()
+
+
+def test_a_stream_stuck_behind_unsent_bytes_does_not_stall_the_writer(comet_cherrypy) -> None:
+    """A client that reads nothing (asleep, or vanished and not yet
+    noticed) leaves bytes queued on its parked stream; once its heartbeat is
+    overdue the writer looks again a heartbeat later. It used to look again
+    at once, forever: one such client stopped every stream of the writer."""
+    import cherrypy
+
+    from comet import Hub, comet
+    from comet.cherrypy_tool import engine_plugin
+    from comet.testing import StreamClient
+
+    hub = Hub()
+    heartbeat = 0.2
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=heartbeat)
+        def events(self, channel: str) -> Any:
+            yield from hub.subscribe(channel)
+
+    server = comet_cherrypy(Root())
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.socket() as stuck, StreamClient(server.url + "/events?channel=news") as live:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, shut soon
+        stuck.connect(("127.0.0.1", port))
+        stuck.sendall(b"GET /events?channel=big HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b":ok" not in data:
+            data += stuck.recv(4096)
+        writer = engine_plugin().pool.writer()
+        assert writer is not None
+
+        def queued() -> list[Any]:
+            hub.publish("big", "x" * 65536)  # until the kernel takes no more
+            return [s for s in list(writer._streams) if s.out]
+
+        queued = wait_until(queued, timeout=10, interval=0.01, what="bytes left queued")
+        since = queued[0].last_write
+        wait_until(lambda: time.monotonic() > since + 3 * heartbeat, what="three heartbeats overdue")
+        hub.publish("news", "still served")
+        assert [e.data for e in live.wait_for(1, timeout=3)] == ["still served"]

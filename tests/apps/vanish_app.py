@@ -9,6 +9,9 @@ with a 1 s heartbeat, for clients that vanish without a FIN.
 * ``/fast/{x}``: a fast route (:mod:`comet.fastpath`) on "fast";
 * ``/full``: a parked generator on "full", whose client reads nothing:
   ``/publish?channel=full&size=&count=`` fills its socket's buffers;
+* ``/poll?last_event_id=``: a parked long-poll on "polls" (30 s
+  ``poll_timeout``: nothing in flight while it waits, only keepalive can
+  notice its client gone); ``/last_id?channel=``: a cursor;
 * ``/members``: ``hub.members("room")`` as JSON; ``/finals``: when each
   handler's ``finally`` ran (``time.monotonic()``, the same clock in every
   process of a machine), by path and name;
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 import cherrypy
@@ -75,10 +80,29 @@ class Root:
             self._ended("full")
 
     @cherrypy.expose
+    @comet(transport="longpoll", heartbeat=HEARTBEAT, poll_timeout=30)
+    def poll(self, last_event_id: str | None = None) -> Any:
+        try:
+            yield from self.hub.subscribe("polls", last_id=last_event_id)
+        finally:
+            self._ended("poll")
+
+    @cherrypy.expose
+    def last_id(self, channel: str) -> str:
+        return self.hub.last_id(channel)
+
+    @cherrypy.expose
     def publish(self, channel: str, size: str = "100", count: str = "1") -> str:
         for _ in range(int(count)):
             last = self.hub.publish(channel, "x" * int(size))
         return last
+
+    @cherrypy.expose
+    def stacks(self) -> str:
+        """Where every thread is (a stuck test prints it)."""
+        frames = sys._current_frames()
+        return "\n".join(f"--- {t.name}\n" + "".join(traceback.format_stack(frames[t.ident]))
+                         for t in threading.enumerate() if t.ident in frames)
 
     @cherrypy.expose
     @cherrypy.tools.json_out()
