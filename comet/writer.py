@@ -86,7 +86,7 @@ class ParkedStream:
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
                  "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "news", "hint", "shut",
-                 "framing", "context", "handshake", "paused", "earlier", "__weakref__")
+                 "framing", "context", "handshake", "paused", "earlier", "timer", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
                  deadline: float | None, max_bytes: int, admission: Admission, *, sub: Subscription | None = None,
@@ -140,6 +140,8 @@ class ParkedStream:
         #: Subscriptions the generator waited on before ``sub`` and left open
         #: (it broke out of a ``for`` over one): closed with the generator.
         self.earlier: list[Subscription] | None = None
+        #: Its entry in the writer's timer heap, ``[due, serial, stream]``.
+        self.timer: list[Any] | None = None
 
     def bounded(self) -> bool:
         """Read in place of its stream from a latest-value subscription: when
@@ -223,7 +225,8 @@ class Writer:
         self._groups: dict[tuple[int, str], set[ParkedStream]] = {}
         self._unwatch: dict[tuple[int, str], Callable[[], None]] = {}
         self._streams: set[ParkedStream] = set()
-        self._timers: list[tuple[float, int, ParkedStream]] = []
+        self._timers: list[list[Any]] = []  # [due, serial, stream or None once it ended]
+        self._dead_timers = 0
         self._serial = 0
         self._stopping = False
         self._exited = False
@@ -631,12 +634,33 @@ class Writer:
             stream.due = now + stream.heartbeat
         if stream.due != float("inf"):
             self._serial += 1
-            heapq.heappush(self._timers, (stream.due, self._serial, stream))
+            stream.timer = [stream.due, self._serial, stream]
+            heapq.heappush(self._timers, stream.timer)
+
+    def _unschedule(self, stream: ParkedStream) -> None:
+        """Let go of an ended stream's timer now, not at its due time: the
+        heap would keep the stream (its socket object, buffers, request)
+        alive up to a heartbeat interval after its client left, and a
+        connect/disconnect storm would pile them up. Its entry stays as a
+        tombstone; the heap is compacted once they are half of it."""
+        entry, stream.timer = stream.timer, None
+        if entry is None:
+            return
+        entry[2] = None
+        self._dead_timers += 1
+        if self._dead_timers > 64 and 2 * self._dead_timers > len(self._timers):
+            self._timers = [e for e in self._timers if e[2] is not None]
+            heapq.heapify(self._timers)
+            self._dead_timers = 0
 
     def _timers_due(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, stream = heapq.heappop(timers)
+            stream = heapq.heappop(timers)[2]
+            if stream is None:  # (ended: see _unschedule)
+                self._dead_timers -= 1
+                continue
+            stream.timer = None
             if stream.done or stream.closing:
                 continue
             if (stream.deadline is not None and now >= stream.deadline) or (
@@ -816,6 +840,7 @@ class Writer:
             return
         stream.done = True
         self._streams.discard(stream)
+        self._unschedule(stream)
         self._leave(stream)
         try:
             self._selector.unregister(stream.sock)
