@@ -48,8 +48,23 @@ Transports
     events become one JSON line each (NDJSON). The heartbeat is a lone
     ``\\n``, which NDJSON readers skip as an empty line.
 ``longpoll``
-    One JSON document per request: ``{"events": [...], "cursor": ID}``; the
-    client sends ``cursor`` back as ``last_event_id`` on its next request.
+    One JSON document per request: ``{"events": [...], "cursor": ID,
+    "heartbeat": S}``; the client sends ``cursor`` back as ``last_event_id``
+    on its next request.
+
+Heartbeats are announced
+------------------------
+A client can only tell a dead connection from a quiet one if it knows how
+long the server may stay silent. Every stream response says it in a
+``Comet-Heartbeat: <seconds>`` header (the ``heartbeat`` option; a
+long-poll's ``poll_timeout``, as its empty answer is its heartbeat), and
+the long-poll answer in its ``"heartbeat"`` member. ``EventSource`` shows
+neither headers nor comments, so on SSE the heartbeat itself is a named
+event, ``event: comet.heartbeat`` with the interval as its data, sent once
+right after the preamble and as every heartbeat: ``onmessage`` never sees a
+named event, so plain ``EventSource`` pages are unaffected, and comet.js
+listens for it. Its bytes depend on the interval only, and are cached per
+interval.
 
 Streams of several channels
 ---------------------------
@@ -67,6 +82,7 @@ import base64
 import json
 import re
 import secrets
+from decimal import Decimal
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 from urllib.parse import quote
@@ -75,7 +91,7 @@ from .errors import InvalidEvent, UnserializableData
 
 __all__ = [
     "TRANSPORTS", "Transport", "Framing", "FRAMINGS", "Event", "Part", "Boundary", "encode_item", "heartbeat",
-    "new_boundary", "content_type", "encode_longpoll", "to_json", "TaggedEvent",
+    "new_boundary", "content_type", "encode_longpoll", "to_json", "TaggedEvent", "HEARTBEAT_EVENT", "heartbeat_seconds",
 ]
 
 Transport = Literal["sse", "multipart", "chunked", "longpoll"]
@@ -90,6 +106,26 @@ _FORBIDDEN = re.compile(r"[\r\n\x00]")
 _GAP = "comet.gap"  # comet.hub.GAP (the hub imports framing, not the reverse)
 _SSE_LINES = re.compile(r"\r\n|\r|\n")
 _BOUNDARY_OK = re.compile(r"[0-9A-Za-z'()+_,\-./:=?]{1,70}")  # RFC 2046 bchars
+
+
+#: The name of the SSE event that announces the heartbeat interval and is
+#: the heartbeat (see the module docstring).
+HEARTBEAT_EVENT = "comet.heartbeat"
+
+
+def heartbeat_seconds(seconds: float) -> str:
+    """An interval as the ``Comet-Heartbeat`` header, the SSE heartbeat and
+    the long-poll answer write it: decimal, in its shortest form.
+
+    >>> heartbeat_seconds(15.0), heartbeat_seconds(0.5), heartbeat_seconds(1), heartbeat_seconds(1e-05)
+    ('15', '0.5', '1', '0.00001')
+    """
+    text = repr(float(seconds))
+    if "e" in text:  # repr's exponent form is not what a header reader expects
+        text = format(Decimal(text), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
 
 
 def to_json(value: Any) -> str:
@@ -436,8 +472,8 @@ class Framing:
     (:data:`FRAMINGS`), so that what differs between transports lives here,
     not in switches elsewhere.
 
-    >>> FRAMINGS["sse"].heartbeat, FRAMINGS["longpoll"].streaming
-    (b':\\n\\n', False)
+    >>> FRAMINGS["sse"].beat(interval=15), FRAMINGS["longpoll"].streaming
+    (b'event: comet.heartbeat\\ndata: 15\\n\\n', False)
     """
 
     name = ""
@@ -446,27 +482,30 @@ class Framing:
     #: An :class:`Event` is the same bytes on every stream of this transport,
     #: so it is encoded (and chunk-framed) once and shared.
     shared_bytes = True
-    #: Keep-alive bytes for an idle stream (see the module docstring).
+    #: Keep-alive bytes for an idle stream (see the module docstring; on
+    #: SSE, at the default interval: they say the interval, see :meth:`beat`).
     heartbeat = b""
 
     def boundary(self, fixed: str | None = None) -> str:
         """The multipart boundary of one response ("" for other transports)."""
         return ""
 
-    def beat(self, boundary: str = "") -> bytes:
+    def beat(self, boundary: str = "", interval: float | None = None) -> bytes:
         """Keep-alive bytes for an idle stream now: :attr:`heartbeat`, except
-        on multipart, where they depend on what was written (:class:`Boundary`)."""
+        on multipart, where they depend on what was written (:class:`Boundary`),
+        and on SSE, where they say the *interval* (seconds; required there)."""
         return self.heartbeat
 
     def content_type(self, boundary: str = "", chunked_type: str | None = None) -> str:
         """The response ``Content-Type`` header value."""
         return "application/json; charset=utf-8"
 
-    def preamble(self, retry: int | None = None, boundary: str = "") -> bytes:
+    def preamble(self, retry: int | None = None, boundary: str = "", heartbeat: float | None = None) -> bytes:
         """First body bytes of a stream. WSGI servers (cheroot included) send
         the response headers only with the first non-empty body chunk, so
         without these a client would not see the stream open until the first
-        event or heartbeat."""
+        event or heartbeat. On SSE, with *heartbeat* (seconds), the
+        announcement of the interval follows at once."""
         return self.heartbeat
 
     def encode(self, item: Any, boundary: str = "", max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
@@ -504,14 +543,29 @@ class Framing:
 
 class _SSEFraming(Framing):
     name = "sse"
-    heartbeat = b":\n\n"
+    heartbeat = b"event: comet.heartbeat\ndata: 15\n\n"
+
+    def __init__(self) -> None:
+        self._beats: dict[float, bytes] = {}  # by interval: a server has a few
+
+    def beat(self, boundary: str = "", interval: float | None = None) -> bytes:
+        if interval is None:
+            raise ValueError("an SSE heartbeat says its interval: pass interval=seconds")
+        cached = self._beats.get(interval)
+        if cached is None:
+            cached = b"event: %s\ndata: %s\n\n" % (HEARTBEAT_EVENT.encode(), heartbeat_seconds(interval).encode())
+            if len(self._beats) < 256:  # (intervals come from options: this never fills in practice)
+                self._beats[interval] = cached
+        return cached
 
     def content_type(self, boundary: str = "", chunked_type: str | None = None) -> str:
         return "text/event-stream; charset=utf-8"
 
-    def preamble(self, retry: int | None = None, boundary: str = "") -> bytes:
-        # A comment (and ``retry:`` if set): EventSource ignores it.
-        return b":ok\n\n" if retry is None else b":ok\nretry: %d\n\n" % retry
+    def preamble(self, retry: int | None = None, boundary: str = "", heartbeat: float | None = None) -> bytes:
+        # A comment (and ``retry:`` if set): EventSource ignores it. Then the
+        # announcement, a heartbeat event (see the module docstring).
+        start = b":ok\n\n" if retry is None else b":ok\nretry: %d\n\n" % retry
+        return start if heartbeat is None else start + self.beat(boundary, heartbeat)
 
     def encode(self, item: Any, boundary: str = "", max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
         if not isinstance(item, (Event, Part)):
@@ -527,12 +581,12 @@ class _MultipartFraming(Framing):
     def boundary(self, fixed: str | None = None) -> str:
         return Boundary(fixed or new_boundary())
 
-    def preamble(self, retry: int | None = None, boundary: str = "") -> bytes:
+    def preamble(self, retry: int | None = None, boundary: str = "", heartbeat: float | None = None) -> bytes:
         # The first delimiter at once: Chromium has no preamble, anything
         # else before it would become (part of) a first part.
         return b"--" + boundary.encode("ascii") + b"\r\n"
 
-    def beat(self, boundary: str = "") -> bytes:
+    def beat(self, boundary: str = "", interval: float | None = None) -> bytes:
         state = boundary if isinstance(boundary, Boundary) else Boundary(boundary)
         if state.ahead is None:  # a header line of the first part, still open
             return self.heartbeat
@@ -597,15 +651,24 @@ def encode_item(item: Any, transport: str, boundary: str = "", max_bytes: int = 
     return FRAMINGS[transport].encode(item, boundary, max_bytes)
 
 
-def heartbeat(transport: str) -> bytes:
-    """Keep-alive bytes for an idle stream (see the module docstring; on
-    multipart, before the first part)."""
-    return FRAMINGS[transport].heartbeat
+def heartbeat(transport: str, interval: float = 15.0) -> bytes:
+    """Keep-alive bytes for an idle stream that beats every *interval*
+    seconds (see the module docstring; on multipart, before the first part).
+
+    >>> heartbeat("sse", 0.5), heartbeat("chunked", 0.5)
+    (b'event: comet.heartbeat\\ndata: 0.5\\n\\n', b'\\n')
+    """
+    return FRAMINGS[transport].beat("", interval)
 
 
-def preamble(transport: str, retry: int | None = None, boundary: str = "") -> bytes:
-    """First body bytes of a stream (see :meth:`Framing.preamble`)."""
-    return FRAMINGS[transport].preamble(retry, boundary)
+def preamble(transport: str, retry: int | None = None, boundary: str = "", heartbeat: float | None = None) -> bytes:
+    """First body bytes of a stream (see :meth:`Framing.preamble`): on SSE,
+    with *heartbeat*, its announcement included.
+
+    >>> preamble("sse", heartbeat=15)
+    b':ok\\n\\nevent: comet.heartbeat\\ndata: 15\\n\\n'
+    """
+    return FRAMINGS[transport].preamble(retry, boundary, heartbeat)
 
 
 def longpoll_item(item: Any) -> str:
@@ -622,10 +685,12 @@ def longpoll_item(item: Any) -> str:
     return '{"id":null,"event":null,"data":%s}' % to_json(item)
 
 
-def encode_longpoll(entries: Iterable[str], cursor: str | None) -> bytes:
-    """The long-poll response body from already-encoded batch entries.
+def encode_longpoll(entries: Iterable[str], cursor: str | None, heartbeat: float | None = None) -> bytes:
+    """The long-poll response body from already-encoded batch entries;
+    with *heartbeat* (the ``poll_timeout``), its announcement.
 
-    >>> encode_longpoll(['{"id":"1-1","event":null,"data":"x"}'], "1-1")
-    b'{"events":[{"id":"1-1","event":null,"data":"x"}],"cursor":"1-1"}'
+    >>> encode_longpoll(['{"id":"1-1","event":null,"data":"x"}'], "1-1", 25)
+    b'{"events":[{"id":"1-1","event":null,"data":"x"}],"cursor":"1-1","heartbeat":25}'
     """
-    return ('{"events":[%s],"cursor":%s}' % (",".join(entries), to_json(cursor))).encode("utf-8")
+    beat = "" if heartbeat is None else ',"heartbeat":' + heartbeat_seconds(heartbeat)
+    return ('{"events":[%s],"cursor":%s%s}' % (",".join(entries), to_json(cursor), beat)).encode("utf-8")

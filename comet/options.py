@@ -126,7 +126,7 @@ class Options:
         >>> opts = Options(cors_origins=["https://www.example.com"], cors_credentials=True)
         >>> opts.cors_headers("https://www.example.com")  # doctest: +NORMALIZE_WHITESPACE
         [('Access-Control-Allow-Origin', 'https://www.example.com'), ('Vary', 'Origin'),
-         ('Access-Control-Allow-Credentials', 'true'), ('Access-Control-Expose-Headers', 'Retry-After')]
+         ('Access-Control-Allow-Credentials', 'true'), ('Access-Control-Expose-Headers', 'Retry-After, Comet-Heartbeat')]
         >>> opts.cors_headers("https://evil.example")
         [('Vary', 'Origin')]
         """
@@ -141,8 +141,9 @@ class Options:
         if self.cors_credentials:
             headers.append(("Access-Control-Allow-Credentials", "true"))
         if method.upper() != "OPTIONS":
-            # A 503's Retry-After, readable by comet.js's backoff.
-            headers.append(("Access-Control-Expose-Headers", "Retry-After"))
+            # A 503's Retry-After, readable by comet.js's backoff; the
+            # heartbeat its watchdog keeps to (comet.framing).
+            headers.append(("Access-Control-Expose-Headers", "Retry-After, Comet-Heartbeat"))
             return headers
         headers += [("Access-Control-Allow-Methods", "GET, HEAD"), ("Access-Control-Max-Age", "600")]
         asked = [h.strip() for h in (request_headers or "").split(",") if _TOKEN.fullmatch(h.strip())]

@@ -30,7 +30,7 @@ from http import HTTPStatus
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
 from .errors import CometError
-from .framing import content_type
+from .framing import content_type, heartbeat_seconds
 from .hub import Idle, Step, Subscription, cooperative
 from .liveness import watch_peer
 from .options import Options
@@ -141,12 +141,14 @@ class Opened:
 
 
 def stream_headers(options: Options, boundary: str, *, parked_longpoll: bool = False) -> list[tuple[str, str]]:
-    """Response headers: type, no caching, no proxy buffering."""
+    """Response headers: type, no caching, no proxy buffering, and the
+    longest silence the server promises (a long-poll's is its timeout)."""
     headers = [
         ("Content-Type", content_type(options.transport, boundary, options.content_type)),
         ("Cache-Control", "no-cache"),
         # nginx reads this to turn off proxy buffering for this response.
         ("X-Accel-Buffering", "no"),
+        ("Comet-Heartbeat", heartbeat_seconds(options.heartbeat if options.framing.streaming else options.poll_timeout)),
     ]
     if parked_longpoll:
         # The writer answers and then closes: say so, so clients do not try
@@ -171,7 +173,7 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
     >>> hub, pool = Hub(), StreamPool()
     >>> opened = open_stream(lambda: hub.subscribe("news"), Options(transport="longpoll", poll_timeout=0.1), pool)
     >>> opened.status, b"".join(opened.body)
-    (200, b'{"events":[],"cursor":"...-0"}')
+    (200, b'{"events":[],"cursor":"...-0","heartbeat":0.1}')
     >>> open_stream(lambda: None, Options(), pool, method="POST")
     Traceback (most recent call last):
     ...
@@ -390,7 +392,8 @@ class Parking:
         watch_peer(sock, options.heartbeat)  # a client that vanishes is noticed (comet.liveness)
         deadline = time.monotonic() + options.max_duration if options.max_duration else None
         longpoll = None if options.framing.streaming else options.poll_timeout
-        stream = ParkedStream(sock, self.transport, self.boundary, chunked, options.heartbeat, deadline,
+        # (a long-poll's heartbeat is its poll_timeout: what its answer announces)
+        stream = ParkedStream(sock, self.transport, self.boundary, chunked, longpoll or options.heartbeat, deadline,
                               options.max_event_bytes, self.admission, sub=self._sub, gen=self._gen,
                               longpoll=longpoll, cursor=self.resume_id)
         stream.initial = self._first
@@ -400,7 +403,7 @@ class Parking:
         stream.context = self.context
         stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
         self.admission.served_by(stream)
-        start = options.framing.preamble(options.retry, self.boundary)
+        start = options.framing.preamble(options.retry, self.boundary, options.heartbeat)
         if head or start:
             stream.queue(head + ((_chunk(start) if chunked else start) if start else b""))
         if self._sub is not None:

@@ -16,6 +16,10 @@ gone (``probe``) or the server is stopping (:meth:`StreamPool.close_all`), or
 the stream's ``max_duration`` is over. A handler that blocks without yielding
 cannot be interrupted: yield ``None`` from long waits.
 
+The heartbeat is a promise (comet.framing announces it), so its tick must
+not wait for the hub's ``idle``: before each pull, the subscriptions the
+handler waits on are told to wake by the next heartbeat at the latest.
+
 :meth:`Stream.close` always reaches the handler: it closes the generator, so
 the handler's ``finally`` blocks run and its subscription is released,
 whether the stream ended, the client went away, or the server stopped.
@@ -71,12 +75,13 @@ class Stream:
         #: Subscriptions the handler opened (comet.hub.subscriptions_recorded).
         self._opened: list[Subscription] = []
         self._framing = options.framing
-        self._preamble = self._framing.preamble(options.retry, boundary)
+        self._preamble = self._framing.preamble(options.retry, boundary, options.heartbeat)
         now = time.monotonic()
         self._last_write = now
         self._last_probe = now
         self._deadline = now + options.max_duration if options.max_duration else None
         self._heartbeat_bytes = self._framing.heartbeat
+        self._idles: dict[int, tuple[Subscription, float]] = {}  # the handler's subscriptions, their own idle
         self.disconnected = False
         self._channel: str | None = items.channel if isinstance(items, Subscription) else None
 
@@ -117,6 +122,8 @@ class Stream:
         while True:
             if self._closed or self._stopping:
                 raise StopIteration
+            if self._heartbeat_bytes and not self._pending:
+                self._wake_by(self._last_write + self.options.heartbeat)
             item = self._pull()
             if item is None or item.__class__ is Idle:
                 now = time.monotonic()
@@ -125,7 +132,7 @@ class Stream:
                 if now - self._last_write >= self.options.heartbeat and self._heartbeat_bytes:
                     self._last_write = now
                     self._pool.counters.add("heartbeats")
-                    return self._count(self._framing.beat(self.boundary))
+                    return self._count(self._framing.beat(self.boundary, self.options.heartbeat))
                 continue
             try:
                 data = self._framing.encode(item, self.boundary, self.options.max_event_bytes)
@@ -150,6 +157,17 @@ class Stream:
         if self._channel is None:
             self._see_channel()
         return item
+
+    def _wake_by(self, due: float) -> None:
+        """Bound the next wait of the subscriptions this thread may block on
+        so that the tick for a heartbeat due at *due* comes in time."""
+        subs = [self._items] if isinstance(self._items, Subscription) else self._opened
+        left = max(0.005, due - time.monotonic())
+        for sub in subs:
+            key = id(sub)
+            if key not in self._idles:
+                self._idles[key] = (sub, sub.idle)  # (kept: an id is unique while its object lives)
+            sub.idle = min(self._idles[key][1], left)
 
     def _next(self) -> Any:
         before = subscriptions_recorded(self._opened)
@@ -196,6 +214,8 @@ class Stream:
         entries: list[str] = []
         cursor = self.resume_id
         while len(entries) < LONGPOLL_MAX_BATCH and not self._stopping:
+            if not self._pending:
+                self._wake_by(deadline)  # its empty answer is its heartbeat: on time too
             try:
                 item = self._pull()
             except StopIteration:
@@ -213,7 +233,7 @@ class Stream:
             if isinstance(item, Event) and item.id is not None:
                 cursor = item.id
         self._pool.counters.add("items", len(entries))
-        body = encode_longpoll(entries, cursor)
+        body = encode_longpoll(entries, cursor, self.options.poll_timeout)
         self._count(body)
         return body
 

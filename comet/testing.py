@@ -27,16 +27,17 @@ import re
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 from urllib.parse import urlencode, urlsplit
 
 from .faults import FaultProxy
-from .framing import Event, Part, TaggedEvent, to_json
+from .framing import HEARTBEAT_EVENT, Event, Part, TaggedEvent, to_json
 from .hub import is_multi_cursor
 from .processes import AppProcess, NginxServer, RedisSentinels, RedisServer, free_port
 
 __all__ = [
-    "StreamClient", "FaultProxy", "SSEParser", "MultipartParser", "NDJSONParser", "StreamClosed", "HTTPStatusError",
+    "StreamClient", "FaultProxy", "SSEParser", "MultipartParser", "NDJSONParser", "StreamClosed", "StreamIdle",
+    "HTTPStatusError",
     "CherryPyServer", "WSGIServer", "RedisServer", "RedisSentinels", "NginxServer", "AppProcess", "free_port", "wait_until", "http_get",
 ]
 
@@ -52,6 +53,11 @@ class HTTPStatusError(AssertionError):
 
 class StreamClosed(Exception):
     """The server ended the stream before the awaited events arrived."""
+
+
+class StreamIdle(TimeoutError):
+    """A :class:`StreamClient` with ``idle_timeout`` and ``reconnect=False``
+    heard nothing for that long: the connection is taken for dead."""
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01, what: str = "condition") -> Any:
@@ -118,12 +124,15 @@ class SSEParser:
     """Incremental ``text/event-stream`` parser following the WHATWG rules
     (CRLF, LF or CR end lines; a leading BOM is dropped; one space after the
     colon is removed; ``id`` with NUL is ignored; a blank line dispatches).
+    comet's heartbeat events (``event: comet.heartbeat``) are not returned:
+    they are counted in :attr:`beats`, and :attr:`heartbeat` is the
+    interval they announce.
 
     >>> p = SSEParser()
-    >>> p.feed(b"id: 1\\r\\ndata: a\\ndata: b\\n\\n:hb\\n\\n")
+    >>> p.feed(b":ok\\n\\nevent: comet.heartbeat\\ndata: 0.5\\n\\nid: 1\\r\\ndata: a\\ndata: b\\n\\n")
     [Event(data='a\\nb', id='1', name=None, channel=None, retry=None)]
-    >>> p.comments
-    1
+    >>> p.comments, p.beats, p.heartbeat
+    (1, 1, 0.5)
     """
 
     def __init__(self) -> None:
@@ -136,6 +145,10 @@ class SSEParser:
         self.last_event_id = ""
         self.retry: int | None = None
         self.comments = 0
+        #: Heartbeat events seen (the announcement after the preamble included).
+        self.beats = 0
+        #: The interval the server announced (seconds), once it has.
+        self.heartbeat: float | None = None
 
     def feed(self, data: bytes) -> list[Event]:
         raw = self._decoder_tail + data
@@ -170,6 +183,14 @@ class SSEParser:
         if line == "":
             if not self._data:
                 self._name = None
+                return None
+            if self._name == HEARTBEAT_EVENT:
+                self.beats += 1
+                try:
+                    self.heartbeat = float(self._data[-1])
+                except ValueError:
+                    pass  # not a comet server's: counted, not believed
+                self._data, self._name = [], None
                 return None
             event = untag(Event("\n".join(self._data), id=self.last_event_id or None, name=self._name))
             self._data, self._name = [], None
@@ -354,21 +375,50 @@ class StreamClient:
     "from now" whenever the server gets it, so a test that publishes right
     after opening a long-poll passes ``last_event_id=hub.last_id(channel)``.
 
+    ``idle_timeout`` is the watchdog comet.js has: a connection on which no
+    byte arrives for that many seconds (headers included, so a connect
+    into a dead network counts) is dead, however open its socket looks.
+    ``"auto"`` is twice the heartbeat the server announced (see
+    :attr:`heartbeat`; on a long-poll, its ``poll_timeout``), and the
+    client's ``timeout`` until one is known; ``None`` (the default) is no
+    watchdog. A dead connection is closed, then, with ``reconnect=True``
+    (the default), opened again resuming after the last event id seen, or
+    the ``last_event_id`` given (one opened "from now" that has seen no
+    event resumes from now: pass ``hub.last_id(channel)`` to miss nothing)
+    (:attr:`reconnects` counts these; events keep accumulating in
+    :attr:`events`, none twice); with ``reconnect=False`` the client ends
+    and :meth:`wait_for` raises :class:`StreamIdle`. A stream the server
+    ends, or an error, ends the client either way.
+
     Example::
 
         with StreamClient("http://127.0.0.1:8080/events") as client:
             events = client.wait_for(lambda evs: len(evs) >= 2, timeout=5)
+
+        # through a network that drops the connection silently
+        with FaultProxy(server.url) as proxy, StreamClient(proxy.url + "/events", idle_timeout="auto") as client:
+            proxy.blackhole()
+            hub.publish("lobby", "still here")
+            client.wait_for(1, timeout=10)  # after a reconnect: client.reconnects == 1
     """
 
     __test__ = False
 
     def __init__(self, url: str, transport: str = "sse", *, last_event_id: str | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 30.0) -> None:
+                 headers: dict[str, str] | None = None, timeout: float = 30.0,
+                 idle_timeout: float | Literal["auto"] | None = None, reconnect: bool = True) -> None:
+        if not (idle_timeout is None or idle_timeout == "auto"
+                or (isinstance(idle_timeout, (int, float)) and not isinstance(idle_timeout, bool) and idle_timeout > 0)):
+            raise ValueError(f"idle_timeout must be seconds > 0, 'auto' or None, got {idle_timeout!r}")
         self.url = url
         self.transport = transport
         self.last_event_id = last_event_id
         self.extra_headers = dict(headers or {})
         self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self.reconnect = reconnect
+        #: Connections the watchdog found dead and replaced.
+        self.reconnects = 0
         self.events: list[Any] = []
         self.raw = bytearray()
         self.status: int | None = None
@@ -382,6 +432,8 @@ class StreamClient:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._opened = threading.Event()
+        self._announced: float | None = None  # by a long-poll answer
+        self._known_heartbeat: float | None = None  # of any earlier connection, for "auto"
         self.parser: Any = None
 
     # -- life cycle --
@@ -463,16 +515,33 @@ class StreamClient:
 
     @property
     def heartbeats(self) -> int:
-        """Heartbeats seen so far (SSE comments, multipart padding, blank NDJSON lines)."""
+        """Heartbeats seen so far (SSE heartbeat events or comments,
+        multipart padding, blank NDJSON lines)."""
         p = self.parser
-        # Each transport's stream-open preamble looks like one heartbeat.
+        # Each transport's stream-open preamble looks like one heartbeat; so
+        # does SSE's announcement of the interval.
         if isinstance(p, SSEParser):
-            return max(p.comments - 1, 0)
+            return max(p.beats - 1, 0) + max(p.comments - 1, 0)
         if isinstance(p, MultipartParser):
             return p.padding  # its preamble is a delimiter, not a heartbeat
         if isinstance(p, NDJSONParser):
             return max(p.blank - 1, 0)
         return 0
+
+    @property
+    def heartbeat(self) -> float | None:
+        """The longest silence the server promised, in seconds (its
+        ``Comet-Heartbeat`` header, SSE's ``comet.heartbeat`` event, a
+        long-poll answer's ``heartbeat``); ``None`` until it has said."""
+        p = self.parser
+        if isinstance(p, SSEParser) and p.heartbeat is not None:
+            return p.heartbeat
+        if self._announced is not None:
+            return self._announced
+        try:
+            return float(self.headers["comet-heartbeat"])
+        except (KeyError, ValueError):
+            return None
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -491,18 +560,48 @@ class StreamClient:
         headers = {"Accept": _ACCEPT[self.transport], **self.extra_headers}
         if self.transport == "sse" and self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
-        self._conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=self.timeout)
-        self._conn.request("GET", path, headers=headers)
-        self._sock = self._conn.sock
-        if sent is not None:
-            sent.set()  # long-poll: its headers only come with the answer
-        resp = self._conn.getresponse()
+        self._conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=self._idle_limit())
+        try:
+            self._conn.request("GET", path, headers=headers)
+            self._sock = self._conn.sock
+            if sent is not None:
+                sent.set()  # long-poll: its headers only come with the answer
+            resp = self._conn.getresponse()
+        except TimeoutError:
+            if self.idle_timeout is None:
+                raise
+            raise _Dead() from None
         self.requests += 1
         self.status = resp.status
         self.headers = {k.lower(): v for k, v in resp.getheaders()}
         if resp.status != 200:
             raise HTTPStatusError(resp.status, resp.read())
+        if self._sock is not None:
+            self._sock.settimeout(self._idle_limit())  # the heartbeat is known now ("auto")
         return resp
+
+    def _idle_limit(self) -> float:
+        """Seconds a read may wait: the watchdog's limit, else ``timeout``."""
+        if self.idle_timeout is None:
+            return self.timeout
+        if self.idle_timeout != "auto":
+            return float(self.idle_timeout)
+        heard = self.heartbeat if self.headers else None
+        known = heard if heard is not None else self._known_heartbeat
+        if known is None:
+            return self.timeout
+        self._known_heartbeat = known
+        return 2 * known
+
+    def _died(self) -> None:
+        """The watchdog's verdict on the current connection."""
+        if self._conn is not None:
+            self._conn.close()
+        if not self.reconnect:
+            raise StreamIdle(f"{self.url}: nothing for {self._idle_limit():g}s (idle_timeout={self.idle_timeout!r})")
+        with self._cond:
+            self.reconnects += 1
+            self._cond.notify_all()
 
     def _run(self) -> None:
         try:
@@ -522,7 +621,16 @@ class StreamClient:
             self._opened.set()
 
     def _run_stream(self) -> None:
+        while not self._closing:
+            try:
+                self._stream_once()
+                return  # the server ended it
+            except _Dead:
+                self._died()  # (raises StreamIdle without reconnect)
+
+    def _stream_once(self) -> None:
         query = {"last_event_id": self.last_event_id} if self.transport != "sse" and self.last_event_id else None
+        self.headers = {}
         resp = self._connect(query)
         if self.transport == "sse":
             self.parser = SSEParser()
@@ -537,6 +645,12 @@ class StreamClient:
         while not self._closing:
             try:
                 data = resp.read1(65536)
+            except TimeoutError:
+                if self._closing:
+                    return
+                if self.idle_timeout is None:
+                    raise
+                raise _Dead() from None
             except (OSError, http.client.HTTPException, ValueError):
                 if self._closing:
                     return
@@ -544,16 +658,43 @@ class StreamClient:
             if not data:
                 return
             items = self.parser.feed(data)
+            if self.idle_timeout == "auto" and self._sock is not None:
+                self._sock.settimeout(self._idle_limit())  # SSE announces it in the body too
             with self._cond:
                 self.raw += data
                 self.events.extend(items)
+                self._see_ids(items)
                 self._cond.notify_all()
+
+    def _see_ids(self, items: list[Any]) -> None:
+        """Keep the last event id seen: where a reconnect resumes."""
+        if isinstance(self.parser, SSEParser):
+            if self.parser.last_event_id:
+                self.last_event_id = self.parser.last_event_id
+            return
+        for item in items:
+            if isinstance(item, Part) and item.content_type.startswith("application/json"):
+                try:
+                    item = json.loads(item.body)
+                except ValueError:
+                    continue
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                self.last_event_id = item["id"]
 
     def _run_longpoll(self) -> None:
         cursor = self.last_event_id
         while not self._closing:
-            resp = self._connect({"last_event_id": cursor} if cursor else None, sent=self._opened)
-            body = resp.read()
+            try:
+                resp = self._connect({"last_event_id": cursor} if cursor else None, sent=self._opened)
+                body = resp.read()
+            except _Dead:
+                self._died()  # a poll that outlived its announced timeout: poll again
+                continue
+            except TimeoutError:
+                if self.idle_timeout is None or self._closing:
+                    raise
+                self._died()
+                continue
             if self._conn is not None:
                 self._conn.close()
             doc = json.loads(body)
@@ -561,11 +702,17 @@ class StreamClient:
                      if "channel" in e else Event(e.get("data"), id=e.get("id"), name=e.get("event"))
                      for e in doc["events"]]
             cursor = doc.get("cursor") or cursor
+            if isinstance(doc.get("heartbeat"), (int, float)):
+                self._announced = float(doc["heartbeat"])
             with self._cond:
                 self.raw += body
                 self.events.extend(items)
                 self.last_event_id = cursor
                 self._cond.notify_all()
+
+
+class _Dead(Exception):
+    """The watchdog found the connection silent for too long."""
 
 
 _ACCEPT = {"sse": "text/event-stream", "multipart": "multipart/x-mixed-replace", "chunked": "application/x-ndjson",

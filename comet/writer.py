@@ -671,7 +671,7 @@ class Writer:
                     self._finish(stream)
                 continue
             if stream.beat and stream.longpoll is None and now - stream.last_write >= stream.heartbeat and not stream.out:
-                beat = stream.framing.beat(stream.boundary)  # multipart: depends on what was written
+                beat = stream.framing.beat(stream.boundary, stream.heartbeat)  # multipart: depends on what was written
                 stream.queue(_chunk(beat) if stream.chunked else beat)
                 self.pool.counters.add("heartbeats")
                 self._flush(stream)
@@ -900,7 +900,7 @@ _SHUT = threading.Lock()
 
 
 def _queue_answer(stream: ParkedStream) -> None:
-    body = encode_longpoll(stream.entries, stream.cursor)
+    body = encode_longpoll(stream.entries, stream.cursor, stream.heartbeat)  # (a long-poll's: poll_timeout)
     stream.longpoll = None
     stream.queue(_chunk(body) + b"0\r\n\r\n" if stream.chunked else body)
     stream.closing = True

@@ -35,7 +35,7 @@ def test_sse_bytes_on_the_wire(app, hub):
         assert raw.headers["cache-control"] == "no-cache"
         assert raw.headers["x-accel-buffering"] == "no"
         assert raw.headers["transfer-encoding"] == "chunked"
-        assert raw.chunk() == b":ok\n\n"
+        assert raw.chunk() == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
         event_id = hub.publish("lobby", "two\nlines", event="join")
         assert raw.chunk() == f"id: {event_id}\nevent: join\ndata: two\ndata: lines\n\n".encode()
         event_id = hub.publish("lobby", {"score": 3, "who": "\u00e9ve"})
@@ -73,7 +73,7 @@ def test_longpoll_bytes_on_the_wire(app, hub):
     with RawStream(app.url + "/longpoll?last_event_id=" + hub.before(first)) as raw:
         assert raw.status == 200 and raw.headers["content-type"].startswith("application/json")
         assert raw.body() == (f'{{"events":[{{"id":"{first}","event":null,"data":"a"}},'
-                              f'{{"id":"{second}","event":"e","data":"b"}}],"cursor":"{second}"}}').encode()
+                              f'{{"id":"{second}","event":"e","data":"b"}}],"cursor":"{second}","heartbeat":2}}').encode()
 
 
 def test_longpoll_waits_for_an_event_then_times_out_empty(app, hub):
@@ -84,7 +84,7 @@ def test_longpoll_waits_for_an_event_then_times_out_empty(app, hub):
     assert status == 200 and [e["data"] for e in doc["events"]] == ["later"]
     started = time.monotonic()
     status, _, body = http_get(app.url + "/longpoll?last_event_id=" + doc["cursor"])
-    assert status == 200 and json.loads(body) == {"events": [], "cursor": doc["cursor"]}
+    assert status == 200 and json.loads(body) == {"events": [], "cursor": doc["cursor"], "heartbeat": 2}
     assert 1.5 < time.monotonic() - started < 10  # poll_timeout=2
 
 
@@ -136,9 +136,9 @@ def test_heartbeats_on_idle_streams(app, transport):
     the setting, is tests/test_user_behaviour.py's)."""
     with RawStream(app.url + "/" + transport) as raw:
         boundary = raw.headers["content-type"].partition("boundary=")[2]
-        assert raw.chunk() == {"sse": b":ok\n\n", "multipart": f"--{boundary}\r\n".encode(), "chunked": b"\n"}[transport]
+        assert raw.chunk() == {"sse": b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n", "multipart": f"--{boundary}\r\n".encode(), "chunked": b"\n"}[transport]
         # multipart, before its first part: header lines of that part (tests/test_framing.py)
-        beat = {"sse": b":\n\n", "multipart": b"Comet-Heartbeat: 1\r\n", "chunked": b"\n"}[transport]
+        beat = {"sse": b"event: comet.heartbeat\ndata: 0.5\n\n", "multipart": b"Comet-Heartbeat: 1\r\n", "chunked": b"\n"}[transport]
         started = time.monotonic()
         assert raw.chunk() == beat and raw.chunk() == beat
         assert 0.7 < time.monotonic() - started < 2.5  # heartbeat=0.5: two beats, neither early nor 2x late
@@ -152,7 +152,7 @@ def test_sse_retry_field(comet_cherrypy, hub):
             yield from hub.subscribe("c")
 
     with RawStream(comet_cherrypy(Root()).url + "/events") as raw:
-        assert raw.chunk() == b":ok\nretry: 1500\n\n"
+        assert raw.chunk() == b":ok\nretry: 1500\n\nevent: comet.heartbeat\ndata: 15\n\n"
 
 
 def test_mjpeg_style_image_parts(comet_cherrypy):
@@ -362,7 +362,7 @@ def test_oversize_item_ends_the_stream_cleanly(comet_cherrypy):
             yield "never sent"
 
     with RawStream(comet_cherrypy(Root()).url + "/events") as raw:
-        assert raw.chunk() == b":ok\n\n"
+        assert raw.chunk() == b":ok\n\nevent: comet.heartbeat\ndata: 15\n\n"
         assert raw.chunk() == b"data: small\n\n"
         assert raw.chunk() == b""  # ended with a proper terminating chunk, nothing malformed
 
@@ -500,7 +500,7 @@ def test_the_encode_tool_neither_relabels_nor_refuses_streams(comet_cherrypy, hu
         with RawStream(server.url + path, headers=headers) as raw:
             assert raw.status == 200, path
             assert raw.headers["content-type"] == "text/event-stream; charset=utf-8", path
-            assert raw.chunk() == b":ok\n\n"
+            assert raw.chunk() == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
             settle(lambda: hub.subscriptions == 1, what="subscribed")
             event_id = hub.publish("lobby", "héllo")
             assert raw.chunk() == f"id: {event_id}\ndata: héllo\n\n".encode("utf-8")

@@ -176,7 +176,7 @@ def _stream_through(comet_cherrypy, cluster, hub, change) -> dict:
 
     got: list[tuple[str | None, str]] = []
     with RawStream(server.url + "/events", timeout=10) as raw:
-        assert raw.chunk() == b":ok\n\n"
+        assert raw.chunk() == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
 
         def read() -> None:
             while True:
@@ -188,6 +188,8 @@ def _stream_through(comet_cherrypy, cluster, hub, change) -> dict:
                     data = re.search(r"^data: (.*)$", block, re.M)
                     if data:
                         name = re.search(r"^event: (.*)$", block, re.M)
+                        if name and name[1] == "comet.heartbeat":
+                            continue  # a heartbeat, not an event
                         ident = re.search(r"^id: (.*)$", block, re.M)
                         got.append((ident[1] if ident else None, data[1] if not name else f"{name[1]}:{data[1]}"))
 

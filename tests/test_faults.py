@@ -3,6 +3,7 @@
 Each fault is checked by what a client (and the server) observably get,
 and the proxy's threads and sockets are counted back to zero at stop."""
 import http.client
+import json
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ import cherrypy
 import pytest
 
 from comet import comet
-from comet.testing import FaultProxy, StreamClient, http_get, wait_until
+from comet.testing import FaultProxy, StreamClient, StreamIdle, http_get, wait_until
 
 from conftest import Tracker, open_fds, read_until
 
@@ -39,6 +40,16 @@ def fault_root(hub, tracker):
         @comet(transport="sse", heartbeat=0.5)
         def sse(self, last_event_id=None):
             yield from tracker.track(hub.subscribe("lobby", last_id=last_event_id))
+
+        @cherrypy.expose
+        @comet(transport="chunked", heartbeat=0.5)
+        def chunked(self, last_event_id=None):
+            yield from tracker.track(hub.subscribe("lobby", last_id=last_event_id))
+
+        @cherrypy.expose
+        @comet(transport="multipart", heartbeat=0.5)
+        def multipart(self, last_event_id=None):
+            return hub.subscribe("lobby", last_id=last_event_id)
 
         @cherrypy.expose
         @comet(transport="sse", heartbeat=30)
@@ -270,3 +281,78 @@ def test_stop_releases_every_thread_and_socket(server, hub):
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
     with pytest.raises(RuntimeError, match="stopped"):
         proxy.blackhole()
+
+
+# -- the Python client's watchdog (StreamClient idle_timeout) ----------------------
+
+
+def data_of(item):
+    """An event's data whatever the transport's item (Event, NDJSON dict, JSON Part)."""
+    if hasattr(item, "body"):
+        item = json.loads(item.body)
+    return item["data"] if isinstance(item, dict) else item.data
+
+
+@pytest.mark.parametrize("transport", ["sse", "chunked", "multipart", "longpoll"])
+def test_idle_timeout_auto_reconnects_a_blackholed_stream_and_resumes(proxy, server, hub, transport):
+    """No byte for two announced heartbeats: the connection is dead; the
+    client opens a new one after the last id it saw, as comet.js does."""
+    path = "/sse" if transport == "sse" else "/" + transport
+    with StreamClient(proxy.url + path, transport, idle_timeout="auto", last_event_id=hub.last_id("lobby")) as client:
+        hub.publish("lobby", "before")
+        client.wait_for(1)
+        wait_until(lambda: client.heartbeat is not None, what="the announced heartbeat")
+        # (a long-poll: its next request waits at the server, not between two polls)
+        wait_until(lambda: server.tracker.open == 1 or transport == "multipart", what="a request waiting")
+        assert client.heartbeat == (1.0 if transport == "longpoll" else 0.5)
+        proxy.blackhole()
+        started = time.monotonic()
+        hub.publish("lobby", "during 1")
+        hub.publish("lobby", "during 2")
+        got = client.wait_for(3, timeout=10)
+        took = time.monotonic() - started
+        assert [data_of(e) for e in got] == ["before", "during 1", "during 2"]  # resumed: none lost, none twice
+        assert client.reconnects == 1 and took < 2 * 2 * client.heartbeat + 2, took
+        assert proxy.connections == 2 if transport != "longpoll" else proxy.connections >= 1  # the dead one is kept
+
+
+def test_without_idle_timeout_a_blackholed_stream_just_stays_silent(proxy, server, hub):
+    with StreamClient(proxy.url + "/sse") as client:
+        wait_until(lambda: server.tracker.open == 1, what="the stream to start")
+        proxy.blackhole()
+        hub.publish("lobby", "lost")
+        with pytest.raises(TimeoutError):
+            client.wait_for(1, timeout=2)  # four heartbeats
+        assert client.reconnects == 0 and not client.ended
+
+
+def test_idle_timeout_without_reconnect_ends_the_client_with_stream_idle(proxy, server, hub):
+    with StreamClient(proxy.url + "/sse", idle_timeout=1.0, reconnect=False) as client:
+        wait_until(lambda: server.tracker.open == 1, what="the stream to start")
+        proxy.blackhole()
+        started = time.monotonic()
+        with pytest.raises(StreamIdle, match="nothing for 1s"):
+            client.wait_for(1, timeout=5)
+        assert 0.9 < time.monotonic() - started < 3 and client.ended and client.reconnects == 0
+
+
+def test_idle_timeout_keeps_trying_through_an_outage_and_catches_up(proxy, server, hub):
+    """Connecting into a dead network counts as silence too: attempts time
+    out one after another, and once the network is back the client is
+    current after the last event it saw."""
+    with StreamClient(proxy.url + "/sse", idle_timeout=0.8, last_event_id=hub.last_id("lobby")) as client:
+        wait_until(lambda: server.tracker.open == 1, what="the stream to start")
+        proxy.offline()
+        published = [hub.publish("lobby", f"offline {n}") for n in range(3)]
+        wait_until(lambda: client.reconnects >= 2, timeout=5, what="attempts into the dead network")
+        assert client.events == []
+        proxy.restore()
+        started = time.monotonic()
+        got = client.wait_for(3, timeout=5)
+        assert [e.id for e in got] == published and time.monotonic() - started < 2 * 0.8 + 1
+
+
+def test_idle_timeout_is_checked():
+    for bad in (0, -1, "soon", True):
+        with pytest.raises(ValueError, match="idle_timeout"):
+            StreamClient("http://127.0.0.1:1/", idle_timeout=bad)

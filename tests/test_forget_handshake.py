@@ -83,7 +83,7 @@ def test_a_cursorless_longpoll_is_a_handshake(page_app, hub, path):
     started = time.monotonic()
     status, headers, body = http_get(page_app.url + "/" + path, timeout=20)
     assert time.monotonic() - started < 15  # far from the 30 s a poll waits for news
-    assert (status, body) == (200, ('{"events":[],"cursor":"%s"}' % last).encode())
+    assert (status, body) == (200, ('{"events":[],"cursor":"%s","heartbeat":30}' % last).encode())
     published = [hub.publish("room", n) for n in range(2)]  # between two polls: not lost
     status, _, body = http_get(page_app.url + f"/{path}?last_event_id={last}", timeout=20)
     doc = json.loads(body)
@@ -93,7 +93,7 @@ def test_a_cursorless_longpoll_is_a_handshake(page_app, hub, path):
 
 def test_a_cursorless_longpoll_of_an_empty_channel_and_with_a_snapshot(page_app, hub):
     status, _, body = http_get(page_app.url + "/longpoll", timeout=20)
-    assert json.loads(body) == {"events": [], "cursor": hub.last_id("room")}
+    assert json.loads(body) == {"events": [], "cursor": hub.last_id("room"), "heartbeat": 30}
     # a generator's snapshot comes in the handshake, with the cursor after it
     status, _, body = http_get(page_app.url + "/snapshot", timeout=20)
     doc = json.loads(body)

@@ -1,8 +1,10 @@
 """Wire formats: input -> exact bytes, per transport (no I/O)."""
+import json
+
 import pytest
 
 from comet import Event, InvalidEvent, Part, UnserializableData
-from comet.framing import FRAMINGS, encode_item, encode_longpoll, heartbeat, longpoll_item, new_boundary, preamble
+from comet.framing import FRAMINGS, encode_item, encode_longpoll, heartbeat, heartbeat_seconds, longpoll_item, new_boundary, preamble
 from comet.testing import MultipartParser, NDJSONParser, SSEParser
 
 SSE_TABLE = [
@@ -190,14 +192,16 @@ def test_longpoll_bytes():
 
 
 def test_heartbeats_and_preambles():
-    assert heartbeat("sse") == b":\n\n"
+    assert heartbeat("sse") == b"event: comet.heartbeat\ndata: 15\n\n"
     assert heartbeat("multipart") == b"Comet-Heartbeat: 1\r\n"
     assert heartbeat("chunked") == b"\n"
     assert preamble("sse") == b":ok\n\n"
     assert preamble("sse", retry=2500) == b":ok\nretry: 2500\n\n"
     assert preamble("multipart", boundary="B") == b"--B\r\n" and preamble("chunked") == b"\n"
     # heartbeats are invisible to each transport's reader
-    assert SSEParser().feed(b":ok\n\n" + heartbeat("sse") * 3) == []
+    sse = SSEParser()
+    assert sse.feed(preamble("sse", heartbeat=0.5) + heartbeat("sse", 0.5) * 3) == []
+    assert (sse.beats, sse.heartbeat) == (4, 0.5)
     assert NDJSONParser().feed(heartbeat("chunked") * 3) == []
     p = MultipartParser("B")
     assert [x.body for x in p.feed(b"".join(_stream([BEAT, "a", BEAT, BEAT, "b"])))] == [b"a", b"b"]
@@ -235,3 +239,35 @@ def test_an_event_of_exactly_max_bytes_is_written_and_one_more_is_refused(transp
 def test_a_raw_part_on_a_long_poll_is_refused_saying_why():
     with pytest.raises(TypeError, match="cannot be sent on the longpoll transport"):
         longpoll_item(Part(b"\xff\xd8", content_type="image/jpeg"))
+
+
+@pytest.mark.parametrize("interval, text", [
+    (15, "15"), (15.0, "15"), (1, "1"), (0.5, "0.5"), (2.25, "2.25"), (0.1, "0.1"), (3600, "3600"), (1e-05, "0.00001"),
+])
+def test_the_heartbeat_says_its_interval_in_its_shortest_decimal_form(interval, text):
+    assert heartbeat_seconds(interval) == text
+    assert heartbeat("sse", interval) == b"event: comet.heartbeat\ndata: %s\n\n" % text.encode()
+    assert preamble("sse", heartbeat=interval) == b":ok\n\nevent: comet.heartbeat\ndata: %s\n\n" % text.encode()
+    assert preamble("sse", retry=100, heartbeat=interval) == b":ok\nretry: 100\n\nevent: comet.heartbeat\ndata: %s\n\n" % text.encode()
+    assert encode_longpoll([], "1-1", interval) == b'{"events":[],"cursor":"1-1","heartbeat":%s}' % text.encode()
+    assert json.loads(encode_longpoll([], "1-1", interval))["heartbeat"] == float(text)
+
+
+def test_sse_heartbeat_bytes_are_cached_per_interval_and_need_one():
+    framing = FRAMINGS["sse"]
+    assert framing.beat(interval=0.75) is framing.beat(interval=0.75)
+    assert framing.beat(interval=2) != framing.beat(interval=3)
+    with pytest.raises(ValueError, match="interval"):
+        framing.beat()
+    # the other transports' heartbeats do not depend on it
+    assert FRAMINGS["chunked"].beat(interval=2) == FRAMINGS["chunked"].beat(interval=3) == b"\n"
+    assert preamble("chunked", heartbeat=2) == b"\n" and preamble("multipart", boundary="B", heartbeat=2) == b"--B\r\n"
+
+
+def test_an_sse_heartbeat_is_a_named_event_a_plain_reader_can_tell_apart():
+    """What EventSource does with it: a named event (``onmessage`` never
+    sees one); a reader that knows nothing of comet gets it as an event
+    called comet.heartbeat, never as data of the next event."""
+    p = SSEParser()
+    wire = preamble("sse", heartbeat=1) + heartbeat("sse", 1) + Event("x", id="1-1").encode("sse") + heartbeat("sse", 1)
+    assert p.feed(wire) == [Event("x", id="1-1")] and p.beats == 3 and p.last_event_id == "1-1"

@@ -516,7 +516,7 @@ def test_a_generator_slow_to_start_holds_no_server_thread(comet_cherrypy, hub):
         assert http_get(server.url + "/", timeout=5)[2] == b"page"
         assert time.monotonic() - page_started < 1.0
         for raw in streams:
-            assert raw.status == 200 and raw.chunk() == b":ok\n\n"
+            assert raw.status == 200 and raw.chunk() == b":ok\n\nevent: comet.heartbeat\ndata: 15\n\n"
             assert raw.chunk() == b"data: late\n\n"
         wait_until(lambda: hub.subscriptions == 6, what="all six on to their subscriptions")
         hub.publish("room", "after")

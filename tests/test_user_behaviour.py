@@ -290,8 +290,9 @@ def test_a_wsgi_long_poll_without_a_cursor_misses_nothing(comet_wsgi):
 
 # -- heartbeats ---------------------------------------------------------------------
 
-PREAMBLE = {"sse": b":ok\n\n", "multipart": b"--%s\r\n", "chunked": b"\n"}  # multipart: its boundary
-BEAT = {"sse": b":\n\n", "multipart": b"Comet-Heartbeat: 1\r\n", "chunked": b"\n"}
+# (SSE's: the announcement of the 0.5 s heartbeat follows its preamble)
+PREAMBLE = {"sse": b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n", "multipart": b"--%s\r\n", "chunked": b"\n"}  # multipart: its boundary
+BEAT = {"sse": b"event: comet.heartbeat\ndata: 0.5\n\n", "multipart": b"Comet-Heartbeat: 1\r\n", "chunked": b"\n"}
 
 
 def beat_times(url: str, transport: str, count: int) -> list[float]:

@@ -46,10 +46,10 @@ def test_wsgi_sse_bytes_and_delivery(comet_wsgi, wsgi_app, hub):
     with RawStream(server.url + "/events") as raw:
         assert raw.status == 200 and raw.headers["content-type"] == "text/event-stream; charset=utf-8"
         assert raw.headers["x-accel-buffering"] == "no" and raw.headers["cache-control"] == "no-cache"
-        assert raw.chunk() == b":ok\n\n"
+        assert raw.chunk() == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"  # the preamble, the heartbeat's announcement
         event_id = hub.publish("lobby", "hello", event="greet")
         assert raw.chunk() == f"id: {event_id}\nevent: greet\ndata: hello\n\n".encode()
-        assert raw.chunk() == b":\n\n"  # heartbeat
+        assert raw.chunk() == b"event: comet.heartbeat\ndata: 0.5\n\n"  # heartbeat
 
 
 def test_wsgi_resume_and_longpoll(comet_wsgi, wsgi_app, hub):
