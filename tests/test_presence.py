@@ -259,6 +259,25 @@ def test_a_join_pushed_after_a_forget_does_not_recreate_the_channel(hubs):
     later.close()
 
 
+def test_a_process_lists_only_the_channels_where_it_counts_someone(hubs, comet_redis):
+    """Redis keeps, per process, the channels to retire its counts from
+    when its lease runs out: lobbies that come and go must not grow it."""
+    import redis
+
+    hub = hubs(idle=0.2, presence_grace=0.1)
+    kept = hub.subscribe("lobby:kept", member="ann")
+    for n in range(20):
+        hub.subscribe(f"lobby:{n}", member="bob").close()
+    wait_until(lambda: all(hub.members(f"lobby:{n}") == {} for n in range(20)), what="bob gone everywhere")
+    admin = redis.Redis.from_url(comet_redis.url)
+    try:
+        key = hub.presence._base + "p:" + hub.presence.process
+        wait_until(lambda: admin.smembers(key) == {b"lobby:kept"}, what="only the lobby ann is in")
+    finally:
+        admin.close()
+    kept.close()
+
+
 @pytest.mark.parametrize("bad", ["", "a\nb", "x" * 201, 7, "nul\x00"])
 def test_a_bad_member_is_refused_before_anything_is_made(processes, bad):
     hub = processes()

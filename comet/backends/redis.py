@@ -650,11 +650,12 @@ class RedisHub(Hub):
         from .redis_presence import presence_keys  # (it imports this module's scripts)
 
         self._check_channel(channel)
-        self._forget_members(channel)  # first: nobody here joins it any more
         key = self._key(channel)
         # The stream and its presence go in one script: a join or leave is
         # counted and appended to the stream in one script too, so it lands
         # wholly before the forget or is refused after it (redis_presence).
+        # This process's counts go with its mirror (_forget_here); a forget
+        # that fails changes nothing.
         keys = [key, self._forgotten_for(key), *presence_keys(self.prefix, self._cluster, key, channel)]
         try:
             if self._cluster:  # the note goes to another slot: written on its own, with its bell
@@ -668,10 +669,6 @@ class RedisHub(Hub):
             raise BackendUnavailable(f"cannot forget {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
         here = self._forget_here(channel)
         return last is not None or here
-
-    def _forget_members(self, channel: str) -> None:
-        if self._presence is not None:  # (Redis' members go with the stream: see forget)
-            self._presence.dropped(channel)
 
     def _forgotten_elsewhere(self, channel: str, last: str) -> None:
         """The reader read a forget of *channel* up to *last*: drop the mirror

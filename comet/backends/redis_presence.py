@@ -38,7 +38,9 @@ Keys (``<prefix>\\0presence:`` first; channel names and members hold no NUL):
 * ``leaving`` sorted set ``<channel>\\0<member>`` by the end of its grace:
   the index the sweep reads (each entry is checked against ``l:`` under
   the channel's script, so a stale one is harmless);
-* ``p:<process>`` the channels where the process counts streams;
+* ``p:<process>`` the channels where the process counts streams (added
+  before a push that counts someone, removed after one that leaves the
+  process counting nobody there);
 * ``leases`` sorted set process -> lease expiry; ``disconnects`` a stream.
 
 A member's total going 0 -> 1 is a join, appended by the script of the
@@ -76,7 +78,9 @@ run (the push again finds nothing to change). A member joining in a
 process whose mirror of the channel holds no event yet, in the moment the
 channel is forgotten elsewhere, may be counted in the new channel until
 that process reads the forget (then it pushes a zero: the member leaves
-after the grace period).
+after the grace period). A stream that expired (``max_idle``) under an open
+subscription while a channel of its bucket was forgotten refuses that
+process's joins until the channel's next event reaches it.
 """
 from __future__ import annotations
 
@@ -130,12 +134,17 @@ local function announce(event, member, a)
                  ARGV[a + 5] == '1', {'d', member, 'k', 's', 'e', event})
 end
 -- Does the stream follow a mirror that has read it up to *seen* ('': a
--- mirror with no event)? Not if it is gone, nor if its oldest entry's
--- predecessor is newer (a new stream since a forget, or a mirror behind).
-local function current(seen)
+-- mirror with no event)? Not if its oldest entry's predecessor is newer (a
+-- new stream since a forget, or a mirror behind), nor if it is gone and
+-- its bucket's floor moved past *seen* (forgotten; a stream that expired
+-- idle while no channel of its bucket was forgotten is not).
+local function current(seen, a)
   if seen == '' then return true end
   local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-  if #oldest == 0 then return false end
+  if #oldest == 0 then
+    local floor = redis.call('HGET', KEYS[2], ARGV[a + 4])
+    return not floor or not after(floor, seen)
+  end
   local fields = oldest[1][2]
   for i = 1, #fields, 2 do
     if fields[i] == 'p' then return not after(fields[i + 1], seen) end
@@ -173,7 +182,7 @@ _SET = _CHANNEL_LIB + """
 local proc, member, new, grace = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local field = proc .. '\\0' .. member
 local old = tonumber(redis.call('HGET', KEYS[4], field) or '0')
-if new > old and not current(ARGV[5]) then return {-1, 0} end
+if new > old and not current(ARGV[5], 6) then return {-1, 0} end
 local joined, result = shift(member, new - old, grace, 6)
 if new > 0 then redis.call('HSET', KEYS[4], field, new) elseif old > 0 then redis.call('HDEL', KEYS[4], field) end
 return {joined, result}
@@ -342,6 +351,11 @@ class RedisPresence(Presence):
         """A global script: the base as its key routes it on a cluster."""
         return self.redis_hub._script(script, [self._base], [self._base, *args])
 
+    def _global(self) -> redis.Redis:
+        """A client of the master of the global keys (a cluster's pipelines
+        refuse scripts: a master's own take them)."""
+        return self.redis_hub._master(self._base) if self.redis_hub._cluster else self.redis_hub.redis
+
     def _keys(self, channel: str) -> list[str]:
         hub = self.redis_hub
         stream = hub._key(channel)
@@ -427,6 +441,10 @@ class RedisPresence(Presence):
                 self._dirty = {**dict.fromkeys(again), **self._dirty}
         if leaving:
             hub.redis.zadd(self._base + "leaving", leaving)
+        with self._lock:  # channels where this process counts nobody now: not retired with it
+            idle = {channel for (channel, _), n in zip(dirty, counts) if not n} - set(self._counts)
+        if idle and error is None:
+            hub.redis.srem(self._base + "p:" + self.process, *idle)
         if error is not None:
             self._tell(joins)
             raise error
@@ -446,6 +464,7 @@ class RedisPresence(Presence):
         left: list[tuple[str, str, str]] = []
         later: dict[str, int] = {}
         error: BaseException | None = None
+        done: list[tuple[list[str], list[Any]]] = []
         for (key, score), (channel, member), reply in zip(keys, pairs, replies):
             if isinstance(reply, BaseException):
                 error = reply
@@ -454,7 +473,11 @@ class RedisPresence(Presence):
             else:
                 if reply[0] == 1:
                     left.append((channel, LEAVE, member))
-                self._call(self._unindex, [key, score])
+                done.append(([self._base], [self._base, key, score]))
+        if done:
+            for reply in pipeline_scripts(self._global(), self._unindex, done):
+                if isinstance(reply, BaseException):
+                    raise reply
         if later:
             hub.redis.zadd(self._base + "leaving", later)
         self._tell(left)
