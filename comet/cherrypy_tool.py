@@ -55,6 +55,7 @@ from .internals import connection_for, install_accept_hook, install_gateway, kee
 from .options import Options
 from .pipeline import OWNED, Parking, Refusal, open_stream
 from .pool import StreamPool
+from .tokens import redact_tokens
 from .wsgi import resume_id
 
 __all__ = ["comet", "CometTool", "CometPlugin", "engine_plugin", "static_config", "STATIC_DIR"]
@@ -253,6 +254,9 @@ def _serve(call: Callable[[], Any], options: Options, learn: Callable[..., Any] 
     keep_charset()
     _no_gzip()
     request, response = cherrypy.serving.request, cherrypy.serving.response
+    # What the access log writes (after this returns): a log reader must not
+    # be able to open the stream with a token from its URL.
+    request.request_line = redact_tokens(request.request_line)
     plugin = engine_plugin()
     plugin.ensure_cap()
     direct = getattr(request, "comet_direct", False)

@@ -33,12 +33,13 @@ import fnmatch
 import hashlib
 import hmac
 import json
+import re
 import time
 from typing import Any, Callable, Iterable
 
 from .errors import Forbidden
 
-__all__ = ["StreamTokens"]
+__all__ = ["StreamTokens", "redact_tokens"]
 
 #: Shortest secret accepted, in bytes: a signing key, not a password.
 MIN_SECRET_BYTES = 16
@@ -50,6 +51,23 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+#: A query parameter whose name ends in "token" (``token``, ``access_token``,
+#: ``streamToken``), and its value.
+_TOKEN_PARAM = re.compile(r"([?&][^=&\s]*token=)[^&\s#]*", re.IGNORECASE)
+
+
+def redact_tokens(target: str) -> str:
+    """*target* (a URL, or a request line) with the value of every query
+    parameter named ``token`` or ``..._token`` replaced by ``redacted``: what
+    an access log may keep, since a log reader holding a token could open
+    the stream.
+
+    >>> redact_tokens("GET /dm?thread=a:b&token=eyJt.c2ln HTTP/1.1")
+    'GET /dm?thread=a:b&token=redacted HTTP/1.1'
+    """
+    return _TOKEN_PARAM.sub(r"\1redacted", target)
 
 
 def _literal(name: str) -> str:

@@ -138,3 +138,32 @@ def _expired(tokens, token):
     except Forbidden as exc:
         return "expired" in str(exc)
     return False
+
+
+def test_the_access_log_never_holds_a_stream_token(comet_cherrypy, hub, tokens, tmp_path):
+    """Whoever reads the access log could open the stream with the token in
+    its URL: comet writes the request line with the token's value hidden,
+    for a stream opened, refused, and served directly (comet.direct)."""
+    access_file = tmp_path / "access.log"
+    server = comet_cherrypy(root(hub, tokens), global_config={"log.access_file": str(access_file)})
+    good = tokens.sign("ann", ["dm:ann:bob"])
+    other = tokens.sign("cat", ["dm:cat:dan"])
+    counters = engine_plugin().pool.counters
+    direct_before = counters.snapshot().get("routed_direct", 0)
+    try:
+        for _ in range(3):  # (the later ones served directly, at accept time)
+            with StreamClient(f"{server.url}/dm?thread=ann:bob&token={good}") as client:
+                wait_until(lambda: hub.subscriptions == 1, what="subscribed")
+                hub.publish("dm:ann:bob", "psst")
+                client.wait_for(1)
+            wait_until(lambda: hub.subscriptions == 0, what="released")
+        assert counters.snapshot().get("routed_direct", 0) > direct_before  # (that way too)
+        assert http_get(f"{server.url}/dm?token={other}&thread=ann:bob")[0] == 403
+        lines = wait_until(lambda: (text := access_file.read_text()).count("GET /dm?") >= 4 and text.splitlines(),
+                           what="four lines in the access log")
+    finally:
+        cherrypy.log.access_file = ""  # the log manager outlives this test's config
+    streams = [line for line in lines if "GET /dm?" in line]
+    assert all(good.partition(".")[2] not in line and other.partition(".")[2] not in line for line in lines), streams
+    assert sum('"GET /dm?thread=ann:bob&token=redacted HTTP/1.1" 200' in line for line in streams) == 3, streams
+    assert any('"GET /dm?token=redacted&thread=ann:bob HTTP/1.1" 403' in line for line in streams), streams
