@@ -78,6 +78,9 @@ _CURSOR = re.compile(rf"{_PIECE}(?:_{_PIECE}){{0,{MAX_CHANNELS * 2}}}")
 _KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-:")
 #: What a cursor of the first format (``<crc32 tag>.<id>`` pieces) named a channel by.
 _OLD_TAG = re.compile(r"[0-9a-z]{1,7}")
+#: Where a plain id puts each channel of a subscription to several: before
+#: anything (even a backend's "0-0"), so each gets a gap.
+_BEFORE_ALL = (-1, -1)
 #: This process's order of publishing, over every channel of every hub.
 _ORDER = itertools.count(1)
 _MAX_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
@@ -737,8 +740,8 @@ class Hub:
             cursors = _cursors(last_id, channel)
         except ValueError:
             return True  # subscribe refuses it without I/O
-        # A plain id's "(0, 0)" asks for everything held: never ahead of a mirror.
-        return all(self._local(name, None if key in (None, (0, 0)) else given)
+        # A plain id's _BEFORE_ALL asks for everything held: never ahead of a mirror.
+        return all(self._local(name, None if key in (None, _BEFORE_ALL) else given)
                    for name, (given, key) in ((n, cursors.get(n, (None, None))) for n in channel))
 
     def _gap(self, channel: str, last_id: str | None, resume: str) -> Event:
@@ -1547,7 +1550,7 @@ def _cursors(last_id: str | None, channels: Iterable[str]) -> dict[str, tuple[st
         raise InvalidEventId(f"event id must be a str, got {type(last_id).__name__}")
     if _ID.fullmatch(last_id):
         parse_id(last_id)
-        return {name: (last_id, (0, 0)) for name in channels}
+        return {name: (last_id, _BEFORE_ALL) for name in channels}
     if not _CURSOR.fullmatch(last_id):
         raise InvalidEventId(f"malformed event id {last_id[:80]!r}: expected '<channel>.<epoch>-<seq>' pieces "
                              "joined by '_'")
