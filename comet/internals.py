@@ -159,7 +159,9 @@ class CherootConnection:
         self.tcp_socket: socket.socket | None = sock if isinstance(sock, socket.socket) else None
 
     def closed(self) -> bool:
-        return self._sock is None or _peer_closed(self._sock)
+        # Under TLS, the TCP socket beneath (a TLS stream is not "closed" for
+        # want of a plain socket: it would end at its first idle tick).
+        return self.tcp_socket is not None and _peer_closed(self.tcp_socket)
 
     def take(self) -> tuple[socket.socket, bool]:
         assert self._sock is not None
@@ -228,7 +230,8 @@ def _peer_closed(sock: socket.socket) -> bool:
             return False
         if events[0][1] & (select.POLLERR | select.POLLHUP):
             return True
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        # The TCP bytes, also under TLS (ssl.SSLSocket.recv refuses flags).
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False
     except OSError:

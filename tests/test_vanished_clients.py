@@ -366,3 +366,61 @@ def test_a_stream_stuck_behind_unsent_bytes_does_not_stall_the_writer(comet_cher
         wait_until(lambda: time.monotonic() > since + 3 * heartbeat, what="three heartbeats overdue")
         hub.publish("news", "still served")
         assert [e.data for e in live.wait_for(1, timeout=3)] == ["still served"]
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_a_tls_stream_lives_while_idle_and_ends_when_its_client_leaves(comet_cherrypy, certificate) -> None:
+    """Thread mode under cheroot's TLS looks at the TCP socket beneath for a
+    client that left. It used to find no plain socket and call the client
+    gone at the first idle tick: every TLS stream ended within a second."""
+    import ssl
+
+    import cherrypy
+
+    from comet import Hub, comet
+
+    hub = Hub(idle=0.1)
+    ended: list[float] = []
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=60)  # no heartbeat writes: only the probe can tell
+        def events(self) -> Any:
+            try:
+                yield from hub.subscribe("news")
+            finally:
+                ended.append(time.monotonic())
+
+    cert, key = certificate
+    server = comet_cherrypy(Root(), global_config={
+        "server.ssl_module": "builtin", "server.ssl_certificate": cert, "server.ssl_private_key": key})
+    port = int(server.url.rsplit(":", 1)[1])
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b":ok" not in data:
+            data += tls.recv(4096)
+        wait_until(lambda: hub.subscriptions == 1, what="subscribed")
+        since = time.monotonic()
+        wait_until(lambda: time.monotonic() > since + 1.5, timeout=5, what="idle ticks and probes")  # 15 ticks
+        assert not ended and hub.subscriptions == 1
+        hub.publish("news", "over tls")
+        while b"over tls" not in data:
+            chunk = tls.recv(4096)
+            assert chunk, data
+            data += chunk
+        left = time.monotonic()
+    wait_until(lambda: ended, what="the handler's finally after the TLS client left")
+    assert ended[0] - left < 1.0, ended[0] - left
