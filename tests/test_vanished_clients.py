@@ -12,6 +12,9 @@ member is gone from ``hub.members()``.
 Addresses exist only inside the namespaces made here (10.231.x.y/30); the
 namespaces, and the link with them, are removed when the test ends, also
 when it fails.
+
+On loopback: a stream stuck behind unsent bytes does not stall the writer,
+and a TLS stream (thread mode) is not taken for a vanished one.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import ctypes
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,10 +32,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+import cherrypy
 import pytest
 
+from comet import Hub, comet
+from comet.cherrypy_tool import engine_plugin
 from comet.liveness import MARGIN, notice_within
-from comet.testing import wait_until
+from comet.testing import StreamClient, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "apps" / "vanish_app.py"
@@ -330,12 +337,6 @@ def test_a_stream_stuck_behind_unsent_bytes_does_not_stall_the_writer(comet_cher
     noticed) leaves bytes queued on its parked stream; once its heartbeat is
     overdue the writer looks again a heartbeat later. It used to look again
     at once, forever: one such client stopped every stream of the writer."""
-    import cherrypy
-
-    from comet import Hub, comet
-    from comet.cherrypy_tool import engine_plugin
-    from comet.testing import StreamClient
-
     hub = Hub()
     heartbeat = 0.2
 
@@ -381,12 +382,6 @@ def test_a_tls_stream_lives_while_idle_and_ends_when_its_client_leaves(comet_che
     """Thread mode under cheroot's TLS looks at the TCP socket beneath for a
     client that left. It used to find no plain socket and call the client
     gone at the first idle tick: every TLS stream ended within a second."""
-    import ssl
-
-    import cherrypy
-
-    from comet import Hub, comet
-
     hub = Hub(idle=0.1)
     ended: list[float] = []
 
