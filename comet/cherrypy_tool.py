@@ -264,7 +264,7 @@ def _serve(call: Callable[[], Any], options: Options, learn: Callable[..., Any] 
         opened = open_stream(call, options, plugin.pool, method=request.method,
                              resume_id=request.comet_last_event_id,
                              connection=OWNED if direct else connection_for(request.wsgi_environ),
-                             context=request_context(), first_step_here=direct)
+                             context=request_context(), first_step_here=direct, started=release_session)
     except Refusal as refusal:
         return _refuse(refusal, options)
     except cherrypy.HTTPError as exc:

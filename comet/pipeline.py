@@ -159,7 +159,8 @@ def stream_headers(options: Options, boundary: str, *, parked_longpoll: bool = F
 
 def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, method: str = "GET",
                 resume_id: str | None = None, connection: Connection | None = None,
-                context: Callable[[], ContextManager[Any]] | None = None, first_step_here: bool = False) -> Opened:
+                context: Callable[[], ContextManager[Any]] | None = None, first_step_here: bool = False,
+                started: Callable[[], None] | None = None) -> Opened:
     """Open one stream: see the module's introduction. Raises
     :class:`Refusal`, or whatever the handler raised that is not an input
     error (the adapter's 500). ``context``, if given, is entered around each
@@ -167,7 +168,9 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
     per-request state, so the handler's code keeps seeing its own request.
     ``first_step_here``: this thread is a step thread already (a direct
     request, :mod:`comet.direct`): run a generator's first step on it,
-    with no hand-off and no :data:`PRIME_WAIT`.
+    with no hand-off and no :data:`PRIME_WAIT`. ``started``, if given, is
+    called once a thread-mode stream's first step is done, before a
+    long-poll waits for its answer (the adapter unlocks the user's session).
 
     >>> from comet import Hub
     >>> hub, pool = Hub(), StreamPool()
@@ -204,6 +207,8 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
                 stream = Stream(items, options, admission, closed=connection.closed if connection else None,
                                 resume_id=resume_id, boundary=boundary)
                 stream.prime()
+                if started is not None:
+                    started()
                 admission.thread(stream)
                 headers = stream_headers(options, boundary)
                 if not options.framing.streaming:
