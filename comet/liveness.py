@@ -20,7 +20,7 @@ thread mode):
   period. The bound is :func:`notice_within`: ``3 h + 5`` seconds after the
   client's last acknowledgement (50 s for the default 15 s heartbeat): a
   heartbeat, the user timeout, and up to a second more for the kernel's
-  retransmission timer (with h = 1 s the suite measures 6.8 to 7.1 s). The user
+  retransmission timer (with h = 1 s the suite measures 6.4 to 7.1 s). The user
   timeout is 2 heartbeats and a margin, so the server is never quicker to
   give up on a slow network than a client watching heartbeats (which waits
   about 2 heartbeats of silence).
