@@ -7,6 +7,7 @@
   const key = "comet-lobby:" + lobby;  // sessionStorage: one player per tab
   let me = JSON.parse(sessionStorage.getItem(key) || "null");
   let sub = null;
+  let rounds = 0;      // subscriptions made by connect()
   let opening = null;  // while nobody is here: the index stream, to see the lobby open
   let shown = -1;      // version of the state on screen
   let round = null;    // the round on screen: a new one clears the last one's message
@@ -145,6 +146,7 @@
 
   function connect() {
     stopWatching();
+    const round = ++rounds;  // the subscription replaced here says "closed": not the page's state
     if (sub) sub.close();
     const query = me ? "?player=" + encodeURIComponent(me.token) : "";
     sub = Comet.subscribe("/events/" + encodeURIComponent(lobby) + query, {
@@ -162,7 +164,7 @@
       // brings a fresh state (or the 404 of a lobby nobody is in).
       onGap: (ev) => { if (!(ev.data && ev.data.snapshot)) { shown = -1; connect(); } },
       onDenied: () => closedLobby(false),
-      onStatus: showStatus,
+      onStatus: (s) => { if (round === rounds) showStatus(s); },
       onFallback: showFallback,
     });
   }

@@ -37,6 +37,7 @@
 
   const threadList = () => [...threads.keys()].sort().map(threadOf).join(",");
   let followed = null;  // the thread list of the stream we follow
+  let rounds = 0;       // subscriptions made by follow()
 
   /* A freshly signed URL of the stream on *list* ("url", or "poll": its
    * long-poll twin). comet.js asks on every (re)connect, so the short-lived
@@ -58,6 +59,7 @@
 
   /* (Re)subscribe with every thread we know; the cursor resumes the rest. */
   function follow() {
+    const round = ++rounds;  // the subscription replaced here says "closed": not the page's state
     if (sub) {
       cursor = sub.lastEventId || cursor;
       sub.close();
@@ -75,6 +77,7 @@
       onGap: onGap,
       onSnapshot: (ev) => { if (ev.channel === "shouts") room.onSnapshot(ev); },  // only the room has one
       onStatus: (s) => {
+        if (round !== rounds) return;
         room.onStatus(s);
         if (s !== "open") return;
         for (const peer of pending) load(peer);  // followed from now on: read what came before
