@@ -126,3 +126,53 @@ def test_bad_cors_options_fail_naming_them(options, message):
         Options(**options)
     with pytest.raises(ValueError, match=message):
         comet(**options)
+
+
+@pytest.mark.parametrize("origin", [PAGE + ".evil.net", PAGE + ":8080", PAGE[:-1], PAGE + "/", "https://www.example.com",
+                                    "null"])
+def test_origins_are_matched_exactly_not_by_prefix(cherrypy_server, origin):
+    """https://www.example.com.evil.net is another site: it gets no CORS
+    headers (credentials least of all) on a stream, a preflight or a refusal.
+    (Break: origins matched by prefix.)"""
+    with RawStream(cherrypy_server.url + "/events", headers={"Origin": origin}) as raw:
+        assert raw.status == 200
+        assert not any(name.startswith("access-control-") for name in raw.headers), raw.headers
+    status, headers, _ = preflight(cherrypy_server.url + "/events", origin)
+    assert status == 204 and not any(name.startswith("access-control-allow") for name in headers), headers
+    status, headers, _ = http_get(cherrypy_server.url + "/events?nope=1", headers={"Origin": origin})
+    assert status == 400 and not any(name.startswith("access-control-") for name in headers), headers
+
+
+def test_fast_route_refusals_at_accept_time_carry_cors_headers(comet_cherrypy, hub):
+    """A cross-origin page can read why a fast route refused it (403, 400,
+    503), answered where cheroot accepted the connection.
+    (Break: no CORS headers on a refusal at accept time.)"""
+    plugin = engine_plugin()
+    plugin.route("/fast/{room}", hub, channel="room:{room}", cors_origins=[PAGE], cors_credentials=True,
+                 authorize=lambda request: request.params["room"] != "closed")
+
+    class Root:
+        pass
+
+    server = comet_cherrypy(Root(), global_config={"comet.max_parked": 1, "comet.retry_after": 3})
+    host, port = server.url.rsplit("//", 1)[1].split(":")
+
+    def refused(path: str, extra: str = "") -> str:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nOrigin: {PAGE}\r\n{extra}\r\n".encode())
+            return read_until(sock, None).decode("latin-1")
+
+    counters = plugin.pool.counters
+    forbidden, through_wsgi = counters["forbidden"], counters["routed_wsgi"]
+    for status, path, extra in ((403, "/fast/closed", ""), (400, "/fast/a", "Last-Event-ID: not-an-id\r\n")):
+        answer = refused(path, extra)
+        assert answer.startswith(f"HTTP/1.1 {status} "), answer
+        assert f"Access-Control-Allow-Origin: {PAGE}\r\n" in answer and "Access-Control-Allow-Credentials: true\r\n" in answer
+    assert counters["forbidden"] == forbidden + 1  # (the 403 was the fast route's own)
+    assert counters["routed_wsgi"] == through_wsgi  # (none went on to cheroot and the route's WSGI app)
+    with RawStream(server.url + "/fast/a") as held:  # the one stream max_parked allows
+        assert held.status == 200
+        answer = refused("/fast/b")
+    assert answer.startswith("HTTP/1.1 503 ") and "Retry-After: 3\r\n" in answer, answer
+    assert f"Access-Control-Allow-Origin: {PAGE}\r\n" in answer and "Access-Control-Expose-Headers: Retry-After" in answer
+    assert counters["routed_wsgi"] == through_wsgi
