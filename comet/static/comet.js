@@ -279,6 +279,7 @@
       this._everOpened = false;
       this._renewed = false;  // a 403 made us ask the URL function once more
       this._streamAgain = 0;  // when a fallen-back subscription tries streaming again
+      this._streamProbe = null;  // that try, beside the polls
       this._streamDelay = this.options.retryStreamAfter;
       this._wake = (e) => this._woken(e);
       this._offline = () => { if (!this.closed) this._setStatus("offline"); };
@@ -297,6 +298,7 @@
       this.closed = true;
       clearTimeout(this._timer);
       clearTimeout(this._ticker);
+      if (this._streamProbe) this._streamProbe.close();
       this._hangUp();
       if (global.removeEventListener) {
         for (const name of ["online", "pageshow"]) global.removeEventListener(name, this._wake);
@@ -414,6 +416,57 @@
       this._connectNow();
     }
 
+    /* While polling: open the stream beside the polls; once a byte of it
+     * arrives, switch to it (from the same cursor). Still nothing after 3
+     * heartbeats: stay on long-poll and try again twice as late. */
+    async _probeStream() {
+      const transport = this.options.transport, abort = new AbortController();
+      let source = null, timer = null, done = false;
+      const finish = (through) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        if (source) source.close();
+        abort.abort();
+        if (this._streamProbe === probe) this._streamProbe = null;
+        if (this.closed || this.transport !== "longpoll") return;
+        if (!through) {
+          this._streamAgain = Date.now() + this._streamDelay;
+          this._streamDelay = Math.min(this._streamDelay * 2, 3600000);
+          return;
+        }
+        this._streamDelay = this.options.retryStreamAfter;
+        this._hangUp();
+        this.transport = transport;
+        this.heartbeat = null;
+        this._callFallback({ from: "longpoll", to: transport, reason: "the stream gets through again" });
+        this._connectNow();
+      };
+      const probe = { close: () => finish(false) };
+      this._streamProbe = probe;
+      timer = setTimeout(() => finish(false), STALL_AFTER * 1000 * (seconds(this.options.heartbeat) || DEFAULT_HEARTBEAT));
+      try {
+        let url = this.url;
+        if (typeof url === "function") url = await url();
+        if (done) return;
+        url = withCursor(url, this.lastEventId);
+        if (transport === "sse") {
+          source = new EventSource(url, { withCredentials: this.options.withCredentials });
+          // The heartbeat event comes right after the preamble: a byte of the body.
+          source.addEventListener("comet.heartbeat", () => finish(true));
+          source.onmessage = () => finish(true);
+          source.onerror = () => finish(false);
+          return;
+        }
+        const response = await fetch(url, { signal: abort.signal, cache: "no-store", credentials: this._credentials });
+        if (response.status !== 200 || !response.body) { finish(false); return; }
+        const { done: ended } = await response.body.getReader().read();
+        finish(!ended);
+      } catch (e) {
+        finish(false);
+      }
+    }
+
     /* After a wake-up (online, a tab shown or restored, a frozen tab resumed):
      * a connection silent for longer than a heartbeat is not trusted. */
     _woken(e) {
@@ -426,6 +479,7 @@
       const blind = this.transport === "sse" && this._got && !this._announced;  // EventSource hides its heartbeats
       if (this._timer !== null || (!blind && silent > this._interval() + slack)) {
         this.attempt = 0;
+        this._setStatus("reconnecting");
         this._connectNow();
       } else if (this.status === "offline") {
         this._setStatus(this._got ? "open" : "connecting");
@@ -534,13 +588,6 @@
       this._got = 0;
       this._announced = false;
       if (this.status !== "reconnecting" && this.status !== "offline") this._setStatus("connecting");
-      if (this.transport === "longpoll" && this.options.transport !== "longpoll" && Date.now() >= this._streamAgain) {
-        // Fallen back a while ago: is the stream through now?
-        this.transport = this.options.transport;
-        this.heartbeat = null;
-        this._stalls = 1;  // one more silent connect and we are back on long-poll
-        this._callFallback({ from: "longpoll", to: this.transport, reason: "trying the stream again" });
-      }
       const t = this.transport;
       let url = t === "longpoll" && this.options.transport !== "longpoll" ? this.options.pollUrl : this.url;
       try {
@@ -621,9 +668,8 @@
 
     async _longpoll(url, gen) {
       while (!this.closed && gen === this._gen) {
-        if (this.options.transport !== "longpoll" && Date.now() >= this._streamAgain) {
-          this._connect();  // time to try the stream again
-          return;
+        if (this.options.transport !== "longpoll" && !this._streamProbe && Date.now() >= this._streamAgain) {
+          this._probeStream();  // fell back a while ago: is the stream through now?
         }
         const abort = new AbortController();
         this._abort = abort;
@@ -719,6 +765,18 @@
       this._channel = new global.BroadcastChannel(this.key);
       this._channel.onmessage = (e) => this._message(e.data);
       this._setStatus("connecting");
+      // A follower woken up (shown, back online) asks the leader to check its
+      // stream: a leading tab in the background may have its timers slowed.
+      this._wake = (e) => {
+        if (this.leader || this.closed) return;
+        if (e.type === "pageshow" && !e.persisted) return;
+        if (e.type === "visibilitychange" && global.document.visibilityState !== "visible") return;
+        this._post({ type: "wake" });
+      };
+      global.addEventListener("online", this._wake);
+      global.addEventListener("pageshow", this._wake);
+      global.document.addEventListener("visibilitychange", this._wake);
+      global.document.addEventListener("resume", this._wake);
       this._post({ type: "hello", after: this.lastEventId });
       this._campaign(false);
       this._watch = setInterval(() => this._check(), 100);
@@ -728,6 +786,10 @@
       if (this.closed) return;
       this.closed = true;
       clearInterval(this._watch);
+      global.removeEventListener("online", this._wake);
+      global.removeEventListener("pageshow", this._wake);
+      global.document.removeEventListener("visibilitychange", this._wake);
+      global.document.removeEventListener("resume", this._wake);
       if (this._catchup) this._catchup.close();
       this._stepDown();
       if (this._abort) this._abort.abort();
@@ -850,6 +912,10 @@
       if (this.closed || !m || m.from === this._me) return;
       if (m.type === "hello" || m.type === "ping") {
         if (this.leader) this._answer(m);
+        return;
+      }
+      if (m.type === "wake") {
+        if (this.leader && this._inner) this._inner._woken({ type: "wake" });
         return;
       }
       if (this.leader && m.type !== "event") return;  // another tab's leftovers from before we took over

@@ -183,25 +183,33 @@ class Firefox:
                 raise BiDiError(f"{method}: {message.get('error')}: {message.get('message')}")
             return message["result"]
 
-    def goto(self, url: str) -> None:
-        self.command("browsingContext.navigate", {"context": self.context, "url": url, "wait": "complete"})
+    def goto(self, url: str, context: str | None = None) -> None:
+        self.command("browsingContext.navigate", {"context": context or self.context, "url": url, "wait": "complete"})
 
-    def evaluate(self, expression: str, timeout: float = 30) -> Any:
+    def new_tab(self) -> str:
+        """Another tab of the same profile (the same origin storage, locks,
+        BroadcastChannels): its context id, for the context= arguments."""
+        return str(self.command("browsingContext.create", {"type": "tab"})["context"])
+
+    def close_tab(self, context: str) -> None:
+        self.command("browsingContext.close", {"context": context})
+
+    def evaluate(self, expression: str, timeout: float = 30, context: str | None = None) -> Any:
         """The value of a JavaScript expression (awaited if a promise), as
         JSON would carry it."""
         wrapped = f"(async () => JSON.stringify(await ({expression})))()"
-        result = self.command("script.evaluate", {"expression": wrapped, "target": {"context": self.context},
+        result = self.command("script.evaluate", {"expression": wrapped, "target": {"context": context or self.context},
                                                   "awaitPromise": True}, timeout=timeout)
         if result.get("type") == "exception":
             raise BiDiError(f"{expression}: {result['exceptionDetails'].get('text')}")
         value = result["result"]
         return json.loads(value["value"]) if value.get("type") == "string" else None
 
-    def wait_for(self, expression: str, timeout: float = 15, interval: float = 0.05) -> Any:
+    def wait_for(self, expression: str, timeout: float = 15, interval: float = 0.05, context: str | None = None) -> Any:
         """Poll until *expression* is truthy; its value."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self.evaluate(expression)
+            value = self.evaluate(expression, context=context)
             if value:
                 return value
             if time.monotonic() > deadline:
