@@ -41,6 +41,7 @@ from .internals import connection_for, install_gateway
 from .options import Options
 from .pipeline import Refusal, open_stream
 from .pool import StreamPool
+from .tokens import redact_tokens
 
 __all__ = ["comet_app", "resume_id", "install_gateway", "server_threads", "close_all"]
 
@@ -171,6 +172,9 @@ def comet_app(handler: Callable[[dict[str, Any]], Any] | None = None, *, pool: S
         @functools.wraps(func)
         def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
             method = environ.get("REQUEST_METHOD", "GET")
+            for key in ("RAW_URI", "REQUEST_URI"):  # what servers' access logs write (gunicorn: RAW_URI)
+                if key in environ:
+                    environ[key] = redact_tokens(environ[key])
             cors = opts.cors_headers(environ.get("HTTP_ORIGIN"), method, environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"))
             connection = connection_for(environ)
             try:
