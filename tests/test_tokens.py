@@ -167,3 +167,28 @@ def test_the_access_log_never_holds_a_stream_token(comet_cherrypy, hub, tokens, 
     assert all(good.partition(".")[2] not in line and other.partition(".")[2] not in line for line in lines), streams
     assert sum('"GET /dm?thread=ann:bob&token=redacted HTTP/1.1" 200' in line for line in streams) == 3, streams
     assert any('"GET /dm?token=redacted&thread=ann:bob HTTP/1.1" 403' in line for line in streams), streams
+
+
+def test_gunicorns_access_log_never_holds_a_stream_token(tmp_path):
+    """The same for comet_app under gunicorn: its access log writes the
+    request line from the environ (RAW_URI), which comet redacts."""
+    import os
+    from pathlib import Path
+
+    from comet.testing import AppProcess
+
+    examples = Path(__file__).resolve().parent.parent / "docs" / "examples"
+    env = {"PYTHONPATH": os.pathsep.join([str(examples.parent.parent), str(examples)])}
+    access = tmp_path / "access.log"
+    server = AppProcess(["-m", "gunicorn", "-c", "python:comet.gunicorn_conf", "--threads", "4", "-b", "127.0.0.1:{port}",
+                         "--access-logfile", str(access), "wsgi_app:app"], env=env, cwd=examples,
+                        ready="Booting worker").start(timeout=30)
+    secret = "eyJtIjoiYW5uIn0.c2lnbmF0dXJlLW9mLWEtdG9rZW4"
+    try:
+        with StreamClient(server.url + f"/events?token={secret}&access_token={secret}") as client:
+            client.wait_for(0)
+            server.stop()  # (the stream's line is written when it ends: at shutdown, at once)
+    finally:
+        server.close()
+    text = access.read_text()
+    assert secret not in text and "/events?token=redacted&access_token=redacted " in text, text
