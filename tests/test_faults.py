@@ -12,7 +12,7 @@ import cherrypy
 import pytest
 
 from comet import comet
-from comet.testing import FaultProxy, StreamClient, StreamIdle, http_get, wait_until
+from comet.testing import FaultProxy, StreamClient, StreamIdle, free_port, http_get, wait_until
 
 from conftest import Tracker, open_fds, read_until
 
@@ -103,6 +103,13 @@ def test_upstream_as_host_and_port_and_a_bad_upstream(server):
         assert http_get(proxy.url + "/")[2] == b"plain page"
     with pytest.raises(ValueError, match="host and a port"):
         FaultProxy("http://127.0.0.1")
+
+
+def test_an_upstream_that_refuses_is_a_reset_through_the_proxy():
+    with FaultProxy(("127.0.0.1", free_port())) as proxy:
+        with pytest.raises((ConnectionResetError, http.client.RemoteDisconnected)):
+            http_get(proxy.url + "/", timeout=5)
+        wait_until(lambda: proxy.connections == 0, what="the refused connection gone")
 
 
 def test_blackhole_keeps_the_socket_and_forwards_nothing(proxy, server, hub):
