@@ -692,9 +692,9 @@ class Hub:
         ch = self._acquire(channel)
         caught_up = False
         try:
+            if key is not None and key > parse_id(ch.tail_id()):
+                caught_up = self._catch_up(channel, ch)  # another process may be ahead of our mirror
             with ch.cond:
-                if key is not None and key > parse_id(ch.tail_id()):
-                    caught_up = self._catch_up(channel, ch)  # another process may be ahead of our mirror
                 cursor, resumed, gap = self._resolve(channel, ch, last_id, key)
         except BaseException:
             self._release(channel, ch)
@@ -722,8 +722,8 @@ class Hub:
 
     def _catch_up(self, channel: str, ch: _Channel) -> bool:
         """Backends: append events the shared store has and the mirror lacks
-        yet (the caller holds ``ch.cond``); True if any. The memory hub is
-        always current."""
+        yet; True if any. The caller holds no lock (it is I/O; the backend
+        takes ``ch.cond`` to append). The memory hub is always current."""
         return False
 
     def _local(self, channel: str, last_id: str | None) -> bool:
@@ -831,9 +831,9 @@ class Hub:
         exact at; ``ValueError`` if the buffer cannot resume there."""
         key = parse_id(event_id)
         caught_up = False
+        if key > parse_id(ch.tail_id()):
+            caught_up = self._catch_up(channel, ch)  # another process published it
         with ch.cond:
-            if key > parse_id(ch.tail_id()):
-                caught_up = self._catch_up(channel, ch)  # another process published it
             if not parse_id(ch.floor) <= key <= parse_id(ch.tail_id()):
                 raise ValueError(f"a snapshot at {event_id} is out of the buffer of {channel!r} "
                                  f"({ch.floor} to {ch.tail_id()})")

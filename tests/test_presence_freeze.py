@@ -93,17 +93,19 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
 
         @cherrypy.expose
         @comet(transport="sse", heartbeat=1)
-        def join(self, me):
-            return hub.subscribe("room", member=me)
+        def join(self, me, room="room"):
+            return hub.subscribe(room, member=me)
 
         @cherrypy.expose
         @comet(transport="sse", heartbeat=1)
-        def watch(self):
-            return hub.subscribe("room")
+        def watch(self, last_event_id=None):
+            return hub.subscribe("room", last_id=last_event_id)
 
     engine_plugin().route("/fast/join", hub, "room", heartbeat=1,
                           member=lambda request: request.query.get("me") or None)
     engine_plugin().route("/fast/watch", hub, "room", heartbeat=1)
+    engine_plugin().route("/fast/rooms/{room}/join", hub, "room:{room}", heartbeat=1,
+                          member=lambda request: request.query.get("me") or None)
     server = comet_cherrypy(Root())
     witness = hub.subscribe("room")  # follows every join and leave
     seen: list = []
@@ -115,11 +117,15 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
     lock = threading.Lock()
     stop = threading.Event()
     frozen_at = thawed_at = 0.0
+    ahead: list[tuple[float, float, int]] = []  # (at, seconds, status)
     started = time.monotonic()
 
     def join(n: int) -> None:
         me = f"m{n}"
-        path = f"/fast/join?me={me}" if n % 2 else f"/join?me={me}"
+        if n % 10 == 9:  # a room new to this process: its first use reads Redis (a 503 while frozen)
+            path = f"/fast/rooms/{n}/join?me={me}" if n % 20 == 9 else f"/join?me={me}&room=room:{n}"
+        else:
+            path = f"/fast/join?me={me}" if n % 2 else f"/join?me={me}"
         sock, status, took = open_stream(server.url + path)
         with lock:
             opened[me] = (status, took)
@@ -140,6 +146,14 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
             t0 = time.monotonic()
             status = http_get(server.url + "/ping", timeout=8)[0]
             probes.append(("page", at, time.monotonic() - t0, status))
+            # A cursor ahead of this process's mirror (as one from another
+            # process may be): read from Redis without holding the room's
+            # lock, so the room's other streams go on; a 503 while frozen.
+            future = int(time.time() * 1000) + 60_000  # (ids are Redis' clock, in ms)
+            sock, status, took = open_stream(f"{server.url}/watch?last_event_id={future}-0")
+            ahead.append((at, took, status))
+            if sock is not None:
+                sock.close()
             for what, path in (("fast stream", "/fast/watch"), ("handler stream", "/watch")):
                 sock, status, took = open_stream(server.url + path)
                 probes.append((what, at, took, status))
@@ -194,13 +208,21 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
     slow = [p for p in probes if p[2] > PAGE_BOUND or p[3] != 200]
     assert not slow, f"plain pages / streams without a member slower than {PAGE_BOUND} s: {slow[:10]}"
     assert len(during) >= 3 * FREEZE, "too few probes during the freeze"
+    late = [a for a in ahead if a[1] > MEMBER_BOUND or a[2] not in (400, 503)]
+    assert not late, f"a cursor ahead of the mirror neither refused with 400 (from the future) nor 503: {late[:10]}"
+    assert any(status == 503 for _, _, status in ahead), "no cursor ahead was read while Redis was frozen"
     bad = {me: v for me, v in opened.items() if v[0] not in (200, 503) or v[1] > MEMBER_BOUND}
     assert not bad, f"member streams neither open nor refused within {MEMBER_BOUND} s: {list(bad.items())[:10]}"
     assert len(opened) > RATE * (FREEZE + 1) * 0.5, "the joins did not keep their pace"
     assert forgot and forgot[0] is not None
 
     # Redis is back: everything converges.
-    members = {me for me, (status, _) in opened.items() if status == 200}
+    elsewhere = {me for me, (status, _) in opened.items() if status == 200 and int(me[1:]) % 10 == 9}
+    for me in elsewhere:  # each in a room of their own: counted, joined once
+        room = f"room:{me[1:]}"
+        assert hub.members(room) == {me: 1}, (room, hub.members(room))
+        wait_until(lambda: [(e.name, e.data) for e in hub.history(room)] == [(JOIN, me)], what=f"{me}'s join")
+    members = {me for me, (status, _) in opened.items() if status == 200} - elsewhere
     wait_until(lambda: hub.members("room") == dict.fromkeys(members, 1), timeout=30,
                what="members() to be every open member stream")
     wait_until(lambda: seen_more() or collections.Counter(seen) == collections.Counter((JOIN, me) for me in members),

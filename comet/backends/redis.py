@@ -113,6 +113,10 @@ __all__ = ["RedisHub"]
 #: Most publishes one pipeline carries; the rest wait for the next one.
 MAX_BATCH = 256
 
+#: Seconds a read on a request's path may wait for Redis before the stream
+#: is refused (503): a channel's first use in this process, a catch-up.
+LOAD_TIMEOUT = 0.75
+
 log = logging.getLogger("comet")
 
 # Unreachable, or (Redis Cluster) the slot has no master right now or is moving.
@@ -367,6 +371,15 @@ class RedisHub(Hub):
         if self._cluster and replicas:
             raise ValueError("replicas (a durable publish with WAIT) is not supported on Redis Cluster yet")
         self.redis = self._connect(options)
+        # Reads on a request's path (a channel's first use here, a cursor
+        # ahead of the mirror, waking the reader for it): a stalled Redis
+        # costs that request a 503 within LOAD_TIMEOUT, not the socket timeout.
+        # (A timeout is between two reads of the socket: a long reply that
+        # keeps coming is not cut.)
+        timeout = options["socket_timeout"]
+        connect = options["socket_connect_timeout"]
+        self._loader = self._connect({**options, "socket_timeout": min(timeout or LOAD_TIMEOUT, LOAD_TIMEOUT),
+                                      "socket_connect_timeout": min(connect or LOAD_TIMEOUT, LOAD_TIMEOUT)})
         self._publish_script = self.redis.register_script(_PUBLISH_CLUSTER if self._cluster else _PUBLISH)
         self._load_script = self.redis.register_script(_LOAD)
         self._forget_script = self.redis.register_script(_FORGET)
@@ -475,14 +488,15 @@ class RedisHub(Hub):
                 results[i] = result
         return results
 
-    def _script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        """Run one of this hub's scripts. On a cluster, on the master of
-        *keys*' slot, recovering from a master that lacks it (a failover's
-        new master: see :func:`~comet.backends.redis_cluster.run_script`);
-        on a single Redis ``Script`` reloads itself after ``NOSCRIPT``."""
+    def _script(self, script: Script, keys: list[str], args: list[Any], client: redis.Redis | None = None) -> Any:
+        """Run one of this hub's scripts (through *client*, default the
+        hub's). On a cluster, on the master of *keys*' slot, recovering from
+        a master that lacks it (a failover's new master: see
+        :func:`~comet.backends.redis_cluster.run_script`); on a single Redis
+        ``Script`` reloads itself after ``NOSCRIPT``."""
         if self._cluster:
-            return run_script(self.redis, script, keys, args)
-        return script(keys=keys, args=args)
+            return run_script(client or self.redis, script, keys, args)
+        return script(keys=keys, args=args, client=client or self.redis)
 
     def _pipeline(self, batch: list[_Publish]) -> list[bytes | BaseException]:
         # EVALSHA by hand: a pipeline given the Script object asks SCRIPT
@@ -706,9 +720,7 @@ class RedisHub(Hub):
     def history(self, channel: str, limit: int | None = None) -> list[Event]:
         self._check_channel(channel)
         ch = self._channel(channel)
-        with ch.cond:
-            caught_up = self._catch_up(channel, ch)
-        if caught_up:
+        if self._catch_up(channel, ch):
             self._wake(ch)
         return super().history(channel, limit)
 
@@ -717,12 +729,10 @@ class RedisHub(Hub):
     def last_id(self, channel: str) -> str:
         self._check_channel(channel)
         ch = self._channel(channel)
-        with ch.cond:
-            caught_up = self._catch_up(channel, ch)
-            tail = ch.tail_id()
-        if caught_up:
+        if self._catch_up(channel, ch):
             self._wake(ch)
-        return tail
+        with ch.cond:
+            return ch.tail_id()
 
     last_id.__doc__ = Hub.last_id.__doc__
 
@@ -746,19 +756,26 @@ class RedisHub(Hub):
         return ch
 
     def _activate(self, name: str, ch: _Channel) -> None:
-        """Load *name*'s history into the mirror and have the reader follow it."""
+        """Load *name*'s history into the mirror and have the reader follow it.
+
+        The read holds no lock (threads activating the same channel at once
+        each read; the first to finish fills the mirror), and it answers
+        within ``LOAD_TIMEOUT`` or raises: it is on a request's path.
+        """
+        if ch.live:
+            return
         key = self._key(name)
+        try:
+            raw, floor = self._script(self._load_script, [key, self._forgotten_for(key)],
+                                      [self.buffer_size, self._max_age_ms(name),
+                                       round((self.max_idle or 0) * 1000), _bucket(name)], client=self._loader)
+        except _DOWN as exc:
+            raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} is unreachable ({exc})") from exc
+        # (a script's reply: entries as [id, [field, value, ...]])
+        entries: list[_Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reversed(raw)]
         with ch.cond:
-            if ch.live:
-                return
-            try:
-                raw, floor = self._script(self._load_script, [key, self._forgotten_for(key)],
-                                          [self.buffer_size, self._max_age_ms(name),
-                                           round((self.max_idle or 0) * 1000), _bucket(name)])
-            except _DOWN as exc:
-                raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} is unreachable ({exc})") from exc
-            # (a script's reply: entries as [id, [field, value, ...]])
-            entries: list[_Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reversed(raw)]
+            if ch.live or ch.dead:
+                return  # another thread's read filled it meanwhile, or it was forgotten
             if floor:
                 ch.floor = floor.decode()  # no event (left): where any next one follows
             self._append(name, ch, entries)  # the oldest entry's predecessor becomes the floor
@@ -792,12 +809,15 @@ class RedisHub(Hub):
             return True  # subscribe refuses it without I/O
 
     def _catch_up(self, channel: str, ch: _Channel) -> bool:
-        try:
-            entries = cast("list[_Entry]", self.redis.xrange(self._key(channel), min="(" + ch.tail_id(),
-                                                             count=self.buffer_size))
+        with ch.cond:
+            tail = ch.tail_id()
+        try:  # no lock held: the read may take up to LOAD_TIMEOUT
+            entries = cast("list[_Entry]", self._loader.xrange(self._key(channel), min="(" + tail,
+                                                               count=self.buffer_size))
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot read channel {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
-        return self._append(channel, ch, entries)
+        with ch.cond:
+            return not ch.dead and self._append(channel, ch, entries)  # (what the reader appended meanwhile is skipped)
 
     def _append(self, channel: str, ch: _Channel, entries: list[_Entry]) -> bool:
         """Append entries newer than the mirror's tail; the caller holds ``ch.cond``.
@@ -866,7 +886,7 @@ class RedisHub(Hub):
             if self._seen_version >= version or not self.connected or self._reader_id is None:
                 return
             try:
-                if self.redis.client_unblock(self._reader_id):
+                if self._loader.client_unblock(self._reader_id):
                     return
             except _DOWN:
                 return
@@ -972,6 +992,7 @@ class RedisHub(Hub):
         if self._reader.is_alive():
             self._reader.join(self.block + 10)
         self.redis.close()
+        self._loader.close()
         if self._sentinels is not None:
             self._sentinels.close()
 
