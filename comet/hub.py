@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from .presence import Presence
 
 __all__ = ["Hub", "Subscription", "MultiSubscription", "Idle", "GAP", "SNAPSHOT", "parse_id", "Step", "cooperative",
-           "MAX_CHANNELS", "multi_cursor", "cursor_name", "is_multi_cursor"]
+           "MAX_CHANNELS", "MAX_CURSOR", "multi_cursor", "cursor_name", "is_multi_cursor"]
 
 #: Name of the event a subscription receives when events it should have seen
 #: are no longer available. Its ``data`` is ``{"last_id": <the client's
@@ -75,6 +75,10 @@ MAX_CHANNELS = 64
 _NAME = r"(?:[A-Za-z0-9:-]|%[0-9A-Fa-f]{2})"
 _PIECE = rf"{_NAME}{{1,2400}}\.\d{{1,20}}-\d{{1,20}}"
 _CURSOR = re.compile(rf"{_PIECE}(?:_{_PIECE}){{0,{MAX_CHANNELS * 2}}}")
+#: Length of the longest cursor a subscription makes (:data:`MAX_CHANNELS`
+#: channels of 200 characters of 4 UTF-8 bytes each, %XX-encoded): what a
+#: server must take as ``Last-Event-ID`` for no list of names to be refused.
+MAX_CURSOR = MAX_CHANNELS * (200 * 12 + 1 + 41) + MAX_CHANNELS - 1
 _KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-:")
 #: What a cursor of the first format (``<crc32 tag>.<id>`` pieces) named a channel by.
 _OLD_TAG = re.compile(r"[0-9a-z]{1,7}")

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs
 
 from .errors import InvalidEventId
-from .hub import Hub
+from .hub import MAX_CURSOR, Hub
 from .internals import connection_for, install_gateway
 from .options import Options
 from .pipeline import Refusal, open_stream
@@ -60,7 +60,7 @@ SINGLE_THREADED = ("this server handles one request at a time per process (gunic
 MULTIPROCESS = ("comet: a stream follows an in-memory Hub in a multi-process server: each process sees only the "
                 "events published in it, so clients miss the others'. Use comet.backends.redis.RedisHub, or one process")
 
-_MAX_ID = 4096  # a cursor of 64 channels (comet.hub.MAX_CHANNELS) fits
+_MAX_ID = MAX_CURSOR  # the cursor of any channels a subscription may follow fits
 _QUERY_KEY = "last_event_id"
 
 StartResponse = Callable[..., Any]

@@ -670,3 +670,28 @@ def test_the_shoutbox_a_name_forged_to_collide_with_the_room_breaks_nobody(comet
         news = [(e.channel, e.name) for e in stream.events if e.name in ("pm", "shout")]
         assert news == [("shouts", "shout"), (f"dm:ann:{name}", "pm")]
         assert [json.loads(e.data)["text"] for e in stream.events if e.name == "pm"] == ["third"]
+
+
+def test_the_longest_cursor_resumes_over_http(comet_cherrypy, hub):
+    """64 channels of 200 characters that all need encoding: a cursor of
+    about 160 KB, still one Last-Event-ID header that resumes each."""
+    channels = [f"{n:02d}" + "😀" * 198 for n in range(MAX_CHANNELS)]
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=1)
+        def events(self, last_event_id=None):
+            return hub.subscribe(channels, last_id=last_event_id)
+
+    server = comet_cherrypy(Root())
+    with StreamClient(server.url + "/events") as client:
+        wait_until(lambda: hub.subscriptions == 1, what="subscribed")
+        hub.publish(channels[-1], "last")
+        [event] = client.wait_for(1)
+    assert event.channel == channels[-1] and len(event.id) > 150_000
+    away = [channels[-1], channels[0], channels[31]]  # (each event carries the 160 KB cursor: a few)
+    for channel in away:
+        hub.publish(channel, "while away")
+    with StreamClient(server.url + "/events", last_event_id=event.id) as client:
+        got = client.wait_for(3)
+    assert [(e.channel, e.data) for e in got] == [(c, "while away") for c in away]
