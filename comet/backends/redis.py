@@ -46,8 +46,13 @@ Failure model
   publish: ``XADD`` is not idempotent, and a retry after a reply was lost
   would store the event twice. The caller decides (the examples answer 503).
 * The first subscription to a channel in a process needs Redis (to load the
-  history); if it is down, that subscribe raises ``BackendUnavailable`` and
-  the adapters answer 503 with ``Retry-After``.
+  history), as does one whose cursor is ahead of this process's mirror (a
+  catch-up read); if Redis is down or does not answer within
+  :data:`LOAD_TIMEOUT` (0.75 s), that subscribe raises ``BackendUnavailable``
+  and the adapters answer 503 with ``Retry-After``. No lock is held while it
+  waits: the channel's other streams go on. Nothing else on a request's path
+  waits on Redis: presence is pushed by its own thread
+  (:mod:`comet.backends.redis_presence`).
 * The reader reconnects with exponential backoff (``backoff=(first, max)``
   seconds, with jitter) and resumes every channel from the last id it
   appended, so nothing Redis kept is lost. Streams stay open meanwhile:
