@@ -159,7 +159,8 @@ class FaultProxy:
 
     *upstream* is ``"http://127.0.0.1:PORT"`` (any URL: its host and port)
     or a ``(host, port)`` pair. The proxy listens on a free port (or
-    *port*) at once; :attr:`url` is its address. Faults:
+    *port*) at once; :attr:`url` is its address, with upstream's scheme (a
+    TCP proxy: TLS passes through it untouched). Faults:
 
     - :meth:`blackhole`: open connections stay open and silent both ways
       (a NAT that dropped its mapping); new ones pass.
@@ -183,11 +184,13 @@ class FaultProxy:
     """
 
     def __init__(self, upstream: str | tuple[str, int], *, port: int = 0) -> None:
+        scheme = "http"
         if isinstance(upstream, str):
             parts = urlsplit(upstream if "//" in upstream else "//" + upstream)
             if parts.hostname is None or parts.port is None:
                 raise ValueError(f"upstream must name a host and a port, got {upstream!r}")
             self.upstream: tuple[str, int] = (parts.hostname, parts.port)
+            scheme = parts.scheme or scheme
         else:
             self.upstream = (upstream[0], int(upstream[1]))
         self._delay = 0.0
@@ -213,7 +216,7 @@ class FaultProxy:
             raise
         self.port: int = self._listener.getsockname()[1]
         #: ``http://127.0.0.1:<port>``: where clients connect instead of upstream.
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._loop, name=f"comet-faultproxy :{self.port}", daemon=True)
         self._thread.start()
 

@@ -103,6 +103,8 @@ def test_upstream_as_host_and_port_and_a_bad_upstream(server):
         assert http_get(proxy.url + "/")[2] == b"plain page"
     with pytest.raises(ValueError, match="host and a port"):
         FaultProxy("http://127.0.0.1")
+    with FaultProxy("https://127.0.0.1:1") as tls:  # TLS passes through: the URL keeps its scheme
+        assert tls.url == f"https://127.0.0.1:{tls.port}"
 
 
 def test_an_upstream_that_refuses_is_a_reset_through_the_proxy():
