@@ -16,6 +16,7 @@ import cherrypy
 import pytest
 
 from comet import Hub, comet
+from comet.backends.redis import RedisHub
 from comet.cherrypy_tool import engine_plugin
 from comet.testing import StreamClient, http_get, wait_until
 from comet.wsgi import comet_app
@@ -59,6 +60,12 @@ def shapes_root(hub):
             return hub.subscribe("quiet")
         return cherrypy.expose(handler)
 
+    def multi(transport, **opts):
+        @comet(transport=transport, heartbeat=HB, **opts)
+        def handler(self):
+            yield from hub.subscribe(["quiet", "other"])
+        return cherrypy.expose(handler)
+
     def busy(transport):
         # A generator that blocks in its own code before it waits on a hub.
         @comet(transport=transport, heartbeat=HB)
@@ -82,6 +89,7 @@ def shapes_root(hub):
             gen("sse", mode="thread"), gen("chunked", mode="thread"), gen("multipart", mode="thread"))
         thread_loop_sse = loop("sse", mode="thread")
         thread_sub_sse = sub("sse", mode="thread")
+        multi_sse, thread_multi_sse = multi("sse"), multi("sse", mode="thread")
         direct_sse = gen("sse")  # served at accept time from its second request on
         tool = ByTool()
 
@@ -121,7 +129,7 @@ def test_every_handler_shape_keeps_the_heartbeat(comet_cherrypy, slow_hub):
         pass
     names = ["gen_sse", "gen_chunked", "gen_multipart", "loop_sse", "sub_sse", "sub_chunked", "sub_multipart",
              "busy_sse", "thread_gen_sse", "thread_gen_chunked", "thread_gen_multipart", "thread_loop_sse",
-             "thread_sub_sse", "direct_sse", "tool", "route"]
+             "thread_sub_sse", "multi_sse", "thread_multi_sse", "direct_sse", "tool", "route"]
     with ThreadPoolExecutor(len(names)) as pool:
         runs = {name: pool.submit(gaps, f"{server.url}/{name}" + ("/" if name == "tool" else "")) for name in names}
         results = {name: run.result(timeout=30) for name, run in runs.items()}
@@ -194,3 +202,15 @@ def test_cors_exposes_the_heartbeat_header(comet_cherrypy, hub):
             exposed = [h.strip() for h in raw.headers["access-control-expose-headers"].split(",")]
             assert "Comet-Heartbeat" in exposed and raw.headers["comet-heartbeat"] == "0.5", path
             assert raw.chunk() == ANNOUNCED
+
+
+def test_redis_hub_streams_keep_the_heartbeat(comet_cherrypy, comet_redis):
+    hub = RedisHub(comet_redis.url, prefix="heartbeat:", idle=3.0)
+    try:
+        server = comet_cherrypy(shapes_root(hub))
+        names = ["gen_sse", "sub_chunked", "thread_gen_sse", "thread_multi_sse"]
+        with ThreadPoolExecutor(len(names)) as pool:
+            runs = {name: pool.submit(gaps, f"{server.url}/{name}") for name in names}
+            check_kept({name: run.result(timeout=30) for name, run in runs.items()})
+    finally:
+        hub.close()
