@@ -224,7 +224,13 @@ class FaultProxy:
 
     def blackhole(self) -> None:
         """Forward nothing more on the open connections, either way, and
-        keep their sockets open; new connections pass."""
+        keep their sockets open; new connections pass.
+
+        What the client sees is a dropped connection. The server's side
+        still has its bytes acknowledged by the proxy's kernel until that
+        socket's buffers fill: to test how a server notices a client whose
+        packets stop, drop them for real (tests/test_vanished_clients.py
+        does, with a network namespace)."""
         self._run(self._blackhole_all)
 
     def offline(self) -> None:
