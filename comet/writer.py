@@ -633,23 +633,25 @@ class Writer:
             # would stall every stream of this writer).
             stream.due = now + stream.heartbeat
         if stream.due != float("inf"):
+            self._unschedule(stream)  # (one entry per stream: any earlier one is void)
             self._serial += 1
             stream.timer = [stream.due, self._serial, stream]
             heapq.heappush(self._timers, stream.timer)
 
     def _unschedule(self, stream: ParkedStream) -> None:
-        """Let go of an ended stream's timer now, not at its due time: the
-        heap would keep the stream (its socket object, buffers, request)
+        """Let go of a stream's timer now, not at its due time: the heap
+        would keep an ended stream (its socket object, buffers, request)
         alive up to a heartbeat interval after its client left, and a
         connect/disconnect storm would pile them up. Its entry stays as a
-        tombstone; the heap is compacted once they are half of it."""
+        tombstone; the heap is compacted, in place (``_timers_due`` may be
+        walking it), once they are half of it."""
         entry, stream.timer = stream.timer, None
         if entry is None:
             return
         entry[2] = None
         self._dead_timers += 1
         if self._dead_timers > 64 and 2 * self._dead_timers > len(self._timers):
-            self._timers = [e for e in self._timers if e[2] is not None]
+            self._timers[:] = [e for e in self._timers if e[2] is not None]
             heapq.heapify(self._timers)
             self._dead_timers = 0
 

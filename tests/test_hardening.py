@@ -367,3 +367,42 @@ def test_a_closed_stream_is_freed_at_once_not_at_its_next_heartbeat(comet_cherry
     wait_until(lambda: hub.subscriptions == 0 and pool.parked_streams == 0, timeout=20, what="every stream closed")
     # (The writer loop's variables may still name the last one it served.)
     wait_until(lambda: alive() <= before + 1, timeout=3, what="closed streams freed")
+
+
+def test_the_timer_heap_keeps_one_entry_per_open_stream_through_mass_disconnects(comet_cherrypy, hub):
+    """150 clients leave at once (their timers become tombstones and the heap
+    is compacted) while 20 stay: each of those keeps one timer, and its
+    heartbeats."""
+    class Beats:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=0.3)
+        def events(self):
+            return hub.subscribe("beats")
+
+    server = comet_cherrypy(Beats())
+    pool = engine_plugin().pool
+    address = urlsplit(server.url)
+    opened = []
+    try:
+        for _ in range(170):
+            sock = socket.create_connection((address.hostname, address.port), timeout=10)
+            sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+            read_until(sock, b":ok")
+            opened.append(sock)
+        for sock in opened[:150]:
+            sock.close()
+        wait_until(lambda: pool.parked_streams == 20, timeout=10, what="150 streams ended")
+        writer = pool.writer()
+        live = [e for e in list(writer._timers) if e[2] is not None]
+        assert len(live) == 20 and len({id(e[2]) for e in live}) == 20
+        assert len(writer._timers) - writer._dead_timers == 20 and len(writer._timers) < 170
+        for sock in opened[150:]:
+            beats, deadline = b"", time.monotonic() + 5
+            while beats.count(b"event: comet.heartbeat") < 3 and time.monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                beats += sock.recv(4096)
+            assert beats.count(b"event: comet.heartbeat") >= 3, beats
+    finally:
+        for sock in opened:
+            sock.close()
+    wait_until(lambda: pool.parked_streams == 0, timeout=10, what="all closed")
