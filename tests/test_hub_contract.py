@@ -32,9 +32,6 @@ from conftest import RawStream
 KINDS = ["memory", "redis", "cluster"]
 _tests = itertools.count()
 MARK = "comet.contract.marker"
-#: A divergence left to the Redis backend's owner (the tests that meet it say so).
-FORGET_RACE = ("RedisHub.forget drops this process's mirror without reading what its reader has not appended "
-               "yet: a subscriber may end without the events published just before the forget")
 
 
 @pytest.fixture(scope="module")
@@ -387,9 +384,10 @@ def test_a_latest_value_reader_ends_with_every_key_at_its_newest_value(hubs):
 # -- forget ----------------------------------------------------------------------------
 
 
-def test_forget_ends_open_subscriptions_after_what_was_published_before(hubs, hub, request):
-    if hubs.redis:  # a divergence left to the backend's owner: see the marker's reason
-        request.applymarker(pytest.mark.xfail(strict=False, reason=FORGET_RACE))
+def test_forget_ends_open_subscriptions_after_what_was_published_before(hub):
+    """Also when the Redis hub's reader has not appended them yet (it lost
+    them in 4 of 100 runs on Redis, 27 on a cluster, before the forget read
+    them first)."""
     sub = hub.subscribe("game:7")
     multi = hub.subscribe(["game:7", "lobby"])
     hub.publish("game:7", "move")
@@ -399,6 +397,22 @@ def test_forget_ends_open_subscriptions_after_what_was_published_before(hubs, hu
     assert datas(ended_within(multi, 5)) == ["move", "over"]
     sub.close(), multi.close()
     assert "game:7" not in hub.channels() and hub.history("game:7") == []
+
+
+def test_a_forget_right_after_publishing_still_hands_out_what_came_before(hub):
+    """The same, 50 times in a row: the Redis hub's reader is usually a
+    round trip behind the publisher when the forget comes."""
+    lost = []
+    for n in range(50):
+        sub = hub.subscribe(f"race:{n}")
+        hub.publish(f"race:{n}", "move")
+        hub.publish(f"race:{n}", "over")
+        hub.forget(f"race:{n}")
+        got = datas(ended_within(sub, 5))
+        sub.close()
+        if got != ["move", "over"]:
+            lost.append((n, got))
+    assert lost == []
 
 
 def test_forget_says_whether_the_channel_existed(hub):
@@ -770,9 +784,7 @@ def test_a_latest_value_channel_keys_by_event_name_and_a_forgotten_cursor_gets_a
     assert got[0].name == GAP and [(e.name, e.data) for e in got[1:]] == [("seat2", "cat")]
 
 
-def test_forgetting_one_of_several_channels_ends_the_stream_after_its_last_events(hubs, hub, request):
-    if hubs.redis:
-        request.applymarker(pytest.mark.xfail(strict=False, reason=FORGET_RACE))
+def test_forgetting_one_of_several_channels_ends_the_stream_after_its_last_events(hub):
     sub = hub.subscribe(["game:12", "lobby"])
     hub.publish("lobby", "hi")
     hub.publish("game:12", "over")

@@ -675,6 +675,9 @@ class RedisHub(Hub):
         # wholly before the forget or is refused after it (redis_presence).
         # This process's counts go with its mirror (_forget_here); a forget
         # that fails changes nothing.
+        ch = self._channels.get(channel)
+        if ch is not None and ch.live and not ch.dead and self._catch_up(channel, ch):
+            self._wake(ch)  # this process's subscribers take what was published before the forget
         keys = [key, self._forgotten_for(key), *presence_keys(self.prefix, self._cluster, key, channel)]
         try:
             if self._cluster:  # the note goes to another slot: written on its own, with its bell
