@@ -91,7 +91,9 @@ def publish_app(hub: Hub, keys: Mapping[str, Sequence[str] | None] | Iterable[st
     *keys*: the API keys, as an iterable (each may publish anywhere) or a
     mapping of key to channel patterns (``fnmatch`` style: ``"orders:*"``;
     ``None`` for any channel). There is no default key: keys shorter than
-    16 characters are refused, so a placeholder cannot go to production.
+    16 characters are refused, so a placeholder cannot go to production,
+    and so are keys with characters other than printable ASCII (an
+    ``Authorization`` header could never bring them as they are here).
     *max_body*: the largest request body read, in bytes.
 
     >>> app = publish_app(Hub(), keys={"k" * 32: ["room:*"]})
