@@ -186,6 +186,16 @@ class Presence:
             self._wake.notify()
         return watchers
 
+    def _queue(self, calls: list[tuple[str, str, str]]) -> None:
+        """Have the presence thread run the callbacks for *calls*, in order
+        (a backend's worker decides joins and leaves in its shared store)."""
+        if not calls or not self._callbacks:
+            return
+        with self._lock:
+            self._calls += calls
+            self._wake.notify()
+        self._start()
+
     def _tell(self, calls: list[tuple[str, str, str]]) -> None:
         """Run the callbacks for *calls* (on the presence thread, no lock held)."""
         callbacks = self._callbacks

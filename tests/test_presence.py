@@ -175,6 +175,41 @@ def test_disconnect_ends_a_members_streams_on_every_process(processes):
     wait_until(lambda: a.members("room") == {} and a.members("dm:ann:bob") == {}, what="everyone left")
 
 
+def test_callbacks_run_on_the_presence_thread_and_never_hold_up_a_subscribe(processes):
+    """on_presence callbacks run on comet's presence thread, in order, with
+    no lock of comet's held: one may ask members() and forget the channel,
+    and one that takes its time never delays a stream opening (which may be
+    on cheroot's accepting thread)."""
+    hub = processes()
+    heard: list[tuple[str, str, str, int | None]] = []
+    release = threading.Event()
+
+    def callback(channel: str, event: str, member: str) -> None:
+        heard.append((threading.current_thread().name, event, member, hub.members(channel).get(member)))
+        if member == "slow":
+            release.wait(10)
+        if event == LEAVE and member == "ann":
+            hub.forget(channel)  # as the lobby does when the last player leaves
+
+    hub.on_presence(callback)
+    slow = hub.subscribe("room", member="slow")
+    wait_until(lambda: len(heard) == 1, what="the slow callback to start")
+    started = time.monotonic()
+    ann = hub.subscribe("room", member="ann")  # while a callback is busy
+    assert time.monotonic() - started < 0.5
+    # counted (with Redis: pushed) while the slow callback still runs
+    wait_until(lambda: hub.members("room") == {"slow": 1, "ann": 1}, what="ann counted")
+    release.set()
+    wait_until(lambda: len(heard) == 2, what="ann's join heard")
+    slow.close()
+    wait_until(lambda: len(heard) == 3, what="slow's leave heard")
+    ann.close()
+    wait_until(lambda: len(heard) == 4, what="ann's leave heard")
+    assert heard == [("comet-presence", JOIN, "slow", 1), ("comet-presence", JOIN, "ann", 1),
+                     ("comet-presence", LEAVE, "slow", None), ("comet-presence", LEAVE, "ann", None)]
+    wait_until(lambda: "room" not in hub.channels(), what="the callback's forget")
+
+
 def test_a_disconnect_spares_streams_opened_after_it(processes):
     a, b = processes(), processes()
     a.disconnect(member="ann")

@@ -5,7 +5,7 @@ Design
 ------
 Each process counts its own members' streams (the local registry of
 :mod:`comet.presence`) and pushes each changed count to Redis from one
-worker thread, comet's presence thread: the *absolute* count, so a push is
+worker thread (``comet-presence-redis``): the *absolute* count, so a push is
 idempotent, a reconnect after a blip coalesces into nothing, and a process
 whose counts were lost (a Redis restart, an expired lease) simply pushes
 them all again. Nothing on a stream's path waits on Redis, and no lock is
@@ -45,7 +45,8 @@ Keys (``<prefix>\\0presence:`` first; channel names and members hold no NUL):
 
 A member's total going 0 -> 1 is a join, appended by the script of the
 process whose push did it (that process runs the ``on_presence``
-callbacks), unless the member was leaving: then the leave is cancelled (no
+callbacks, on the ``comet-presence`` thread of :mod:`comet.presence`, so a
+slow callback delays no push), unless the member was leaving: then the leave is cancelled (no
 flap). 1 -> 0 sets the grace deadline. Each process's worker renews its
 lease every ``lease / 4`` seconds and, every quarter second, sweeps: it
 retires the processes whose lease expired (their counts are subtracted
@@ -290,7 +291,7 @@ class RedisPresence(Presence):
             if self._started or self.closed:
                 return
             self._started = True
-            self._threads = [threading.Thread(target=self._work, name="comet-presence", daemon=True),
+            self._threads = [threading.Thread(target=self._work, name="comet-presence-redis", daemon=True),
                              threading.Thread(target=self._listen, name="comet-presence-listener", daemon=True)]
         for thread in self._threads:
             thread.start()
@@ -408,7 +409,7 @@ class RedisPresence(Presence):
             with self._lock:  # pushed again next time: the counts are absolute
                 self._dirty = {**dict.fromkeys(dirty), **self._dirty}
             raise
-        self._tell(calls)
+        self._queue(calls)
 
     def _push(self, dirty: list[tuple[str, str]], counts: list[int]) -> list[tuple[str, str, str]]:
         """Push *counts*; the joins they made, for the callbacks."""
@@ -446,7 +447,7 @@ class RedisPresence(Presence):
         if idle and error is None:
             hub.redis.srem(self._base + "p:" + self.process, *idle)
         if error is not None:
-            self._tell(joins)
+            self._queue(joins)
             raise error
         return joins
 
@@ -480,7 +481,7 @@ class RedisPresence(Presence):
                     raise reply
         if later:
             hub.redis.zadd(self._base + "leaving", later)
-        self._tell(left)
+        self._queue(left)
         if error is not None:
             raise error
 
