@@ -49,8 +49,9 @@
  * tab shown again, restored from the back/forward cache or resumed after
  * being frozen, a connection silent for over a heartbeat is replaced at
  * once, without waiting out a backoff; while the browser is offline the
- * status is "offline". A stream that opens but never shows a byte within
- * 3 heartbeats, twice in a row, is held back by a buffering proxy: with a
+ * status is "offline". A connection that shows no byte within a heartbeat
+ * is replaced (the next ones wait 2, then 3 heartbeats); a stream silent
+ * like that 3 times in a row is held back by a buffering proxy: with a
  * `pollUrl` the subscription follows on by long-poll from the same cursor
  * (onFallback) and tries streaming again after `retryStreamAfter` ms (5
  * minutes, doubling). A URL function is called on every (re)connect; a 403
@@ -234,8 +235,21 @@
 
   const DEFAULT_HEARTBEAT = 30;  // seconds assumed until the server announces its own
   const DEAD_AFTER = 2;          // heartbeats without a byte on a live stream: it is dead
-  const STALL_AFTER = 3;         // heartbeats without a byte since connecting: stalled
+  const STALL_AFTER = 3;         // silent connects in a row (1, 2, then 3 heartbeats each): held back
   const RETRY_STREAM = 300000;   // ms on long-poll before a buffered stream is tried again
+
+  const HELD_BACK = 86400000;  // ms a stream held back by a proxy is remembered (localStorage)
+
+  /* localStorage, where a page may use it; 0 / nothing where not. */
+  function recall(key) {
+    try { return Number(global.localStorage.getItem(key)) || 0; } catch (e) { return 0; }
+  }
+  function remember(key, value) {
+    try {
+      if (value) global.localStorage.setItem(key, String(value));
+      else global.localStorage.removeItem(key);
+    } catch (e) { /* private mode, no storage: the next page finds out again */ }
+  }
 
   /* Seconds in a Comet-Heartbeat header or field, or null. */
   function seconds(value) {
@@ -281,6 +295,13 @@
       this._streamAgain = 0;  // when a fallen-back subscription tries streaming again
       this._streamProbe = null;  // that try, beside the polls
       this._streamDelay = this.options.retryStreamAfter;
+      // Held back on an earlier page (this browser is behind a buffering
+      // proxy): poll from the start, and try the stream at once beside the polls.
+      this._heldKey = "comet held back " + this.transport + " " + (typeof url === "function" ? String(url) : String(url).split("?")[0]);
+      if (this.options.pollUrl && this.transport !== "longpoll" && Date.now() - recall(this._heldKey) < HELD_BACK) {
+        this.transport = "longpoll";
+        this._callFallback({ from: this.options.transport, to: "longpoll", reason: "the stream was held back on an earlier page" });
+      }
       this._wake = (e) => this._woken(e);
       this._offline = () => { if (!this.closed) this._setStatus("offline"); };
       if (global.addEventListener) {
@@ -375,8 +396,14 @@
         // EventSource shows no comments: an SSE stream is watched only once
         // it sends comet.heartbeat events (every comet server does).
         if ((this.transport !== "sse" || this._announced) && silent > DEAD_AFTER * beat) this._dead("the stream went silent");
-      } else if (silent > STALL_AFTER * beat && (this.transport !== "sse" || !this._got || this._speaks)) {
-        this._stalled();
+      } else if (this.transport !== "sse" || !this._got || this._speaks) {
+        // A comet stream sends bytes as soon as it opens (its preamble and
+        // heartbeat): a connection silent for a heartbeat is dead or held
+        // back. It may be an idle kept-alive one that died with the others
+        // (the browser cannot tell), so the next waits longer: 1, 2, then 3
+        // heartbeats. Headers with no body: the whole 3.
+        const wait = this._got === 1 ? STALL_AFTER : Math.min(STALL_AFTER, 1 + this._stalls);
+        if (silent > wait * beat) this._stalled();
       }
     }
 
@@ -384,7 +411,7 @@
      * holds the whole response (it never ends, so it never comes). */
     _stalled() {
       this._stalls += 1;
-      const buffered = this._got === 1 || (this._stalls >= 2 && online());
+      const buffered = this._got === 1 || (this._stalls >= STALL_AFTER && online());
       if (buffered && this.options.pollUrl && this.transport !== "longpoll") {
         this._fallback(this._got === 1 ? "the stream opened but sent nothing" : "no byte of the stream arrived");
       } else {
@@ -411,6 +438,7 @@
       this._stalls = 0;
       this._streamAgain = Date.now() + this._streamDelay;
       this._streamDelay = Math.min(this._streamDelay * 2, 3600000);
+      remember(this._heldKey, Date.now());
       this._callFallback({ from: from, to: "longpoll", reason: reason });
       this.attempt = 0;
       this._connectNow();
@@ -436,6 +464,7 @@
           return;
         }
         this._streamDelay = this.options.retryStreamAfter;
+        remember(this._heldKey, null);
         this._hangUp();
         this.transport = transport;
         this.heartbeat = null;
