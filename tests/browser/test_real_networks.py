@@ -410,3 +410,41 @@ def test_a_follower_woken_up_makes_the_leader_check_its_stream(context, net_serv
         leader.evaluate("delete window.subs.sse.sub._inner._tick; window.subs.sse.sub._inner._tick()")
         wait_shown(tabs, 2, time.time() + 10, "after the follower woke up")
         check_events(tabs, sent)
+
+
+WAKE_UPS = {  # what the page gets -> whether a silent stream is replaced at once
+    "online": ("window.dispatchEvent(new Event('online'))", True),
+    "shown": ("document.dispatchEvent(new Event('visibilitychange'))", True),
+    "back/forward cache": ("window.dispatchEvent(new PageTransitionEvent('pageshow', {persisted: true}))", True),
+    "resumed": ("document.dispatchEvent(new Event('resume'))", True),
+    "first pageshow": ("window.dispatchEvent(new PageTransitionEvent('pageshow', {persisted: false}))", False),
+    "hidden": ("Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});"
+               "document.dispatchEvent(new Event('visibilitychange'));"
+               "delete document.visibilityState", False),
+}
+
+
+def test_wake_ups_replace_a_silent_stream_at_once(context, net_server):
+    """Each wake-up (online, shown, restored from the back/forward cache,
+    resumed) replaces a stream silent for longer than a heartbeat at once,
+    on every transport; other page events do not, and neither does a
+    wake-up when the stream was heard from within the heartbeat."""
+    page = context.new_page()
+    page.goto(page_url(net_server.url, TRANSPORTS))
+    tab = Tab("chromium", page)
+    tab.wait_for("window.allOpen()", timeout=15)
+    tab.wait_for(f"Object.values(window.subs).every((s) => s.sub.heartbeat === {HB})", timeout=5)
+    # The watchdogs off: only the wake-ups act here.
+    tab.evaluate("Object.values(window.subs).forEach((s) => { s.sub._tick = () => {}; })")
+    connections = "Object.fromEntries(Object.entries(window.subs).map(([t, s]) => [t, s.sub._gen]))"
+    for name, (script, replaces) in WAKE_UPS.items():
+        for silent in (0.1, 2.5):  # seconds since the stream was last heard from; the heartbeat is 1 s
+            tab.wait_for("window.allOpen()", timeout=10)
+            before = tab.evaluate(connections)
+            tab.evaluate(f"Object.values(window.subs).forEach((s) => {{ s.sub._heard = Date.now() - {silent * 1000}; }}); {script}")
+            after = tab.evaluate(connections)
+            expected = replaces and silent > HB
+            assert {t: after[t] > before[t] for t in TRANSPORTS} == {t: expected for t in TRANSPORTS}, (name, silent)
+    sent = [net_server.hub.publish("net", "still live")]
+    wait_shown([tab], 1, time.time() + 5, "after the wake-ups")
+    check_events([tab], sent)
