@@ -666,36 +666,45 @@ def test_close_refuses_further_use(hub):
 
 
 @pytest.mark.parametrize("serving", ["parked", "thread", "generator"])
-def test_forget_ends_the_channels_streams_promptly_however_served(hubs, comet_cherrypy, serving):
-    """A forget finishes every open response on the channel at once: not at
-    the next heartbeat (30 s here) nor the next idle tick (10 s)."""
+@pytest.mark.parametrize("ending", ["forget", "disconnect"])
+def test_forget_and_disconnect_end_streams_promptly_however_served(hubs, comet_cherrypy, serving, ending):
+    """A forget (of the channel) or a disconnect (of the member) finishes
+    the open response at once: not at the next heartbeat (30 s here) nor
+    the next idle tick (10 s)."""
     hub = hubs.make(idle=10)
 
     class Root:
         @cherrypy.expose
         @comet(transport="chunked", heartbeat=30)
         def parked(self):
-            return hub.subscribe("game:11")
+            return hub.subscribe("game:11", member="ann")
 
         @cherrypy.expose
         @comet(transport="chunked", heartbeat=30, mode="thread")
         def thread(self):
-            yield from hub.subscribe("game:11")
+            yield from hub.subscribe("game:11", member="ann")
 
         @cherrypy.expose
         @comet(transport="chunked", heartbeat=30)
         def generator(self):
-            yield from hub.subscribe("game:11")
+            yield from hub.subscribe("game:11", member="ann")
 
     server = comet_cherrypy(Root())
     with RawStream(server.url + "/" + serving) as raw:
         assert raw.chunk() == b"\n"  # the preamble
         wait_until(lambda: hub.subscriptions == 1, 5.0, what="the stream subscribed")
-        hub.forget("game:11")
+        if ending == "forget":
+            hub.forget("game:11")
+        else:
+            hub.disconnect(member="ann")
         asked = time.monotonic()
-        assert raw.chunk() == b""  # the terminating chunk: the response ended
+        while True:  # (ann's join may come first)
+            chunk = raw.chunk()
+            if chunk == b"":  # the terminating chunk: the response ended
+                break
+            assert b"comet.join" in chunk, chunk
         took = time.monotonic() - asked
-    assert took < 2.0, f"the stream ended {took:.2f}s after the forget"
+    assert took < 2.0, f"the stream ended {took:.2f}s after the {ending}"
     wait_until(lambda: hub.subscriptions == 0, 5.0, what="the subscription released")
 
 
@@ -847,3 +856,67 @@ def test_a_cursor_resumes_channels_whatever_their_names_even_forged_to_collide(h
         by.setdefault(e.channel, []).append(e.data)
     assert by == {twin: ["t1", "t2"], other: ["o1"], room: ["s2"]}
     assert not any(e.name == GAP for e in got)
+
+
+def test_a_subscriber_too_slow_while_subscribed_gets_the_gap_and_a_snapshot(hubs):
+    hub = hubs.make(keep=3)
+    state = {"n": 0}
+
+    def bump():
+        state["n"] += 1
+        return hub.publish("counter", state["n"])
+
+    hub.snapshot("counter", lambda channel: dict(state))
+    sub = hub.subscribe("counter", last_id=bump())
+    last = [bump() for _ in range(8)][-1]
+    wait_until(lambda: hub.last_id("counter") == last, 5.0, what="the hub caught up")
+    got = collect(sub, lambda items: len(items) >= 2)
+    assert got[0].name == GAP and got[0].data["snapshot"] is True
+    assert got[1].name == SNAPSHOT and got[1].data == {"n": 9} and got[1].id == last
+    bump()
+    assert datas(upto_marker(hub, sub, "counter")) == [10]
+    sub.close()
+    assert hub.counters["gaps"] >= 1
+
+
+def test_several_channels_get_the_newest_value_of_each_key_on_latest_value_channels(hubs):
+    hub = hubs.make(mirror=5)
+    hub.latest("board")
+    sub = hub.subscribe(["board", "chat"])
+    hub.publish("board", "start", key="k2")  # (Redis: the mirror follows the board from here)
+    hub.publish("chat", "first")
+    got = collect(sub, lambda items: len(items) >= 2)
+    cursor = got[-1].id
+    sub.close()
+    last = [hub.publish("board", n, key=f"k{n % 2}") for n in range(20)][-1]
+    hub.publish("chat", "second")
+    wait_until(lambda: hub.last_id("board") == last, 5.0, what="the hub caught up")
+    back = hub.subscribe(["board", "chat"], last_id=cursor)
+    got = collect(back, lambda items: len(items) >= 3)
+    back.close()
+    assert sorted((e.channel, str(e.data)) for e in got) == [("board", "18"), ("board", "19"), ("chat", "second")], got
+    assert GAP not in names(got)
+
+
+def test_on_close_runs_when_the_hub_ends_a_subscription(hub):
+    closed: list = []
+    sub = hub.subscribe("game:13", member="ann")
+    sub.on_close(lambda: closed.append("game"))
+    other = hub.subscribe("room:13")
+    other.on_close(lambda: closed.append("room"))
+    hub.forget("game:13")
+    ended_within(sub, 5)
+    sub.close()
+    hub.end_subscriptions()
+    ended_within(other, 5)
+    other.close()
+    assert closed == ["game", "room"] and hub.subscriptions == 0
+
+
+def test_close_stops_the_sweeper(hubs):
+    hub = hubs.make(max_age=10, max_idle=10)
+    wait_until(lambda: any(t.name == "comet-hub-sweeper" for t in threading.enumerate()), 5.0, what="a sweeper")
+    before = sum(t.name == "comet-hub-sweeper" for t in threading.enumerate())
+    hub.close()
+    wait_until(lambda: sum(t.name == "comet-hub-sweeper" for t in threading.enumerate()) == before - 1, 5.0,
+               what="its sweeper gone")
