@@ -920,3 +920,31 @@ def test_close_stops_the_sweeper(hubs):
     hub.close()
     wait_until(lambda: sum(t.name == "comet-hub-sweeper" for t in threading.enumerate()) == before - 1, 5.0,
                what="its sweeper gone")
+
+
+def test_a_cursor_at_the_newest_evicted_event_resumes_without_a_gap(hubs):
+    hub = hubs.make(keep=3)
+    ids = [hub.publish("ticker", n) for n in range(10)]
+    wait_until(lambda: hub.last_id("ticker") == ids[-1], 5.0, what="the hub caught up")
+    sub = hub.subscribe("ticker", last_id=ids[6])  # exactly the newest event no longer held
+    assert datas(collect(sub, lambda items: len(items) >= 3)) == [7, 8, 9]  # (a marker would evict 7)
+    sub.close()
+
+
+def test_last_id_after_a_forget_is_a_cursor_into_the_next_channel_of_that_name(hub):
+    hub.publish("game:14", "old game")
+    hub.forget("game:14")
+    cursor = hub.last_id("game:14")
+    hub.publish("game:14", "new game")
+    sub = hub.subscribe("game:14", last_id=cursor)
+    assert datas(upto_marker(hub, sub, "game:14")) == ["new game"]  # no gap: nothing was missed
+    sub.close()
+
+
+def test_a_member_counts_zero_during_the_grace(hubs):
+    hub = hubs.make(presence_grace=1.0)
+    sub = hub.subscribe("room", member="ann")
+    wait_until(lambda: hub.members("room") == {"ann": 1}, 5.0, what="ann counted")
+    sub.close()
+    wait_until(lambda: hub.members("room") == {"ann": 0}, 5.0, what="ann in her grace")
+    wait_until(lambda: hub.members("room") == {}, 5.0, what="ann gone")
