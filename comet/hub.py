@@ -895,7 +895,10 @@ class Hub:
         not forgotten since (:meth:`forget`, ``max_idle``), and those with an
         open subscription or watcher. (A channel nobody ever published to is
         forgotten when its last subscriber leaves, so clients asking for
-        made-up channels cannot grow the hub.)"""
+        made-up channels cannot grow the hub.) With a backend such as
+        :class:`~comet.backends.redis.RedisHub`: the channels this process
+        mirrors (subscribed, watched, or read since), not every channel of
+        the shared store."""
         with self._lock:
             return list(self._channels)
 
