@@ -948,3 +948,33 @@ def test_a_member_counts_zero_during_the_grace(hubs):
     sub.close()
     wait_until(lambda: hub.members("room") == {"ann": 0}, 5.0, what="ann in her grace")
     wait_until(lambda: hub.members("room") == {}, 5.0, what="ann gone")
+
+
+def test_with_several_channels_the_one_that_fell_behind_gets_its_snapshot_and_views_see_each_event(hubs):
+    hub = hubs.make(keep=3)
+    hub.snapshot("busy", lambda channel: {"state of": channel})
+    sub = hub.subscribe(["busy", "quiet"], view=lambda e: None if e.name == "secret" else e)
+    hub.publish("quiet", "q1")
+    hub.publish("quiet", "hidden", event="secret")
+    hub.publish("busy", 0)
+    got = collect(sub, lambda items: len(items) >= 2)
+    assert sorted((e.channel, e.data) for e in got) == [("busy", 0), ("quiet", "q1")]
+    cursor = got[-1].id
+    sub.close()
+    last = [hub.publish("busy", n) for n in range(1, 10)][-1]
+    wait_until(lambda: hub.last_id("busy") == last, 5.0, what="the hub caught up")
+    back = hub.subscribe(["busy", "quiet"], last_id=cursor)
+    got = collect(back, lambda items: len(items) >= 2)
+    back.close()
+    assert [(e.channel, e.name) for e in got] == [("busy", GAP), ("busy", SNAPSHOT)]
+    assert got[0].data["snapshot"] is True and got[1].data == {"state of": "busy"}
+
+
+def test_disconnect_counts_the_streams_open_in_this_process(hubs):
+    if not hubs.redis:
+        pytest.skip("one process")
+    one, two = hubs.make(), hubs.make()
+    page = one.subscribe("room", member="ann")
+    assert two.disconnect(member="ann") == 0  # none here: ended where they are
+    wait_until(lambda: page.ended, 5.0, what="ann's stream on the other process ended")
+    page.close()
