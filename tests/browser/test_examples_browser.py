@@ -94,7 +94,9 @@ def test_behind_a_proxy_that_buffers_streams_a_lobby_page_plays_by_long_poll(con
     ends: an SSE stream never arrives. The lobby page notices (no byte in a
     few heartbeats), follows the same lobby by long-poll from its cursor,
     and says so: "live (long-poll)". Its player stays online meanwhile."""
-    server = example_server("examples.lobby_game", "--heartbeat", "1", "--grace", "1")
+    # The default grace (3 s): it must outlast the gaps between the stalled
+    # stream connections comet.js retries (with backoff) before it falls back.
+    server = example_server("examples.lobby_game", "--heartbeat", "1", "--grace", "3")
     with FaultProxy(server.url) as proxy:
         proxy.buffer_responses(True)
         page = context.new_page()
@@ -111,7 +113,7 @@ def test_behind_a_proxy_that_buffers_streams_a_lobby_page_plays_by_long_poll(con
         page.wait_for_function("document.querySelectorAll('#players li').length === 2")
         # a long-poll is a new request each time: the player's presence outlives the gaps between them
         online_since = time.monotonic()
-        wait_until(lambda: time.monotonic() - online_since > 3, 5.0, what="three grace periods")
+        wait_until(lambda: time.monotonic() - online_since > 4, 6.0, what="longer than the grace period")
         assert page.locator("#players li.me.offline").count() == 0 and lobby_players(server.url, "buffered") == ["ann", "bob"]
     print(f"fell back to long-poll {fell_back:.1f} s after joining (heartbeat 1 s)")
 

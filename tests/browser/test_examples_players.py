@@ -273,6 +273,10 @@ def test_the_status_says_live_reconnecting_and_offline_in_words(example_server, 
         page.goto(proxy.url + "/")
         page.wait_for_selector('#status[data-status="open"]')
         assert page.inner_text("#status") == "live"
+        # An event after the stream's heartbeat announcement (which comes
+        # first on the stream): comet.js now knows the stream can be watched.
+        post_shout(server.url, "ann", "before the cut")
+        page.wait_for_selector("#shouts li:has-text('before the cut')")
 
         proxy.offline()  # the packets go nowhere; the browser is not told
         silent = time.monotonic()
@@ -297,5 +301,5 @@ def test_the_status_says_live_reconnecting_and_offline_in_words(example_server, 
         page.wait_for_selector('#status[data-status="open"]')
         assert page.inner_text("#status") == "live"
         assert page.locator("#shouts .what").all_inner_texts() == [
-            "sent while the page was cut off", "sent while the device was offline"]  # each once
+            "before the cut", "sent while the page was cut off", "sent while the device was offline"]  # each once
     print(f"{width} px: silence noticed after {noticed:.1f} s (heartbeat 1 s)")

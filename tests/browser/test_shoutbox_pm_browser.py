@@ -147,6 +147,11 @@ def test_an_expiring_stream_url_is_renewed_without_the_app(profiles, example_ser
         ann.wait_for_selector("#pm-thread:not([hidden])")
         pumping(ann, lambda: streams and "dm=ann%3Abob" in streams[-1], "ann's page follows the thread")
         ann.wait_for_selector('#status[data-status="open"]')
+        # an event after the stream's heartbeat announcement: comet.js now watches this stream
+        bob.fill("#nick", "bob")
+        bob.fill("#text", "hello room")
+        bob.click("#shout button")
+        ann.wait_for_selector("#shouts li:has-text('hello room')")
         before = len(signed)
 
         proxy.offline()
