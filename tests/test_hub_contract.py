@@ -963,7 +963,8 @@ def test_with_several_channels_the_one_that_fell_behind_gets_its_snapshot_and_vi
     sub.close()
     last = [hub.publish("busy", n) for n in range(1, 10)][-1]
     wait_until(lambda: hub.last_id("busy") == last, 5.0, what="the hub caught up")
-    back = hub.subscribe(["busy", "quiet"], last_id=cursor)
+    # (the same view: the hidden event may come after the cursor, on another master of a cluster)
+    back = hub.subscribe(["busy", "quiet"], last_id=cursor, view=lambda e: None if e.name == "secret" else e)
     got = collect(back, lambda items: len(items) >= 2)
     back.close()
     assert [(e.channel, e.name) for e in got] == [("busy", GAP), ("busy", SNAPSHOT)]
