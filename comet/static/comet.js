@@ -373,6 +373,16 @@
       try { handlerFor(this.options, ev)(ev); } catch (e) { console.error(e); }
     }
 
+    /* The stream's position moved with no event to show (a heartbeat's id,
+     * a long-poll answer's cursor). */
+    _cursor(id) {
+      if (id === this.lastEventId) return;
+      this.lastEventId = id;
+      if (this.options.onCursor) {
+        try { this.options.onCursor(id); } catch (e) { console.error(e); }
+      }
+    }
+
     _opened() {
       this.attempt = 0;
       this._everOpened = true;
@@ -647,6 +657,9 @@
         if (!this._alive(gen, true)) return;
         this._announced = this._speaks = true;
         this._learn(e.data);
+        // A heartbeat may say the stream's cursor (a stream with no event
+        // yet): a reconnect resumes there, not "from now".
+        if (e.lastEventId) this._cursor(e.lastEventId);
         if (this.status !== "open") this._opened();
       });
       source.onerror = () => {
@@ -718,7 +731,7 @@
           for (const item of doc.events) this._deliver(toEvent(item));
           // The answer's cursor, events or not: the next poll starts exactly
           // there (without it, what is published between polls is lost).
-          if (doc.cursor) this.lastEventId = doc.cursor;
+          if (doc.cursor) this._cursor(doc.cursor);
         } catch (e) {
           if (this.closed || gen !== this._gen) return;
           this._retry();
@@ -890,6 +903,9 @@
           this._post({ type: "fallback", info: info });
           this._fellBack(info);
         },
+        onCursor: (id) => {  // what a tab joining later is told (replay: last)
+          if (this.leader) this.lastEventId = id;
+        },
       }));
     }
 
@@ -958,6 +974,8 @@
       else if (m.type === "fallback") this._fellBack(m.info);
       else if (m.type === "replay" && m.to === this._me) {
         if (m.behind && !this._catchup) this._catchUp(m.last);
+        // No cursor of our own: the leader's is where we are now (should we lead next).
+        if (!this.lastEventId && !m.events.length && m.last) this.lastEventId = m.last;
         for (const ev of m.events) this._deliver(ev);
         if (m.status) this._setStatus(m.status);
       }

@@ -448,3 +448,43 @@ def test_wake_ups_replace_a_silent_stream_at_once(context, net_server):
     sent = [net_server.hub.publish("net", "still live")]
     wait_shown([tab], 1, time.time() + 5, "after the wake-ups")
     check_events([tab], sent)
+
+
+def test_a_page_with_no_event_yet_resumes_from_the_streams_cursor(context, firefox, net_server):
+    """A page rendered without a cursor that has seen no event yet: its
+    stream's cursor comes with the SSE heartbeat (its id) and the long-poll
+    answer, so when the connection dies, what was published meanwhile is
+    shown after the reconnect, not lost to a "from now"."""
+    hub = net_server.hub
+    hub.publish("net", "before the page")
+    with FaultProxy(net_server.url) as proxy:
+        tabs = open_tabs(context, firefox, page_url(proxy.url, ["sse", "longpoll"], lastEventId=None))
+        for tab in tabs:  # heard from: the SSE announcement, a long-poll answer
+            tab.wait_for(f"Object.values(window.subs).every((s) => s.sub.heartbeat === {HB})", timeout=5)
+        proxy.blackhole()
+        dropped = time.time()
+        sent = [hub.publish("net", {"n": n}) for n in range(2)]
+        wait_shown(tabs, 2, dropped + 10, "what was published while the connection was dead")
+        check_events(tabs, sent)
+
+
+def test_a_new_leader_resumes_from_the_cursor_the_old_one_was_told(context, net_server):
+    """shared: true on pages without a cursor, no event yet: the leading tab
+    passes the stream's cursor (its heartbeat's id) to the others, so when
+    it closes, the tab that takes over shows what was published meanwhile."""
+    hub = net_server.hub
+    hub.publish("net", "before the pages")
+    url = page_url(net_server.url, ["sse"], shared=True, lastEventId=None)
+    tabs = []
+    for _ in range(2):
+        page = context.new_page()
+        page.goto(url)
+        tabs.append(Tab("chromium", page))
+        tabs[-1].wait_for("window.allOpen()", timeout=15)
+    leader, follower = sorted(tabs, key=lambda tab: not tab.evaluate("window.subs.sse.sub.leader"))
+    leader.wait_for(f"window.subs.sse.sub._inner.heartbeat === {HB}", timeout=5)  # heard its announcement
+    follower.wait_for("window.subs.sse.sub.lastEventId !== null", timeout=5)
+    leader.page.close()
+    sent = [hub.publish("net", {"n": n}) for n in range(2)]  # while no tab holds the stream
+    wait_shown([follower], 2, time.time() + 5, "after the takeover")
+    check_events([follower], sent)
