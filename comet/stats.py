@@ -33,19 +33,28 @@ to expose the very same dict. The suite checks the output with
 The numbers (channel names included) are for operators: give ``mount`` or
 ``stats_wsgi`` a ``password`` (HTTP Basic, user ``comet``), or keep the URL
 off the public side of the proxy (``deploy/nginx-comet.conf`` allows only
-the proxy's own host). Wrong passwords are throttled per client address:
-after ``GUESSES_FREE`` of them in a row, that address is answered ``429``
-with a ``Retry-After`` that doubles with each further wrong guess (up to
-``LONGEST_WAIT``), right password or not, so guessing costs hours instead
-of seconds. Behind a proxy every client shares the proxy's address: a
-guesser then delays the operators too (never for more than
-``LONGEST_WAIT``), a fair price for a page of numbers.
+the proxy's own host). Wrong passwords are throttled per client
+(:func:`client_key`: an IPv4 address, or an IPv6 client's whole ``/64``,
+which one host can rotate through at will): after ``GUESSES_FREE`` of them
+in a row, that client is answered ``429`` with a ``Retry-After`` that
+doubles with each further wrong guess (up to ``LONGEST_WAIT``), right
+password or not, so guessing costs hours instead of seconds. Behind a
+proxy every client shares the proxy's address: a guesser then delays the
+operators too (never for more than ``LONGEST_WAIT``), a fair price for a
+page of numbers.
+
+At most ``MAX_ADDRESSES`` clients are remembered, and a client still
+serving a wait is never forgotten to make room (that would also wipe a
+guesser's own record). When every record is serving one, clients not in
+the table share a single record, throttled the same way: a guesser with
+more addresses than that gets no more guesses, only the crowd's.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
 import threading
 import math
@@ -61,7 +70,7 @@ from .stream import StreamPool
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-__all__ = ["snapshot", "prometheus_text", "StatsApp", "mount", "stats_wsgi", "metrics_wsgi"]
+__all__ = ["snapshot", "prometheus_text", "StatsApp", "mount", "stats_wsgi", "metrics_wsgi", "client_key"]
 
 #: The Content-Type of the Prometheus text exposition format.
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -74,8 +83,11 @@ FIRST_WAIT = 1.0
 LONGEST_WAIT = 300.0
 #: An address's wrong guesses are forgotten this long after its last one.
 FORGET_AFTER = 900.0
-#: Addresses remembered at most (the oldest are forgotten first).
+#: Clients remembered at most: to make room, only records whose wait is
+#: over are dropped (the oldest first); see the module docstring.
 MAX_ADDRESSES = 10_000
+#: The record shared by clients that find the table full of waits.
+_CROWD = "*"
 
 _STARTED = time.time()
 _PAGE = Path(__file__).resolve().parent / "static" / "stats.html"
@@ -290,15 +302,41 @@ class StatsApp:
 _Answer = tuple[str, list[tuple[str, str]], bytes]
 
 
+def client_key(address: str) -> str:
+    """Who a wrong password is counted against, from the client's address:
+    an IPv4 address itself, an IPv6 address's ``/64`` (one host is given a
+    whole /64 and may send from any address in it), an IPv4-mapped IPv6
+    address as its IPv4 address. Anything else (a Unix socket's empty
+    address) is its own key.
+
+    >>> client_key("2001:db8:1:2:aaaa::1"), client_key("2001:db8:1:2:bbbb::9")
+    ('2001:db8:1:2::/64', '2001:db8:1:2::/64')
+    >>> client_key("::ffff:10.0.0.7"), client_key("10.0.0.7")
+    ('10.0.0.7', '10.0.0.7')
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # (a scope, "fe80::1%eth0", names no other host)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class _Guard:
     """HTTP Basic with *user* and *password*, wrong guesses throttled per
-    client address (see the module docstring)."""
+    client (see the module docstring)."""
 
     def __init__(self, user: str, password: str) -> None:
         self._check = _checker(user, password)
         self._lock = threading.Lock()
-        #: address -> (wrong guesses in a row, last one at, refused until)
+        #: client key -> (wrong guesses in a row, last one at, refused until),
+        #: the least recently guessing first
         self._wrong: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+        #: While the table is full: no record's wait ends before this.
+        self._full_until = 0.0
 
     def refusal(self, header: str, address: str) -> _Answer | None:
         """None to let the request through, else its answer."""
@@ -307,15 +345,18 @@ class _Guard:
             user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
         except (binascii.Error, UnicodeDecodeError):
             sep = ""
+        key = client_key(address)
         # One lock around the whole decision: guesses sent in parallel are
         # counted one by one, none slips past a lock another one earned.
         with self._lock:
             now = time.monotonic()
-            count, last, until = self._wrong.pop(address, (0, now, 0.0))
+            if key not in self._wrong and not self._room(now):
+                key = _CROWD
+            count, last, until = self._wrong.pop(key, (0, now, 0.0))
             if now - last > FORGET_AFTER:
                 count, until = 0, 0.0
             if count:
-                self._wrong[address] = (count, last, until)  # (at the end: the newest)
+                self._wrong[key] = (count, last, until)  # (at the end: the newest)
             if until > now:
                 wait = str(math.ceil(until - now))
                 return ("429 Too Many Requests", [("Retry-After", wait), *_PLAIN],
@@ -325,15 +366,30 @@ class _Guard:
             if not sep:
                 return "400 Bad Request", list(_PLAIN), b"malformed Basic credentials\n"
             if self._check(user, password):
-                self._wrong.pop(address, None)
+                if key != _CROWD:  # (one right password does not vouch for the crowd)
+                    self._wrong.pop(key, None)
                 return None
             count += 1
             doublings = min(count - GUESSES_FREE, 30)  # (a float's range: LONGEST_WAIT binds long before)
             until = now + min(FIRST_WAIT * 2 ** doublings, LONGEST_WAIT) if count >= GUESSES_FREE else 0.0
-            self._wrong[address] = (count, now, until)
-            while len(self._wrong) > MAX_ADDRESSES:
-                self._wrong.popitem(last=False)
+            self._wrong[key] = (count, now, until)
         return "401 Unauthorized", [_ASK, *_PLAIN], b"wrong user or password\n"
+
+    def _room(self, now: float) -> bool:
+        """Is there room for one more record? Makes it by dropping records
+        whose wait is over, never one still serving a wait. (Called with the
+        lock held; a full sweep at most once per wait that ends.)"""
+        if len(self._wrong) < MAX_ADDRESSES:
+            return True
+        if now < self._full_until:
+            return False
+        over = [key for key, (_, _, until) in self._wrong.items() if until <= now and key != _CROWD]
+        for key in over:
+            del self._wrong[key]
+        if len(self._wrong) < MAX_ADDRESSES:
+            return True
+        self._full_until = min((until for key, (_, _, until) in self._wrong.items() if key != _CROWD), default=now)
+        return False
 
 
 _ASK = ("WWW-Authenticate", 'Basic realm="comet stats", charset="UTF-8"')

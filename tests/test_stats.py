@@ -289,3 +289,131 @@ def test_stats_wsgi_throttles_guesses_per_remote_addr():
     status, headers, body = ask("10.0.0.1", basic("comet", "pw"))
     assert (status, headers["Retry-After"]) == ("429", "1") and headers["Content-Type"].startswith("text/plain")
     assert ask("10.0.0.2", basic("comet", "pw"))[0] == "200"
+
+
+def test_a_client_is_keyed_by_its_ipv4_address_or_its_ipv6_64():
+    from comet.stats import client_key
+
+    assert client_key("203.0.113.9") == "203.0.113.9" != client_key("203.0.113.10")
+    # One IPv6 host is given a /64 and may send from any address in it.
+    assert client_key("2001:db8:0:7::1") == client_key("2001:db8:0:7:ffff:ffff:ffff:ffff") == "2001:db8:0:7::/64"
+    assert client_key("2001:db8:0:8::1") == "2001:db8:0:8::/64"  # the next /64: someone else
+    assert client_key("2001:DB8:0:7:0::1") == "2001:db8:0:7::/64"  # one spelling per network
+    assert client_key("::ffff:198.51.100.4") == "198.51.100.4" != client_key("::ffff:198.51.100.5")
+    assert client_key("fe80::1%eth0") == "fe80::/64" and client_key("::1") == "::/64"
+    assert client_key("") == "" and client_key("unix-socket") == "unix-socket"
+
+
+def wsgi_asker(app):
+    def ask(address, headers):
+        got = []
+        environ = {"REQUEST_METHOD": "GET", "REMOTE_ADDR": address,
+                   **{"HTTP_" + k.upper(): v for k, v in headers.items()}}
+        body = b"".join(app(environ, lambda status, hdrs: got.append((status, dict(hdrs)))))
+        return int(got[0][0][:3]), got[0][1], body
+
+    return ask
+
+
+def test_an_ipv6_client_rotating_through_its_64_is_one_client():
+    from comet import stats
+
+    ask = wsgi_asker(stats_wsgi(StreamPool(), password="pw"))
+    wrong, good = basic("comet", "nope"), basic("comet", "pw")
+    for n in range(stats.GUESSES_FREE):  # a new address for each guess
+        assert ask(f"2001:db8:0:7::{n + 1:x}", wrong)[0] == 401
+    status, headers, _ = ask("2001:db8:0:7:abcd::99", good)
+    assert (status, headers["Retry-After"]) == (429, "1")
+    assert ask("2001:db8:0:8::1", good)[0] == 200  # the next /64 is not held up
+    for _ in range(stats.GUESSES_FREE):  # an IPv4 client seen through a dual-stack socket is itself
+        assert ask("::ffff:192.0.2.1", wrong)[0] == 401
+    assert ask("192.0.2.1", good)[0] == 429 and ask("192.0.2.2", good)[0] == 200
+
+
+def guard_asker(guard):
+    def ask(address, auth):
+        answer = guard.refusal(auth["Authorization"], address)
+        return 200 if answer is None else int(answer[0][:3])
+
+    return ask
+
+
+def test_a_waiting_client_is_never_forgotten_to_make_room(monkeypatch):
+    from comet import stats
+
+    monkeypatch.setattr(stats, "MAX_ADDRESSES", 4)
+    monkeypatch.setattr(stats, "FIRST_WAIT", 60.0)  # (no wait ends during the test)
+    guard = stats._Guard("comet", "pw")
+    ask = guard_asker(guard)
+    wrong, good = basic("comet", "nope"), basic("comet", "pw")
+    for _ in range(stats.GUESSES_FREE):
+        ask("10.0.0.1", wrong)
+    assert ask("10.0.0.1", good) == 429  # the oldest record, serving a wait
+    # Many more clients, one wrong guess each (an attacker's other
+    # addresses): records without a wait make room for the next ones...
+    for n in range(2, 40):
+        assert ask(f"10.0.1.{n}", wrong) == 401
+        assert len(guard._wrong) <= stats.MAX_ADDRESSES
+    assert ask("10.0.0.1", good) == 429  # ... the waiting one stays
+    assert ask("10.0.1.39", good) == 200
+
+    # Every record serving a wait: newcomers share one record, throttled
+    # like any client; those already known keep theirs.
+    for n in (2, 3, 4):
+        for _ in range(stats.GUESSES_FREE):
+            ask(f"10.0.0.{n}", wrong)
+        assert ask(f"10.0.0.{n}", good) == 429
+    for n in range(stats.GUESSES_FREE):
+        assert ask(f"10.0.2.{n}", wrong) == 401
+    status, headers, body = guard.refusal(good["Authorization"], "10.0.3.1")
+    assert status.startswith("429") and ("Retry-After", "60") in headers and body.startswith(b"too many wrong passwords")
+    assert ask("10.0.0.1", good) == 429
+    assert len(guard._wrong) == stats.MAX_ADDRESSES + 1  # (the four, and the crowd's record)
+
+
+def test_records_whose_wait_is_over_make_room(monkeypatch):
+    from comet import stats
+
+    monkeypatch.setattr(stats, "MAX_ADDRESSES", 2)
+    monkeypatch.setattr(stats, "FIRST_WAIT", 0.2)
+    guard = stats._Guard("comet", "pw")
+    ask = guard_asker(guard)
+    wrong, good = basic("comet", "nope"), basic("comet", "pw")
+    for address in ("10.0.0.1", "10.0.0.2"):
+        for _ in range(stats.GUESSES_FREE):
+            ask(address, wrong)
+    assert ask("10.0.0.3", wrong) == 401
+    assert "10.0.0.3" not in guard._wrong  # counted with the crowd: the table is full of waits
+    # (asking without credentials is no guess: the records stay as they are)
+    wait_until(lambda: ask("10.0.0.2", {"Authorization": ""}) == 401, timeout=5, what="the waits over")
+    assert ask("10.0.0.4", wrong) == 401
+    assert "10.0.0.4" in guard._wrong and "10.0.0.1" not in guard._wrong
+
+
+def test_ipv6_clients_are_throttled_over_the_network(comet_cherrypy):
+    import socket
+
+    from comet import stats
+
+    if not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"cannot listen on ::1: {exc}")
+
+    class Root:
+        pass
+
+    root = Root()
+    mount(root, password="s3cret pass")
+    server = comet_cherrypy(root, global_config={"server.socket_host": "::1"})
+    port = server.url.rsplit(":", 1)[1]
+    url = f"http://[::1]:{port}/comet/stats/json"
+    good, wrong = basic("comet", "s3cret pass"), basic("comet", "guess")
+    assert get_from("::1", url, good)[0] == 200
+    for _ in range(stats.GUESSES_FREE):
+        assert get_from("::1", url, wrong)[0] == 401
+    status, headers, body = get_from("::1", url, good)
+    assert (status, headers["retry-after"]) == (429, "1"), body
