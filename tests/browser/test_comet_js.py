@@ -16,7 +16,8 @@ from comet.cherrypy_tool import engine_plugin, static_config
 
 from comet.testing import wait_until
 
-MULTI = ["unit", "side"]  # the channels of the two_* streams
+SIDE = "side.1_%:x"  # "." "_" "%" in a name: percent-encoded in the cursor (contract D)
+MULTI = ["unit", SIDE]  # the channels of the two_* streams
 
 UNIT_JS = r"""
 window.results = {};
@@ -205,7 +206,7 @@ def publish_ticks(hub, pause):
     sent = []
     for n in range(12):  # over ~3 s: each stream is cut and resumed about three times
         sent.append(hub.publish("unit", {"n": n}, event="tick" if n % 2 else None))
-        hub.publish("side", {"side": n})
+        hub.publish(SIDE, {"side": n})
         pause()
     return sent
 
@@ -214,7 +215,7 @@ def check_live(live, sent):
     for name in [k for k in live if k.startswith("two_")]:  # the streams of two channels
         got = live.pop(name)
         assert [(e["channel"], e["data"]) for e in got["events"]] == [
-            pair for n in range(12) for pair in [("unit", {"n": n}), ("side", {"side": n})]], name
+            pair for n in range(12) for pair in [("unit", {"n": n}), (SIDE, {"side": n})]], name
         assert [e["event"] for e in got["events"] if e["channel"] == "unit"] == [
             "message" if n % 2 == 0 else "tick" for n in range(12)], name
         assert got["statuses"][-1] == "open", (name, got["statuses"])
