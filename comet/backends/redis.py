@@ -48,7 +48,7 @@ Failure model
 * The first subscription to a channel in a process needs Redis (to load the
   history), as does one whose cursor is ahead of this process's mirror (a
   catch-up read); if Redis is down or does not answer within
-  :data:`LOAD_TIMEOUT` (0.75 s), that subscribe raises ``BackendUnavailable``
+  :data:`LOAD_TIMEOUT` (0.6 s), that subscribe raises ``BackendUnavailable``
   and the adapters answer 503 with ``Retry-After``. No lock is held while it
   waits: the channel's other streams go on. Nothing else on a request's path
   waits on Redis: presence is pushed by its own thread
@@ -120,7 +120,7 @@ MAX_BATCH = 256
 
 #: Seconds a read on a request's path may wait for Redis before the stream
 #: is refused (503): a channel's first use in this process, a catch-up.
-LOAD_TIMEOUT = 0.75
+LOAD_TIMEOUT = 0.6
 
 log = logging.getLogger("comet")
 
@@ -214,22 +214,28 @@ return {entries, fresh_floor(KEYS[2], ARGV[4], idle, 1)}
 
 # KEYS[1] stream, KEYS[2] as _PUBLISH, KEYS[3..5] the channel's presence
 # (members, counts, leave deadlines: see redis_presence), KEYS[6] (single
-# Redis) the stream of forgets every process reads; ARGV: bucket, channel.
-# Returns the newest id it had, or nil. The bucket's floor becomes the id
-# right after that newest one: a cursor at the old channel's last event is
-# before the new channel's floor, so it gets a gap (as with the memory hub).
+# Redis) the stream of forgets every process reads; ARGV: bucket, channel,
+# the forgetting process's mirror tail ('' if none), how many entries after
+# it to return. Returns nil if there was no stream, else {the newest id it
+# had, the entries after the tail}: the forgetting process's subscribers
+# take exactly what was published before the forget. The bucket's floor
+# becomes the id right after that newest one: a cursor at the old channel's
+# last event is before the new channel's floor, so it gets a gap (as with
+# the memory hub).
 _FORGET = _LIB + """
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #newest == 0 then return false end
 local last = newest[1][1]
+local rest = {}
+if ARGV[3] ~= '' then rest = redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+', 'COUNT', ARGV[4]) end
 local ms, seq = string.match(last, '(%d+)-(%d+)')
 local floor = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
 local known = redis.call('HGET', KEYS[2], ARGV[1])
 if not known or after(floor, known) then redis.call('HSET', KEYS[2], ARGV[1], floor) end
 redis.call('DEL', KEYS[1])
 if #KEYS > 5 then redis.call('XADD', KEYS[6], 'MAXLEN', '~', 1000, '*', 'c', ARGV[2], 'l', last) end
-return last
+return {last, rest}
 """
 
 # On Redis Cluster the publish script also rings the stream's bell: SPUBLISH
@@ -675,22 +681,34 @@ class RedisHub(Hub):
         # wholly before the forget or is refused after it (redis_presence).
         # This process's counts go with its mirror (_forget_here); a forget
         # that fails changes nothing.
+        # This process's subscribers first take what was published before the
+        # forget: the script returns what this mirror's reader had not
+        # appended yet (read in the same step as the delete: nothing between).
         ch = self._channels.get(channel)
-        if ch is not None and ch.live and not ch.dead and self._catch_up(channel, ch):
-            self._wake(ch)  # this process's subscribers take what was published before the forget
+        tail = ""
+        if ch is not None:
+            with ch.cond:
+                tail = ch.tail_id() if ch.live and not ch.dead else ""
         keys = [key, self._forgotten_for(key), *presence_keys(self.prefix, self._cluster, key, channel)]
+        args: list[str | int] = [_bucket(channel), channel, tail, self.buffer_size]
         try:
             if self._cluster:  # the note goes to another slot: written on its own, with its bell
-                last = self._script(self._forget_script, keys, [_bucket(channel), channel])
-                if last is not None:
-                    note = self.redis.xadd(self._forgets_key, {"c": channel, "l": last}, maxlen=1000)
+                reply = self._script(self._forget_script, keys, args)
+                if reply is not None:
+                    note = self.redis.xadd(self._forgets_key, {"c": channel, "l": reply[0]}, maxlen=1000)
                     self.redis.spublish(self._forgets_key, note)
             else:
-                last = self._forget_script(keys=[*keys, self._forgets_key], args=[_bucket(channel), channel])
+                reply = self._forget_script(keys=[*keys, self._forgets_key], args=args)
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot forget {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
-        here = self._forget_here(channel)
-        return last is not None or here
+        if reply is not None and reply[1] and ch is not None:
+            # (a script's reply: entries as [id, [field, value, ...]])
+            entries: list[_Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reply[1]]
+            with ch.cond:
+                if not ch.dead:
+                    self._append(channel, ch, entries)  # (what the reader appended meanwhile is skipped)
+        here = self._forget_here(channel)  # wakes the subscribers: they take the rest, then end
+        return reply is not None or here
 
     def _forgotten_elsewhere(self, channel: str, last: str) -> None:
         """The reader read a forget of *channel* up to *last*: drop the mirror
