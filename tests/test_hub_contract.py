@@ -979,3 +979,18 @@ def test_disconnect_counts_the_streams_open_in_this_process(hubs):
     assert two.disconnect(member="ann") == 0  # none here: ended where they are
     wait_until(lambda: page.ended, 5.0, what="ann's stream on the other process ended")
     page.close()
+
+
+def test_a_channel_someone_follows_is_kept_however_idle_on_every_process(hubs):
+    """max_idle forgets a channel nobody follows: with Redis, a subscriber on
+    any process keeps the channel's stream (and so its history) for all."""
+    if not hubs.redis:
+        pytest.skip("one process")
+    follower, publisher = hubs.make(max_idle=0.3), hubs.make(max_idle=0.3)
+    sub = follower.subscribe("lobby:15")
+    first = publisher.publish("lobby:15", "still here")
+    quiet = time.monotonic()
+    wait_until(lambda: time.monotonic() > quiet + 1.2, 3.0, what="four idle periods")
+    late = hubs.make()  # a process that never followed it
+    assert [e.id for e in late.history("lobby:15")] == [first]
+    sub.close()
