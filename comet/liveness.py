@@ -8,7 +8,8 @@ presence ("ann is here") stay.
 
 Every stream socket gets two TCP options, from its heartbeat *h* (seconds),
 by :func:`watch_peer`, wherever the stream opens (parked, fast route, direct,
-thread mode):
+thread mode; a thread-mode stream gives its socket its own options back when
+it ends, since the connection may serve more requests):
 
 * ``TCP_USER_TIMEOUT`` of ``2 h + 4`` seconds (:func:`user_timeout`): data
   the server sent that stays unacknowledged that long makes the kernel
@@ -39,7 +40,7 @@ consumers anyway.
 
 >>> import socket
 >>> with socket.socket() as sock:
-...     watch_peer(sock, heartbeat=15)
+...     restore = watch_peer(sock, heartbeat=15)
 ...     sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
 34000
 >>> notice_within(15)
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import math
 import socket
+from typing import Callable
 
 __all__ = ["watch_peer", "user_timeout", "notice_within", "MARGIN"]
 
@@ -88,24 +90,54 @@ def notice_within(heartbeat: float) -> float:
     return heartbeat + user_timeout(heartbeat) + KERNEL_SLACK
 
 
-def watch_peer(sock: socket.socket | None, heartbeat: float) -> None:
+def watch_peer(sock: socket.socket | None, heartbeat: float) -> Callable[[], None]:
     """Set the options above on a stream's TCP *sock* (``None``, a Unix
     socket or a platform without them: nothing happens; an error setting
-    them never stops a stream)."""
+    them never stops a stream). Returns what puts back the options the
+    socket had before: a thread-mode stream's connection may serve more
+    requests once it ends (HTTP keep-alive), and those must not inherit a
+    stream's short user timeout.
+
+    >>> with socket.socket() as sock:
+    ...     restore = watch_peer(sock, heartbeat=1)
+    ...     restore()
+    ...     sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    0
+    """
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
+        return _nothing
     timeout = user_timeout(heartbeat)
     idle = max(1, math.ceil(heartbeat + MARGIN))
+    wanted = [
+        (_TCP, _USER_TIMEOUT, min(int(timeout * 1000), 2**31 - 1)),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (_TCP, _KEEPIDLE, min(idle, 32767)),
+        (_TCP, _KEEPINTVL, min(max(1, math.ceil(heartbeat)), 32767)),
+        # Where the user timeout is not honoured by keepalive (old kernels).
+        (_TCP, _KEEPCNT, max(1, math.ceil(MARGIN / max(1.0, heartbeat))) + 1),
+    ]
+    before: list[tuple[int, int, int]] = []
     try:
-        if _USER_TIMEOUT is not None:
-            sock.setsockopt(_TCP, _USER_TIMEOUT, min(int(timeout * 1000), 2**31 - 1))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if _KEEPIDLE is not None:
-            sock.setsockopt(_TCP, _KEEPIDLE, min(idle, 32767))
-        if _KEEPINTVL is not None:
-            sock.setsockopt(_TCP, _KEEPINTVL, min(max(1, math.ceil(heartbeat)), 32767))
-        if _KEEPCNT is not None:
-            # Where the user timeout is not honoured by keepalive (old kernels).
-            sock.setsockopt(_TCP, _KEEPCNT, max(1, math.ceil(MARGIN / max(1.0, heartbeat))) + 1)
+        for level, name, value in wanted:
+            if name is None:
+                continue
+            old = sock.getsockopt(level, name)
+            sock.setsockopt(level, name, value)
+            before.append((level, name, old))
     except OSError:
         pass
+
+    def restore() -> None:
+        # (In the reverse order: keepalive's timers are back before it is.)
+        try:
+            for level, name, old in reversed(before):
+                sock.setsockopt(level, name, old)
+        except OSError:  # the connection is gone: nothing left to restore
+            pass
+        before.clear()
+
+    return restore
+
+
+def _nothing() -> None:
+    pass

@@ -193,6 +193,7 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
     park = connection is not None and connection.parkable and options.mode == "auto"
     items: Any = None
     stream: Stream | None = None
+    restore: Callable[[], None] | None = None
     try:
         with pool.admit(options.transport) as admission:
             items = call()
@@ -203,7 +204,7 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
                 headers = stream_headers(options, boundary, parked_longpoll=not options.framing.streaming)
             else:
                 # (a thread-mode stream's socket, when the server shows it: TLS included)
-                watch_peer(getattr(connection, "tcp_socket", None), options.heartbeat)
+                restore = watch_peer(getattr(connection, "tcp_socket", None), options.heartbeat)
                 stream = Stream(items, options, admission, closed=connection.closed if connection else None,
                                 resume_id=resume_id, boundary=boundary)
                 stream.prime()
@@ -216,15 +217,18 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
                         answer = stream.longpoll_body()
                     finally:
                         stream.close()
+                        restore()
                     body = [answer]
                     headers.append(("Content-Length", str(len(answer))))
                 else:
-                    body = stream
+                    body = _Restoring(stream, restore)
             admission.hand_over()
     except Exception as exc:
         close_quietly(items)
         if stream is not None:
             stream.close_opened()  # what the handler subscribed to before it failed or was refused
+        if restore is not None:
+            restore()  # (the refusal goes out on a connection that may be kept alive)
         refusal = refusal_for(exc)
         if refusal is None:
             raise
@@ -232,6 +236,30 @@ def open_stream(call: Callable[[], Any], options: Options, pool: StreamPool, *, 
     if isinstance(items, Subscription):
         pool.follow(items.hub)
     return Opened(headers, body)
+
+
+class _Restoring:
+    """A thread-mode stream as the body: closing it also gives the socket
+    back the options it had before :func:`~comet.liveness.watch_peer`. The
+    connection outlives the stream when it is kept alive, and closing it
+    instead would cost a long-poll client a new TCP (and, in thread mode,
+    often TLS) handshake per poll."""
+
+    def __init__(self, stream: Stream, restore: Callable[[], None]) -> None:
+        self.stream = stream
+        self._restore = restore
+
+    def __iter__(self) -> "_Restoring":
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self.stream)
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            self._restore()
 
 
 class Parking:
