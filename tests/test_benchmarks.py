@@ -1,8 +1,9 @@
 """The benchmark scripts keep working: a tiny run of each comet server in
-``benchmarks.capacity``, of ``benchmarks.redis_publish`` and of
-``benchmarks.scaleout`` on its three shared backends (timings are not
-checked, only that every event arrived once, in order, and every process
-was stopped); the load client's parser."""
+``benchmarks.capacity``, of ``benchmarks.idle_streams``, of
+``benchmarks.redis_publish`` and of ``benchmarks.scaleout`` on its three
+shared backends (timings are not checked, only that every event arrived
+once, in order, and every process was stopped); the load client's parser."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -31,6 +32,41 @@ def test_capacity_benchmark_runs_on_comet_servers():
         assert row["status"] == 0, (name, row)  # exited cleanly on SIGTERM
     assert all(b.get("one_stream_events_per_s", 0) > 0 for b in summary["bursts"]), summary["bursts"]
     assert not _running("benchmarks.peers.comet_app"), "the benchmark left a server running"
+
+
+def test_idle_streams_benchmark_runs(tmp_path):
+    servers = ["floor", "comet-parked", "comet-parked-nowatch", "comet-fast"]
+    if importlib.util.find_spec("aiohttp"):
+        servers.append("aiohttp")
+    if importlib.util.find_spec("sse_starlette") and importlib.util.find_spec("uvicorn"):
+        servers.append("starlette-asyncio")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.idle_streams", "--n", "20", "--heartbeat", "0.5", "--window", "1.5",
+         "--out", str(tmp_path), "--servers", *servers],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [f"idle-streams-{summary['date']}.json", f"idle-streams-{summary['date']}.md"]
+    assert json.loads((tmp_path / written[0]).read_text()) == summary
+    rows = {row["server"]: row for row in summary["rows"]}
+    assert list(rows) == servers
+    for name, row in rows.items():
+        assert "error" not in row, (name, row)
+        # every stream stayed open and heard heartbeats all through the window
+        assert row["bad_status"] == row["silent"] == row["dropped"] == 0, (name, row)
+        assert row["sockets"] == 20 and row["min_beats"] >= 1, (name, row)
+        assert row["cpu_us_per_stream_beat"] >= 0 and row["payload_bytes_per_beat"] > 0, (name, row)
+    for name in ("comet-parked", "comet-parked-nowatch", "comet-fast"):
+        assert rows[name]["announced_heartbeat"] == 0.5, rows[name]
+        assert rows[name]["bare_segs_out"] == 0, rows[name]  # nothing on the wire but the heartbeat
+    # comet.liveness's options are on as comet runs, and the benchmark's switch turns them off
+    assert rows["comet-parked"]["keepalive_sockets"] >= 10 and rows["comet-fast"]["keepalive_sockets"] >= 10, rows
+    assert rows["comet-parked-nowatch"]["keepalive_sockets"] == rows["floor"]["keepalive_sockets"] == 0, rows
+    assert set(summary["ratios_to_floor"]) == set(servers)
+    assert set(summary["watchdog"]) == {"comet-parked"}
+    assert "watchdog of comet-parked" in (tmp_path / written[1]).read_text()
+    assert not _running("benchmarks.peers."), "the benchmark left a server running"
 
 
 def test_redis_publish_benchmark_runs():

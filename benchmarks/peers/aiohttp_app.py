@@ -1,9 +1,13 @@
-"""Peer: aiohttp StreamResponse, one queue per client. `python -m benchmarks.peers.aiohttp_app PORT`."""
+"""Peer: aiohttp StreamResponse, one queue per client. `python -m benchmarks.peers.aiohttp_app PORT`.
+
+A comment every BENCH_HEARTBEAT seconds (environment; 15 when unset) keeps an idle stream alive."""
 import asyncio
+import os
 import sys
 
 from aiohttp import web
 
+HEARTBEAT = float(os.environ.get("BENCH_HEARTBEAT", "15"))
 clients: set[asyncio.Queue] = set()
 
 
@@ -20,7 +24,7 @@ async def events(request):
     try:
         while True:
             try:
-                data = await asyncio.wait_for(queue.get(), 15)
+                data = await asyncio.wait_for(queue.get(), HEARTBEAT)
             except asyncio.TimeoutError:
                 data = b":\n\n"
             await resp.write(data)

@@ -1,11 +1,15 @@
 """Peer: aiohttp, broadcasting by writing straight to each StreamResponse from
 the publishing handler (no queue, no task switch per client): the fastest
-aiohttp shape we know. `python -m benchmarks.peers.aiohttp_direct_app PORT`."""
+aiohttp shape we know. `python -m benchmarks.peers.aiohttp_direct_app PORT`.
+
+A comment every BENCH_HEARTBEAT seconds (environment; 15 when unset) keeps an idle stream alive."""
 import asyncio
+import os
 import sys
 
 from aiohttp import web
 
+HEARTBEAT = float(os.environ.get("BENCH_HEARTBEAT", "15"))
 clients: set[web.StreamResponse] = set()
 
 
@@ -20,7 +24,7 @@ async def events(request):
     clients.add(resp)
     try:
         while not request.transport.is_closing():
-            await asyncio.sleep(15)
+            await asyncio.sleep(HEARTBEAT)
             await resp.write(b":\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
         pass

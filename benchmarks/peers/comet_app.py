@@ -10,13 +10,25 @@ CherryPy's default thread pool (10); fast: /events is a fast route
 (comet.fastpath), answered where cheroot accepts the connection.
 
 With REDIS_URL the hub is a RedisHub (benchmarks/scaleout.py runs several
-of these behind nginx)."""
+of these behind nginx).
+
+Environment (benchmarks/idle_streams.py): BENCH_HEARTBEAT, the streams'
+heartbeat in seconds (comet's default, 15, when unset); BENCH_NO_WATCH_PEER=1,
+no comet.liveness socket options (TCP_USER_TIMEOUT, keepalive) on the
+streams, to measure what they cost. Never a knob of comet itself."""
+import os
 import sys
 
 import cherrypy
 
-from comet import Hub, comet
+from comet import Hub, comet, liveness, pipeline
 from comet.cherrypy_tool import engine_plugin
+
+HEARTBEAT = float(os.environ.get("BENCH_HEARTBEAT", "15"))
+if os.environ.get("BENCH_NO_WATCH_PEER") == "1":
+    # Every stream's socket gets its options from pipeline's watch_peer (parked,
+    # fast route, direct, thread mode): a no-op there leaves them all off.
+    liveness.watch_peer = pipeline.watch_peer = lambda sock, heartbeat: None
 
 port, mode = int(sys.argv[1]), sys.argv[2]
 streams = int(sys.argv[3]) if len(sys.argv) > 3 else 100
@@ -27,7 +39,7 @@ if len(sys.argv) > 4:
 else:
     hub = Hub(buffer_size=20_000)
 if mode == "fast":
-    engine_plugin().route("/events", hub, channel="b")
+    engine_plugin().route("/events", hub, channel="b", heartbeat=HEARTBEAT)
 
 
 class Root:
@@ -37,18 +49,18 @@ class Root:
 
     if mode == "generator":
         @cherrypy.expose
-        @comet(transport="sse")
+        @comet(transport="sse", heartbeat=HEARTBEAT)
         def events(self, last_event_id=None):
             yield "hello"
             yield from hub.subscribe("b", last_id=last_event_id)
     elif mode == "multi3":
         @cherrypy.expose
-        @comet(transport="sse")
+        @comet(transport="sse", heartbeat=HEARTBEAT)
         def events(self, last_event_id=None):
             return hub.subscribe(["b", "c", "d"], last_id=last_event_id)
     else:
         @cherrypy.expose
-        @comet(transport="sse", mode="auto" if mode == "parked" else "thread")
+        @comet(transport="sse", mode="auto" if mode == "parked" else "thread", heartbeat=HEARTBEAT)
         def events(self, last_event_id=None, ch="b"):
             return hub.subscribe(ch, last_id=last_event_id)
 

@@ -1,5 +1,8 @@
-"""Peer: sse-starlette on uvicorn. `python -m benchmarks.peers.starlette_app PORT asyncio|uvloop`."""
+"""Peer: sse-starlette on uvicorn. `python -m benchmarks.peers.starlette_app PORT asyncio|uvloop`.
+
+sse-starlette's own ping every BENCH_HEARTBEAT seconds (environment; 15 when unset)."""
 import asyncio
+import os
 import sys
 
 import uvicorn
@@ -8,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+HEARTBEAT = float(os.environ.get("BENCH_HEARTBEAT", "15"))
 clients: set[asyncio.Queue] = set()
 
 
@@ -26,7 +30,7 @@ async def events(request):
         finally:
             clients.discard(queue)
 
-    return EventSourceResponse(stream(), ping=15)
+    return EventSourceResponse(stream(), ping=HEARTBEAT)
 
 
 def broadcast(data: str) -> None:
