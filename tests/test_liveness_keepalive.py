@@ -59,15 +59,21 @@ class Root:
 
     @cherrypy.expose
     @comet(transport="sse", mode="thread", heartbeat=1)
+    def refused(self):
+        raise cherrypy.HTTPError(403, "not yours")  # in its first step: the stream's options are set by then
+        yield
+
+    @cherrypy.expose
+    @comet(transport="sse", mode="thread", heartbeat=1)
     def once(self):
         yield Event(own_options(cherrypy.request.wsgi_environ))  # then the handler ends the stream
 
 
-def ask(conn: http.client.HTTPConnection, path: str) -> tuple[dict[str, str], bytes]:
+def ask(conn: http.client.HTTPConnection, path: str, status: int = 200) -> tuple[dict[str, str], bytes]:
     conn.request("GET", path)
     response = conn.getresponse()
     body = response.read()
-    assert response.status == 200, body
+    assert response.status == status, body
     assert not response.will_close, "the connection was to stay open (keep-alive)"
     return {k.lower(): v for k, v in response.getheaders()}, body
 
@@ -94,6 +100,18 @@ def test_a_connection_kept_alive_after_a_thread_mode_stream_has_its_options_back
         # ... and the next request on the same connection finds it as it was.
         after = json.loads(ask(conn, "/options")[1])
         assert after == before
+    finally:
+        conn.close()
+
+
+def test_a_thread_mode_stream_refused_in_its_first_step_gives_them_back(comet_cherrypy):
+    server = comet_cherrypy(Root())
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        before = json.loads(ask(conn, "/options")[1])
+        assert ask(conn, "/refused", 403)[1] == b"not yours\n"
+        assert json.loads(ask(conn, "/options")[1]) == before
     finally:
         conn.close()
 

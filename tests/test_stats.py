@@ -363,8 +363,10 @@ def test_a_waiting_client_is_never_forgotten_to_make_room(monkeypatch):
         for _ in range(stats.GUESSES_FREE):
             ask(f"10.0.0.{n}", wrong)
         assert ask(f"10.0.0.{n}", good) == 429
-    for n in range(stats.GUESSES_FREE):
+    for n in range(stats.GUESSES_FREE - 1):
         assert ask(f"10.0.2.{n}", wrong) == 401
+    assert ask("10.0.2.99", good) == 200  # (one newcomer's right password does not vouch for the crowd)
+    assert ask("10.0.2.100", wrong) == 401
     status, headers, body = guard.refusal(good["Authorization"], "10.0.3.1")
     assert status.startswith("429") and ("Retry-After", "60") in headers and body.startswith(b"too many wrong passwords")
     assert ask("10.0.0.1", good) == 429
@@ -382,12 +384,15 @@ def test_records_whose_wait_is_over_make_room(monkeypatch):
     for address in ("10.0.0.1", "10.0.0.2"):
         for _ in range(stats.GUESSES_FREE):
             ask(address, wrong)
-    assert ask("10.0.0.3", wrong) == 401
+    for n in range(stats.GUESSES_FREE):
+        assert ask(f"10.0.0.{n + 3}", wrong) == 401
     assert "10.0.0.3" not in guard._wrong  # counted with the crowd: the table is full of waits
+    assert ask("10.0.1.1", good) == 429
     # (asking without credentials is no guess: the records stay as they are)
     wait_until(lambda: ask("10.0.0.2", {"Authorization": ""}) == 401, timeout=5, what="the waits over")
-    assert ask("10.0.0.4", wrong) == 401
-    assert "10.0.0.4" in guard._wrong and "10.0.0.1" not in guard._wrong
+    assert ask("10.0.1.2", wrong) == 401
+    assert "10.0.1.2" in guard._wrong and "10.0.0.1" not in guard._wrong
+    assert guard._wrong["*"][0] == stats.GUESSES_FREE  # the crowd's count is kept: its next wait doubles
 
 
 def test_ipv6_clients_are_throttled_over_the_network(comet_cherrypy):
