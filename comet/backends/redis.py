@@ -398,7 +398,12 @@ class RedisHub(Hub):
         # forgotten channels by bucket, and the stream of forgets.
         self._forgotten_key = prefix + "\x00forgotten"
         self._forgets_key = prefix + "\x00forgets"
-        self._forgets_cursor: str | None = None  # the reader's, once connected
+        self._forgets_cursor: str | None = None  # the reader's: set at the first load or connect
+        # Channels this process is forgetting now (forget() calls in flight),
+        # and the note of such a forget the reader read meanwhile: forget()
+        # drops the mirror itself, after handing its subscribers the rest.
+        self._forgetting: dict[str, int] = {}
+        self._deferred: dict[str, str] = {}
         self._batches = _GroupCommit(self._send_batch) if batch_publishes else None
         self.counters.add("round_trips", 0)
         read_timeout = self.block + (options["socket_timeout"] or 5.0)
@@ -691,29 +696,48 @@ class RedisHub(Hub):
                 tail = ch.tail_id() if ch.live and not ch.dead else ""
         keys = [key, self._forgotten_for(key), *presence_keys(self.prefix, self._cluster, key, channel)]
         args: list[str | int] = [_bucket(channel), channel, tail, self.buffer_size]
+        with self._lock:  # this process's own note must not drop the mirror before the rest is in it
+            self._forgetting[channel] = self._forgetting.get(channel, 0) + 1
+        done = False
         try:
-            if self._cluster:  # the note goes to another slot: written on its own, with its bell
-                reply = self._script(self._forget_script, keys, args)
-                if reply is not None:
+            try:
+                reply = self._script(self._forget_script, keys, args) if self._cluster else \
+                    self._forget_script(keys=[*keys, self._forgets_key], args=args)
+            except _DOWN as exc:
+                raise BackendUnavailable(f"cannot forget {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
+            if reply is not None and reply[1] and ch is not None:
+                # (a script's reply: entries as [id, [field, value, ...]])
+                entries: list[_Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reply[1]]
+                with ch.cond:
+                    if not ch.dead:  # (dropped meanwhile only by another forget of this channel here)
+                        self._append(channel, ch, entries)  # (what the reader appended meanwhile is skipped)
+            here = self._forget_here(channel)  # wakes the subscribers: they take the rest, then end
+            done = True
+            if self._cluster and reply is not None:  # the note goes to another slot: written on its own, with its bell
+                try:
                     note = self.redis.xadd(self._forgets_key, {"c": channel, "l": reply[0]}, maxlen=1000)
                     self.redis.spublish(self._forgets_key, note)
-            else:
-                reply = self._forget_script(keys=[*keys, self._forgets_key], args=args)
-        except _DOWN as exc:
-            raise BackendUnavailable(f"cannot forget {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
-        if reply is not None and reply[1] and ch is not None:
-            # (a script's reply: entries as [id, [field, value, ...]])
-            entries: list[_Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reply[1]]
-            with ch.cond:
-                if not ch.dead:
-                    self._append(channel, ch, entries)  # (what the reader appended meanwhile is skipped)
-        here = self._forget_here(channel)  # wakes the subscribers: they take the rest, then end
-        return reply is not None or here
+                except _DOWN as exc:
+                    raise BackendUnavailable(f"forgot {channel!r}, but could not tell the other processes: Redis at "
+                                             f"{self._where} is unreachable ({exc})") from exc
+            return reply is not None or here
+        finally:
+            with self._lock:
+                left = self._forgetting.pop(channel) - 1
+                if left:
+                    self._forgetting[channel] = left
+                deferred = None if left else self._deferred.pop(channel, None)
+            if deferred is not None and not done:  # the script ran, though its reply was lost
+                self._forgotten_elsewhere(channel, deferred)
 
     def _forgotten_elsewhere(self, channel: str, last: str) -> None:
         """The reader read a forget of *channel* up to *last*: drop the mirror
         if it holds anything of that stream (a mirror loaded since holds only
         its successor's events), as the forgetting process did."""
+        with self._lock:
+            if channel in self._forgetting:  # forget() here drops it, after the rest (or this, if it fails)
+                self._deferred[channel] = last
+                return
         ch = self._channels.get(channel)
         if ch is None:
             return
@@ -792,6 +816,11 @@ class RedisHub(Hub):
             return
         key = self._key(name)
         try:
+            if self._forgets_cursor is None:  # forgets from now on: this mirror starts after them
+                newest = cast("list[_Entry]", self._loader.xrevrange(self._forgets_key, count=1))
+                with self._lock:
+                    if self._forgets_cursor is None:
+                        self._forgets_cursor = newest[0][0].decode() if newest else "0-0"
             raw, floor = self._script(self._load_script, [key, self._forgotten_for(key)],
                                       [self.buffer_size, self._max_age_ms(name),
                                        round((self.max_idle or 0) * 1000), _bucket(name)], client=self._loader)
