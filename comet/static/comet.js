@@ -12,6 +12,7 @@
  *     onDenied(info) { ... },           // {status, reason}: the server refused this stream for good
  *     withCredentials: true,            // cross-origin: send cookies too (the server sets cors_credentials)
  *     shared: true,                     // one connection for every tab of this browser (below)
+ *     key: "/dm/events?thread=ann:bob", // shared with a URL function: which stream it is
  *     heartbeat: 15,                    // seconds assumed until the server announces its heartbeat
  *     pollUrl: "/events/poll",          // the same stream as long-poll, for buffering proxies (below)
  *     onFallback(info) { ... },         // {from, to, reason}: streaming <-> long-poll; sub.transport
@@ -793,10 +794,8 @@
       this._heard = Date.now();
       this._pinged = 0;
       this.transport = this.options.transport;
-      // The tabs that share: same transport, event names and URL (a URL
-      // function: its source, or options.key).
+      // The tabs that share: same transport, event names and URL (or key).
       let where = this.options.key;
-      if (!where && typeof url === "function") where = "fn " + String(url);
       if (!where) {
         const abs = new URL(url, global.location.href);
         abs.searchParams.delete("last_event_id");
@@ -1040,7 +1039,12 @@
 
   function subscribe(url, options) {
     const shareable = global.BroadcastChannel && global.navigator && global.navigator.locks && global.location;
-    if (options && options.shared && shareable) return new SharedSubscription(url, options);
+    if (options && options.shared && shareable) {
+      // A URL function says where to connect, not which stream it is: two
+      // pages may share its source, not its closure. It needs a key to share.
+      if (typeof url !== "function" || options.key) return new SharedSubscription(url, options);
+      console.warn("comet: shared: true with a URL function needs options.key (which stream this is): not shared");
+    }
     return new Subscription(url, options);
   }
 

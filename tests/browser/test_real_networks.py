@@ -43,6 +43,7 @@ const urls = {
   lazy: () => { let cached = null; const f = async () => {  // the 2nd connect reuses the 1st URL
     f.calls = (f.calls || 0) + 1; if (f.calls !== 2) cached = await fresh(); return cached; }; return f; },
   bad: () => () => "/events/signed?token=bad",             // refused from the start
+  plain: () => () => "/events/sse",                         // a function, but always the same stream
   revoked: () => { let calls = 0; return async () => ++calls === 1 ? fresh() : "/events/signed?token=bad"; },
 };
 for (const entry of (q.get("t") || "sse").split(",")) {
@@ -488,3 +489,22 @@ def test_a_new_leader_resumes_from_the_cursor_the_old_one_was_told(context, net_
     sent = [hub.publish("net", {"n": n}) for n in range(2)]  # while no tab holds the stream
     wait_shown([follower], 2, time.time() + 5, "after the takeover")
     check_events([follower], sent)
+
+
+@pytest.mark.parametrize("key", [None, "net"])
+def test_a_url_function_shares_a_stream_only_with_a_key(context, net_server, key):
+    """shared: true with a URL function: with key, the tabs share one
+    stream; without, each tab has its own (the function's source cannot say
+    which stream it is)."""
+    url = page_url(net_server.url, ["sse@plain"], shared=True, **({"key": key} if key else {}))
+    tabs = []
+    for _ in range(2):
+        page = context.new_page()
+        page.goto(url)
+        tabs.append(Tab("chromium", page))
+        tabs[-1].wait_for("window.allOpen()", timeout=15)
+    streams = 1 if key else 2
+    wait_until(lambda: net_server.hub.subscriptions == streams, timeout=5, what=f"{streams} stream(s) for two tabs")
+    sent = [net_server.hub.publish("net", "to both")]
+    wait_shown(tabs, 1, time.time() + 5, "in both tabs")
+    check_events(tabs, sent)
