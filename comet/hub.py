@@ -34,6 +34,8 @@ no events still tells the client exactly where to resume.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import re
 import threading
@@ -70,15 +72,23 @@ _ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 #: Most channels one subscription may follow: its cursor (every channel's
 #: name and id) must fit a ``Last-Event-ID`` header.
 MAX_CHANNELS = 64
+#: Longest name a channel keeps in a cursor (percent-encoded); a longer
+#: one is named by a hash, so a cursor's size never depends on what users
+#: call things (see :func:`cursor_name`).
+_SHORT_NAME = 32
 #: A channel's name in a cursor: UTF-8, %XX-encoded but for ASCII letters,
-#: digits, ``-`` and ``:`` (so never ``.`` or ``_``, the separators).
-_NAME = r"(?:[A-Za-z0-9:-]|%[0-9A-Fa-f]{2})"
-_PIECE = rf"{_NAME}{{1,2400}}\.\d{{1,20}}-\d{{1,20}}"
+#: digits, ``-`` and ``:`` (so never ``.`` or ``_``, the separators, nor
+#: ``~``), at most _SHORT_NAME characters; or ``~`` and 26 base32 letters.
+_NAME = rf"(?:~[a-z2-7]{{26}}|(?=[A-Za-z0-9:%-]{{1,{_SHORT_NAME}}}\.)(?:[A-Za-z0-9:-]|%[0-9A-Fa-f]{{2}})+)"
+_PIECE = rf"{_NAME}\.\d{{1,20}}-\d{{1,20}}"
 _CURSOR = re.compile(rf"{_PIECE}(?:_{_PIECE}){{0,{MAX_CHANNELS * 2}}}")
-#: Length of the longest cursor a subscription makes (:data:`MAX_CHANNELS`
-#: channels of 200 characters of 4 UTF-8 bytes each, %XX-encoded): what a
-#: server must take as ``Last-Event-ID`` for no list of names to be refused.
-MAX_CURSOR = MAX_CHANNELS * (200 * 12 + 1 + 41) + MAX_CHANNELS - 1
+#: Length of the longest cursor a subscription makes: :data:`MAX_CHANNELS`
+#: pieces of a name (at most _SHORT_NAME characters), ``.`` and an id (two
+#: 20-digit numbers), joined by ``_``: 4,799 characters. What a server takes
+#: as ``Last-Event-ID``; it fits the 8 KB request heads of fast routes
+#: (comet.internals.MAX_HEAD) and of proxies (nginx) with 3 KB left for the
+#: request line and the other headers, whatever users name their channels.
+MAX_CURSOR = MAX_CHANNELS * (_SHORT_NAME + 1 + 41) + MAX_CHANNELS - 1
 _KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-:")
 #: What a cursor of the first format (``<crc32 tag>.<id>`` pieces) named a channel by.
 _OLD_TAG = re.compile(r"[0-9a-z]{1,7}")
@@ -1497,15 +1507,26 @@ def channel_tag(channel: str) -> str:
 def cursor_name(channel: str) -> str:
     """*channel* as it is named in the cursor of a subscription to several
     channels: UTF-8, percent-encoded but for ASCII letters, digits, ``-``
-    and ``:``. Two channels never share one, whatever they are called.
+    and ``:``, if that takes at most 32 characters; else ``~`` and the
+    first 128 bits of the SHA-256 of its UTF-8 name in lowercase base32.
+    Two channels never share one, whatever they are called (``~`` is
+    always encoded in a name; forging a 128-bit collision is out of
+    reach), and a cursor stays short whatever the names.
 
     >>> cursor_name("dm:ann:bob"), cursor_name("room.1"), cursor_name("café_2")
     ('dm:ann:bob', 'room%2E1', 'caf%C3%A9%5F2')
+    >>> cursor_name("a channel name longer than 32 characters")
+    '~ynciz62e7xmesihkzfuegrio5m'
     """
-    if all(c in _KEPT for c in channel):
+    if len(channel) <= _SHORT_NAME and all(c in _KEPT for c in channel):
         return channel
-    return "".join(c if c in _KEPT else "".join([f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")])
-                   for c in channel)
+    encoded = channel.encode("utf-8", "surrogatepass")
+    if len(channel) <= _SHORT_NAME:
+        name = "".join(c if c in _KEPT else "".join([f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")])
+                       for c in channel)
+        if len(name) <= _SHORT_NAME:
+            return name
+    return "~" + base64.b32encode(hashlib.sha256(encoded).digest()[:16]).decode("ascii").rstrip("=").lower()
 
 
 def multi_cursor(ids: dict[str, str]) -> str:
@@ -1564,8 +1585,14 @@ def _cursors(last_id: str | None, channels: Iterable[str]) -> dict[str, tuple[st
     followed = set(channels)
     pieces = [piece.rpartition(".") for piece in last_id.split("_")]
     found: dict[str, tuple[str | None, tuple[int, int] | None]] = {}
+    named: dict[str, str] | None = None  # each followed channel's name in a cursor: the channel
     for name, _, event_id in pieces:
-        channel = _channel_of(name)
+        if name[0] == "~":  # named by a hash: hash the followed channels (once) to find it
+            if named is None:
+                named = {cursor_name(c): c for c in followed}
+            channel = named.get(name)
+        else:  # (a name piece is at most 32 characters: never a channel named by a hash)
+            channel = _channel_of(name)
         if channel in followed:
             assert channel is not None
             found[channel] = (event_id, parse_id(event_id))

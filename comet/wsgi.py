@@ -60,7 +60,7 @@ SINGLE_THREADED = ("this server handles one request at a time per process (gunic
 MULTIPROCESS = ("comet: a stream follows an in-memory Hub in a multi-process server: each process sees only the "
                 "events published in it, so clients miss the others'. Use comet.backends.redis.RedisHub, or one process")
 
-_MAX_ID = MAX_CURSOR  # the cursor of any channels a subscription may follow fits
+_MAX_ID = MAX_CURSOR  # any cursor a subscription makes (under 5 KB, so it fits an 8 KB request head)
 _QUERY_KEY = "last_event_id"
 
 StartResponse = Callable[..., Any]

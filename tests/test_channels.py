@@ -7,6 +7,8 @@ is reported per channel. On both hubs, every transport, decorated handlers
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import itertools
 import json
 import random
@@ -21,7 +23,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from comet import GAP, Hub, comet
 from comet.errors import InvalidEvent, InvalidEventId
 from comet.framing import TaggedEvent
-from comet.hub import MAX_CHANNELS, MultiSubscription, _cursors, channel_tag, is_multi_cursor, multi_cursor
+from comet.hub import (MAX_CHANNELS, MAX_CURSOR, MultiSubscription, _cursors, channel_tag, cursor_name, is_multi_cursor,
+                       multi_cursor, parse_id)
 from comet.testing import SSEParser, StreamClient, http_get, wait_until
 
 from conftest import RawStream, settle
@@ -153,12 +156,13 @@ def test_bad_channel_lists_and_cursors_are_refused_before_anything_is_held(hub):
         with pytest.raises(InvalidEvent):
             hub.subscribe(bad)
     for cursor in ("nonsense", "x.1-1_", "a.b.1-1", "a%G1.1-1", "a%4.1-1", "\u00e9.1-1", "a_b.1-1", "a.1-1-1",
-                   "a.1-1_" * 200 + "a.1-1"):
+                   "a.1-1_" * 200 + "a.1-1", "a" * 33 + ".1-1", "%C3%A9" * 5 + "abc.1-1", "~" + "a" * 25 + ".1-1",
+                   "~" + "a" * 27 + ".1-1", "~" + "A" * 26 + ".1-1", "~" + "a" * 25 + "1.1-1", "~.1-1"):
         with pytest.raises(InvalidEventId):
-            hub.subscribe(["a", "b"], last_id=cursor)
-    for future in (f"a.{hub.epoch}-99", f"{channel_tag('a')}.{hub.epoch}-99"):
+            hub.subscribe(["a", "b" * 40], last_id=cursor)
+    for future in (f"a.{hub.epoch}-99", f"{channel_tag('a')}.{hub.epoch}-99", f"{cursor_name('b' * 40)}.{hub.epoch}-99"):
         with pytest.raises(InvalidEventId, match="future"):
-            hub.subscribe(["a", "b"], last_id=future)
+            hub.subscribe(["a", "b" * 40], last_id=future)
     assert hub.subscriptions == 0 and hub.channels() == []
 
 
@@ -541,13 +545,58 @@ def test_the_cursor_names_each_channel_by_its_name_percent_encoded():
     assert _cursors(cursor, ["room.1", "y"]) == {"room.1": ("1-2", (1, 2))}
 
 
+def sha_name(channel: str) -> str:
+    return "~" + base64.b32encode(hashlib.sha256(channel.encode("utf-8", "surrogatepass")).digest()[:16]).decode() \
+        .rstrip("=").lower()
+
+
+def test_a_name_longer_than_32_characters_encoded_is_named_by_a_hash():
+    """A cursor's size cannot depend on what users call things: a piece is
+    at most 32 characters of name (or ``~`` and 26 of hash), ``.`` and an id."""
+    for kept in ("a" * 32, "é" * 5 + "ab", "~" * 10 + "ab", "%" * 10 + "ab"):
+        assert len(cursor_name(kept)) == 32 and cursor_name(kept)[0] != "~"
+    for long in ("a" * 33, "é" * 5 + "abc", "~" * 11, "😀" * 200, "\ud800" * 4, "room.1" * 6):
+        assert cursor_name(long) == sha_name(long) and len(sha_name(long)) == 27
+    assert len({cursor_name(c) for c in ("a" * 33, "a" * 34, "b" * 33)}) == 3
+    cursor = multi_cursor({"a" * 32: "1-2", "a" * 33: "3-4"})
+    assert cursor == f"{'a' * 32}.1-2_{sha_name('a' * 33)}.3-4"
+    assert _cursors(cursor, ["a" * 33, "a" * 32]) == {"a" * 32: ("1-2", (1, 2)), "a" * 33: ("3-4", (3, 4))}
+    assert _cursors(cursor, ["a" * 34]) == {}  # another long name: not named
+
+
+def test_a_name_that_looks_like_a_hash_is_not_the_channel_of_that_hash(any_hub):
+    """``~`` is always encoded in a name piece: a user who names a channel
+    after another channel's hash gets a piece of its own (``%7E...``)."""
+    hub = any_hub
+    long = "lobby:" + "ü" * 40
+    lookalike = cursor_name(long)  # "~<26 letters>", the long channel's piece name, as a channel name
+    assert lookalike[0] == "~" and cursor_name(lookalike) == "%7E" + lookalike[1:]
+    sub = hub.subscribe([long, lookalike])
+    sub.start()
+    hub.publish(long, "l1")
+    hub.publish(lookalike, "k1")
+    got = take_until(sub, 2)
+    sub.close()
+    assert [(e.channel, e.data) for e in got] == [(long, "l1"), (lookalike, "k1")]
+    hub.publish(lookalike, "k2")
+    hub.publish(long, "l2")
+    back = hub.subscribe([lookalike, long], last_id=got[0].id)  # long after l1, the lookalike before k1
+    assert by_channel(take_until(back, 3)) == {lookalike: ["k1", "k2"], long: ["l2"]}
+    back.close()
+    at = {long: parse_id(hub.last_id(long)), lookalike: parse_id(hub.last_id(lookalike))}
+    only_hash = f"{lookalike}.{hub.last_id(long)}"  # the hash's piece resumes the long channel only
+    assert _cursors(only_hash, [long, lookalike]) == {long: (hub.last_id(long), at[long])}
+    only_name = f"%7E{lookalike[1:]}.{hub.last_id(lookalike)}"
+    assert _cursors(only_name, [long, lookalike]) == {lookalike: (hub.last_id(lookalike), at[lookalike])}
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.text(st.characters(blacklist_characters="\r\n\x00"), min_size=1, max_size=200),
                        st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), min_size=1,
                        max_size=MAX_CHANNELS))
 def test_property_any_channel_names_make_a_cursor_that_gives_each_channel_its_own_id(ids):
     cursor = multi_cursor({channel: f"{e}-{s}" for channel, (e, s) in ids.items()})
-    assert is_multi_cursor(cursor)
+    assert is_multi_cursor(cursor) and len(cursor) <= MAX_CURSOR
     assert _cursors(cursor, list(ids)) == {channel: (f"{e}-{s}", (e, s)) for channel, (e, s) in ids.items()}
 
 
@@ -672,10 +721,14 @@ def test_the_shoutbox_a_name_forged_to_collide_with_the_room_breaks_nobody(comet
         assert [json.loads(e.data)["text"] for e in stream.events if e.name == "pm"] == ["third"]
 
 
-def test_the_longest_cursor_resumes_over_http(comet_cherrypy, hub):
-    """64 channels of 200 characters that all need encoding: a cursor of
-    about 160 KB, still one Last-Event-ID header that resumes each."""
-    channels = [f"{n:02d}" + "😀" * 198 for n in range(MAX_CHANNELS)]
+@pytest.mark.parametrize("route", ["handler", "fast"])
+def test_the_longest_cursor_resumes_every_channel_over_http(comet_cherrypy, hub, route):
+    """64 channels, half at the longest name a cursor keeps (32 characters
+    encoded), half of 200 emoji (named by a hash, 27 characters), ids padded
+    to 20 digits: within 160 characters of the longest cursor (MAX_CURSOR),
+    one Last-Event-ID header inside the 8 KB head a fast route reads, and
+    it resumes every channel."""
+    channels = [f"{n:02d}" + "é" * 5 for n in range(32)] + [f"{n:02d}" + "😀" * 198 for n in range(32)]
 
     class Root:
         @cherrypy.expose
@@ -683,15 +736,26 @@ def test_the_longest_cursor_resumes_over_http(comet_cherrypy, hub):
         def events(self, last_event_id=None):
             return hub.subscribe(channels, last_id=last_event_id)
 
+    if route == "fast":
+        from comet.cherrypy_tool import engine_plugin
+
+        engine_plugin().route("/events", hub, channels, transport="sse", heartbeat=1)
+        Root = type("Root", (), {})  # type: ignore[misc]
     server = comet_cherrypy(Root())
     with StreamClient(server.url + "/events") as client:
         wait_until(lambda: hub.subscriptions == 1, what="subscribed")
-        hub.publish(channels[-1], "last")
-        [event] = client.wait_for(1)
-    assert event.channel == channels[-1] and len(event.id) > 150_000
-    away = [channels[-1], channels[0], channels[31]]  # (each event carries the 160 KB cursor: a few)
-    for channel in away:
+        for channel in channels:
+            hub.publish(channel, "before")
+        got = client.wait_for(MAX_CHANNELS)
+    assert [(e.channel, e.data) for e in got] == [(c, "before") for c in channels]
+    assert len(got[-1].id) < MAX_CURSOR  # (real ids are shorter than 20 digits)
+    cursor = multi_cursor({c: "%020d-%020d" % parse_id(hub.last_id(c)) for c in channels})
+    where = {c: key for c, (_, key) in _cursors(got[-1].id, channels).items()}
+    assert len(cursor) == MAX_CURSOR - 32 * 5 and {c: key for c, (_, key) in _cursors(cursor, channels).items()} == where
+    for channel in channels[::-1]:
         hub.publish(channel, "while away")
-    with StreamClient(server.url + "/events", last_event_id=event.id) as client:
-        got = client.wait_for(3)
-    assert [(e.channel, e.data) for e in got] == [(c, "while away") for c in away]
+    with StreamClient(server.url + "/events", last_event_id=cursor) as client:
+        again = client.wait_for(MAX_CHANNELS)
+    assert [(e.channel, e.data) for e in again] == [(c, "while away") for c in channels[::-1]]
+    assert len(again[0].id) < MAX_CURSOR and _cursors(again[-1].id, channels) == {
+        c: (hub.last_id(c), parse_id(hub.last_id(c))) for c in channels}
