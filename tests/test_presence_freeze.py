@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cherrypy
 import pytest
 
-from comet import comet
+from comet import BackendUnavailable, comet
 from comet.backends.redis import RedisHub
 from comet.cherrypy_tool import engine_plugin
 from comet.presence import JOIN, LEAVE
@@ -96,6 +96,14 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
             return "pong"
 
         @cherrypy.expose
+        def who(self):  # a page that shows who is in the room (docs/presence.md)
+            try:
+                return ",".join(sorted(hub.members("room:0")))
+            except BackendUnavailable:
+                cherrypy.response.status = 503
+                return "try again"
+
+        @cherrypy.expose
         @comet(transport="sse", heartbeat=1)
         def join(self, me, room):
             return hub.subscribe(room, member=me)
@@ -123,6 +131,7 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
     stop = threading.Event()
     frozen_at = thawed_at = 0.0
     ahead: list[tuple[float, float, int]] = []  # (at, seconds, status)
+    asked: list[tuple[float, float, int]] = []  # members() pages: (at, seconds, status)
     started = time.monotonic()
 
     def join(n: int) -> None:
@@ -151,6 +160,19 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
             t0 = time.monotonic()
             status = http_get(server.url + "/ping", timeout=8)[0]
             probes.append(("page", at, time.monotonic() - t0, status))
+            for what, path in (("fast stream", "/fast/watch"), ("handler stream", "/watch")):
+                sock, status, took = open_stream(server.url + path)
+                probes.append((what, at, took, status))
+                if sock is not None:
+                    sock.close()
+            stop.wait(0.2)
+
+    def ask() -> None:  # what needs Redis: answered, or refused within the bound
+        while not stop.is_set():
+            at = time.monotonic() - started
+            t0 = time.monotonic()
+            status = http_get(server.url + "/who", timeout=8)[0]
+            asked.append((at, time.monotonic() - t0, status))
             # A cursor ahead of this process's mirror (as one from another
             # process may be): read from Redis without holding the room's
             # lock, so the room's other streams go on; a 503 while frozen.
@@ -159,11 +181,6 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
             ahead.append((at, took, status))
             if sock is not None:
                 sock.close()
-            for what, path in (("fast stream", "/fast/watch"), ("handler stream", "/watch")):
-                sock, status, took = open_stream(server.url + path)
-                probes.append((what, at, took, status))
-                if sock is not None:
-                    sock.close()
             stop.wait(0.2)
 
     def seen_more() -> bool:
@@ -171,7 +188,7 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
         seen.extend(got)
         return bool(got)
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (joiner, probe, probe)]
+    threads = [threading.Thread(target=f, daemon=True) for f in (joiner, probe, probe, ask)]
     for thread in threads:
         thread.start()
     forgot: list[object] = []
@@ -209,10 +226,14 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
     during = [p for p in probes if frozen_at <= p[1] <= thawed_at]
     print(f"\nfroze at {frozen_at:.2f} s, thawed at {thawed_at:.2f} s; {len(opened)} member streams "
           f"({len(opened) / elapsed:.0f}/s) {dict(statuses)}, slowest {slowest_member:.2f} s; "
-          f"{len(probes)} probes ({len(during)} during the freeze), worst {dict(worst)}; forget: {forgot!r}")
+          f"{len(probes)} probes ({len(during)} during the freeze), worst {dict(worst)}; members() pages "
+          f"{collections.Counter(a[2] for a in asked)} worst {max(a[1] for a in asked):.2f} s; cursors ahead "
+          f"{collections.Counter(a[2] for a in ahead)} worst {max(a[1] for a in ahead):.2f} s; forget: {forgot!r}")
     slow = [p for p in probes if p[2] > PAGE_BOUND or p[3] != 200]
     assert not slow, f"plain pages / streams without a member slower than {PAGE_BOUND} s: {slow[:10]}"
     assert len(during) >= 3 * FREEZE, "too few probes during the freeze"
+    slow = [a for a in asked if a[1] > MEMBER_BOUND or a[2] not in (200, 503)]
+    assert not slow, f"a page asking members() neither answered nor refused within {MEMBER_BOUND} s: {slow[:10]}"
     late = [a for a in ahead if a[1] > MEMBER_BOUND or a[2] not in (400, 503)]
     assert not late, f"a cursor ahead of the mirror neither refused with 400 (from the future) nor 503: {late[:10]}"
     assert any(status == 503 for _, _, status in ahead), f"no cursor ahead was read while Redis was frozen: {ahead}"

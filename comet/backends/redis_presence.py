@@ -549,8 +549,8 @@ class RedisPresence(Presence):
         self.start()  # a process that asks sweeps too
         hub = self.redis_hub
         key = presence_keys(hub.prefix, hub._cluster, hub._key(channel), channel)[0]
-        try:
-            raw = cast("dict[bytes, bytes]", hub.redis.hgetall(key))
+        try:  # (a page may ask while it renders: a stalled Redis costs it LOAD_TIMEOUT at most)
+            raw = cast("dict[bytes, bytes]", hub._loader.hgetall(key))
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot read the members of {channel!r}: Redis at {hub._where} "
                                      f"is unreachable ({exc})") from exc
