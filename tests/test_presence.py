@@ -294,6 +294,43 @@ def test_a_join_pushed_after_a_forget_does_not_recreate_the_channel(hubs):
     later.close()
 
 
+def test_a_join_from_a_process_that_missed_the_forget_is_refused(hubs, comet_redis, prefix):
+    """Process b has not yet read a's forget of "game" (its reader is held
+    back here) when ann joins it on b: b's push comes from a mirror of the
+    forgotten stream, so Redis refuses it until b reads the forget; then b
+    drops its mirror, ann's stream ends, and nothing recreated the game."""
+    import redis
+
+    a, b = hubs(idle=0.2, presence_grace=GRACE), hubs(idle=0.2, presence_grace=GRACE)
+    a.publish("game", "started")
+    follower = b.subscribe("game")
+    wait_until(lambda: b.history("game") != [], what="b's mirror of the game")
+    held, forgotten = threading.Event(), b._forgotten_elsewhere
+
+    def later(channel, last):
+        held.wait(10)  # b's reader reads the forget only when the test says so
+        forgotten(channel, last)
+
+    b._forgotten_elsewhere = later
+    admin = redis.Redis.from_url(comet_redis.url)
+    try:
+        assert a.forget("game") is True
+        ann = b.subscribe("game", member="ann")
+        time.sleep(3 * 0.25)  # several of b's pushes, refused
+        assert not admin.exists(prefix + "game"), "a late join recreated the forgotten game"
+        assert a.members("game") == {}
+        held.set()
+        wait_until(lambda: follower.take() is not None and follower.ended and ann.take() is not None and ann.ended,
+                   what="b's streams of the game to end")
+        ann.close()
+        follower.close()
+        time.sleep(GRACE + 0.3)
+        assert not admin.exists(prefix + "game") and a.members("game") == {}
+    finally:
+        held.set()
+        admin.close()
+
+
 def test_a_process_lists_only_the_channels_where_it_counts_someone(hubs, comet_redis):
     """Redis keeps, per process, the channels to retire its counts from
     when its lease runs out: lobbies that come and go must not grow it."""
