@@ -23,7 +23,7 @@ import pytest
 
 from comet import GAP, SNAPSHOT, Event, Hub, comet
 from comet.errors import HubClosed, InvalidEvent, InvalidEventId
-from comet.hub import Idle, parse_id
+from comet.hub import MAX_CHANNELS, MAX_CURSOR, Idle, cursor_name, parse_id
 from comet.presence import JOIN, LEAVE
 from comet.testing import wait_until
 
@@ -856,6 +856,35 @@ def test_a_cursor_resumes_channels_whatever_their_names_even_forged_to_collide(h
         by.setdefault(e.channel, []).append(e.data)
     assert by == {twin: ["t1", "t2"], other: ["o1"], room: ["s2"]}
     assert not any(e.name == GAP for e in got)
+
+
+def test_a_cursor_of_64_long_names_stays_short_and_resumes_each_channel_on_every_process(hubs):
+    """Contract D: a name over 32 characters (encoded) is named by a hash,
+    so 64 long non-ASCII names make a cursor under MAX_CURSOR (it fits an
+    8 KB request head) that still resumes every channel exactly, on another
+    process too; a channel named like a hash is a channel of its own."""
+    channels = [f"{n:02d}:" + "ü😀" * 60 for n in range(MAX_CHANNELS - 2)]
+    channels += [cursor_name(channels[0]), "é" * 5 + "ab"]  # "~<hash of the first>" (a %7E piece); 32 characters
+    one = hubs.make()
+    sub = one.subscribe(channels)
+    for channel in channels:
+        one.publish(channel, "before")
+    got = collect(sub, lambda items: len(items) >= MAX_CHANNELS)
+    sub.close()
+    assert sorted(e.channel for e in got) == sorted(channels)
+    assert all(len(e.id) <= MAX_CURSOR for e in got) and MAX_CURSOR < 5000  # (a 160 KB cursor before)
+    seen = {e.channel for e in got[:MAX_CHANNELS // 2]}  # the cursor of the 32nd: half the channels after "before"
+    for channel in channels[::-1]:
+        one.publish(channel, "while away")
+    two = hubs.make() if hubs.redis else one  # another process, where there is one
+    back = two.subscribe(channels[::-1], last_id=got[MAX_CHANNELS // 2 - 1].id)
+    again = collect(back, lambda items: len(items) >= MAX_CHANNELS + MAX_CHANNELS // 2)
+    again += upto_marker(two, back, channels[1])  # and nothing more
+    back.close()
+    by: dict = {}
+    for e in again:
+        by.setdefault(e.channel, []).append(e.data)
+    assert by == {c: ["while away"] if c in seen else ["before", "while away"] for c in channels}
 
 
 def test_a_subscriber_too_slow_while_subscribed_gets_the_gap_and_a_snapshot(hubs):
