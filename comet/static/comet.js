@@ -199,9 +199,12 @@
    * channel, joined by "_" (comet.hub.MultiSubscription), where <name> is the
    * channel's name percent-encoded (all but ASCII letters, digits, "-" and
    * ":"), so "." and "_" never occur in it: split on "_", then each piece at
-   * its last ".". Older servers wrote a CRC-32 tag (base 36) as the name,
-   * which parses the same way. A map name -> [epoch, seq], or null. */
-  const PIECE = /^([A-Za-z0-9:%-]*)\.(\d+)-(\d+)$/;
+   * its last ".". A name over 32 characters is "~" and 26 letters of its
+   * hash instead ("~" in a name is always "%7E"): kept as is, after a NUL
+   * (no channel name has one), so it never meets a name. Older servers wrote
+   * a CRC-32 tag (base 36) as the name, which parses the same way. A map
+   * name -> [epoch, seq], or null. */
+  const PIECE = /^(~[a-z2-7]{26}|[A-Za-z0-9:%-]*)\.(\d+)-(\d+)$/;
   function cursorPieces(id) {
     if (typeof id !== "string" || id.indexOf(".") < 0) return null;
     const pieces = new Map();
@@ -209,7 +212,7 @@
       const m = PIECE.exec(piece);
       if (!m) return null;
       let name;
-      try { name = decodeURIComponent(m[1]); } catch (e) { return null; }
+      try { name = m[1][0] === "~" ? "\0" + m[1] : decodeURIComponent(m[1]); } catch (e) { return null; }
       if (pieces.has(name)) return null;
       pieces.set(name, [BigInt(m[2]), BigInt(m[3])]);
     }

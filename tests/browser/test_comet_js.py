@@ -84,6 +84,10 @@ check("cursors name their channels, percent-encoded; old CRC tags still parse", 
   eq(pieces("a.b.1-3"), null);           // a raw "." in a name: not a cursor
   eq(pieces("a%ZZ.1-3"), null);          // bad percent-encoding
   eq(pieces("a.1-3_a.1-4"), null);       // one channel twice
+  const hash = "~abcdefghijklmnopqrstuvwxyz";  // a long name's hash, and a channel named so (%7E): two channels
+  eq(pieces(hash + ".1-2_%7E" + hash.slice(1) + ".1-3"), [["\0" + hash, ["1", "2"]], [hash, ["1", "3"]]]);
+  eq(Comet.compareIds("a.1-3_" + hash + ".1-2", "a.1-3_" + hash + ".1-1"), 1);
+  eq(pieces(hash + "2.1-2"), null);      // a hash is 26 letters
   const sse = (id, data) => Comet.sseEvent({lastEventId: id, type: "message", data: data});
   eq(sse("shouts.1-3_dm:ann:bob.1-0", '{"channel":"dm:ann:bob","data":1}'),
      {id: "shouts.1-3_dm:ann:bob.1-0", event: "message", data: 1, channel: "dm:ann:bob"});
