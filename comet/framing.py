@@ -66,6 +66,17 @@ named event, so plain ``EventSource`` pages are unaffected, and comet.js
 listens for it. Its bytes depend on the interval only, and are cached per
 interval.
 
+A stream opened "from now" has no event id until its first event: a client
+whose connection died before then would resume "from now" too, and miss
+what was published while it was away (on a quiet channel, the common case).
+So an SSE heartbeat also carries the stream's cursor, when the server knows
+one the client has not been given (no event yet, or events a view left
+out): ``event: comet.heartbeat``, ``id: <cursor>``, ``data: <seconds>``.
+Per the spec, an ``id`` field sets ``EventSource``'s ``lastEventId`` even
+for a named event no one listens to, so a native reconnect resumes there
+too. The announcement after the preamble carries it when the cursor is
+known then. A heartbeat with no cursor to tell is the cached bytes above.
+
 Streams of several channels
 ---------------------------
 Events of a subscription to several channels (:class:`TaggedEvent`) say
@@ -485,27 +496,33 @@ class Framing:
     #: Keep-alive bytes for an idle stream (see the module docstring; on
     #: SSE, at the default interval: they say the interval, see :meth:`beat`).
     heartbeat = b""
+    #: Its heartbeat can carry the stream's cursor (SSE: see the module
+    #: docstring), so a stream should say it to :meth:`beat`.
+    beats_cursor = False
 
     def boundary(self, fixed: str | None = None) -> str:
         """The multipart boundary of one response ("" for other transports)."""
         return ""
 
-    def beat(self, boundary: str = "", interval: float | None = None) -> bytes:
+    def beat(self, boundary: str = "", interval: float | None = None, cursor: str | None = None) -> bytes:
         """Keep-alive bytes for an idle stream now: :attr:`heartbeat`, except
         on multipart, where they depend on what was written (:class:`Boundary`),
-        and on SSE, where they say the *interval* (seconds; required there)."""
+        and on SSE, where they say the *interval* (seconds; required there)
+        and, if given, the stream's *cursor* (see :attr:`beats_cursor`)."""
         return self.heartbeat
 
     def content_type(self, boundary: str = "", chunked_type: str | None = None) -> str:
         """The response ``Content-Type`` header value."""
         return "application/json; charset=utf-8"
 
-    def preamble(self, retry: int | None = None, boundary: str = "", heartbeat: float | None = None) -> bytes:
+    def preamble(self, retry: int | None = None, boundary: str = "", heartbeat: float | None = None,
+                 cursor: str | None = None) -> bytes:
         """First body bytes of a stream. WSGI servers (cheroot included) send
         the response headers only with the first non-empty body chunk, so
         without these a client would not see the stream open until the first
         event or heartbeat. On SSE, with *heartbeat* (seconds), the
-        announcement of the interval follows at once."""
+        announcement of the interval follows at once (with *cursor*, if
+        given: see :meth:`beat`)."""
         return self.heartbeat
 
     def encode(self, item: Any, boundary: str = "", max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
@@ -544,13 +561,18 @@ class Framing:
 class _SSEFraming(Framing):
     name = "sse"
     heartbeat = b"event: comet.heartbeat\ndata: 15\n\n"
+    beats_cursor = True
 
     def __init__(self) -> None:
         self._beats: dict[float, bytes] = {}  # by interval: a server has a few
 
-    def beat(self, boundary: str = "", interval: float | None = None) -> bytes:
+    def beat(self, boundary: str = "", interval: float | None = None, cursor: str | None = None) -> bytes:
         if interval is None:
             raise ValueError("an SSE heartbeat says its interval: pass interval=seconds")
+        if cursor is not None and not _FORBIDDEN.search(cursor):  # (a line break would forge fields)
+            # Rare (once per stream that has a cursor to tell): not cached.
+            return b"event: %s\nid: %s\ndata: %s\n\n" % (
+                HEARTBEAT_EVENT.encode(), cursor.encode("utf-8"), heartbeat_seconds(interval).encode())
         cached = self._beats.get(interval)
         if cached is None:
             cached = b"event: %s\ndata: %s\n\n" % (HEARTBEAT_EVENT.encode(), heartbeat_seconds(interval).encode())
@@ -561,11 +583,12 @@ class _SSEFraming(Framing):
     def content_type(self, boundary: str = "", chunked_type: str | None = None) -> str:
         return "text/event-stream; charset=utf-8"
 
-    def preamble(self, retry: int | None = None, boundary: str = "", heartbeat: float | None = None) -> bytes:
+    def preamble(self, retry: int | None = None, boundary: str = "", heartbeat: float | None = None,
+                 cursor: str | None = None) -> bytes:
         # A comment (and ``retry:`` if set): EventSource ignores it. Then the
         # announcement, a heartbeat event (see the module docstring).
         start = b":ok\n\n" if retry is None else b":ok\nretry: %d\n\n" % retry
-        return start if heartbeat is None else start + self.beat(boundary, heartbeat)
+        return start if heartbeat is None else start + self.beat(boundary, heartbeat, cursor)
 
     def encode(self, item: Any, boundary: str = "", max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> bytes:
         if not isinstance(item, (Event, Part)):
@@ -581,12 +604,13 @@ class _MultipartFraming(Framing):
     def boundary(self, fixed: str | None = None) -> str:
         return Boundary(fixed or new_boundary())
 
-    def preamble(self, retry: int | None = None, boundary: str = "", heartbeat: float | None = None) -> bytes:
+    def preamble(self, retry: int | None = None, boundary: str = "", heartbeat: float | None = None,
+                 cursor: str | None = None) -> bytes:
         # The first delimiter at once: Chromium has no preamble, anything
         # else before it would become (part of) a first part.
         return b"--" + boundary.encode("ascii") + b"\r\n"
 
-    def beat(self, boundary: str = "", interval: float | None = None) -> bytes:
+    def beat(self, boundary: str = "", interval: float | None = None, cursor: str | None = None) -> bytes:
         state = boundary if isinstance(boundary, Boundary) else Boundary(boundary)
         if state.ahead is None:  # a header line of the first part, still open
             return self.heartbeat
@@ -651,24 +675,28 @@ def encode_item(item: Any, transport: str, boundary: str = "", max_bytes: int = 
     return FRAMINGS[transport].encode(item, boundary, max_bytes)
 
 
-def heartbeat(transport: str, interval: float = 15.0) -> bytes:
+def heartbeat(transport: str, interval: float = 15.0, cursor: str | None = None) -> bytes:
     """Keep-alive bytes for an idle stream that beats every *interval*
-    seconds (see the module docstring; on multipart, before the first part).
+    seconds (see the module docstring; on multipart, before the first part);
+    on SSE, with the stream's *cursor* if given.
 
     >>> heartbeat("sse", 0.5), heartbeat("chunked", 0.5)
     (b'event: comet.heartbeat\\ndata: 0.5\\n\\n', b'\\n')
+    >>> heartbeat("sse", 0.5, cursor="1700000000000-0")
+    b'event: comet.heartbeat\\nid: 1700000000000-0\\ndata: 0.5\\n\\n'
     """
-    return FRAMINGS[transport].beat("", interval)
+    return FRAMINGS[transport].beat("", interval, cursor)
 
 
-def preamble(transport: str, retry: int | None = None, boundary: str = "", heartbeat: float | None = None) -> bytes:
+def preamble(transport: str, retry: int | None = None, boundary: str = "", heartbeat: float | None = None,
+             cursor: str | None = None) -> bytes:
     """First body bytes of a stream (see :meth:`Framing.preamble`): on SSE,
-    with *heartbeat*, its announcement included.
+    with *heartbeat*, its announcement included (and *cursor*, if given).
 
     >>> preamble("sse", heartbeat=15)
     b':ok\\n\\nevent: comet.heartbeat\\ndata: 15\\n\\n'
     """
-    return FRAMINGS[transport].preamble(retry, boundary, heartbeat)
+    return FRAMINGS[transport].preamble(retry, boundary, heartbeat, cursor)
 
 
 def longpoll_item(item: Any) -> str:

@@ -296,6 +296,7 @@ class Parking:
         self._abandoned = False
         self._channel: str | None = None
         self._first_opened: Subscription | list[Subscription] | None = None  # what its first step subscribed to
+        self._cursor: str | None = None  # of an Idle tick its first step passed on
         if isinstance(items, Subscription):
             self._sub = items
             self._channel = items.channel
@@ -378,7 +379,9 @@ class Parking:
             return
         if sub is not None:
             self._channel = sub.channel
-        if value is not None and value.__class__ is not Idle:
+        if value.__class__ is Idle:
+            self._cursor = value.last_id  # (a generator that starts with ``yield from`` a subscription)
+        elif value is not None:
             self._first.append(value)
 
     def _deliver(self, outcome: tuple[str, Any, Subscription | None], stream: ParkedStream) -> None:
@@ -436,7 +439,15 @@ class Parking:
         stream.context = self.context
         stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
         self.admission.served_by(stream)
-        start = options.framing.preamble(options.retry, self.boundary, options.heartbeat)
+        # The stream's cursor in its announcement when the client has none
+        # yet (comet.framing): a reconnect a second later resumes there.
+        cursor = self._sub.last_id if self._sub is not None else self._cursor
+        stream.known = self._cursor
+        if cursor is not None and cursor != self.resume_id and options.framing.beats_cursor:
+            stream.given = cursor
+        else:
+            cursor = None
+        start = options.framing.preamble(options.retry, self.boundary, options.heartbeat, cursor)
         if head or start:
             stream.queue(head + ((_chunk(start) if chunked else start) if start else b""))
         if self._sub is not None:

@@ -84,6 +84,11 @@ class Stream:
         self._idles: dict[int, tuple[Subscription, float]] = {}  # the handler's subscriptions, their own idle
         self.disconnected = False
         self._channel: str | None = items.channel if isinstance(items, Subscription) else None
+        #: The last id the client was given, and where the handler stands (its
+        #: last Idle tick's cursor): SSE heartbeats tell the second when it
+        #: differs (see comet.framing).
+        self._given = resume_id
+        self._cursor: str | None = items.last_id if isinstance(items, Subscription) else None
 
     @property
     def channel(self) -> str | None:
@@ -105,7 +110,10 @@ class Stream:
         if isinstance(self._items, Subscription):
             return  # validated when it was created; pulling now would start thread-mode iteration
         try:
-            self._pending.append(self._next())
+            first = self._next()
+            self._pending.append(first)
+            if first.__class__ is Idle:
+                self._cursor = first.last_id  # (told in the preamble)
             self._see_channel()
         except StopIteration:
             self._stopping = True
@@ -118,6 +126,9 @@ class Stream:
     def __next__(self) -> bytes:
         if self._preamble:
             chunk, self._preamble = self._preamble, b""
+            cursor = self._untold()
+            if cursor is not None:
+                chunk = self._framing.preamble(self.options.retry, self.boundary, self.options.heartbeat, cursor)
             return self._count(chunk)
         while True:
             if self._closed or self._stopping:
@@ -126,13 +137,19 @@ class Stream:
                 self._wake_by(self._last_write + self.options.heartbeat)
             item = self._pull()
             if item is None or item.__class__ is Idle:
+                if item is not None:
+                    self._cursor = item.last_id
                 now = time.monotonic()
                 if self._expired(now):
                     raise StopIteration
-                if now - self._last_write >= self.options.heartbeat and self._heartbeat_bytes:
+                due = now - self._last_write >= self.options.heartbeat
+                # A first cursor is told at once, not a heartbeat later.
+                if self._heartbeat_bytes and (due or (self._given is None and self._cursor is not None
+                                                      and self._framing.beats_cursor)):
                     self._last_write = now
-                    self._pool.counters.add("heartbeats")
-                    return self._count(self._framing.beat(self.boundary, self.options.heartbeat))
+                    if due:
+                        self._pool.counters.add("heartbeats")
+                    return self._count(self._framing.beat(self.boundary, self.options.heartbeat, self._untold()))
                 continue
             try:
                 data = self._framing.encode(item, self.boundary, self.options.max_event_bytes)
@@ -143,6 +160,8 @@ class Stream:
                 self._stopping = True
                 raise StopIteration from None
             self._last_write = time.monotonic()
+            if isinstance(item, Event) and item.id is not None:
+                self._given = item.id
             self._pool.counters.add("items")
             return self._count(data)
 
@@ -157,6 +176,15 @@ class Stream:
         if self._channel is None:
             self._see_channel()
         return item
+
+    def _untold(self) -> str | None:
+        """The handler's cursor, if the client has not been given it (SSE
+        only); it counts as given from now on."""
+        cursor = self._cursor
+        if cursor is None or cursor == self._given or not self._framing.beats_cursor:
+            return None
+        self._given = cursor
+        return cursor
 
     def _wake_by(self, due: float) -> None:
         """Bound the next wait of the subscriptions this thread may block on

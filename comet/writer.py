@@ -86,7 +86,7 @@ class ParkedStream:
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
                  "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "news", "hint", "shut",
-                 "framing", "context", "handshake", "paused", "earlier", "timer", "__weakref__")
+                 "framing", "context", "handshake", "paused", "earlier", "timer", "given", "known", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
                  deadline: float | None, max_bytes: int, admission: Admission, *, sub: Subscription | None = None,
@@ -142,6 +142,12 @@ class ParkedStream:
         self.earlier: list[Subscription] | None = None
         #: Its entry in the writer's timer heap, ``[due, serial, stream]``.
         self.timer: list[Any] | None = None
+        #: The last id its client was given (its resume id, an event's, a
+        #: heartbeat's): SSE heartbeats tell a cursor past it (comet.framing).
+        self.given = cursor
+        #: Where a generator that is not read in place stands: the cursor of
+        #: the last ``Idle`` tick it passed on (None: it passed none).
+        self.known: str | None = None
 
     def bounded(self) -> bool:
         """Read in place of its stream from a latest-value subscription: when
@@ -442,7 +448,7 @@ class Writer:
         each. Everything else goes through _feed, or (a generator that
         transforms events) gets a step.
         """
-        shared: dict[tuple[int, str], tuple[int, bytes, int, str]] = {}
+        shared: dict[tuple[int, str], tuple[int, bytes, int, str, str | None]] = {}
         now = time.monotonic()
         items = sent_bytes = 0
         for stream in streams:
@@ -470,12 +476,14 @@ class Writer:
                     log.error("comet: ending parked %s stream, cannot encode: %s", stream.transport, exc)
                     self._finish(stream)
                     continue
-                hit = shared[key] = (sub.cursor, data, len(taken), sub.last_id)
+                hit = shared[key] = (sub.cursor, data, len(taken), sub.last_id, _last_event_id(taken))
             else:
                 sub._jump(hit[0], hit[3])
             data = hit[1]
             if not data:
                 continue
+            if hit[4] is not None:
+                stream.given = hit[4]
             items += hit[2]
             try:
                 sent = stream.sock.send(data)
@@ -548,6 +556,8 @@ class Writer:
                 log.error("comet: ending parked %s stream, cannot encode %r: %s", stream.transport, type(item).__name__, exc)
                 self._finish(stream)  # headers are out: end cleanly rather than write something malformed
                 return
+            if isinstance(item, Event) and item.id is not None:
+                stream.given = item.id
         self.pool.counters.add("items", len(items))
         self._flush(stream)
 
@@ -622,6 +632,16 @@ class Writer:
             self._end(stream)
         # Anything else is a pipelined request we will never answer; ignore it.
 
+    def _tell_cursor(self, stream: ParkedStream) -> None:
+        """A heartbeat carrying the stream's cursor now, if its client has
+        not been given it: a reconnect a moment later then resumes there."""
+        cursor = _untold(stream)
+        if cursor is None or stream.done or stream.closing:
+            return
+        beat = stream.framing.beat(stream.boundary, stream.heartbeat, cursor)
+        stream.queue(_chunk(beat) if stream.chunked else beat)
+        self._flush(stream)
+
     # -- timers -----------------------------------------------------------------
 
     def _schedule(self, stream: ParkedStream, now: float = 0.0) -> None:
@@ -673,7 +693,8 @@ class Writer:
                     self._finish(stream)
                 continue
             if stream.beat and stream.longpoll is None and now - stream.last_write >= stream.heartbeat and not stream.out:
-                beat = stream.framing.beat(stream.boundary, stream.heartbeat)  # multipart: depends on what was written
+                cursor = _untold(stream) if stream.framing.beats_cursor else None
+                beat = stream.framing.beat(stream.boundary, stream.heartbeat, cursor)  # multipart: depends on what was written
                 stream.queue(_chunk(beat) if stream.chunked else beat)
                 self.pool.counters.add("heartbeats")
                 self._flush(stream)
@@ -699,6 +720,7 @@ class Writer:
         produced = 0
         outcome: str = "again"
         value: Subscription | None = None
+        cursor: str | None = None  # of the last Idle tick the generator passed on
         context = stream.context if enter else None
         with cooperative(step), (context() if context is not None else nullcontext()):
             while True:
@@ -715,8 +737,10 @@ class Writer:
                     outcome = "failed"
                     break
                 if item is None or item.__class__ is Idle:
-                    if item is not None and stream.longpoll is not None:
-                        self._post(stream, "cursor", item.last_id)
+                    if item is not None:
+                        cursor = item.last_id
+                        if stream.longpoll is not None:
+                            self._post(stream, "cursor", cursor)
                     if step.blocked is not None:
                         outcome, value = "waiting", step.blocked
                         break
@@ -735,7 +759,7 @@ class Writer:
         if outcome == "waiting":
             assert value is not None
             direct = _delegates_to(gen, value)
-            self._post(stream, "waiting", (value, direct))
+            self._post(stream, "waiting", (value, direct, cursor))  # (its cursor after its items: in order)
         elif outcome == "again":
             self._post(stream, "again", step.blocked)
         else:
@@ -778,13 +802,17 @@ class Writer:
             if kind != "waiting" and value is not None:
                 stream.owns(value)  # the subscription the step waited on in place
             if kind == "waiting":
-                sub, direct = value
+                sub, direct, cursor = value
                 stream.waits_on(sub)
                 stream.direct = direct
+                if cursor is not None:
+                    stream.known = cursor
                 if stream.done or stream.closing:
                     self._release_generator(stream)
                     continue
                 self._join(stream, sub)
+                if stream.given is None and stream.framing.beats_cursor and stream.longpoll is None:
+                    self._tell_cursor(stream)  # its first cursor: at once, not a heartbeat later
                 if stream.longpoll is not None and stream.entries:
                     self._answer(stream)
                 elif sub._moved():  # moved since the step looked
@@ -899,6 +927,28 @@ class Writer:
 
 
 _SHUT = threading.Lock()
+
+
+def _untold(stream: ParkedStream) -> str | None:
+    """The stream's cursor, if its client has not been given it (a stream
+    opened "from now" before its first event, or events a view left out);
+    it counts as given from now on. Read in place, a subscription's cursor
+    is exact (everything taken is written); a generator's is that of the
+    last ``Idle`` tick it passed on, after the items before it."""
+    sub = stream.sub
+    cursor = sub.last_id if stream.direct and sub is not None else stream.known
+    if cursor is None or cursor == stream.given:
+        return None
+    stream.given = cursor
+    return cursor
+
+
+def _last_event_id(items: Sequence[Any]) -> str | None:
+    """The id the last of *items* that has one gives its client."""
+    for item in reversed(items):
+        if isinstance(item, Event) and item.id is not None:
+            return item.id
+    return None
 
 
 def _queue_answer(stream: ParkedStream) -> None:

@@ -9,6 +9,7 @@ installed), the same ones users get.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -94,6 +95,22 @@ class RawStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def no_cursor(data: bytes) -> bytes:
+    """*data* with the cursor an SSE heartbeat may carry (``id: ...``, when
+    its client has not been given it) left out: for tests of other bytes.
+    tests/test_first_cursor.py checks the cursor itself."""
+    return re.sub(rb"(event: comet\.heartbeat\n)id: [^\n]*\n", rb"\1", data)
+
+
+def chunk_past_cursor(raw: RawStream) -> bytes:
+    """The next chunk of *raw*, past a heartbeat that only tells the
+    stream's cursor (a generator's, once it first waits on a hub)."""
+    chunk = raw.chunk()
+    if chunk.startswith(b"event: comet.heartbeat\nid: "):
+        chunk = raw.chunk()
+    return chunk
 
 
 def read_until(sock: socket.socket, marker: bytes | None, timeout: float = 10.0) -> bytes:

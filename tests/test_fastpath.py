@@ -21,7 +21,7 @@ from comet.cherrypy_tool import engine_plugin
 from comet.fastpath import FastRoutes, StreamRequest
 from comet.testing import CherryPyServer, HTTPStatusError, StreamClient, http_get, wait_until
 
-from conftest import RawStream, open_fds, read_more
+from conftest import RawStream, open_fds, read_more, no_cursor
 
 
 class Root:
@@ -91,7 +91,7 @@ def test_sse_bytes_at_accept(fast):
         assert raw.headers["content-type"] == "text/event-stream; charset=utf-8"
         assert raw.headers["transfer-encoding"] == "chunked" and raw.headers["x-accel-buffering"] == "no"
         assert raw.headers["cache-control"] == "no-cache" and "date" in raw.headers
-        assert raw.chunk() == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
+        assert no_cursor(raw.chunk()) == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
         assert counts(pool) == (1, 0) and pool.parked_streams == 1
         event_id = hub.publish("lobby", "two\nlines", event="join")
         assert raw.chunk() == f"id: {event_id}\nevent: join\ndata: two\ndata: lines\n\n".encode()
@@ -106,7 +106,7 @@ def test_the_middleware_serves_the_same_bytes(fast):
         assert counts(pool) == (1, 1)
         for key in ("content-type", "transfer-encoding", "x-accel-buffering", "cache-control"):
             assert a.headers[key] == b.headers[key], key
-        assert a.chunk() == b.chunk() == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
+        assert no_cursor(a.chunk()) == no_cursor(b.chunk()) == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
         wait_until(lambda: pool.parked_streams == 2, what="both parked")
         hub.publish("lobby", {"n": 1})
         assert a.chunk() == b.chunk()
@@ -182,11 +182,11 @@ def test_multipart_chunked_and_http10(fast):
         data = read_more(sock.recv, data, b"data: 0.5\n\n")
         head, _, body = data.partition(b"\r\n\r\n")
         assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
-        assert body == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
+        assert no_cursor(body) == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
         wait_until(lambda: pool.parked_streams == 1, what="parked")
         event_id = hub.publish("lobby", "plain")
         body = read_more(sock.recv, body, b"data: plain\n\n")
-        assert body == f":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\nid: {event_id}\ndata: plain\n\n".encode()
+        assert no_cursor(body) == f":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\nid: {event_id}\ndata: plain\n\n".encode()
 
 
 def test_path_parameters_pick_the_channel(fast):
@@ -266,7 +266,7 @@ def test_a_keep_alive_connection_can_become_a_stream(fast):
         conn.request("GET", "/events")  # the same socket, back from cheroot's keep-alive selector
         response = conn.getresponse()
         assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
-        assert response.read1(4096) == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
+        assert no_cursor(response.read1(4096)) == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
         wait_until(lambda: pool.parked_streams == 1, what="parked")
         hub.publish("lobby", "kept")
         data = b""
@@ -527,7 +527,7 @@ def test_authorize_sees_headers_cookies_and_the_peer_either_way(comet_cherrypy, 
         seen.clear()
         headers = {"Cookie": 'theme=dark; member="yes"', "Authorization": "Bearer ok", "X-Forwarded-For": "10.1.2.3"}
         with RawStream(f"{server.url}{path}?room=x&room=y&flag", headers=headers) as raw:
-            assert raw.status == 200 and raw.chunk() == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
+            assert raw.status == 200 and no_cursor(raw.chunk()) == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
         [request] = seen
         assert request.path == "/events" and request.params == {}
         assert request.query == {"room": "y", "flag": ""}

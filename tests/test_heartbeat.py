@@ -21,7 +21,7 @@ from comet.cherrypy_tool import engine_plugin
 from comet.testing import StreamClient, http_get, wait_until
 from comet.wsgi import comet_app
 
-from conftest import RawStream
+from conftest import RawStream, no_cursor
 
 HB = 0.5
 #: Longest silence accepted on an idle stream: what comet.js's watchdog
@@ -103,10 +103,11 @@ def gaps(url: str, count: int = BEATS) -> tuple[dict[str, str], bytes, list[floa
         first = raw.chunk()
         last = time.monotonic()
         silences = []
-        for _ in range(count):
-            raw.chunk()
+        while len(silences) < count:
+            told = raw.chunk().startswith(b"event: comet.heartbeat\nid: ")
             now = time.monotonic()
-            silences.append(now - last)
+            if not told:  # (a generator's cursor, told once when it first waits: not on the heartbeat's clock)
+                silences.append(now - last)
             last = now
     return raw.headers, first, silences
 
@@ -115,7 +116,7 @@ def check_kept(results: dict[str, tuple[dict[str, str], bytes, list[float]]]) ->
     for name, (headers, first, silences) in results.items():
         assert headers["comet-heartbeat"] == "0.5", name
         if "sse" in name or name in ("tool", "route"):
-            assert first == ANNOUNCED, name  # the announcement comes with the preamble
+            assert no_cursor(first) == ANNOUNCED, name  # the announcement comes with the preamble
         assert max(silences) < LONGEST, f"{name}: silences {[round(s, 2) for s in silences]} s, heartbeat {HB} s"
         assert min(silences) > HB / 3, f"{name}: heartbeats {silences} s apart, heartbeat {HB} s"
 
@@ -201,7 +202,7 @@ def test_cors_exposes_the_heartbeat_header(comet_cherrypy, hub):
         with RawStream(server.url + path, headers={"Origin": page}) as raw:
             exposed = [h.strip() for h in raw.headers["access-control-expose-headers"].split(",")]
             assert "Comet-Heartbeat" in exposed and raw.headers["comet-heartbeat"] == "0.5", path
-            assert raw.chunk() == ANNOUNCED
+            assert no_cursor(raw.chunk()) == ANNOUNCED
 
 
 def test_redis_hub_streams_keep_the_heartbeat(comet_cherrypy, comet_redis):
