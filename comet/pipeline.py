@@ -440,10 +440,11 @@ class Parking:
         stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
         self.admission.served_by(stream)
         # The stream's cursor in its announcement when the client has none
-        # yet (comet.framing): a reconnect a second later resumes there.
+        # yet (comet.framing): a reconnect a second later resumes there. (A
+        # client that resumed has one; a gap it may get next carries its own.)
         cursor = self._sub.last_id if self._sub is not None else self._cursor
         stream.known = self._cursor
-        if cursor is not None and cursor != self.resume_id and options.framing.beats_cursor:
+        if cursor is not None and self.resume_id is None and options.framing.beats_cursor:
             stream.given = cursor
         else:
             cursor = None

@@ -126,7 +126,7 @@ class Stream:
     def __next__(self) -> bytes:
         if self._preamble:
             chunk, self._preamble = self._preamble, b""
-            cursor = self._untold()
+            cursor = self._untold() if self._given is None else None  # (see comet.pipeline.Parking.park)
             if cursor is not None:
                 chunk = self._framing.preamble(self.options.retry, self.boundary, self.options.heartbeat, cursor)
             return self._count(chunk)

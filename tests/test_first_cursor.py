@@ -247,3 +247,26 @@ def test_an_event_without_id_after_the_cursor_is_still_delivered(comet_cherrypy,
         cursor = client.last_event_id
     assert cursor == hub.last_id(CHANNEL)
     resumes_exactly(server.url + "/events", cursor, three(hub), ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("mode", ["auto", "thread"])
+def test_a_client_that_resumed_gets_no_cursor_before_its_gap(comet_cherrypy, mode):
+    """A client that sent a cursor has one: the announcement stays plain,
+    and the gap (its cursor fell out of the buffer) carries the new id."""
+    small = Hub(buffer_size=3, idle=0.2)
+    try:
+        class Root:
+            @cherrypy.expose
+            @comet(transport="sse", heartbeat=HB, mode=mode)
+            def events(self, last_event_id=None):
+                return small.subscribe(CHANNEL, last_id=last_event_id)
+
+        server = comet_cherrypy(Root())
+        ids = [small.publish(CHANNEL, n) for n in range(6)]
+        with RawStream(server.url + "/events", headers={"Last-Event-ID": ids[0]}) as raw:
+            body = raw.chunk()
+            while b"event: comet.gap" not in body:
+                body += raw.chunk()
+        assert body.startswith(b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\nid: %s\nevent: comet.gap\n" % ids[2].encode())
+    finally:
+        small.close()

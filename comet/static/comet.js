@@ -652,7 +652,17 @@
     _sse(url, gen) {
       const source = new EventSource(withCursor(url, this.lastEventId), { withCredentials: this.options.withCredentials });
       this._source = source;
-      const handler = (e) => { if (this._alive(gen, true)) this._deliver(sseEvent(e)); };
+      // EventSource gives an event with no id of its own the last id this
+      // connection saw (an event's, or a heartbeat's cursor): such an event
+      // is not "already shown", it has no id.
+      let told = "";
+      const handler = (e) => {
+        if (!this._alive(gen, true)) return;
+        const ev = sseEvent(e);
+        if (e.lastEventId === told && e.type !== SNAPSHOT) ev.id = null;  // (a snapshot may carry its gap's id)
+        told = e.lastEventId;
+        this._deliver(ev);
+      };
       let opened = false;
       source.onopen = () => { if (!this._alive(gen, false)) return; opened = true; this._opened(); };
       source.onmessage = handler;
@@ -664,6 +674,7 @@
         // A heartbeat may say the stream's cursor (a stream with no event
         // yet): a reconnect resumes there, not "from now".
         if (e.lastEventId) this._cursor(e.lastEventId);
+        told = e.lastEventId;
         if (this.status !== "open") this._opened();
       });
       source.onerror = () => {
