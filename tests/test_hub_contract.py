@@ -381,6 +381,26 @@ def test_a_latest_value_reader_ends_with_every_key_at_its_newest_value(hubs):
     board.close()
 
 
+def test_a_process_that_follows_a_latest_value_channel_late_knows_every_key(hubs):
+    """A process that starts following a latest-value channel after far more
+    events than it mirrors knows the newest value of every key, as one that
+    followed it from the start: a cursor resumes with the keys changed since
+    it, no gap, however old (the channel's start: every key's value)."""
+    writer = hubs.make(mirror=5)
+    writer.latest("board")
+    first = writer.publish("board", "k2 value", key="k2")
+    ids = [writer.publish("board", n, key=f"k{n % 2}") for n in range(20)]
+    reader = hubs.make(mirror=5) if hubs.redis else writer  # another process (Redis), else the same hub
+    reader.latest("board")
+    back = reader.subscribe("board", last_id=first)
+    assert [(e.name, e.data) for e in collect(back, lambda items: len(items) >= 2)] == [(None, 18), (None, 19)]
+    back.close()
+    assert reader.last_id("board") == ids[-1]
+    start = reader.subscribe("board", last_id=reader.before(first))
+    assert datas(collect(start, lambda items: len(items) >= 3)) == ["k2 value", 18, 19]
+    start.close()
+
+
 # -- forget ----------------------------------------------------------------------------
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import itertools
 import queue
+import signal
 import socket
 import subprocess
 import threading
+import time
 
 import cherrypy
 import pytest
@@ -728,3 +730,99 @@ def test_reading_the_newest_id_from_redis_wakes_local_subscribers(hubs):
     reader.join(1.5)
     assert got and got[0].id == event_id, "the subscriber was not woken by the catch-up"
     sub.close()
+
+
+def _busy_redis(url: str, seconds: float) -> threading.Thread:
+    """Keep Redis busy for *seconds* (a script that spins: every command
+    queues behind it), from a thread; started once it runs."""
+    spin = ("local t = redis.call('TIME'); local stop = t[1] * 1000000 + t[2] + tonumber(ARGV[1]) "
+            "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop return 0")
+    busy = redis.Redis.from_url(url)
+    thread = threading.Thread(target=lambda: (busy.eval(spin, 0, int(seconds * 1_000_000)), busy.close()), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_storm_of_first_subscriptions_to_one_channel_reads_redis_once(hubs, comet_redis):
+    """A reconnect storm into one room: 50 streams open the channel's first
+    subscriptions in this process at once, while Redis is busy (so every one
+    arrives before the history is loaded). One thread reads the history; the
+    others wait for it, and all get the same events."""
+    a, b = hubs(), hubs()
+    ids = [a.publish("room", n) for n in range(20)]
+    admin = redis.Redis.from_url(comet_redis.url)
+
+    def reads() -> int:  # the load script reads the newest events with one XREVRANGE
+        return admin.info("commandstats").get("cmdstat_xrevrange", {}).get("calls", 0)
+
+    assert b.connected or wait_until(lambda: b.connected, what="b's reader connected")
+    before = reads()
+    start = threading.Barrier(51)
+    got: queue.Queue = queue.Queue()
+
+    def open_stream() -> None:
+        start.wait(5)
+        try:
+            sub = b.subscribe("room", last_id=ids[4])
+        except Exception as exc:  # (reported below)
+            got.put(exc)
+            return
+        got.put([e.data for e in drain(sub, 15)])
+        sub.close()
+
+    threads = [threading.Thread(target=open_stream, daemon=True) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    busy = _busy_redis(comet_redis.url, 0.2)
+    start.wait(5)
+    for thread in threads:
+        thread.join(10)
+    busy.join(5)
+    results = [got.get_nowait() for _ in range(50)]
+    assert all(r == list(range(5, 20)) for r in results), [r for r in results if r != list(range(5, 20))][:3]
+    assert reads() - before == 1, "the history was read more than once"
+    assert b.counters["loads"] == 1
+    admin.close()
+
+
+def test_a_load_that_fails_refuses_every_stream_waiting_for_it_with_its_503(hubs, comet_redis, prefix):
+    """Redis stops answering while 20 streams open a channel's first
+    subscriptions at once: one read, and every stream gets the same clear
+    BackendUnavailable (a 503) within the load timeout, none hangs."""
+    from comet.backends.redis import LOAD_TIMEOUT
+
+    server = RedisServer().start()
+    hub = RedisHub(server.url, prefix=prefix)
+    try:
+        hub.publish("room", "x")
+        wait_until(lambda: hub.connected, what="the reader connected")
+        start = threading.Barrier(21)
+        got: queue.Queue = queue.Queue()
+
+        def open_stream() -> None:
+            start.wait(5)
+            began = time.monotonic()
+            try:
+                hub.subscribe("room").close()
+                got.put(("opened", time.monotonic() - began))
+            except BackendUnavailable as exc:
+                got.put((str(exc), time.monotonic() - began))
+
+        threads = [threading.Thread(target=open_stream, daemon=True) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            start.wait(5)
+            for thread in threads:
+                thread.join(10)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        results = [got.get_nowait() for _ in range(20)]
+        assert len({message for message, _ in results}) == 1, results
+        assert "cannot read channel 'room'" in results[0][0]
+        assert max(took for _, took in results) < LOAD_TIMEOUT + 0.5, results
+        assert hub.counters["loads"] == 1
+    finally:
+        hub.close()
+        server.stop()

@@ -96,6 +96,7 @@ import json
 import logging
 import random
 import threading
+import time
 from typing import Any, Callable, Generic, Iterable, TypeVar, cast
 
 import redis
@@ -198,18 +199,47 @@ return publish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[n - 2]), tonumb
 """
 
 # A process starts mirroring a channel. KEYS as _PUBLISH; ARGV: how many
-# events, max_age ms, max_idle ms, bucket. Returns {entries, floor}: the
-# floor (only when no entry qualifies) is a cursor that every later event
-# follows, with no gap unless events it should have seen are gone.
+# events, max_age ms, max_idle ms, bucket, and '1' for a latest-value
+# channel. Returns {entries (newest first), floor, compacted}: the floor
+# (only when no entry qualifies) is a cursor that every later event
+# follows, with no gap unless events it should have seen are gone. A
+# latest-value channel's entries are the last ARGV[1] and, before them, the
+# newest of each key not among those (compacted = 1 when any was left out):
+# the newest value of every key the stream has, as a process that followed
+# it from the start knows them, in one read that sends at most keys + ARGV[1].
 _LOAD = _LIB + """
 local max_age, idle = tonumber(ARGV[2]), tonumber(ARGV[3])
 local min = '-'
 if max_age > 0 then min = string.format('%d', now_ms() - max_age) .. '-0' end
-local entries = redis.call('XREVRANGE', KEYS[1], '+', min, 'COUNT', ARGV[1])
-if #entries > 0 then return {entries, false} end
+local entries = {}
+if ARGV[5] == '1' then
+  local all = redis.call('XREVRANGE', KEYS[1], '+', min)
+  local window = tonumber(ARGV[1])
+  if #all > window then
+    local out, seen, dropped = {}, {}, 0
+    for i = 1, #all do
+      local fields, key, name = all[i][2], nil, nil
+      for f = 1, #fields, 2 do
+        if fields[f] == 'y' then key = fields[f + 1] elseif fields[f] == 'e' then name = fields[f + 1] end
+      end
+      key = key or name or false  -- (false: no key, no name; names are never empty)
+      if i <= window or seen[key] == nil then
+        table.insert(out, all[i])
+        seen[key] = true
+      else
+        dropped = dropped + 1
+      end
+    end
+    return {out, false, dropped > 0 and 1 or 0}
+  end
+  if #all > 0 then return {all, false, 0} end
+else
+  entries = redis.call('XREVRANGE', KEYS[1], '+', min, 'COUNT', ARGV[1])
+  if #entries > 0 then return {entries, false, 0} end
+end
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #newest > 0 then return {entries, newest[1][1]} end
-return {entries, fresh_floor(KEYS[2], ARGV[4], idle, 1)}
+if #newest > 0 then return {entries, newest[1][1], 0} end
+return {entries, fresh_floor(KEYS[2], ARGV[4], idle, 1), 0}
 """
 
 # KEYS[1] stream, KEYS[2] as _PUBLISH, KEYS[3..5] the channel's presence
@@ -406,6 +436,8 @@ class RedisHub(Hub):
         self._deferred: dict[str, str] = {}
         self._batches = _GroupCommit(self._send_batch) if batch_publishes else None
         self.counters.add("round_trips", 0)
+        self.counters.add("loads", 0)  # of a channel's history, at its first use here
+        self._loading: dict[str, _Load] = {}  # channel -> the read of its history under way
         read_timeout = self.block + (options["socket_timeout"] or 5.0)
         # One connection, always the same: CLIENT UNBLOCK must name the one that blocks.
         self._reader_options = {**options, "socket_timeout": read_timeout, "single_connection_client": True}
@@ -808,39 +840,94 @@ class RedisHub(Hub):
     def _activate(self, name: str, ch: _Channel) -> None:
         """Load *name*'s history into the mirror and have the reader follow it.
 
-        The read holds no lock (threads activating the same channel at once
-        each read; the first to finish fills the mirror), and it answers
-        within ``LOAD_TIMEOUT`` or raises: it is on a request's path.
+        One thread reads (the first to come); the others arriving before the
+        mirror is live wait for its read, so a reconnect storm into one room
+        costs Redis one load, not one per stream. No lock is held while
+        waiting or reading, and it answers within ``LOAD_TIMEOUT`` or raises
+        (every waiter gets the reader's error): it is on a request's path.
         """
         if ch.live:
             return
+        with self._lock:
+            load = self._loading.get(name)
+            lead = load is None or load.ch is not ch  # (a load of a channel since forgotten is not this one's)
+            if lead:
+                load = self._loading[name] = _Load(ch)
+        assert load is not None
+        if not lead:
+            # The reader's read is bounded by LOAD_TIMEOUT (its socket's); a
+            # little more here, for its thread to be scheduled, and its own
+            # error, not a timeout of ours, is what everyone gets.
+            if not load.done.wait(max(0.0, load.started + LOAD_TIMEOUT + 0.25 - time.monotonic())):
+                raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} did not answer "
+                                         f"within {LOAD_TIMEOUT} s")
+            if load.error is not None:
+                raise BackendUnavailable(str(load.error))
+            return  # live, or forgotten meanwhile (as after a read of one's own)
+        version = None
+        try:
+            version = self._load(name, ch)
+        except BaseException as exc:
+            load.error = exc
+            raise
+        finally:
+            with self._lock:
+                if self._loading.get(name) is load:
+                    del self._loading[name]
+            load.done.set()  # (before the reader is nudged: the mirror serves from now on)
+        if version is not None:
+            self._nudge(version)
+
+    def _load(self, name: str, ch: _Channel) -> int | None:
+        """The read behind :meth:`_activate` (one thread's per channel at a
+        time); the reader's version to nudge it to, or None."""
         key = self._key(name)
+        self.counters.add("loads")
         try:
             if self._forgets_cursor is None:  # forgets from now on: this mirror starts after them
                 newest = cast("list[_Entry]", self._loader.xrevrange(self._forgets_key, count=1))
                 with self._lock:
                     if self._forgets_cursor is None:
                         self._forgets_cursor = newest[0][0].decode() if newest else "0-0"
-            raw, floor = self._script(self._load_script, [key, self._forgotten_for(key)],
-                                      [self.buffer_size, self._max_age_ms(name),
-                                       round((self.max_idle or 0) * 1000), _bucket(name)], client=self._loader)
+            with ch.cond:
+                latest = ch.latest is not None
+            raw, floor, compacted = self._script(
+                self._load_script, [key, self._forgotten_for(key)],
+                [self.buffer_size, self._max_age_ms(name), round((self.max_idle or 0) * 1000), _bucket(name),
+                 1 if latest else 0], client=self._loader)
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} is unreachable ({exc})") from exc
         # (a script's reply: entries as [id, [field, value, ...]])
         entries: list[_Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reversed(raw)]
         with ch.cond:
             if ch.live or ch.dead:
-                return  # another thread's read filled it meanwhile, or it was forgotten
+                return None  # forgotten meanwhile
             if floor:
                 ch.floor = floor.decode()  # no event (left): where any next one follows
-            self._append(name, ch, entries)  # the oldest entry's predecessor becomes the floor
+            if compacted and ch.latest is not None:
+                self._fill_latest(name, ch, entries)
+            else:
+                self._append(name, ch, entries)  # the oldest entry's predecessor becomes the floor
             ch.live = True
             with self._lock:
                 self._live[key.encode()] = name
                 self._cursors[key.encode()] = ch.tail_id()
                 self._version += 1
-                version = self._version
-        self._nudge(version)
+                return self._version
+
+    def _fill_latest(self, name: str, ch: _Channel, entries: list[_Entry]) -> None:
+        """Fill an empty latest-value mirror from a compacted load (see
+        _LOAD): the newest of each key, then the last ``buffer_size``
+        entries. Each goes into the channel's table of keys; the buffer keeps
+        the last ones, consecutive. The caller holds ``ch.cond``."""
+        oldest = entries[0][1].get(b"p")
+        if oldest is not None and parse_id(oldest.decode()) > parse_id(ch.tail_id()):
+            ch.reset(oldest.decode())  # what the table knows starts there (as with _append)
+        for event_id, fields in entries:
+            ch.append(self._event(name, event_id, fields))
+        window = entries[-min(len(entries), self.buffer_size)][1].get(b"p")
+        if window is not None:  # (not the newest one skipped: what comes before the window is not held)
+            ch.floor = window.decode()
 
     def _forget(self, name: str) -> None:
         # The reader's next XREAD leaves the key out; entries its current one
@@ -1054,6 +1141,19 @@ class RedisHub(Hub):
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
         return f"<RedisHub {self._where} {state} channels={len(self._channels)} subscriptions={self._subscriptions}>"
+
+
+class _Load:
+    """A channel's first read in this process, under way: what the threads
+    that want the channel meanwhile wait for (see ``RedisHub._activate``)."""
+
+    __slots__ = ("ch", "done", "error", "started")
+
+    def __init__(self, ch: _Channel) -> None:
+        self.ch = ch
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
 
 
 _Item = TypeVar("_Item")
