@@ -1015,8 +1015,9 @@ class Hub:
     def close(self) -> None:
         """End every subscription and refuse further use."""
         if self._presence is not None:
-            # First: a join or leave already decided is still published on
-            # this hub (a backend decides one in Redis, then announces it).
+            # First, while the hub still works: a backend's presence retires
+            # this process there (RedisHub: its counts go, and its members'
+            # leaves are appended by the same scripts after their grace).
             self._presence.close()
         self._closed = True
         self.end_subscriptions()
