@@ -126,13 +126,17 @@ class SSEParser:
     colon is removed; ``id`` with NUL is ignored; a blank line dispatches).
     comet's heartbeat events (``event: comet.heartbeat``) are not returned:
     they are counted in :attr:`beats`, and :attr:`heartbeat` is the
-    interval they announce.
+    interval they announce. :attr:`last_event_id` is set as the spec says,
+    when an event is dispatched (its blank line), a heartbeat too: one may
+    carry the stream's cursor before any event (see :mod:`comet.framing`).
 
     >>> p = SSEParser()
     >>> p.feed(b":ok\\n\\nevent: comet.heartbeat\\ndata: 0.5\\n\\nid: 1\\r\\ndata: a\\ndata: b\\n\\n")
     [Event(data='a\\nb', id='1', name=None, channel=None, retry=None)]
     >>> p.comments, p.beats, p.heartbeat
     (1, 1, 0.5)
+    >>> p.feed(b"event: comet.heartbeat\\nid: 7-0\\ndata: 0.5\\n\\nid: 7-1\\ndata: cut off"), p.last_event_id
+    ([], '7-0')
     """
 
     def __init__(self) -> None:
@@ -143,6 +147,7 @@ class SSEParser:
         self._first = True
         self._cr_pending = False
         self.last_event_id = ""
+        self._id_buffer = ""  # the spec's "last event ID buffer": last_event_id once dispatched
         self.retry: int | None = None
         self.comments = 0
         #: Heartbeat events seen (the announcement after the preamble included).
@@ -181,6 +186,7 @@ class SSEParser:
 
     def _line(self, line: str) -> Event | None:
         if line == "":
+            self.last_event_id = self._id_buffer  # (before the empty-data check: the spec's order)
             if not self._data:
                 self._name = None
                 return None
@@ -206,7 +212,7 @@ class SSEParser:
         elif name == "event":
             self._name = value
         elif name == "id" and "\x00" not in value:
-            self.last_event_id = value
+            self._id_buffer = value
         elif name == "retry" and value.isdigit():
             self.retry = int(value)
         return None
@@ -382,9 +388,9 @@ class StreamClient:
     :attr:`heartbeat`; on a long-poll, its ``poll_timeout``), and the
     client's ``timeout`` until one is known; ``None`` (the default) is no
     watchdog. A dead connection is closed, then, with ``reconnect=True``
-    (the default), opened again resuming after the last event id seen, or
-    the ``last_event_id`` given (one opened "from now" that has seen no
-    event resumes from now: pass ``hub.last_id(channel)`` to miss nothing)
+    (the default), opened again resuming after the last event id seen (on
+    SSE, a heartbeat's cursor too: a stream opened "from now" that has seen
+    no event resumes there), or the ``last_event_id`` given
     (:attr:`reconnects` counts these; events keep accumulating in
     :attr:`events`, none twice); with ``reconnect=False`` the client ends
     and :meth:`wait_for` raises :class:`StreamIdle`. A stream the server
