@@ -19,6 +19,32 @@ from comet.testing import wait_until
 from test_redis import hubs, prefix  # noqa: F401  (the Redis hub fixtures)
 
 GRACE = 0.4
+_barriers = iter(range(10**9))
+
+
+def presence_barrier(hub) -> None:
+    """Return once *hub*'s presence pushes queued so far are done: a join
+    queued now is published only after them (pushes go in order), so wait
+    for it (a member and channel of their own)."""
+    n = next(_barriers)
+    member, channel = f"barrier{n}", f"barrier:{n}"
+    sub = hub.subscribe(channel, member=member)
+    wait_until(lambda: [(e.name, e.data) for e in hub.history(channel)] == [(JOIN, member)],
+               what="the presence pushes queued before")
+    sub.close()
+
+
+def leave_barrier(hub) -> None:
+    """Return once a member whose last stream closes now has left (after the
+    grace period): a leave due no later than that is published by then."""
+    n = next(_barriers)
+    member, channel = f"barrier{n}", f"barrier:{n}"
+    sub = hub.subscribe(channel, member=member)
+    wait_until(lambda: [(e.name, e.data) for e in hub.history(channel)] == [(JOIN, member)], what="its join")
+    sub.close()
+    wait_until(lambda: [(e.name, e.data) for e in hub.history(channel)] == [(JOIN, member), (LEAVE, member)],
+               timeout=GRACE + 5, what="its leave, after the grace period")
+
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -102,7 +128,7 @@ def test_a_reload_within_the_grace_period_is_neither_a_leave_nor_a_join(processe
     watcher = Watcher(a, "room")
     heard: list[tuple[str, str, str]] = []
     for hub in {id(a): a, id(b): b}.values():
-        hub.on_presence(lambda *change: heard.append(change))
+        hub.on_presence(lambda *change: change[0] == "room" and heard.append(change))  # (not the barrier's)
     sub = a.subscribe("room", member="ann")
     watcher.wait([(JOIN, "ann")])
     wait_until(lambda: heard == [("room", JOIN, "ann")], what="the join heard")
@@ -113,7 +139,7 @@ def test_a_reload_within_the_grace_period_is_neither_a_leave_nor_a_join(processe
         assert watcher.events() == [(JOIN, "ann")] and a.members("room") == {"ann": 0}
         sub = hub.subscribe("room", member="ann")
         wait_until(lambda: a.members("room") == {"ann": 1}, what="ann back")
-    time.sleep(grace * 0.8)
+    leave_barrier(a)  # a leave of ann due since her first reload (or after it) would be out by then
     assert watcher.events() == [(JOIN, "ann")], "a reload was published as a leave and a join"
     assert heard == [("room", JOIN, "ann")]
     sub.close()
@@ -212,10 +238,14 @@ def test_callbacks_run_on_the_presence_thread_and_never_hold_up_a_subscribe(proc
 
 def test_a_disconnect_spares_streams_opened_after_it(processes):
     a, b = processes(), processes()
+    earlier = b.subscribe("room", member="ann")
     a.disconnect(member="ann")
     later = b.subscribe("room", member="ann")
-    time.sleep(0.3)  # (a Redis listener has read the entry by now)
+    # once b has applied the disconnect (ended the stream opened before it)
+    wait_until(lambda: earlier.take() is not None and earlier.ended, what="the earlier stream to end")
+    later.take()
     assert not later.ended
+    earlier.close()
     later.close()
 
 
@@ -227,7 +257,7 @@ def test_forgetting_a_channel_forgets_its_members_without_leaves(processes):
     wait_until(lambda: sub.take() is not None and sub.ended, what="the subscription to end (after its own join)")
     sub.close()
     assert hub.members("game") == {}
-    time.sleep(GRACE + 0.4)
+    leave_barrier(hub)
     assert "game" not in hub.channels() and hub.history("game") == []  # no leave event recreated it
 
 
@@ -285,7 +315,7 @@ def test_a_join_pushed_after_a_forget_does_not_recreate_the_channel(hubs):
     gate.set()
     wait_until(lambda: sub.take() is not None and sub.ended, what="the subscription to end")
     sub.close()
-    time.sleep(GRACE + 0.5)  # pushes retried, zeros pushed, grace periods over
+    presence_barrier(hub)  # ann's pushes (refused, then her zero) are done
     assert "game" not in hub.channels()
     assert hub.members("game") == {} and hub.history("game") == []
     later = hub.subscribe("game", member="bob")  # the channel's successor counts members as usual
@@ -316,7 +346,7 @@ def test_a_join_from_a_process_that_missed_the_forget_is_refused(hubs, comet_red
     try:
         assert a.forget("game") is True
         ann = b.subscribe("game", member="ann")
-        time.sleep(3 * 0.25)  # several of b's pushes, refused
+        presence_barrier(b)  # b's push of ann, refused (again while b has not read the forget)
         assert not admin.exists(prefix + "game"), "a late join recreated the forgotten game"
         assert a.members("game") == {}
         held.set()
@@ -324,7 +354,7 @@ def test_a_join_from_a_process_that_missed_the_forget_is_refused(hubs, comet_red
                    what="b's streams of the game to end")
         ann.close()
         follower.close()
-        time.sleep(GRACE + 0.3)
+        leave_barrier(b)  # b's zero for ann pushed, and what it could be due after the grace
         assert not admin.exists(prefix + "game") and a.members("game") == {}
     finally:
         held.set()
