@@ -5,7 +5,9 @@ it with SIGSTOP, which would stall every other test sharing the session's
 server) with members joining a room at about 200 a second, half on a fast
 route (subscribed on cheroot's accepting thread), half on a handler, plus
 plain ``@cherrypy.expose`` pages and streams without a member. Redis is
-frozen for 5 s and ``hub.forget()`` of another channel is called meanwhile.
+frozen for 5 s and ``hub.forget()`` of two other channels is called
+meanwhile (one the instant Redis freezes, one 0.3 s later): both wait on
+the frozen Redis, holding up no one else, and end once it is back.
 
 Throughout, plain pages and streams without a member answer within 0.5 s
 (probed several times a second); member streams open within 1 s (their
@@ -124,6 +126,10 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
     seen: list = []
     keeper = hub.subscribe("other", member="zed")  # the channel forgotten during the freeze has a member
     wait_until(lambda: hub.members("other") == {"zed": 1}, what="zed on the other channel")
+    # and one forgotten the instant Redis freezes: fully loaded here (nothing to catch up), with events
+    hub.publish("board", "before the freeze")
+    reader = hub.subscribe("board", last_id=hub.before(hub.last_id("board")))
+    wait_until(lambda: [e.data for e in reader.take() if e] == ["before the freeze"], what="board's reader")
     streams: list[socket.socket] = []
     opened: dict[str, tuple[int, float, float]] = {}  # member -> (status, seconds, when it started)
     probes: list[tuple[str, float, float, int]] = []  # (what, at, seconds, status)
@@ -192,20 +198,27 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
     for thread in threads:
         thread.start()
     forgot: list[object] = []
+    forgets: dict[str, tuple[object, float, float]] = {}  # channel -> (result, started, finished)
+
+    def forget(channel: str) -> None:
+        began = time.monotonic() - started
+        try:
+            result: object = hub.forget(channel)
+        except Exception as exc:  # a clear BackendUnavailable is allowed: Redis is frozen
+            result = exc
+        forgets[channel] = (result, began, time.monotonic() - started)
+        if channel == "other":
+            forgot.append(result)
+
     try:
         time.sleep(1.0)  # members joining, Redis answering
         pid = frozen_redis.process.pid
         os.kill(pid, signal.SIGSTOP)
         frozen_at = time.monotonic() - started
+        instant = threading.Thread(target=forget, args=("board",), daemon=True)  # in flight as Redis freezes
+        instant.start()
         time.sleep(0.3)
-
-        def forget() -> None:
-            try:
-                forgot.append(hub.forget("other"))
-            except Exception as exc:  # a clear BackendUnavailable is allowed: Redis is frozen
-                forgot.append(exc)
-
-        forgetter = threading.Thread(target=forget, daemon=True)
+        forgetter = threading.Thread(target=forget, args=("other",), daemon=True)
         forgetter.start()
         time.sleep(FREEZE - 0.3)
         os.kill(pid, signal.SIGCONT)
@@ -216,6 +229,7 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
         for thread in threads:
             thread.join(30)
     forgetter.join(15)
+    instant.join(15)
     elapsed = time.monotonic() - started
 
     worst = collections.defaultdict(float)
@@ -228,7 +242,8 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
           f"({len(opened) / elapsed:.0f}/s) {dict(statuses)}, slowest {slowest_member:.2f} s; "
           f"{len(probes)} probes ({len(during)} during the freeze), worst {dict(worst)}; members() pages "
           f"{collections.Counter(a[2] for a in asked)} worst {max(a[1] for a in asked):.2f} s; cursors ahead "
-          f"{collections.Counter(a[2] for a in ahead)} worst {max(a[1] for a in ahead):.2f} s; forget: {forgot!r}")
+          f"{collections.Counter(a[2] for a in ahead)} worst {max(a[1] for a in ahead):.2f} s; forgets "
+          f"(result, from, to): {forgets!r}")
     slow = [p for p in probes if p[2] > PAGE_BOUND or p[3] != 200]
     assert not slow, f"plain pages / streams without a member slower than {PAGE_BOUND} s: {slow[:10]}"
     assert len(during) >= 3 * FREEZE, "too few probes during the freeze"
@@ -241,6 +256,18 @@ def run(comet_cherrypy, frozen_redis, hub) -> None:
     assert not bad, f"member streams neither open nor refused within {MEMBER_BOUND} s: {list(bad.items())[:10]}"
     assert len(opened) > RATE * (FREEZE + 1) * 0.5, "the joins did not keep their pace"
     assert forgot and forgot[0] is not None
+    # Both forgets reached the frozen Redis (neither answered before the
+    # thaw) and each completed, or failed clearly, once it was back; the
+    # pages above kept their bound meanwhile.
+    for channel, (result, began, ended) in forgets.items():
+        assert result is True or isinstance(result, BackendUnavailable), (channel, result)
+        assert ended > thawed_at - 0.5, f"the forget of {channel} did not wait on the frozen Redis: {forgets}"
+        assert ended < thawed_at + 6, f"the forget of {channel} outlived the thaw: {forgets}"
+    if forgets["board"][0] is not True:  # (its reply was lost): forgetting again settles it
+        hub.forget("board")
+    wait_until(lambda: reader.take() is not None and reader.ended, what="board's reader to end")
+    assert hub.history("board") == []
+    reader.close()
 
     # Redis is back: everything converges.
     elsewhere = {me for me, (status, *_) in opened.items() if status == 200 and int(me[1:]) % 10 == 9}
