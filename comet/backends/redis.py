@@ -50,7 +50,8 @@ Failure model
   catch-up read); if Redis is down or does not answer within
   :data:`LOAD_TIMEOUT` (0.6 s), that subscribe raises ``BackendUnavailable``
   and the adapters answer 503 with ``Retry-After``. No lock is held while it
-  waits: the channel's other streams go on. Nothing else on a request's path
+  waits: the channel's other streams go on. Streams that open a channel's
+  first subscriptions at once share one read (``counters["loads"]``). Nothing else on a request's path
   waits on Redis: presence is pushed by its own thread
   (:mod:`comet.backends.redis_presence`).
 * The reader reconnects with exponential backoff (``backoff=(first, max)``
