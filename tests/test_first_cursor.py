@@ -25,6 +25,7 @@ from comet.backends.redis import RedisHub
 from comet.cherrypy_tool import engine_plugin
 from comet.framing import FRAMINGS, heartbeat
 from comet.testing import FaultProxy, SSEParser, StreamClient, http_get, wait_until
+from comet.wsgi import comet_app
 
 from conftest import RawStream
 
@@ -270,3 +271,28 @@ def test_a_client_that_resumed_gets_no_cursor_before_its_gap(comet_cherrypy, mod
         assert body.startswith(b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\nid: %s\nevent: comet.gap\n" % ids[2].encode())
     finally:
         small.close()
+
+
+@pytest.mark.parametrize("mode", ["auto", "thread"])
+def test_a_wsgi_stream_resumes_after_its_heartbeat_cursor(comet_wsgi, hub, mode):
+    app = comet_app(lambda environ: hub.subscribe(CHANNEL, last_id=environ["comet.last_event_id"]),
+                    transport="sse", heartbeat=HB, mode=mode)
+    server = comet_wsgi(app, pools=[app.pool])
+    cursor, _, raw = first_cursor(server.url + "/")
+    assert raw == b":ok\n\nevent: comet.heartbeat\nid: %s\ndata: 0.5\n\n" % cursor.encode()
+    resumes_exactly(server.url + "/", cursor, three(hub), ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("shape", ["gen_parked", "greet_parked"])
+def test_a_direct_request_resumes_after_its_heartbeat_cursor(comet_cherrypy, hub, shape):
+    """From its second request on, a handler is served at accept time
+    (comet.direct): its generator's first step runs there."""
+    plugin = engine_plugin()
+    server = comet_cherrypy(shapes(hub))
+    url = f"{server.url}/{shape}"
+    with RawStream(url):  # the first goes through the pipeline...
+        pass
+    before = plugin.pool.counters.snapshot().get("routed_direct", 0)
+    cursor, _, _ = first_cursor(url)
+    assert plugin.pool.counters.snapshot()["routed_direct"] > before  # ...this one was direct
+    resumes_exactly(url, cursor, three(hub), ["a", "b", "c"])
