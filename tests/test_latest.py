@@ -341,6 +341,13 @@ def test_a_client_that_never_reads_stays_connected_in_bounded_memory_and_then_se
         wait_until(lambda: pool.parked_streams == 3, what="three parked")
         streams = wait_until(lambda: [server_stream(r.port) for r in (stuck, stuck_multi)] if all(
             server_stream(r.port) for r in (stuck, stuck_multi)) else None, what="the writer has them")
+        # The kernel's send buffer grows to megabytes on loopback, enough to
+        # absorb the compacted state (16 events of 25 KB) if the writer only
+        # runs after the publishing (a loaded machine): then nothing would
+        # fall behind in comet and the test would not test it. Small server
+        # send buffers make the backlog certain.
+        for s in streams:
+            s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         start_rss, peak = rss_mb(), {"backlog": 0, "rss": 0.0}
 
         def sample(n: int) -> None:
@@ -355,6 +362,7 @@ def test_a_client_that_never_reads_stays_connected_in_bounded_memory_and_then_se
         sample(0)
         # Both still connected, unread; the healthy one has the state
         wait_until(lambda: healthy.state == final, timeout=20, what="the healthy reader has the state")
+        sample(0)
         assert pool.parked_streams == 3 and pool.counters.get("slow_consumers", 0) == dropped
         # Still connected, and they did fall behind (the kernel's send buffer,
         # which grows to megabytes, may by now hold what is left for them).
