@@ -51,8 +51,9 @@
  * being frozen, a connection silent for over a heartbeat is replaced at
  * once, without waiting out a backoff; while the browser is offline the
  * status is "offline". A connection that shows no byte within a heartbeat
- * is replaced (the next ones wait 2, then 3 heartbeats); a stream silent
- * like that 3 times in a row is held back by a buffering proxy: with a
+ * is replaced (later ones wait up to 3 heartbeats); a stream that never
+ * showed a byte, silent like that 3 times in a row, is held back by a
+ * buffering proxy: with a
  * `pollUrl` the subscription follows on by long-poll from the same cursor
  * (onFallback) and tries streaming again after `retryStreamAfter` ms (5
  * minutes, doubling). A URL function is called on every (re)connect; a 403
@@ -294,6 +295,7 @@
       this._announced = false;  // an SSE connection that sends comet.heartbeat (so it can be watched)
       this._speaks = false;   // this server announces heartbeats (an SSE open with no event yet is stalled)
       this._stalls = 0;       // connections in a row that never got a byte
+      this._streamed = false; // a stream connection of ours showed bytes: no proxy holds them back
       this._everOpened = false;
       this._renewed = false;  // a 403 made us ask the URL function once more
       this._streamAgain = 0;  // when a fallen-back subscription tries streaming again
@@ -362,7 +364,11 @@
     _alive(gen, body) {
       if (gen !== this._gen) return false;
       this._heard = Date.now();
-      if (body) { this._got = 2; this._stalls = 0; }
+      if (body) {
+        this._got = 2;
+        this._stalls = 0;
+        if (this.transport !== "longpoll") this._streamed = true;
+      }
       else if (!this._got) this._got = 1;
       return true;
     }
@@ -400,7 +406,13 @@
       if (this.closed) return;
       const every = Math.max(50, Math.min(1000, this._interval() / 5));
       this._ticker = setTimeout(() => this._tick(), every);
-      if (this._timer !== null) return;  // between connections: nothing to watch
+      this._watch();
+    }
+
+    /* One look (also on a shared stream's pings: a leading tab in the
+     * background has its timers slowed, not its messages). */
+    _watch() {
+      if (this.closed || this._timer !== null) return;  // between connections: nothing to watch
       const beat = this._interval(), silent = Date.now() - this._heard;
       if (this.transport === "longpoll") {
         // An empty answer is the long-poll's heartbeat: a request that
@@ -416,7 +428,11 @@
         // back. It may be an idle kept-alive one that died with the others
         // (the browser cannot tell), so the next waits longer: 1, 2, then 3
         // heartbeats. Headers with no body: the whole 3.
-        const wait = this._got === 1 ? STALL_AFTER : Math.min(STALL_AFTER, 1 + this._stalls);
+        // A subscription whose stream has shown bytes before is not behind a
+        // buffering proxy: its silent connects are dead sockets, a few in a
+        // row (the browser's pool), before the wait grows.
+        const grown = this._streamed ? Math.max(0, this._stalls - 2) : this._stalls;
+        const wait = this._got === 1 ? STALL_AFTER : Math.min(STALL_AFTER, 1 + grown);
         if (silent > wait * beat) this._stalled();
       }
     }
@@ -425,11 +441,13 @@
      * holds the whole response (it never ends, so it never comes). */
     _stalled() {
       this._stalls += 1;
-      const buffered = this._got === 1 || (this._stalls >= STALL_AFTER && online());
+      const buffered = this._got === 1 || (!this._streamed && this._stalls >= STALL_AFTER && online());
       if (buffered && this.options.pollUrl && this.transport !== "longpoll") {
         this._fallback(this._got === 1 ? "the stream opened but sent nothing" : "no byte of the stream arrived");
       } else {
-        this._dead("no answer");
+        // It waited its heartbeats already: back soon, not after a growing backoff.
+        this._hangUp();
+        this._retry(false, true);
       }
     }
 
@@ -596,7 +614,7 @@
       this._retry();
     }
 
-    _retry(now) {
+    _retry(now, soon) {
       if (this.closed) return;
       this._hangUp();
       if (!online()) {
@@ -610,13 +628,13 @@
       // Exponential backoff with full jitter: many clients dropped at once by a
       // restart do not all come back in the same instant.
       const ceiling = Math.min(this.options.maxDelay, this.options.minDelay * Math.pow(2, this.attempt));
-      let delay = now ? 0 : this.options.minDelay / 2 + Math.random() * ceiling;
+      let delay = now ? 0 : soon ? Math.random() * this.options.minDelay / 2 : this.options.minDelay / 2 + Math.random() * ceiling;
       if (this._retryAfter) {
         // Up to 20% later: a crowd told the same Retry-After does not return at once.
         delay = Math.max(delay, this._retryAfter * (1 + Math.random() * 0.2));
         this._retryAfter = 0;
       }
-      this.attempt += 1;
+      if (!soon) this.attempt += 1;
       clearTimeout(this._timer);
       this._timer = setTimeout(() => { this._timer = null; this._connect(); }, delay);
     }
@@ -996,7 +1014,11 @@
 
     /* A tab asks whether we lead (ping), or joins and asks what it missed (hello). */
     _answer(m) {
-      if (m.type === "ping") { this._post({ type: "pong" }); return; }
+      if (m.type === "ping") {
+        this._post({ type: "pong" });
+        if (this._inner) this._inner._watch();
+        return;
+      }
       let events = [], behind = false;
       if (m.after && m.after !== this.lastEventId) {
         const i = this._recent.findIndex((ev) => ev.id === m.after);

@@ -195,7 +195,7 @@ def test_blackholed_connections_are_noticed_and_resumed(context, firefox, net_se
     published meanwhile within 10 s, once each, in order."""
     hub = net_server.hub
     with FaultProxy(net_server.url) as proxy:
-        tabs = open_tabs(context, firefox, page_url(proxy.url, TRANSPORTS + ["multipart"]))
+        tabs = open_tabs(context, firefox, page_url(proxy.url, TRANSPORTS + ["multipart"], pollUrl="/events/poll"))
         for tab in tabs:  # the interval each transport announced (contract A)
             tab.wait_for(f"Object.values(window.subs).every((s) => s.sub.heartbeat === {HB})", timeout=5)
         proxy.blackhole()
@@ -214,6 +214,7 @@ def test_blackholed_connections_are_noticed_and_resumed(context, firefox, net_se
                 print(f"\n{name} {transport}: dead stream noticed after {noticed:.2f} s")
                 assert noticed <= 2.5 * HB, (name, transport, noticed)
                 assert "open" in [s for s, _ in after], (name, transport, after)
+                assert not sub["fallbacks"], (name, transport, sub)  # dead sockets, not a buffering proxy
 
 
 def test_twenty_seconds_offline_then_current_within_two_seconds(context, firefox, net_server):
@@ -396,7 +397,7 @@ def test_a_follower_woken_up_makes_the_leader_check_its_stream(context, net_serv
             tabs.append(Tab("chromium", page))
             tabs[-1].wait_for("window.allOpen()", timeout=15)
         leader, follower = sorted(tabs, key=lambda tab: not tab.evaluate("window.subs.sse.sub.leader"))
-        leader.evaluate("window.subs.sse.sub._inner._tick = () => {}")  # no watchdog in the leading tab
+        leader.evaluate("window.subs.sse.sub._inner._watch = () => {}")  # no watchdog in the leading tab
         proxy.blackhole()
         sent = [hub.publish("net", {"n": n}) for n in range(2)]
         time.sleep(3 * HB)  # long past the 2 heartbeats a watchdog would have waited
@@ -408,7 +409,7 @@ def test_a_follower_woken_up_makes_the_leader_check_its_stream(context, net_serv
             assert statuses_since(tab.report()["sse"], 0)[-1] == "reconnecting"
         # The browser may have put it on another blackholed (pooled) socket:
         # the watchdog, running again, deals with that as always.
-        leader.evaluate("delete window.subs.sse.sub._inner._tick; window.subs.sse.sub._inner._tick()")
+        leader.evaluate("delete window.subs.sse.sub._inner._watch")
         wait_shown(tabs, 2, time.time() + 10, "after the follower woke up")
         check_events(tabs, sent)
 
@@ -436,7 +437,7 @@ def test_wake_ups_replace_a_silent_stream_at_once(context, net_server):
     tab.wait_for("window.allOpen()", timeout=15)
     tab.wait_for(f"Object.values(window.subs).every((s) => s.sub.heartbeat === {HB})", timeout=5)
     # The watchdogs off: only the wake-ups act here.
-    tab.evaluate("Object.values(window.subs).forEach((s) => { s.sub._tick = () => {}; })")
+    tab.evaluate("Object.values(window.subs).forEach((s) => { s.sub._watch = () => {}; })")
     connections = "Object.fromEntries(Object.entries(window.subs).map(([t, s]) => [t, s.sub._gen]))"
     for name, (script, replaces) in WAKE_UPS.items():
         for silent in (0.1, 2.5):  # seconds since the stream was last heard from; the heartbeat is 1 s
@@ -508,3 +509,26 @@ def test_a_url_function_shares_a_stream_only_with_a_key(context, net_server, key
     sent = [net_server.hub.publish("net", "to both")]
     wait_shown(tabs, 1, time.time() + 5, "in both tabs")
     check_events(tabs, sent)
+
+
+def test_a_leader_without_timers_watches_its_stream_on_its_followers_pings(context, net_server):
+    """A leading tab in the background has its timers slowed down (here:
+    stopped); the other tabs' pings (sent whenever the leader is quiet) make
+    it look at its stream, so a dead one is still noticed within heartbeats."""
+    hub = net_server.hub
+    with FaultProxy(net_server.url) as proxy:
+        url = page_url(proxy.url, ["sse"], shared=True)
+        tabs = []
+        for _ in range(2):
+            page = context.new_page()
+            page.goto(url)
+            tabs.append(Tab("chromium", page))
+            tabs[-1].wait_for("window.allOpen()", timeout=15)
+        leader = next(tab for tab in tabs if tab.evaluate("window.subs.sse.sub.leader"))
+        leader.evaluate("window.subs.sse.sub._inner._tick = () => {}")  # its timers never fire
+        proxy.blackhole()
+        dropped = time.time()
+        sent = [hub.publish("net", {"n": n}) for n in range(2)]
+        wait_shown(tabs, 2, dropped + 10, "with the leader's timers stopped")
+        print(f"\na leader without timers: the events shown {time.time() - dropped:.2f} s after the drop")
+        check_events(tabs, sent)
