@@ -400,6 +400,19 @@ def _resolve_resume(kwargs: dict[str, Any], wants: bool) -> None:
         kwargs.pop("last_event_id", None)
 
 
+def _dispatched_to(handler: Callable[..., Any]) -> bool:
+    """Is *handler* (a ``@comet`` wrapper) what CherryPy's dispatcher picked
+    for this request, bound or not, rather than something it calls?"""
+    page = getattr(cherrypy.serving.request, "handler", None)
+    for _ in range(8):  # the encode tool wraps the page handler (ResponseEncoder.oldhandler)
+        inner = getattr(page, "oldhandler", None)
+        if inner is None:
+            break
+        page = inner
+    target = getattr(page, "callable", None)
+    return getattr(target, "__func__", target) is handler
+
+
 def comet(transport: str = "sse", **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make a generator page handler a stream. Put it under ``@cherrypy.expose``.
 
@@ -431,7 +444,11 @@ def comet(transport: str = "sse", **options: Any) -> Callable[[Callable[..., Any
                 check_params(args, kwargs)
                 return func(*args, **kwargs)
 
-            return _serve(call, opts, functools.partial(handler, *args))
+            # Only the handler CherryPy dispatched to may be learned as direct:
+            # a direct request calls it and would skip a page handler that
+            # calls it (and the access check that page handler may make).
+            learn = functools.partial(handler, *args) if _dispatched_to(handler) else None
+            return _serve(call, opts, learn)
 
         setattr(handler, "comet_options", opts)  # what the decorator made, for introspection
         return handler

@@ -161,8 +161,11 @@ def test_the_second_connect_is_served_at_accept_time_with_the_same_bytes_and_req
     first, second = direct_after(server, "/events?room=lobby&x=1", headers)
     try:
         for raw in (first, second):
-            assert raw.status == 200
+            assert raw.status == 200, raw.head + raw.rest
+            # the greeting, then (once the generator waits on the hub) the
+            # heartbeat that gives the client its cursor
             raw.more(b'"hello":"lobby"')
+            raw.more(b"\nid: " + hub.last_id("room:lobby").encode() + b"\ndata: 5\n\n\r\n")
         assert first.headers() == second.headers()  # same headers, same order
         assert first.rest == second.rest
         pipeline, direct = seen.requests
@@ -378,7 +381,7 @@ def test_urls_where_cherrypy_does_more_are_never_direct(comet_cherrypy, hub, cas
         auth = "Authorization: Basic YTpi\r\n" if case == "auth" else ""
         for _ in range(3):
             raw = Raw(server.url, "/events", auth)
-            assert raw.status == 200
+            assert raw.status == 200, raw.head + raw.rest
             raw.close()
         assert counters()["routed_direct"] == before
         if case in ("hook", "handler-attaches-a-hook"):
@@ -517,3 +520,34 @@ def test_a_patient_step_pool_works_a_burst_off_with_the_threads_it_has():
         release.set()
     finally:
         pool.stop()
+
+
+def test_a_page_handler_that_calls_a_stream_handler_runs_on_every_request(comet_cherrypy, hub):
+    """An exposed method that checks something, then returns a ``@comet``
+    handler's stream, must run on every connect: a direct request calls the
+    ``@comet`` handler itself and would skip the check (an access rule)."""
+    checks: list[str] = []
+
+    class Root:
+        @comet(transport="sse", heartbeat=5)
+        def _stream(self, room):
+            return hub.subscribe(room)
+
+        @cherrypy.expose
+        def events(self, room="lobby"):
+            checks.append(room)
+            if room == "private":
+                raise cherrypy.HTTPError(403, "members only")
+            return self._stream(room)
+
+    server = comet_cherrypy(Root())
+    before = counters()["routed_direct"]
+    for _ in range(3):
+        raw = Raw(server.url, "/events?room=lobby")
+        assert raw.status == 200, raw.head + raw.rest
+        raw.close()
+    assert checks == ["lobby"] * 3, "the page handler's code was skipped"
+    refused = Raw(server.url, "/events?room=private")
+    refused.close()
+    assert refused.status == 403
+    assert counters()["routed_direct"] == before
