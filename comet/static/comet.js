@@ -14,6 +14,7 @@
  *     shared: true,                     // one connection for every tab of this browser (below)
  *     key: "/dm/events?thread=ann:bob", // shared with a URL function: which stream it is
  *     heartbeat: 15,                    // seconds assumed until the server announces its heartbeat
+ *     pollTimeout: 25,                  // long-poll: seconds a poll may take until an answer says (60)
  *     pollUrl: "/events/poll",          // the same stream as long-poll, for buffering proxies (below)
  *     onFallback(info) { ... },         // {from, to, reason}: streaming <-> long-poll; sub.transport
  *   });
@@ -239,6 +240,7 @@
   }
 
   const DEFAULT_HEARTBEAT = 30;  // seconds assumed until the server announces its own
+  const DEFAULT_POLL = 60;       // seconds a long-poll may take until an answer says its poll_timeout
   const DEAD_AFTER = 2;          // heartbeats without a byte on a live stream: it is dead
   const STALL_AFTER = 3;         // silent connects in a row (1, 2, then 3 heartbeats each): held back
   const RETRY_STREAM = 300000;   // ms on long-poll before a buffered stream is tried again
@@ -271,6 +273,7 @@
         transport: "sse", events: [], lastEventId: null,
         minDelay: 500, maxDelay: 30000,
         heartbeat: null,   // seconds assumed until the server announces its interval
+        pollTimeout: null, // seconds a long-poll may take until an answer says (default 60)
         pollUrl: null,     // the same stream as long-poll: where a buffered stream falls back
         retryStreamAfter: RETRY_STREAM,
         onEvent: () => {}, onStatus: () => {}, onGap: null, onSnapshot: null, onDenied: null, onFallback: null,
@@ -282,6 +285,7 @@
       this.lastEventId = this.options.lastEventId || null;
       this.transport = this.options.transport;  // in use now: "longpoll" after a fallback
       this.heartbeat = null;                    // seconds the server announced for this transport
+      this._pollTimeout = null; // seconds the long-poll answers announced (kept across fallbacks)
       this.status = null;
       this.attempt = 0;
       this.closed = false;
@@ -352,12 +356,22 @@
 
     /* The interval this connection is watched with, in ms. */
     _interval() {
+      if (this.transport === "longpoll") {
+        // Thread-mode servers send the announcing header with the answer
+        // only: a poll is never cut before its poll_timeout is known.
+        return 1000 * (this._pollTimeout || seconds(this.options.pollTimeout) || DEFAULT_POLL);
+      }
       return 1000 * (this.heartbeat || seconds(this.options.heartbeat) || DEFAULT_HEARTBEAT);
     }
 
     _learn(value) {
       const s = seconds(value);
       if (s) this.heartbeat = s;
+    }
+
+    _learnPoll(value) {
+      const s = seconds(value);
+      if (s) this.heartbeat = this._pollTimeout = s;
     }
 
     /* Any byte (a heartbeat too) of connection gen. */
@@ -466,7 +480,7 @@
       const from = this.transport;
       this._hangUp();
       this.transport = "longpoll";
-      this.heartbeat = null;
+      this.heartbeat = this._pollTimeout;  // what earlier polls taught, if any
       this._stalls = 0;
       this._streamAgain = Date.now() + this._streamDelay;
       this._streamDelay = Math.min(this._streamDelay * 2, 3600000);
@@ -756,10 +770,10 @@
           if (!this._alive(gen, false)) return;
           if (response.status !== 200 && await this._refused(response)) return;
           if (response.status !== 200) throw new Error("HTTP " + response.status);
-          this._learn(response.headers.get("Comet-Heartbeat"));
+          this._learnPoll(response.headers.get("Comet-Heartbeat"));
           const doc = await response.json();
           if (!this._alive(gen, true)) return;
-          this._learn(doc.heartbeat);
+          this._learnPoll(doc.heartbeat);
           this._opened();
           for (const item of doc.events) this._deliver(toEvent(item));
           // The answer's cursor, events or not: the next poll starts exactly

@@ -59,6 +59,15 @@ def pin_server(comet_cherrypy):
                 return "too many requests: try again in a second"
             return handlers[transport](self, transport=transport, last_event_id=last_event_id)
 
+        @cherrypy.expose
+        def threadpoll(self, last_event_id=None):
+            state["requests"].append(("threadpoll", last_event_id, time.monotonic()))
+            return threadpoll(self, last_event_id=last_event_id)
+
+    @comet(transport="longpoll", mode="thread", poll_timeout=3)
+    def threadpoll(self, last_event_id=None):
+        return hub.subscribe("pin", last_id=last_event_id)
+
     server = comet_cherrypy(Root(), static_config("/comet"), thread_pool=20)
     server.hub, server.state = hub, state
     yield server
@@ -151,3 +160,28 @@ def test_a_follower_that_heard_the_pong_does_not_steal_the_stream(browser, pin_s
         assert [p.evaluate("window.got.sse") for p in pages] == [["still shared"]] * 2, sent
     finally:
         context.close()
+
+
+def test_a_thread_mode_long_poll_is_not_cut_before_its_poll_timeout(context, pin_server):
+    """Thread mode sends Comet-Heartbeat with the answer only: a page that
+    resumes (its first poll waits) and assumes heartbeat: 1 must still wait
+    out the 3 s poll_timeout it has not been told yet, stay open across quiet
+    polls, and get a late event once."""
+    hub, state = pin_server.hub, pin_server.state
+    seen = hub.publish("pin", "shown before")
+    page = context.new_page()
+    page.goto(pin_server.url + "/page?script=" + quote(
+        """window.got = []; window.statuses = [];
+        window.sub = Comet.subscribe("/threadpoll", {transport: "longpoll", heartbeat: 1, lastEventId: "SEEN",
+          onEvent: (ev) => got.push(ev.data), onStatus: (s) => statuses.push(s)});""".replace("SEEN", seen)))
+    wait_until(lambda: len(state["requests"]) >= 1, timeout=5, what="the first poll")
+    start = time.monotonic()
+    wait_until(lambda: time.monotonic() - start > 7, timeout=10, what="7 quiet seconds")
+    sent = hub.publish("pin", "after 7 s")
+    page.wait_for_function("window.got.length >= 1", timeout=5_000)
+    time.sleep(0.5)  # a second delivery would show by now
+    assert page.evaluate("window.got") == ["after 7 s"], sent
+    statuses = page.evaluate("window.statuses")
+    assert "reconnecting" not in statuses and statuses[-1] == "open", statuses  # never cut
+    polls = [at for kind, _, at in state["requests"] if kind == "threadpoll"]
+    assert len(polls) <= 5, polls  # one poll per poll_timeout, no aborted ones in between
