@@ -224,8 +224,13 @@ def test_forgets_racing_a_publisher_lose_nothing_silently(hubs):
     a, b = hubs(), hubs()
     published: list[str] = []
     done = threading.Event()
+    forgot_once = threading.Event()
 
     def publish():
+        # After the first forget has landed: 600 publishes can fit in one
+        # forget's round trips, and then no forget races them at all (CI
+        # saw "forgotten + gaps == 0").
+        assert forgot_once.wait(10), "the first forget did not land"
         for n in range(600):
             published.append(a.publish("race", n))
         done.set()
@@ -233,6 +238,7 @@ def test_forgets_racing_a_publisher_lose_nothing_silently(hubs):
     def forget():
         while not done.is_set():
             a.forget("race")
+            forgot_once.set()
             done.wait(0.01)
 
     cursor = b.last_id("race")
