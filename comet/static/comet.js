@@ -50,7 +50,8 @@
  * status is never "open" on a stream silent for longer. On `online`, on a
  * tab shown again, restored from the back/forward cache or resumed after
  * being frozen, a connection silent for over a heartbeat is replaced at
- * once, without waiting out a backoff; while the browser is offline the
+ * once, without waiting out a backoff (a server's Retry-After still holds);
+ * while the browser is offline the
  * status is "offline". A connection that shows no byte within a heartbeat
  * is replaced (later ones wait up to 3 heartbeats); a stream that never
  * showed a byte, silent like that 3 times in a row, is held back by a
@@ -294,6 +295,7 @@
       this._source = null;
       this._gen = 0;          // bumped by every connect: a stale connection's news is ignored
       this._retryAfter = 0;   // ms a 503 or 429 asked us to wait
+      this._notBefore = 0;    // the time that wait ends: a wake-up does not cut it short
       this._heard = Date.now();  // last sign of life of this connection (its start, headers, any byte)
       this._got = 0;          // of this connection: 0 nothing yet, 1 its headers, 2 body bytes
       this._announced = false;  // an SSE connection that sends comet.heartbeat (so it can be watched)
@@ -549,6 +551,9 @@
       if (e && e.type === "pageshow" && !e.persisted) return;
       if (e && e.type === "visibilitychange" && global.document.visibilityState !== "visible") return;
       if (!online()) { this._setStatus("offline"); return; }
+      // The server said when to come back (admission control, a rate
+      // limit): switching tabs does not make that sooner.
+      if (this._timer !== null && Date.now() < this._notBefore) return;
       const silent = Date.now() - this._heard;
       const slack = this.transport === "longpoll" ? 500 : 0;
       const blind = this.transport === "sse" && this._got && !this._announced;  // EventSource hides its heartbeats
@@ -647,6 +652,7 @@
         // Up to 20% later: a crowd told the same Retry-After does not return at once.
         delay = Math.max(delay, this._retryAfter * (1 + Math.random() * 0.2));
         this._retryAfter = 0;
+        this._notBefore = Date.now() + delay;
       }
       if (!soon) this.attempt += 1;
       clearTimeout(this._timer);

@@ -26,7 +26,7 @@ PAGE = ('<!doctype html><body><script src="/comet/comet.js"></script><script>{sc
 @pytest.fixture
 def pin_server(comet_cherrypy):
     hub = Hub(idle=0.1)
-    state = {"requests": [], "hold": None, "refuse": {}}
+    state = {"requests": [], "hold": None, "refuse": {}, "retry_after": "1"}
 
     def stream(transport):
         @comet(transport=transport, heartbeat=1, poll_timeout=0.5)
@@ -55,7 +55,7 @@ def pin_server(comet_cherrypy):
             if state["refuse"].get(transport):  # the first attempt of each transport is rate limited
                 state["refuse"][transport] -= 1
                 cherrypy.response.status = 429
-                cherrypy.response.headers["Retry-After"] = "1"
+                cherrypy.response.headers["Retry-After"] = state["retry_after"]
                 return "too many requests: try again in a second"
             return handlers[transport](self, transport=transport, last_event_id=last_event_id)
 
@@ -185,3 +185,21 @@ def test_a_thread_mode_long_poll_is_not_cut_before_its_poll_timeout(context, pin
     assert "reconnecting" not in statuses and statuses[-1] == "open", statuses  # never cut
     polls = [at for kind, _, at in state["requests"] if kind == "threadpoll"]
     assert len(polls) <= 5, polls  # one poll per poll_timeout, no aborted ones in between
+
+
+def test_a_wake_up_does_not_cut_a_retry_after_short(context, pin_server):
+    """Rate limited with Retry-After: 5, the page is shown again and comes
+    online (wake-ups that skip a network backoff): it still waits the 5 s
+    the server asked for."""
+    state = pin_server.state
+    state["refuse"], state["retry_after"] = {"chunked": 1}, "5"
+    page = context.new_page()
+    page.goto(pin_server.url + "/page?script=" + follow(["chunked"]))
+    page.wait_for_function("window.statuses.chunked.includes('reconnecting')", timeout=5_000)
+    for _ in range(5):
+        page.evaluate("""document.dispatchEvent(new Event("visibilitychange"));
+            window.dispatchEvent(new Event("online")); document.dispatchEvent(new Event("resume"))""")
+        time.sleep(0.2)
+    page.wait_for_function("window.subs.chunked.status === 'open'", timeout=10_000)
+    times = [at for transport, _, at in state["requests"] if transport == "chunked"]
+    assert len(times) == 2 and times[1] - times[0] >= 5.0, times
