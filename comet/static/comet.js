@@ -243,6 +243,7 @@
   const DEFAULT_HEARTBEAT = 30;  // seconds assumed until the server announces its own
   const DEFAULT_POLL = 60;       // seconds a long-poll may take until an answer says its poll_timeout
   const DEAD_AFTER = 2;          // heartbeats without a byte on a live stream: it is dead
+  const OPEN_SILENT = 2.5;       // heartbeats an "open" stream may be silent, at most
   const STALL_AFTER = 3;         // silent connects in a row (1, 2, then 3 heartbeats each): held back
   const RETRY_STREAM = 300000;   // ms on long-poll before a buffered stream is tried again
 
@@ -299,7 +300,6 @@
       this._heard = Date.now();  // last sign of life of this connection (its start, headers, any byte)
       this._got = 0;          // of this connection: 0 nothing yet, 1 its headers, 2 body bytes
       this._announced = false;  // an SSE connection that sends comet.heartbeat (so it can be watched)
-      this._speaks = false;   // this server announces heartbeats (an SSE open with no event yet is stalled)
       this._stalls = 0;       // connections in a row that never got a byte
       this._streamed = false; // a stream connection of ours showed bytes: no proxy holds them back
       this._everOpened = false;
@@ -438,17 +438,21 @@
         // EventSource shows no comments: an SSE stream is watched only once
         // it sends comet.heartbeat events (every comet server does).
         if ((this.transport !== "sse" || this._announced) && silent > DEAD_AFTER * beat) this._dead("the stream went silent");
-      } else if (this.transport !== "sse" || !this._got || this._speaks) {
+      } else {
         // A comet stream sends bytes as soon as it opens (its preamble and
         // heartbeat): a connection silent for a heartbeat is dead or held
         // back. It may be an idle kept-alive one that died with the others
         // (the browser cannot tell), so the next waits longer: 1, 2, then 3
-        // heartbeats. Headers with no body: the whole 3.
+        // heartbeats. Headers with no body: the whole 3 (SSE: 2.5).
         // A subscription whose stream has shown bytes before is not behind a
         // buffering proxy: its silent connects are dead sockets, a few in a
         // row (the browser's pool), before the wait grows.
+        // An SSE connection is "open" from its headers: silent past 2.5
+        // heartbeats (before its first comet.heartbeat too: blackholed right
+        // after it opened) it is not open any more.
         const grown = this._streamed ? Math.max(0, this._stalls - 2) : this._stalls;
-        const wait = this._got === 1 ? STALL_AFTER : Math.min(STALL_AFTER, 1 + grown);
+        const headers = this.transport === "sse" ? OPEN_SILENT : STALL_AFTER;
+        const wait = this._got === 1 ? headers : Math.min(STALL_AFTER, 1 + grown);
         if (silent > wait * beat) this._stalled();
       }
     }
@@ -707,7 +711,7 @@
       for (const name of new Set([GAP, SNAPSHOT].concat(this.options.events))) source.addEventListener(name, handler);
       source.addEventListener("comet.heartbeat", (e) => {
         if (!this._alive(gen, true)) return;
-        this._announced = this._speaks = true;
+        this._announced = true;
         this._learn(e.data);
         // A heartbeat may say the stream's cursor (a stream with no event
         // yet): a reconnect resumes there, not "from now".

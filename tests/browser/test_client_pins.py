@@ -9,6 +9,7 @@ test fails when that behaviour breaks, and says it as a user would notice.
 """
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from urllib.parse import quote
@@ -203,3 +204,57 @@ def test_a_wake_up_does_not_cut_a_retry_after_short(context, pin_server):
     page.wait_for_function("window.subs.chunked.status === 'open'", timeout=10_000)
     times = [at for transport, _, at in state["requests"] if transport == "chunked"]
     assert len(times) == 2 and times[1] - times[0] >= 5.0, times
+
+
+@pytest.fixture
+def mute_sse():
+    """An SSE server blackholed right after it opens: it sends the response
+    head (so EventSource fires open) and then never a byte, not even the
+    comet.heartbeat announcement."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                request += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\n"
+                         b"Access-Control-Allow-Origin: *\r\nComet-Heartbeat: 1\r\n\r\n")
+            held.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield "http://127.0.0.1:%d" % listener.getsockname()[1], held
+    stop.set()
+    thread.join(5)
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def test_an_sse_stream_silent_since_it_opened_does_not_stay_open(context, pin_server, mute_sse):
+    """Blackholed after onopen, before its first comet.heartbeat: the status
+    leaves "open" within 2.5 heartbeats (the heartbeat option, 1 s)."""
+    url, held = mute_sse
+    page = context.new_page()
+    page.goto(pin_server.url + "/page?script=" + quote(
+        """window.log = [];
+        window.sub = Comet.subscribe("URL/events", {transport: "sse", heartbeat: 1,
+          onStatus: (s) => log.push([s, performance.now()])});""".replace("URL", url)))
+    page.wait_for_function("window.log.some(([s]) => s === 'open')", timeout=5_000)
+    page.wait_for_function("window.log.length && window.log[window.log.length - 1][0] !== 'open'", timeout=5_000)
+    log = page.evaluate("window.log")
+    opened = [at for s, at in log if s == "open"][0]
+    left = [at for s, at in log if at > opened and s != "open"][0]
+    assert left - opened <= 2500 + 300, log  # 2.5 heartbeats, and a watchdog tick
+    assert held, "the page never reached the mute server"
