@@ -852,6 +852,10 @@
       this.transport = this.options.transport;
       // The tabs that share: same transport, event names and URL (or key).
       let where = this.options.key;
+      if (!where && typeof url === "function") {
+        // Its source is no name for a stream: "() => signed(thread)" in two tabs may follow two threads.
+        throw new Error("shared: true with a URL function needs a key");
+      }
       if (!where) {
         const abs = new URL(url, global.location.href);
         abs.searchParams.delete("last_event_id");

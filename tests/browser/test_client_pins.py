@@ -258,3 +258,17 @@ def test_an_sse_stream_silent_since_it_opened_does_not_stay_open(context, pin_se
     left = [at for s, at in log if at > opened and s != "open"][0]
     assert left - opened <= 2500 + 300, log  # 2.5 heartbeats, and a watchdog tick
     assert held, "the page never reached the mute server"
+
+
+def test_a_shared_stream_with_a_url_function_needs_a_key(context, pin_server):
+    """Tabs share by URL; a function's source names no stream (two tabs'
+    "() => signed(thread)" may follow two threads): without a key,
+    SharedSubscription refuses, and subscribe() keeps each tab's own stream."""
+    page = context.new_page()
+    page.goto(pin_server.url + "/page?script=")
+    error = page.evaluate("""() => { try { new Comet.SharedSubscription(() => "/events?transport=sse", {}); }
+        catch (e) { return e.message; } return null; }""")
+    assert error == "shared: true with a URL function needs a key", error
+    shared = page.evaluate("""() => { const sub = Comet.subscribe(() => "/events?transport=sse", {shared: true});
+        const kind = sub.constructor.name; sub.close(); return kind; }""")
+    assert shared == "Subscription", shared
