@@ -37,6 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import js_mutants  # noqa: E402  (beside this script, which is not a package import)
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PACKAGE = "comet"
@@ -97,6 +100,15 @@ TESTS_FOR: dict[str, list[str]] = {
     "backends/redis_presence.py": ["tests/test_presence.py", "tests/test_presence_http.py", "tests/test_hub_contract.py",
                                    "tests/test_presence_freeze.py", "tests/test_forget_redis.py"],
     "backends/redis_cluster.py": ["tests/test_cluster.py", "tests/test_hub_contract.py"],
+    # comet.js is judged by the browser tests that load it (Chromium, and
+    # Firefox where a test uses it), the broadest and quickest first.
+    "static/comet.js": ["tests/browser/test_comet_js.py", "tests/browser/test_client_pins.py",
+                        "tests/browser/test_shared_tabs.py", "tests/browser/test_first_cursor_browser.py",
+                        "tests/browser/test_snapshot_browser.py", "tests/browser/test_fastpath_browser.py",
+                        "tests/browser/test_cors_browser.py", "tests/browser/test_docs_js.py",
+                        "tests/browser/test_real_networks.py", "tests/browser/test_http2_tabs.py",
+                        "tests/browser/test_shoutbox_pm_browser.py", "tests/browser/test_examples_browser.py",
+                        "tests/browser/test_examples_players.py"],
 }
 
 #: A module missing from TESTS_FOR gets every non-browser test file
@@ -151,11 +163,16 @@ class Mutant:
 
 
 def module_key(module: str) -> str:
-    """comet/backends/redis.py -> backends/redis (the first part of an id)."""
+    """comet/backends/redis.py -> backends/redis, comet/static/comet.js ->
+    comet.js (the first part of an id)."""
+    if module.endswith(".js"):
+        return Path(module).name
     return str(Path(module).relative_to(PACKAGE).with_suffix("")).replace(os.sep, "/")
 
 
 def module_from_key(key: str) -> str:
+    if key.endswith(".js"):
+        return f"{PACKAGE}/static/{key}"
     return f"{PACKAGE}/{key}.py"
 
 
@@ -304,7 +321,37 @@ class _Finder:
                     self.add(start, f"if-{str(value).lower()}", "if", [(start, end, str(value))])
 
 
+def find_js_mutants(module: str, source: str) -> list[Mutant]:
+    """The same operators in a JavaScript file (see js_mutants.py)."""
+    found = list(js_mutants.find(source))
+    valid = js_mutants.parses(source, [edits for _, _, _, edits in found])
+    lines = source.splitlines()
+    starts = [0]
+    for line in source.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    mutants, ids = [], set()
+    for (at, op, family, edits), ok in zip(found, valid):
+        if not ok:
+            continue
+        index = bisect.bisect_right(starts, at) - 1
+        line, col = index + 1, at - starts[index] + 1
+        ident = f"{module_key(module)}:{line}:{col}:{op}"
+        n = 2
+        while ident in ids:
+            ident = f"{module_key(module)}:{line}:{col}:{op}#{n}"
+            n += 1
+        ids.add(ident)
+        mutated = Mutant("", module, 0, 0, op, family, tuple(edits), "", "").apply(source).splitlines()
+        shown = mutated[line - 1].strip() if line <= len(mutated) else ""
+        if op.endswith("-drop") and family != "not":
+            shown = f"/* was: {lines[line - 1].strip()} */"
+        mutants.append(Mutant(ident, module, line, col, op, family, tuple(edits), lines[line - 1].strip(), shown))
+    return sorted(mutants, key=lambda m: (m.line, m.col, m.op, m.id))
+
+
 def find_mutants(module: str, source: str) -> list[Mutant]:
+    if module.endswith(".js"):
+        return find_js_mutants(module, source)
     finder = _Finder(module, source)
     finder.walk(finder.tree)
     return sorted(finder.mutants, key=lambda m: (m.line, m.col, m.op, m.id))
@@ -322,6 +369,11 @@ def default_modules() -> list[str]:
 def normalize_module(name: str) -> str:
     """hub, hub.py, comet/hub.py, comet.hub, backends/redis -> comet/...py"""
     name = name.strip().replace("\\", "/")
+    if name.endswith(".js"):
+        module = module_from_key(Path(name).name)
+        if not (ROOT / module).is_file():
+            raise SystemExit(f"no such script: {module}")
+        return module
     if name.endswith(".py"):
         name = name[:-3]
     if "/" not in name and "." in name:
@@ -392,6 +444,8 @@ def fallback_tests() -> list[str]:
 def covering_tests(module: str, browser: bool) -> list[str]:
     key = Path(module).relative_to(PACKAGE).as_posix()
     files = [f for f in TESTS_FOR.get(key, []) if (ROOT / f.split("::")[0]).exists()]
+    if module.endswith(".js"):      # its judges are browser tests; no fallback, no doctests
+        return files
     if not files:
         files = fallback_tests()
     if ">>>" in (ROOT / module).read_text(encoding="utf-8"):
