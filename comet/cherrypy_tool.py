@@ -51,7 +51,9 @@ from cherrypy.process.plugins import SimplePlugin
 from .errors import InvalidEventId
 from .hub import Hub
 from .direct import DirectHandlers
-from .internals import connection_for, install_accept_hook, install_gateway, keep_charset, release_session, request_context
+from .internals import (accept_hook_of, cheroot_server_of, comet_plugin_of, connection_for, dispatched_callable, drop_gzip,
+                        http_error_reason, install_accept_hook, install_gateway, is_direct, keep_charset, keep_comet_plugin,
+                        release_session, request_context)
 from .options import Options
 from .pipeline import OWNED, Parking, Refusal, open_stream
 from .pool import StreamPool
@@ -79,7 +81,7 @@ class CometPlugin(SimplePlugin):
     @property
     def hubs(self) -> list[Hub]:
         """The hubs this process's streams follow (found automatically)."""
-        return list(self.pool._hubs)
+        return self.pool.followed_hubs()
 
     def add_hub(self, hub: Hub) -> Hub:
         """Not needed any more: the hubs streams follow are found
@@ -110,8 +112,8 @@ class CometPlugin(SimplePlugin):
             self._routes = FastRoutes(self.pool)
         self.pool.follow(hub)
         route = self._routes.add(path, hub, channel, **options)
-        server = getattr(cherrypy.server, "httpserver", None)
-        if server is not None and hasattr(server, "process_conn") and self.bus.state == self.bus.states.STARTED:
+        server = cheroot_server_of(cherrypy.server)
+        if server is not None and self.bus.state == self.bus.states.STARTED:
             self._routes.install(server)
         return route
 
@@ -133,6 +135,13 @@ class CometPlugin(SimplePlugin):
         if retry_after is not None:
             self.pool.retry_after = retry_after
 
+    def default_cap(self) -> None:
+        """Forget a configured ``max_streams``: the next stream derives it
+        from the server's thread pool again (``comet.testing`` between
+        servers)."""
+        self.pool.max_streams = None
+        self._cap_configured = False
+
     def ensure_cap(self) -> None:
         # The thread pool size is only final once config is loaded, so the
         # default cap is derived at the first stream, not at import.
@@ -147,11 +156,8 @@ class CometPlugin(SimplePlugin):
         # Build the HTTP server now (its own start would) and give it the
         # gateway that lets streams be parked. Other Server objects serve
         # streams in thread mode.
-        server = cherrypy.server
-        if getattr(server, "httpserver", None) is None and getattr(server, "_socket_host", None) is not None:
-            server.httpserver, server.bind_addr = server.httpserver_from_self()
-        httpserver = getattr(server, "httpserver", None)
-        if httpserver is not None and hasattr(httpserver, "gateway") and hasattr(httpserver, "process_conn"):
+        httpserver = cheroot_server_of(cherrypy.server, build=True)
+        if httpserver is not None:
             install_gateway(httpserver)
             if self._routes is not None:
                 self._routes.install(httpserver)
@@ -164,7 +170,7 @@ class CometPlugin(SimplePlugin):
     def stop(self) -> None:
         self.direct.clear()
         self.pool.close_all()
-        hook = getattr(getattr(cherrypy.server, "httpserver", None), "_comet_accept", None)
+        hook = accept_hook_of(cheroot_server_of(cherrypy.server))
         if hook is not None:
             hook.stop()
 
@@ -202,11 +208,11 @@ def engine_plugin(engine: Any = None) -> CometPlugin:
     """The :class:`CometPlugin` of *engine* (default ``cherrypy.engine``),
     created and subscribed on first use."""
     engine = engine if engine is not None else cherrypy.engine
-    plugin = getattr(engine, "_comet_plugin", None)
+    plugin: CometPlugin | None = comet_plugin_of(engine)
     if plugin is None:
         plugin = CometPlugin(engine)
         plugin.subscribe()
-        engine._comet_plugin = plugin
+        keep_comet_plugin(engine, plugin)
     return plugin
 
 
@@ -246,23 +252,24 @@ def _config_namespace(key: str, value: Any) -> None:
 cherrypy.config.namespaces["comet"] = _config_namespace
 
 
-def _serve(call: Callable[[], Any], options: Options, learn: Callable[..., Any] | None = None) -> Any:
+def _serve(call: Callable[[], Any], options: Options, resume: str | None, learn: Callable[..., Any] | None = None) -> Any:
     """Run one streaming request through :func:`comet.pipeline.open_stream`
-    and give CherryPy what it opened. *learn*: the handler, to serve its URL
+    and give CherryPy what it opened. *resume*: the client's cursor
+    (:func:`_resolve_resume`). *learn*: the handler, to serve its URL
     directly next time if it may (:mod:`comet.direct`). In a direct request
     the body goes back to :mod:`comet.direct`, which owns the socket."""
     keep_charset()
-    _no_gzip()
+    drop_gzip()
     request, response = cherrypy.serving.request, cherrypy.serving.response
     # What the access log writes (after this returns): a log reader must not
     # be able to open the stream with a token from its URL.
     request.request_line = redact_tokens(request.request_line)
     plugin = engine_plugin()
     plugin.ensure_cap()
-    direct = getattr(request, "comet_direct", False)
+    direct = is_direct(request)
     try:
         opened = open_stream(call, options, plugin.pool, method=request.method,
-                             resume_id=request.comet_last_event_id,
+                             resume_id=resume,
                              connection=OWNED if direct else connection_for(request.wsgi_environ),
                              context=request_context(), first_step_here=direct, started=release_session)
     except Refusal as refusal:
@@ -273,7 +280,7 @@ def _serve(call: Callable[[], Any], options: Options, learn: Callable[..., Any] 
         # The handler's own refusal (403 "not your seat"): plain text like
         # comet's, so EventSource, comet.js's onDenied and curl show the
         # reason rather than CherryPy's HTML page.
-        return _refuse(Refusal(exc.code, exc._message), options)
+        return _refuse(Refusal(exc.code, http_error_reason(exc)), options)
     release_session()
     for name, value in opened.headers + _cors(options):
         response.headers[name] = value
@@ -293,25 +300,6 @@ def _serve(call: Callable[[], Any], options: Options, learn: Callable[..., Any] 
     return body
 
 
-def _no_gzip() -> None:
-    """Keep CherryPy's gzip tool (``tools.gzip.on``) off this response.
-
-    It would label a stream ``Content-Encoding: gzip`` and wrap its body in
-    a compressor that flushes only at the end: a parked stream, written by
-    the writer thread past that wrapper, would go out raw under the label,
-    and in thread mode events would sit in zlib's buffer. Like the encode
-    tool, it is dropped for every answer comet gives (long-polls and
-    refusals are a few hundred bytes). The tool's hook is already attached
-    when the handler runs: ``tools.*`` are set up before it.
-    """
-    from cherrypy.lib.encoding import gzip
-
-    hooks = cherrypy.serving.request.hooks
-    finalize = hooks.get("before_finalize", [])
-    if any(hook.callback is gzip for hook in finalize):
-        hooks["before_finalize"] = [hook for hook in finalize if hook.callback is not gzip]
-
-
 def _cors(options: Options) -> list[tuple[str, str]]:
     request = cherrypy.serving.request
     return options.cors_headers(request.headers.get("Origin"), request.method,
@@ -324,7 +312,7 @@ def _refuse(refusal: Refusal, options: Options | None = None) -> bytes:
     *options*, their CORS headers: a cross-origin page can read the reason
     (and a preflight, a 204, is answered)."""
     keep_charset()
-    _no_gzip()
+    drop_gzip()
     response = cherrypy.serving.response
     response.status = refusal.status
     response.headers["Content-Type"] = "text/plain; charset=utf-8"
@@ -390,27 +378,22 @@ def _takes_last_event_id(func: Callable[..., Any]) -> bool:
     return any(p.name == "last_event_id" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _resolve_resume(kwargs: dict[str, Any], wants: bool) -> None:
+def _resolve_resume(kwargs: dict[str, Any], wants: bool) -> str | None:
+    """The client's cursor (header, then query), put in *kwargs* as
+    ``last_event_id`` for a handler that *wants* it, taken out otherwise."""
     request = cherrypy.serving.request
     value = resume_id(request.headers.get("Last-Event-ID"), kwargs.get("last_event_id"))
-    request.comet_last_event_id = value
     if wants:
         kwargs["last_event_id"] = value
     else:
         kwargs.pop("last_event_id", None)
+    return value
 
 
 def _dispatched_to(handler: Callable[..., Any]) -> bool:
     """Is *handler* (a ``@comet`` wrapper) what CherryPy's dispatcher picked
     for this request, bound or not, rather than something it calls?"""
-    page = getattr(cherrypy.serving.request, "handler", None)
-    for _ in range(8):  # the encode tool wraps the page handler (ResponseEncoder.oldhandler)
-        inner = getattr(page, "oldhandler", None)
-        if inner is None:
-            break
-        page = inner
-    target = getattr(page, "callable", None)
-    return getattr(target, "__func__", target) is handler
+    return dispatched_callable(cherrypy.serving.request) is handler
 
 
 def comet(transport: str = "sse", **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -436,7 +419,7 @@ def comet(transport: str = "sse", **options: Any) -> Callable[[Callable[..., Any
         @functools.wraps(func)
         def handler(*args: Any, **kwargs: Any) -> Any:
             try:
-                _resolve_resume(kwargs, wants)
+                resume = _resolve_resume(kwargs, wants)
             except InvalidEventId as exc:
                 return _refuse(Refusal(400, str(exc)), opts)
 
@@ -448,7 +431,7 @@ def comet(transport: str = "sse", **options: Any) -> Callable[[Callable[..., Any
             # a direct request calls it and would skip a page handler that
             # calls it (and the access check that page handler may make).
             learn = functools.partial(handler, *args) if _dispatched_to(handler) else None
-            return _serve(call, opts, learn)
+            return _serve(call, opts, resume, learn)
 
         setattr(handler, "comet_options", opts)  # what the decorator made, for introspection
         return handler
@@ -490,7 +473,7 @@ class CometTool(cherrypy.Tool):
             # (the default dispatcher's) returns a copy, so assign it back.
             params = dict(getattr(inner, "kwargs", kwargs))
             try:
-                _resolve_resume(params, wants)
+                resume = _resolve_resume(params, wants)
             except InvalidEventId as exc:
                 return _refuse(Refusal(400, str(exc)), opts)
             if hasattr(inner, "kwargs"):
@@ -503,7 +486,7 @@ class CometTool(cherrypy.Tool):
                 def call() -> Any:
                     check_params(args, params)
                     return inner(*args, **params)
-            return _serve(call, opts)
+            return _serve(call, opts, resume)
 
         request.handler = handler
 

@@ -45,8 +45,9 @@ from typing import Any, Callable, NamedTuple
 
 import cherrypy
 
-from .internals import (GetHead, Peer, begin_direct_request, direct_settings, end_direct_request, parse_get_head,
-                        peer_of, prepare_direct_request, slim_spent_request, why_not_direct, write_access_log)
+from .internals import (GetHead, Peer, begin_direct_request, direct_settings, end_direct_request, http_error_reason,
+                        mark_direct, parse_get_head, peer_of, prepare_direct_request, response_head, slim_spent_request,
+                        why_not_direct, write_access_log)
 from .pipeline import Parking, Refusal
 from .pool import StreamPool
 
@@ -163,7 +164,7 @@ class DirectHandlers:
         try:
             prepare_direct_request(request, response, got, entry.script_name, entry.path_info, entry.is_index,
                                    entry.config, entry.settings)
-            request.comet_direct = True  # comet.cherrypy_tool._serve: the socket is comet's
+            mark_direct(request)  # comet.cherrypy_tool._serve: the socket is comet's
             body = entry.call(**request.params)
         except cherrypy.HTTPRedirect as redirect:
             redirect.set_response()
@@ -172,7 +173,7 @@ class DirectHandlers:
             if exc.code >= 500:
                 _fail(sock, exc)
                 return False
-            body = _plain(response, exc.code, exc._message or "")
+            body = _plain(response, exc.code, http_error_reason(exc))
         except Exception as exc:
             _fail(sock, exc)
             return False
@@ -181,11 +182,11 @@ class DirectHandlers:
                 response.stream = True
                 response.body = []
                 response.finalize()
-                head = _head(response, got.http10, streaming=True)
+                head = response_head(response, got.http10, streaming=True)
             else:
                 response.body = body if body is not None else b""
                 response.finalize()
-                head = _head(response, got.http10, streaming=False) + b"".join(response.body)
+                head = response_head(response, got.http10, streaming=False) + b"".join(response.body)
         except Exception as exc:  # a bad status or header the handler set: as the pipeline, a 500
             if isinstance(body, Parking):
                 body.close()
@@ -208,20 +209,6 @@ def _plain(response: Any, status: int, reason: str) -> bytes:
     response.headers["Content-Type"] = "text/plain; charset=utf-8"
     response.headers["Cache-Control"] = "no-cache"
     return refusal.body()
-
-
-def _head(response: Any, http10: bool, streaming: bool) -> bytes:
-    lines = [b"HTTP/1.1 ", response.output_status, b"\r\n"]
-    closes = False
-    for name, value in response.header_list:
-        lines += [name, b": ", value, b"\r\n"]
-        closes = closes or (name.lower() == b"connection" and value.lower() == b"close")
-    if streaming and not http10:
-        lines.append(b"Transfer-Encoding: chunked\r\n")  # as cheroot: the stream ends with the last chunk
-    elif not closes:
-        lines.append(b"Connection: close\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
 
 
 def _send_and_close(sock: socket.socket, data: bytes) -> None:

@@ -56,7 +56,7 @@ from urllib.parse import parse_qs
 
 from .errors import Forbidden
 from .hub import MAX_CHANNELS, Hub
-from .internals import install_accept_hook, install_gateway, parse_get_head, peer_of
+from .internals import fast_routes_of, install_accept_hook, install_gateway, keep_fast_routes, parse_get_head, peer_of
 from .options import Options
 from .pipeline import OWNED, Parking, Refusal, open_stream, refusal_for
 from .pool import StreamPool
@@ -307,7 +307,7 @@ class FastRoutes:
         request head is complete, else through a WSGI middleware in front of
         ``server.wsgi_app``. Idempotent; one ``FastRoutes`` per server.
         """
-        current = getattr(server, "_comet_routes", None)
+        current = fast_routes_of(server)
         if current is self:
             return
         if current is not None:
@@ -316,7 +316,7 @@ class FastRoutes:
         self._server = _server_name(server)
         server.wsgi_app = self.wsgi(server.wsgi_app)
         install_accept_hook(server, self.take, first=True)
-        server._comet_routes = self
+        keep_fast_routes(server, self)
 
     def take(self, sock: socket.socket, head: bytes, conn: Any) -> bool:
         """Serve a complete request *head* peeked from *sock* if it is a

@@ -37,7 +37,7 @@ def post_worker_init(worker: Any) -> None:
     """gunicorn's hook, in each worker process once the app is loaded: tell
     comet the worker's thread count, and end every comet stream when the
     worker is told to stop (``SIGTERM``), after gunicorn's own handler."""
-    wsgi._told_threads.append(int(worker.cfg.threads))
+    wsgi.tell_threads(int(worker.cfg.threads))
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum: int, frame: Any) -> None:

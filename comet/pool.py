@@ -202,6 +202,10 @@ class StreamPool:
         if hub not in self._hubs:
             self._hubs.add(hub)
 
+    def followed_hubs(self) -> list["Hub"]:
+        """The hubs this pool's streams follow now (:meth:`follow`)."""
+        return list(self._hubs)
+
     def writer(self) -> "Writer | None":
         """The writer thread of parked streams, started on first use; ``None``
         while the pool is stopping."""

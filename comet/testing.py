@@ -763,8 +763,7 @@ class CherryPyServer:
         })
         plugin = engine_plugin()
         if "comet.max_streams" not in self.global_config:
-            plugin.pool.max_streams = None
-            plugin._cap_configured = False
+            plugin.default_cap()
         if "comet.max_parked" not in self.global_config:
             plugin.pool.max_parked = 20_000
         cherrypy.tree.apps.clear()
@@ -832,7 +831,9 @@ class WSGIServer:
         started = time.monotonic()
         for pool in self.pools:
             pool.close_all()
-        hook = getattr(self.server, "_comet_accept", None)
+        from .internals import accept_hook_of
+
+        hook = accept_hook_of(self.server)
         if hook is not None:
             hook.stop()
         self.server.stop()

@@ -43,7 +43,7 @@ from .pipeline import Refusal, open_stream
 from .pool import StreamPool
 from .tokens import redact_tokens
 
-__all__ = ["comet_app", "resume_id", "install_gateway", "server_threads", "close_all"]
+__all__ = ["comet_app", "resume_id", "install_gateway", "server_threads", "tell_threads", "close_all"]
 
 log = logging.getLogger("comet")
 
@@ -106,6 +106,17 @@ def server_threads(environ: dict[str, Any]) -> int | None:
     if software.startswith("waitress"):
         return sum(1 for t in threading.enumerate() if t.name.startswith("waitress-")) or None
     return None
+
+
+def tell_threads(threads: int) -> None:
+    """Tell comet how many threads serve requests in this process, for a
+    server it cannot tell by itself (gunicorn's gthread worker:
+    :mod:`comet.gunicorn_conf` calls this); :func:`server_threads` then
+    answers it under that server. In a gunicorn ``post_worker_init`` hook::
+
+        tell_threads(worker.cfg.threads)
+    """
+    _told_threads.append(int(threads))
 
 
 def close_all() -> None:
@@ -192,7 +203,7 @@ def comet_app(handler: Callable[[dict[str, Any]], Any] | None = None, *, pool: S
                 return refuse(start_response, refusal)
             # (wsgiref, "WSGIServer/...", says multiprocess in one process.)
             if (environ.get("wsgi.multiprocess") and not str(environ.get("SERVER_SOFTWARE", "")).startswith("WSGIServer/")
-                    and any(type(hub) is Hub for hub in list(shared._hubs))):
+                    and any(type(hub) is Hub for hub in shared.followed_hubs())):
                 _warn_once("multiprocess", MULTIPROCESS)
             start_response(opened.status_line, opened.headers + cors)
             return opened.body

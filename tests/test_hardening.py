@@ -268,12 +268,12 @@ def test_a_connection_handed_back_is_cheroots_again_timeout_and_all(server, hub,
 def test_a_failure_in_the_accept_hook_hands_the_connection_to_cheroot(server, hub, monkeypatch):
     """As if a cheroot internal comet peeks at were renamed: pages and
     streams still work, through cheroot's own path."""
-    import comet.internals
+    import comet.internals.accept
 
     def broken(sock):
         raise AttributeError("'HTTPConnection' object has no attribute 'renamed'")
 
-    monkeypatch.setattr(comet.internals, "_peek", broken)
+    monkeypatch.setattr(comet.internals.accept, "_peek", broken)
     routed_before = engine_plugin().pool.counters["routed_wsgi"]
     assert _page_times(server.url + "/", 3)
     with StreamClient(server.url + "/fast/events") as client:
