@@ -36,7 +36,7 @@ from .liveness import watch_peer
 from .options import Options
 from .pool import Admission, StreamPool
 from .stream import Stream, close_quietly
-from .writer import ParkedStream, _chunk, inner_subscription
+from .writer import News, ParkedStream, Phase, _chunk, inner_subscription
 
 __all__ = ["open_stream", "Opened", "Refusal", "Connection", "Parking", "refusal_for", "ALLOW", "OWNED"]
 
@@ -291,7 +291,7 @@ class Parking:
         self._done = False
         self._lock = threading.Lock()
         self._late = False  # the first step outlasted PRIME_WAIT: it finishes on its own
-        self._outcome: tuple[str, Any, Subscription | None] | None = None
+        self._outcome: tuple[News, Any, Subscription | None] | None = None
         self._stream: ParkedStream | None = None
         self._abandoned = False
         self._channel: str | None = None
@@ -351,7 +351,7 @@ class Parking:
         assert self._outcome is not None
         self._apply(self._outcome)
 
-    def _first_step(self, enter: bool = True) -> tuple[str, Any, Subscription | None]:
+    def _first_step(self, enter: bool = True) -> tuple[News, Any, Subscription | None]:
         # enter=False: this is the request's own thread, in its context already.
         step = Step()
         with (self.context() if enter and self.context is not None else nullcontext()), cooperative(step):
@@ -359,22 +359,22 @@ class Parking:
                 first = next(self._gen)
             except StopIteration:
                 self._first_opened = step.opened
-                return "end", None, step.blocked
+                return News.FINISHED, None, step.blocked
             except BaseException as exc:
                 self._first_opened = step.opened
-                return "error", exc, step.blocked
+                return News.FAILED, exc, step.blocked
         self._first_opened = step.opened  # closed with the generator, should it leave them open
-        return "item", first, step.blocked or inner_subscription(self._gen)
+        return News.ITEM, first, step.blocked or inner_subscription(self._gen)
 
-    def _apply(self, outcome: tuple[str, Any, Subscription | None]) -> None:
+    def _apply(self, outcome: tuple[News, Any, Subscription | None]) -> None:
         """The first step's outcome, in time to shape the response."""
         kind, value, sub = outcome
-        if kind in ("end", "error"):
+        if kind is News.FINISHED or kind is News.FAILED:
             close_quietly(self._gen)
             self._gen = None
             close_quietly(sub)  # what it iterated or opened, if a for loop left it open
             self._close_first_opened()
-            if kind == "error":
+            if kind is News.FAILED:
                 raise value
             return
         if sub is not None:
@@ -384,7 +384,7 @@ class Parking:
         elif value is not None:
             self._first.append(value)
 
-    def _deliver(self, outcome: tuple[str, Any, Subscription | None], stream: ParkedStream) -> None:
+    def _deliver(self, outcome: tuple[News, Any, Subscription | None], stream: ParkedStream) -> None:
         """A late first step's outcome, to the writer as a step's would be."""
         writer = self.admission.pool.writer()
         kind, value, sub = outcome
@@ -394,17 +394,17 @@ class Parking:
         opened, self._first_opened = self._first_opened, None
         if opened is not None:
             stream.adopt(opened)  # (the writer waits for this outcome: nothing else touches the stream)
-        if kind == "error":
+        if kind is News.FAILED:
             log.error("comet: a stream handler failed before its first item", exc_info=value)
-            writer._post(stream, "failed", sub)
-        elif kind == "end":
-            writer._post(stream, "finished", sub)
+            writer._post(stream, News.FAILED, sub)
+        elif kind is News.FINISHED:
+            writer._post(stream, News.FINISHED, sub)
         else:
             if sub is not None:
                 stream.hint = sub.channel
             if value is not None and value.__class__ is not Idle:
-                writer._post(stream, "item", value)
-            writer._post(stream, "again", sub)
+                writer._post(stream, News.ITEM, value)
+            writer._post(stream, News.AGAIN, sub)
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -457,7 +457,7 @@ class Parking:
         if writer is None:  # stopping: end it as the writer would have
             from .writer import _close_connection
 
-            _close_connection(stream, final=True)
+            _close_connection(stream, final=True, last=True)
             self._done = False
             self.close()
             return

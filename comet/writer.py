@@ -40,6 +40,7 @@ runs every generator's ``finally``.
 from __future__ import annotations
 
 import collections
+import enum
 import heapq
 import logging
 import selectors
@@ -54,7 +55,7 @@ from .hub import Idle, Step, Subscription, cooperative
 from .pool import Admission, StreamPool
 from .steps import StepPool
 
-__all__ = ["Writer", "ParkedStream", "LONGPOLL_MAX_BATCH"]
+__all__ = ["Writer", "ParkedStream", "Phase", "News", "LONGPOLL_MAX_BATCH"]
 
 log = logging.getLogger("comet")
 
@@ -74,6 +75,43 @@ def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
+class Phase(enum.Enum):
+    """Where a parked stream is in its life; it only moves forward."""
+
+    #: Fed and written.
+    OPEN = "open"
+    #: Its last bytes are queued (a long-poll's answer, the terminating
+    #: chunk): nothing more goes in, and it is closed once they are out.
+    CLOSING = "closing"
+    #: Its socket is closed and what fed it let go (or being let go).
+    DONE = "done"
+
+
+class News(enum.Enum):
+    """What a generator's step reports to the writer, in order, with a value.
+
+    ``ITEM`` and ``CURSOR`` come while it runs; exactly one of the others
+    ends each step.
+    """
+
+    #: An item the generator produced.
+    ITEM = "item"
+    #: The cursor of an ``Idle`` tick it passed on (long-polls: where it stands).
+    CURSOR = "cursor"
+    #: Suspended, not waiting on a hub (it used its budget, or its own code
+    #: yielded "nothing yet"): step it again. Value: the subscription it
+    #: waited on in place, if any.
+    AGAIN = "again"
+    #: Suspended waiting on a hub. Value: ``(subscription, direct, cursor)``.
+    WAITING = "waiting"
+    #: It returned. Value: as for ``AGAIN``.
+    FINISHED = "finished"
+    #: It raised. Value: as for ``AGAIN``.
+    FAILED = "failed"
+    #: Its stream ended while it ran: the step closed it. Value: as for ``AGAIN``.
+    CANCELLED = "cancelled"
+
+
 class ParkedStream:
     """One parked response: its socket, what feeds it, and its output buffer.
 
@@ -84,8 +122,8 @@ class ParkedStream:
     """
 
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
-                 "max_bytes", "admission", "out", "out_size", "last_write", "writing", "done", "key", "direct",
-                 "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "closing", "due", "initial", "news", "hint", "shut",
+                 "max_bytes", "admission", "out", "out_size", "last_write", "writing", "phase", "key", "direct",
+                 "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "due", "initial", "news", "hint", "shut",
                  "framing", "context", "handshake", "paused", "earlier", "timer", "given", "known", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
@@ -111,7 +149,7 @@ class ParkedStream:
         self.out_size = 0
         self.last_write = time.monotonic()
         self.writing = False
-        self.done = False
+        self.phase = Phase.OPEN
         self.key: tuple[int, str] | None = None
         self.direct = gen is None and sub is not None
         self.stepping = False
@@ -127,13 +165,12 @@ class ParkedStream:
         #: A long-poll without a cursor answers once it knows one (with what is
         #: ready): the client's next poll starts exactly there.
         self.handshake = longpoll is not None and cursor is None
-        self.closing = False  # the last bytes are queued: close once they are out
         self.due = 0.0
         self.initial: Sequence[Any] = ()  # items a generator produced before it was parked
         #: What its steps reported while the stream waited to be taken by the
         #: writer (under the writer's lock; None once taken): it comes with
         #: the stream, without a wake-up of its own.
-        self.news: list[tuple[ParkedStream, str, Any]] | None = None
+        self.news: list[tuple[ParkedStream, News, Any]] | None = None
         self.hint: str | None = None  # its channel, seen before its first step
         self.shut = False  # the socket is closed (under _SHUT)
         self.paused = False  # a latest-value stream left unread until its backlog drains
@@ -154,6 +191,11 @@ class ParkedStream:
         its client is slow it waits unread (and then catches up with the
         newest value of each key) rather than being disconnected."""
         return self.direct and self.sub is not None and self.sub._bounded()
+
+    @property
+    def done(self) -> bool:
+        """Its socket is closed (:attr:`Phase.DONE`)."""
+        return self.phase is Phase.DONE
 
     @property
     def channel(self) -> str | None:
@@ -226,7 +268,7 @@ class Writer:
         self._lock = threading.Lock()
         self._adds: list[ParkedStream] = []
         self._dirty: set[tuple[int, str]] = set()
-        self._inbox: list[tuple[ParkedStream, str, Any]] = []
+        self._inbox: list[tuple[ParkedStream, News, Any]] = []
         self._woken = False
         self._groups: dict[tuple[int, str], set[ParkedStream]] = {}
         self._unwatch: dict[tuple[int, str], Callable[[], None]] = {}
@@ -252,7 +294,7 @@ class Writer:
                 return
         self._abandon(stream)
 
-    def _post(self, stream: ParkedStream, kind: str, value: Any = None) -> None:
+    def _post(self, stream: ParkedStream, kind: News, value: Any = None) -> None:
         # From step threads: an item produced, or how a step ended.
         with self._lock:
             exited = self._exited
@@ -260,12 +302,12 @@ class Writer:
                 if stream.news is not None:  # not taken yet: the wake-up of its park() is on its way
                     stream.news.append((stream, kind, value))
                     return
-                if kind == "item":
+                if kind is News.ITEM:
                     stream.inbox_items += 1
                 self._inbox.append((stream, kind, value))
                 self._wake()
-        if exited and kind not in ("item", "cursor"):
-            if kind == "waiting":
+        if exited and kind is not News.ITEM and kind is not News.CURSOR:
+            if kind is News.WAITING:
                 stream.waits_on(value[0])
             elif isinstance(value, Subscription):
                 stream.owns(value)
@@ -333,13 +375,13 @@ class Writer:
                     inbox += stream.news or ()
                     stream.news = None
             for stream, kind, value in inbox:
-                if kind in ("again", "waiting"):  # that step has returned: the generator is suspended
+                if kind is News.AGAIN or kind is News.WAITING:  # that step has returned: the generator is suspended
                     stream.stepping = False
-                    if kind == "waiting":
+                    if kind is News.WAITING:
                         stream.waits_on(value[0])  # closed with the generator (a for loop would not)
                     elif value is not None:
                         stream.owns(value)
-                elif kind in ("finished", "failed", "cancelled"):  # ... or done with
+                elif kind is not News.ITEM and kind is not News.CURSOR:  # ... or done with
                     stream.stepping = False
                     stream.gen = None
                     if value is not None:
@@ -509,7 +551,7 @@ class Writer:
         if sub.ended:
             if stream.gen is not None:
                 self._submit_step(stream)  # the generator goes on after its ``yield from``
-            elif stream.longpoll is not None and not stream.closing:
+            elif stream.longpoll is not None and stream.phase is Phase.OPEN:
                 if not stream.entries or stream.cursor is None:
                     stream.cursor = sub.last_id
                 self._answer(stream)  # ended with no news (a disconnect): still a whole answer
@@ -533,7 +575,7 @@ class Writer:
                 self._answer(stream)
 
     def _emit(self, stream: ParkedStream, items: Sequence[Any]) -> None:
-        if not items or stream.done or stream.closing:
+        if not items or stream.phase is not Phase.OPEN:
             return
         if stream.longpoll is not None:
             for item in items:
@@ -611,12 +653,12 @@ class Writer:
             if stream.writing:
                 stream.writing = False
                 self._selector.modify(sock, selectors.EVENT_READ, stream)
-            if stream.closing:
+            if stream.phase is Phase.CLOSING:
                 self._end(stream)  # the last bytes are out
                 return
         if stream.gen is not None and stream.out_size <= STEP_HIGH_WATER and stream.drained is not None:
             stream.drained.set()
-        if stream.paused and stream.out_size <= STEP_HIGH_WATER // 2 and not stream.closing:
+        if stream.paused and stream.out_size <= STEP_HIGH_WATER // 2 and stream.phase is Phase.OPEN:
             stream.paused = False
             self._feed(stream)  # what it missed meanwhile: the newest value of each key
 
@@ -636,7 +678,7 @@ class Writer:
         """A heartbeat carrying the stream's cursor now, if its client has
         not been given it: a reconnect a moment later then resumes there."""
         cursor = _untold(stream)
-        if cursor is None or stream.done or stream.closing:
+        if cursor is None or stream.phase is not Phase.OPEN:
             return
         beat = stream.framing.beat(stream.boundary, stream.heartbeat, cursor)
         stream.queue(_chunk(beat) if stream.chunked else beat)
@@ -683,7 +725,7 @@ class Writer:
                 self._dead_timers -= 1
                 continue
             stream.timer = None
-            if stream.done or stream.closing:
+            if stream.phase is not Phase.OPEN:
                 continue
             if (stream.deadline is not None and now >= stream.deadline) or (
                     stream.longpoll is not None and now >= stream.longpoll):
@@ -718,34 +760,34 @@ class Writer:
         gen, step = stream.gen, stream.step
         assert gen is not None and step is not None
         produced = 0
-        outcome: str = "again"
+        outcome = News.AGAIN
         value: Subscription | None = None
         cursor: str | None = None  # of the last Idle tick the generator passed on
         context = stream.context if enter else None
         with cooperative(step), (context() if context is not None else nullcontext()):
             while True:
                 if step.cancelled:
-                    outcome = "cancelled"
+                    outcome = News.CANCELLED
                     break
                 try:
                     item = next(gen)
                 except StopIteration:
-                    outcome = "finished"
+                    outcome = News.FINISHED
                     break
                 except Exception:
                     log.exception("comet: a stream handler failed; ending its stream")
-                    outcome = "failed"
+                    outcome = News.FAILED
                     break
                 if item is None or item.__class__ is Idle:
                     if item is not None:
                         cursor = item.last_id
                         if stream.longpoll is not None:
-                            self._post(stream, "cursor", cursor)
+                            self._post(stream, News.CURSOR, cursor)
                     if step.blocked is not None:
-                        outcome, value = "waiting", step.blocked
+                        outcome, value = News.WAITING, step.blocked
                         break
                     continue  # the handler's own "nothing yet": it keeps this thread meanwhile
-                self._post(stream, "item", item)
+                self._post(stream, News.ITEM, item)
                 produced += 1
                 if produced >= STEP_BUDGET:
                     break  # let others have the thread; the writer steps us again
@@ -756,14 +798,14 @@ class Writer:
                     stream.drained.wait(0.25)
         if step.opened is not None:
             stream.adopt(step.opened)  # (on this thread: the writer leaves them be while a step runs)
-        if outcome == "waiting":
+        if outcome is News.WAITING:
             assert value is not None
             direct = _delegates_to(gen, value)
-            self._post(stream, "waiting", (value, direct, cursor))  # (its cursor after its items: in order)
-        elif outcome == "again":
-            self._post(stream, "again", step.blocked)
+            self._post(stream, News.WAITING, (value, direct, cursor))  # (its cursor after its items: in order)
+        elif outcome is News.AGAIN:
+            self._post(stream, News.AGAIN, step.blocked)
         else:
-            if outcome == "cancelled":
+            if outcome is News.CANCELLED:
                 with context() if context is not None else nullcontext():
                     _close_generator(gen)
             self._post(stream, outcome, step.blocked)
@@ -779,35 +821,35 @@ class Writer:
                 self._inbox[:0] = early
                 self._wake()
             for stream, kind, _ in inbox:
-                if kind == "item":
+                if kind is News.ITEM:
                     stream.inbox_items -= 1
         self._handle_news(inbox)
 
-    def _handle_news(self, inbox: list[tuple[ParkedStream, str, Any]]) -> None:
+    def _handle_news(self, inbox: list[tuple[ParkedStream, News, Any]]) -> None:
         """What steps reported, in order: items, cursors, how they ended."""
         for stream, kind, value in inbox:
-            if kind == "item":
+            if kind is News.ITEM:
                 if not stream.done:
                     self._emit(stream, [value])
                     if stream.longpoll is not None and len(stream.entries) >= LONGPOLL_MAX_BATCH:
                         self._answer(stream)
                 continue
-            if kind == "cursor":
+            if kind is News.CURSOR:
                 if stream.longpoll is not None and (not stream.entries or stream.cursor is None):
                     stream.cursor = value
-                if stream.longpoll is not None and stream.handshake and not stream.done and not stream.closing:
+                if stream.longpoll is not None and stream.handshake and stream.phase is Phase.OPEN:
                     self._answer(stream)
                 continue
             stream.stepping, stream.step = False, None
-            if kind != "waiting" and value is not None:
+            if kind is not News.WAITING and value is not None:
                 stream.owns(value)  # the subscription the step waited on in place
-            if kind == "waiting":
+            if kind is News.WAITING:
                 sub, direct, cursor = value
                 stream.waits_on(sub)
                 stream.direct = direct
                 if cursor is not None:
                     stream.known = cursor
-                if stream.done or stream.closing:
+                if stream.phase is not Phase.OPEN:
                     self._release_generator(stream)
                     continue
                 self._join(stream, sub)
@@ -820,18 +862,18 @@ class Writer:
                         self._feed(stream)
                     else:
                         self._submit_step(stream)
-            elif kind == "again":
-                if stream.done or stream.closing:
+            elif kind is News.AGAIN:
+                if stream.phase is not Phase.OPEN:
                     self._release_generator(stream)
                 else:
                     self._submit_step(stream)
-            elif kind in ("finished", "failed"):
+            elif kind is News.FINISHED or kind is News.FAILED:
                 stream.gen = None
                 if stream.done:
                     self._release(stream)
                 elif stream.longpoll is not None:
                     self._answer(stream)
-                elif kind == "finished":
+                elif kind is News.FINISHED:
                     self._finish(stream)
                 else:
                     self._end(stream)
@@ -843,7 +885,9 @@ class Writer:
 
     def _answer(self, stream: ParkedStream) -> None:
         """A long-poll's one answer: everything gathered, and the cursor."""
-        _queue_answer(stream)
+        stream.queue(_answer_bytes(stream))
+        if stream.phase is Phase.OPEN:
+            stream.phase = Phase.CLOSING
         self._finish(stream)
 
     def _finish(self, stream: ParkedStream) -> None:
@@ -851,10 +895,10 @@ class Writer:
         then close once it is all out."""
         if stream.done:
             return
-        if not stream.closing:  # (a long-poll's answer is queued already)
+        if stream.phase is Phase.OPEN:  # (a long-poll's answer is queued already)
             if stream.chunked and stream.framing.streaming:
                 stream.queue(b"0\r\n\r\n")  # the client may reconnect at once
-            stream.closing = True
+            stream.phase = Phase.CLOSING
         self._flush(stream)
         if not stream.done and stream.out:
             self._stop_feeding(stream)  # nothing more goes in; the socket drains, then closes
@@ -868,7 +912,8 @@ class Writer:
         """Close the socket and let go of what feeds the stream."""
         if stream.done:
             return
-        stream.done = True
+        last = final and stream.phase is Phase.OPEN
+        stream.phase = Phase.DONE
         self._streams.discard(stream)
         self._unschedule(stream)
         self._leave(stream)
@@ -876,7 +921,7 @@ class Writer:
             self._selector.unregister(stream.sock)
         except (KeyError, ValueError, OSError):
             pass
-        _close_connection(stream, final)
+        _close_connection(stream, final, last)
         if stream.gen is not None:
             if stream.stepping:
                 if stream.step is not None:
@@ -917,8 +962,9 @@ class Writer:
     def _abandon(self, stream: ParkedStream) -> None:
         """End a stream after the writer has exited: from a step that ended
         then, or a park() that came too late."""
-        stream.done = True
-        _close_connection(stream, final=True)
+        last = stream.phase is Phase.OPEN
+        stream.phase = Phase.DONE
+        _close_connection(stream, True, last)
         gen, stream.gen = stream.gen, None
         if gen is not None:
             _close_generator(gen)
@@ -951,28 +997,27 @@ def _last_event_id(items: Sequence[Any]) -> str | None:
     return None
 
 
-def _queue_answer(stream: ParkedStream) -> None:
+def _answer_bytes(stream: ParkedStream) -> bytes:
+    """A long-poll's answer, whole: it is answered from now on."""
     body = encode_longpoll(stream.entries, stream.cursor, stream.heartbeat)  # (a long-poll's: poll_timeout)
     stream.longpoll = None
-    stream.queue(_chunk(body) + b"0\r\n\r\n" if stream.chunked else body)
-    stream.closing = True
+    return _chunk(body) + b"0\r\n\r\n" if stream.chunked else body
 
 
-def _close_connection(stream: ParkedStream, final: bool) -> None:
-    """Close a parked stream's socket: with ``final``, first end the response
-    properly (a long-poll's answer, the terminating chunk) and send what is
-    queued, as far as the socket takes it without blocking."""
+def _close_connection(stream: ParkedStream, final: bool, last: bool) -> None:
+    """Close a parked stream's socket: with ``last``, first end the response
+    properly (a long-poll's answer, the terminating chunk); with ``final``,
+    send what is queued, as far as the socket takes it without blocking."""
     with _SHUT:  # at shutdown a step thread and the writer may both get here
         if stream.shut:
             return
         stream.shut = True
     sock = stream.sock
-    if final and not stream.closing:
+    if last:
         if stream.longpoll is not None:
-            _queue_answer(stream)
+            stream.queue(_answer_bytes(stream))
         elif stream.chunked:
             stream.queue(b"0\r\n\r\n")  # the client may reconnect at once
-        stream.closing = True
     try:
         if final:
             sock.setblocking(False)
