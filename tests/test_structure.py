@@ -5,6 +5,9 @@ server started.
   inside functions and under ``if TYPE_CHECKING:`` included (a lazy or
   type-only import is still a dependency a reader has to follow).
 * No module over 800 lines, no class over 400.
+* ``docs/tests-by-module.md``, the index from each module to the tests
+  that exercise it, names every module and every test file, and holds the
+  mutation tool's map (``TESTS_FOR`` in ``tests/mutation/mutate.py``).
 * No private name of one comet module used in another: no ``from .x import
   _name``, no ``module._name``, and no ``obj._name`` where ``_name`` is
   defined nowhere in the module that uses it (a heuristic: a name the module
@@ -20,6 +23,8 @@ the list can be shrunk (delete them).
 from __future__ import annotations
 
 import ast
+import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -321,3 +326,51 @@ def test_the_checks_can_fail(tmp_path, monkeypatch):
     assert big_things(mods) == {"big class: comet.a.A", "big module: comet.inner"}
     assert private_uses(mods) == {"private: comet.a uses b._secret", "private: comet.b imports comet.inner._hidden",
                                   "private: comet.b uses comet.a._private"}
+
+
+# -- the index from modules to tests (docs/tests-by-module.md) -------------------
+
+INDEX = ROOT / "docs" / "tests-by-module.md"
+ROW = re.compile(r"^\| `comet/([^`]+)` \|[^|]*\|(.*)\|\s*$", re.M)
+
+
+def index_rows() -> dict[str, list[str]]:
+    rows: dict[str, list[str]] = {}
+    for module, tests in ROW.findall(INDEX.read_text()):
+        assert module not in rows, f"comet/{module} has two rows in {INDEX.name}"
+        rows[module] = re.findall(r"`([^`]+)`", tests)
+    return rows
+
+
+def mutation_map() -> dict[str, list[str]]:
+    spec = importlib.util.spec_from_file_location("comet_mutate", ROOT / "tests" / "mutation" / "mutate.py")
+    assert spec is not None and spec.loader is not None
+    mutate = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mutate  # (its dataclasses look their module up)
+    try:
+        spec.loader.exec_module(mutate)
+    finally:
+        del sys.modules[spec.name]
+    return {key: [f.split("::")[0] for f in files] for key, files in mutate.TESTS_FOR.items()}
+
+
+def test_the_index_names_every_module_and_every_test_file():
+    rows = index_rows()
+    present = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")} | {"static/comet.js"}
+    assert sorted(present - rows.keys()) == [], f"modules with no row in {INDEX.name}"
+    assert sorted(rows.keys() - present) == [], f"rows in {INDEX.name} for modules that do not exist"
+    named = {test for tests in rows.values() for test in tests}
+    assert sorted(t for t in named if not (ROOT / t).is_file()) == [], f"files named in {INDEX.name} that do not exist"
+    assert [module for module, tests in rows.items() if not tests] == [], "modules with no tests"
+    every = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("test_*.py")}
+    assert sorted(every - named) == [], f"test files named on no row of {INDEX.name}"
+
+
+def test_the_index_holds_the_mutation_tools_map():
+    rows = index_rows()
+    mapped = mutation_map()
+    assert sorted(key for key in mapped if not (PACKAGE / key).is_file()) == [], \
+        "TESTS_FOR in tests/mutation/mutate.py maps modules that do not exist"
+    missing = {key: sorted(set(files) - set(rows.get(key, []))) for key, files in mapped.items()}
+    assert {key: files for key, files in missing.items() if files} == {}, \
+        f"files the mutation tool runs for a module, missing from its row in {INDEX.name}"
