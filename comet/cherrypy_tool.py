@@ -53,7 +53,7 @@ from .hub import Hub
 from .direct import DirectHandlers
 from .internals import (accept_hook_of, cheroot_server_of, comet_plugin_of, connection_for, dispatched_callable, drop_gzip,
                         http_error_reason, install_accept_hook, install_gateway, is_direct, keep_charset, keep_comet_plugin,
-                        release_session, request_context)
+                        page_arguments, page_callable, release_session, request_context, set_page_params)
 from .options import Options
 from .pipeline import OWNED, Parking, Refusal, open_stream
 from .pool import StreamPool
@@ -463,24 +463,24 @@ class CometTool(cherrypy.Tool):
         if inner is None:
             return
         opts = self._options(config)
-        target = getattr(inner, "callable", inner)
+        target = page_callable(inner)
         wants = _takes_last_event_id(target)
 
         check_params = _ParamCheck(target)
 
         def handler(*args: Any, **kwargs: Any) -> Any:
-            # The page's params live on the PageHandler; LateParamPageHandler
-            # (the default dispatcher's) returns a copy, so assign it back.
-            params = dict(getattr(inner, "kwargs", kwargs))
+            page = page_arguments(inner)
+            params = dict(page[1] if page is not None else kwargs)
             try:
                 resume = _resolve_resume(params, wants)
             except InvalidEventId as exc:
                 return _refuse(Refusal(400, str(exc)), opts)
-            if hasattr(inner, "kwargs"):
-                inner.kwargs = params
+            if page is not None:
+                set_page_params(inner, params)
+                page_args = page[0]
 
                 def call() -> Any:
-                    check_params(tuple(getattr(inner, "args", ())), params)
+                    check_params(page_args, params)
                     return inner()
             else:
                 def call() -> Any:

@@ -78,6 +78,9 @@ set up (``header_list``,             (:func:`prepare_direct_request`), minus
 (``before_finalize``)                (:func:`drop_gzip`).
 ``request.handler``, ``.callable``   which page handler CherryPy dispatched
                                      to (:func:`dispatched_callable`).
+``PageHandler.callable``, ``.args``, what ``tools.comet`` wraps: the page's
+``.kwargs``                          function and its arguments, the resume
+                                     cursor taken out (:func:`page_arguments`).
 ===================================  ===========================================
 
 Attributes comet keeps on server objects, set and read only here: the
@@ -96,7 +99,8 @@ from .accept import (MAX_HEAD, AcceptHook, GetHead, HeadTaker, accept_hook_of, f
                      keep_fast_routes, parse_get_head)
 from .connection import CherootConnection, Peer, connection_for, install_gateway, peer_of
 from .cprequest import (cheroot_server_of, comet_plugin_of, dispatched_callable, drop_gzip, http_error_reason,
-                        is_direct, keep_charset, keep_comet_plugin, mark_direct, release_session, request_context)
+                        is_direct, keep_charset, keep_comet_plugin, mark_direct, page_arguments, page_callable,
+                        release_session, request_context, set_page_params)
 from .direct_request import (begin_direct_request, direct_settings, end_direct_request, prepare_direct_request,
                              response_head, slim_spent_request, why_not_direct, write_access_log)
 
@@ -105,4 +109,4 @@ __all__ = ["install_gateway", "install_accept_hook", "AcceptHook", "accept_hook_
            "why_not_direct", "begin_direct_request", "end_direct_request", "prepare_direct_request",
            "direct_settings", "write_access_log", "slim_spent_request", "response_head",
            "release_session", "keep_charset", "drop_gzip", "request_context", "http_error_reason",
-           "mark_direct", "is_direct", "dispatched_callable", "cheroot_server_of", "comet_plugin_of", "keep_comet_plugin"]
+           "mark_direct", "is_direct", "dispatched_callable", "page_callable", "page_arguments", "set_page_params", "cheroot_server_of", "comet_plugin_of", "keep_comet_plugin"]

@@ -55,6 +55,28 @@ def is_direct(request: Any) -> bool:
     return bool(getattr(request, "comet_direct", False))
 
 
+def page_callable(handler: Any) -> Any:
+    """What CherryPy's page *handler* (``_cpdispatch.PageHandler``) will
+    call: the exposed function or method; *handler* itself otherwise."""
+    return getattr(handler, "callable", handler)
+
+
+def page_arguments(handler: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The positional (virtual path) and keyword (query and body) arguments
+    CherryPy's page *handler* will call with; ``None`` for a handler that
+    is not a ``PageHandler`` (it gets them from its caller)."""
+    if not hasattr(handler, "kwargs"):
+        return None
+    return tuple(getattr(handler, "args", ())), handler.kwargs
+
+
+def set_page_params(handler: Any, params: dict[str, Any]) -> None:
+    """Make *params* the keyword arguments page *handler* calls with: the
+    default dispatcher's ``LateParamPageHandler`` returns a copy of them
+    (merged with ``request.params``), so changes are assigned back."""
+    handler.kwargs = params
+
+
 def dispatched_callable(request: Any) -> Any:
     """What CherryPy's dispatcher picked as *request*'s page handler (a
     function; a bound method's function), under the wrappers tools put
