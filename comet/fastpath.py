@@ -54,8 +54,9 @@ import time
 from typing import Any, Callable, NamedTuple, Sequence
 from urllib.parse import parse_qs
 
+from .cursors import MAX_CHANNELS, check_channel
 from .errors import Forbidden
-from .hub import MAX_CHANNELS, Hub
+from .hub import Hub
 from .internals import fast_routes_of, install_accept_hook, install_gateway, keep_fast_routes, parse_get_head, peer_of
 from .options import Options
 from .pipeline import OWNED, Parking, Refusal, open_stream, refusal_for
@@ -166,7 +167,7 @@ class FastRoute:
         try:
             example = self.channel_for({name: "x" for name in self.params})
             for name in [example] if isinstance(example, str) else example:
-                Hub._check_channel(name)
+                check_channel(name)
             if not isinstance(example, str) and not 0 < len(example) <= MAX_CHANNELS:
                 raise ValueError("too many channels")
         except (KeyError, IndexError, ValueError, TypeError) as exc:
@@ -329,7 +330,7 @@ class FastRoutes:
         route = parsed.route
         channel = route.channel_for(parsed.params)
         cursor = parsed.last_event_id or parse_qs(parsed.query).get(_QUERY_KEY, [None])[-1]
-        if not route.hub._local_for(channel, cursor or None):
+        if not route.hub.is_local(channel, cursor or None):
             return False  # the subscribe would wait on the network: not on this thread
         if parsed.request is not None:
             parsed.request.remote_addr = peer_of(conn).remote_addr

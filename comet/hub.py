@@ -34,19 +34,17 @@ no events still tells the client exactly where to resume.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import itertools
-import re
 import threading
 import time
-import zlib
 from array import array
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
-from urllib.parse import unquote_to_bytes
 
 from .counters import Counters
+from .cursors import (BEFORE_ALL, EPOCH_BUCKETS, MAX_CHANNELS, MAX_CURSOR, MAX_NAME, MAX_PART, bucket, channel_tag,
+                      check_channel, check_member, cursor_name, is_multi_cursor, multi_cursor, parse_id, split_cursor,
+                      stored_id)
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event, TaggedEvent
 
@@ -54,7 +52,8 @@ if TYPE_CHECKING:
     from .presence import Presence
 
 __all__ = ["Hub", "Subscription", "MultiSubscription", "Idle", "GAP", "SNAPSHOT", "parse_id", "Step", "cooperative",
-           "MAX_CHANNELS", "MAX_CURSOR", "multi_cursor", "cursor_name", "is_multi_cursor"]
+           "MAX_CHANNELS", "MAX_CURSOR", "multi_cursor", "cursor_name", "is_multi_cursor", "channel_tag",
+           "subscriptions_recorded"]
 
 #: Name of the event a subscription receives when events it should have seen
 #: are no longer available. Its ``data`` is ``{"last_id": <the client's
@@ -68,74 +67,14 @@ GAP = "comet.gap"
 #: ``"snapshot": true``.
 SNAPSHOT = "comet.snapshot"
 
-_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
-#: Most channels one subscription may follow: its cursor (every channel's
-#: name and id) must fit a ``Last-Event-ID`` header.
-MAX_CHANNELS = 64
-#: Longest name a channel keeps in a cursor (percent-encoded); a longer
-#: one is named by a hash, so a cursor's size never depends on what users
-#: call things (see :func:`cursor_name`).
-_SHORT_NAME = 32
-#: A channel's name in a cursor: UTF-8, %XX-encoded but for ASCII letters,
-#: digits, ``-`` and ``:`` (so never ``.`` or ``_``, the separators, nor
-#: ``~``), at most _SHORT_NAME characters; or ``~`` and 26 base32 letters.
-_NAME = rf"(?:~[a-z2-7]{{26}}|(?=[A-Za-z0-9:%-]{{1,{_SHORT_NAME}}}\.)(?:[A-Za-z0-9:-]|%[0-9A-Fa-f]{{2}})+)"
-_PIECE = rf"{_NAME}\.\d{{1,20}}-\d{{1,20}}"
-_CURSOR = re.compile(rf"{_PIECE}(?:_{_PIECE}){{0,{MAX_CHANNELS * 2}}}")
-#: Length of the longest cursor a subscription makes: :data:`MAX_CHANNELS`
-#: pieces of a name (at most _SHORT_NAME characters), ``.`` and an id (two
-#: 20-digit numbers), joined by ``_``: 4,799 characters. What a server takes
-#: as ``Last-Event-ID``; it fits the 8 KB request heads of fast routes
-#: (comet.internals.MAX_HEAD) and of proxies (nginx) with 3 KB left for the
-#: request line and the other headers, whatever users name their channels.
-MAX_CURSOR = MAX_CHANNELS * (_SHORT_NAME + 1 + 41) + MAX_CHANNELS - 1
-_KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-:")
-#: What a cursor of the first format (``<crc32 tag>.<id>`` pieces) named a channel by.
-_OLD_TAG = re.compile(r"[0-9a-z]{1,7}")
-#: Where a plain id puts each channel of a subscription to several: before
-#: anything (even a backend's "0-0"), so each gets a gap.
-_BEFORE_ALL = (-1, -1)
 #: This process's order of publishing, over every channel of every hub.
 _ORDER = itertools.count(1)
-_MAX_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
-_MAX_CHANNEL = 200
 
 View = Callable[[Event], Any]
 #: A channel's name, or a function of a name saying whether it is one of them.
 Channels = Union[str, Callable[[str], bool]]
 #: Seconds, or a function of the channel's name giving seconds (or ``None``).
 MaxAge = Union[float, Callable[[str], Optional[float]], None]
-
-#: Forgetting a channel moves the epoch of every channel hashed with it, so
-#: ids of a later channel of the same name never meet a cursor from before.
-#: Buckets, not one epoch per name ever used: memory stays bounded, and a
-#: forget disturbs only cursors of never-published channels of its bucket.
-_EPOCH_BUCKETS = 4096
-
-
-def _bucket(channel: str) -> int:
-    return zlib.crc32(channel.encode("utf-8", "surrogatepass")) % _EPOCH_BUCKETS
-
-
-def parse_id(value: str) -> tuple[int, int]:
-    """``"<epoch>-<seq>"`` to a comparable tuple, or :class:`InvalidEventId`.
-
-    >>> parse_id("1700000000000-42")
-    (1700000000000, 42)
-    """
-    if not isinstance(value, str):
-        raise InvalidEventId(f"event id must be a str, got {type(value).__name__}")
-    match = _ID.fullmatch(value)
-    if not match or int(match[1]) > _MAX_PART or int(match[2]) > _MAX_PART:
-        raise InvalidEventId(f"malformed event id {value[:80]!r}: expected '<epoch>-<seq>' digits")
-    return int(match[1]), int(match[2])
-
-
-def _stored_id(event: Event) -> str:
-    """The id of an event a channel holds (every stored event has one)."""
-    event_id = event.id
-    assert event_id is not None
-    return event_id
 
 
 class Step:
@@ -298,7 +237,7 @@ class _Channel:
     def append(self, event: Event) -> None:
         """Store *event* as the newest; the caller holds ``cond``."""
         if len(self.events) == self.events.maxlen:
-            self.floor = _stored_id(self.events[0])
+            self.floor = stored_id(self.events[0])
         object.__setattr__(event, "_order", next(_ORDER))  # (frozen: set once, as it is stored)
         self.events.append(event)
         self.seq += 1
@@ -318,7 +257,7 @@ class _Channel:
         limit = now - self.max_age
         while times and times[0] < limit:
             times.popleft()
-            self.floor = _stored_id(self.events.popleft())
+            self.floor = stored_id(self.events.popleft())
 
     def reset(self, floor: str) -> None:
         """Forget the buffer: events up to *floor* may exist that nobody here
@@ -332,7 +271,7 @@ class _Channel:
             self.latest_floor, self.latest_seq = floor, self.seq
 
     def tail_id(self) -> str:
-        return _stored_id(self.events[-1]) if self.events else self.floor
+        return stored_id(self.events[-1]) if self.events else self.floor
 
     def first_seq(self) -> int:
         """seq of the oldest held event (``seq + 1`` when none)."""
@@ -343,7 +282,7 @@ class _Channel:
         events, lo, hi = self.events, 0, len(self.events)
         while lo < hi:
             mid = (lo + hi) // 2
-            if parse_id(_stored_id(events[mid])) <= key:
+            if parse_id(stored_id(events[mid])) <= key:
                 lo = mid + 1
             else:
                 hi = mid
@@ -413,7 +352,7 @@ class _Channel:
             return -1
         cursor = self.seq
         for seq, event in reversed(self.latest.values()):
-            if parse_id(_stored_id(event)) <= key:
+            if parse_id(stored_id(event)) <= key:
                 break
             cursor = seq - 1
         return cursor
@@ -487,7 +426,7 @@ class Hub:
         # and kept stays alone in the allocator's pages the burst used, and
         # keeps them all from going back to the system (tests/test_forget.py).
         self._dropped = array("q", [0])
-        self._epochs = array("q", [self.epoch]) * _EPOCH_BUCKETS
+        self._epochs = array("q", [self.epoch]) * EPOCH_BUCKETS
         self._floor: str | None = None  # "<epoch>-0", shared by the channels of the hub's epoch
         # Each channel's one watcher for the subscriptions to several channels that follow it.
         self._fanouts: dict[_Channel, _MuxFanout] = {}
@@ -585,8 +524,8 @@ class Hub:
     def _prepare(self, channel: str, data: Any, event: str | None, retry: int | None, key: str | None = None) -> Event:
         """Validate and serialise an event to publish, before anything is stored."""
         self._check_channel(channel)
-        if key is not None and (not isinstance(key, str) or len(key) > _MAX_CHANNEL):
-            raise InvalidEvent(f"key must be a str of at most {_MAX_CHANNEL} characters, got {key!r:.80}")
+        if key is not None and (not isinstance(key, str) or len(key) > MAX_NAME):
+            raise InvalidEvent(f"key must be a str of at most {MAX_NAME} characters, got {key!r:.80}")
         proto = Event(data, name=event, channel=channel, retry=retry, _key=key)
         size = proto.size()  # serialises once, here, outside any lock
         if size > self.max_event_bytes:
@@ -672,7 +611,7 @@ class Hub:
                 raise InvalidEvent(f"channel {name!r} is listed twice")
             names[name] = cursor_name(name)
         self._check_open(view, member)
-        cursors = _cursors(last_id, names)
+        cursors = split_cursor(last_id, names)
         slots: list[_Slot] = []
         try:
             for name, key_name in names.items():
@@ -746,16 +685,22 @@ class Hub:
         then.) Always, for the memory hub."""
         return True
 
-    def _local_for(self, channel: str | Sequence[str], last_id: str | None) -> bool:
-        """:meth:`_local` for what :meth:`subscribe` takes: one channel or several."""
+    def is_local(self, channel: str | Sequence[str], last_id: str | None) -> bool:
+        """Would :meth:`subscribe` (one channel or several) at *last_id*
+        answer without waiting on the network? ``comet.fastpath`` subscribes
+        on cheroot's accepting thread only then. Always, for the memory hub.
+
+        >>> Hub().is_local(["room", "dm:ann:bob"], None)
+        True
+        """
         if isinstance(channel, str):
             return self._local(channel, last_id)
         try:
-            cursors = _cursors(last_id, channel)
+            cursors = split_cursor(last_id, channel)
         except ValueError:
             return True  # subscribe refuses it without I/O
-        # A plain id's _BEFORE_ALL asks for everything held: never ahead of a mirror.
-        return all(self._local(name, None if key in (None, _BEFORE_ALL) else given)
+        # A plain id's BEFORE_ALL asks for everything held: never ahead of a mirror.
+        return all(self._local(name, None if key in (None, BEFORE_ALL) else given)
                    for name, (given, key) in ((n, cursors.get(n, (None, None))) for n in channel))
 
     def _gap(self, channel: str, last_id: str | None, resume: str) -> Event:
@@ -893,7 +838,7 @@ class Hub:
         epoch, seq = parse_id(event_id)
         if seq:
             return f"{epoch}-{seq - 1}"
-        return f"{epoch - 1}-{_MAX_PART}" if epoch else "0-0"
+        return f"{epoch - 1}-{MAX_PART}" if epoch else "0-0"
 
     @property
     def subscriptions(self) -> int:
@@ -1077,7 +1022,7 @@ class Hub:
 
     def _epoch_of(self, channel: str) -> int:
         """The epoch a new channel *channel* gets."""
-        epoch = self._epochs[_bucket(channel)]
+        epoch = self._epochs[bucket(channel)]
         return self.epoch if epoch == self.epoch else epoch  # (the hub's: one int, not one per channel)
 
     def _drop(self, name: str, ch: _Channel) -> None:
@@ -1089,8 +1034,8 @@ class Hub:
             # A dict never shrinks by deletion: copy it once most of it has gone.
             self._channels, self._dropped[0] = dict(self._channels), 0
         if ch.seq:  # its ids were handed out: a successor starts a later epoch
-            bucket = _bucket(name)
-            self._epochs[bucket] = max(self._epochs[bucket] + 1, ch.epoch + 1, time.time_ns() // 1_000_000)
+            at = bucket(name)
+            self._epochs[at] = max(self._epochs[at] + 1, ch.epoch + 1, time.time_ns() // 1_000_000)
         self._forget(name)
 
     def _sweep_loop(self) -> None:
@@ -1237,12 +1182,7 @@ class Hub:
     def _forget(self, name: str) -> None:
         """Backends: stop following *name* (the caller holds both locks)."""
 
-    @staticmethod
-    def _check_channel(channel: str) -> None:
-        if not isinstance(channel, str) or not channel:
-            raise InvalidEvent(f"channel must be a non-empty str, got {channel!r}")
-        if len(channel) > _MAX_CHANNEL or any(c in channel for c in "\r\n\x00"):
-            raise InvalidEvent(f"channel must be at most {_MAX_CHANNEL} characters without CR, LF or NUL: {channel[:80]!r}")
+    _check_channel = staticmethod(check_channel)
 
     def __repr__(self) -> str:
         return f"<Hub epoch={self.epoch} channels={len(self._channels)} subscriptions={self._subscriptions}>"
@@ -1374,7 +1314,7 @@ class Subscription:
                 batch = []
         if batch:
             self.cursor = start + len(batch) - 1
-            self._last_id = _stored_id(batch[-1])
+            self._last_id = stored_id(batch[-1])
             view = self.view
             if view is None:
                 out.extend(batch)
@@ -1485,129 +1425,6 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} at {self.last_id}{' closed' if self.closed else ''}>"
-
-
-def channel_tag(channel: str) -> str:
-    """The tag that named *channel* in the first format of the cursor of a
-    subscription to several channels (CRC-32 in base 36). Such cursors are
-    still resumed where a tag matches one followed channel; new cursors name
-    channels by :func:`cursor_name`, which no one can make collide.
-
-    >>> channel_tag("room:main")
-    '13ecrb1'
-    """
-    n = zlib.crc32(channel.encode("utf-8", "surrogatepass"))
-    digits = ""
-    while True:
-        n, r = divmod(n, 36)
-        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
-        if not n:
-            return digits
-
-
-def cursor_name(channel: str) -> str:
-    """*channel* as it is named in the cursor of a subscription to several
-    channels: UTF-8, percent-encoded but for ASCII letters, digits, ``-``
-    and ``:``, if that takes at most 32 characters; else ``~`` and the
-    first 128 bits of the SHA-256 of its UTF-8 name in lowercase base32.
-    Two channels never share one, whatever they are called (``~`` is
-    always encoded in a name; forging a 128-bit collision is out of
-    reach), and a cursor stays short whatever the names.
-
-    >>> cursor_name("dm:ann:bob"), cursor_name("room.1"), cursor_name("café_2")
-    ('dm:ann:bob', 'room%2E1', 'caf%C3%A9%5F2')
-    >>> cursor_name("a channel name longer than 32 characters")
-    '~ynciz62e7xmesihkzfuegrio5m'
-    """
-    if len(channel) <= _SHORT_NAME and all(c in _KEPT for c in channel):
-        return channel
-    encoded = channel.encode("utf-8", "surrogatepass")
-    if len(channel) <= _SHORT_NAME:
-        name = "".join(c if c in _KEPT else "".join([f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")])
-                       for c in channel)
-        if len(name) <= _SHORT_NAME:
-            return name
-    return "~" + base64.b32encode(hashlib.sha256(encoded).digest()[:16]).decode("ascii").rstrip("=").lower()
-
-
-def multi_cursor(ids: dict[str, str]) -> str:
-    """The cursor of a subscription to several channels that stands at
-    ``ids[channel]`` on each channel: for a page that renders some state
-    and hands its stream the cursor to resume right after it.
-
-    >>> multi_cursor({"shouts": "1700000000000-3", "dm:ann:bob": "1700000000000-5"})
-    'shouts.1700000000000-3_dm:ann:bob.1700000000000-5'
-    """
-    for event_id in ids.values():
-        parse_id(event_id)
-    return "_".join([f"{cursor_name(channel)}.{event_id}" for channel, event_id in ids.items()])
-
-
-def _channel_of(name: str) -> str | None:
-    """The channel a cursor's (validated) *name* stands for; None if it is
-    no channel's (its bytes are not UTF-8)."""
-    if "%" not in name:
-        return name
-    try:
-        return unquote_to_bytes(name).decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError:
-        return None
-
-
-def is_multi_cursor(value: str) -> bool:
-    """Is *value* the cursor (an event id) of a subscription to several channels?
-
-    >>> is_multi_cursor("room:main.1700000000000-4_dm%2E1.1700000000000-0"), is_multi_cursor("1700000000000-4")
-    (True, False)
-    """
-    return _CURSOR.fullmatch(value) is not None
-
-
-def _cursors(last_id: str | None, channels: Iterable[str]) -> dict[str, tuple[str | None, tuple[int, int] | None]]:
-    """Each channel's cursor (its id, parsed) in the cursor *last_id* of a
-    subscription to *channels*. Channels it does not name start from now;
-    channels it names that are not followed are ignored (the page follows
-    other channels than before). A plain id (of a stream of one channel)
-    cannot say where each channel stands: every channel gets a gap.
-
-    A cursor of the first format names channels by :func:`channel_tag`: as
-    long as none of its pieces names a followed channel, a tag resumes the
-    one followed channel it is the tag of (a tag of two is ignored)."""
-    if last_id is None or last_id == "":
-        return {}
-    if not isinstance(last_id, str):
-        raise InvalidEventId(f"event id must be a str, got {type(last_id).__name__}")
-    if _ID.fullmatch(last_id):
-        parse_id(last_id)
-        return {name: (last_id, _BEFORE_ALL) for name in channels}
-    if not _CURSOR.fullmatch(last_id):
-        raise InvalidEventId(f"malformed event id {last_id[:80]!r}: expected '<channel>.<epoch>-<seq>' pieces "
-                             "joined by '_'")
-    followed = set(channels)
-    pieces = [piece.rpartition(".") for piece in last_id.split("_")]
-    found: dict[str, tuple[str | None, tuple[int, int] | None]] = {}
-    named: dict[str, str] | None = None  # each followed channel's name in a cursor: the channel
-    for name, _, event_id in pieces:
-        if name[0] == "~":  # named by a hash: hash the followed channels (once) to find it
-            if named is None:
-                named = {cursor_name(c): c for c in followed}
-            channel = named.get(name)
-        else:  # (a name piece is at most 32 characters: never a channel named by a hash)
-            channel = _channel_of(name)
-        if channel in followed:
-            assert channel is not None
-            found[channel] = (event_id, parse_id(event_id))
-    if found:
-        return found
-    tags: dict[str, str | None] = {}
-    for channel in followed:
-        tag = channel_tag(channel)
-        tags[tag] = None if tag in tags else channel  # a tag two channels share resumes neither
-    for name, _, event_id in pieces:
-        channel = tags.get(name) if _OLD_TAG.fullmatch(name) else None
-        if channel is not None:
-            found[channel] = (event_id, parse_id(event_id))
-    return found
 
 
 class _Mux(_Channel):
@@ -1765,7 +1582,7 @@ class MultiSubscription(Subscription):
             merged.sort(key=lambda entry: (entry[0], entry[1]))
         view = self.view
         for _, kind, slot, event in merged:
-            slot.at(_stored_id(event))
+            slot.at(stored_id(event))
             shown: Any = event
             if kind and view is not None:
                 shown = view(event)
@@ -1791,15 +1608,6 @@ class MultiSubscription(Subscription):
 
     def __repr__(self) -> str:
         return f"<MultiSubscription {list(self.channels)!r} at {self.last_id}{' closed' if self.closed else ''}>"
-
-
-def check_member(member: Any) -> None:
-    """A member is a non-empty str of at most 200 characters without CR,
-    LF or NUL (it travels as event data and in backends' keys)."""
-    if not isinstance(member, str) or not member:
-        raise InvalidEvent(f"member must be a non-empty str, got {member!r}")
-    if len(member) > _MAX_CHANNEL or any(c in member for c in "\r\n\x00"):
-        raise InvalidEvent(f"member must be at most {_MAX_CHANNEL} characters without CR, LF or NUL: {member[:80]!r}")
 
 
 def _positive(name: str, value: Any) -> None:

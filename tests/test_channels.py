@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from comet import GAP, Hub, comet
 from comet.errors import InvalidEvent, InvalidEventId
 from comet.framing import TaggedEvent
-from comet.hub import (MAX_CHANNELS, MAX_CURSOR, MultiSubscription, _cursors, channel_tag, cursor_name, is_multi_cursor,
+from comet.cursors import split_cursor
+from comet.hub import (MAX_CHANNELS, MAX_CURSOR, MultiSubscription, channel_tag, cursor_name, is_multi_cursor,
                        multi_cursor, parse_id)
 from comet.testing import SSEParser, StreamClient, http_get, wait_until
 
@@ -542,7 +543,7 @@ def test_the_cursor_names_each_channel_by_its_name_percent_encoded():
         "shouts.1700000000000-3_dm:ann:bob.1700000000000-5"
     assert multi_cursor({"room.1": "1-2", "a_b%": "3-4", "é~ ": "5-6"}) == "room%2E1.1-2_a%5Fb%25.3-4_%C3%A9%7E%20.5-6"
     cursor = "room%2e1.1-2_x.7-8"  # lowercase hex is read too
-    assert _cursors(cursor, ["room.1", "y"]) == {"room.1": ("1-2", (1, 2))}
+    assert split_cursor(cursor, ["room.1", "y"]) == {"room.1": ("1-2", (1, 2))}
 
 
 def sha_name(channel: str) -> str:
@@ -560,8 +561,8 @@ def test_a_name_longer_than_32_characters_encoded_is_named_by_a_hash():
     assert len({cursor_name(c) for c in ("a" * 33, "a" * 34, "b" * 33)}) == 3
     cursor = multi_cursor({"a" * 32: "1-2", "a" * 33: "3-4"})
     assert cursor == f"{'a' * 32}.1-2_{sha_name('a' * 33)}.3-4"
-    assert _cursors(cursor, ["a" * 33, "a" * 32]) == {"a" * 32: ("1-2", (1, 2)), "a" * 33: ("3-4", (3, 4))}
-    assert _cursors(cursor, ["a" * 34]) == {}  # another long name: not named
+    assert split_cursor(cursor, ["a" * 33, "a" * 32]) == {"a" * 32: ("1-2", (1, 2)), "a" * 33: ("3-4", (3, 4))}
+    assert split_cursor(cursor, ["a" * 34]) == {}  # another long name: not named
 
 
 def test_a_name_that_looks_like_a_hash_is_not_the_channel_of_that_hash(any_hub):
@@ -585,9 +586,9 @@ def test_a_name_that_looks_like_a_hash_is_not_the_channel_of_that_hash(any_hub):
     back.close()
     at = {long: parse_id(hub.last_id(long)), lookalike: parse_id(hub.last_id(lookalike))}
     only_hash = f"{lookalike}.{hub.last_id(long)}"  # the hash's piece resumes the long channel only
-    assert _cursors(only_hash, [long, lookalike]) == {long: (hub.last_id(long), at[long])}
+    assert split_cursor(only_hash, [long, lookalike]) == {long: (hub.last_id(long), at[long])}
     only_name = f"%7E{lookalike[1:]}.{hub.last_id(lookalike)}"
-    assert _cursors(only_name, [long, lookalike]) == {lookalike: (hub.last_id(lookalike), at[lookalike])}
+    assert split_cursor(only_name, [long, lookalike]) == {lookalike: (hub.last_id(lookalike), at[lookalike])}
 
 
 @settings(max_examples=200, deadline=None)
@@ -597,7 +598,7 @@ def test_a_name_that_looks_like_a_hash_is_not_the_channel_of_that_hash(any_hub):
 def test_property_any_channel_names_make_a_cursor_that_gives_each_channel_its_own_id(ids):
     cursor = multi_cursor({channel: f"{e}-{s}" for channel, (e, s) in ids.items()})
     assert is_multi_cursor(cursor) and len(cursor) <= MAX_CURSOR
-    assert _cursors(cursor, list(ids)) == {channel: (f"{e}-{s}", (e, s)) for channel, (e, s) in ids.items()}
+    assert split_cursor(cursor, list(ids)) == {channel: (f"{e}-{s}", (e, s)) for channel, (e, s) in ids.items()}
 
 
 def test_channels_whose_old_tags_collide_share_a_stream_and_resume_exactly(any_hub):
@@ -750,12 +751,12 @@ def test_the_longest_cursor_resumes_every_channel_over_http(comet_cherrypy, hub,
     assert [(e.channel, e.data) for e in got] == [(c, "before") for c in channels]
     assert len(got[-1].id) < MAX_CURSOR  # (real ids are shorter than 20 digits)
     cursor = multi_cursor({c: "%020d-%020d" % parse_id(hub.last_id(c)) for c in channels})
-    where = {c: key for c, (_, key) in _cursors(got[-1].id, channels).items()}
-    assert len(cursor) == MAX_CURSOR - 32 * 5 and {c: key for c, (_, key) in _cursors(cursor, channels).items()} == where
+    where = {c: key for c, (_, key) in split_cursor(got[-1].id, channels).items()}
+    assert len(cursor) == MAX_CURSOR - 32 * 5 and {c: key for c, (_, key) in split_cursor(cursor, channels).items()} == where
     for channel in channels[::-1]:
         hub.publish(channel, "while away")
     with StreamClient(server.url + "/events", last_event_id=cursor) as client:
         again = client.wait_for(MAX_CHANNELS)
     assert [(e.channel, e.data) for e in again] == [(c, "while away") for c in channels[::-1]]
-    assert len(again[0].id) < MAX_CURSOR and _cursors(again[-1].id, channels) == {
+    assert len(again[0].id) < MAX_CURSOR and split_cursor(again[-1].id, channels) == {
         c: (hub.last_id(c), parse_id(hub.last_id(c))) for c in channels}

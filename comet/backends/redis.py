@@ -109,9 +109,10 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 from redis.typing import KeyT, StreamIdT
 
+from ..cursors import bucket, parse_id, stored_id
 from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
-from ..hub import Hub, MaxAge, _bucket, _Channel, _stored_id, parse_id
+from ..hub import Hub, MaxAge, _Channel
 from ..presence import Presence
 from .redis_cluster import ClusterFollower, _moving, cluster_client, pipeline_scripts, run_script, slot_tag
 
@@ -696,7 +697,7 @@ class RedisHub(Hub):
         """The publish script's arguments: an event's, then max_age ms,
         max_idle ms and the epoch bucket of the channel of stream *key*."""
         channel = key[len(self.prefix):]
-        return args + [self._max_age_ms(channel), round((self.max_idle or 0) * 1000), _bucket(channel)]
+        return args + [self._max_age_ms(channel), round((self.max_idle or 0) * 1000), bucket(channel)]
 
     def _max_age_ms(self, channel: str) -> int:
         max_age = self.max_age(channel) if callable(self.max_age) else self.max_age
@@ -728,7 +729,7 @@ class RedisHub(Hub):
             with ch.cond:
                 tail = ch.tail_id() if ch.live and not ch.dead else ""
         keys = [key, self._forgotten_for(key), *presence_keys(self.prefix, self._cluster, key, channel)]
-        args: list[str | int] = [_bucket(channel), channel, tail, self.buffer_size]
+        args: list[str | int] = [bucket(channel), channel, tail, self.buffer_size]
         with self._lock:  # this process's own note must not drop the mirror before the rest is in it
             self._forgetting[channel] = self._forgetting.get(channel, 0) + 1
         done = False
@@ -775,7 +776,7 @@ class RedisHub(Hub):
         if ch is None:
             return
         with ch.cond:
-            oldest = _stored_id(ch.events[0]) if ch.events else ch.tail_id()
+            oldest = stored_id(ch.events[0]) if ch.events else ch.tail_id()
             stale = ch.seq > 0 and parse_id(oldest) <= parse_id(last)
         if stale:
             self._forget_channel(channel, ch)
@@ -894,7 +895,7 @@ class RedisHub(Hub):
                 latest = ch.latest is not None
             raw, floor, compacted = self._script(
                 self._load_script, [key, self._forgotten_for(key)],
-                [self.buffer_size, self._max_age_ms(name), round((self.max_idle or 0) * 1000), _bucket(name),
+                [self.buffer_size, self._max_age_ms(name), round((self.max_idle or 0) * 1000), bucket(name),
                  1 if latest else 0], client=self._loader)
         except _DOWN as exc:
             raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} is unreachable ({exc})") from exc

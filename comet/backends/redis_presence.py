@@ -95,7 +95,7 @@ import redis
 from redis.crc import key_slot
 
 from ..errors import BackendUnavailable
-from ..hub import _bucket
+from ..cursors import bucket
 from ..presence import JOIN, LEAVE, Presence
 from .redis import _LIB, _PUBLISH_FN
 from .redis_cluster import _moving, pipeline_scripts, slot_tag
@@ -366,7 +366,7 @@ class RedisPresence(Presence):
         """announce's settings for *channel* (see _CHANNEL_LIB)."""
         hub = self.redis_hub
         return [hub.maxlen, "~" if hub.approximate else "=", hub._max_age_ms(channel),
-                round((hub.max_idle or 0) * 1000), _bucket(channel), 1 if hub._cluster else 0]
+                round((hub.max_idle or 0) * 1000), bucket(channel), 1 if hub._cluster else 0]
 
     def _on_channels(self, script: Any, calls: list[tuple[str, list[Any]]]) -> list[_Result]:
         """*script* once per ``(channel, args)``, on each channel's keys: one
