@@ -910,6 +910,50 @@ class Hub:
 
         return Presence(self)
 
+    def has_channel(self, channel: str) -> bool:
+        """Whether this process holds *channel* now, not forgotten (what
+        presence asks before it counts a stream: :class:`comet.presence.Host`).
+
+        >>> hub = Hub()
+        >>> hub.has_channel("room"), hub.publish("room", "hi") != "", hub.has_channel("room")
+        (False, True, True)
+        """
+        ch = self._channels.get(channel)
+        return ch is not None and not ch.dead
+
+    def announce(self, channel: str, name: str, data: str, *, create: bool) -> tuple[Callable[[], None], ...] | None:
+        """Append event *name* with *data* to *channel* in this process, as
+        :meth:`publish` does, but wake nobody: presence appends a join or a
+        leave under its own lock and wakes the watchers returned after it.
+        Only to a channel held here, unless *create*. None if nothing was
+        appended (not held, forgotten meanwhile, or the hub is closed).
+
+        >>> hub = Hub()
+        >>> hub.announce("room", "comet.join", "ann", create=False) is None
+        True
+        >>> hub.announce("room", "comet.join", "ann", create=True)
+        ()
+        >>> [(e.name, e.data) for e in hub.history("room")]
+        [('comet.join', 'ann')]
+        """
+        if self._closed:
+            return None
+        while True:
+            ch = self._channel(channel) if create else self._channels.get(channel)
+            if ch is None:
+                return None
+            with ch.cond:
+                if ch.dead:
+                    if not create:
+                        return None  # forgotten meanwhile: the join goes with it
+                    continue
+                ch.append(Event(data, id=f"{ch.epoch}-{ch.seq + 1}", name=name, channel=channel))
+                ch.notify_all()
+                watchers = ch.watchers
+            break
+        self.counters.add("published")
+        return watchers
+
     def members(self, channel: str) -> dict[str, int]:
         """Who is on *channel*: member -> open streams, for every member who
         joined (``subscribe(..., member=...)``) and has not left. A member

@@ -38,9 +38,13 @@ streams, member -> subscriptions (to end them), and one presence thread
 for the grace periods and the callbacks, started on first need and stopped
 with the hub. :class:`~comet.backends.redis.RedisHub` keeps the counts in
 Redis instead (:mod:`comet.backends.redis_presence`), per process under a
-lease.
+lease: it extends :class:`Presence` through the surface its docstring lists.
 
-Locks: one, ``Presence._lock``, never held across I/O or a user's code. In
+It knows its hub only as a :class:`Host` (three members of
+:class:`~comet.Hub`), and a stream only as a :class:`Stream`: the hub
+imports this module, never the reverse.
+
+Locks: one, ``Presence.lock``, never held across I/O or a user's code. In
 this process a member's count and its join or leave event change together
 under it (the event is appended to the channel's buffer in the same hold),
 so ``members()`` and the events agree at every instant; the channel's
@@ -57,14 +61,9 @@ import heapq
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
-from .framing import Event
-
-if TYPE_CHECKING:
-    from .hub import Hub, Subscription, _Channel
-
-__all__ = ["JOIN", "LEAVE", "Presence"]
+__all__ = ["JOIN", "LEAVE", "Presence", "Host", "Stream"]
 
 #: The event published on a channel when a member's first stream opens there.
 JOIN = "comet.join"
@@ -74,68 +73,109 @@ LEAVE = "comet.leave"
 log = logging.getLogger("comet")
 
 Callback = Callable[[str, str, str], None]
+#: Watchers of a channel, to call once a lock is released.
+Wakes = tuple[Callable[[], None], ...]
+
+
+class Host(Protocol):
+    """What presence needs of its hub (:class:`~comet.Hub` is one)."""
+
+    #: Seconds a member whose last stream closed still counts (``0``).
+    presence_grace: float
+
+    def has_channel(self, channel: str) -> bool:
+        """Whether *channel* is held in this process and not forgotten."""
+        ...
+
+    def announce(self, channel: str, name: str, data: str, *, create: bool) -> Wakes | None:
+        """Append event *name* with *data* to *channel* here, waking nobody;
+        the watchers to wake, or None if nothing was appended."""
+        ...
+
+
+class Stream(Protocol):
+    """One of a member's streams: a subscription (single or multi-channel)."""
+
+    def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
+        ...
+
+    def end(self) -> None:
+        ...
 
 
 class Presence:
-    """The presence of one hub in this process (``hub.presence``)."""
+    """The presence of one hub in this process (``hub.presence``).
 
-    def __init__(self, hub: Hub) -> None:
+    A backend that shares presence across processes extends it through
+    these, and nothing else of it:
+
+    * :attr:`lock`, the registry's lock (what changes with the counts goes
+      under it), and :attr:`counts`, guarded by it;
+    * the hooks :meth:`count_changed` (under the lock) and
+      :meth:`after_change` (after it);
+    * :meth:`report` (callbacks for joins and leaves it decided),
+      :meth:`end_streams` and :meth:`drop`.
+
+    Example: :class:`comet.backends.redis_presence.RedisPresence`.
+    """
+
+    def __init__(self, hub: Host) -> None:
         self.hub = hub
-        self._lock = threading.Lock()
+        #: The registry's lock: never held across I/O or a user's code.
+        self.lock = threading.Lock()
         #: channel -> member -> open streams here (0: leaving, in grace)
-        self._counts: dict[str, dict[str, int]] = {}
+        self.counts: dict[str, dict[str, int]] = {}
         # member -> {(subscription, channel): opened at (time.time())}; a
         # subscription to several channels is one of the member's streams on each.
-        self._streams: dict[str, dict[tuple[Subscription, str], float]] = {}
+        self._streams: dict[str, dict[tuple[Stream, str], float]] = {}
         self._callbacks: tuple[Callback, ...] = ()
         self._calls: list[tuple[str, str, str]] = []  # (channel, event, member) for the callbacks, in order
         self._deadlines: list[tuple[float, str, str]] = []  # (monotonic, channel, member): a heap
         self._leaving: dict[tuple[str, str], float] = {}  # the deadline that counts, per (channel, member)
-        self._wake = threading.Condition(self._lock)
+        self._wake = threading.Condition(self.lock)
         self._timer: threading.Thread | None = None
         self.closed = False
 
     # -- streams come and go ---------------------------------------------------
 
-    def joined(self, channel: str, member: str, sub: Subscription) -> None:
+    def joined(self, channel: str, member: str, sub: Stream) -> None:
         """*sub* is one of *member*'s streams on *channel* until it closes.
         Never waits on anything but this registry's lock."""
-        with self._lock:
-            ch = self.hub._channels.get(channel)
-            if self.closed or ch is None or ch.dead:
+        with self.lock:
+            if self.closed or not self.hub.has_channel(channel):
                 return  # forgotten as it opened: the subscription ends, nobody joins
             self._streams.setdefault(member, {})[(sub, channel)] = time.time()
-            counts = self._counts.setdefault(channel, {})
+            counts = self.counts.setdefault(channel, {})
             before = counts.get(member)
             counts[member] = (before or 0) + 1
-            wakes = self._changed(channel, member, before, (before or 0) + 1)
-        self._after(wakes)
+            wakes = self.count_changed(channel, member, before, (before or 0) + 1)
+        self.after_change(wakes)
         sub.on_close(lambda: self._left(channel, member, sub))
 
-    def _left(self, channel: str, member: str, sub: Subscription) -> None:
-        with self._lock:
+    def _left(self, channel: str, member: str, sub: Stream) -> None:
+        with self.lock:
             subs = self._streams.get(member)
             if subs is None or subs.pop((sub, channel), None) is None:
                 return  # forgotten with its channel, or the registry closed
             if not subs:
                 del self._streams[member]
-            counts = self._counts.get(channel)
+            counts = self.counts.get(channel)
             if counts is None or member not in counts:
                 return
             before = counts[member]
             counts[member] = after = before - 1
-            wakes = self._changed(channel, member, before, after)
-        self._after(wakes)
+            wakes = self.count_changed(channel, member, before, after)
+        self.after_change(wakes)
 
-    def _changed(self, channel: str, member: str, before: int | None, after: int) -> tuple[Callable[[], None], ...]:
-        """*member*'s streams here on *channel* went from *before* (None: not
-        a member) to *after*; the caller holds the lock. The memory hub
-        decides joins and leaves here (a join's event goes in now, in the
-        same hold as its count); a backend queues the count for its worker.
-        Returns the watchers to wake once the lock is released."""
+    def count_changed(self, channel: str, member: str, before: int | None, after: int) -> Wakes:
+        """Hook: *member*'s streams here on *channel* went from *before*
+        (None: not a member) to *after*, already in :attr:`counts`; the
+        caller holds the lock. The memory hub decides joins and leaves here
+        (a join's event goes in now, in the same hold as its count); a
+        backend queues the count for its worker. Returns the watchers to
+        wake once the lock is released (see :meth:`after_change`)."""
         if before is None:
-            ch = self.hub._channels.get(channel)
-            return self._append(ch, channel, JOIN, member) if ch is not None else ()
+            return self._append(channel, JOIN, member, create=False)
         if before == 0 and after > 0:
             self._leaving.pop((channel, member), None)  # back within the grace period: no event
         elif after == 0:
@@ -145,16 +185,16 @@ class Presence:
             self._wake.notify()
         return ()
 
-    def _after(self, wakes: tuple[Callable[[], None], ...]) -> None:
-        """After a change, outside the lock: wake the channel's watchers, and
-        start the presence thread if it has something to do."""
+    def after_change(self, wakes: Wakes) -> None:
+        """Hook: after a change, outside the lock: wake the channel's
+        watchers, and start the presence thread if it has something to do."""
         for wake in wakes:
             wake()
         if (self._deadlines or self._calls) and self._timer is None:
             self._start()
 
     def _start(self) -> None:
-        with self._lock:
+        with self.lock:
             if self._timer is not None or self.closed:
                 return
             self._timer = threading.Thread(target=self._run, name="comet-presence", daemon=True)
@@ -162,36 +202,26 @@ class Presence:
 
     # -- events ------------------------------------------------------------------
 
-    def _append(self, ch: _Channel | None, channel: str, event: str, member: str) -> tuple[Callable[[], None], ...]:
-        """Append *event* of *member* to *ch* (a new channel of that name if
-        None), as :meth:`Hub.publish <comet.Hub.publish>` does; the caller
-        holds the lock. Returns the watchers to wake after it."""
-        hub = self.hub
-        if hub._closed:
+    def _append(self, channel: str, event: str, member: str, *, create: bool) -> Wakes:
+        """Append *event* of *member* to *channel* (only if held here unless
+        *create*; a join of a channel forgotten meanwhile goes with it), as
+        :meth:`Hub.publish <comet.Hub.publish>` does; the caller holds the
+        lock. Returns the watchers to wake after it."""
+        watchers = self.hub.announce(channel, event, member, create=create)
+        if watchers is None:
             return ()
-        while True:
-            target = hub._channel(channel) if ch is None else ch
-            with target.cond:
-                if target.dead:
-                    if ch is not None:
-                        return ()  # forgotten meanwhile: the join goes with it
-                    continue
-                target.append(Event(member, id=f"{target.epoch}-{target.seq + 1}", name=event, channel=channel))
-                target.notify_all()
-                watchers = target.watchers
-            break
-        hub.counters.add("published")
         if self._callbacks:
             self._calls.append((channel, event, member))
             self._wake.notify()
         return watchers
 
-    def _queue(self, calls: list[tuple[str, str, str]]) -> None:
-        """Have the presence thread run the callbacks for *calls*, in order
-        (a backend's worker decides joins and leaves in its shared store)."""
+    def report(self, calls: list[tuple[str, str, str]]) -> None:
+        """Have the presence thread run the callbacks for *calls*
+        ``(channel, event, member)``, in order: a backend's worker decides
+        joins and leaves in its shared store. Takes the lock."""
         if not calls or not self._callbacks:
             return
-        with self._lock:
+        with self.lock:
             self._calls += calls
             self._wake.notify()
         self._start()
@@ -210,11 +240,11 @@ class Presence:
         """See :meth:`Hub.on_presence <comet.Hub.on_presence>`."""
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {callback!r}")
-        with self._lock:
+        with self.lock:
             self._callbacks += (callback,)
 
         def stop() -> None:
-            with self._lock:
+            with self.lock:
                 self._callbacks = tuple(c for c in self._callbacks if c is not callback)
 
         return stop
@@ -223,7 +253,7 @@ class Presence:
 
     def _run(self) -> None:
         while True:
-            with self._lock:
+            with self.lock:
                 while not self.closed and not self._calls and (
                         not self._deadlines or self._deadlines[0][0] > time.monotonic()):
                     self._wake.wait(self._deadlines[0][0] - time.monotonic() if self._deadlines else None)
@@ -231,7 +261,7 @@ class Presence:
                     return
                 wakes: list[Callable[[], None]] = []
                 for channel, member in self._due():
-                    wakes += self._append(None, channel, LEAVE, member)  # count and event in one hold
+                    wakes += self._append(channel, LEAVE, member, create=True)  # count and event in one hold
                 calls, self._calls = self._calls, []
             for wake in wakes:
                 wake()
@@ -247,12 +277,12 @@ class Presence:
             if self._leaving.get((channel, member)) != deadline:
                 continue  # came back, or left again later: that later deadline counts
             del self._leaving[(channel, member)]
-            counts = self._counts.get(channel, {})
+            counts = self.counts.get(channel, {})
             if counts.get(member) != 0:
                 continue
             del counts[member]
             if not counts:
-                del self._counts[channel]
+                del self.counts[channel]
             gone.append((channel, member))
         return gone
 
@@ -260,17 +290,18 @@ class Presence:
 
     def members(self, channel: str) -> dict[str, int]:
         """See :meth:`Hub.members <comet.Hub.members>`."""
-        with self._lock:
-            return dict(self._counts.get(channel, {}))
+        with self.lock:
+            return dict(self.counts.get(channel, {}))
 
     def disconnect(self, member: str) -> int:
         """See :meth:`Hub.disconnect <comet.Hub.disconnect>`."""
-        return self._end_local(member, None)
+        return self.end_streams(member)
 
-    def _end_local(self, member: str, opened_before: float | None) -> int:
+    def end_streams(self, member: str, opened_before: float | None = None) -> int:
         """End *member*'s streams here (only those opened before
-        *opened_before*, a ``time.time()``, if given); how many."""
-        with self._lock:
+        *opened_before*, a ``time.time()``, if given); how many. Takes the
+        lock, ends them after it."""
+        with self.lock:
             subs = list({sub: None for (sub, _), opened in self._streams.get(member, {}).items()
                          if opened_before is None or opened < opened_before})
         for sub in subs:
@@ -283,12 +314,13 @@ class Presence:
 
     def dropped(self, channel: str) -> None:
         """*channel* is over: drop its members here, announcing nothing."""
-        with self._lock:
-            self._drop(channel)
+        with self.lock:
+            self.drop(channel)
 
-    def _drop(self, channel: str) -> dict[str, int]:
-        """:meth:`dropped` under the lock; the counts it dropped."""
-        counts = self._counts.pop(channel, {})
+    def drop(self, channel: str) -> dict[str, int]:
+        """:meth:`dropped` for a caller that holds the lock; the counts it
+        dropped."""
+        counts = self.counts.pop(channel, {})
         for member in counts:  # (a member with streams here is counted)
             self._leaving.pop((channel, member), None)
             subs = self._streams.get(member, {})
@@ -301,7 +333,7 @@ class Presence:
     def close(self) -> None:
         """Stop the presence thread (the hub is closing): pending leaves are
         not published, pending callbacks not run."""
-        with self._lock:
+        with self.lock:
             self.closed = True
             self._wake.notify()
             timer = self._timer

@@ -46,6 +46,6 @@ def redis_client(url: str, **options: Any) -> "redis.Redis":
         store = redis_client("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/comet", socket_timeout=5)
         store.incr("visits")
     """
-    from .redis import client_for
+    from .redis_link import client_for
 
     return client_for(url, options)

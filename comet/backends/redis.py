@@ -103,10 +103,7 @@ from typing import Any, Callable, Generic, Iterable, TypeVar, cast
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.commands.core import Script
-from redis.crc import key_slot
 from redis.retry import Retry
-from redis.sentinel import Sentinel
 from redis.typing import KeyT, StreamIdT
 
 from ..cursors import bucket, parse_id, stored_id
@@ -114,223 +111,42 @@ from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
 from ..hub import Hub, MaxAge, _Channel
 from ..presence import Presence
-from .redis_cluster import ClusterFollower, _moving, cluster_client, pipeline_scripts, run_script, slot_tag
+from .redis_cluster import ClusterFollower
+from .redis_link import DOWN, LOAD_TIMEOUT, Entry, RedisLink, client_for, moving, pipeline_scripts
+from .redis_presence import RedisPresence
+from .redis_scripts import FORGET, LOAD, PUBLISH, PUBLISH_CLUSTER
 
-__all__ = ["RedisHub"]
+__all__ = ["RedisHub", "LOAD_TIMEOUT", "client_for"]
 
 #: Most publishes one pipeline carries; the rest wait for the next one.
 MAX_BATCH = 256
 
-#: Seconds a read on a request's path may wait for Redis before the stream
-#: is refused (503): a channel's first use in this process, a catch-up.
-LOAD_TIMEOUT = 0.6
-
 log = logging.getLogger("comet")
 
-# Unreachable, or (Redis Cluster) the slot has no master right now or is moving.
-_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.TryAgainError,
-         redis.exceptions.RedisClusterException)
-
-#: One stream entry as this module's clients return it: (id, fields). redis-py
-#: types replies for every client setting (str with ``decode_responses``,
-#: dicts with RESP3); the clients here use neither, so replies are cast once
-#: where they arrive.
-_Entry = tuple[bytes, dict[bytes, bytes]]
 #: The publish script's key and arguments for one event.
 _Publish = tuple[str, list[str | int | bytes]]
 
-# Shared by the scripts: stream ids compared exactly (as digit strings), the
-# server's time in ms, and the floor of a channel that has no stream: the id
-# right after the newest a forgotten channel of its bucket had, and with
-# max_idle every id older than max_idle (a stream that expired idle had
-# nothing newer).
-_LIB = """
-local function after(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  if #am ~= #bm then return #am > #bm end
-  if am ~= bm then return am > bm end
-  if #as ~= #bs then return #as > #bs end
-  return as > bs
-end
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function fresh_floor(forgotten, bucket, idle, margin)
-  local floor = redis.call('HGET', forgotten, bucket) or '0-0'
-  if idle > 0 then
-    local expired = string.format('%d', now_ms() - margin) .. '-18446744073709551615'
-    if after(expired, floor) then floor = expired end
-  end
-  return floor
-end
-"""
-
-# Appending one event to a channel's stream, as every writer does it (the
-# publish script, and presence's join and leave): reading the newest id and
-# adding happen atomically, so "p" is exact. *fields* are the entry's
-# field/value pairs; *bell* rings the stream's shard channel (Cluster).
-_PUBLISH_FN = """
-local function publish(stream, forgotten, maxlen, approx, max_age, idle, bucket, bell, fields)
-  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-  local prev, id = nil, '*'
-  if #newest > 0 then prev = newest[1][1] else
-    prev = fresh_floor(forgotten, bucket, idle, idle)
-    -- A new stream's ids start at the clock: one forgotten in this very
-    -- millisecond had ids as high, so start right after its floor instead.
-    local ms, seq = string.match(prev, '(%d+)-(%d+)')
-    if tonumber(ms) >= now_ms() then id = ms .. '-' .. string.format('%d', tonumber(seq) + 1) end
-  end
-  id = redis.call('XADD', stream, 'MAXLEN', approx, maxlen, id, 'p', prev, unpack(fields))
-  if max_age > 0 then
-    redis.call('XTRIM', stream, 'MINID', string.format('%d', now_ms() - max_age) .. '-0')
-  end
-  if idle > 0 then redis.call('PEXPIRE', stream, idle) end
-  if bell then redis.call('SPUBLISH', stream, id) end
-  return id
-end
-"""
-
-# KEYS[1] stream, KEYS[2] forgotten channels' floors by bucket; ARGV:
-# maxlen, "~" or "=", field/value pairs, then max_age ms, max_idle ms, bucket.
-_PUBLISH = _LIB + _PUBLISH_FN + """
-local n = #ARGV
-return publish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[n - 2]), tonumber(ARGV[n - 1]), ARGV[n], BELL,
-               {unpack(ARGV, 3, n - 3)})
-"""
-
-# A process starts mirroring a channel. KEYS as _PUBLISH; ARGV: how many
-# events, max_age ms, max_idle ms, bucket, and '1' for a latest-value
-# channel. Returns {entries (newest first), floor, compacted}: the floor
-# (only when no entry qualifies) is a cursor that every later event
-# follows, with no gap unless events it should have seen are gone. A
-# latest-value channel's entries are the last ARGV[1] and, before them, the
-# newest of each key not among those (compacted = 1 when any was left out):
-# the newest value of every key the stream has, as a process that followed
-# it from the start knows them, in one read that sends at most keys + ARGV[1].
-_LOAD = _LIB + """
-local max_age, idle = tonumber(ARGV[2]), tonumber(ARGV[3])
-local min = '-'
-if max_age > 0 then min = string.format('%d', now_ms() - max_age) .. '-0' end
-local entries = {}
-if ARGV[5] == '1' then
-  local all = redis.call('XREVRANGE', KEYS[1], '+', min)
-  local window = tonumber(ARGV[1])
-  if #all > window then
-    local out, seen, dropped = {}, {}, 0
-    for i = 1, #all do
-      local fields, key, name = all[i][2], nil, nil
-      for f = 1, #fields, 2 do
-        if fields[f] == 'y' then key = fields[f + 1] elseif fields[f] == 'e' then name = fields[f + 1] end
-      end
-      key = key or name or false  -- (false: no key, no name; names are never empty)
-      if i <= window or seen[key] == nil then
-        table.insert(out, all[i])
-        seen[key] = true
-      else
-        dropped = dropped + 1
-      end
-    end
-    return {out, false, dropped > 0 and 1 or 0}
-  end
-  if #all > 0 then return {all, false, 0} end
-else
-  entries = redis.call('XREVRANGE', KEYS[1], '+', min, 'COUNT', ARGV[1])
-  if #entries > 0 then return {entries, false, 0} end
-end
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #newest > 0 then return {entries, newest[1][1], 0} end
-return {entries, fresh_floor(KEYS[2], ARGV[4], idle, 1), 0}
-"""
-
-# KEYS[1] stream, KEYS[2] as _PUBLISH, KEYS[3..5] the channel's presence
-# (members, counts, leave deadlines: see redis_presence), KEYS[6] (single
-# Redis) the stream of forgets every process reads; ARGV: bucket, channel,
-# the forgetting process's mirror tail ('' if none), how many entries after
-# it to return. Returns nil if there was no stream, else {the newest id it
-# had, the entries after the tail}: the forgetting process's subscribers
-# take exactly what was published before the forget. The bucket's floor
-# becomes the id right after that newest one: a cursor at the old channel's
-# last event is before the new channel's floor, so it gets a gap (as with
-# the memory hub).
-_FORGET = _LIB + """
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #newest == 0 then return false end
-local last = newest[1][1]
-local rest = {}
-if ARGV[3] ~= '' then rest = redis.call('XRANGE', KEYS[1], '(' .. ARGV[3], '+', 'COUNT', ARGV[4]) end
-local ms, seq = string.match(last, '(%d+)-(%d+)')
-local floor = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
-local known = redis.call('HGET', KEYS[2], ARGV[1])
-if not known or after(floor, known) then redis.call('HSET', KEYS[2], ARGV[1], floor) end
-redis.call('DEL', KEYS[1])
-if #KEYS > 5 then redis.call('XADD', KEYS[6], 'MAXLEN', '~', 1000, '*', 'c', ARGV[2], 'l', last) end
-return {last, rest}
-"""
-
-# On Redis Cluster the publish script also rings the stream's bell: SPUBLISH
-# on the stream key, a shard channel of the same slot (see redis_cluster).
-_PUBLISH_CLUSTER = _PUBLISH.replace("BELL", "true")
-_PUBLISH = _PUBLISH.replace("BELL", "false")
+# The scripts under the names the docs and other languages' publishers know.
+_PUBLISH, _PUBLISH_CLUSTER = PUBLISH, PUBLISH_CLUSTER
 
 
-class _Sentinels:
-    """Where a ``redis+sentinel://`` URL points: its sentinels, asked for the
-    current master of one service each time a connection is made."""
+class _Readers:
+    """What this hub's cluster readers deliver into (a
+    :class:`~comet.backends.redis_cluster.Sink`): its mirrors."""
 
-    def __init__(self, url: str, options: dict[str, Any]) -> None:
-        rest = url[len("redis+sentinel://"):]
-        auth, _, rest = rest.rpartition("@")
-        hosts, _, path = rest.partition("/")
-        parts = [p for p in path.split("/") if p]
-        if not hosts or not parts or len(parts) > 2:
-            raise ValueError(f"expected redis+sentinel://host:port[,host:port...]/service[/db], got {url!r}")
-        self.addresses: list[tuple[str, int]] = []
-        for host in hosts.split(","):
-            name, _, port = host.rpartition(":")
-            if not name or not port.isdigit():
-                raise ValueError(f"expected host:port in {url!r}, got {host!r}")
-            self.addresses.append((name, int(port)))
-        self.service = parts[0]
-        try:
-            self.db = int(parts[1]) if len(parts) == 2 else 0
-        except ValueError:
-            raise ValueError(f"the database in {url!r} must be a number, got {parts[1]!r}") from None
-        self.password = auth.partition(":")[2] or None if auth else None
-        # The sentinels get the same bounded timeouts: asking a dead sentinel
-        # must not hang a publish either.
-        self.sentinel: Any = cast(Any, Sentinel)(self.addresses, sentinel_kwargs={  # (untyped in redis-py)
-            "socket_timeout": options.get("socket_timeout"), "socket_connect_timeout": options.get("socket_connect_timeout")})
+    def __init__(self, hub: RedisHub) -> None:
+        self.hub = hub
 
-    def client(self, options: dict[str, Any]) -> redis.Redis:
-        options = dict(options)
-        single = options.pop("single_connection_client", False)
-        if self.password is not None:
-            options.setdefault("password", self.password)
-        client: redis.Redis = self.sentinel.master_for(self.service, db=self.db, **options)
-        if single:  # the pool's connection kwargs cannot say it: a client setting
-            client = redis.Redis(connection_pool=client.connection_pool, single_connection_client=True,
-                                 retry=options.get("retry") or Retry(NoBackoff(), 0))
-        return client
+    def cursor(self, key: bytes) -> str | None:
+        return self.hub._cursor(key)
 
-    def close(self) -> None:
-        for sentinel in self.sentinel.sentinels:
-            sentinel.close()
+    def deliver(self, key: bytes, entries: list[Entry]) -> None:
+        self.hub._deliver(key, entries)
 
-    def __str__(self) -> str:
-        return f"the master of {self.service!r} per sentinels " + ",".join(f"{h}:{p}" for h, p in self.addresses)
-
-
-def client_for(url: str, options: dict[str, Any]) -> redis.Redis:
-    """A redis-py client for *url* (``redis+sentinel://`` included); see
-    :func:`comet.backends.redis_client`."""
-    if url.startswith("redis+sentinel://"):
-        return _Sentinels(url, options).client(options)
-    if url.startswith("redis+cluster://"):
-        return cast(redis.Redis, cluster_client(url, options))  # same commands, routed by key
-    return redis.Redis.from_url(url, **options)
+    def reader_changed(self, connected: bool) -> None:
+        if connected:
+            self.hub.connects += 1
+        self.hub._cluster_state()
 
 
 class RedisHub(Hub):
@@ -409,27 +225,18 @@ class RedisHub(Hub):
         # timeouts: a publishing request thread never hangs on a dead Redis.
         options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0,
                                    "retry": Retry(NoBackoff(), 0), "health_check_interval": 0, **redis_options}
-        self._sentinels = _Sentinels(url, options) if url.startswith("redis+sentinel://") else None
-        self._cluster = url.startswith("redis+cluster://")
-        if self._cluster and replicas:
+        if url.startswith("redis+cluster://") and replicas:
             raise ValueError("replicas (a durable publish with WAIT) is not supported on Redis Cluster yet")
-        self.redis = self._connect(options)
-        # Reads on a request's path (a channel's first use here, a cursor
-        # ahead of the mirror, waking the reader for it): a stalled Redis
-        # costs that request a 503 within LOAD_TIMEOUT, not the socket timeout.
-        # (A timeout is between two reads of the socket: a long reply that
-        # keeps coming is not cut.)
-        timeout = options["socket_timeout"]
-        connect = options["socket_connect_timeout"]
-        self._loader = self._connect({**options, "socket_timeout": min(timeout or LOAD_TIMEOUT, LOAD_TIMEOUT),
-                                      "socket_connect_timeout": min(connect or LOAD_TIMEOUT, LOAD_TIMEOUT)})
-        self._publish_script = self.redis.register_script(_PUBLISH_CLUSTER if self._cluster else _PUBLISH)
-        self._load_script = self.redis.register_script(_LOAD)
-        self._forget_script = self.redis.register_script(_FORGET)
-        # Outside every channel's key (names never hold NUL): the newest id of
-        # forgotten channels by bucket, and the stream of forgets.
-        self._forgotten_key = prefix + "\x00forgotten"
-        self._forgets_key = prefix + "\x00forgets"
+        # What this hub, its presence and its cluster readers share (redis_link).
+        self._link = link = RedisLink(url, options, prefix=prefix, block=self.block, maxlen=maxlen,
+                                      approximate=approximate, max_age=max_age, max_idle=self.max_idle)
+        self._cluster = link.cluster
+        self.redis = link.redis
+        self._loader = link.loader
+        self._publish_script = self.redis.register_script(PUBLISH_CLUSTER if self._cluster else PUBLISH)
+        self._load_script = self.redis.register_script(LOAD)
+        self._forget_script = self.redis.register_script(FORGET)
+        self._forgets_key = link.forgets_key
         self._forgets_cursor: str | None = None  # the reader's: set at the first load or connect
         # Channels this process is forgetting now (forget() calls in flight),
         # and the note of such a forget the reader read meanwhile: forget()
@@ -440,12 +247,6 @@ class RedisHub(Hub):
         self.counters.add("round_trips", 0)
         self.counters.add("loads", 0)  # of a channel's history, at its first use here
         self._loading: dict[str, _Load] = {}  # channel -> the read of its history under way
-        read_timeout = self.block + (options["socket_timeout"] or 5.0)
-        # One connection, always the same: CLIENT UNBLOCK must name the one that blocks.
-        self._reader_options = {**options, "socket_timeout": read_timeout, "single_connection_client": True}
-        self._where: str = (str(self._sentinels) if self._sentinels is not None
-                            else "the cluster " + url[len("redis+cluster://"):].rpartition("@")[2] if self._cluster
-                            else self.redis.connection_pool.connection_kwargs.get("host", url))
         self._live: dict[bytes, str] = {}  # stream key -> channel, for the reader
         # stream key -> id of the newest event mirrored: the reader's XREAD
         # arguments, kept current by _append so a read costs no per-channel work
@@ -462,8 +263,8 @@ class RedisHub(Hub):
         self._reader = threading.Thread(target=self._read_loop, name="comet-redis-reader", daemon=True)
         self._follower: ClusterFollower | None = None
         if self._cluster:  # a reader per master instead (redis_cluster)
-            self._follower = ClusterFollower(self, cast(RedisCluster, self.redis), options)
-            newest = cast("list[_Entry]", self.redis.xrevrange(self._forgets_key, count=1))
+            self._follower = ClusterFollower(_Readers(self), link, block=self.block, backoff=self.backoff)
+            newest = cast("list[Entry]", self.redis.xrevrange(self._forgets_key, count=1))
             self._forgets_cursor = newest[0][0].decode() if newest else "0-0"
             self._follower.follow(self._forgets_key.encode())
         else:
@@ -475,18 +276,17 @@ class RedisHub(Hub):
             super()._start_sweeper()
 
     def _make_presence(self) -> Presence:
-        from .redis_presence import RedisPresence  # (comet/backends/redis_presence.py)
+        return RedisPresence(self, self._link, self.presence_lease, mirrored=self._mirrored,
+                             regroup=self._follower.regroup if self._follower is not None else None)
 
-        return RedisPresence(self, self.presence_lease)
-
-    def _connect(self, options: dict[str, Any]) -> redis.Redis:
-        if self._cluster:
-            # Typed as the plain client it stands in for: every command this
-            # hub sends has the same signature on both (routed by key here).
-            return cast(redis.Redis, cluster_client(self.url, options))
-        if self._sentinels is not None:
-            return self._sentinels.client(options)
-        return redis.Redis.from_url(self.url, **options)
+    def _mirrored(self, channel: str) -> str:
+        """Where this process's mirror of *channel* stands: its newest
+        event's id, '' if it holds none (what presence's pushes carry)."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            return ""
+        with ch.cond:
+            return ch.tail_id() if ch.seq else ""
 
     # -- publishing ---------------------------------------------------------
 
@@ -509,8 +309,8 @@ class RedisHub(Hub):
                 if isinstance(result, BaseException):
                     raise result
                 event_id = result
-        except _DOWN as exc:
-            raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
+        except DOWN as exc:
+            raise self._link.down(f"cannot publish to {channel!r}", exc) from exc
         self.counters.add("published")
         return event_id.decode()
 
@@ -523,7 +323,7 @@ class RedisHub(Hub):
             try:
                 # The script reloads itself after NOSCRIPT (a restarted Redis):
                 # that is no retry of a publish, the first attempt never ran.
-                return [self._script(self._publish_script, [key, self._forgotten_for(key)], self._retained(key, args))]
+                return [self._link.script(self._publish_script, [key, self._forgotten_for(key)], self._link.retained(key, args))]
             except redis.ResponseError as exc:
                 return [exc]
         if self._cluster:
@@ -538,23 +338,13 @@ class RedisHub(Hub):
                 results[i] = result
         return results
 
-    def _script(self, script: Script, keys: list[str], args: list[Any], client: redis.Redis | None = None) -> Any:
-        """Run one of this hub's scripts (through *client*, default the
-        hub's). On a cluster, on the master of *keys*' slot, recovering from
-        a master that lacks it (a failover's new master: see
-        :func:`~comet.backends.redis_cluster.run_script`); on a single Redis
-        ``Script`` reloads itself after ``NOSCRIPT``."""
-        if self._cluster:
-            return run_script(client or self.redis, script, keys, args)
-        return script(keys=keys, args=args, client=client or self.redis)
-
     def _pipeline(self, batch: list[_Publish]) -> list[bytes | BaseException]:
         # EVALSHA by hand: a pipeline given the Script object asks SCRIPT
         # EXISTS first, a second round trip every time.
         sha = self._publish_script.sha
         with self.redis.pipeline(transaction=False) as pipe:
             for key, args in batch:
-                pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, args))
+                pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._link.retained(key, args))
             if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
                 pipe.wait(self.replicas, int(self.replica_timeout * 1000))
             results: list[bytes | BaseException] = pipe.execute(raise_on_error=False)
@@ -591,10 +381,10 @@ class RedisHub(Hub):
                 with self.redis.pipeline(transaction=True) as pipe:
                     for proto in protos:
                         self._publish_script(keys=[key, self._forgotten_for(key)],
-                                             args=self._retained(key, self._fields(proto)), client=pipe)
+                                             args=self._link.retained(key, self._fields(proto)), client=pipe)
                     ids = pipe.execute()
-        except _DOWN as exc:
-            raise BackendUnavailable(f"cannot publish to {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
+        except DOWN as exc:
+            raise self._link.down(f"cannot publish to {channel!r}", exc) from exc
         self.counters.add("published", len(ids))
         return [i.decode() for i in ids]
 
@@ -608,7 +398,7 @@ class RedisHub(Hub):
             pipe.script_load(self._publish_script.script)
             raw.execute_command("MULTI")
             for proto in protos:
-                pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, self._fields(proto)))
+                pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._link.retained(key, self._fields(proto)))
             raw.execute_command("EXEC")
             pipe.wait(self.replicas, int(self.replica_timeout * 1000))
             replies = pipe.execute()
@@ -621,13 +411,6 @@ class RedisHub(Hub):
                 raise result
         return ids
 
-    def _master(self, key: str) -> redis.Redis:
-        """(Cluster) a client of the master that serves stream *key*'s slot:
-        redis-py's cluster pipelines refuse scripts, a master's own take them."""
-        cluster = cast(RedisCluster, self.redis)
-        client: redis.Redis = cluster.nodes_manager.get_node_from_slot(key_slot(key.encode())).redis_connection
-        return client
-
     def _cluster_pipeline(self, batch: list[_Publish]) -> list[bytes | BaseException]:
         """:meth:`_pipeline` on a cluster: one pipeline per master; publishes
         redirected (MOVED, ASK: they never ran) once more one by one through
@@ -635,17 +418,17 @@ class RedisHub(Hub):
         results: list[bytes | BaseException] = [RuntimeError("not sent")] * len(batch)
         by_master: dict[int, tuple[redis.Redis, list[int]]] = {}
         for i, (key, _) in enumerate(batch):
-            client = self._master(key)
+            client = self._link.master(key)
             by_master.setdefault(id(client), (client, []))[1].append(i)
         for client, indexes in by_master.values():
-            calls = [([key, self._forgotten_for(key)], self._retained(key, args)) for key, args in (batch[i] for i in indexes)]
+            calls = [([key, self._forgotten_for(key)], self._link.retained(key, args)) for key, args in (batch[i] for i in indexes)]
             for i, result in zip(indexes, pipeline_scripts(client, self._publish_script, calls)):
                 results[i] = result
         for i, result in enumerate(results):
-            if isinstance(result, redis.ResponseError) and _moving(result):
+            if isinstance(result, redis.ResponseError) and moving(result):
                 key, args = batch[i]
                 try:
-                    results[i] = self._script(self._publish_script, [key, self._forgotten_for(key)], self._retained(key, args))
+                    results[i] = self._link.script(self._publish_script, [key, self._forgotten_for(key)], self._link.retained(key, args))
                 except redis.ResponseError as exc:
                     results[i] = exc
         return results
@@ -656,19 +439,19 @@ class RedisHub(Hub):
         got MOVED never ran)."""
         sha = self._publish_script.sha
         for attempt in range(2):
-            with self._master(key).pipeline(transaction=False) as pipe:
+            with self._link.master(key).pipeline(transaction=False) as pipe:
                 raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
                 pipe.script_load(self._publish_script.script)  # see _publish_many_durably
                 raw.execute_command("MULTI")
                 for proto in protos:
-                    pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._retained(key, self._fields(proto)))
+                    pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._link.retained(key, self._fields(proto)))
                 raw.execute_command("EXEC")
                 replies = pipe.execute(raise_on_error=False)
             self.counters.add("round_trips")
             error = next((r for r in replies if isinstance(r, BaseException)), None)
             if error is None:
                 return cast("list[bytes]", replies[-1])
-            if not (attempt == 0 and _moving(error)):
+            if not (attempt == 0 and moving(error)):
                 raise error
             cast(RedisCluster, self.redis).nodes_manager.initialize()
         raise AssertionError("unreachable")
@@ -693,16 +476,6 @@ class RedisHub(Hub):
     def _epoch_of(self, channel: str) -> int:
         return 0  # ids are Redis': a new channel's floor is "0-0" or what Redis says (_LOAD)
 
-    def _retained(self, key: str, args: list[str | int | bytes]) -> list[str | int | bytes]:
-        """The publish script's arguments: an event's, then max_age ms,
-        max_idle ms and the epoch bucket of the channel of stream *key*."""
-        channel = key[len(self.prefix):]
-        return args + [self._max_age_ms(channel), round((self.max_idle or 0) * 1000), bucket(channel)]
-
-    def _max_age_ms(self, channel: str) -> int:
-        max_age = self.max_age(channel) if callable(self.max_age) else self.max_age
-        return 0 if max_age is None else max(1, round(max_age * 1000))
-
     # -- channels that come and go --------------------------------------------
 
     def forget(self, channel: str) -> bool:
@@ -711,8 +484,6 @@ class RedisHub(Hub):
         :meth:`Hub.forget` does. A later stream of that name starts after
         the newest id it had, so old cursors get an exact gap. True if the
         stream or a local mirror existed."""
-        from .redis_presence import presence_keys  # (it imports this module's scripts)
-
         self._check_channel(channel)
         key = self._key(channel)
         # The stream and its presence go in one script: a join or leave is
@@ -728,20 +499,20 @@ class RedisHub(Hub):
         if ch is not None:
             with ch.cond:
                 tail = ch.tail_id() if ch.live and not ch.dead else ""
-        keys = [key, self._forgotten_for(key), *presence_keys(self.prefix, self._cluster, key, channel)]
+        keys = [key, self._forgotten_for(key), *self._link.presence_keys(channel)]
         args: list[str | int] = [bucket(channel), channel, tail, self.buffer_size]
         with self._lock:  # this process's own note must not drop the mirror before the rest is in it
             self._forgetting[channel] = self._forgetting.get(channel, 0) + 1
         done = False
         try:
             try:
-                reply = self._script(self._forget_script, keys, args) if self._cluster else \
+                reply = self._link.script(self._forget_script, keys, args) if self._cluster else \
                     self._forget_script(keys=[*keys, self._forgets_key], args=args)
-            except _DOWN as exc:
-                raise BackendUnavailable(f"cannot forget {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
+            except DOWN as exc:
+                raise self._link.down(f"cannot forget {channel!r}", exc) from exc
             if reply is not None and reply[1] and ch is not None:
                 # (a script's reply: entries as [id, [field, value, ...]])
-                entries: list[_Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reply[1]]
+                entries: list[Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reply[1]]
                 with ch.cond:
                     if not ch.dead:  # (dropped meanwhile only by another forget of this channel here)
                         self._append(channel, ch, entries)  # (what the reader appended meanwhile is skipped)
@@ -751,9 +522,8 @@ class RedisHub(Hub):
                 try:
                     note = self.redis.xadd(self._forgets_key, {"c": channel, "l": reply[0]}, maxlen=1000)
                     self.redis.spublish(self._forgets_key, note)
-                except _DOWN as exc:
-                    raise BackendUnavailable(f"forgot {channel!r}, but could not tell the other processes: Redis at "
-                                             f"{self._where} is unreachable ({exc})") from exc
+                except DOWN as exc:
+                    raise self._link.down(f"forgot {channel!r}, but could not tell the other processes", exc) from exc
             return reply is not None or here
         finally:
             with self._lock:
@@ -793,7 +563,7 @@ class RedisHub(Hub):
                     for key in held:
                         pipe.pexpire(key, ttl)
                     pipe.execute()
-            except _DOWN:
+            except DOWN:
                 pass  # the reader reconnects; the next sweep tries again
         return forgotten
 
@@ -823,15 +593,10 @@ class RedisHub(Hub):
     # -- the local mirror ---------------------------------------------------
 
     def _key(self, channel: str) -> str:
-        return self.prefix + channel
+        return self._link.key(channel)
 
     def _forgotten_for(self, key: str) -> str:
-        """The hash of forgotten channels' newest ids that stream *key*'s
-        scripts use: one per hub, or on a cluster one per slot (a script
-        touches one slot)."""
-        if self._cluster:
-            return f"{self._forgotten_key}{{{slot_tag(key_slot(key.encode()))}}}"
-        return self._forgotten_key
+        return self._link.forgotten_for(key)
 
     def _channel(self, name: str) -> _Channel:
         ch = super()._channel(name)
@@ -861,7 +626,7 @@ class RedisHub(Hub):
             # little more here, for its thread to be scheduled, and its own
             # error, not a timeout of ours, is what everyone gets.
             if not load.done.wait(max(0.0, load.started + LOAD_TIMEOUT + 0.25 - time.monotonic())):
-                raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} did not answer "
+                raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._link.where} did not answer "
                                          f"within {LOAD_TIMEOUT} s")
             if load.error is not None:
                 raise BackendUnavailable(str(load.error))
@@ -887,20 +652,20 @@ class RedisHub(Hub):
         self.counters.add("loads")
         try:
             if self._forgets_cursor is None:  # forgets from now on: this mirror starts after them
-                newest = cast("list[_Entry]", self._loader.xrevrange(self._forgets_key, count=1))
+                newest = cast("list[Entry]", self._loader.xrevrange(self._forgets_key, count=1))
                 with self._lock:
                     if self._forgets_cursor is None:
                         self._forgets_cursor = newest[0][0].decode() if newest else "0-0"
             with ch.cond:
                 latest = ch.latest is not None
-            raw, floor, compacted = self._script(
+            raw, floor, compacted = self._link.script(
                 self._load_script, [key, self._forgotten_for(key)],
-                [self.buffer_size, self._max_age_ms(name), round((self.max_idle or 0) * 1000), bucket(name),
+                [self.buffer_size, self._link.max_age_ms(name), self._link.max_idle_ms, bucket(name),
                  1 if latest else 0], client=self._loader)
-        except _DOWN as exc:
-            raise BackendUnavailable(f"cannot read channel {name!r}: Redis at {self._where} is unreachable ({exc})") from exc
+        except DOWN as exc:
+            raise self._link.down(f"cannot read channel {name!r}", exc) from exc
         # (a script's reply: entries as [id, [field, value, ...]])
-        entries: list[_Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reversed(raw)]
+        entries: list[Entry] = [(i, dict(zip(f[::2], f[1::2]))) for i, f in reversed(raw)]
         with ch.cond:
             if ch.live or ch.dead:
                 return None  # forgotten meanwhile
@@ -917,7 +682,7 @@ class RedisHub(Hub):
                 self._version += 1
                 return self._version
 
-    def _fill_latest(self, name: str, ch: _Channel, entries: list[_Entry]) -> None:
+    def _fill_latest(self, name: str, ch: _Channel, entries: list[Entry]) -> None:
         """Fill an empty latest-value mirror from a compacted load (see
         _LOAD): the newest of each key, then the last ``buffer_size``
         entries. Each goes into the channel's table of keys; the buffer keeps
@@ -956,14 +721,14 @@ class RedisHub(Hub):
         with ch.cond:
             tail = ch.tail_id()
         try:  # no lock held: the read may take up to LOAD_TIMEOUT
-            entries = cast("list[_Entry]", self._loader.xrange(self._key(channel), min="(" + tail,
+            entries = cast("list[Entry]", self._loader.xrange(self._key(channel), min="(" + tail,
                                                                count=self.buffer_size))
-        except _DOWN as exc:
-            raise BackendUnavailable(f"cannot read channel {channel!r}: Redis at {self._where} is unreachable ({exc})") from exc
+        except DOWN as exc:
+            raise self._link.down(f"cannot read channel {channel!r}", exc) from exc
         with ch.cond:
             return not ch.dead and self._append(channel, ch, entries)  # (what the reader appended meanwhile is skipped)
 
-    def _append(self, channel: str, ch: _Channel, entries: list[_Entry]) -> bool:
+    def _append(self, channel: str, ch: _Channel, entries: list[Entry]) -> bool:
         """Append entries newer than the mirror's tail; the caller holds ``ch.cond``.
 
         An entry whose predecessor is newer than our tail means events were
@@ -1032,7 +797,7 @@ class RedisHub(Hub):
             try:
                 if self._loader.client_unblock(self._reader_id):
                     return
-            except _DOWN:
+            except DOWN:
                 return
             self._stop.wait(0.005)
 
@@ -1042,21 +807,21 @@ class RedisHub(Hub):
         while not self._stop.is_set():
             try:
                 if conn is None:
-                    conn = self._connect(self._reader_options)
+                    conn = self._link.connect(self._link.reader_options)
                     self._reader_id = conn.client_id()
                     if self._forgets_cursor is None:  # forgets from now on (mirrors start after them)
-                        newest = cast("list[_Entry]", conn.xrevrange(self._forgets_key, count=1))
+                        newest = cast("list[Entry]", conn.xrevrange(self._forgets_key, count=1))
                         self._forgets_cursor = newest[0][0].decode() if newest else "0-0"
                     self.connects += 1
                     self.connected = True
                     delay = self.backoff[0]
-                    log.info("comet: Redis reader connected to %s", self._where)
+                    log.info("comet: Redis reader connected to %s", self._link.where)
                 self._read_once(conn)
-            except _DOWN as exc:
+            except DOWN as exc:
                 if self._stop.is_set():
                     break
                 if self.connected:
-                    log.warning("comet: lost Redis at %s (%s); reconnecting", self._where, exc)
+                    log.warning("comet: lost Redis at %s (%s); reconnecting", self._link.where, exc)
                 self.connected = False
                 self._reader_id = None
                 if conn is not None:
@@ -1085,12 +850,12 @@ class RedisHub(Hub):
             return
         self._seen_version = version
         # RESP2's shape: [[key, entries], ...], or None when the block timed out.
-        reply = cast("list[tuple[bytes, list[_Entry]]] | None",
+        reply = cast("list[tuple[bytes, list[Entry]]] | None",
                      conn.xread(streams, count=1000, block=int(self.block * 1000)))
         for key, entries in reply or ():
             self._deliver(key, entries)
 
-    def _deliver(self, key: bytes, entries: list[_Entry]) -> None:
+    def _deliver(self, key: bytes, entries: list[Entry]) -> None:
         """What a reader read from stream *key*: into its channel's mirror."""
         if key == self._forgets_key.encode():
             for event_id, fields in entries:
@@ -1131,18 +896,15 @@ class RedisHub(Hub):
         if self._reader_id is not None:
             try:
                 self.redis.client_unblock(self._reader_id)
-            except _DOWN:
+            except DOWN:
                 pass
         if self._reader.is_alive():
             self._reader.join(self.block + 10)
-        self.redis.close()
-        self._loader.close()
-        if self._sentinels is not None:
-            self._sentinels.close()
+        self._link.close()
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
-        return f"<RedisHub {self._where} {state} channels={len(self._channels)} subscriptions={self._subscriptions}>"
+        return f"<RedisHub {self._link.where} {state} channels={len(self._channels)} subscriptions={self._subscriptions}>"
 
 
 class _Load:

@@ -35,144 +35,55 @@ move completes.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Sequence, cast
+from typing import Any, Protocol, cast
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
-from redis.commands.core import Script
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
 
-if TYPE_CHECKING:
-    from .redis import RedisHub, _Entry
+from .redis_link import SLOTS, Entry, RedisLink, cluster_client, moving, parse_url, pipeline_scripts, run_script, slot_tag
+
+__all__ = ["ClusterFollower", "Sink", "slot_tag", "SLOTS", "cluster_client", "parse_url", "pipeline_scripts",
+           "run_script"]
 
 log = logging.getLogger("comet")
 
-SLOTS = 16384
-
-_DOWN = (redis.ConnectionError, redis.TimeoutError)
-# Replies that mean "this master does not serve that slot (now)".
-_MOVING = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "CROSSSLOT")
+# The connection to a master is lost (what makes a reader reconnect).
+_LOST = (redis.ConnectionError, redis.TimeoutError)
 
 
-def _moving(exc: BaseException) -> bool:
-    return isinstance(exc, redis.ResponseError) and str(exc).split(" ", 1)[0].upper() in _MOVING or \
-        type(exc).__name__ in ("MovedError", "AskError", "TryAgainError", "ClusterDownError", "ClusterCrossSlotError")
+class Sink(Protocol):
+    """Where the readers deliver what they read: the hub's mirrors."""
 
+    def cursor(self, key: bytes) -> str | None:
+        """Where a read of stream *key* starts (None: not followed now)."""
+        ...
 
-@functools.lru_cache(maxsize=1)
-def _slot_tags() -> tuple[str, ...]:
-    tags: list[str | None] = [None] * SLOTS
-    left, n = SLOTS, 0
-    while left:
-        slot = key_slot(str(n).encode())
-        if tags[slot] is None:
-            tags[slot] = str(n)
-            left -= 1
-        n += 1
-    return tuple(t for t in tags if t is not None)
+    def deliver(self, key: bytes, entries: list[Entry]) -> None:
+        """What a reader read from stream *key*."""
+        ...
 
-
-def slot_tag(slot: int) -> str:
-    """The smallest decimal number (as text) whose CRC16 falls on *slot*: a
-    hash tag ``{tag}`` that puts a key on that slot.
-
-    >>> slot_tag(key_slot(b"comet:room")) == slot_tag(key_slot(b"{" + slot_tag(key_slot(b"comet:room")).encode() + b"}"))
-    True
-    """
-    return _slot_tags()[slot]
-
-
-def parse_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
-    """``redis+cluster://[[user]:password@]h1:p1,h2:p2[/0]``: its seed nodes
-    and the options it says (username, password)."""
-    rest = url[len("redis+cluster://"):]
-    auth, _, rest = rest.rpartition("@")
-    hosts, _, path = rest.partition("/")
-    if path.strip("/") not in ("", "0"):
-        raise ValueError(f"a Redis Cluster has database 0 only: expected redis+cluster://host:port[,host:port...], got {url!r}")
-    nodes: list[tuple[str, int]] = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":")
-        if not name or not port.isdigit():
-            raise ValueError(f"expected host:port in {url!r}, got {host!r}")
-        nodes.append((name, int(port)))
-    options: dict[str, Any] = {}
-    if auth:
-        user, _, password = auth.partition(":")
-        if user:
-            options["username"] = user
-        if password:
-            options["password"] = password
-    return nodes, options
-
-
-def cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
-    """A redis-py cluster client for a ``redis+cluster://`` URL; *options*
-    go to each node's connections (``retry`` to the cluster client)."""
-    nodes, auth = parse_url(url)
-    options = {**auth, **options}
-    options.pop("single_connection_client", None)
-    options.pop("health_check_interval", None)
-    retry = options.pop("retry", None)
-    seeds = [cast(Any, ClusterNode)(h, p) for h, p in nodes]  # (untyped in redis-py)
-    return RedisCluster(startup_nodes=seeds, retry=retry, **options)
-
-
-def run_script(client: Any, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-    """Run *script* through the cluster *client* on the master of its keys'
-    slot (redirections followed).
-
-    A master may lack the script: a replica promoted by a failover (Redis
-    does not replicate its script cache), a restarted or flushed node. Then
-    ``EVAL`` of its text, routed by the same keys, runs it there once and
-    caches it: no retry of anything that ran (``NOSCRIPT`` means it did not).
-    redis-py's own retry (``SCRIPT LOAD`` on the masters its slot map knows,
-    then ``EVALSHA`` again) fails while that map is behind the cluster.
-    """
-    try:
-        return client.evalsha(script.sha, len(keys), *keys, *args)
-    except NoScriptError:
-        return client.eval(script.script, len(keys), *keys, *args)
-
-
-def pipeline_scripts(client: redis.Redis, script: Script,
-                     calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
-    """*script* once per ``(keys, args)`` in one round trip on one master's
-    *client* (redis-py's cluster pipelines refuse scripts); each call's reply
-    or error, in order. Calls answered ``NOSCRIPT`` (they never ran) go once
-    more after ``SCRIPT LOAD`` on that same master."""
-    def send(indexes: Sequence[int]) -> list[Any]:
-        with client.pipeline(transaction=False) as pipe:
-            for i in indexes:
-                keys, args = calls[i]
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies: list[Any] = pipe.execute(raise_on_error=False)
-            return replies
-
-    results = send(range(len(calls)))
-    missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-    if missing:
-        client.script_load(script.script)
-        for i, result in zip(missing, send(missing)):
-            results[i] = result
-    return results
+    def reader_changed(self, connected: bool) -> None:
+        """A reader connected (True, once per connection) or lost its master."""
+        ...
 
 
 class ClusterFollower:
     """Which reader follows which stream key: one :class:`_NodeReader` per
     master that serves a live channel, regrouped when slots move."""
 
-    def __init__(self, hub: "RedisHub", client: RedisCluster, options: dict[str, Any]) -> None:
-        self.hub = hub
-        self.client = client
-        self.options = {k: v for k, v in options.items()
+    def __init__(self, sink: Sink, link: RedisLink, *, block: float, backoff: tuple[float, float]) -> None:
+        self.sink = sink
+        self.link = link
+        self.block = block
+        self.backoff = backoff
+        self.client = cast(RedisCluster, link.redis)
+        self.options = {k: v for k, v in link.options.items()
                         if k not in ("retry", "single_connection_client", "health_check_interval")}
         self.lock = threading.Lock()
         self._regroup_lock = threading.Lock()
@@ -256,7 +167,7 @@ class ClusterFollower:
         for reader in readers:
             reader.retire()
         for reader in readers:
-            reader.thread.join(self.hub.block + 10)
+            reader.thread.join(self.block + 10)
 
 
 class _NodeReader:
@@ -265,13 +176,14 @@ class _NodeReader:
 
     def __init__(self, follower: ClusterFollower, host: str, port: int) -> None:
         self.follower = follower
-        self.hub = follower.hub
+        self.sink = follower.sink
+        self.block = follower.block
         self.host, self.port = host, port
         self.keys: set[bytes] = set()  # guarded by follower.lock
         self.version = 0  # bumped when keys change (under follower.lock)
         self.connected = False
         self.retired = threading.Event()
-        self.wake_channel = f"{self.hub.prefix}\x00wake:{uuid.uuid4().hex}"  # a classic channel: no slot
+        self.wake_channel = f"{follower.link.prefix}\x00wake:{uuid.uuid4().hex}"  # a classic channel: no slot
         self.thread = threading.Thread(target=self._run, name=f"comet-redis-reader-{host}:{port}", daemon=True)
 
     def start(self) -> None:
@@ -296,7 +208,7 @@ class _NodeReader:
         return self.retired.is_set() or self.follower.stop.is_set()
 
     def _run(self) -> None:
-        backoff = self.hub.backoff
+        backoff = self.follower.backoff
         delay = backoff[0]
         while not self._stopped():
             conn = redis.Redis(host=self.host, port=self.port, **self.follower.options)
@@ -305,11 +217,10 @@ class _NodeReader:
                 bells.subscribe(self.wake_channel)
                 self._expect(bells, {self.wake_channel.encode()}, set())
                 self.connected = True
-                self.hub.connects += 1
-                self.hub._cluster_state()
+                self.sink.reader_changed(True)
                 delay = backoff[0]
                 self._follow(conn, bells)
-            except _DOWN as exc:
+            except _LOST as exc:
                 if self._stopped():
                     break
                 if self.connected:
@@ -317,7 +228,7 @@ class _NodeReader:
                 self._lost(delay)
                 delay = min(delay * 2, backoff[1])
             except redis.ResponseError as exc:
-                if not _moving(exc):
+                if not moving(exc):
                     log.exception("comet: Redis Cluster reader failed; restarting it")
                 self._lost(delay)
             except Exception:  # a bug must not silently stop delivery for these channels
@@ -327,11 +238,11 @@ class _NodeReader:
                 bells.close()
                 conn.close()
         self.connected = False
-        self.hub._cluster_state()
+        self.sink.reader_changed(False)
 
     def _lost(self, delay: float) -> None:
         self.connected = False
-        self.hub._cluster_state()
+        self.sink.reader_changed(False)
         self.follower.stop.wait(delay * random.uniform(0.5, 1.0))
         self.follower.regroup()
 
@@ -341,7 +252,7 @@ class _NodeReader:
         bell rung after it can be missed."""
         waiting = set(subscribed)
         while waiting:
-            message = bells.get_message(timeout=self.hub.block)
+            message = bells.get_message(timeout=self.block)
             if message is None:
                 raise redis.TimeoutError(f"no confirmation of SSUBSCRIBE from {self.host}:{self.port}")
             self._message(message, rung, waiting)
@@ -375,7 +286,7 @@ class _NodeReader:
                 rung |= added
             now = time.monotonic()
             if now >= sweep_at:
-                rung, sweep_at = set(keys), now + self.hub.block
+                rung, sweep_at = set(keys), now + self.block
             rung &= keys
             if rung:
                 rung = self._read(conn, rung)
@@ -385,7 +296,7 @@ class _NodeReader:
             with self.follower.lock:
                 if self.version != seen:
                     continue  # keys changed (its wake may have been read with a confirmation)
-            message = bells.get_message(timeout=max(0.0, min(sweep_at - time.monotonic(), self.hub.block)))
+            message = bells.get_message(timeout=max(0.0, min(sweep_at - time.monotonic(), self.block)))
             while message is not None:
                 self._message(message, rung, set())
                 message = bells.get_message(timeout=0)
@@ -395,7 +306,7 @@ class _NodeReader:
         read again (a full batch came, or the slot is moving)."""
         by_slot: dict[int, dict[Any, Any]] = {}
         for key in keys:
-            cursor = self.hub._cursor(key)
+            cursor = self.sink.cursor(key)
             if cursor is not None:
                 by_slot.setdefault(key_slot(key), {})[key] = cursor
         if not by_slot:
@@ -405,19 +316,19 @@ class _NodeReader:
                 pipe.xread(streams, count=1000)
             replies = pipe.execute(raise_on_error=False)
         again: set[bytes] = set()
-        moving = False
+        moved = False
         for streams, reply in zip(by_slot.values(), replies):
             if isinstance(reply, BaseException):
-                if not _moving(reply):
+                if not moving(reply):
                     raise reply
-                moving = True
+                moved = True
                 again.update(streams)
                 continue
             for key, entries in reply or ():
-                self.hub._deliver(key, entries)
+                self.sink.deliver(key, entries)
                 if len(entries) >= 1000:
                     again.add(key)
-        if moving:
+        if moved:
             self.follower.regroup()
         return again
 

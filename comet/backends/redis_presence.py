@@ -89,38 +89,21 @@ import logging
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Callable, cast
 
 import redis
 from redis.crc import key_slot
 
-from ..errors import BackendUnavailable
-from ..cursors import bucket
-from ..presence import JOIN, LEAVE, Presence
-from .redis import _LIB, _PUBLISH_FN
-from .redis_cluster import _moving, pipeline_scripts, slot_tag
+from ..presence import JOIN, LEAVE, Host, Presence
+from .redis_link import DOWN, RedisLink, moving, pipeline_scripts, presence_keys
+from .redis_scripts import LIB, PUBLISH_FN
 
-if TYPE_CHECKING:
-    from .redis import RedisHub
-
-__all__ = ["RedisPresence"]
+__all__ = ["RedisPresence", "presence_keys"]
 
 log = logging.getLogger("comet")
 
-# Unreachable, or (Redis Cluster) no master serves the slot right now.
-_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.TryAgainError,
-         redis.exceptions.RedisClusterException)
-
 #: Seconds between two sweeps of a process: leaves and dead processes.
 SWEEP_EVERY = 0.25
-
-
-def presence_keys(prefix: str, cluster: bool, stream_key: str, channel: str) -> list[str]:
-    """The keys of *channel*'s presence (members, counts, leave deadlines),
-    on its stream's slot on a cluster."""
-    tag = f"{{{slot_tag(key_slot(stream_key.encode()))}}}" if cluster else ""
-    base = f"{prefix}\x00presence{tag}:"
-    return [base + "m:" + channel, base + "c:" + channel, base + "l:" + channel]
 
 
 # A channel's scripts. KEYS: the stream, its slot's forgotten-ids hash, then
@@ -129,7 +112,7 @@ def presence_keys(prefix: str, cluster: bool, stream_key: str, channel: str) -> 
 # bucket, bell (1: Cluster). ``shift`` moves a member's total by delta and
 # returns (1, id) for a join (appended with announce's settings at a), (0,
 # deadline) while the member is leaving, else (0, 0).
-_CHANNEL_LIB = _LIB + _PUBLISH_FN + """
+_CHANNEL_LIB = LIB + PUBLISH_FN + """
 local function announce(event, member, a)
   return publish(KEYS[1], KEYS[2], ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4],
                  ARGV[a + 5] == '1', {'d', member, 'k', 's', 'e', event})
@@ -226,13 +209,13 @@ return out
 # The global scripts: KEYS[1] and ARGV[1] are the global keys' base.
 # ARGV: base, process, lease ms. 1 if the lease was not held (new, or taken
 # away as expired): then the process pushes every count again.
-_RENEW = _LIB + """
+_RENEW = LIB + """
 return redis.call('ZADD', ARGV[1] .. 'leases', now_ms() + tonumber(ARGV[3]), ARGV[2])
 """
 
 # ARGV: base. Returns {{process, {its channels}}, ...} for up to 10
 # processes whose lease expired, and the index of leaves due: key, score, ...
-_SWEEP = _LIB + """
+_SWEEP = LIB + """
 local base, now = ARGV[1], now_ms()
 local dead = {}
 for _, proc in ipairs(redis.call('ZRANGEBYSCORE', base .. 'leases', '-inf', now, 'LIMIT', 0, 10)) do
@@ -243,7 +226,7 @@ return {dead, redis.call('ZRANGEBYSCORE', base .. 'leaving', '-inf', now, 'WITHS
 
 # ARGV: base, key, score: the index entry goes unless it was moved later
 # meanwhile (the member left again: that deadline counts).
-_UNINDEX = _LIB + """
+_UNINDEX = LIB + """
 local score = redis.call('ZSCORE', ARGV[1] .. 'leaving', ARGV[2])
 if score and tonumber(score) <= tonumber(ARGV[3]) then redis.call('ZREM', ARGV[1] .. 'leaving', ARGV[2]) end
 return 0
@@ -254,21 +237,28 @@ _Result = Any  # a script's reply, or the exception it raised
 
 class RedisPresence(Presence):
     """Presence of a :class:`~comet.backends.redis.RedisHub`, shared by every
-    process on the same Redis and prefix (``hub.presence``)."""
+    process on the same Redis and prefix (``hub.presence``).
 
-    def __init__(self, hub: RedisHub, lease: float) -> None:
+    The hub hands it its *link* to Redis, *mirrored* (where this process's
+    mirror of a channel stands: its newest event's id, '' if it holds none)
+    and, on a cluster, *regroup* (reload the slot map: a slot moved)."""
+
+    def __init__(self, hub: Host, link: RedisLink, lease: float, *, mirrored: Callable[[str], str],
+                 regroup: Callable[[], None] | None = None) -> None:
         super().__init__(hub)
-        self.redis_hub = hub
+        self.link = link
         self.lease = lease
+        self._mirrored = mirrored
+        self._regroup = regroup
         #: This process, in Redis' keys (fixed length: the keys stay unambiguous).
         self.process = secrets.token_hex(8)
-        self._base = hub.prefix + "\x00presence:"
-        if hub._cluster:  # one hash tag for the global keys (see the module's docstring)
-            self._base = hub.prefix + "\x00presence{presence}:"
+        self._base = link.prefix + "\x00presence:"
+        if link.cluster:  # one hash tag for the global keys (see the module's docstring)
+            self._base = link.prefix + "\x00presence{presence}:"
             if key_slot(self._base.encode() + b"a") != key_slot(self._base.encode() + b"b"):
-                raise ValueError(f"prefix {hub.prefix!r} has an empty hash tag '{{}}': "
+                raise ValueError(f"prefix {link.prefix!r} has an empty hash tag '{{}}': "
                                  "presence keys on a Redis Cluster could not share a slot")
-        client = hub.redis
+        client = link.redis
         self._set = client.register_script(_SET)
         self._leave = client.register_script(_LEAVE)
         self._retire = client.register_script(_RETIRE)
@@ -287,7 +277,7 @@ class RedisPresence(Presence):
 
     def start(self) -> None:
         """Start the worker and the disconnect listener (once; on first use)."""
-        with self._lock:
+        with self.lock:
             if self._started or self.closed:
                 return
             self._started = True
@@ -298,16 +288,16 @@ class RedisPresence(Presence):
 
     # -- counts go to Redis ------------------------------------------------------
 
-    def _changed(self, channel: str, member: str, before: int | None, after: int) -> tuple[Any, ...]:
+    def count_changed(self, channel: str, member: str, before: int | None, after: int) -> tuple[Any, ...]:
         if after == 0:
-            counts = self._counts[channel]
+            counts = self.counts[channel]
             del counts[member]  # Redis keeps the grace period, for every process
             if not counts:
-                del self._counts[channel]
+                del self.counts[channel]
         self._dirty[(channel, member)] = None
         return ()
 
-    def _after(self, wakes: tuple[Any, ...]) -> None:
+    def after_change(self, wakes: tuple[Any, ...]) -> None:
         self.start()
         self._kick.set()
 
@@ -327,13 +317,13 @@ class RedisPresence(Presence):
                     sweep_at = now + min(SWEEP_EVERY, self.lease / 4)
                 delay = 0.05
                 self._kick.wait(max(0.0, min(renew_at, sweep_at) - time.monotonic()))
-            except _DOWN as exc:
+            except DOWN as exc:
                 self.failures += 1
                 log.warning("comet: presence cannot reach Redis (%s); retrying", exc)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.lease / 4)
             except redis.ResponseError as exc:
-                if not (self.redis_hub._follower is not None and _moving(exc)):
+                if not (self._regroup is not None and moving(exc)):
                     log.exception("comet: presence worker failed")
                     self._stop.wait(delay)
                     delay = min(delay * 2, self.lease / 4)
@@ -341,7 +331,7 @@ class RedisPresence(Presence):
                 # (Cluster) a slot moved or its master failed over: reload
                 # the slot map, push again (the counts are absolute).
                 self.failures += 1
-                self.redis_hub._follower.regroup()
+                self._regroup()
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.lease / 4)
             except Exception:  # a bug must not stop presence for the life of the hub
@@ -350,32 +340,28 @@ class RedisPresence(Presence):
 
     def _call(self, script: Any, args: list[Any]) -> Any:
         """A global script: the base as its key routes it on a cluster."""
-        return self.redis_hub._script(script, [self._base], [self._base, *args])
+        return self.link.script(script, [self._base], [self._base, *args])
 
     def _global(self) -> redis.Redis:
         """A client of the master of the global keys (a cluster's pipelines
         refuse scripts: a master's own take them)."""
-        return self.redis_hub._master(self._base) if self.redis_hub._cluster else self.redis_hub.redis
+        return self.link.client_of(self._base)
 
     def _keys(self, channel: str) -> list[str]:
-        hub = self.redis_hub
-        stream = hub._key(channel)
-        return [stream, hub._forgotten_for(stream), *presence_keys(hub.prefix, hub._cluster, stream, channel)]
+        stream = self.link.key(channel)
+        return [stream, self.link.forgotten_for(stream), *self.link.presence_keys(channel)]
 
     def _settings(self, channel: str) -> list[Any]:
         """announce's settings for *channel* (see _CHANNEL_LIB)."""
-        hub = self.redis_hub
-        return [hub.maxlen, "~" if hub.approximate else "=", hub._max_age_ms(channel),
-                round((hub.max_idle or 0) * 1000), bucket(channel), 1 if hub._cluster else 0]
+        return self.link.appending(channel)
 
     def _on_channels(self, script: Any, calls: list[tuple[str, list[Any]]]) -> list[_Result]:
         """*script* once per ``(channel, args)``, on each channel's keys: one
         pipeline per master; each reply or error, in order."""
-        hub = self.redis_hub
         results: list[_Result] = [None] * len(calls)
         groups: dict[int, tuple[redis.Redis, list[int]]] = {}
         for i, (channel, _) in enumerate(calls):
-            client = hub._master(hub._key(channel)) if hub._cluster else hub.redis
+            client = self.link.client_of(self.link.key(channel))
             groups.setdefault(id(client), (client, []))[1].append(i)
         for client, indexes in groups.values():
             replies = pipeline_scripts(client, script, [(self._keys(calls[i][0]), calls[i][1]) for i in indexes])
@@ -385,39 +371,35 @@ class RedisPresence(Presence):
 
     def _renew(self) -> None:
         if self._call(self._renew_script, [self.process, round(self.lease * 1000)]):
-            with self._lock:  # our counts may have been retired: push them all again
-                self._dirty.update(((c, m), None) for c, members in self._counts.items() for m in members)
+            with self.lock:  # our counts may have been retired: push them all again
+                self._dirty.update(((c, m), None) for c, members in self.counts.items() for m in members)
 
     def _seen(self, channel: str) -> str:
         """Where this process's mirror of *channel* stands: its newest
         event's id ('' if it holds none: see _CHANNEL_LIB's ``current``)."""
-        ch = self.redis_hub._channels.get(channel)
-        if ch is None:
-            return ""
-        with ch.cond:
-            return ch.tail_id() if ch.seq else ""
+        return self._mirrored(channel)
 
     def _flush(self) -> None:
-        with self._lock:
+        with self.lock:
             dirty, self._dirty = list(self._dirty), {}
-            counts = [self._counts.get(c, {}).get(m, 0) for c, m in dirty]
+            counts = [self.counts.get(c, {}).get(m, 0) for c, m in dirty]
         if not dirty:
             return
         try:
             calls = self._push(dirty, counts)
         except BaseException:
-            with self._lock:  # pushed again next time: the counts are absolute
+            with self.lock:  # pushed again next time: the counts are absolute
                 self._dirty = {**dict.fromkeys(dirty), **self._dirty}
             raise
-        self._queue(calls)
+        self.report(calls)
 
     def _push(self, dirty: list[tuple[str, str]], counts: list[int]) -> list[tuple[str, str, str]]:
         """Push *counts*; the joins they made, for the callbacks."""
-        hub = self.redis_hub
+        client = self.link.redis
         grace = round(self.hub.presence_grace * 1000)
         added = {channel for (channel, _), n in zip(dirty, counts) if n > 0}
         if added:  # first: a process that dies after its push is retired there too
-            hub.redis.sadd(self._base + "p:" + self.process, *added)
+            client.sadd(self._base + "p:" + self.process, *added)
         replies = self._on_channels(self._set, [
             (channel, [self.process, member, n, grace, self._seen(channel) if n else "", *self._settings(channel)])
             for (channel, member), n in zip(dirty, counts)])
@@ -427,7 +409,7 @@ class RedisPresence(Presence):
         error: BaseException | None = None
         for key, reply in zip(dirty, replies):
             if isinstance(reply, BaseException):
-                if not _moving(reply):
+                if not moving(reply):
                     raise reply
                 error = reply
                 again.append(key)  # (the slot moved) again after the slot map reloads
@@ -438,22 +420,21 @@ class RedisPresence(Presence):
             elif reply[1]:
                 leaving["\x00".join(key)] = reply[1]
         if again:
-            with self._lock:
+            with self.lock:
                 self._dirty = {**dict.fromkeys(again), **self._dirty}
         if leaving:
-            hub.redis.zadd(self._base + "leaving", leaving)
-        with self._lock:  # channels where this process counts nobody now: not retired with it
-            idle = {channel for (channel, _), n in zip(dirty, counts) if not n} - set(self._counts)
+            client.zadd(self._base + "leaving", leaving)
+        with self.lock:  # channels where this process counts nobody now: not retired with it
+            idle = {channel for (channel, _), n in zip(dirty, counts) if not n} - set(self.counts)
         if idle and error is None:
-            hub.redis.srem(self._base + "p:" + self.process, *idle)
+            client.srem(self._base + "p:" + self.process, *idle)
         if error is not None:
-            self._queue(joins)
+            self.report(joins)
             raise error
         return joins
 
     def _sweep(self) -> None:
         dead, due = cast("list[Any]", self._call(self._sweep_script, []))
-        hub = self.redis_hub
         for proc, channels in dead:
             self._retire_process(proc.decode(), [c.decode() for c in channels])
         keys = [(due[i].decode(), float(due[i + 1])) for i in range(0, len(due), 2)]
@@ -480,8 +461,8 @@ class RedisPresence(Presence):
                 if isinstance(reply, BaseException):
                     raise reply
         if later:
-            hub.redis.zadd(self._base + "leaving", later)
-        self._queue(left)
+            self.link.redis.zadd(self._base + "leaving", later)
+        self.report(left)
         if error is not None:
             raise error
 
@@ -495,9 +476,9 @@ class RedisPresence(Presence):
             for i in range(0, len(reply), 2):
                 leaving[channel + "\x00" + reply[i].decode()] = reply[i + 1]
         if leaving:
-            self.redis_hub.redis.zadd(self._base + "leaving", leaving)
-        self.redis_hub.redis.delete(self._base + "p:" + proc)
-        self.redis_hub.redis.zrem(self._base + "leases", proc)
+            self.link.redis.zadd(self._base + "leaving", leaving)
+        self.link.redis.delete(self._base + "p:" + proc)
+        self.link.redis.zrem(self._base + "leases", proc)
 
     # -- disconnects ---------------------------------------------------------------
 
@@ -511,7 +492,7 @@ class RedisPresence(Presence):
         while not self._stop.is_set():
             try:
                 if conn is None:
-                    conn = self.redis_hub._connect(self.redis_hub._reader_options)
+                    conn = self.link.connect(self.link.reader_options)
                 reply = cast("list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
                              conn.xread({key: cursor}, count=100, block=500))
                 delay = 0.05
@@ -520,8 +501,8 @@ class RedisPresence(Presence):
                         cursor = entry_id.decode()
                         if fields.get(b"p", b"").decode() != self.process:
                             at = int(cursor.split("-")[0]) / 1000
-                            self._end_local(fields[b"m"].decode(), opened_before=at)
-            except _DOWN:
+                            self.end_streams(fields[b"m"].decode(), opened_before=at)
+            except DOWN:
                 if conn is not None:
                     conn.close()
                     conn = None
@@ -534,26 +515,23 @@ class RedisPresence(Presence):
             conn.close()
 
     def disconnect(self, member: str) -> int:
-        ended = self._end_local(member, None)
+        ended = self.end_streams(member)
         try:
-            self.redis_hub.redis.xadd(self._base + "disconnects", {"m": member, "p": self.process},
-                                      maxlen=1000, approximate=True)
-        except _DOWN as exc:
-            raise BackendUnavailable(f"cannot disconnect {member!r} elsewhere: Redis at {self.redis_hub._where} "
-                                     f"is unreachable ({exc})") from exc
+            self.link.redis.xadd(self._base + "disconnects", {"m": member, "p": self.process},
+                                 maxlen=1000, approximate=True)
+        except DOWN as exc:
+            raise self.link.down(f"cannot disconnect {member!r} elsewhere", exc) from exc
         return ended
 
     # -- asking, forgetting, closing ----------------------------------------------
 
     def members(self, channel: str) -> dict[str, int]:
         self.start()  # a process that asks sweeps too
-        hub = self.redis_hub
-        key = presence_keys(hub.prefix, hub._cluster, hub._key(channel), channel)[0]
+        key = self.link.presence_keys(channel)[0]
         try:  # (a page may ask while it renders: a stalled Redis costs it LOAD_TIMEOUT at most)
-            raw = cast("dict[bytes, bytes]", hub._loader.hgetall(key))
-        except _DOWN as exc:
-            raise BackendUnavailable(f"cannot read the members of {channel!r}: Redis at {hub._where} "
-                                     f"is unreachable ({exc})") from exc
+            raw = cast("dict[bytes, bytes]", self.link.loader.hgetall(key))
+        except DOWN as exc:
+            raise self.link.down(f"cannot read the members of {channel!r}", exc) from exc
         return {member.decode(): int(n) for member, n in raw.items()}
 
     def on_change(self, callback: Any) -> Any:
@@ -561,14 +539,14 @@ class RedisPresence(Presence):
         return super().on_change(callback)
 
     def dropped(self, channel: str) -> None:
-        with self._lock:
-            counts = self._drop(channel)
+        with self.lock:
+            counts = self.drop(channel)
             self._dirty = {key: None for key in self._dirty if key[0] != channel}
             # Zeros: a count of ours that landed after the forget (see the
             # module's bounds) goes too; otherwise they change nothing.
             self._dirty.update(((channel, member), None) for member in counts)
         if counts:
-            self._after(())
+            self.after_change(())
 
     def close(self) -> None:
         """Stop the threads and retire this process: its members leave
@@ -580,7 +558,7 @@ class RedisPresence(Presence):
             thread.join(5)
         if self._started:
             try:
-                channels = cast("set[bytes]", self.redis_hub.redis.smembers(self._base + "p:" + self.process))
+                channels = cast("set[bytes]", self.link.redis.smembers(self._base + "p:" + self.process))
                 self._retire_process(self.process, sorted(c.decode() for c in channels))
-            except _DOWN:
+            except DOWN:
                 pass  # the lease expires instead
