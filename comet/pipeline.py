@@ -36,7 +36,7 @@ from .liveness import watch_peer
 from .options import Options
 from .pool import Admission, StreamPool
 from .stream import Stream, close_quietly
-from .writer import News, ParkedStream, Phase, _chunk, inner_subscription
+from .writer import News, ParkedStream, chunk, inner_subscription
 
 __all__ = ["open_stream", "Opened", "Refusal", "Connection", "Parking", "refusal_for", "ALLOW", "OWNED"]
 
@@ -396,15 +396,15 @@ class Parking:
             stream.adopt(opened)  # (the writer waits for this outcome: nothing else touches the stream)
         if kind is News.FAILED:
             log.error("comet: a stream handler failed before its first item", exc_info=value)
-            writer._post(stream, News.FAILED, sub)
+            writer.post(stream, News.FAILED, sub)
         elif kind is News.FINISHED:
-            writer._post(stream, News.FINISHED, sub)
+            writer.post(stream, News.FINISHED, sub)
         else:
             if sub is not None:
                 stream.hint = sub.channel
             if value is not None and value.__class__ is not Idle:
-                writer._post(stream, News.ITEM, value)
-            writer._post(stream, News.AGAIN, sub)
+                writer.post(stream, News.ITEM, value)
+            writer.post(stream, News.AGAIN, sub)
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -450,14 +450,12 @@ class Parking:
             cursor = None
         start = options.framing.preamble(options.retry, self.boundary, options.heartbeat, cursor)
         if head or start:
-            stream.queue(head + ((_chunk(start) if chunked else start) if start else b""))
+            stream.queue(head + ((chunk(start) if chunked else start) if start else b""))
         if self._sub is not None:
             self._sub.start()
         writer = self.admission.pool.writer()
         if writer is None:  # stopping: end it as the writer would have
-            from .writer import _close_connection
-
-            _close_connection(stream, final=True, last=True)
+            stream.close_socket()
             self._done = False
             self.close()
             return
@@ -467,7 +465,7 @@ class Parking:
             stream.step = Step()
         writer.park(stream)
         if stepping_here:
-            writer._step(stream, enter=False)  # (a direct request's thread is in its context still)
+            writer.step_here(stream)  # (a direct request's thread is in its context still)
         if self._late:
             with self._lock:
                 self._stream = stream

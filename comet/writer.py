@@ -55,7 +55,7 @@ from .hub import Idle, Step, Subscription, cooperative
 from .pool import Admission, StreamPool
 from .steps import StepPool
 
-__all__ = ["Writer", "ParkedStream", "Phase", "News", "LONGPOLL_MAX_BATCH"]
+__all__ = ["Writer", "ParkedStream", "Phase", "News", "End", "LONGPOLL_MAX_BATCH", "chunk"]
 
 log = logging.getLogger("comet")
 
@@ -71,7 +71,12 @@ STEP_HIGH_ITEMS = 1024
 COALESCE = 16 * 1024
 
 
-def _chunk(payload: bytes) -> bytes:
+def chunk(payload: bytes) -> bytes:
+    """*payload* as one HTTP/1.1 chunk.
+
+    >>> chunk(b"hi")
+    b'2\\r\\nhi\\r\\n'
+    """
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
@@ -85,6 +90,45 @@ class Phase(enum.Enum):
     CLOSING = "closing"
     #: Its socket is closed and what fed it let go (or being let go).
     DONE = "done"
+
+
+class End(enum.Enum):
+    """Why a parked stream ends: :meth:`Writer.end` takes one, and it says how.
+
+    ``FINISHED``, ``TIMED_OUT``, ``ANSWERED`` and ``UNENCODABLE`` end the
+    response properly: what is queued goes out, then the terminating chunk
+    (a long-poll: its answer), then the socket closes. The others close it
+    at once.
+    """
+
+    #: What fed it ended: its subscription, or its handler returned.
+    FINISHED = "finished"
+    #: ``max_duration`` passed, or a long-poll's ``poll_timeout``.
+    TIMED_OUT = "timed out"
+    #: A long-poll has its answer (items, or its first cursor).
+    ANSWERED = "answered"
+    #: An item cannot be encoded: headers are out, so end cleanly rather
+    #: than write something malformed.
+    UNENCODABLE = "unencodable"
+    #: Its last bytes are out.
+    SENT = "sent"
+    #: The client went away (EOF, a failed send, a socket already closed).
+    GONE = "gone"
+    #: The client reads too slowly: its backlog passed ``max_buffer``.
+    SLOW = "slow"
+    #: Its handler or its subscription's view failed (or a long-poll's item
+    #: cannot be encoded).
+    FAILED = "failed"
+    #: The writer is stopping: the response ends properly as far as the
+    #: socket takes it without waiting.
+    STOPPING = "stopping"
+    #: The writer has exited already: ended on the caller's thread (a step
+    #: that returned after it, a ``park()`` that came too late).
+    ORPHANED = "orphaned"
+
+
+#: The reasons that end a response properly rather than at once.
+_GRACEFUL = frozenset({End.FINISHED, End.TIMED_OUT, End.ANSWERED, End.UNENCODABLE})
 
 
 class News(enum.Enum):
@@ -243,6 +287,43 @@ class ParkedStream:
             due = min(due, self.longpoll)
         return due
 
+    def close_socket(self, final: bool = True, last: bool = True) -> None:
+        """Close its socket (once, whichever thread gets here first): with
+        ``last``, first end the response properly (a long-poll's answer, the
+        terminating chunk); with ``final``, send what is queued, as far as
+        the socket takes it without blocking. :meth:`Writer.end` calls it;
+        so does a stream that never reached a writer (it was stopping)."""
+        with _SHUT:  # at shutdown a step thread and the writer may both get here
+            if self.shut:
+                return
+            self.shut = True
+        sock = self.sock
+        if last:
+            if self.longpoll is not None:
+                self.queue(_answer_bytes(self))
+            elif self.chunked:
+                self.queue(b"0\r\n\r\n")  # the client may reconnect at once
+        try:
+            if final:
+                sock.setblocking(False)
+                while self.out:
+                    data = self.out[0]
+                    sent = sock.send(data)
+                    if sent < len(data):
+                        break
+                    self.out.popleft()
+        except OSError:
+            pass
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+        self.out.clear()
+        self.out_size = 0
+        if self.drained is not None:
+            self.drained.set()
+
     def stop(self) -> None:
         """Nothing to do: :meth:`Writer.stop` ends every parked stream."""
 
@@ -292,10 +373,12 @@ class Writer:
                 self._adds.append(stream)
                 self._wake()
                 return
-        self._abandon(stream)
+        self.end(stream, End.ORPHANED)
 
-    def _post(self, stream: ParkedStream, kind: News, value: Any = None) -> None:
-        # From step threads: an item produced, or how a step ended.
+    def post(self, stream: ParkedStream, kind: News, value: Any = None) -> None:
+        """What a step of *stream*'s generator reports (from its thread):
+        an item produced, a cursor, or how the step ended (see :class:`News`).
+        A writer that has exited ends the stream at once instead."""
         with self._lock:
             exited = self._exited
             if not exited:
@@ -311,7 +394,7 @@ class Writer:
                 stream.waits_on(value[0])
             elif isinstance(value, Subscription):
                 stream.owns(value)
-            self._abandon(stream)
+            self.end(stream, End.ORPHANED)
 
     def _wake(self) -> None:
         if not self._woken:
@@ -388,14 +471,11 @@ class Writer:
                         stream.owns(value)
             for stream in dict.fromkeys(list(self._streams) + adds + [entry[0] for entry in inbox]):
                 if not stream.done:
-                    self._end(stream, final=True)
+                    self.end(stream, End.STOPPING)
                 elif not stream.stepping:
                     # Ended earlier while a step ran, whose news came after the
-                    # loop's last look: _end() left the release to that news.
-                    if stream.gen is not None:
-                        self._release_generator(stream)
-                    else:
-                        self._release(stream)
+                    # loop's last look: _close() left the release to that news.
+                    self._let_go(stream)
             self._selector.close()
             self._wake_r.close()
             self._wake_w.close()
@@ -425,7 +505,7 @@ class Writer:
                     stream.sock.setblocking(False)
                 self._selector.register(stream.sock, selectors.EVENT_READ, stream)
             except (OSError, ValueError):
-                self._end(stream)
+                self.end(stream, End.GONE)
                 if early:
                     self._handle_news(early)  # a step that has returned releases it now
                 continue
@@ -516,7 +596,7 @@ class Writer:
                     data = b"".join([self._wire(stream, item) for item in taken])
                 except (ValueError, TypeError) as exc:
                     log.error("comet: ending parked %s stream, cannot encode: %s", stream.transport, exc)
-                    self._finish(stream)
+                    self.end(stream, End.UNENCODABLE)
                     continue
                 hit = shared[key] = (sub.cursor, data, len(taken), sub.last_id, _last_event_id(taken))
             else:
@@ -533,7 +613,7 @@ class Writer:
                 sent = 0
             except OSError:
                 self.pool.counters.add("disconnects")
-                self._end(stream)
+                self.end(stream, End.GONE)
                 continue
             sent_bytes += sent
             stream.last_write = now
@@ -551,12 +631,10 @@ class Writer:
         if sub.ended:
             if stream.gen is not None:
                 self._submit_step(stream)  # the generator goes on after its ``yield from``
-            elif stream.longpoll is not None and stream.phase is Phase.OPEN:
-                if not stream.entries or stream.cursor is None:
-                    stream.cursor = sub.last_id
-                self._answer(stream)  # ended with no news (a disconnect): still a whole answer
             else:
-                self._finish(stream)
+                if stream.longpoll is not None and (not stream.entries or stream.cursor is None):
+                    stream.cursor = sub.last_id  # ended with no news (a disconnect): still a whole answer
+                self.end(stream, End.FINISHED)
             return
         if stream.out_size > STEP_HIGH_WATER and stream.bounded():
             stream.paused = True
@@ -565,14 +643,14 @@ class Writer:
             items = sub.take()
         except Exception:
             log.exception("comet: a parked subscription's view failed; ending the stream")
-            self._end(stream)
+            self.end(stream, End.FAILED)
             return
         self._emit(stream, items)
         if stream.longpoll is not None:
             if not stream.entries or stream.cursor is None:
                 stream.cursor = sub.last_id  # where the hub stands, even with nothing new
             if (stream.entries or stream.handshake) and not stream.done:
-                self._answer(stream)
+                self.end(stream, End.ANSWERED)
 
     def _emit(self, stream: ParkedStream, items: Sequence[Any]) -> None:
         if not items or stream.phase is not Phase.OPEN:
@@ -585,7 +663,7 @@ class Writer:
                     stream.entries.append(longpoll_item(item))
                 except (ValueError, TypeError) as exc:
                     log.error("comet: ending long-poll, cannot encode %r: %s", type(item).__name__, exc)
-                    self._end(stream)
+                    self.end(stream, End.FAILED)
                     return
                 if isinstance(item, Event) and item.id is not None:
                     stream.cursor = item.id
@@ -596,7 +674,7 @@ class Writer:
                 stream.queue(self._wire(stream, item))
             except (ValueError, TypeError) as exc:
                 log.error("comet: ending parked %s stream, cannot encode %r: %s", stream.transport, type(item).__name__, exc)
-                self._finish(stream)  # headers are out: end cleanly rather than write something malformed
+                self.end(stream, End.UNENCODABLE)
                 return
             if isinstance(item, Event) and item.id is not None:
                 stream.given = item.id
@@ -611,10 +689,10 @@ class Writer:
             key = stream.transport + "+chunk"
             wire = item._wire.get(key)
             if not isinstance(wire, bytes):
-                wire = item._wire[key] = _chunk(framing.encode(item, "", stream.max_bytes))
+                wire = item._wire[key] = chunk(framing.encode(item, "", stream.max_bytes))
             return wire
         payload = framing.encode(item, stream.boundary, stream.max_bytes)
-        return _chunk(payload) if stream.chunked else payload
+        return chunk(payload) if stream.chunked else payload
 
     def _flush(self, stream: ParkedStream) -> None:
         out = stream.out
@@ -637,14 +715,14 @@ class Writer:
             pass
         except OSError:
             self.pool.counters.add("disconnects")
-            self._end(stream)
+            self.end(stream, End.GONE)
             return
         stream.last_write = time.monotonic()
         if out:
             if stream.out_size > self.max_buffer and not stream.bounded():
                 log.info("comet: disconnecting a slow consumer (%d bytes unsent)", stream.out_size)
                 self.pool.counters.add("slow_consumers")
-                self._end(stream)
+                self.end(stream, End.SLOW)
                 return
             if not stream.writing:
                 stream.writing = True
@@ -654,7 +732,7 @@ class Writer:
                 stream.writing = False
                 self._selector.modify(sock, selectors.EVENT_READ, stream)
             if stream.phase is Phase.CLOSING:
-                self._end(stream)  # the last bytes are out
+                self.end(stream, End.SENT)
                 return
         if stream.gen is not None and stream.out_size <= STEP_HIGH_WATER and stream.drained is not None:
             stream.drained.set()
@@ -671,7 +749,7 @@ class Writer:
             data = b""
         if not data:  # EOF: the client went away
             self.pool.counters.add("disconnects")
-            self._end(stream)
+            self.end(stream, End.GONE)
         # Anything else is a pipelined request we will never answer; ignore it.
 
     def _tell_cursor(self, stream: ParkedStream) -> None:
@@ -681,7 +759,7 @@ class Writer:
         if cursor is None or stream.phase is not Phase.OPEN:
             return
         beat = stream.framing.beat(stream.boundary, stream.heartbeat, cursor)
-        stream.queue(_chunk(beat) if stream.chunked else beat)
+        stream.queue(chunk(beat) if stream.chunked else beat)
         self._flush(stream)
 
     # -- timers -----------------------------------------------------------------
@@ -729,15 +807,12 @@ class Writer:
                 continue
             if (stream.deadline is not None and now >= stream.deadline) or (
                     stream.longpoll is not None and now >= stream.longpoll):
-                if stream.longpoll is not None:
-                    self._answer(stream)
-                else:
-                    self._finish(stream)
+                self.end(stream, End.TIMED_OUT)
                 continue
             if stream.beat and stream.longpoll is None and now - stream.last_write >= stream.heartbeat and not stream.out:
                 cursor = _untold(stream) if stream.framing.beats_cursor else None
                 beat = stream.framing.beat(stream.boundary, stream.heartbeat, cursor)  # multipart: depends on what was written
-                stream.queue(_chunk(beat) if stream.chunked else beat)
+                stream.queue(chunk(beat) if stream.chunked else beat)
                 self.pool.counters.add("heartbeats")
                 self._flush(stream)
                 if stream.done:
@@ -752,6 +827,13 @@ class Writer:
         stream.stepping = True
         stream.step = Step()
         self.steps.submit(lambda: self._step(stream))
+
+    def step_here(self, stream: ParkedStream) -> None:
+        """Run the step a parked stream was given (``stream.step``) on this
+        thread, which is in the stream's request context already (a direct
+        request's): up to the generator's wait on a hub, as a pool thread
+        would."""
+        self._step(stream, enter=False)
 
     def _step(self, stream: ParkedStream, enter: bool = True) -> None:
         """Run *stream*'s generator until it waits on a hub (on a pool
@@ -782,12 +864,12 @@ class Writer:
                     if item is not None:
                         cursor = item.last_id
                         if stream.longpoll is not None:
-                            self._post(stream, News.CURSOR, cursor)
+                            self.post(stream, News.CURSOR, cursor)
                     if step.blocked is not None:
                         outcome, value = News.WAITING, step.blocked
                         break
                     continue  # the handler's own "nothing yet": it keeps this thread meanwhile
-                self._post(stream, News.ITEM, item)
+                self.post(stream, News.ITEM, item)
                 produced += 1
                 if produced >= STEP_BUDGET:
                     break  # let others have the thread; the writer steps us again
@@ -801,14 +883,14 @@ class Writer:
         if outcome is News.WAITING:
             assert value is not None
             direct = _delegates_to(gen, value)
-            self._post(stream, News.WAITING, (value, direct, cursor))  # (its cursor after its items: in order)
+            self.post(stream, News.WAITING, (value, direct, cursor))  # (its cursor after its items: in order)
         elif outcome is News.AGAIN:
-            self._post(stream, News.AGAIN, step.blocked)
+            self.post(stream, News.AGAIN, step.blocked)
         else:
             if outcome is News.CANCELLED:
                 with context() if context is not None else nullcontext():
                     _close_generator(gen)
-            self._post(stream, outcome, step.blocked)
+            self.post(stream, outcome, step.blocked)
 
     def _take_inbox(self) -> None:
         with self._lock:
@@ -832,13 +914,13 @@ class Writer:
                 if not stream.done:
                     self._emit(stream, [value])
                     if stream.longpoll is not None and len(stream.entries) >= LONGPOLL_MAX_BATCH:
-                        self._answer(stream)
+                        self.end(stream, End.ANSWERED)
                 continue
             if kind is News.CURSOR:
                 if stream.longpoll is not None and (not stream.entries or stream.cursor is None):
                     stream.cursor = value
                 if stream.longpoll is not None and stream.handshake and stream.phase is Phase.OPEN:
-                    self._answer(stream)
+                    self.end(stream, End.ANSWERED)
                 continue
             stream.stepping, stream.step = False, None
             if kind is not News.WAITING and value is not None:
@@ -850,13 +932,13 @@ class Writer:
                 if cursor is not None:
                     stream.known = cursor
                 if stream.phase is not Phase.OPEN:
-                    self._release_generator(stream)
+                    self._let_go(stream)
                     continue
                 self._join(stream, sub)
                 if stream.given is None and stream.framing.beats_cursor and stream.longpoll is None:
                     self._tell_cursor(stream)  # its first cursor: at once, not a heartbeat later
                 if stream.longpoll is not None and stream.entries:
-                    self._answer(stream)
+                    self.end(stream, End.ANSWERED)
                 elif sub._moved():  # moved since the step looked
                     if direct:
                         self._feed(stream)
@@ -864,35 +946,45 @@ class Writer:
                         self._submit_step(stream)
             elif kind is News.AGAIN:
                 if stream.phase is not Phase.OPEN:
-                    self._release_generator(stream)
+                    self._let_go(stream)
                 else:
                     self._submit_step(stream)
             elif kind is News.FINISHED or kind is News.FAILED:
                 stream.gen = None
                 if stream.done:
-                    self._release(stream)
-                elif stream.longpoll is not None:
-                    self._answer(stream)
-                elif kind is News.FINISHED:
-                    self._finish(stream)
+                    self._let_go(stream)
+                elif kind is News.FINISHED or stream.longpoll is not None:
+                    self.end(stream, End.FINISHED)  # (a long-poll answers with what it has)
                 else:
-                    self._end(stream)
+                    self.end(stream, End.FAILED)
             else:  # cancelled: the step closed the generator
                 stream.gen = None
-                self._release(stream)
+                self._let_go(stream)
 
     # -- ending -------------------------------------------------------------------
 
-    def _answer(self, stream: ParkedStream) -> None:
-        """A long-poll's one answer: everything gathered, and the cursor."""
-        stream.queue(_answer_bytes(stream))
-        if stream.phase is Phase.OPEN:
-            stream.phase = Phase.CLOSING
-        self._finish(stream)
+    def end(self, stream: ParkedStream, why: End) -> None:
+        """End *stream*, whatever ended it (see :class:`End`): the one way a
+        parked stream ends. Idempotent. On the writer thread, but for
+        ``End.ORPHANED``: any thread, once the writer has exited.
+
+        What feeds the stream is let go once no step runs: a generator is
+        closed on a pool thread (its ``finally`` is the handler's code), the
+        subscriptions it waited on are closed (their ``on_close`` callbacks
+        run), and the stream's admission is given back.
+        """
+        if why is End.ORPHANED:
+            self._orphan(stream)
+        elif why in _GRACEFUL:
+            if stream.longpoll is not None and stream.phase is Phase.OPEN:
+                stream.queue(_answer_bytes(stream))  # a long-poll's one answer: what it gathered, and its cursor
+                stream.phase = Phase.CLOSING
+            self._finish(stream)
+        else:
+            self._close(stream, final=why is End.STOPPING)
 
     def _finish(self, stream: ParkedStream) -> None:
-        """End the response properly: what is queued, the terminating chunk,
-        then close once it is all out."""
+        # What is queued, the terminating chunk, then close once it is all out.
         if stream.done:
             return
         if stream.phase is Phase.OPEN:  # (a long-poll's answer is queued already)
@@ -901,15 +993,14 @@ class Writer:
             stream.phase = Phase.CLOSING
         self._flush(stream)
         if not stream.done and stream.out:
-            self._stop_feeding(stream)  # nothing more goes in; the socket drains, then closes
+            # Nothing more goes in; the socket drains, then closes (End.SENT).
+            self._leave(stream)
+            if not stream.stepping:
+                self._let_go(stream)
 
-    def _stop_feeding(self, stream: ParkedStream) -> None:
-        self._leave(stream)
-        if stream.gen is not None and not stream.stepping:
-            self._release_generator(stream)
-
-    def _end(self, stream: ParkedStream, final: bool = False) -> None:
-        """Close the socket and let go of what feeds the stream."""
+    def _close(self, stream: ParkedStream, final: bool) -> None:
+        # Close the socket now (``final``: ending the response properly as
+        # far as it takes without waiting) and let go of what feeds it.
         if stream.done:
             return
         last = final and stream.phase is Phase.OPEN
@@ -921,50 +1012,41 @@ class Writer:
             self._selector.unregister(stream.sock)
         except (KeyError, ValueError, OSError):
             pass
-        _close_connection(stream, final, last)
-        if stream.gen is not None:
-            if stream.stepping:
-                if stream.step is not None:
-                    stream.step.cancelled = True  # the step closes the generator itself
-                    _wake_blocked(stream)
-                # else: its first step (comet.pipeline.PRIME_WAIT) is still
-                # running; it closes the generator when it returns
-            else:
-                self._release_generator(stream)
+        stream.close_socket(final, last)
+        if stream.gen is not None and stream.stepping:
+            if stream.step is not None:
+                stream.step.cancelled = True  # the step closes the generator itself
+                _wake_blocked(stream)
+            # else: its first step (comet.pipeline.PRIME_WAIT) is still
+            # running; it closes the generator when it returns
         else:
-            self._release(stream)
+            self._let_go(stream)
 
-    def _release_generator(self, stream: ParkedStream) -> None:
-        """Close the generator (its ``finally`` runs) on a pool thread, never
-        here: it is the handler's own code."""
+    def _let_go(self, stream: ParkedStream) -> None:
+        # Let go of what feeds a stream that ends, once no step runs (a step
+        # that was running when it ended calls this with its news).
         gen, stream.gen = stream.gen, None
-        if gen is None:
-            return
-        stream.stepping = True
+        if gen is not None:
+            stream.stepping = True  # no step is started any more
 
-        def close() -> None:
-            with stream.context() if stream.context is not None else nullcontext():
-                _close_generator(gen)
-                _close_waited_on(stream)
-            stream.admission.release()
+            def close() -> None:
+                with stream.context() if stream.context is not None else nullcontext():
+                    _close_generator(gen)
+                    _close_waited_on(stream)
+                stream.admission.release()
 
-        self.steps.submit(close)
-
-    def _release(self, stream: ParkedStream) -> None:
-        if not stream.done:
-            return
-        try:
-            if stream.gen is None:
+            self.steps.submit(close)  # the handler's own code: never on this thread
+        elif stream.done:
+            try:
                 _close_waited_on(stream)  # runs the handler's on_close callbacks (presence, cleanup)
-        finally:
-            stream.admission.release()
+            finally:
+                stream.admission.release()
 
-    def _abandon(self, stream: ParkedStream) -> None:
-        """End a stream after the writer has exited: from a step that ended
-        then, or a park() that came too late."""
+    def _orphan(self, stream: ParkedStream) -> None:
+        # End a stream after the writer has exited, on this thread.
         last = stream.phase is Phase.OPEN
         stream.phase = Phase.DONE
-        _close_connection(stream, True, last)
+        stream.close_socket(True, last)
         gen, stream.gen = stream.gen, None
         if gen is not None:
             _close_generator(gen)
@@ -1001,43 +1083,7 @@ def _answer_bytes(stream: ParkedStream) -> bytes:
     """A long-poll's answer, whole: it is answered from now on."""
     body = encode_longpoll(stream.entries, stream.cursor, stream.heartbeat)  # (a long-poll's: poll_timeout)
     stream.longpoll = None
-    return _chunk(body) + b"0\r\n\r\n" if stream.chunked else body
-
-
-def _close_connection(stream: ParkedStream, final: bool, last: bool) -> None:
-    """Close a parked stream's socket: with ``last``, first end the response
-    properly (a long-poll's answer, the terminating chunk); with ``final``,
-    send what is queued, as far as the socket takes it without blocking."""
-    with _SHUT:  # at shutdown a step thread and the writer may both get here
-        if stream.shut:
-            return
-        stream.shut = True
-    sock = stream.sock
-    if last:
-        if stream.longpoll is not None:
-            stream.queue(_answer_bytes(stream))
-        elif stream.chunked:
-            stream.queue(b"0\r\n\r\n")  # the client may reconnect at once
-    try:
-        if final:
-            sock.setblocking(False)
-            while stream.out:
-                data = stream.out[0]
-                sent = sock.send(data)
-                if sent < len(data):
-                    break
-                stream.out.popleft()
-    except OSError:
-        pass
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
-    stream.out.clear()
-    stream.out_size = 0
-    if stream.drained is not None:
-        stream.drained.set()
+    return chunk(body) + b"0\r\n\r\n" if stream.chunked else body
 
 
 def _delegates_to(gen: Generator[Any, None, Any], sub: Subscription) -> bool:
@@ -1090,4 +1136,4 @@ def _wake_blocked(stream: ParkedStream) -> None:
     step = stream.step
     sub = step.blocked if step is not None else None
     if sub is not None:
-        sub._wake()
+        sub.wake()
