@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .counters import Counters
 from .errors import StreamsExhausted
+from .runtime import Runtime
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -123,7 +124,6 @@ class StreamPool:
         self._open: dict[Admission, Any] = {}
         self._parked: set[Admission] = set()
         self._setup: set[Admission] = set()
-        self._writer: "Writer | None" = None
         #: Hubs whose subscriptions this pool's streams follow: ended with
         #: the streams at shutdown, so no hub needs registering.
         self._hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
@@ -135,6 +135,8 @@ class StreamPool:
         self.counters = Counters(("opened", "closed", "refused", "parked", "disconnects", "heartbeats", "items", "bytes",
                                   "slow_consumers", "routed_fast", "routed_wsgi", "routed_direct", "forbidden"))
         self.stopping = False
+        #: The threads that serve its parked streams (comet.runtime).
+        self._runtime = Runtime(self.counters, self.follow)
 
     def admit(self, transport: str) -> Admission:
         """Reserve a place for one stream, or raise ``StreamsExhausted``.
@@ -209,14 +211,7 @@ class StreamPool:
     def writer(self) -> "Writer | None":
         """The writer thread of parked streams, started on first use; ``None``
         while the pool is stopping."""
-        from .writer import Writer
-
-        with self._cond:
-            if self.stopping:
-                return None
-            if self._writer is None:
-                self._writer = Writer(self)
-            return self._writer
+        return None if self.stopping else self._runtime.writer()
 
     @property
     def parked_streams(self) -> int:
@@ -250,14 +245,12 @@ class StreamPool:
         with self._cond:
             self.stopping = True
             streams = [s for s in self._open.values() if s is not None]
-            writer, self._writer = self._writer, None
             hubs = list(self._hubs)
         for stream in streams:
             stop = getattr(stream, "stop", None)
             if stop is not None:
                 stop()
-        if writer is not None:
-            writer.stop()
+        self._runtime.stop()
         for hub in hubs:
             hub.end_subscriptions()
         # Followed again by the streams of the next start: a stopped app's
@@ -268,3 +261,4 @@ class StreamPool:
         """Admit streams again after :meth:`close_all` (engine restart)."""
         with self._cond:
             self.stopping = False
+        self._runtime.reopen()

@@ -35,14 +35,12 @@ from .framing import Event, encode_longpoll, longpoll_item
 from .hub import Idle, Subscription, subscriptions_recorded
 from .options import Options
 from .pool import Admission, StreamPool
-from .writer import inner_subscription
+from .writer import LONGPOLL_MAX_BATCH, inner_subscription
 
 __all__ = ["Stream", "StreamPool", "close_quietly"]
 
 log = logging.getLogger("comet")
 
-#: At most this many items go into one long-poll answer.
-LONGPOLL_MAX_BATCH = 1000
 #: Minimum seconds between two disconnect probes of one busy stream.
 _PROBE_EVERY = 0.25
 

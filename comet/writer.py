@@ -48,12 +48,15 @@ import socket
 import threading
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generator, Iterator, Protocol, Sequence
 
+from .counters import Counters
 from .framing import FRAMINGS, Event, encode_longpoll, longpoll_item
 from .hub import Idle, Step, Subscription, cooperative
-from .pool import Admission, StreamPool
 from .steps import StepPool
+
+if TYPE_CHECKING:
+    from .hub import Hub
 
 __all__ = ["Writer", "ParkedStream", "Phase", "News", "End", "LONGPOLL_MAX_BATCH", "chunk"]
 
@@ -156,6 +159,13 @@ class News(enum.Enum):
     CANCELLED = "cancelled"
 
 
+class Place(Protocol):
+    """A stream's place in its pool (:class:`comet.pool.Admission`)."""
+
+    def release(self) -> None:
+        """Give the place back (idempotent, from any thread)."""
+
+
 class ParkedStream:
     """One parked response: its socket, what feeds it, and its output buffer.
 
@@ -171,7 +181,7 @@ class ParkedStream:
                  "framing", "context", "handshake", "paused", "earlier", "timer", "given", "known", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
-                 deadline: float | None, max_bytes: int, admission: Admission, *, sub: Subscription | None = None,
+                 deadline: float | None, max_bytes: int, admission: Place, *, sub: Subscription | None = None,
                  gen: Generator[Any, None, Any] | None = None, longpoll: float | None = None,
                  cursor: str | None = None) -> None:
         self.sock = sock
@@ -329,10 +339,14 @@ class ParkedStream:
 
 
 class Writer:
-    """The writer thread for the parked streams of one :class:`StreamPool`."""
+    """The writer thread for the parked streams of one pool
+    (:class:`comet.runtime.Runtime` starts and stops it): it adds to
+    *counters*, and calls *follow* with the hub of each channel it waits on
+    (its subscriptions end with the pool's streams at shutdown)."""
 
-    def __init__(self, pool: StreamPool, max_buffer: int = 1 << 20) -> None:
-        self.pool = pool
+    def __init__(self, counters: Counters, follow: Callable[[Hub], None], max_buffer: int = 1 << 20) -> None:
+        self.counters = counters
+        self.follow = follow
         self.max_buffer = max_buffer
         self.steps = StepPool()
         #: Where requests to ``@comet`` handlers served directly are opened
@@ -539,7 +553,7 @@ class Writer:
         if group is None:
             group = self._groups[key] = set()
             self._unwatch[key] = sub._watch(lambda: self._mark(key))
-            self.pool.follow(sub.hub)  # its subscriptions end with the pool's streams at shutdown
+            self.follow(sub.hub)  # its subscriptions end with the pool's streams at shutdown
         group.add(stream)
 
     def _leave(self, stream: ParkedStream) -> None:
@@ -612,7 +626,7 @@ class Writer:
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self.pool.counters.add("disconnects")
+                self.counters.add("disconnects")
                 self.end(stream, End.GONE)
                 continue
             sent_bytes += sent
@@ -621,8 +635,8 @@ class Writer:
                 stream.out.append(memoryview(data)[sent:])
                 stream.out_size += len(data) - sent
                 self._flush(stream)  # registers for writability, enforces the cap
-        self.pool.counters.add("items", items)
-        self.pool.counters.add("bytes", sent_bytes)
+        self.counters.add("items", items)
+        self.counters.add("bytes", sent_bytes)
 
     def _feed(self, stream: ParkedStream) -> None:
         """Write what the subscription read in place of its stream has."""
@@ -667,7 +681,7 @@ class Writer:
                     return
                 if isinstance(item, Event) and item.id is not None:
                     stream.cursor = item.id
-            self.pool.counters.add("items", len(items))
+            self.counters.add("items", len(items))
             return
         for item in items:
             try:
@@ -678,7 +692,7 @@ class Writer:
                 return
             if isinstance(item, Event) and item.id is not None:
                 stream.given = item.id
-        self.pool.counters.add("items", len(items))
+        self.counters.add("items", len(items))
         self._flush(stream)
 
     def _wire(self, stream: ParkedStream, item: Any) -> bytes:
@@ -705,7 +719,7 @@ class Writer:
             while out:
                 data = out[0]
                 sent = sock.send(data)
-                self.pool.counters.add("bytes", sent)
+                self.counters.add("bytes", sent)
                 stream.out_size -= sent
                 if sent < len(data):
                     out[0] = memoryview(data)[sent:]
@@ -714,14 +728,14 @@ class Writer:
         except BlockingIOError:
             pass
         except OSError:
-            self.pool.counters.add("disconnects")
+            self.counters.add("disconnects")
             self.end(stream, End.GONE)
             return
         stream.last_write = time.monotonic()
         if out:
             if stream.out_size > self.max_buffer and not stream.bounded():
                 log.info("comet: disconnecting a slow consumer (%d bytes unsent)", stream.out_size)
-                self.pool.counters.add("slow_consumers")
+                self.counters.add("slow_consumers")
                 self.end(stream, End.SLOW)
                 return
             if not stream.writing:
@@ -748,7 +762,7 @@ class Writer:
         except OSError:
             data = b""
         if not data:  # EOF: the client went away
-            self.pool.counters.add("disconnects")
+            self.counters.add("disconnects")
             self.end(stream, End.GONE)
         # Anything else is a pipelined request we will never answer; ignore it.
 
@@ -813,7 +827,7 @@ class Writer:
                 cursor = _untold(stream) if stream.framing.beats_cursor else None
                 beat = stream.framing.beat(stream.boundary, stream.heartbeat, cursor)  # multipart: depends on what was written
                 stream.queue(chunk(beat) if stream.chunked else beat)
-                self.pool.counters.add("heartbeats")
+                self.counters.add("heartbeats")
                 self._flush(stream)
                 if stream.done:
                     continue

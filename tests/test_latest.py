@@ -293,7 +293,7 @@ class Reader:
 
 def server_stream(port: int):
     """The parked stream serving the client whose socket has *port*."""
-    writer = engine_plugin().pool._writer
+    writer = engine_plugin().pool.writer()
     for stream in list(writer._streams) if writer is not None else []:
         try:
             if stream.sock.getpeername()[1] == port:
