@@ -41,6 +41,7 @@ from array import array
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
+from .cooperative import Idle, Step, cooperative, current_step, note_opened, subscriptions_recorded
 from .counters import Counters
 from .cursors import (BEFORE_ALL, EPOCH_BUCKETS, MAX_CHANNELS, MAX_CURSOR, MAX_NAME, MAX_PART, bucket, channel_tag,
                       check_channel, check_member, cursor_name, is_multi_cursor, multi_cursor, parse_id, split_cursor,
@@ -75,116 +76,6 @@ View = Callable[[Event], Any]
 Channels = Union[str, Callable[[str], bool]]
 #: Seconds, or a function of the channel's name giving seconds (or ``None``).
 MaxAge = Union[float, Callable[[str], Optional[float]], None]
-
-
-class Step:
-    """What a cooperative stepper learns from one step of a generator: the
-    subscription it would have waited on (``blocked``), if any. Set
-    ``cancelled`` to end, instead, any subscription iterated in the step."""
-
-    __slots__ = ("blocked", "cancelled", "opened")
-
-    def __init__(self) -> None:
-        self.blocked: Subscription | None = None
-        self.cancelled = False
-        #: What the step subscribed to (one, or a list of several): the
-        #: stepper closes it with the generator, should the generator not.
-        self.opened: Subscription | list[Subscription] | None = None
-
-
-_steps = threading.local()
-
-
-def _step() -> Step | None:
-    return getattr(_steps, "current", None)
-
-
-def subscriptions_recorded(seen: list[Subscription] | None) -> list[Subscription] | None:
-    """Until called again, every subscription opened on this thread (out
-    of a :func:`cooperative` step) notes itself in *seen* (None: stop);
-    returns what was set before. A thread-mode stream closes them with its
-    generator: a ``for`` loop it broke out of leaves one open, and nothing
-    else would close it."""
-    before = getattr(_steps, "seen", None)
-    _steps.seen = seen
-    return before
-
-
-def _opened(sub: Subscription) -> None:
-    """*sub* was just made: the step or stream running here owns it."""
-    step = getattr(_steps, "current", None)
-    if step is not None:
-        opened = step.opened
-        if opened is None or (not isinstance(opened, list) and opened.closed):
-            step.opened = sub
-        elif isinstance(opened, list):
-            opened[:] = [other for other in opened if not other.closed]  # (one made and closed per loop: stays short)
-            opened.append(sub)
-        else:
-            step.opened = [opened, sub]
-        return
-    seen = getattr(_steps, "seen", None)
-    if seen is not None:
-        seen[:] = [other for other in seen if not other.closed]  # (one made and closed per loop: stays short)
-        seen.append(sub)
-
-
-class cooperative:
-    """Run generator steps in which iterating a :class:`Subscription` never
-    waits: with nothing new, it records itself in ``step.blocked`` and yields
-    a tick, so the caller can suspend the generator and resume it when the
-    channel moves. This is how comet serves generator handlers without a
-    thread each (``comet.writer``); the hub itself knows nothing of streams.
-
-    >>> hub = Hub()
-    >>> def handler():
-    ...     yield "hello"
-    ...     yield from hub.subscribe("room")
-    >>> gen, step = handler(), Step()
-    >>> with cooperative(step):
-    ...     items = [next(gen), next(gen), next(gen)]
-    >>> items[0], bool(items[1]), bool(items[2]), step.blocked.channel
-    ('hello', False, False, 'room')
-    >>> gen.close()
-    """
-
-    # A class, not a @contextmanager: it is entered around every step of
-    # every generator stream, and a generator-based one costs several times more.
-    __slots__ = ("step", "previous")
-
-    def __init__(self, step: Step) -> None:
-        self.step = step
-        self.previous: Step | None = None
-
-    def __enter__(self) -> Step:
-        self.previous = getattr(_steps, "current", None)
-        _steps.current = self.step
-        return self.step
-
-    def __exit__(self, *exc: object) -> None:
-        _steps.current = self.previous
-
-
-class Idle:
-    """Falsy "nothing new" marker with the cursor (``last_id``) reached so far.
-
-    >>> bool(Idle("1-5")), Idle("1-5").last_id
-    (False, '1-5')
-    """
-
-    __slots__ = ("last_id",)
-
-    def __init__(self, last_id: str) -> None:
-        self.last_id = last_id
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Idle) and other.last_id == self.last_id
-
-    def __repr__(self) -> str:
-        return f"Idle({self.last_id!r})"
 
 
 class _Channel:
@@ -597,7 +488,7 @@ class Hub:
         sub = Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
         if member is not None:
             self.presence.joined(channel, member, sub)  # and sub's on_close leaves
-        _opened(sub)
+        note_opened(sub)
         return sub
 
     def _subscribe_many(self, channels: Sequence[str], last_id: str | None, view: View | None, idle: float | None,
@@ -627,7 +518,7 @@ class Hub:
         if member is not None:
             for slot in slots:
                 self.presence.joined(slot.name, member, sub)
-        _opened(sub)
+        note_opened(sub)
         return sub
 
     def _check_open(self, view: View | None, member: str | None) -> None:
@@ -1422,7 +1313,7 @@ class Subscription:
             if not self._waited:
                 self._waited = True  # report "caught up" once before any wait, so streams can send headers
                 return Idle(self._last_id)
-            step = _step()
+            step = current_step()
             if step is not None:
                 if step.cancelled:  # the stream this runs for has ended: end the handler's loop too
                     self.close()

@@ -353,7 +353,7 @@ class Parking:
 
     def _first_step(self, enter: bool = True) -> tuple[News, Any, Subscription | None]:
         # enter=False: this is the request's own thread, in its context already.
-        step = Step()
+        step: Step[Subscription] = Step()
         with (self.context() if enter and self.context is not None else nullcontext()), cooperative(step):
             try:
                 first = next(self._gen)

@@ -207,7 +207,7 @@ class ParkedStream:
         self.key: tuple[int, str] | None = None
         self.direct = gen is None and sub is not None
         self.stepping = False
-        self.step: Step | None = None
+        self.step: Step[Subscription] | None = None
         self.inbox_items = 0  # produced by a step, not yet taken by the writer (under the writer's lock)
         #: Set by the writer as a generator's backlog drains; made by the
         #: first step that has to wait for that (most never do).
