@@ -30,10 +30,14 @@ interrupts the blocked read with ``CLIENT UNBLOCK`` so it joins at once.
 
 Publishing threads share round trips: while one publish is on the wire,
 others that arrive queue up, and the next of them sends the whole queue as
-one pipeline (group commit; ``batch_publishes=False`` turns it off). Each
-caller still gets its own id or its own error, a thread's publishes stay in
-its order, and a lone publisher pays nothing extra: a batch of one is a
-plain call.
+one pipeline (group commit, :mod:`comet.backends.redis_publish`;
+``batch_publishes=False`` turns it off).
+
+The hub composes its parts: a :class:`~comet.backends.redis_link.RedisLink`
+(clients, scripts, cluster routing, key names) that it hands to its
+:class:`~comet.backends.redis_publish.Publisher`, its presence
+(:mod:`comet.backends.redis_presence`) and, on a cluster, its readers
+(:mod:`comet.backends.redis_cluster`), which deliver into its mirrors.
 
 Order: every process appends in Redis' order, so all subscribers everywhere
 see one order per channel. A process also receives its own publishes through
@@ -98,11 +102,10 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Callable, Generic, Iterable, TypeVar, cast
+from typing import Any, Iterable, cast
 
 import redis
 from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.typing import KeyT, StreamIdT
 
@@ -112,22 +115,18 @@ from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
 from ..hub import Hub, MaxAge, _Channel
 from ..presence import Presence
 from .redis_cluster import ClusterFollower
-from .redis_link import DOWN, LOAD_TIMEOUT, Entry, RedisLink, client_for, moving, pipeline_scripts
+from .redis_link import DOWN, LOAD_TIMEOUT, Entry, RedisLink, client_for
 from .redis_presence import RedisPresence
+from .redis_publish import GroupCommit, Publisher
 from .redis_scripts import FORGET, LOAD, PUBLISH, PUBLISH_CLUSTER
 
 __all__ = ["RedisHub", "LOAD_TIMEOUT", "client_for"]
 
-#: Most publishes one pipeline carries; the rest wait for the next one.
-MAX_BATCH = 256
-
 log = logging.getLogger("comet")
-
-#: The publish script's key and arguments for one event.
-_Publish = tuple[str, list[str | int | bytes]]
 
 # The scripts under the names the docs and other languages' publishers know.
 _PUBLISH, _PUBLISH_CLUSTER = PUBLISH, PUBLISH_CLUSTER
+_GroupCommit = GroupCommit  # (where tests/test_redis.py finds it)
 
 
 class _Readers:
@@ -233,7 +232,6 @@ class RedisHub(Hub):
         self._cluster = link.cluster
         self.redis = link.redis
         self._loader = link.loader
-        self._publish_script = self.redis.register_script(PUBLISH_CLUSTER if self._cluster else PUBLISH)
         self._load_script = self.redis.register_script(LOAD)
         self._forget_script = self.redis.register_script(FORGET)
         self._forgets_key = link.forgets_key
@@ -243,8 +241,10 @@ class RedisHub(Hub):
         # drops the mirror itself, after handing its subscribers the rest.
         self._forgetting: dict[str, int] = {}
         self._deferred: dict[str, str] = {}
-        self._batches = _GroupCommit(self._send_batch) if batch_publishes else None
         self.counters.add("round_trips", 0)
+        self._publisher = Publisher(link, self.counters, replicas=replicas, replica_timeout=self.replica_timeout,
+                                    batch=batch_publishes)
+        self._send_batch = self._publisher.send_batch  # (one round trip for a batch: tests send their own)
         self.counters.add("loads", 0)  # of a channel's history, at its first use here
         self._loading: dict[str, _Load] = {}  # channel -> the read of its history under way
         self._live: dict[bytes, str] = {}  # stream key -> channel, for the reader
@@ -299,69 +299,12 @@ class RedisHub(Hub):
         reached; nothing is retried (no duplicates).
         """
         proto = self._prepare(channel, data, event, retry, key)
-        key, args = self._key(channel), self._fields(proto)
-        event_id: bytes
         try:
-            if self._batches is not None:
-                event_id = self._batches.submit((key, args))
-            else:
-                result = self._send_batch([(key, args)])[0]
-                if isinstance(result, BaseException):
-                    raise result
-                event_id = result
+            event_id = self._publisher.publish(self._key(channel), self._fields(proto))
         except DOWN as exc:
             raise self._link.down(f"cannot publish to {channel!r}", exc) from exc
         self.counters.add("published")
         return event_id.decode()
-
-    def _send_batch(self, batch: list[_Publish]) -> list[bytes | BaseException]:
-        """One round trip for queued publishes: their ids, or the error of each
-        that failed (a wrong-type key fails its own publish, not the batch)."""
-        self.counters.add("round_trips")
-        if len(batch) == 1 and not self.replicas:
-            key, args = batch[0]
-            try:
-                # The script reloads itself after NOSCRIPT (a restarted Redis):
-                # that is no retry of a publish, the first attempt never ran.
-                return [self._link.script(self._publish_script, [key, self._forgotten_for(key)], self._link.retained(key, args))]
-            except redis.ResponseError as exc:
-                return [exc]
-        if self._cluster:
-            return self._cluster_pipeline(batch)  # (it recovers from NOSCRIPT per master)
-        results = self._pipeline(batch)
-        # After a Redis restart the script is gone: those publishes never
-        # ran, so sending them again after loading it stores nothing twice.
-        again = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
-        if again:
-            self.redis.script_load(self._publish_script.script)
-            for i, result in zip(again, self._pipeline([batch[i] for i in again])):
-                results[i] = result
-        return results
-
-    def _pipeline(self, batch: list[_Publish]) -> list[bytes | BaseException]:
-        # EVALSHA by hand: a pipeline given the Script object asks SCRIPT
-        # EXISTS first, a second round trip every time.
-        sha = self._publish_script.sha
-        with self.redis.pipeline(transaction=False) as pipe:
-            for key, args in batch:
-                pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._link.retained(key, args))
-            if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
-                pipe.wait(self.replicas, int(self.replica_timeout * 1000))
-            results: list[bytes | BaseException] = pipe.execute(raise_on_error=False)
-        if self.replicas:
-            self._check_replicated(results.pop(), results)
-        return results
-
-    def _check_replicated(self, acked: Any, results: list[bytes | BaseException]) -> None:
-        """Turn the ids of writes fewer than ``replicas`` replicas acknowledged
-        into errors: not lost, maybe, but not safe either."""
-        if isinstance(acked, int) and acked >= self.replicas:
-            return
-        error = BackendUnavailable(f"{acked} of {self.replicas} replica(s) acknowledged within "
-                                   f"{self.replica_timeout:g} s: the event is not acknowledged")
-        for i, result in enumerate(results):
-            if not isinstance(result, BaseException):
-                results[i] = error
 
     def publish_many(self, channel: str, items: Iterable[Any], event: str | None = None, *,
                      retry: int | None = None) -> list[str]:
@@ -371,90 +314,12 @@ class RedisHub(Hub):
                   else self._prepare(channel, item, event, retry) for item in items]
         if not protos:
             return []
-        key = self._key(channel)
         try:
-            if self.replicas:
-                ids = self._publish_many_durably(key, protos)
-            elif self._cluster:
-                ids = self._publish_many_on_master(key, protos)
-            else:
-                with self.redis.pipeline(transaction=True) as pipe:
-                    for proto in protos:
-                        self._publish_script(keys=[key, self._forgotten_for(key)],
-                                             args=self._link.retained(key, self._fields(proto)), client=pipe)
-                    ids = pipe.execute()
+            ids = self._publisher.publish_many(self._key(channel), [self._fields(proto) for proto in protos])
         except DOWN as exc:
             raise self._link.down(f"cannot publish to {channel!r}", exc) from exc
         self.counters.add("published", len(ids))
         return [i.decode() for i in ids]
-
-    def _publish_many_durably(self, key: str, protos: list[Event]) -> list[bytes]:
-        # MULTI/EXEC by hand, so that WAIT can follow EXEC on the same
-        # connection in the same round trip; SCRIPT LOAD first because an
-        # unknown script fails inside EXEC without undoing the others.
-        sha = self._publish_script.sha
-        with self.redis.pipeline(transaction=False) as pipe:
-            raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
-            pipe.script_load(self._publish_script.script)
-            raw.execute_command("MULTI")
-            for proto in protos:
-                pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._link.retained(key, self._fields(proto)))
-            raw.execute_command("EXEC")
-            pipe.wait(self.replicas, int(self.replica_timeout * 1000))
-            replies = pipe.execute()
-        ids = cast("list[bytes]", replies[-2])
-        self.counters.add("round_trips")
-        results: list[bytes | BaseException] = list(ids)
-        self._check_replicated(replies[-1], results)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return ids
-
-    def _cluster_pipeline(self, batch: list[_Publish]) -> list[bytes | BaseException]:
-        """:meth:`_pipeline` on a cluster: one pipeline per master; publishes
-        redirected (MOVED, ASK: they never ran) once more one by one through
-        the cluster client, which follows redirections."""
-        results: list[bytes | BaseException] = [RuntimeError("not sent")] * len(batch)
-        by_master: dict[int, tuple[redis.Redis, list[int]]] = {}
-        for i, (key, _) in enumerate(batch):
-            client = self._link.master(key)
-            by_master.setdefault(id(client), (client, []))[1].append(i)
-        for client, indexes in by_master.values():
-            calls = [([key, self._forgotten_for(key)], self._link.retained(key, args)) for key, args in (batch[i] for i in indexes)]
-            for i, result in zip(indexes, pipeline_scripts(client, self._publish_script, calls)):
-                results[i] = result
-        for i, result in enumerate(results):
-            if isinstance(result, redis.ResponseError) and moving(result):
-                key, args = batch[i]
-                try:
-                    results[i] = self._link.script(self._publish_script, [key, self._forgotten_for(key)], self._link.retained(key, args))
-                except redis.ResponseError as exc:
-                    results[i] = exc
-        return results
-
-    def _publish_many_on_master(self, key: str, protos: list[Event]) -> list[bytes]:
-        """:meth:`publish_many` on a cluster: MULTI/EXEC on the master of the
-        stream's slot; once more after a redirection (a transaction that
-        got MOVED never ran)."""
-        sha = self._publish_script.sha
-        for attempt in range(2):
-            with self._link.master(key).pipeline(transaction=False) as pipe:
-                raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
-                pipe.script_load(self._publish_script.script)  # see _publish_many_durably
-                raw.execute_command("MULTI")
-                for proto in protos:
-                    pipe.evalsha(sha, 2, key, self._forgotten_for(key), *self._link.retained(key, self._fields(proto)))
-                raw.execute_command("EXEC")
-                replies = pipe.execute(raise_on_error=False)
-            self.counters.add("round_trips")
-            error = next((r for r in replies if isinstance(r, BaseException)), None)
-            if error is None:
-                return cast("list[bytes]", replies[-1])
-            if not (attempt == 0 and moving(error)):
-                raise error
-            cast(RedisCluster, self.redis).nodes_manager.initialize()
-        raise AssertionError("unreachable")
 
     def _fields(self, proto: Event) -> list[str | int | bytes]:
         """The publish script's arguments for one event."""
@@ -918,68 +783,3 @@ class _Load:
         self.started = time.monotonic()
         self.done = threading.Event()
         self.error: BaseException | None = None
-
-
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
-
-
-class _Pending(Generic[_Item, _Result]):
-    __slots__ = ("item", "wake", "done", "result")
-
-    def __init__(self, item: _Item) -> None:
-        self.item = item
-        self.wake: threading.Event | None = None  # only a caller that waits needs one
-        self.done = False
-        self.result: _Result | BaseException | None = None  # set when done
-
-
-class _GroupCommit(Generic[_Item, _Result]):
-    """Callers of :meth:`submit` share calls of ``send(items) -> results``:
-    one caller sends, those arriving meanwhile queue, and when the send
-    returns the first of them sends the whole queue. Every caller gets its
-    own result (an exception in it is raised to that caller alone)."""
-
-    def __init__(self, send: Callable[[list[_Item]], list[_Result | BaseException]], max_batch: int = MAX_BATCH) -> None:
-        self._send = send
-        self._max = max_batch
-        self._lock = threading.Lock()
-        self._queue: list[_Pending[_Item, _Result]] = []
-        self._busy = False  # a caller is sending; invariant: queue non-empty => busy
-
-    def submit(self, item: _Item) -> _Result:
-        mine: _Pending[_Item, _Result] = _Pending(item)
-        with self._lock:
-            lead, self._busy = not self._busy, True
-            if not lead:
-                mine.wake = threading.Event()
-            self._queue.append(mine)
-        if mine.wake is not None:  # not the lead
-            mine.wake.wait()  # done by a sender, or chosen to send next
-        if not mine.done:
-            self._lead()
-        if isinstance(mine.result, BaseException):
-            raise mine.result
-        return cast(_Result, mine.result)  # done: what send() returned for it
-
-    def _lead(self) -> None:
-        with self._lock:
-            batch, self._queue = self._queue[:self._max], self._queue[self._max:]
-        results: list[_Result | BaseException]
-        try:
-            results = self._send([p.item for p in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{len(results)} results for {len(batch)} publishes")
-        except BaseException as exc:  # the waiters must never hang on a failed send
-            results = [exc] * len(batch)
-        for pending, result in zip(batch, results):
-            pending.result, pending.done = result, True
-            if pending.wake is not None:
-                pending.wake.set()
-        with self._lock:
-            if self._queue:
-                wake = self._queue[0].wake
-                assert wake is not None  # queued while another sent, so it waits
-                wake.set()  # not done: it sends next
-            else:
-                self._busy = False

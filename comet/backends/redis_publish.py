@@ -1,0 +1,253 @@
+"""Publishing to :class:`~comet.backends.redis.RedisHub`'s streams.
+
+Every publish runs the publish script (:mod:`comet.backends.redis_scripts`)
+on the channel's stream. Publishing threads share round trips
+(:class:`GroupCommit`): while one publish is on the wire, others that arrive
+queue up, and the next of them sends the whole queue as one pipeline. Each
+caller still gets its own id or its own error, a thread's publishes stay in
+its order, and a lone publisher pays nothing extra: a batch of one is a
+plain call. ``replicas=N`` follows each pipeline with ``WAIT N`` on the same
+connection, in the same round trip. On a cluster a batch is one pipeline
+per master (see :mod:`comet.backends.redis_cluster`).
+
+Nothing here retries a publish that may have run: ``XADD`` is not
+idempotent. Only what provably never ran (``NOSCRIPT``, a redirection) is
+sent again.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Generic, TypeVar, cast
+
+import redis
+from redis.cluster import RedisCluster
+
+from ..counters import Counters
+from ..errors import BackendUnavailable
+from .redis_link import RedisLink, moving, pipeline_scripts
+from .redis_scripts import PUBLISH, PUBLISH_CLUSTER
+
+__all__ = ["Publisher", "GroupCommit", "MAX_BATCH", "Publish"]
+
+#: Most publishes one pipeline carries; the rest wait for the next one.
+MAX_BATCH = 256
+
+#: The publish script's key and arguments for one event.
+Publish = tuple[str, list[str | int | bytes]]
+
+
+class Publisher:
+    """How one hub publishes over its *link* (see the module's docstring);
+    round trips go to *counters* (``round_trips``)."""
+
+    def __init__(self, link: RedisLink, counters: Counters, *, replicas: int, replica_timeout: float,
+                 batch: bool) -> None:
+        self.link = link
+        self.counters = counters
+        self.replicas = replicas
+        self.replica_timeout = replica_timeout
+        self.script = link.redis.register_script(PUBLISH_CLUSTER if link.cluster else PUBLISH)
+        self._batches: GroupCommit[Publish, bytes] | None = GroupCommit(self.send_batch) if batch else None
+
+    def publish(self, key: str, args: list[str | int | bytes]) -> bytes:
+        """Append one event (the publish script's *args*) to stream *key*; its id."""
+        if self._batches is not None:
+            return self._batches.submit((key, args))
+        result = self.send_batch([(key, args)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def publish_many(self, key: str, protos: list[list[str | int | bytes]]) -> list[bytes]:
+        """Append events (each the publish script's args) to stream *key*,
+        all or none (``MULTI``/``EXEC``); their ids."""
+        if self.replicas:
+            return self._many_durably(key, protos)
+        if self.link.cluster:
+            return self._many_on_master(key, protos)
+        with self.link.redis.pipeline(transaction=True) as pipe:
+            for proto in protos:
+                self.script(keys=[key, self.link.forgotten_for(key)], args=self.link.retained(key, proto), client=pipe)
+            return cast("list[bytes]", pipe.execute())
+
+    def send_batch(self, batch: list[Publish]) -> list[bytes | BaseException]:
+        """One round trip for queued publishes: their ids, or the error of each
+        that failed (a wrong-type key fails its own publish, not the batch)."""
+        self.counters.add("round_trips")
+        if len(batch) == 1 and not self.replicas:
+            key, args = batch[0]
+            try:
+                # The script reloads itself after NOSCRIPT (a restarted Redis):
+                # that is no retry of a publish, the first attempt never ran.
+                return [self.link.script(self.script, [key, self.link.forgotten_for(key)], self.link.retained(key, args))]
+            except redis.ResponseError as exc:
+                return [exc]
+        if self.link.cluster:
+            return self._cluster_pipeline(batch)  # (it recovers from NOSCRIPT per master)
+        results = self._pipeline(batch)
+        # After a Redis restart the script is gone: those publishes never
+        # ran, so sending them again after loading it stores nothing twice.
+        again = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+        if again:
+            self.link.redis.script_load(self.script.script)
+            for i, result in zip(again, self._pipeline([batch[i] for i in again])):
+                results[i] = result
+        return results
+
+    def _pipeline(self, batch: list[Publish]) -> list[bytes | BaseException]:
+        # EVALSHA by hand: a pipeline given the Script object asks SCRIPT
+        # EXISTS first, a second round trip every time.
+        sha = self.script.sha
+        with self.link.redis.pipeline(transaction=False) as pipe:
+            for key, args in batch:
+                pipe.evalsha(sha, 2, key, self.link.forgotten_for(key), *self.link.retained(key, args))
+            if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
+                pipe.wait(self.replicas, int(self.replica_timeout * 1000))
+            results: list[bytes | BaseException] = pipe.execute(raise_on_error=False)
+        if self.replicas:
+            self._check_replicated(results.pop(), results)
+        return results
+
+    def _check_replicated(self, acked: Any, results: list[bytes | BaseException]) -> None:
+        """Turn the ids of writes fewer than ``replicas`` replicas acknowledged
+        into errors: not lost, maybe, but not safe either."""
+        if isinstance(acked, int) and acked >= self.replicas:
+            return
+        error = BackendUnavailable(f"{acked} of {self.replicas} replica(s) acknowledged within "
+                                   f"{self.replica_timeout:g} s: the event is not acknowledged")
+        for i, result in enumerate(results):
+            if not isinstance(result, BaseException):
+                results[i] = error
+
+    def _many_durably(self, key: str, protos: list[list[str | int | bytes]]) -> list[bytes]:
+        # MULTI/EXEC by hand, so that WAIT can follow EXEC on the same
+        # connection in the same round trip; SCRIPT LOAD first because an
+        # unknown script fails inside EXEC without undoing the others.
+        sha = self.script.sha
+        with self.link.redis.pipeline(transaction=False) as pipe:
+            raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
+            pipe.script_load(self.script.script)
+            raw.execute_command("MULTI")
+            for proto in protos:
+                pipe.evalsha(sha, 2, key, self.link.forgotten_for(key), *self.link.retained(key, proto))
+            raw.execute_command("EXEC")
+            pipe.wait(self.replicas, int(self.replica_timeout * 1000))
+            replies = pipe.execute()
+        ids = cast("list[bytes]", replies[-2])
+        self.counters.add("round_trips")
+        results: list[bytes | BaseException] = list(ids)
+        self._check_replicated(replies[-1], results)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return ids
+
+    def _cluster_pipeline(self, batch: list[Publish]) -> list[bytes | BaseException]:
+        """:meth:`_pipeline` on a cluster: one pipeline per master; publishes
+        redirected (MOVED, ASK: they never ran) once more one by one through
+        the cluster client, which follows redirections."""
+        results: list[bytes | BaseException] = [RuntimeError("not sent")] * len(batch)
+        by_master: dict[int, tuple[redis.Redis, list[int]]] = {}
+        for i, (key, _) in enumerate(batch):
+            client = self.link.master(key)
+            by_master.setdefault(id(client), (client, []))[1].append(i)
+        for client, indexes in by_master.values():
+            calls = [([key, self.link.forgotten_for(key)], self.link.retained(key, args)) for key, args in (batch[i] for i in indexes)]
+            for i, result in zip(indexes, pipeline_scripts(client, self.script, calls)):
+                results[i] = result
+        for i, result in enumerate(results):
+            if isinstance(result, redis.ResponseError) and moving(result):
+                key, args = batch[i]
+                try:
+                    results[i] = self.link.script(self.script, [key, self.link.forgotten_for(key)], self.link.retained(key, args))
+                except redis.ResponseError as exc:
+                    results[i] = exc
+        return results
+
+    def _many_on_master(self, key: str, protos: list[list[str | int | bytes]]) -> list[bytes]:
+        """:meth:`publish_many` on a cluster: MULTI/EXEC on the master of the
+        stream's slot; once more after a redirection (a transaction that
+        got MOVED never ran)."""
+        sha = self.script.sha
+        for attempt in range(2):
+            with self.link.master(key).pipeline(transaction=False) as pipe:
+                raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
+                pipe.script_load(self.script.script)  # see _many_durably
+                raw.execute_command("MULTI")
+                for proto in protos:
+                    pipe.evalsha(sha, 2, key, self.link.forgotten_for(key), *self.link.retained(key, proto))
+                raw.execute_command("EXEC")
+                replies = pipe.execute(raise_on_error=False)
+            self.counters.add("round_trips")
+            error = next((r for r in replies if isinstance(r, BaseException)), None)
+            if error is None:
+                return cast("list[bytes]", replies[-1])
+            if not (attempt == 0 and moving(error)):
+                raise error
+            cast(RedisCluster, self.link.redis).nodes_manager.initialize()
+        raise AssertionError("unreachable")
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+class _Pending(Generic[_Item, _Result]):
+    __slots__ = ("item", "wake", "done", "result")
+
+    def __init__(self, item: _Item) -> None:
+        self.item = item
+        self.wake: threading.Event | None = None  # only a caller that waits needs one
+        self.done = False
+        self.result: _Result | BaseException | None = None  # set when done
+
+
+class GroupCommit(Generic[_Item, _Result]):
+    """Callers of :meth:`submit` share calls of ``send(items) -> results``:
+    one caller sends, those arriving meanwhile queue, and when the send
+    returns the first of them sends the whole queue. Every caller gets its
+    own result (an exception in it is raised to that caller alone)."""
+
+    def __init__(self, send: Callable[[list[_Item]], list[_Result | BaseException]], max_batch: int = MAX_BATCH) -> None:
+        self._send = send
+        self._max = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Pending[_Item, _Result]] = []
+        self._busy = False  # a caller is sending; invariant: queue non-empty => busy
+
+    def submit(self, item: _Item) -> _Result:
+        mine: _Pending[_Item, _Result] = _Pending(item)
+        with self._lock:
+            lead, self._busy = not self._busy, True
+            if not lead:
+                mine.wake = threading.Event()
+            self._queue.append(mine)
+        if mine.wake is not None:  # not the lead
+            mine.wake.wait()  # done by a sender, or chosen to send next
+        if not mine.done:
+            self._lead()
+        if isinstance(mine.result, BaseException):
+            raise mine.result
+        return cast(_Result, mine.result)  # done: what send() returned for it
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch, self._queue = self._queue[:self._max], self._queue[self._max:]
+        results: list[_Result | BaseException]
+        try:
+            results = self._send([p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} publishes")
+        except BaseException as exc:  # the waiters must never hang on a failed send
+            results = [exc] * len(batch)
+        for pending, result in zip(batch, results):
+            pending.result, pending.done = result, True
+            if pending.wake is not None:
+                pending.wake.set()
+        with self._lock:
+            if self._queue:
+                wake = self._queue[0].wake
+                assert wake is not None  # queued while another sent, so it waits
+                wake.set()  # not done: it sends next
+            else:
+                self._busy = False
