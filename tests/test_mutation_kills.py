@@ -677,3 +677,28 @@ def test_a_thread_mode_long_poll_of_plain_items_answers_them(comet_cherrypy, hub
     status, _, body = http_get(server.url + "/poll", timeout=10)
     doc = json.loads(body)
     assert status == 200 and [e["data"] for e in doc["events"]] == ["plain", {"n": 1}], body
+
+
+def test_an_expired_event_is_let_go_at_the_next_publish():
+    """With ``max_age`` a callable there is no fast sweeper (it runs every
+    10 s): a busy channel must still not hold events past their age, so each
+    publish drops the expired ones it finds (memory stays bounded by max_age,
+    not by the sweeper's period)."""
+    import gc
+    import tracemalloc
+
+    hub = Hub(max_age=lambda channel: 0.2)
+    try:
+        hub.publish("room", "warm")
+        tracemalloc.start()
+        try:
+            hub.publish("room", "x" * 1_000_000)
+            time.sleep(0.3)   # past max_age: the point of the test is the event's age
+            hub.publish("room", "small")
+            gc.collect()
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert held < 500_000, f"{held} bytes still held after the 1 MB event expired"
+    finally:
+        hub.close()
