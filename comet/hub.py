@@ -39,7 +39,7 @@ import threading
 import time
 from array import array
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 from .cooperative import Idle, Step, cooperative, current_step, note_opened, subscriptions_recorded
 from .counters import Counters
@@ -52,7 +52,7 @@ from .framing import DEFAULT_MAX_EVENT_BYTES, Event, TaggedEvent
 if TYPE_CHECKING:
     from .presence import Presence
 
-__all__ = ["Hub", "Subscription", "MultiSubscription", "Idle", "GAP", "SNAPSHOT", "parse_id", "Step", "cooperative",
+__all__ = ["Hub", "Subscription", "MultiSubscription", "Feed", "Idle", "GAP", "SNAPSHOT", "parse_id", "Step", "cooperative",
            "MAX_CHANNELS", "MAX_CURSOR", "multi_cursor", "cursor_name", "is_multi_cursor", "channel_tag",
            "subscriptions_recorded"]
 
@@ -1123,6 +1123,50 @@ class Hub:
         return f"<Hub epoch={self.epoch} channels={len(self._channels)} subscriptions={self._subscriptions}>"
 
 
+class Feed(Protocol):
+    """What a server that reads subscriptions without a thread each (the
+    parked writer, ``comet.writer``) needs of one besides ``take()``,
+    ``cursor``, ``last_id`` and ``ended``: :class:`Subscription` and
+    :class:`MultiSubscription` are feeds. The writer watches each channel
+    once for every stream reading it, and takes once for every stream at
+    the same cursor.
+
+    >>> hub = Hub()
+    >>> sub, other = hub.subscribe("room"), hub.subscribe("room")
+    >>> unwatch = sub.watch(lambda: print("wake"))
+    >>> _ = hub.publish("room", "hi")
+    wake
+    >>> sub.group_key() == other.group_key(), sub.moved(), sub.has_pending, sub.bounded()
+    (True, True, False, False)
+    >>> unwatch(); sub.close(); other.close()
+    """
+
+    @property
+    def hub(self) -> Hub: ...
+
+    def group_key(self) -> tuple[int, str]:
+        """Equal for feeds read from one channel object (one watcher, one take)."""
+
+    def watch(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake()`` whenever a take may give something; returns the unwatch."""
+
+    def bounded(self) -> bool:
+        """May a slow client's feed be left unread (it catches up with a state)?"""
+
+    @property
+    def has_pending(self) -> bool:
+        """Are items waiting that are not the channel's events (no shared take)?"""
+
+    def jump(self, cursor: int, last_id: str) -> None:
+        """Advance as another feed at the same cursor just did by its take."""
+
+    def moved(self) -> bool:
+        """Has anything happened since the last take?"""
+
+    def wake(self) -> None:
+        """Wake whoever waits on this feed."""
+
+
 class Subscription:
     """A cursor into one channel: what :meth:`Hub.subscribe` returns.
 
@@ -1166,34 +1210,43 @@ class Subscription:
         """The id to resume after: the last event taken."""
         return self._last_id
 
-    def _jump(self, cursor: int, last_id: str) -> None:
-        """Advance as another subscription at the same cursor just did (the
-        parked writer shares one take() among equal cursors)."""
+    # -- the Feed protocol: what the parked writer (comet.writer) needs --
+
+    def jump(self, cursor: int, last_id: str) -> None:
+        """Advance as another subscription at the same cursor just did: the
+        parked writer shares one take() among equal cursors."""
         self.cursor, self._last_id = cursor, last_id
 
-    # -- what the parked writer needs (comet.writer), whatever the subscription --
-
-    def _group_key(self) -> tuple[int, str]:
+    def group_key(self) -> tuple[int, str]:
         """Subscriptions with equal keys read one channel object: the writer
         serves them as one group (one watcher, one shared take)."""
         return id(self._ch), self.channel
 
-    def _watch(self, wake: Callable[[], None]) -> Callable[[], None]:
-        """Call ``wake()`` whenever this subscription may have something new."""
+    def watch(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake()`` whenever this subscription may have something new
+        (the writer waits on channels, not on threads); returns the unwatch."""
         return self.hub._watch(self.channel, self._ch, wake)
 
-    def _bounded(self) -> bool:
+    def bounded(self) -> bool:
         """Does a take give at most the channel's state (latest-value
         channels, :meth:`Hub.latest`)? Then a server may leave it unread
         while its client is slow, instead of disconnecting the client."""
         return self._ch.latest is not None
 
-    def _moved(self) -> bool:
-        """Has anything happened since the last take?"""
+    @property
+    def has_pending(self) -> bool:
+        """Are initial items or a gap waiting to be taken? Then the next take
+        is this subscription's own: the writer does not share it."""
+        return bool(self._pending)
+
+    def moved(self) -> bool:
+        """Has anything happened since the last take? (The writer asks after
+        a step, so a publish during the step is not missed.)"""
         return self.ended or self._ch.seq != self.cursor
 
-    def _wake(self) -> None:
-        """Wake whoever waits on this subscription (a thread, or the writer)."""
+    def wake(self) -> None:
+        """Wake whoever waits on this subscription (a thread, or the writer):
+        how a cancelled step blocked in its wait notices at once."""
         self.hub._wake(self._ch)
 
     @property
@@ -1208,7 +1261,7 @@ class Subscription:
         thread iterating it, the parked writer or a generator stepped on it
         sees :attr:`ended` and finishes the stream (``Hub.disconnect``)."""
         self._ending = True
-        self._wake()
+        self.wake()
 
     def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Run *callback* when the subscription closes (the client went away,
@@ -1239,7 +1292,7 @@ class Subscription:
         if ch.dead and (behind or batch):
             # Forgotten: this was the last take. Whoever serves it (the parked
             # writer) must come back once more to see it ended.
-            self._wake()
+            self.wake()
         if behind:
             gap = self.hub._gap(self.channel, self._last_id, floor)
             self.cursor, self._last_id = start - 1, floor
@@ -1473,7 +1526,7 @@ class MultiSubscription(Subscription):
     def _cursor(self) -> str:
         return "_".join([slot.piece for slot in self._slots])
 
-    def _bounded(self) -> bool:
+    def bounded(self) -> bool:
         return all(slot.ch.latest is not None for slot in self._slots)
 
     @property
@@ -1495,7 +1548,7 @@ class MultiSubscription(Subscription):
             with ch.cond:
                 behind, start, batch, floor = ch.after(slot.cursor)
             if ch.dead and (behind or batch):
-                self._wake()  # forgotten: whoever serves us must come back to see it ended
+                self.wake()  # forgotten: whoever serves us must come back to see it ended
             gap, slot.gap = slot.gap, None
             if behind:
                 gap = (self.hub._gap(slot.name, slot.last, floor) if gap is None else

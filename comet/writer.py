@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generator, Iter
 
 from .counters import Counters
 from .framing import FRAMINGS, Event, encode_longpoll, longpoll_item
-from .hub import Idle, Step, Subscription, cooperative
+from .hub import Feed, Idle, Step, Subscription, cooperative
 from .steps import StepPool
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ class ParkedStream:
         """Read in place of its stream from a latest-value subscription: when
         its client is slow it waits unread (and then catches up with the
         newest value of each key) rather than being disconnected."""
-        return self.direct and self.sub is not None and self.sub._bounded()
+        return self.direct and self.sub is not None and self.sub.bounded()
 
     @property
     def done(self) -> bool:
@@ -540,11 +540,11 @@ class Writer:
             if stream.out and not stream.writing and not stream.done:
                 self._flush(stream)  # the head and preamble
 
-    def _join(self, stream: ParkedStream, sub: Subscription) -> None:
+    def _join(self, stream: ParkedStream, sub: Feed) -> None:
         """Wait on *sub*'s channel: the writer hears of every publish to it."""
         # The channel object, not just its name: a forgotten channel's streams
         # must not share a group (and its watcher) with its successor's.
-        key = sub._group_key()
+        key = sub.group_key()
         if stream.key == key:
             return
         self._leave(stream)
@@ -552,7 +552,7 @@ class Writer:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = set()
-            self._unwatch[key] = sub._watch(lambda: self._mark(key))
+            self._unwatch[key] = sub.watch(lambda: self._mark(key))
             self.follow(sub.hub)  # its subscriptions end with the pool's streams at shutdown
         group.add(stream)
 
@@ -598,7 +598,7 @@ class Writer:
             if stream.out_size > STEP_HIGH_WATER and stream.bounded():
                 stream.paused = True  # _flush reads it again once the socket has taken most of it
                 continue
-            if (sub.view is not None or stream.out or sub._pending or not stream.chunked or sub.ended
+            if (sub.view is not None or stream.out or sub.has_pending or not stream.chunked or sub.ended
                     or not stream.framing.shared_bytes or stream.longpoll is not None):
                 self._feed(stream)
                 continue
@@ -614,7 +614,7 @@ class Writer:
                     continue
                 hit = shared[key] = (sub.cursor, data, len(taken), sub.last_id, _last_event_id(taken))
             else:
-                sub._jump(hit[0], hit[3])
+                sub.jump(hit[0], hit[3])
             data = hit[1]
             if not data:
                 continue
@@ -953,7 +953,7 @@ class Writer:
                     self._tell_cursor(stream)  # its first cursor: at once, not a heartbeat later
                 if stream.longpoll is not None and stream.entries:
                     self.end(stream, End.ANSWERED)
-                elif sub._moved():  # moved since the step looked
+                elif sub.moved():  # moved since the step looked
                     if direct:
                         self._feed(stream)
                     else:

@@ -106,7 +106,7 @@ def test_several_channels_on_one_subscription():
     hub = Hub(buffer_size=2)
     hub.latest("state")
     sub = hub.subscribe(["state", "chat"])
-    assert not sub._bounded()  # chat keeps every event: this one may not be left unread
+    assert not sub.bounded()  # chat keeps every event: this one may not be left unread
     for n in range(6):
         hub.publish("state", n, key=f"k{n % 2}")
         hub.publish("chat", n)
@@ -119,7 +119,7 @@ def test_several_channels_on_one_subscription():
     resumed.close()
     sub.close()
     only = hub.subscribe(["state"], last_id=None)
-    assert only._bounded()
+    assert only.bounded()
     only.close()
 
 

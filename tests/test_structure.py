@@ -68,12 +68,6 @@ KNOWN: set[str] = {
     "private: comet.pipeline imports comet.writer._close_connection",
     "private: comet.pipeline uses writer._post",
     "private: comet.pipeline uses writer._step",
-    "private: comet.writer uses self.sub._bounded",
-    "private: comet.writer uses sub._group_key",
-    "private: comet.writer uses sub._jump",
-    "private: comet.writer uses sub._moved",
-    "private: comet.writer uses sub._pending",
-    "private: comet.writer uses sub._watch",
 }
 
 
