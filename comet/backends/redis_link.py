@@ -237,6 +237,7 @@ class RedisLink:
     def __init__(self, url: str, options: dict[str, Any], *, prefix: str, block: float, maxlen: int,
                  approximate: bool, max_age: MaxAge, max_idle: float | None) -> None:
         self.url = url
+        self.options = options  # (each cluster reader's connection takes them too)
         self.prefix = prefix
         self.maxlen = maxlen
         self.approximate = approximate
@@ -256,7 +257,6 @@ class RedisLink:
                                     "socket_connect_timeout": min(connect or LOAD_TIMEOUT, LOAD_TIMEOUT)})
         read_timeout = block + (options["socket_timeout"] or 5.0)
         # One connection, always the same: CLIENT UNBLOCK must name the one that blocks.
-        self.options = options
         self.reader_options = {**options, "socket_timeout": read_timeout, "single_connection_client": True}
         self.where: str = (str(self.sentinels) if self.sentinels is not None
                            else "the cluster " + url[len("redis+cluster://"):].rpartition("@")[2] if self.cluster

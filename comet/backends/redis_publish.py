@@ -58,16 +58,16 @@ class Publisher:
             raise result
         return result
 
-    def publish_many(self, key: str, protos: list[list[str | int | bytes]]) -> list[bytes]:
+    def publish_many(self, key: str, events: list[list[str | int | bytes]]) -> list[bytes]:
         """Append events (each the publish script's args) to stream *key*,
         all or none (``MULTI``/``EXEC``); their ids."""
         if self.replicas:
-            return self._many_durably(key, protos)
+            return self._many_durably(key, events)
         if self.link.cluster:
-            return self._many_on_master(key, protos)
+            return self._many_on_master(key, events)
         with self.link.redis.pipeline(transaction=True) as pipe:
-            for proto in protos:
-                self.script(keys=[key, self.link.forgotten_for(key)], args=self.link.retained(key, proto), client=pipe)
+            for args in events:
+                self.script(keys=[key, self.link.forgotten_for(key)], args=self.link.retained(key, args), client=pipe)
             return cast("list[bytes]", pipe.execute())
 
     def send_batch(self, batch: list[Publish]) -> list[bytes | BaseException]:
@@ -119,7 +119,7 @@ class Publisher:
             if not isinstance(result, BaseException):
                 results[i] = error
 
-    def _many_durably(self, key: str, protos: list[list[str | int | bytes]]) -> list[bytes]:
+    def _many_durably(self, key: str, events: list[list[str | int | bytes]]) -> list[bytes]:
         # MULTI/EXEC by hand, so that WAIT can follow EXEC on the same
         # connection in the same round trip; SCRIPT LOAD first because an
         # unknown script fails inside EXEC without undoing the others.
@@ -128,8 +128,8 @@ class Publisher:
             raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
             pipe.script_load(self.script.script)
             raw.execute_command("MULTI")
-            for proto in protos:
-                pipe.evalsha(sha, 2, key, self.link.forgotten_for(key), *self.link.retained(key, proto))
+            for args in events:
+                pipe.evalsha(sha, 2, key, self.link.forgotten_for(key), *self.link.retained(key, args))
             raw.execute_command("EXEC")
             pipe.wait(self.replicas, int(self.replica_timeout * 1000))
             replies = pipe.execute()
@@ -164,7 +164,7 @@ class Publisher:
                     results[i] = exc
         return results
 
-    def _many_on_master(self, key: str, protos: list[list[str | int | bytes]]) -> list[bytes]:
+    def _many_on_master(self, key: str, events: list[list[str | int | bytes]]) -> list[bytes]:
         """:meth:`publish_many` on a cluster: MULTI/EXEC on the master of the
         stream's slot; once more after a redirection (a transaction that
         got MOVED never ran)."""
@@ -174,8 +174,8 @@ class Publisher:
                 raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
                 pipe.script_load(self.script.script)  # see _many_durably
                 raw.execute_command("MULTI")
-                for proto in protos:
-                    pipe.evalsha(sha, 2, key, self.link.forgotten_for(key), *self.link.retained(key, proto))
+                for args in events:
+                    pipe.evalsha(sha, 2, key, self.link.forgotten_for(key), *self.link.retained(key, args))
                 raw.execute_command("EXEC")
                 replies = pipe.execute(raise_on_error=False)
             self.counters.add("round_trips")
