@@ -36,7 +36,7 @@ from .liveness import watch_peer
 from .options import Options
 from .pool import Admission, StreamPool
 from .stream import Stream, close_quietly
-from .writer import News, ParkedStream, chunk, inner_subscription
+from .parked import News, ParkedStream, chunk, inner_subscription
 
 __all__ = ["open_stream", "Opened", "Refusal", "Connection", "Parking", "refusal_for", "ALLOW", "OWNED"]
 

@@ -35,7 +35,7 @@ from .framing import Event, encode_longpoll, longpoll_item
 from .hub import Idle, Subscription, subscriptions_recorded
 from .options import Options
 from .pool import Admission, StreamPool
-from .writer import LONGPOLL_MAX_BATCH, inner_subscription
+from .parked import LONGPOLL_MAX_BATCH, inner_subscription
 
 __all__ = ["Stream", "StreamPool", "close_quietly"]
 

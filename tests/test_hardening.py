@@ -393,9 +393,9 @@ def test_the_timer_heap_keeps_one_entry_per_open_stream_through_mass_disconnects
             sock.close()
         wait_until(lambda: pool.parked_streams == 20, timeout=10, what="150 streams ended")
         writer = pool.writer()
-        live = [e for e in list(writer._timers) if e[2] is not None]
+        live = [e for e in list(writer.timers.entries) if e[2] is not None]
         assert len(live) == 20 and len({id(e[2]) for e in live}) == 20
-        assert len(writer._timers) - writer._dead_timers == 20 and len(writer._timers) < 170
+        assert len(writer.timers.entries) - writer.timers.dead == 20 and len(writer.timers.entries) < 170
         for sock in opened[150:]:
             beats, deadline = b"", time.monotonic() + 5
             while beats.count(b"event: comet.heartbeat") < 3 and time.monotonic() < deadline:
