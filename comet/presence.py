@@ -148,7 +148,7 @@ class Presence:
             counts = self.counts.setdefault(channel, {})
             before = counts.get(member)
             counts[member] = (before or 0) + 1
-            wakes = self.count_changed(channel, member, before, (before or 0) + 1)
+            wakes = self.count_changed(channel, member, before, (before or 0) + 1)  # invariant I10
         self.after_change(wakes)
         sub.on_close(lambda: self._left(channel, member, sub))
 
@@ -261,9 +261,9 @@ class Presence:
                     return
                 wakes: list[Callable[[], None]] = []
                 for channel, member in self._due():
-                    wakes += self._append(channel, LEAVE, member, create=True)  # count and event in one hold
+                    wakes += self._append(channel, LEAVE, member, create=True)  # invariant I10: one hold
                 calls, self._calls = self._calls, []
-            for wake in wakes:
+            for wake in wakes:  # watchers and callbacks after the lock: invariant I8
                 wake()
             self._tell(calls)
 

@@ -380,7 +380,7 @@ class RedisPresence(Presence):
         return self._mirrored(channel)
 
     def _flush(self) -> None:
-        with self.lock:
+        with self.lock:  # read under the lock, pushed after it: invariant I8
             dirty, self._dirty = list(self._dirty), {}
             counts = [self.counts.get(c, {}).get(m, 0) for c, m in dirty]
         if not dirty:
