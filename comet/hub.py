@@ -34,13 +34,13 @@ no events still tells the client exactly where to resume.
 """
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from array import array
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
+from .channel import Channel, order_of
 from .cooperative import Idle, Step, cooperative, current_step, note_opened, subscriptions_recorded
 from .counters import Counters
 from .cursors import (BEFORE_ALL, EPOCH_BUCKETS, MAX_CHANNELS, MAX_CURSOR, MAX_NAME, MAX_PART, bucket, channel_tag,
@@ -68,185 +68,11 @@ GAP = "comet.gap"
 #: ``"snapshot": true``.
 SNAPSHOT = "comet.snapshot"
 
-#: This process's order of publishing, over every channel of every hub.
-_ORDER = itertools.count(1)
-
 View = Callable[[Event], Any]
 #: A channel's name, or a function of a name saying whether it is one of them.
 Channels = Union[str, Callable[[str], bool]]
 #: Seconds, or a function of the channel's name giving seconds (or ``None``).
 MaxAge = Union[float, Callable[[str], Optional[float]], None]
-
-
-class _Channel:
-    """One channel's buffer. ``seq`` numbers events locally (a cursor is a
-    seq, so a caught-up take is O(new)); ``floor`` is the id of the newest
-    event known to exist but no longer (or never) held, so any cursor at or
-    after it is served without a gap."""
-
-    __slots__ = ("cond", "waiting", "events", "seq", "watchers", "floor", "live", "refs", "dead", "epoch", "max_age",
-                 "times", "touched", "latest", "latest_floor", "latest_seq")
-
-    def __init__(self, size: int, floor: str, epoch: int = 0, max_age: float | None = None) -> None:
-        # The channel's lock (``with ch.cond``). Threads that wait on the
-        # channel do so through wait() and notify_all(): a Condition costs
-        # about 1 KB (a dict, a deque of waiters), 40 % of an idle channel,
-        # and most channels never have a waiting thread (parked streams and
-        # cooperative steps use ``watchers``), so it is made for the first.
-        self.cond = threading.Lock()
-        self.waiting: threading.Condition | None = None
-        self.events: deque[Event] = deque(maxlen=size)
-        self.seq = 0  # seq of the newest event; events[-1] when any
-        self.watchers: tuple[Callable[[], None], ...] = ()
-        self.floor = floor
-        self.live = False  # backends: the buffer mirrors the shared store
-        self.refs = 0  # subscriptions and watchers holding it (under the hub's lock)
-        self.dead = False  # forgotten by the hub: look the channel up again
-        self.epoch = epoch  # of the ids the memory hub gives this channel
-        self.max_age = max_age
-        # When each held event arrived (monotonic), only for time-based retention.
-        self.times: deque[float] | None = None if max_age is None else deque(maxlen=size)
-        self.touched = time.monotonic()  # last publish, or last subscriber gone: for max_idle
-        # A latest-value channel (Hub.latest): key -> (seq, newest event of that key),
-        # in order of seq; it knows every event after latest_floor (seq latest_seq).
-        self.latest: dict[str | None, tuple[int, Event]] | None = None
-        self.latest_floor: str | None = None  # None: the floor as of the first event kept
-        self.latest_seq = 0
-
-    def wait(self, timeout: float) -> None:
-        """Wait up to *timeout* seconds for :meth:`notify_all`; the caller holds ``cond``."""
-        waiting = self.waiting
-        if waiting is None:
-            waiting = self.waiting = threading.Condition(self.cond)
-        waiting.wait(timeout)
-
-    def notify_all(self) -> None:
-        """Wake every thread in :meth:`wait`; the caller holds ``cond``."""
-        if self.waiting is not None:
-            self.waiting.notify_all()
-
-    def append(self, event: Event) -> None:
-        """Store *event* as the newest; the caller holds ``cond``."""
-        if len(self.events) == self.events.maxlen:
-            self.floor = stored_id(self.events[0])
-        object.__setattr__(event, "_order", next(_ORDER))  # (frozen: set once, as it is stored)
-        self.events.append(event)
-        self.seq += 1
-        if self.latest is not None:
-            self._keep(event, self.seq)
-        self.touched = now = time.monotonic()
-        if self.times is not None:
-            self.times.append(now)
-            self.expire(now)
-
-    def expire(self, now: float) -> None:
-        """Drop events older than ``max_age``: they become the floor, so a
-        cursor before them gets a gap. The caller holds ``cond``."""
-        times = self.times
-        if times is None or self.max_age is None:
-            return
-        limit = now - self.max_age
-        while times and times[0] < limit:
-            times.popleft()
-            self.floor = stored_id(self.events.popleft())
-
-    def reset(self, floor: str) -> None:
-        """Forget the buffer: events up to *floor* may exist that nobody here
-        saw, so every cursor before it gets a gap. The caller holds ``cond``."""
-        self.events.clear()
-        if self.times is not None:
-            self.times.clear()
-        self.floor = floor
-        self.seq += 1
-        if self.latest is not None:  # values of keys changed in the hole are unknown
-            self.latest_floor, self.latest_seq = floor, self.seq
-
-    def tail_id(self) -> str:
-        return stored_id(self.events[-1]) if self.events else self.floor
-
-    def first_seq(self) -> int:
-        """seq of the oldest held event (``seq + 1`` when none)."""
-        return self.seq - len(self.events) + 1
-
-    def count_upto(self, key: tuple[int, int]) -> int:
-        """How many held events have ids <= *key* (bisect: ids are sorted)."""
-        events, lo, hi = self.events, 0, len(self.events)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if parse_id(stored_id(events[mid])) <= key:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
-
-    def after(self, cursor: int) -> tuple[bool, int, list[Event], str]:
-        """(fell_behind, seq of the first returned event, events after
-        *cursor*, floor); the caller holds ``cond``."""
-        if self.times is not None:
-            self.expire(time.monotonic())
-        new = self.seq - cursor
-        if new <= 0:
-            return False, 0, [], self.floor
-        if self.latest is not None:
-            return self._compact(cursor)
-        held = len(self.events)
-        if new > held:
-            return True, self.seq - held + 1, list(self.events), self.floor
-        # Index from the right end: O(new), not O(buffer), for a caught-up cursor.
-        events = self.events
-        return False, cursor + 1, [events[i] for i in range(held - new, held)], self.floor
-
-    # -- latest-value channels (Hub.latest): kept apart from the buffer above --
-
-    def keep_latest(self) -> None:
-        """Keep the newest event of each key from now on, starting with the
-        events held; the caller holds ``cond`` (or nobody sees *self* yet)."""
-        if self.latest is not None:
-            return
-        self.latest = {}
-        first = self.first_seq()
-        for i, event in enumerate(self.events):
-            self._keep(event, first + i)
-        self.latest_floor, self.latest_seq = (self.floor if self.events else None), first - 1
-
-    def _keep(self, event: Event, seq: int) -> None:
-        latest = self.latest
-        assert latest is not None
-        if self.latest_floor is None:
-            self.latest_floor = self.floor  # (a backend may set the floor before the first event)
-        key = event.name if event._key is None else event._key
-        latest.pop(key, None)  # re-inserted last: the dict stays in order of seq
-        latest[key] = (seq, event)
-
-    def latest_since(self) -> str:
-        """The id after which every event's key is known."""
-        return self.floor if self.latest_floor is None else self.latest_floor
-
-    def _compact(self, cursor: int) -> tuple[bool, int, list[Event], str]:
-        """``after()`` for a latest-value channel: the newest event of each key
-        changed after *cursor*, oldest first (O(keys changed)); behind when
-        the cursor is from before what the channel knows of its keys."""
-        assert self.latest is not None
-        batch: list[Event] = []
-        for seq, event in reversed(self.latest.values()):
-            if seq <= cursor:
-                break
-            batch.append(event)
-        batch.reverse()
-        return cursor < self.latest_seq, self.seq - len(batch) + 1, batch, self.latest_since()
-
-    def latest_cursor(self, key: tuple[int, int]) -> int:
-        """The cursor seq from which :meth:`_compact` gives exactly the keys
-        changed after the event id *key* (-1: from before what is known)."""
-        assert self.latest is not None
-        if key < parse_id(self.latest_since()):
-            return -1
-        cursor = self.seq
-        for seq, event in reversed(self.latest.values()):
-            if parse_id(stored_id(event)) <= key:
-                break
-            cursor = seq - 1
-        return cursor
 
 
 class _SnapshotDue:
@@ -303,7 +129,7 @@ class Hub:
         self.idle = float(idle)
         self.epoch = time.time_ns() // 1_000_000
         self._lock = threading.Lock()
-        self._channels: dict[str, _Channel] = {}
+        self._channels: dict[str, Channel] = {}
         self._generation = 0
         self._closed = False
         self._subscriptions = 0
@@ -320,7 +146,7 @@ class Hub:
         self._epochs = array("q", [self.epoch]) * EPOCH_BUCKETS
         self._floor: str | None = None  # "<epoch>-0", shared by the channels of the hub's epoch
         # Each channel's one watcher for the subscriptions to several channels that follow it.
-        self._fanouts: dict[_Channel, _MuxFanout] = {}
+        self._fanouts: dict[Channel, _MuxFanout] = {}
         self._sweeping = threading.Event()
         self._sweeper: threading.Thread | None = None
         #: Seconds a member with no open stream left still counts (see
@@ -426,7 +252,7 @@ class Hub:
         return proto
 
     @staticmethod
-    def _wake(ch: _Channel) -> None:
+    def _wake(ch: Channel) -> None:
         """Wake *ch*'s waiters, then its watchers (outside the lock)."""
         with ch.cond:
             ch.notify_all()
@@ -530,7 +356,7 @@ class Hub:
             check_member(member)
 
     def _open(self, channel: str, last_id: str | None,
-              key: tuple[int, int] | None) -> tuple[_Channel, int, str, Event | None]:
+              key: tuple[int, int] | None) -> tuple[Channel, int, str, Event | None]:
         """Hold *channel* for a new subscriber at *last_id* (parsed: *key*):
         the channel, the cursor seq and its id, and a gap event if one is due."""
         ch = self._acquire(channel)
@@ -547,7 +373,7 @@ class Hub:
             self._wake(ch)
         return ch, cursor, resumed, gap
 
-    def _resolve(self, channel: str, ch: _Channel, last_id: str | None,
+    def _resolve(self, channel: str, ch: Channel, last_id: str | None,
                  key: tuple[int, int] | None) -> tuple[int, str, Event | None]:
         """(cursor seq, its id, gap event or None) for a client at *last_id*."""
         if key is None:
@@ -564,7 +390,7 @@ class Hub:
         # Older epoch or evicted: everything held is new to the client.
         return ch.first_seq() - 1, ch.floor, self._gap(channel, last_id, ch.floor)
 
-    def _catch_up(self, channel: str, ch: _Channel) -> bool:
+    def _catch_up(self, channel: str, ch: Channel) -> bool:
         """Backends: append events the shared store has and the mirror lacks
         yet; True if any. The caller holds no lock (it is I/O; the backend
         takes ``ch.cond`` to append). The memory hub is always current."""
@@ -650,7 +476,7 @@ class Hub:
 
         return remove
 
-    def _after_gap(self, channel: str, ch: _Channel, gap: Event) -> tuple[int, str, list[Event]] | None:
+    def _after_gap(self, channel: str, ch: Channel, gap: Event) -> tuple[int, str, list[Event]] | None:
         """The snapshot that follows *gap*: (cursor seq, its id, the gap and
         the snapshot), or None (no snapshot function, it returned None or
         failed). The caller holds no lock: ``fn`` may use the hub."""
@@ -676,7 +502,7 @@ class Hub:
             return None
         return seq, tail, [gap.replace(data={**gap.data, "snapshot": True}), snapshot]
 
-    def _snapshot_cursor(self, channel: str, ch: _Channel, event_id: str) -> tuple[int, str]:
+    def _snapshot_cursor(self, channel: str, ch: Channel, event_id: str) -> tuple[int, str]:
         """(seq, id) of the cursor at *event_id*, which a snapshot says it is
         exact at; ``ValueError`` if the buffer cannot resume there."""
         key = parse_id(event_id)
@@ -754,7 +580,7 @@ class Hub:
         Returns the function that stops watching. Keep ``wake`` tiny."""
         return self._watching(channel, self._acquire(channel), wake)
 
-    def _watch(self, channel: str, ch: _Channel, wake: Callable[[], None]) -> Callable[[], None]:
+    def _watch(self, channel: str, ch: Channel, wake: Callable[[], None]) -> Callable[[], None]:
         """:meth:`watch` the channel object *ch* a subscription reads, even if
         *channel* was forgotten since: the parked writer must hear of that
         one's last events, not of its successor's."""
@@ -762,7 +588,7 @@ class Hub:
             ch.refs += 1  # (the subscription holds it: it cannot go meanwhile)
         return self._watching(channel, ch, wake)
 
-    def _watching(self, channel: str, ch: _Channel, wake: Callable[[], None]) -> Callable[[], None]:
+    def _watching(self, channel: str, ch: Channel, wake: Callable[[], None]) -> Callable[[], None]:
         """Add *wake* to *ch*, held by the caller until the unwatch."""
         with ch.cond:
             ch.watchers = ch.watchers + (wake,)
@@ -937,7 +763,7 @@ class Hub:
         ch = self._channels.get(channel)
         return ch is not None and self._forget_channel(channel, ch)
 
-    def _forget_channel(self, name: str, ch: _Channel) -> bool:
+    def _forget_channel(self, name: str, ch: Channel) -> bool:
         """Forget *ch* if it is still *name*'s channel here."""
         with ch.cond:
             with self._lock:
@@ -960,7 +786,7 @@ class Hub:
         epoch = self._epochs[bucket(channel)]
         return self.epoch if epoch == self.epoch else epoch  # (the hub's: one int, not one per channel)
 
-    def _drop(self, name: str, ch: _Channel) -> None:
+    def _drop(self, name: str, ch: Channel) -> None:
         """Remove *ch* from the hub; the caller holds its lock and the hub's."""
         ch.dead = True
         del self._channels[name]
@@ -1007,7 +833,7 @@ class Hub:
                 forgotten += self._forget_idle(name, ch, idle_before)
         return forgotten
 
-    def _forget_idle(self, name: str, ch: _Channel, idle_before: float) -> bool:
+    def _forget_idle(self, name: str, ch: Channel, idle_before: float) -> bool:
         """Forget *ch* if it is still idle and unheld (checked under its locks)."""
         with ch.cond:
             with self._lock:
@@ -1060,13 +886,13 @@ class Hub:
 
     # -- helpers ------------------------------------------------------------
 
-    def _channel(self, name: str) -> _Channel:
+    def _channel(self, name: str) -> Channel:
         ch = self._channels.get(name)
         if ch is None:
             with self._lock:
                 epoch = self._epoch_of(name)
                 max_age = self.max_age(name) if callable(self.max_age) else self.max_age
-                fresh = _Channel(self.buffer_size, self._floor_of(epoch), epoch, max_age)
+                fresh = Channel(self.buffer_size, self._floor_of(epoch), epoch, max_age)
                 if self._latest and self._is_latest(name):
                     fresh.keep_latest()
                 ch = self._channels.setdefault(name, fresh)
@@ -1087,7 +913,7 @@ class Hub:
     #: channels elsewhere keep theirs.
     _forget_pristine = True
 
-    def _acquire(self, name: str) -> _Channel:
+    def _acquire(self, name: str) -> Channel:
         """*name*'s channel, held (by a subscription or watcher) until :meth:`_release`."""
         while True:
             ch = self._channel(name)
@@ -1096,7 +922,7 @@ class Hub:
                     ch.refs += 1
                     return ch
 
-    def _release(self, name: str, ch: _Channel) -> None:
+    def _release(self, name: str, ch: Channel) -> None:
         with self._lock:
             ch.refs -= 1
             if not ch.refs:
@@ -1183,7 +1009,7 @@ class Subscription:
     >>> sub.close()
     """
 
-    def __init__(self, hub: Hub, ch: _Channel, channel: str, cursor: int, last_id: str, pending: list[Any],
+    def __init__(self, hub: Hub, ch: Channel, channel: str, cursor: int, last_id: str, pending: list[Any],
                  view: View | None, idle: float) -> None:
         self.hub = hub
         self.channel = channel
@@ -1415,7 +1241,7 @@ class Subscription:
         return f"<Subscription {self.channel!r} at {self.last_id}{' closed' if self.closed else ''}>"
 
 
-class _Mux(_Channel):
+class _Mux(Channel):
     """What a subscription to several channels waits on: a channel holding
     no events, whose ``seq`` moves (and whose watchers are called) whenever
     one of the followed channels does. So threads, the parked writer and
@@ -1451,7 +1277,7 @@ class _MuxFanout:
             mux.bump()
 
     @classmethod
-    def join(cls, hub: "Hub", ch: _Channel, mux: _Mux) -> None:
+    def join(cls, hub: "Hub", ch: Channel, mux: _Mux) -> None:
         with ch.cond:  # (a channel's watchers change under its lock)
             fan = hub._fanouts.get(ch)
             if fan is None:
@@ -1460,7 +1286,7 @@ class _MuxFanout:
             fan.muxes[mux] = None
 
     @classmethod
-    def leave(cls, hub: "Hub", ch: _Channel, mux: _Mux) -> None:
+    def leave(cls, hub: "Hub", ch: Channel, mux: _Mux) -> None:
         with ch.cond:
             fan = hub._fanouts.get(ch)
             if fan is None:
@@ -1477,7 +1303,7 @@ class _Slot:
 
     __slots__ = ("name", "key", "ch", "cursor", "last", "piece", "gap")
 
-    def __init__(self, name: str, key: str, ch: _Channel, cursor: int, last: str, gap: Event | None) -> None:
+    def __init__(self, name: str, key: str, ch: Channel, cursor: int, last: str, gap: Event | None) -> None:
         self.name, self.key, self.ch, self.cursor, self.gap = name, key, ch, cursor, gap  # key: cursor_name(name)
         self.at(last)
 
@@ -1561,11 +1387,11 @@ class MultiSubscription(Subscription):
                     slot.cursor, _, told = found
                     with ch.cond:
                         _, start, batch, _ = ch.after(slot.cursor)
-                order = batch[0]._order if batch else 0
+                order = order_of(batch[0]) if batch else 0
                 merged.extend((order, 0, slot, event) for event in told)
             if batch:
                 slot.cursor = start + len(batch) - 1
-                merged.extend((event._order, 1, slot, event) for event in batch)
+                merged.extend((order_of(event), 1, slot, event) for event in batch)
         if len(self._slots) > 1:
             merged.sort(key=lambda entry: (entry[0], entry[1]))
         view = self.view

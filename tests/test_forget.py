@@ -17,7 +17,8 @@ import cherrypy
 import pytest
 
 from comet import GAP, Hub, comet
-from comet.hub import _Channel, parse_id
+from comet.channel import Channel
+from comet.hub import parse_id
 from comet.testing import wait_until  # (imported now, not amid a measurement as settle() would)
 
 from conftest import RawStream, settle
@@ -233,7 +234,7 @@ def test_100k_channels_forgotten_or_expired_leave_no_memory_behind():
         # ... and RSS comes back within 10 % of the start.
         assert end_rss < start_rss * 1.10, (start_rss, end_rss)
         cursors = dict(zip(sample, kept.ids()))
-        assert not [o for o in gc.get_objects() if isinstance(o, _Channel) and o.dead]
+        assert not [o for o in gc.get_objects() if isinstance(o, Channel) and o.dead]
         for i in sample:  # exact gaps
             new = hub.publish(f"room:{i}", "again")
             sub = hub.subscribe(f"room:{i}", last_id=cursors[i])

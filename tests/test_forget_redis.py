@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from comet import GAP
-from comet.hub import _Channel, parse_id
+from comet.channel import Channel
+from comet.hub import parse_id
 from comet.testing import wait_until
 from test_forget import assert_nothing_lost_silently, follow_through_forgets
 from test_redis import drain, hubs, prefix  # noqa: F401  (the Redis hub fixtures)
@@ -202,7 +203,7 @@ def test_100k_channels_forgotten_or_expired_leave_no_keys_or_objects(hubs, comet
         assert end_keys <= start_keys * 1.10 + 2  # (+2: the forgotten ids and the stream of forgets)
         assert end_blocks < start_blocks * 1.01, (start_blocks, end_blocks)
         assert end_rss < start_rss * 1.10, (start_rss, end_rss)
-        assert not [o for o in gc.get_objects() if isinstance(o, _Channel) and o.dead]
+        assert not [o for o in gc.get_objects() if isinstance(o, Channel) and o.dead]
         for i in sample:
             new = publisher.publish(f"room:{i}", "again")
             sub = follower.subscribe(f"room:{i}", last_id=follower.before(cursors[i]))

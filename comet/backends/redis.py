@@ -112,7 +112,8 @@ from redis.typing import KeyT, StreamIdT
 from ..cursors import bucket, parse_id, stored_id
 from ..errors import BackendUnavailable
 from ..framing import DEFAULT_MAX_EVENT_BYTES, Event, Part, to_json
-from ..hub import Hub, MaxAge, _Channel
+from ..channel import Channel
+from ..hub import Hub, MaxAge
 from ..presence import Presence
 from .redis_cluster import ClusterFollower
 from .redis_link import DOWN, LOAD_TIMEOUT, Entry, RedisLink, client_for
@@ -463,13 +464,13 @@ class RedisHub(Hub):
     def _forgotten_for(self, key: str) -> str:
         return self._link.forgotten_for(key)
 
-    def _channel(self, name: str) -> _Channel:
+    def _channel(self, name: str) -> Channel:
         ch = super()._channel(name)
         if not ch.live:
             self._activate(name, ch)
         return ch
 
-    def _activate(self, name: str, ch: _Channel) -> None:
+    def _activate(self, name: str, ch: Channel) -> None:
         """Load *name*'s history into the mirror and have the reader follow it.
 
         One thread reads (the first to come); the others arriving before the
@@ -510,7 +511,7 @@ class RedisHub(Hub):
         if version is not None:
             self._nudge(version)
 
-    def _load(self, name: str, ch: _Channel) -> int | None:
+    def _load(self, name: str, ch: Channel) -> int | None:
         """The read behind :meth:`_activate` (one thread's per channel at a
         time); the reader's version to nudge it to, or None."""
         key = self._key(name)
@@ -547,7 +548,7 @@ class RedisHub(Hub):
                 self._version += 1
                 return self._version
 
-    def _fill_latest(self, name: str, ch: _Channel, entries: list[Entry]) -> None:
+    def _fill_latest(self, name: str, ch: Channel, entries: list[Entry]) -> None:
         """Fill an empty latest-value mirror from a compacted load (see
         _LOAD): the newest of each key, then the last ``buffer_size``
         entries. Each goes into the channel's table of keys; the buffer keeps
@@ -582,7 +583,7 @@ class RedisHub(Hub):
         except ValueError:
             return True  # subscribe refuses it without I/O
 
-    def _catch_up(self, channel: str, ch: _Channel) -> bool:
+    def _catch_up(self, channel: str, ch: Channel) -> bool:
         with ch.cond:
             tail = ch.tail_id()
         try:  # no lock held: the read may take up to LOAD_TIMEOUT
@@ -593,7 +594,7 @@ class RedisHub(Hub):
         with ch.cond:
             return not ch.dead and self._append(channel, ch, entries)  # (what the reader appended meanwhile is skipped)
 
-    def _append(self, channel: str, ch: _Channel, entries: list[Entry]) -> bool:
+    def _append(self, channel: str, ch: Channel, entries: list[Entry]) -> bool:
         """Append entries newer than the mirror's tail; the caller holds ``ch.cond``.
 
         An entry whose predecessor is newer than our tail means events were
@@ -778,7 +779,7 @@ class _Load:
 
     __slots__ = ("ch", "done", "error", "started")
 
-    def __init__(self, ch: _Channel) -> None:
+    def __init__(self, ch: Channel) -> None:
         self.ch = ch
         self.started = time.monotonic()
         self.done = threading.Event()
