@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 from .counters import Counters
 from .framing import Event, longpoll_item
 from .hub import Feed
-from .parked import LONGPOLL_MAX_BATCH, STEP_HIGH_WATER, End, ParkedStream, Phase, chunk, last_event_id
+from .parked import LONGPOLL_MAX_BATCH, STEP_HIGH_WATER, End, ParkedStream, Phase, StepState, chunk, last_event_id
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -101,7 +101,7 @@ class Fanout:
         now = time.monotonic()
         items = sent_bytes = 0
         for stream in streams:
-            if stream.done or stream.stepping:
+            if stream.done or stream.step_state is not StepState.IDLE:
                 continue
             sub = stream.sub
             assert sub is not None

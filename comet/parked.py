@@ -23,7 +23,7 @@ from typing import Any, Callable, ContextManager, Generator, Iterator, Protocol,
 from .framing import FRAMINGS, Event, encode_longpoll
 from .hub import Step, Subscription
 
-__all__ = ["ParkedStream", "Phase", "End", "News", "Place", "GRACEFUL", "LONGPOLL_MAX_BATCH", "STEP_BUDGET",
+__all__ = ["ParkedStream", "Phase", "End", "News", "StepState", "Place", "GRACEFUL", "LONGPOLL_MAX_BATCH", "STEP_BUDGET",
            "STEP_HIGH_WATER", "STEP_HIGH_ITEMS", "chunk", "answer_bytes", "untold", "last_event_id",
            "inner_subscription", "delegates_to", "close_generator"]
 
@@ -63,9 +63,12 @@ class End(enum.Enum):
     """Why a parked stream ends: :meth:`comet.writer.Writer.end` takes one, and it says how.
 
     ``FINISHED``, ``TIMED_OUT``, ``ANSWERED`` and ``UNENCODABLE`` end the
-    response properly: what is queued goes out, then the terminating chunk
-    (a long-poll: its answer), then the socket closes. The others close it
-    at once.
+    response properly (:data:`GRACEFUL`): what is queued goes out, then the
+    terminating chunk (a long-poll: its answer), then the socket closes.
+    ``SENT``, ``GONE``, ``SLOW``, ``FAILED`` and ``STOPPING`` close it at
+    once. ``ORPHANED`` is the writer gone, and ``STEPPED`` the release a
+    running step left to its news. Whatever the reason, what fed the stream
+    is let go once no step runs, and its place in the pool given back.
     """
 
     #: What fed it ended: its subscription, or its handler returned.
@@ -99,6 +102,20 @@ class End(enum.Enum):
 
 #: The reasons that end a response properly rather than at once.
 GRACEFUL = frozenset({End.FINISHED, End.TIMED_OUT, End.ANSWERED, End.UNENCODABLE})
+
+
+class StepState(enum.Enum):
+    """Whether a parked generator is being run, and by what."""
+
+    #: Suspended (or no generator): the writer may start a step.
+    IDLE = "idle"
+    #: A step runs on a pool thread (``ParkedStream.step``): its news ends it.
+    RUNNING = "running"
+    #: Its first step, begun before the stream parked, outlasted
+    #: ``comet.pipeline.PRIME_WAIT`` and still runs: its outcome comes as news.
+    FIRST = "first"
+    #: Its generator is being closed on a pool thread; no step starts again.
+    CLOSING = "closing"
 
 
 class News(enum.Enum):
@@ -144,7 +161,7 @@ class ParkedStream:
 
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "phase", "key", "direct",
-                 "stepping", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "due", "initial", "news", "hint", "shut",
+                 "step_state", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "due", "initial", "news", "hint", "shut",
                  "framing", "context", "handshake", "paused", "earlier", "timer", "given", "known", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
@@ -173,7 +190,7 @@ class ParkedStream:
         self.phase = Phase.OPEN
         self.key: tuple[int, str] | None = None
         self.direct = gen is None and sub is not None
-        self.stepping = False
+        self.step_state = StepState.IDLE
         self.step: Step[Subscription] | None = None
         self.inbox_items = 0  # produced by a step, not yet taken by the writer (under the writer's lock)
         #: Set by the writer as a generator's backlog drains; made by the

@@ -36,7 +36,7 @@ from .liveness import watch_peer
 from .options import Options
 from .pool import Admission, StreamPool
 from .stream import Stream, close_quietly
-from .parked import News, ParkedStream, chunk, inner_subscription
+from .parked import News, ParkedStream, StepState, chunk, inner_subscription
 
 __all__ = ["open_stream", "Opened", "Refusal", "Connection", "Parking", "refusal_for", "ALLOW", "OWNED"]
 
@@ -437,7 +437,8 @@ class Parking:
             stream.adopt(self._first_opened)  # (a late first step's come with its outcome)
         stream.hint = self._channel
         stream.context = self.context
-        stream.stepping = self._late  # the first step is still running: the writer waits for its outcome
+        if self._late:
+            stream.step_state = StepState.FIRST  # still running: the writer waits for its outcome
         self.admission.served_by(stream)
         # The stream's cursor in its announcement when the client has none
         # yet (comet.framing): a reconnect a second later resumes there. (A
@@ -461,7 +462,7 @@ class Parking:
             return
         stepping_here = step_here and self._gen is not None and not self._late
         if stepping_here:
-            stream.stepping = True  # the writer starts no step of its own
+            stream.step_state = StepState.RUNNING  # the writer starts no step of its own
             stream.step = Step()
         writer.park(stream)
         if stepping_here:

@@ -24,7 +24,7 @@ from .fanout import Fanout
 from .hub import Idle, Step, Subscription, cooperative
 from .mailbox import Mail
 from .parked import (LONGPOLL_MAX_BATCH, STEP_BUDGET, STEP_HIGH_ITEMS, STEP_HIGH_WATER, End, News, ParkedStream, Phase,
-                     close_generator, delegates_to)
+                     StepState, close_generator, delegates_to)
 from .steps import StepPool
 
 __all__ = ["Stepper", "Ends"]
@@ -56,9 +56,9 @@ class Stepper:
     def submit(self, stream: ParkedStream) -> None:
         """Give *stream*'s generator its next step, unless one runs or the
         stream is done."""
-        if stream.stepping or stream.done:
+        if stream.step_state is not StepState.IDLE or stream.done:
             return
-        stream.stepping = True
+        stream.step_state = StepState.RUNNING
         stream.step = Step()
         self.steps.submit(lambda: self.run(stream))
 
@@ -123,7 +123,7 @@ class Stepper:
         """Close a generator whose stream ended (its ``finally`` runs), then
         the subscriptions it waited on, then give its place back: on a pool
         thread, never the writer's, for it is the handler's own code."""
-        stream.stepping = True  # no step is started any more
+        stream.step_state = StepState.CLOSING  # no step is started any more
 
         def close() -> None:
             with stream.context() if stream.context is not None else nullcontext():
@@ -148,7 +148,7 @@ class Stepper:
                 if stream.longpoll is not None and stream.handshake and stream.phase is Phase.OPEN:
                     self._writer.end(stream, End.ANSWERED)
                 continue
-            stream.stepping, stream.step = False, None
+            stream.step_state, stream.step = StepState.IDLE, None
             if kind is not News.WAITING and value is not None:
                 stream.owns(value)  # the subscription the step waited on in place
             if kind is News.WAITING:

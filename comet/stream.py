@@ -27,7 +27,6 @@ whether the stream ended, the client went away, or the server stopped.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 

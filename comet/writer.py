@@ -57,8 +57,8 @@ from .counters import Counters
 from .fanout import Fanout
 from .hub import Subscription
 from .mailbox import Mailbox
-from .parked import (GRACEFUL, LONGPOLL_MAX_BATCH, STEP_HIGH_WATER, End, News, ParkedStream, Phase, answer_bytes, chunk,
-                     close_generator, untold)
+from .parked import (GRACEFUL, LONGPOLL_MAX_BATCH, STEP_HIGH_WATER, End, News, ParkedStream, Phase, StepState, answer_bytes,
+                     chunk, close_generator, untold)
 from .stepper import Stepper
 from .steps import StepPool
 from .timers import Timers
@@ -172,20 +172,20 @@ class Writer:
         adds, inbox = self.mailbox.exit()
         for stream, kind, value in inbox:
             if kind is News.AGAIN or kind is News.WAITING:  # that step has returned: the generator is suspended
-                stream.stepping = False
+                stream.step_state = StepState.IDLE
                 if kind is News.WAITING:
                     stream.waits_on(value[0])  # closed with the generator (a for loop would not)
                 elif value is not None:
                     stream.owns(value)
             elif kind is not News.ITEM and kind is not News.CURSOR:  # ... or done with
-                stream.stepping = False
+                stream.step_state = StepState.IDLE
                 stream.gen = None
                 if value is not None:
                     stream.owns(value)
         for stream in dict.fromkeys(list(self._streams) + adds + [entry[0] for entry in inbox]):
             if not stream.done:
                 self.end(stream, End.STOPPING)
-            elif not stream.stepping:
+            elif stream.step_state is StepState.IDLE:
                 # Ended earlier while a step ran, whose news came after the
                 # loop's last look: _close() left the release to that news.
                 self.end(stream, End.STEPPED)
@@ -353,7 +353,7 @@ class Writer:
         if not stream.done and stream.out:
             # Nothing more goes in; the socket drains, then closes (End.SENT).
             self.fanout.leave(stream)
-            if not stream.stepping:
+            if stream.step_state is StepState.IDLE:
                 self._let_go(stream)
 
     def _close(self, stream: ParkedStream, final: bool) -> None:
@@ -371,12 +371,12 @@ class Writer:
         except (KeyError, ValueError, OSError):
             pass
         stream.close_socket(final, last)
-        if stream.gen is not None and stream.stepping:
-            if stream.step is not None:
+        if stream.gen is not None and stream.step_state is not StepState.IDLE:
+            if stream.step_state is StepState.RUNNING and stream.step is not None:
                 stream.step.cancelled = True  # the step closes the generator itself
                 stream.wake_step()
-            # else: its first step (comet.pipeline.PRIME_WAIT) is still
-            # running; it closes the generator when it returns
+            # else: its first step (StepState.FIRST) is still running; it
+            # closes the generator when it returns
         else:
             self._let_go(stream)
 
