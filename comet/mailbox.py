@@ -59,7 +59,7 @@ class Mailbox:
         with self._lock:
             if self._exited:
                 return False
-            if stream.news is not None:  # not taken yet: the wake-up of its park() is on its way
+            if stream.news is not None:  # invariant I5: not taken yet, its park()'s wake-up brings it
                 stream.news.append((stream, kind, value))
                 return True
             if kind is News.ITEM:
@@ -70,7 +70,7 @@ class Mailbox:
 
     def mark(self, key: tuple[int, str]) -> None:
         """A channel moved (called by publishing threads)."""
-        with self._lock:
+        with self._lock:  # invariant I2: a set add and at most one byte, never a channel's lock
             self._dirty.add(key)
             self._wake()
 
@@ -107,7 +107,7 @@ class Mailbox:
         # with the flag still set) and under the lock the senders take, before
         # reading what they queued.
         with self._lock:
-            self._woken = False
+            self._woken = False  # invariant I6
 
     def take_adds(self) -> list[tuple[ParkedStream, list[Mail] | None]]:
         """The streams queued to park, each with the news its steps posted

@@ -287,7 +287,7 @@ class ParkedStream:
         terminating chunk); with ``final``, send what is queued, as far as
         the socket takes it without blocking. :meth:`comet.writer.Writer.end` calls it;
         so does a stream that never reached a writer (it was stopping)."""
-        with _SHUT:  # at shutdown a step thread and the writer may both get here
+        with _SHUT:  # invariant I9: at shutdown a step thread and the writer may both get here
             if self.shut:
                 return
             self.shut = True

@@ -331,7 +331,7 @@ class Parking:
 
         def first_step() -> None:
             outcome = self._first_step()
-            with self._lock:
+            with self._lock:  # invariant I11: who takes the outcome is decided here
                 self._outcome = outcome
                 late, stream, abandoned = self._late, self._stream, self._abandoned
             if not late:

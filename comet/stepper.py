@@ -131,7 +131,7 @@ class Stepper:
                 stream.close_subscriptions()
             stream.admission.release()
 
-        self.steps.submit(close)
+        self.steps.submit(close)  # invariant I4
 
     def handle(self, inbox: list[Mail]) -> None:
         """What steps reported, in order: items, cursors, how they ended."""
@@ -185,4 +185,4 @@ class Stepper:
                     self._writer.end(stream, End.FAILED)
             else:  # cancelled: the step closed the generator
                 stream.gen = None
-                self._writer.end(stream, End.STEPPED)
+                self._writer.end(stream, End.STEPPED)  # invariant I3: its news lets go of the rest

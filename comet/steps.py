@@ -85,7 +85,7 @@ class StepPool:
                 elif self._stuck():
                     self._spawn_for_queue()
                 return
-        _run(job)
+        _run(job)  # invariant I14: stopping, the caller runs it
 
     def nudge(self) -> None:
         """With ``patience``: start a thread if jobs wait while every thread

@@ -188,7 +188,7 @@ class Writer:
             elif stream.step_state is StepState.IDLE:
                 # Ended earlier while a step ran, whose news came after the
                 # loop's last look: _close() left the release to that news.
-                self.end(stream, End.STEPPED)
+                self.end(stream, End.STEPPED)  # invariant I3
         self._selector.close()
         self.mailbox.close()
 
@@ -373,7 +373,7 @@ class Writer:
         stream.close_socket(final, last)
         if stream.gen is not None and stream.step_state is not StepState.IDLE:
             if stream.step_state is StepState.RUNNING and stream.step is not None:
-                stream.step.cancelled = True  # the step closes the generator itself
+                stream.step.cancelled = True  # invariant I3: the step closes the generator itself
                 stream.wake_step()
             # else: its first step (StepState.FIRST) is still running; it
             # closes the generator when it returns
@@ -385,7 +385,7 @@ class Writer:
         # that was running when it ended comes here with its news: STEPPED).
         gen, stream.gen = stream.gen, None
         if gen is not None:
-            self.stepper.close(stream, gen)  # the handler's own code: never on this thread
+            self.stepper.close(stream, gen)  # invariant I4: the handler's own code, never on this thread
         elif stream.done:
             try:
                 stream.close_subscriptions()  # runs the handler's on_close callbacks (presence, cleanup)
