@@ -524,6 +524,8 @@ def test_a_channel_idle_for_max_idle_with_nobody_on_it_is_forgotten(hubs):
     hub.sweep()
     assert "lobby:2" in hub.channels() and [e.id for e in hub.history("lobby:2")] == [held]
     player.close()
+    hub.sweep()  # idle since its publish, but max_idle counts from the last player's leaving
+    assert [e.id for e in hub.history("lobby:2")] == [held]
     back = hub.subscribe("lobby:1", last_id=old)
     hub.publish("lobby:1", "a new game")
     got = collect(back, lambda items: len(items) >= 2)

@@ -702,3 +702,37 @@ def test_an_expired_event_is_let_go_at_the_next_publish():
         assert held < 500_000, f"{held} bytes still held after the 1 MB event expired"
     finally:
         hub.close()
+
+
+def test_a_channel_left_as_its_first_event_lands_keeps_the_event():
+    """A channel nobody published to is forgotten when its last subscriber
+    leaves, unless an event lands meanwhile: leaving and publishing race
+    here many times; an event lost to that race never comes back."""
+    import sys
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race is a few bytecodes wide
+    hub = Hub()
+    lost, rounds, deadline = [], 0, time.monotonic() + 8.0
+    try:
+        while rounds < 20_000 and time.monotonic() < deadline:
+            name = f"c{rounds}"
+            sub = hub.subscribe(name)
+            both = threading.Barrier(2, timeout=5)
+
+            def publish(name=name, both=both):
+                both.wait()
+                hub.publish(name, "first")
+
+            publisher = threading.Thread(target=publish)
+            publisher.start()
+            both.wait()
+            sub.close()
+            publisher.join(5)
+            if not hub.history(name):
+                lost.append(name)
+            rounds += 1
+    finally:
+        sys.setswitchinterval(switch)
+        hub.close()
+    assert rounds > 1_000 and not lost, f"{len(lost)} of {rounds} first events lost"
