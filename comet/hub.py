@@ -48,6 +48,7 @@ from .cursors import (BEFORE_ALL, EPOCH_BUCKETS, MAX_CHANNELS, MAX_CURSOR, MAX_N
                       stored_id)
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event, TaggedEvent
+from .mux import Mux, MuxFanout, Slot
 
 if TYPE_CHECKING:
     from .presence import Presence
@@ -146,7 +147,7 @@ class Hub:
         self._epochs = array("q", [self.epoch]) * EPOCH_BUCKETS
         self._floor: str | None = None  # "<epoch>-0", shared by the channels of the hub's epoch
         # Each channel's one watcher for the subscriptions to several channels that follow it.
-        self._fanouts: dict[Channel, _MuxFanout] = {}
+        self._fanouts: dict[Channel, MuxFanout] = {}
         self._sweeping = threading.Event()
         self._sweeper: threading.Thread | None = None
         #: Seconds a member with no open stream left still counts (see
@@ -329,13 +330,13 @@ class Hub:
             names[name] = cursor_name(name)
         self._check_open(view, member)
         cursors = split_cursor(last_id, names)
-        slots: list[_Slot] = []
+        slots: list[Slot] = []
         try:
             for name, key_name in names.items():
                 given, key = cursors.get(name, (None, None))
                 ch, cursor, resumed, gap = self._open(name, given, key)
                 # Until its gap is sent, a channel's part of the cursor stays the client's.
-                slots.append(_Slot(name, key_name, ch, cursor, resumed if gap is None else given or resumed, gap))
+                slots.append(Slot(name, key_name, ch, cursor, resumed if gap is None else given or resumed, gap))
         except BaseException:
             for slot in slots:
                 self._release(slot.name, slot.ch)
@@ -1241,77 +1242,6 @@ class Subscription:
         return f"<Subscription {self.channel!r} at {self.last_id}{' closed' if self.closed else ''}>"
 
 
-class _Mux(Channel):
-    """What a subscription to several channels waits on: a channel holding
-    no events, whose ``seq`` moves (and whose watchers are called) whenever
-    one of the followed channels does. So threads, the parked writer and
-    cooperative steps wait on it exactly as on one channel."""
-
-    __slots__ = ()
-
-    def __init__(self) -> None:
-        super().__init__(1, "0-0")
-
-    def bump(self) -> None:
-        with self.cond:
-            self.seq += 1
-            self.notify_all()
-            watchers = self.watchers
-        for wake in watchers:
-            wake()
-
-
-class _MuxFanout:
-    """A channel's one watcher for every subscription to several channels
-    that follows it: joining and leaving are O(1), where a watcher each
-    would make a channel's watcher tuple O(n) to leave (10,000 streams
-    closing at shutdown: 10,000²)."""
-
-    __slots__ = ("muxes",)
-
-    def __init__(self) -> None:
-        self.muxes: dict[_Mux, None] = {}  # an insertion-ordered set
-
-    def __call__(self) -> None:
-        for mux in tuple(self.muxes):
-            mux.bump()
-
-    @classmethod
-    def join(cls, hub: "Hub", ch: Channel, mux: _Mux) -> None:
-        with ch.cond:  # (a channel's watchers change under its lock)
-            fan = hub._fanouts.get(ch)
-            if fan is None:
-                fan = hub._fanouts[ch] = cls()
-                ch.watchers = ch.watchers + (fan,)
-            fan.muxes[mux] = None
-
-    @classmethod
-    def leave(cls, hub: "Hub", ch: Channel, mux: _Mux) -> None:
-        with ch.cond:
-            fan = hub._fanouts.get(ch)
-            if fan is None:
-                return
-            fan.muxes.pop(mux, None)
-            if not fan.muxes:
-                del hub._fanouts[ch]
-                ch.watchers = tuple(w for w in ch.watchers if w is not fan)
-
-
-class _Slot:
-    """One channel of a :class:`MultiSubscription`: its cursor (``cursor``
-    seq, ``last`` id, what the subscription's id says), a gap not sent yet."""
-
-    __slots__ = ("name", "key", "ch", "cursor", "last", "piece", "gap")
-
-    def __init__(self, name: str, key: str, ch: Channel, cursor: int, last: str, gap: Event | None) -> None:
-        self.name, self.key, self.ch, self.cursor, self.gap = name, key, ch, cursor, gap  # key: cursor_name(name)
-        self.at(last)
-
-    def at(self, last: str) -> None:
-        """The channel's part of the subscription's cursor is now *last*."""
-        self.last, self.piece = last, f"{self.key}.{last}"
-
-
 class MultiSubscription(Subscription):
     """A subscription to several channels (``hub.subscribe([...])``).
 
@@ -1338,16 +1268,16 @@ class MultiSubscription(Subscription):
     (None, None)
     """
 
-    def __init__(self, hub: Hub, slots: list[_Slot], pending: list[Any], view: View | None, idle: float) -> None:
+    def __init__(self, hub: Hub, slots: list[Slot], pending: list[Any], view: View | None, idle: float) -> None:
         self._slots = slots
         #: The channels followed, in the order given.
         self.channels = tuple(slot.name for slot in slots)
-        mux = _Mux()
+        mux = Mux()
         label = slots[0].name + (f" (+{len(slots) - 1})" if len(slots) > 1 else "")
         super().__init__(hub, mux, label, 0, self._cursor(), pending, view, idle)
         self._mux = mux
         for slot in slots:
-            _MuxFanout.join(hub, slot.ch, mux)
+            MuxFanout.join(hub._fanouts, slot.ch, mux)
 
     def _cursor(self) -> str:
         return "_".join([slot.piece for slot in self._slots])
@@ -1368,7 +1298,7 @@ class MultiSubscription(Subscription):
         mux = self._mux
         with mux.cond:  # read first: a publish from now on moves it again, so no wake-up is lost
             self.cursor = mux.seq
-        merged: list[tuple[int, int, _Slot, Event]] = []
+        merged: list[tuple[int, int, Slot, Event]] = []
         for slot in self._slots:
             ch = slot.ch
             with ch.cond:
@@ -1413,7 +1343,7 @@ class MultiSubscription(Subscription):
         if self.closed:
             return
         for slot in self._slots:
-            _MuxFanout.leave(self.hub, slot.ch, self._mux)
+            MuxFanout.leave(self.hub._fanouts, slot.ch, self._mux)
         super().close()
 
     def _release_channels(self) -> None:
