@@ -31,6 +31,20 @@ to send right now": the stream layer uses it to write heartbeats, notice
 disconnected clients and end streams at shutdown, without the hub knowing
 about HTTP. It carries the subscription's cursor, so a long-poll answer with
 no events still tells the client exactly where to resume.
+
+Where things are
+----------------
+This module holds :class:`Hub` (the channels of a process: publishing,
+subscribing, retention, snapshots, presence) and :class:`Subscription`, the
+cursor it hands out, with :class:`MultiSubscription`, which extends it and
+which the hub makes (in :mod:`comet.mux` it would need this module and this
+module it), and :class:`Feed`, what the parked writer reads a subscription
+by. Below it, and knowing nothing of it: event ids, epochs and cursors in
+:mod:`comet.cursors`; one channel's buffer in :mod:`comet.channel`; the
+cooperative-step protocol (:class:`Step`, :class:`cooperative`,
+:class:`Idle`) in :mod:`comet.cooperative`; the mux a subscription to
+several channels waits on in :mod:`comet.mux`. Their public names used
+before the split are still importable from here.
 """
 from __future__ import annotations
 
@@ -38,7 +52,7 @@ import threading
 import time
 from array import array
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Sequence, Union
 
 from .channel import Channel, order_of
 from .cooperative import Idle, Step, cooperative, current_step, note_opened, subscriptions_recorded
