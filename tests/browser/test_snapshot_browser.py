@@ -105,3 +105,20 @@ def test_comet_js_hands_the_snapshot_to_on_snapshot_on_every_transport(context, 
             ["onEvent", "tick"]], (name, log)
         assert log[0][3]["snapshot"] is True and log[1][2:] == [ids[-1], {"state": "now"}], (name, log)
         assert log[2][2:] == [live, "live"] and len(log) == 3, (name, log)
+
+
+def test_a_restarted_shoutbox_with_nothing_new_still_redraws(context, example_server):
+    """The restarted server has nothing past the page's cursor, so its
+    snapshot carries the very id the page last saw: it is not "already
+    shown", the page still learns the old shouts are gone."""
+    server = example_server("examples.shoutbox")
+    post_shout(server.url, "bob", "before the restart")
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector('#status[data-status="open"]')
+    server.stop()
+    page.wait_for_selector('#status[data-status="reconnecting"]')
+    example_server("examples.shoutbox", port=server.port)
+    page.wait_for_selector("#shouts li.gone + #gone-note", timeout=30_000)
+    page.wait_for_selector('#status[data-status="open"]')
+    assert page.evaluate(TEXTS) == ["before the restart"]
