@@ -736,3 +736,18 @@ def test_a_channel_left_as_its_first_event_lands_keeps_the_event():
         sys.setswitchinterval(switch)
         hub.close()
     assert rounds > 1_000 and not lost, f"{len(lost)} of {rounds} first events lost"
+
+
+def test_initial_items_come_before_the_gap_and_its_snapshot():
+    hub = Hub(buffer_size=2)
+    try:
+        hub.snapshot("room", lambda channel: {"players": 2})
+        ids = [hub.publish("room", n) for n in range(4)]
+        sub = hub.subscribe("room", last_id=ids[0], initial=["hello"])
+        got = sub.take()
+        assert got[0] == "hello"
+        assert [(e.name, e.data) for e in got[1:3]] == [("comet.gap", got[1].data), ("comet.snapshot", {"players": 2})]
+        assert got[2].id == ids[-1]
+        sub.close()
+    finally:
+        hub.close()
