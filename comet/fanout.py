@@ -27,6 +27,10 @@ __all__ = ["Fanout", "Writes"]
 
 log = logging.getLogger("comet")
 
+# (Reading an enum member through its class costs ~0.1 µs on Python 3.11: the
+# per-stream and per-item paths below read these instead.)
+_OPEN, _DONE, _IDLE = Phase.OPEN, Phase.DONE, StepState.IDLE
+
 
 class Writes(Protocol):
     """What fan-out needs of the writer (:class:`comet.writer.Writer`)."""
@@ -101,7 +105,7 @@ class Fanout:
         now = time.monotonic()
         items = sent_bytes = 0
         for stream in streams:
-            if stream.done or stream.step_state is not StepState.IDLE:
+            if stream.phase is _DONE or stream.step_state is not _IDLE:
                 continue
             sub = stream.sub
             assert sub is not None
@@ -181,7 +185,7 @@ class Fanout:
 
     def emit(self, stream: ParkedStream, items: Sequence[Any]) -> None:
         """Queue *items* on *stream* (a long-poll: gather them) and write."""
-        if not items or stream.phase is not Phase.OPEN:
+        if not items or stream.phase is not _OPEN:
             return
         if stream.longpoll is not None:
             for item in items:

@@ -22,6 +22,10 @@ from .parked import News, ParkedStream
 
 __all__ = ["Mailbox", "Mail"]
 
+# (Reading an enum member through its class costs ~0.1 µs on Python 3.11: the
+# per-stream and per-item paths below read these instead.)
+_ITEM = News.ITEM
+
 #: One step's news: the stream, what it reports, and its value.
 Mail = tuple[ParkedStream, News, Any]
 
@@ -62,7 +66,7 @@ class Mailbox:
             if stream.news is not None:  # invariant I5: not taken yet, its park()'s wake-up brings it
                 stream.news.append((stream, kind, value))
                 return True
-            if kind is News.ITEM:
+            if kind is _ITEM:
                 stream.inbox_items += 1
             self._inbox.append((stream, kind, value))
             self._wake()
@@ -132,7 +136,7 @@ class Mailbox:
                 self._inbox[:0] = early
                 self._wake()
             for stream, kind, _ in inbox:
-                if kind is News.ITEM:
+                if kind is _ITEM:
                     stream.inbox_items -= 1
         return inbox
 

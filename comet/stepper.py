@@ -31,6 +31,10 @@ __all__ = ["Stepper", "Ends"]
 
 log = logging.getLogger("comet")
 
+# (Reading an enum member through its class costs ~0.1 µs on Python 3.11: the
+# per-stream and per-item paths below read these instead.)
+_ITEM, _DONE = News.ITEM, Phase.DONE
+
 
 class Ends(Protocol):
     """What stepping needs of the writer (:class:`comet.writer.Writer`)."""
@@ -96,7 +100,7 @@ class Stepper:
                         outcome, value = News.WAITING, step.blocked
                         break
                     continue  # the handler's own "nothing yet": it keeps this thread meanwhile
-                self._post(stream, News.ITEM, item)
+                self._post(stream, _ITEM, item)
                 produced += 1
                 if produced >= STEP_BUDGET:
                     break  # let others have the thread; the writer steps us again
@@ -136,8 +140,8 @@ class Stepper:
     def handle(self, inbox: list[Mail]) -> None:
         """What steps reported, in order: items, cursors, how they ended."""
         for stream, kind, value in inbox:
-            if kind is News.ITEM:
-                if not stream.done:
+            if kind is _ITEM:
+                if stream.phase is not _DONE:
                     self._fanout.emit(stream, [value])
                     if stream.longpoll is not None and len(stream.entries) >= LONGPOLL_MAX_BATCH:
                         self._writer.end(stream, End.ANSWERED)
