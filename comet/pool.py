@@ -259,6 +259,6 @@ class StreamPool:
 
     def reopen(self) -> None:
         """Admit streams again after :meth:`close_all` (engine restart)."""
+        self._runtime.reopen()  # (first: while the pool stops, writer() is None whatever the runtime says)
         with self._cond:
             self.stopping = False
-        self._runtime.reopen()
