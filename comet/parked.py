@@ -192,7 +192,7 @@ class ParkedStream:
         self.direct = gen is None and sub is not None
         self.step_state = StepState.IDLE
         self.step: Step[Subscription] | None = None
-        self.inbox_items = 0  # produced by a step, not yet taken by the writer (under the writer's lock)
+        self.inbox_items = 0  # produced by a step, not yet taken by the writer (under the mailbox's lock)
         #: Set by the writer as a generator's backlog drains; made by the
         #: first step that has to wait for that (most never do).
         self.drained: threading.Event | None = None
@@ -206,7 +206,7 @@ class ParkedStream:
         self.due = 0.0
         self.initial: Sequence[Any] = ()  # items a generator produced before it was parked
         #: What its steps reported while the stream waited to be taken by the
-        #: writer (under the writer's lock; None once taken): it comes with
+        #: writer (under the mailbox's lock; None once taken): it comes with
         #: the stream, without a wake-up of its own.
         self.news: list[tuple[ParkedStream, News, Any]] | None = None
         self.hint: str | None = None  # its channel, seen before its first step
