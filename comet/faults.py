@@ -22,7 +22,9 @@ proxy owns exactly one thread and two sockets (the listener and a wake-up
 pair) plus two per connection, all released by :meth:`FaultProxy.stop`.
 Commands from the test thread run on that thread and return once they
 have taken effect: after ``blackhole()`` returns, no further byte is
-forwarded. Buffering parses HTTP/1.1 responses (``Content-Length``,
+forwarded. The proxy accepts connections and runs the commands; each
+connection relays its own bytes (``_Conn``), through the faults in force
+(``_Schedule``, which the commands set). Buffering parses HTTP/1.1 responses (``Content-Length``,
 chunked, or until close) to know where each ends; responses to ``HEAD``
 are not told apart, so use other methods through a buffering proxy.
 """
@@ -144,14 +146,217 @@ class _Pipe:
         self.cut_left: int | None = None
 
 
+class _Schedule:
+    """The faults in force: set by the test's commands, read by every
+    connection's relay (both on the proxy's thread)."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0  # seconds added to each chunk
+        self.rate: float | None = None  # bytes per second, per connection and direction
+        self.offline = False  # new connections are blackholed
+        self.buffering = False  # responses held until whole
+
+
 class _Conn:
-    def __init__(self, client: socket.socket, server: socket.socket, blackholed: bool) -> None:
+    """One client connection and its upstream: the bytes relayed both ways,
+    through the faults in *schedule*. Lives on the proxy's thread; tells
+    *on_close* when it has closed."""
+
+    def __init__(self, client: socket.socket, server: socket.socket, selector: selectors.BaseSelector,
+                 schedule: _Schedule, on_close: Callable[[_Conn], None]) -> None:
         self.client, self.server = client, server
         self.up = _Pipe(client, server, upstream=False)
         self.down = _Pipe(server, client, upstream=True)
-        self.blackholed = blackholed
+        self.blackholed = schedule.offline
         self.connected = False  # the non-blocking connect to upstream has finished
         self.closed = False
+        self._selector = selector
+        self._schedule = schedule
+        self._on_close = on_close
+
+    def connect(self, upstream: tuple[str, int]) -> None:
+        """Start the non-blocking connect to *upstream*."""
+        if self.blackholed:
+            return  # no network: upstream never hears of it
+        err = self.server.connect_ex(upstream)
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self.close(rst=True)  # upstream refused: so does the proxy
+            return
+        self.interest()
+
+    def next_due(self) -> float | None:
+        """When the first chunk queued either way is due, if any is."""
+        due = [pipe.pending[0][0] for pipe in (self.up, self.down) if pipe.pending]
+        return min(due) if due else None
+
+    def interest(self) -> None:
+        """(Re)register what each socket waits for."""
+        for sock, into, outof in ((self.client, self.up, self.down), (self.server, self.down, self.up)):
+            events = 0
+            if self.blackholed:
+                pass  # nothing read, nothing written: its bytes wait in the kernel
+            elif not self.connected and sock is self.server:
+                events = selectors.EVENT_WRITE  # the connect finishing
+            else:
+                if not into.eof and into.pending_bytes < _HIGH_WATER and self.connected:
+                    events |= selectors.EVENT_READ
+                if outof.pending and outof.pending[0][0] <= time.monotonic():
+                    events |= selectors.EVENT_WRITE
+            try:
+                key = self._selector.get_key(sock)
+            except KeyError:
+                key = None
+            if key is None and events:
+                self._selector.register(sock, events, None)
+            elif key is not None and not events:
+                self._selector.unregister(sock)
+            elif key is not None and key.events != events:
+                self._selector.modify(sock, events, None)
+
+    def service(self) -> None:
+        """Move what can move now, both ways."""
+        if self.closed or self.blackholed:
+            return
+        if not self.connected:
+            err = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.close(rst=True)
+                return
+            try:
+                self.server.getpeername()
+            except OSError:
+                self.interest()  # still connecting
+                return
+            self.connected = True
+        try:
+            for pipe in (self.up, self.down):
+                self._read(pipe)
+                self._write(pipe)
+        except OSError:
+            self.close(rst=True)  # one side reset or failed: so does the other
+            return
+        if self.closed:
+            return
+        if self.up.shut and self.down.shut:
+            self.close()
+            return
+        self.interest()
+
+    def _read(self, pipe: _Pipe) -> None:
+        if pipe.eof or pipe.pending_bytes >= _HIGH_WATER:
+            return
+        try:
+            data = pipe.src.recv(_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            pipe.eof = True
+            if pipe.held:  # a close-delimited response is complete now
+                self._queue(pipe, bytes(pipe.held))
+                pipe.held.clear()
+            return
+        if pipe.responses:
+            ends = pipe.ends.feed(data)
+            if self._schedule.buffering:
+                if ends:
+                    pipe.held += data[:ends[-1]]
+                    self._queue(pipe, bytes(pipe.held))
+                    pipe.held.clear()
+                    data = data[ends[-1]:]
+                if data:
+                    pipe.held += data
+                return
+        self._queue(pipe, data)
+
+    def _queue(self, pipe: _Pipe, data: bytes) -> None:
+        now = time.monotonic()
+        due = now + self._schedule.delay
+        rate = self._schedule.rate
+        if rate is None:
+            pipe.pending.append((due, data))
+            pipe.pending_bytes += len(data)
+            return
+        # Throttled: small slices, each when the link is free again.
+        step = max(1, int(rate / 20))
+        for at in range(0, len(data), step):
+            piece = data[at:at + step]
+            start = max(due, pipe.next_free)
+            pipe.next_free = start + len(piece) / rate
+            pipe.pending.append((start, piece))
+            pipe.pending_bytes += len(piece)
+
+    def _write(self, pipe: _Pipe) -> None:
+        now = time.monotonic()
+        while pipe.pending and pipe.pending[0][0] <= now:
+            due, data = pipe.pending[0]
+            if pipe.cut_left is not None:
+                data = data[:pipe.cut_left]
+            try:
+                sent = pipe.dst.send(data) if data else 0
+            except (BlockingIOError, InterruptedError):
+                return
+            if pipe.cut_left is not None:
+                pipe.cut_left -= sent
+                if pipe.cut_left == 0:
+                    self.close()
+                    return
+            if sent < len(pipe.pending[0][1]):
+                pipe.pending[0] = (due, pipe.pending[0][1][sent:])
+                pipe.pending_bytes -= sent
+                return
+            pipe.pending.popleft()
+            pipe.pending_bytes -= sent
+        if pipe.eof and not pipe.pending and not pipe.held and not pipe.shut:
+            pipe.shut = True
+            try:
+                pipe.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    # -- faults on this connection --
+
+    def cut(self, after_bytes: int) -> None:
+        """End the response after *after_bytes* more bytes reach the client."""
+        if self.blackholed:
+            return
+        # Counted from what the client gets next: bytes queued here
+        # (delayed or held) count as not sent yet.
+        self.down.cut_left = after_bytes
+        if after_bytes == 0:
+            self.close()
+
+    def release_held(self) -> None:
+        """Forward what buffering held back (buffering has stopped)."""
+        if self.down.held:
+            self._queue(self.down, bytes(self.down.held))
+            self.down.held.clear()
+
+    def blackhole(self) -> None:
+        """Forward nothing more, either way; keep the sockets open."""
+        self.blackholed = True
+        for pipe in (self.up, self.down):
+            pipe.pending.clear()
+            pipe.pending_bytes = 0
+            pipe.held.clear()
+        self.interest()
+
+    def close(self, rst: bool = False) -> None:
+        """Close both sockets (with an RST if *rst*)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._on_close(self)
+        for sock in (self.client, self.server):
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            if rst:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            sock.close()
 
 
 class FaultProxy:
@@ -193,10 +398,7 @@ class FaultProxy:
             scheme = parts.scheme or scheme
         else:
             self.upstream = (upstream[0], int(upstream[1]))
-        self._delay = 0.0
-        self._rate: float | None = None
-        self._offline = False
-        self._buffering = False
+        self._schedule = _Schedule()
         self._conns: list[_Conn] = []
         self._commands: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = queue.SimpleQueue()
         self._stopping = False
@@ -231,21 +433,25 @@ class FaultProxy:
         socket's buffers fill: to test how a server notices a client whose
         packets stop, drop them for real (tests/test_vanished_clients.py
         does, with a network namespace)."""
-        self._run(self._blackhole_all)
+        def go() -> None:
+            for conn in self._conns:
+                conn.blackhole()
+        self._run(go)
 
     def offline(self) -> None:
         """The network is gone: open connections are blackholed, and so is
         every new one until :meth:`restore`."""
         def go() -> None:
-            self._offline = True
-            self._blackhole_all()
+            self._schedule.offline = True
+            for conn in self._conns:
+                conn.blackhole()
         self._run(go)
 
     def restore(self) -> None:
         """New connections pass again. Connections blackholed before stay
         silent, as a NAT that forgot them would keep them."""
         def go() -> None:
-            self._offline = False
+            self._schedule.offline = False
         self._run(go)
 
     def delay(self, seconds: float) -> None:
@@ -255,7 +461,7 @@ class FaultProxy:
             raise ValueError(f"delay must be >= 0 seconds, got {seconds!r}")
 
         def go() -> None:
-            self._delay = float(seconds)
+            self._schedule.delay = float(seconds)
         self._run(go)
 
     def throttle(self, bytes_per_second: float | None) -> None:
@@ -265,7 +471,7 @@ class FaultProxy:
             raise ValueError(f"throttle must be > 0 bytes per second or None, got {bytes_per_second!r}")
 
         def go() -> None:
-            self._rate = None if bytes_per_second is None else float(bytes_per_second)
+            self._schedule.rate = None if bytes_per_second is None else float(bytes_per_second)
         self._run(go)
 
     def cut(self, after_bytes: int = 0) -> None:
@@ -277,13 +483,7 @@ class FaultProxy:
 
         def go() -> None:
             for conn in list(self._conns):
-                if conn.blackholed:
-                    continue
-                pipe = conn.down
-                # Counted from what the client gets next: bytes queued here
-                # (delayed or held) count as not sent yet.
-                pipe.cut_left = after_bytes
-                self._trim_for_cut(conn)
+                conn.cut(after_bytes)
         self._run(go)
 
     def reset(self) -> None:
@@ -291,19 +491,17 @@ class FaultProxy:
         upstream: reads on either side raise ``ConnectionResetError``."""
         def go() -> None:
             for conn in list(self._conns):
-                self._close(conn, rst=True)
+                conn.close(rst=True)
         self._run(go)
 
     def buffer_responses(self, on: bool = True) -> None:
         """Hold each response until upstream has sent the whole of it
         (``False``: forward as it comes again, releasing what was held)."""
         def go() -> None:
-            self._buffering = bool(on)
+            self._schedule.buffering = bool(on)
             if not on:
                 for conn in self._conns:
-                    if conn.down.held:
-                        self._queue(conn, conn.down, bytes(conn.down.held))
-                        conn.down.held.clear()
+                    conn.release_held()
         self._run(go)
 
     @property
@@ -366,10 +564,10 @@ class FaultProxy:
                         done.set()
                 self._accept()
                 for conn in list(self._conns):
-                    self._service(conn)
+                    conn.service()
         finally:
             for conn in list(self._conns):
-                self._close(conn)
+                conn.close()
             self._release()
 
     def _release(self) -> None:
@@ -389,7 +587,7 @@ class FaultProxy:
             pass
 
     def _next_due(self) -> float | None:
-        due = [pipe.pending[0][0] for conn in self._conns for pipe in (conn.up, conn.down) if pipe.pending]
+        due = [at for conn in self._conns if (at := conn.next_due()) is not None]
         if not due:
             return None
         return max(0.0, min(due) - time.monotonic())
@@ -407,165 +605,10 @@ class FaultProxy:
             server.setblocking(False)
             server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(client, server, blackholed=self._offline)
+            conn = _Conn(client, server, self._selector, self._schedule, on_close=self._forget)
             self._conns.append(conn)
-            if conn.blackholed:
-                continue  # no network: upstream never hears of it
-            err = server.connect_ex(self.upstream)
-            if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-                self._close(conn, rst=True)  # upstream refused: so does the proxy
-                continue
-            self._interest(conn)
+            conn.connect(self.upstream)
 
-    def _interest(self, conn: _Conn) -> None:
-        """(Re)register what each socket of *conn* waits for."""
-        for sock, into, outof in ((conn.client, conn.up, conn.down), (conn.server, conn.down, conn.up)):
-            events = 0
-            if conn.blackholed:
-                pass  # nothing read, nothing written: its bytes wait in the kernel
-            elif not conn.connected and sock is conn.server:
-                events = selectors.EVENT_WRITE  # the connect finishing
-            else:
-                if not into.eof and into.pending_bytes < _HIGH_WATER and conn.connected:
-                    events |= selectors.EVENT_READ
-                if outof.pending and outof.pending[0][0] <= time.monotonic():
-                    events |= selectors.EVENT_WRITE
-            try:
-                key = self._selector.get_key(sock)
-            except KeyError:
-                key = None
-            if key is None and events:
-                self._selector.register(sock, events, None)
-            elif key is not None and not events:
-                self._selector.unregister(sock)
-            elif key is not None and key.events != events:
-                self._selector.modify(sock, events, None)
-
-    def _service(self, conn: _Conn) -> None:
-        if conn.closed or conn.blackholed:
-            return
-        if not conn.connected:
-            err = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._close(conn, rst=True)
-                return
-            try:
-                conn.server.getpeername()
-            except OSError:
-                self._interest(conn)  # still connecting
-                return
-            conn.connected = True
-        try:
-            for pipe in (conn.up, conn.down):
-                self._read(conn, pipe)
-                self._write(conn, pipe)
-        except OSError:
-            self._close(conn, rst=True)  # one side reset or failed: so does the other
-            return
-        if conn.closed:
-            return
-        if conn.up.shut and conn.down.shut:
-            self._close(conn)
-            return
-        self._interest(conn)
-
-    def _read(self, conn: _Conn, pipe: _Pipe) -> None:
-        if pipe.eof or pipe.pending_bytes >= _HIGH_WATER:
-            return
-        try:
-            data = pipe.src.recv(_READ)
-        except (BlockingIOError, InterruptedError):
-            return
-        if not data:
-            pipe.eof = True
-            if pipe.held:  # a close-delimited response is complete now
-                self._queue(conn, pipe, bytes(pipe.held))
-                pipe.held.clear()
-            return
-        if pipe.responses:
-            ends = pipe.ends.feed(data)
-            if self._buffering:
-                if ends:
-                    pipe.held += data[:ends[-1]]
-                    self._queue(conn, pipe, bytes(pipe.held))
-                    pipe.held.clear()
-                    data = data[ends[-1]:]
-                if data:
-                    pipe.held += data
-                return
-        self._queue(conn, pipe, data)
-
-    def _queue(self, conn: _Conn, pipe: _Pipe, data: bytes) -> None:
-        now = time.monotonic()
-        due = now + self._delay
-        if self._rate is None:
-            pipe.pending.append((due, data))
-            pipe.pending_bytes += len(data)
-            return
-        # Throttled: small slices, each when the link is free again.
-        step = max(1, int(self._rate / 20))
-        for at in range(0, len(data), step):
-            piece = data[at:at + step]
-            start = max(due, pipe.next_free)
-            pipe.next_free = start + len(piece) / self._rate
-            pipe.pending.append((start, piece))
-            pipe.pending_bytes += len(piece)
-
-    def _write(self, conn: _Conn, pipe: _Pipe) -> None:
-        now = time.monotonic()
-        while pipe.pending and pipe.pending[0][0] <= now:
-            due, data = pipe.pending[0]
-            if pipe.cut_left is not None:
-                data = data[:pipe.cut_left]
-            try:
-                sent = pipe.dst.send(data) if data else 0
-            except (BlockingIOError, InterruptedError):
-                return
-            if pipe.cut_left is not None:
-                pipe.cut_left -= sent
-                if pipe.cut_left == 0:
-                    self._close(conn)
-                    return
-            if sent < len(pipe.pending[0][1]):
-                pipe.pending[0] = (due, pipe.pending[0][1][sent:])
-                pipe.pending_bytes -= sent
-                return
-            pipe.pending.popleft()
-            pipe.pending_bytes -= sent
-        if pipe.eof and not pipe.pending and not pipe.held and not pipe.shut:
-            pipe.shut = True
-            try:
-                pipe.dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def _trim_for_cut(self, conn: _Conn) -> None:
-        if conn.down.cut_left == 0:
-            self._close(conn)
-
-    def _blackhole_all(self) -> None:
-        for conn in self._conns:
-            conn.blackholed = True
-            for pipe in (conn.up, conn.down):
-                pipe.pending.clear()
-                pipe.pending_bytes = 0
-                pipe.held.clear()
-            self._interest(conn)
-
-    def _close(self, conn: _Conn, rst: bool = False) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
+    def _forget(self, conn: _Conn) -> None:
         if conn in self._conns:
             self._conns.remove(conn)
-        for sock in (conn.client, conn.server):
-            try:
-                self._selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
-            if rst:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-            sock.close()
