@@ -50,7 +50,7 @@ PACKAGE = "comet"
 
 #: Modules under comet/ never mutated by default: test helpers, process
 #: management for the tests themselves, the demo app.
-EXCLUDED_MODULES = {"testing.py", "processes.py", "demo.py"}
+EXCLUDED_MODULES = {"testing.py", "live_servers.py", "processes.py", "demo.py"}
 
 #: Module (path under comet/) -> the test files that exercise it. Paths are
 #: relative to the repository root; the module itself is added too when it
