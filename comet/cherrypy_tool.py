@@ -174,7 +174,7 @@ class CometPlugin(SimplePlugin):
         if hook is not None:
             hook.stop()
 
-    stop.priority = 10  # type: ignore[attr-defined]  # before the HTTP server's stop (25) joins its threads
+    stop.priority = 10  # type: ignore[attr-defined]  # before the HTTP server's stop (25) joins its threads: invariant I13
 
 
 class _ToCherryPyLog(logging.Handler):

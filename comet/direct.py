@@ -136,6 +136,7 @@ class DirectHandlers:
         if writer is None:
             return False  # stopping: cheroot answers as it does
         self.pool.counters.add("routed_direct")
+        # Served on the connect pool, not on cheroot's accepting thread (invariant I12).
         writer.connects.submit(functools.partial(self._serve, entry, sock, got, peer_of(conn)))
         return True
 

@@ -331,7 +331,7 @@ class FastRoutes:
         channel = route.channel_for(parsed.params)
         cursor = parsed.last_event_id or parse_qs(parsed.query).get(_QUERY_KEY, [None])[-1]
         if not route.hub.is_local(channel, cursor or None):
-            return False  # the subscribe would wait on the network: not on this thread
+            return False  # the subscribe would wait on the network: not on this thread (invariant I12)
         if parsed.request is not None:
             parsed.request.remote_addr = peer_of(conn).remote_addr
         try:

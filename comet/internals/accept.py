@@ -87,7 +87,7 @@ class AcceptHook:
         self._lock = threading.Lock()
 
     def process_conn(self, conn: Any) -> None:
-        # Runs on cheroot's connection-manager thread: must never raise or block.
+        # Runs on cheroot's connection-manager thread: must never raise or block (invariant I12).
         try:
             if self._look(conn):
                 return
