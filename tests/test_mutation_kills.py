@@ -751,3 +751,41 @@ def test_initial_items_come_before_the_gap_and_its_snapshot():
         sub.close()
     finally:
         hub.close()
+
+
+def test_a_thread_iterating_a_subscription_sees_each_event_without_waiting_its_idle_tick():
+    """Ping-pong between a publisher and a thread iterating a subscription:
+    each publish lands just as the thread is about to wait. The wait re-checks
+    under the channel's lock, so no event waits for the next idle tick."""
+    import sys
+
+    from comet import Event
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    hub = Hub(idle=10)
+    sub = hub.subscribe("pp")
+    got = threading.Event()
+
+    def consume():
+        for item in sub:
+            if isinstance(item, Event):
+                got.set()
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    worst, rounds, deadline = 0.0, 0, time.monotonic() + 6.0
+    try:
+        while rounds < 2_000 and time.monotonic() < deadline:
+            got.clear()
+            sent = time.monotonic()
+            hub.publish("pp", rounds)
+            assert got.wait(15), "an event never reached the iterating thread"
+            worst = max(worst, time.monotonic() - sent)
+            rounds += 1
+    finally:
+        sys.setswitchinterval(switch)
+        sub.close()
+        hub.close()
+        consumer.join(5)
+    assert rounds > 100 and worst < 5.0, f"an event waited {worst:.1f} s (idle is 10 s) in {rounds} rounds"
