@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 from .counters import Counters
 from .framing import Event, longpoll_item
 from .hub import Feed
-from .parked import LONGPOLL_MAX_BATCH, STEP_HIGH_WATER, End, ParkedStream, Phase, StepState, chunk, last_event_id
+from .parked import STEP_HIGH_WATER, End, ParkedStream, Phase, StepState, chunk, last_event_id
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -116,7 +116,7 @@ class Fanout:
                 stream.paused = True  # flush() reads it again once the socket has taken most of it
                 continue
             if (sub.view is not None or stream.out or sub.has_pending or not stream.chunked or sub.ended
-                    or not stream.framing.shared_bytes or stream.longpoll is not None):
+                    or not stream.framing.shared_bytes or stream.poll is not None):
                 self.feed(stream)
                 continue
             key = (sub.cursor, stream.transport)
@@ -163,8 +163,8 @@ class Fanout:
             if stream.gen is not None:
                 self._writes.step(stream)  # the generator goes on after its ``yield from``
             else:
-                if stream.longpoll is not None and (not stream.entries or stream.cursor is None):
-                    stream.cursor = sub.last_id  # ended with no news (a disconnect): still a whole answer
+                if stream.poll is not None:
+                    stream.poll.stands_at(sub.last_id)  # ended with no news (a disconnect): still a whole answer
                 self._writes.end(stream, End.FINISHED)
             return
         if stream.out_size > STEP_HIGH_WATER and stream.bounded():
@@ -177,28 +177,29 @@ class Fanout:
             self._writes.end(stream, End.FAILED)
             return
         self.emit(stream, items)
-        if stream.longpoll is not None:
-            if not stream.entries or stream.cursor is None:
-                stream.cursor = sub.last_id  # where the hub stands, even with nothing new
-            if (stream.entries or stream.handshake) and not stream.done:
+        poll = stream.poll
+        if poll is not None:
+            poll.stands_at(sub.last_id)  # where the hub stands, even with nothing new
+            if poll.ready and not stream.done:
                 self._writes.end(stream, End.ANSWERED)
 
     def emit(self, stream: ParkedStream, items: Sequence[Any]) -> None:
         """Queue *items* on *stream* (a long-poll: gather them) and write."""
         if not items or stream.phase is not _OPEN:
             return
-        if stream.longpoll is not None:
+        poll = stream.poll
+        if poll is not None:
             for item in items:
-                if len(stream.entries) >= LONGPOLL_MAX_BATCH:
+                if poll.full:
                     break
                 try:
-                    stream.entries.append(longpoll_item(item))
+                    poll.entries.append(longpoll_item(item))
                 except (ValueError, TypeError) as exc:
                     log.error("comet: ending long-poll, cannot encode %r: %s", type(item).__name__, exc)
                     self._writes.end(stream, End.FAILED)
                     return
                 if isinstance(item, Event) and item.id is not None:
-                    stream.cursor = item.id
+                    poll.cursor = item.id
             self._writes.counters.add("items", len(items))
             return
         for item in items:

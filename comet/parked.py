@@ -23,7 +23,7 @@ from typing import Any, Callable, ContextManager, Generator, Iterator, Protocol,
 from .framing import FRAMINGS, Event, encode_longpoll
 from .hub import Step, Subscription
 
-__all__ = ["ParkedStream", "Phase", "End", "News", "StepState", "Place", "GRACEFUL", "LONGPOLL_MAX_BATCH", "STEP_BUDGET",
+__all__ = ["ParkedStream", "LongPoll", "Phase", "End", "News", "StepState", "Place", "GRACEFUL", "LONGPOLL_MAX_BATCH", "STEP_BUDGET",
            "STEP_HIGH_WATER", "STEP_HIGH_ITEMS", "chunk", "answer_bytes", "untold", "last_event_id",
            "inner_subscription", "delegates_to", "close_generator"]
 
@@ -143,6 +143,46 @@ class News(enum.Enum):
     CANCELLED = "cancelled"
 
 
+class LongPoll:
+    """A parked long-poll's answer while it is gathered: the items (at most
+    :data:`LONGPOLL_MAX_BATCH`), the cursor its client sends back next time,
+    and when it answers at the latest.
+
+    >>> poll = LongPoll(deadline=0.0, cursor=None)
+    >>> poll.stands_at("e-1"); poll.ready, poll.cursor
+    (True, 'e-1')
+    """
+
+    __slots__ = ("deadline", "entries", "cursor", "handshake")
+
+    def __init__(self, deadline: float, cursor: str | None) -> None:
+        self.deadline = deadline
+        self.entries: list[str] = []
+        self.cursor = cursor
+        #: A long-poll without a cursor answers once it knows one (with what is
+        #: ready): the client's next poll starts exactly there.
+        self.handshake = cursor is None
+
+    @property
+    def full(self) -> bool:
+        return len(self.entries) >= LONGPOLL_MAX_BATCH
+
+    @property
+    def ready(self) -> bool:
+        """Something to answer with now: items, or a handshake's cursor."""
+        return bool(self.entries) or self.handshake
+
+    def stands_at(self, cursor: str | None) -> None:
+        """Where its subscription stands: the cursor to answer with, unless
+        items gathered already carry one (the client resumes after them)."""
+        if not self.entries or self.cursor is None:
+            self.cursor = cursor
+
+    def answer(self, heartbeat: float) -> bytes:
+        """The answer's body (its heartbeat is its ``poll_timeout``)."""
+        return encode_longpoll(self.entries, self.cursor, heartbeat)
+
+
 class Place(Protocol):
     """A stream's place in its pool (:class:`comet.pool.Admission`)."""
 
@@ -161,8 +201,8 @@ class ParkedStream:
 
     __slots__ = ("sock", "sub", "gen", "transport", "boundary", "chunked", "heartbeat", "beat", "deadline",
                  "max_bytes", "admission", "out", "out_size", "last_write", "writing", "phase", "key", "direct",
-                 "step_state", "step", "inbox_items", "drained", "longpoll", "entries", "cursor", "due", "initial", "news", "hint", "shut",
-                 "framing", "context", "handshake", "paused", "earlier", "timer", "given", "known", "__weakref__")
+                 "step_state", "step", "inbox_items", "drained", "poll", "due", "initial", "news", "hint", "shut",
+                 "framing", "context", "paused", "earlier", "timer", "given", "known", "__weakref__")
 
     def __init__(self, sock: socket.socket, transport: str, boundary: str, chunked: bool, heartbeat_every: float,
                  deadline: float | None, max_bytes: int, admission: Place, *, sub: Subscription | None = None,
@@ -196,13 +236,9 @@ class ParkedStream:
         #: Set by the writer as a generator's backlog drains; made by the
         #: first step that has to wait for that (most never do).
         self.drained: threading.Event | None = None
-        #: Long-poll: when to answer at the latest (None: a streaming transport).
-        self.longpoll = None if longpoll is None else time.monotonic() + longpoll
-        self.entries: list[str] = []
-        self.cursor = cursor
-        #: A long-poll without a cursor answers once it knows one (with what is
-        #: ready): the client's next poll starts exactly there.
-        self.handshake = longpoll is not None and cursor is None
+        #: A long-poll's answer as it is gathered (None: a streaming
+        #: transport, or a long-poll answered already).
+        self.poll = None if longpoll is None else LongPoll(time.monotonic() + longpoll, cursor)
         self.due = 0.0
         self.initial: Sequence[Any] = ()  # items a generator produced before it was parked
         #: What its steps reported while the stream waited to be taken by the
@@ -274,11 +310,11 @@ class ParkedStream:
 
     def next_due(self) -> float:
         """When the timer heap should look at this stream again."""
-        due = self.last_write + self.heartbeat if self.beat and self.longpoll is None else float("inf")
+        due = self.last_write + self.heartbeat if self.beat and self.poll is None else float("inf")
         if self.deadline is not None:
             due = min(due, self.deadline)
-        if self.longpoll is not None:
-            due = min(due, self.longpoll)
+        if self.poll is not None:
+            due = min(due, self.poll.deadline)
         return due
 
     def close_socket(self, final: bool = True, last: bool = True) -> None:
@@ -293,7 +329,7 @@ class ParkedStream:
             self.shut = True
         sock = self.sock
         if last:
-            if self.longpoll is not None:
+            if self.poll is not None:
                 self.queue(answer_bytes(self))
             elif self.chunked:
                 self.queue(b"0\r\n\r\n")  # the client may reconnect at once
@@ -371,8 +407,9 @@ def last_event_id(items: Sequence[Any]) -> str | None:
 
 def answer_bytes(stream: ParkedStream) -> bytes:
     """A long-poll's answer, whole: it is answered from now on."""
-    body = encode_longpoll(stream.entries, stream.cursor, stream.heartbeat)  # (a long-poll's: poll_timeout)
-    stream.longpoll = None
+    poll, stream.poll = stream.poll, None
+    assert poll is not None
+    body = poll.answer(stream.heartbeat)  # (a long-poll's heartbeat: its poll_timeout)
     return chunk(body) + b"0\r\n\r\n" if stream.chunked else body
 
 

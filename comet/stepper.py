@@ -23,7 +23,7 @@ from typing import Any, Callable, Generator, Protocol
 from .fanout import Fanout
 from .hub import Idle, Step, Subscription, cooperative
 from .mailbox import Mail
-from .parked import (LONGPOLL_MAX_BATCH, STEP_BUDGET, STEP_HIGH_ITEMS, STEP_HIGH_WATER, End, News, ParkedStream, Phase,
+from .parked import (STEP_BUDGET, STEP_HIGH_ITEMS, STEP_HIGH_WATER, End, News, ParkedStream, Phase,
                      StepState, close_generator, delegates_to)
 from .steps import StepPool
 
@@ -94,7 +94,7 @@ class Stepper:
                 if item is None or item.__class__ is Idle:
                     if item is not None:
                         cursor = item.last_id
-                        if stream.longpoll is not None:
+                        if stream.poll is not None:
                             self._post(stream, News.CURSOR, cursor)
                     if step.blocked is not None:
                         outcome, value = News.WAITING, step.blocked
@@ -143,14 +143,15 @@ class Stepper:
             if kind is _ITEM:
                 if stream.phase is not _DONE:
                     self._fanout.emit(stream, [value])
-                    if stream.longpoll is not None and len(stream.entries) >= LONGPOLL_MAX_BATCH:
+                    if stream.poll is not None and stream.poll.full:
                         self._writer.end(stream, End.ANSWERED)
                 continue
             if kind is News.CURSOR:
-                if stream.longpoll is not None and (not stream.entries or stream.cursor is None):
-                    stream.cursor = value
-                if stream.longpoll is not None and stream.handshake and stream.phase is Phase.OPEN:
-                    self._writer.end(stream, End.ANSWERED)
+                poll = stream.poll
+                if poll is not None:
+                    poll.stands_at(value)
+                    if poll.handshake and stream.phase is Phase.OPEN:
+                        self._writer.end(stream, End.ANSWERED)
                 continue
             stream.step_state, stream.step = StepState.IDLE, None
             if kind is not News.WAITING and value is not None:
@@ -165,9 +166,9 @@ class Stepper:
                     self._writer.end(stream, End.STEPPED)
                     continue
                 self._fanout.join(stream, sub)
-                if stream.given is None and stream.framing.beats_cursor and stream.longpoll is None:
+                if stream.given is None and stream.framing.beats_cursor and stream.poll is None:
                     self._writer.tell_cursor(stream)  # its first cursor: at once, not a heartbeat later
-                if stream.longpoll is not None and stream.entries:
+                if stream.poll is not None and stream.poll.entries:
                     self._writer.end(stream, End.ANSWERED)
                 elif sub.moved():  # moved since the step looked
                     if direct:
@@ -183,7 +184,7 @@ class Stepper:
                 stream.gen = None
                 if stream.done:
                     self._writer.end(stream, End.STEPPED)
-                elif kind is News.FINISHED or stream.longpoll is not None:
+                elif kind is News.FINISHED or stream.poll is not None:
                     self._writer.end(stream, End.FINISHED)  # (a long-poll answers with what it has)
                 else:
                     self._writer.end(stream, End.FAILED)

@@ -307,10 +307,10 @@ class Writer:
             if stream.phase is not Phase.OPEN:
                 continue
             if (stream.deadline is not None and now >= stream.deadline) or (
-                    stream.longpoll is not None and now >= stream.longpoll):
+                    stream.poll is not None and now >= stream.poll.deadline):
                 self.end(stream, End.TIMED_OUT)
                 continue
-            if stream.beat and stream.longpoll is None and now - stream.last_write >= stream.heartbeat and not stream.out:
+            if stream.beat and stream.poll is None and now - stream.last_write >= stream.heartbeat and not stream.out:
                 cursor = untold(stream) if stream.framing.beats_cursor else None
                 beat = stream.framing.beat(stream.boundary, stream.heartbeat, cursor)  # multipart: depends on what was written
                 stream.queue(chunk(beat) if stream.chunked else beat)
@@ -338,7 +338,7 @@ class Writer:
         elif why is End.ORPHANED:
             self._orphan(stream)
         elif why in GRACEFUL:
-            if stream.longpoll is not None and stream.phase is Phase.OPEN:
+            if stream.poll is not None and stream.phase is Phase.OPEN:
                 stream.queue(answer_bytes(stream))  # a long-poll's one answer: what it gathered, and its cursor
                 stream.phase = Phase.CLOSING
             self._finish(stream)
