@@ -45,10 +45,7 @@ INTERNALS = "comet.internals"
 KNOWN: set[str] = {
     "big class: comet.backends.redis.RedisHub",
     "big class: comet.hub.Hub",
-    "big class: comet.writer.Writer",
     "big module: comet.hub",
-    "big module: comet.writer",
-    "cycle: comet.pool, comet.writer",
     "private: comet.backends.redis uses event._wire",
     "private: comet.backends.redis uses self._channels",
     "private: comet.backends.redis uses self._check_channel",
@@ -64,10 +61,6 @@ KNOWN: set[str] = {
     "private: comet.hub uses proto._key",
     "private: comet.hub uses proto._wire",
     "private: comet.hub uses stored._wire",
-    "private: comet.pipeline imports comet.writer._chunk",
-    "private: comet.pipeline imports comet.writer._close_connection",
-    "private: comet.pipeline uses writer._post",
-    "private: comet.pipeline uses writer._step",
 }
 
 
