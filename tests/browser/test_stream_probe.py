@@ -77,19 +77,20 @@ def test_a_probe_answered_503_keeps_the_page_on_longpoll(context, probe_server):
     with FaultProxy(probe_server.url) as proxy:
         proxy.buffer_responses(True)
         page = context.new_page()
-        page.goto(page_url(proxy.url, FETCH_TRANSPORTS, heartbeat=HB, pollUrl="/events/poll", retryStreamAfter=2000))
+        page.goto(page_url(proxy.url, FETCH_TRANSPORTS, heartbeat=HB, pollUrl="/events/poll", retryStreamAfter=4000))
         tab = Tab("chromium", page)
         sent = [hub.publish("net", {"n": 0})]
         for t in FETCH_TRANSPORTS:
             tab.wait_for(f"{subs}.{t}.sub.transport === 'longpoll'", timeout=15)
-        # The first probe comes 2 s (retryStreamAfter) after the fallback:
-        # by then the proxy passes streams, and the server refuses them.
+        # The first probe comes 4 s (retryStreamAfter) after the fallback
+        # (room for a loaded machine): by then the proxy passes streams, and
+        # the server refuses them.
         probe_server.refuse = 503
         # (A probe already open would get its held bytes: through, a stream.)
         assert tab.evaluate(f"Object.values({subs}).every((s) => s.sub._streamProbe === null)"), tab.report()
         proxy.buffer_responses(False)
         wait_shown([tab], 1, time.time() + 5, "on long-poll")
-        wait_until(lambda: all(probe_server.refused.values()), timeout=8, what="a probe per transport, refused")
+        wait_until(lambda: all(probe_server.refused.values()), timeout=12, what="a probe per transport, refused")
         for t in FETCH_TRANSPORTS:
             tab.wait_for(f"{subs}.{t}.sub._streamProbe === null", timeout=5)
         for t, sub in tab.report().items():
@@ -98,10 +99,10 @@ def test_a_probe_answered_503_keeps_the_page_on_longpoll(context, probe_server):
         sent.append(hub.publish("net", {"n": 1}))
         wait_shown([tab], 2, time.time() + 2 * HB + 2, "still on long-poll, after a refused probe")
         check_events([tab], sent)
-        # Served again: the next probe (4 s after the refused one) streams.
+        # Served again: the next probe (8 s after the refused one) streams.
         probe_server.refuse = None
         for t in FETCH_TRANSPORTS:
-            tab.wait_for(f"{subs}.{t}.sub.transport === '{t}' && {subs}.{t}.sub.status === 'open'", timeout=10)
+            tab.wait_for(f"{subs}.{t}.sub.transport === '{t}' && {subs}.{t}.sub.status === 'open'", timeout=20)
         sent.append(hub.publish("net", {"n": 2}))
         wait_shown([tab], 3, time.time() + 3, "streaming again")
         for t, sub in check_events([tab], sent)["chromium"].items():
