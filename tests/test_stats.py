@@ -395,6 +395,34 @@ def test_records_whose_wait_is_over_make_room(monkeypatch):
     assert guard._wrong["*"][0] == stats.GUESSES_FREE  # the crowd's count is kept: its next wait doubles
 
 
+def test_the_crowds_later_wait_does_not_keep_the_table_full(monkeypatch):
+    """A full table frees the records whose wait is over as soon as the
+    first of them ends, even while the crowd (the newcomers of a full table)
+    serves a wait that ends later: a newcomer then gets a record of its own,
+    not the crowd's 429."""
+    import time
+
+    from comet import stats
+
+    monkeypatch.setattr(stats, "MAX_ADDRESSES", 2)
+    monkeypatch.setattr(stats, "FIRST_WAIT", 1.0)
+    guard = stats._Guard("comet", "pw")
+    ask = guard_asker(guard)
+    wrong = basic("comet", "nope")
+    started = time.monotonic()
+    for address in ("10.0.0.1", "10.0.0.2"):
+        for _ in range(stats.GUESSES_FREE):
+            ask(address, wrong)
+    # Most of their wait later, newcomers earn the crowd a wait of its own,
+    # and one more finds the table full (429, unless this machine was slow).
+    wait_until(lambda: time.monotonic() > started + 0.7, timeout=5, what="most of the first waits")
+    for n in range(stats.GUESSES_FREE + 1):
+        ask(f"10.0.0.{n + 3}", wrong)
+    wait_until(lambda: ask("10.0.0.2", {"Authorization": ""}) == 401, timeout=5, what="the first waits over")
+    assert guard.refusal(wrong["Authorization"], "10.0.1.2")[0].startswith("401")
+    assert "10.0.1.2" in guard._wrong
+
+
 def test_ipv6_clients_are_throttled_over_the_network(comet_cherrypy):
     import socket
 
