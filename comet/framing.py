@@ -213,6 +213,18 @@ class Event:
             except UnicodeDecodeError:
                 raise InvalidEvent("event data bytes must be UTF-8 text; yield a Part for binary") from None
 
+    def stored_as(self, event_id: str) -> "Event":
+        """This event as a hub stores it, with *event_id*: its key kept, and
+        the encodings made so far (the publisher's serialisation is reused
+        by every stream).
+
+        >>> Event("hi", channel="room").stored_as("1-1")
+        Event(data='hi', id='1-1', name=None, channel='room', retry=None)
+        """
+        stored = Event(self.data, id=event_id, name=self.name, channel=self.channel, retry=self.retry, _key=self._key)
+        stored._wire.update(self._wire)  # its text, if made: a Part's base64 only when asked for
+        return stored
+
     def replace(self, **changes: Any) -> "Event":
         """A copy with some fields changed (used by per-subscriber views).
 

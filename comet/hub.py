@@ -48,21 +48,19 @@ before the split are still importable from here.
 """
 from __future__ import annotations
 
-import threading
 import time
-from array import array
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 from .channel import Channel, order_of
 from .cooperative import Idle, Step, cooperative, current_step, note_opened, subscriptions_recorded
 from .counters import Counters
-from .cursors import (BEFORE_ALL, EPOCH_BUCKETS, MAX_CHANNELS, MAX_CURSOR, MAX_NAME, MAX_PART, bucket, channel_tag,
-                      check_channel, check_member, cursor_name, is_multi_cursor, multi_cursor, parse_id, split_cursor,
-                      stored_id)
+from .cursors import (BEFORE_ALL, MAX_CHANNELS, MAX_CURSOR, MAX_NAME, MAX_PART, channel_tag, check_channel,
+                      check_member, cursor_name, is_multi_cursor, multi_cursor, parse_id, split_cursor, stored_id)
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event, TaggedEvent
 from .mux import Mux, MuxFanout, Slot
+from .store import Channels as Channels, ChannelStore, MaxAge as MaxAge, MemoryStore, wake
 
 if TYPE_CHECKING:
     from .presence import Presence
@@ -84,10 +82,6 @@ GAP = "comet.gap"
 SNAPSHOT = "comet.snapshot"
 
 View = Callable[[Event], Any]
-#: A channel's name, or a function of a name saying whether it is one of them.
-Channels = Union[str, Callable[[str], bool]]
-#: Seconds, or a function of the channel's name giving seconds (or ``None``).
-MaxAge = Union[float, Callable[[str], Optional[float]], None]
 
 
 class _SnapshotDue:
@@ -123,14 +117,18 @@ class Hub:
     Presence (:mod:`comet.presence`): ``subscribe(..., member=...)``,
     :meth:`members`, :meth:`disconnect`; a member whose last stream closed
     still counts for ``presence_grace`` seconds (a reload is not a leave).
+
+    Where the channels live is the hub's :attr:`store` (:mod:`comet.store`):
+    by default a :class:`~comet.store.MemoryStore` made from
+    ``buffer_size``, ``max_age`` and ``max_idle``; a backend passes its own
+    as ``store`` (:class:`~comet.backends.redis.RedisHub` does).
     """
 
     def __init__(self, buffer_size: int = 1000, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, idle: float = 1.0,
-                 max_age: MaxAge = None, max_idle: float | None = None, presence_grace: float = 2.0) -> None:
-        if max_age is not None and not callable(max_age):
-            _positive("max_age", max_age)
-        if max_idle is not None:
-            _positive("max_idle", max_idle)
+                 max_age: MaxAge = None, max_idle: float | None = None, presence_grace: float = 2.0,
+                 store: ChannelStore | None = None) -> None:
+        if store is None:  # (it checks max_age and max_idle: first, as always)
+            store = MemoryStore(buffer_size, epoch=time.time_ns() // 1_000_000, max_age=max_age, max_idle=max_idle)
         if isinstance(presence_grace, bool) or not isinstance(presence_grace, (int, float)) or presence_grace < 0:
             raise ValueError(f"presence_grace must be a number of seconds >= 0, got {presence_grace!r}")
         if not isinstance(buffer_size, int) or buffer_size < 1:
@@ -142,39 +140,33 @@ class Hub:
         self.buffer_size = buffer_size
         self.max_event_bytes = max_event_bytes
         self.idle = float(idle)
-        self.epoch = time.time_ns() // 1_000_000
-        self._lock = threading.Lock()
-        self._channels: dict[str, Channel] = {}
+        self._store = store
+        self.epoch = store.epoch
+        self._lock = store.lock  # (one lock for the table and the hub's few fields below)
         self._generation = 0
         self._closed = False
         self._subscriptions = 0
         #: ``published`` events and ``gaps`` reported to subscribers, since start.
         self.counters = Counters(("published", "gaps", "forgotten"))
-        self.max_age = max_age
-        self.max_idle = None if max_idle is None else float(max_idle)
-        # Channels dropped since the dict was last copied, and per bucket the
-        # epoch a new channel gets: arrays made now, not int objects made as
-        # channels go. An object made in the middle of a burst of channels
-        # and kept stays alone in the allocator's pages the burst used, and
-        # keeps them all from going back to the system (tests/test_forget.py).
-        self._dropped = array("q", [0])
-        self._epochs = array("q", [self.epoch]) * EPOCH_BUCKETS
-        self._floor: str | None = None  # "<epoch>-0", shared by the channels of the hub's epoch
+        self.max_age = store.max_age
+        self.max_idle = store.max_idle
         # Each channel's one watcher for the subscriptions to several channels that follow it.
         self._fanouts: dict[Channel, MuxFanout] = {}
-        self._sweeping = threading.Event()
-        self._sweeper: threading.Thread | None = None
         #: Seconds a member with no open stream left still counts (see
         #: :mod:`comet.presence`): a reload or a reconnect does not flap.
         self.presence_grace = float(presence_grace)
         self._presence: Presence | None = None  # made on first use
-        self._start_sweeper()
+        store.open(self.counters, self._dropped)
 
-    def _start_sweeper(self) -> None:
-        """Start the sweeper if retention asks for one (backends: once ready)."""
-        if self._sweeper is None and (self.max_age is not None or self.max_idle is not None):
-            self._sweeper = threading.Thread(target=self._sweep_loop, name="comet-hub-sweeper", daemon=True)
-            self._sweeper.start()
+    @property
+    def store(self) -> ChannelStore:
+        """Where this hub's channels live (:mod:`comet.store`)."""
+        return self._store
+
+    def _dropped(self, channel: str) -> None:
+        """*channel* was forgotten here: its presence goes with it."""
+        if self._presence is not None:
+            self._presence.dropped(channel)
 
     @property
     def published(self) -> int:
@@ -199,23 +191,7 @@ class Hub:
         >>> hub.publish("chat", {"text": "hi"}, event="shout").endswith("-1")
         True
         """
-        proto = self._prepare(channel, data, event, retry, key)
-        while True:
-            ch = self._channel(channel)
-            with ch.cond:
-                if ch.dead:  # forgotten as we looked it up: publish into its successor (invariant I15)
-                    continue
-                event_id = f"{ch.epoch}-{ch.seq + 1}"
-                stored = Event(proto.data, id=event_id, name=event, channel=channel, retry=retry, _key=proto._key)
-                stored._wire.update(proto._wire)  # its text, if made: a Part's base64 only when asked for
-                ch.append(stored)
-                ch.notify_all()  # in the same lock hold as the append (invariant I1): the hot path
-                watchers = ch.watchers
-            break
-        self.counters.add("published")
-        for wake in watchers:  # e.g. the parked-stream writer: one call per channel, not per stream
-            wake()
-        return event_id
+        return self._store.publish(channel, self._prepare(channel, data, event, retry, key))
 
     def publish_many(self, channel: str, items: Iterable[Any], event: str | None = None, *,
                      retry: int | None = None) -> list[str]:
@@ -234,24 +210,7 @@ class Hub:
                   else self._prepare(channel, item, event, retry) for item in items]
         if not protos:
             return []
-        ids: list[str] = []
-        while not ids:
-            ch = self._channel(channel)
-            with ch.cond:
-                if ch.dead:
-                    continue
-                for proto in protos:
-                    event_id = f"{ch.epoch}-{ch.seq + 1}"
-                    stored = Event(proto.data, id=event_id, name=proto.name, channel=channel, retry=proto.retry)
-                    stored._wire.update(proto._wire)
-                    ch.append(stored)
-                    ids.append(event_id)
-                ch.notify_all()
-                watchers = ch.watchers
-        self.counters.add("published", len(ids))
-        for wake in watchers:
-            wake()
-        return ids
+        return self._store.publish_many(channel, protos)
 
     def _prepare(self, channel: str, data: Any, event: str | None, retry: int | None, key: str | None = None) -> Event:
         """Validate and serialise an event to publish, before anything is stored."""
@@ -266,14 +225,7 @@ class Hub:
             raise HubClosed("publish on a closed hub")
         return proto
 
-    @staticmethod
-    def _wake(ch: Channel) -> None:
-        """Wake *ch*'s waiters, then its watchers (outside the lock)."""
-        with ch.cond:
-            ch.notify_all()
-            watchers = ch.watchers
-        for wake in watchers:  # e.g. the parked-stream writer: one call per channel, not per stream
-            wake()
+    _wake = staticmethod(wake)
 
     # -- subscribing --------------------------------------------------------
 
@@ -353,7 +305,7 @@ class Hub:
                 slots.append(Slot(name, key_name, ch, cursor, resumed if gap is None else given or resumed, gap))
         except BaseException:
             for slot in slots:
-                self._release(slot.name, slot.ch)
+                self._store.release(slot.name, slot.ch)
             raise
         sub = MultiSubscription(self, slots, list(initial), view, self.idle if idle is None else idle)
         if member is not None:
@@ -374,15 +326,15 @@ class Hub:
               key: tuple[int, int] | None) -> tuple[Channel, int, str, Event | None]:
         """Hold *channel* for a new subscriber at *last_id* (parsed: *key*):
         the channel, the cursor seq and its id, and a gap event if one is due."""
-        ch = self._acquire(channel)
+        ch = self._store.acquire(channel)
         caught_up = False
         try:
             if key is not None and key > parse_id(ch.tail_id()):
-                caught_up = self._catch_up(channel, ch)  # another process may be ahead of our mirror
+                caught_up = self._store.catch_up(channel, ch)  # another process may be ahead of our mirror
             with ch.cond:
                 cursor, resumed, gap = self._resolve(channel, ch, last_id, key)
         except BaseException:
-            self._release(channel, ch)
+            self._store.release(channel, ch)
             raise
         if caught_up:
             self._wake(ch)
@@ -405,18 +357,6 @@ class Hub:
         # Older epoch or evicted: everything held is new to the client.
         return ch.first_seq() - 1, ch.floor, self._gap(channel, last_id, ch.floor)
 
-    def _catch_up(self, channel: str, ch: Channel) -> bool:
-        """Backends: append events the shared store has and the mirror lacks
-        yet; True if any. The caller holds no lock (it is I/O; the backend
-        takes ``ch.cond`` to append). The memory hub is always current."""
-        return False
-
-    def _local(self, channel: str, last_id: str | None) -> bool:
-        """Would :meth:`subscribe` answer without waiting on the network?
-        (``comet.fastpath`` subscribes on cheroot's accepting thread only
-        then.) Always, for the memory hub."""
-        return True
-
     def is_local(self, channel: str | Sequence[str], last_id: str | None) -> bool:
         """Would :meth:`subscribe` (one channel or several) at *last_id*
         answer without waiting on the network? ``comet.fastpath`` subscribes
@@ -426,13 +366,13 @@ class Hub:
         True
         """
         if isinstance(channel, str):
-            return self._local(channel, last_id)
+            return self._store.is_local(channel, last_id)
         try:
             cursors = split_cursor(last_id, channel)
         except ValueError:
             return True  # subscribe refuses it without I/O
         # A plain id's BEFORE_ALL asks for everything held: never ahead of a mirror.
-        return all(self._local(name, None if key in (None, BEFORE_ALL) else given)
+        return all(self._store.is_local(name, None if key in (None, BEFORE_ALL) else given)
                    for name, (given, key) in ((n, cursors.get(n, (None, None))) for n in channel))
 
     def _gap(self, channel: str, last_id: str | None, resume: str) -> Event:
@@ -523,7 +463,7 @@ class Hub:
         key = parse_id(event_id)
         caught_up = False
         if key > parse_id(ch.tail_id()):
-            caught_up = self._catch_up(channel, ch)  # another process published it
+            caught_up = self._store.catch_up(channel, ch)  # another process published it
         with ch.cond:
             if not parse_id(ch.floor) <= key <= parse_id(ch.tail_id()):
                 raise ValueError(f"a snapshot at {event_id} is out of the buffer of {channel!r} "
@@ -542,7 +482,7 @@ class Hub:
         stream resumes exactly after it, with no gap and no duplicate.
         """
         self._check_channel(channel)
-        ch = self._channels.get(channel)  # reading creates nothing
+        ch = self._store.current(channel)  # reading creates nothing (a backend's mirror: made and caught up)
         if ch is None:
             return []
         with ch.cond:
@@ -554,9 +494,9 @@ class Hub:
         """Id of the newest event in *channel* (``"<epoch>-0"`` when none yet):
         a cursor for "everything after now"."""
         self._check_channel(channel)
-        ch = self._channels.get(channel)
+        ch = self._store.current(channel)
         if ch is None:
-            return f"{self._epoch_of(channel)}-0"
+            return f"{self._store.epoch_of(channel)}-0"
         with ch.cond:
             return ch.tail_id()
 
@@ -586,21 +526,19 @@ class Hub:
         :class:`~comet.backends.redis.RedisHub`: the channels this process
         mirrors (subscribed, watched, or read since), not every channel of
         the shared store."""
-        with self._lock:
-            return list(self._channels)
+        return self._store.names()
 
     def watch(self, channel: str, wake: Callable[[], None]) -> Callable[[], None]:
         """Call ``wake()`` (from the publishing thread, after the event is
         stored) on every publish to *channel*, and on :meth:`end_subscriptions`.
         Returns the function that stops watching. Keep ``wake`` tiny."""
-        return self._watching(channel, self._acquire(channel), wake)
+        return self._watching(channel, self._store.acquire(channel), wake)
 
     def _watch(self, channel: str, ch: Channel, wake: Callable[[], None]) -> Callable[[], None]:
         """:meth:`watch` the channel object *ch* a subscription reads, even if
         *channel* was forgotten since: the parked writer must hear of that
         one's last events, not of its successor's."""
-        with self._lock:
-            ch.refs += 1  # (the subscription holds it: it cannot go meanwhile)
+        self._store.hold(ch)  # (the subscription holds it: it cannot go meanwhile)
         return self._watching(channel, ch, wake)
 
     def _watching(self, channel: str, ch: Channel, wake: Callable[[], None]) -> Callable[[], None]:
@@ -615,7 +553,7 @@ class Hub:
             done.append(True)
             with ch.cond:
                 ch.watchers = tuple(w for w in ch.watchers if w is not wake)
-            self._release(channel, ch)
+            self._store.release(channel, ch)
 
         return unwatch
 
@@ -632,15 +570,9 @@ class Hub:
         if presence is None:
             with self._lock:
                 if self._presence is None:
-                    self._presence = self._make_presence()
+                    self._presence = self._store.presence(self)
                 presence = self._presence
         return presence
-
-    def _make_presence(self) -> "Presence":
-        """Backends: presence across processes."""
-        from .presence import Presence
-
-        return Presence(self)
 
     def has_channel(self, channel: str) -> bool:
         """Whether this process holds *channel* now, not forgotten (what
@@ -650,7 +582,7 @@ class Hub:
         >>> hub.has_channel("room"), hub.publish("room", "hi") != "", hub.has_channel("room")
         (False, True, True)
         """
-        ch = self._channels.get(channel)
+        ch = self._store.get(channel)
         return ch is not None and not ch.dead
 
     def announce(self, channel: str, name: str, data: str, *, create: bool) -> tuple[Callable[[], None], ...] | None:
@@ -671,7 +603,7 @@ class Hub:
         if self._closed:
             return None
         while True:
-            ch = self._channel(channel) if create else self._channels.get(channel)
+            ch = self._store.channel(channel) if create else self._store.get(channel)
             if ch is None:
                 return None
             with ch.cond:
@@ -729,8 +661,7 @@ class Hub:
         """End every open subscription now (engine stop); the hub stays usable."""
         with self._lock:
             self._generation += 1
-            channels = list(self._channels.values())
-        for ch in channels:
+        for ch in self._store.all():
             self._wake(ch)
 
     def close(self) -> None:
@@ -742,9 +673,7 @@ class Hub:
             self._presence.close()
         self._closed = True
         self.end_subscriptions()
-        self._sweeping.set()
-        if self._sweeper is not None and self._sweeper is not threading.current_thread():
-            self._sweeper.join(10)
+        self._store.close()  # the sweeper (a backend: its threads and connections too)
 
     # -- channels that come and go --------------------------------------------
 
@@ -771,96 +700,19 @@ class Hub:
         """
         self._check_channel(channel)
         self._forget_members(channel)  # first: a join being published lands before the channel goes
-        return self._forget_here(channel)
-
-    def _forget_here(self, channel: str) -> bool:
-        """Forget *channel* in this process; True if it existed here."""
-        ch = self._channels.get(channel)
-        return ch is not None and self._forget_channel(channel, ch)
-
-    def _forget_channel(self, name: str, ch: Channel) -> bool:
-        """Forget *ch* if it is still *name*'s channel here."""
-        with ch.cond:
-            with self._lock:
-                if ch.dead or self._channels.get(name) is not ch:
-                    return False
-                self._drop(name, ch)
-        self.counters.add("forgotten")
-        if self._presence is not None:
-            self._presence.dropped(name)
-        self._wake(ch)  # its subscriptions take what is left, then end
-        return True
+        return self._store.forget(channel)
 
     def _forget_members(self, channel: str) -> None:
         """*channel* is over: nobody leaves it. (Backends: in every process.)"""
         if self._presence is not None:  # (none made: nobody ever joined here)
             self._presence.forget(channel)
 
-    def _epoch_of(self, channel: str) -> int:
-        """The epoch a new channel *channel* gets."""
-        epoch = self._epochs[bucket(channel)]
-        return self.epoch if epoch == self.epoch else epoch  # (the hub's: one int, not one per channel)
-
-    def _drop(self, name: str, ch: Channel) -> None:
-        """Remove *ch* from the hub; the caller holds its lock and the hub's."""
-        ch.dead = True
-        del self._channels[name]
-        self._dropped[0] += 1
-        if self._dropped[0] > 2 * len(self._channels) + 1000:
-            # A dict never shrinks by deletion: copy it once most of it has gone.
-            self._channels, self._dropped[0] = dict(self._channels), 0
-        if ch.seq:  # its ids were handed out: a successor starts a later epoch
-            at = bucket(name)
-            self._epochs[at] = max(self._epochs[at] + 1, ch.epoch + 1, time.time_ns() // 1_000_000)
-        self._forget(name)
-
-    def _sweep_loop(self) -> None:
-        while not self._sweeping.wait(self._sweep_every()):
-            try:
-                self.sweep()
-            except Exception:  # a bug must not stop retention for the life of the hub
-                import logging
-
-                logging.getLogger("comet").exception("comet: hub sweep failed")
-
-    def _sweep_every(self) -> float:
-        bounds = [b for b in (self.max_idle, self.max_age if not callable(self.max_age) else None) if b is not None]
-        return min(max(min(bounds, default=10.0) / 4, 0.05), 10.0)
-
     def sweep(self) -> int:
         """Apply ``max_age`` and ``max_idle`` now (the sweeper thread calls
         this regularly); how many channels were forgotten."""
-        now = time.monotonic()
-        with self._lock:
-            # Names only: one list, no tuple per channel (a million small
-            # objects made and freed on every sweep would pin allocator pages).
-            names = list(self._channels)
-        idle_before = None if self.max_idle is None else now - self.max_idle
-        forgotten = 0
-        for name in names:
-            ch = self._channels.get(name)
-            if ch is None:
-                continue
-            if ch.times:  # (an unlocked look; expire() decides under the lock)
-                with ch.cond:
-                    ch.expire(now)
-            if idle_before is not None and ch.touched < idle_before and not ch.refs:
-                forgotten += self._forget_idle(name, ch, idle_before)
-        return forgotten
-
-    def _forget_idle(self, name: str, ch: Channel, idle_before: float) -> bool:
-        """Forget *ch* if it is still idle and unheld (checked under its locks)."""
-        with ch.cond:
-            with self._lock:
-                if ch.dead or ch.refs or ch.touched >= idle_before or self._channels.get(name) is not ch:
-                    return False
-                self._drop(name, ch)
-        self.counters.add("forgotten")
-        return True
+        return self._store.sweep()
 
     # -- latest-value channels ------------------------------------------------
-
-    _latest: tuple[Channels, ...] = ()
 
     def latest(self, channels: Channels) -> None:
         """Make *channels* latest-value channels: each event is the newest
@@ -889,80 +741,14 @@ class Hub:
             self._check_channel(channels)
         elif not callable(channels):
             raise TypeError(f"channels must be a channel name or a function of one, got {channels!r}")
-        with self._lock:
-            self._latest = self._latest + (channels,)
-            existing = [ch for name, ch in self._channels.items() if self._is_latest(name)]
-        for ch in existing:
-            with ch.cond:
-                ch.keep_latest()
-
-    def _is_latest(self, name: str) -> bool:
-        return any(match == name if isinstance(match, str) else match(name) for match in self._latest)
+        self._store.latest(channels)
 
     # -- helpers ------------------------------------------------------------
-
-    def _channel(self, name: str) -> Channel:
-        ch = self._channels.get(name)
-        if ch is None:
-            with self._lock:
-                epoch = self._epoch_of(name)
-                max_age = self.max_age(name) if callable(self.max_age) else self.max_age
-                fresh = Channel(self.buffer_size, self._floor_of(epoch), epoch, max_age)
-                if self._latest and self._is_latest(name):
-                    fresh.keep_latest()
-                ch = self._channels.setdefault(name, fresh)
-        return ch
-
-    def _floor_of(self, epoch: int) -> str:
-        """A new channel's floor, ``"<epoch>-0"``: one string for every
-        channel of the hub's epoch, not one each (the caller holds the lock)."""
-        if epoch != self.epoch:
-            return f"{epoch}-0"
-        if self._floor is None:  # (made at first use: a backend sets its epoch after Hub.__init__)
-            self._floor = f"{epoch}-0"
-        return self._floor
-
-    #: Forget a channel nobody ever published to once nobody holds it. A
-    #: forgotten pristine channel comes back exactly as it was (no events,
-    #: floor ``<epoch>-0``), so no cursor can tell. Backends that follow
-    #: channels elsewhere keep theirs.
-    _forget_pristine = True
-
-    def _acquire(self, name: str) -> Channel:
-        """*name*'s channel, held (by a subscription or watcher) until :meth:`_release`."""
-        while True:
-            ch = self._channel(name)
-            with self._lock:
-                if self._channels.get(name) is ch:  # not forgotten in between
-                    ch.refs += 1
-                    return ch
-
-    def _release(self, name: str, ch: Channel) -> None:
-        with self._lock:
-            ch.refs -= 1
-            if not ch.refs:
-                ch.touched = time.monotonic()  # max_idle counts from the last subscriber's leaving
-            if ch.refs or ch.seq or not self._forget_pristine:
-                return
-        # Lock order (invariant I7): a channel's, then the hub's (as a
-        # backend's activation takes them). A publish holds the channel's lock
-        # while it appends, so a channel is never forgotten in the middle of
-        # one (invariant I15).
-        with ch.cond:
-            if ch.seq or ch.watchers or ch.dead:
-                return
-            with self._lock:
-                if ch.refs or self._channels.get(name) is not ch:
-                    return
-                self._drop(name, ch)
-
-    def _forget(self, name: str) -> None:
-        """Backends: stop following *name* (the caller holds both locks)."""
 
     _check_channel = staticmethod(check_channel)
 
     def __repr__(self) -> str:
-        return f"<Hub epoch={self.epoch} channels={len(self._channels)} subscriptions={self._subscriptions}>"
+        return f"<Hub epoch={self.epoch} channels={len(self._store)} subscriptions={self._subscriptions}>"
 
 
 class Feed(Protocol):
@@ -1251,7 +1037,7 @@ class Subscription:
                 logging.getLogger("comet").exception("comet: on_close callback failed")
 
     def _release_channels(self) -> None:
-        self.hub._release(self.channel, self._ch)
+        self.hub.store.release(self.channel, self._ch)
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} at {self.last_id}{' closed' if self.closed else ''}>"
@@ -1363,12 +1149,8 @@ class MultiSubscription(Subscription):
 
     def _release_channels(self) -> None:
         for slot in self._slots:
-            self.hub._release(slot.name, slot.ch)
+            self.hub.store.release(slot.name, slot.ch)
 
     def __repr__(self) -> str:
         return f"<MultiSubscription {list(self.channels)!r} at {self.last_id}{' closed' if self.closed else ''}>"
 
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -174,7 +174,7 @@ def test_closing_releases_every_channel_and_its_watcher(hub):
     assert hub.subscriptions == 1 and sorted(hub.channels()) == ["kept", "pristine"]
     sub.close()
     assert hub.subscriptions == 0 and hub.channels() == ["kept"]  # the never-published one is gone
-    assert hub._channels["kept"].watchers == () and hub._channels["kept"].refs == 0
+    assert hub.store.get("kept").watchers == () and hub.store.get("kept").refs == 0
 
 
 def test_a_waiting_thread_wakes_on_any_channel_and_ends_with_the_hub(hub):

@@ -90,7 +90,7 @@ def test_channels_on_every_master_reach_another_process_exactly(cluster):
     try:
         names = _one_channel_per_master(cluster)
         subs = {name: reader.subscribe(name) for name in names}
-        assert len({n for n in reader._follower.owner.values()}) == 3  # a reader per master
+        assert len({n for n in reader.store.follower.owner.values()}) == 3  # a reader per master
         sent = {name: [writer.publish(name, f"{name}-{i}") for i in range(5)] for name in names}
         for name, sub in subs.items():
             assert [_next_event(sub).id for _ in range(5)] == sent[name]
@@ -232,7 +232,7 @@ def test_a_resharding_mid_stream_loses_nothing(comet_cherrypy, cluster):
 
     try:
         counts = _stream_through(comet_cherrypy, cluster, hub, reshard)
-        regroups = hub._follower.regroups
+        regroups = hub.store.follower.regroups
     finally:
         hub.close()
     print(f"\nresharding in {counts['change_s']:.2f} s: acknowledged {counts['acknowledged']}, refused {counts['refused']}, "
@@ -254,7 +254,7 @@ def test_a_master_failover_mid_stream_loses_nothing(comet_cherrypy, cluster_with
 
     try:
         counts = _stream_through(comet_cherrypy, cluster, hub, failover)
-        regroups = hub._follower.regroups
+        regroups = hub.store.follower.regroups
     finally:
         hub.close()
     print(f"\nfailover in {counts['change_s']:.2f} s: acknowledged {counts['acknowledged']}, refused {counts['refused']}, "
@@ -286,8 +286,8 @@ def test_every_script_recovers_on_masters_that_lost_it(cluster):
         # one publish (EVALSHA through the cluster client), then one batch
         # spread over every master (a pipeline per master), then MULTI/EXEC
         ids = [hub.publish(names[0], "single")]
-        batch = [(hub._key(name), hub._fields(hub._prepare(name, f"batch-{name}", None, None, None))) for name in names]
-        results = hub._send_batch(batch)
+        batch = [(hub.store._key(name), hub.store._fields(hub._prepare(name, f"batch-{name}", None, None, None))) for name in names]
+        results = hub.store.publisher.send_batch(batch)
         assert all(isinstance(r, bytes) for r in results), results
         ids += [r.decode() for r in results]
         ids += hub.publish_many(names[1], ["many-1", "many-2"])
@@ -330,8 +330,8 @@ def test_presence_across_processes_on_a_cluster(cluster):
         # count and appends its join or leave); the hub's shared keys on one.
         from comet.backends.redis_presence import presence_keys
 
-        stream = a._key("room")
-        keys = [stream, a._forgotten_for(stream), *presence_keys(a.prefix, True, stream, "room")]
+        stream = a.store._key("room")
+        keys = [stream, a.store._forgotten_for(stream), *presence_keys(a.prefix, True, stream, "room")]
         assert {cluster.slot_of(key.encode()) for key in keys} == {cluster.slot_of(stream.encode())}
         base = b.presence._base.encode()
         assert cluster.slot_of(base + b"leases") == cluster.slot_of(base + b"leaving") == cluster.slot_of(base + b"p:x")

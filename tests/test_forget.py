@@ -168,7 +168,7 @@ def test_max_age_for_every_channel_and_the_sweeper_ends_with_the_hub():
     hub = Hub(idle=0.2, max_age=0.2)
     try:
         hub.publish("a", 1)
-        ch = hub._channels["a"]
+        ch = hub.store.get("a")
         settle(lambda: not ch.events, what="the sweeper to drop the old event")  # nobody read it
     finally:
         hub.close()

@@ -30,13 +30,13 @@ def test_a_forget_reaches_every_process_and_old_cursors_get_exact_gaps(hubs, com
         move, over = a.publish("game", "move"), a.publish("game", "game over")
         # (Across processes a subscriber gets what its reader read before the
         # forget deleted the stream: let b's reader have it first.)
-        wait_until(lambda: b._cursors.get((prefix + "game").encode()) == over, what="b's reader to read the game")
+        wait_until(lambda: b.store._cursors.get((prefix + "game").encode()) == over, what="b's reader to read the game")
         assert a.forget("game") is True
         # b's subscriber gets what was published before the forget, then its subscription ends
         assert [e.data for e in drain(sub, 2)] == ["move", "game over"]
         wait_until(lambda: sub.ended, what="b's subscription to end")
         wait_until(lambda: "game" not in b.channels(), what="b to drop its mirror")
-        assert prefix.encode() + b"game" not in b._cursors  # b's reader no longer reads it
+        assert prefix.encode() + b"game" not in b.store._cursors  # b's reader no longer reads it
         assert not admin.exists(prefix + "game")
         sub.close()
         new = a.publish("game", "new game")

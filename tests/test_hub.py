@@ -351,7 +351,7 @@ class Gate:
 def test_a_publish_racing_the_last_close_lands_in_the_channel_everyone_sees():
     hub = Hub()
     leaving = hub.subscribe("room")
-    ch = hub._channels["room"]
+    ch = hub.store.get("room")
     ch.cond = gate = Gate(ch.cond, "publisher")
     ids = []
     publisher = threading.Thread(target=lambda: ids.append(hub.publish("room", "hello")), name="publisher")
@@ -368,7 +368,7 @@ def test_a_publish_racing_the_last_close_lands_in_the_channel_everyone_sees():
 def test_a_subscribe_racing_the_last_close_holds_the_channel_publishes_go_to():
     hub = Hub()
     leaving = hub.subscribe("room")
-    hub._lock = gate = Gate(hub._lock, "joiner")
+    hub.store.lock = gate = Gate(hub.store.lock, "joiner")
     joined = []
     joiner = threading.Thread(target=lambda: joined.append(hub.subscribe("room")), name="joiner")
     joiner.start()

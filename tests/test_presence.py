@@ -335,13 +335,13 @@ def test_a_join_from_a_process_that_missed_the_forget_is_refused(hubs, comet_red
     a.publish("game", "started")
     follower = b.subscribe("game")
     wait_until(lambda: b.history("game") != [], what="b's mirror of the game")
-    held, forgotten = threading.Event(), b._forgotten_elsewhere
+    held, forgotten = threading.Event(), b.store._forgotten_elsewhere
 
     def later(channel, last):
         held.wait(10)  # b's reader reads the forget only when the test says so
         forgotten(channel, last)
 
-    b._forgotten_elsewhere = later
+    b.store._forgotten_elsewhere = later
     admin = redis.Redis.from_url(comet_redis.url)
     try:
         assert a.forget("game") is True

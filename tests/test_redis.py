@@ -197,7 +197,7 @@ def test_events_trimmed_while_the_reader_was_away_become_a_gap(prefix):
             assert drain(sub, 1)[0].id == seen
             # Cut B's reader off; while it waits to reconnect, more than
             # maxlen events come and go.
-            a.redis.execute_command("CLIENT", "KILL", "ID", b._reader_id)
+            a.redis.execute_command("CLIENT", "KILL", "ID", b.store.reader.client_id)
             wait_until(lambda: not b.connected, 5, what="reader cut off")
             ids = [a.publish("hole", i) for i in range(12)]
             gap, *rest = drain(sub, 6, timeout=10)
@@ -341,11 +341,11 @@ def test_made_up_channels_are_unfollowed_with_their_last_subscriber(hubs, caplog
     a, b = hubs(), hubs()
     a.publish("real", "kept")
     subs = [b.subscribe(f"made-up-{n}") for n in range(200)] + [b.subscribe("real")]
-    assert len(b._cursors) == 201
+    assert len(b.store._cursors) == 201
     for sub in subs:
         sub.close()
-    assert b.channels() == ["real"] and list(b._live.values()) == ["real"]
-    assert len(b._cursors) == 1  # the XREAD's arguments: the made-up channels are gone from them too
+    assert b.channels() == ["real"] and list(b.store._live.values()) == ["real"]
+    assert len(b.store._cursors) == 1  # the XREAD's arguments: the made-up channels are gone from them too
     # forget while other processes publish: nothing is lost, the reader never trips
     for n in range(60):
         sub = b.subscribe(f"busy-{n}")
@@ -411,12 +411,12 @@ def test_a_batch_reports_each_publish_on_its_own(hubs, comet_redis, prefix):
     hub = hubs()
     admin = redis.Redis.from_url(comet_redis.url)
     admin.set(prefix + "wrong", "not a stream")
-    args = hub._fields(Event("x"))
-    results = hub._send_batch([(prefix + "ok", args), (prefix + "wrong", args), (prefix + "ok", args)])
+    args = hub.store._fields(Event("x"))
+    results = hub.store.publisher.send_batch([(prefix + "ok", args), (prefix + "wrong", args), (prefix + "ok", args)])
     assert isinstance(results[1], redis.ResponseError) and "WRONGTYPE" in str(results[1])
     assert all(isinstance(r, bytes) for r in (results[0], results[2])) and results[0] < results[2]
     admin.script_flush()
-    results = hub._send_batch([(prefix + "after", args), (prefix + "after", args)])
+    results = hub.store.publisher.send_batch([(prefix + "after", args), (prefix + "after", args)])
     assert all(isinstance(r, bytes) for r in results) and admin.xlen(prefix + "after") == 2
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         hub.publish("wrong", "x")
@@ -722,8 +722,8 @@ def test_reading_the_newest_id_from_redis_wakes_local_subscribers(hubs):
     got: list = []
     reader = threading.Thread(target=lambda: got.append(next(e for e in sub if e)), daemon=True)
     reader.start()
-    wait_until(lambda: b.connected and b._reader_id is not None, what="b's reader connected")
-    b.redis.client_kill_filter(_id=b._reader_id)
+    wait_until(lambda: b.connected and b.store.reader.client_id is not None, what="b's reader connected")
+    b.redis.client_kill_filter(_id=b.store.reader.client_id)
     wait_until(lambda: not b.connected, what="b's reader cut off")
     event_id = a.publish("room", "while b's reader is away")
     assert b.last_id("room") == event_id  # read from Redis, appended to b's mirror

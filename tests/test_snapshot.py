@@ -410,7 +410,7 @@ def test_redis_events_trimmed_while_the_reader_was_away_bring_the_state(prefix="
             sub = b.subscribe("hole")
             seen = a.publish("hole", "seen")
             assert drain(sub, 1)[0].id == seen
-            a.redis.execute_command("CLIENT", "KILL", "ID", b._reader_id)
+            a.redis.execute_command("CLIENT", "KILL", "ID", b.store.reader.client_id)
             wait_until(lambda: not b.connected, 5, what="reader cut off")
             ids = [a.publish("hole", i) for i in range(12)]
             gap, snap = drain(sub, 2, timeout=10)
