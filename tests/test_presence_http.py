@@ -144,3 +144,53 @@ def test_a_fast_route_stream_counts_for_its_member_and_ends_on_disconnect(comet_
     finally:
         if not redis:
             hub.close()
+
+
+def test_a_leave_after_the_grace_period_reaches_a_parked_stream_at_once(comet_cherrypy):
+    """The presence thread publishes a leave when a grace period ends: the
+    parked streams following the channel must be woken for it, not find it
+    at their next heartbeat (30 s here)."""
+    from comet import Hub
+    from conftest import read_until
+
+    hub = Hub(presence_grace=0.2)
+
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse", heartbeat=30)
+        def watch(self, last_event_id=None):
+            return hub.subscribe("room", last_id=last_event_id)
+
+    try:
+        server = comet_cherrypy(Root())
+        import socket as socket_module
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(server.url)
+        with socket_module.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(f"GET /watch HTTP/1.1\r\nHost: {parts.hostname}\r\n\r\n".encode())
+            read_until(sock, b"comet.heartbeat", timeout=10)
+            ann = hub.subscribe("room", member="ann")
+            read_until(sock, b"comet.join", timeout=10)
+            ann.close()
+            left = time.monotonic()
+            read_until(sock, b"comet.leave", timeout=10)
+            assert time.monotonic() - left < 8.0, "the leave waited for something else than its grace period"
+    finally:
+        hub.close()
+
+
+def test_no_presence_thread_without_callbacks_on_redis(hubs):
+    """On Redis the backend's worker decides joins and leaves; the presence
+    thread only runs on_join/on_leave callbacks, so a hub without any starts
+    none, however many members come and go."""
+    def presence_threads():
+        return len([t for t in threading.enumerate() if t.name == "comet-presence"])
+
+    before = presence_threads()
+    hub = hubs(presence_grace=0.1)
+    ann = hub.subscribe("room", member="ann")
+    wait_until(lambda: hub.members("room") == {"ann": 1}, timeout=10, what="ann counted")
+    ann.close()
+    wait_until(lambda: hub.members("room") == {}, timeout=10, what="ann gone")
+    assert presence_threads() == before
