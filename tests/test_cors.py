@@ -176,3 +176,23 @@ def test_fast_route_refusals_at_accept_time_carry_cors_headers(comet_cherrypy, h
     assert answer.startswith("HTTP/1.1 503 ") and "Retry-After: 3\r\n" in answer, answer
     assert f"Access-Control-Allow-Origin: {PAGE}\r\n" in answer and "Access-Control-Expose-Headers: Retry-After" in answer
     assert counters["routed_wsgi"] == through_wsgi
+
+
+def test_without_cors_options_a_stream_says_nothing_about_origins(comet_cherrypy, hub):
+    """No ``cors_origins``: the response is the same whatever the Origin, so
+    it carries no CORS header and no ``Vary: Origin`` (caches may share it)."""
+    class Root:
+        @cherrypy.expose
+        @comet(transport="sse")
+        def events(self, last_event_id=None):
+            return hub.subscribe("room", last_id=last_event_id)
+
+    server = comet_cherrypy(Root())
+    stream = RawStream(server.url + "/events", headers={"Origin": OTHER})
+    try:
+        assert stream.status == 200
+        assert not [k for k in stream.headers if k.startswith("access-control-")], stream.headers
+        assert "origin" not in stream.headers.get("vary", "").lower(), stream.headers
+    finally:
+        stream.close()
+    assert Options().cors_headers(PAGE) == []
