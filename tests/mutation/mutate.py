@@ -112,7 +112,7 @@ TESTS_FOR: dict[str, list[str]] = {
                         "tests/browser/test_snapshot_browser.py", "tests/browser/test_fastpath_browser.py",
                         "tests/browser/test_cors_browser.py", "tests/browser/test_docs_js.py",
                         "tests/browser/test_real_networks.py", "tests/browser/test_stream_probe.py",
-                        "tests/browser/test_http2_tabs.py",
+                        "tests/browser/test_error_answers.py", "tests/browser/test_http2_tabs.py",
                         "tests/browser/test_shoutbox_pm_browser.py", "tests/browser/test_examples_browser.py",
                         "tests/browser/test_examples_players.py"],
 }
