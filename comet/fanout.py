@@ -21,7 +21,7 @@ from .hub import Feed
 from .parked import STEP_HIGH_WATER, End, ParkedStream, Phase, StepState, chunk, last_event_id
 
 if TYPE_CHECKING:
-    from .hub import Hub
+    from .subscription import Owner
 
 __all__ = ["Fanout", "Writes"]
 
@@ -50,7 +50,7 @@ class Writes(Protocol):
 class Fanout:
     """The groups of parked streams by channel, and writing to them."""
 
-    def __init__(self, writes: Writes, mark: Callable[[tuple[int, str]], None], follow: Callable[["Hub"], None]) -> None:
+    def __init__(self, writes: Writes, mark: Callable[[tuple[int, str]], None], follow: Callable[["Owner"], None]) -> None:
         self._writes = writes
         self._mark = mark  # (the mailbox's: called by publishing threads)
         self._follow = follow

@@ -35,32 +35,34 @@ no events still tells the client exactly where to resume.
 Where things are
 ----------------
 This module holds :class:`Hub` (the channels of a process: publishing,
-subscribing, retention, snapshots, presence) and :class:`Subscription`, the
-cursor it hands out, with :class:`MultiSubscription`, which extends it and
-which the hub makes (in :mod:`comet.mux` it would need this module and this
-module it), and :class:`Feed`, what the parked writer reads a subscription
-by. Below it, and knowing nothing of it: event ids, epochs and cursors in
-:mod:`comet.cursors`; one channel's buffer in :mod:`comet.channel`; the
-cooperative-step protocol (:class:`Step`, :class:`cooperative`,
-:class:`Idle`) in :mod:`comet.cooperative`; the mux a subscription to
-several channels waits on in :mod:`comet.mux`. Their public names used
-before the split are still importable from here.
+subscribing, retention, snapshots, presence). Below it, and knowing nothing
+of it: where its channels live, the channel table a backend replaces
+(:class:`~comet.store.ChannelStore`, :class:`~comet.store.MemoryStore`;
+:class:`~comet.backends.redis_store.RedisStore` is a peer) in
+:mod:`comet.store`; the cursors it hands out (:class:`Subscription`,
+:class:`MultiSubscription`, :class:`Feed`, what the parked writer reads
+them by) and what they share in :mod:`comet.subscription`; event ids,
+epochs and cursors in :mod:`comet.cursors`; one channel's buffer in
+:mod:`comet.channel`; the cooperative-step protocol (:class:`Step`,
+:class:`cooperative`, :class:`Idle`) in :mod:`comet.cooperative`; the mux a
+subscription to several channels waits on in :mod:`comet.mux`. Their public
+names used before the split are still importable from here.
 """
 from __future__ import annotations
 
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .channel import Channel, order_of
-from .cooperative import Idle, Step, cooperative, current_step, note_opened, subscriptions_recorded
+from .channel import Channel
+from .cooperative import Idle, Step, cooperative, note_opened, subscriptions_recorded
 from .counters import Counters
 from .cursors import (BEFORE_ALL, MAX_CHANNELS, MAX_CURSOR, MAX_NAME, MAX_PART, channel_tag, check_channel,
-                      check_member, cursor_name, is_multi_cursor, multi_cursor, parse_id, split_cursor, stored_id)
+                      check_member, cursor_name, is_multi_cursor, multi_cursor, parse_id, split_cursor)
 from .errors import HubClosed, InvalidEvent, InvalidEventId
-from .framing import DEFAULT_MAX_EVENT_BYTES, Event, TaggedEvent
-from .mux import Mux, MuxFanout, Slot
+from .framing import DEFAULT_MAX_EVENT_BYTES, Event
+from .mux import Slot
 from .store import Channels as Channels, ChannelStore, MaxAge as MaxAge, MemoryStore, wake
+from .subscription import GAP, SNAPSHOT, Feed, MultiSubscription, SnapshotDue, Subscription, Subscriptions, View
 
 if TYPE_CHECKING:
     from .presence import Presence
@@ -68,29 +70,6 @@ if TYPE_CHECKING:
 __all__ = ["Hub", "Subscription", "MultiSubscription", "Feed", "Idle", "GAP", "SNAPSHOT", "parse_id", "Step", "cooperative",
            "MAX_CHANNELS", "MAX_CURSOR", "multi_cursor", "cursor_name", "is_multi_cursor", "channel_tag",
            "subscriptions_recorded"]
-
-#: Name of the event a subscription receives when events it should have seen
-#: are no longer available. Its ``data`` is ``{"last_id": <the client's
-#: cursor>, "resume_id": <id of the gap event>}``; its ``id`` is the cursor to
-#: resume from, so clients that store ids need no special case.
-GAP = "comet.gap"
-
-#: Name of the event that follows a :data:`GAP` on a channel with a snapshot
-#: function (:meth:`Hub.snapshot`): the channel's current state. Its ``id``
-#: is the cursor the state is exact at; the gap's data then has
-#: ``"snapshot": true``.
-SNAPSHOT = "comet.snapshot"
-
-View = Callable[[Event], Any]
-
-
-class _SnapshotDue:
-    """A gap met at subscribe, whose snapshot the first :meth:`Subscription.take` makes."""
-
-    __slots__ = ("gap",)
-
-    def __init__(self, gap: Event) -> None:
-        self.gap = gap
 
 
 class Hub:
@@ -143,15 +122,11 @@ class Hub:
         self._store = store
         self.epoch = store.epoch
         self._lock = store.lock  # (one lock for the table and the hub's few fields below)
-        self._generation = 0
-        self._closed = False
-        self._subscriptions = 0
         #: ``published`` events and ``gaps`` reported to subscribers, since start.
         self.counters = Counters(("published", "gaps", "forgotten"))
         self.max_age = store.max_age
         self.max_idle = store.max_idle
-        # Each channel's one watcher for the subscriptions to several channels that follow it.
-        self._fanouts: dict[Channel, MuxFanout] = {}
+        self._subs = Subscriptions(self, store, self.counters)  # what the subscriptions share
         #: Seconds a member with no open stream left still counts (see
         #: :mod:`comet.presence`): a reload or a reconnect does not flap.
         self.presence_grace = float(presence_grace)
@@ -221,7 +196,7 @@ class Hub:
         size = proto.size()  # serialises once, here, outside any lock
         if size > self.max_event_bytes:
             raise InvalidEvent(f"event data of {size} bytes exceeds max_event_bytes={self.max_event_bytes}")
-        if self._closed:
+        if self._subs.closed:
             raise HubClosed("publish on a closed hub")
         return proto
 
@@ -277,8 +252,8 @@ class Hub:
         pending = list(initial)
         if gap is not None:
             # A snapshot is made at the first take(), not here: this may be cheroot's accepting thread.
-            pending.append(_SnapshotDue(gap) if self._snapshots else gap)
-        sub = Subscription(self, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
+            pending.append(SnapshotDue(gap) if self._subs.snapshots else gap)
+        sub = Subscription(self._subs, ch, channel, cursor, resumed, pending, view, self.idle if idle is None else idle)
         if member is not None:
             self.presence.joined(channel, member, sub)  # and sub's on_close leaves
         note_opened(sub)
@@ -307,7 +282,7 @@ class Hub:
             for slot in slots:
                 self._store.release(slot.name, slot.ch)
             raise
-        sub = MultiSubscription(self, slots, list(initial), view, self.idle if idle is None else idle)
+        sub = MultiSubscription(self._subs, slots, list(initial), view, self.idle if idle is None else idle)
         if member is not None:
             for slot in slots:
                 self.presence.joined(slot.name, member, sub)
@@ -315,7 +290,7 @@ class Hub:
         return sub
 
     def _check_open(self, view: View | None, member: str | None) -> None:
-        if self._closed:
+        if self._subs.closed:
             raise HubClosed("subscribe on a closed hub")
         if view is not None and not callable(view):
             raise TypeError("view must be callable")
@@ -355,7 +330,7 @@ class Hub:
             assert last_id is not None
             return ch.latest_cursor(key), last_id, None
         # Older epoch or evicted: everything held is new to the client.
-        return ch.first_seq() - 1, ch.floor, self._gap(channel, last_id, ch.floor)
+        return ch.first_seq() - 1, ch.floor, self._subs.gap(channel, last_id, ch.floor)
 
     def is_local(self, channel: str | Sequence[str], last_id: str | None) -> bool:
         """Would :meth:`subscribe` (one channel or several) at *last_id*
@@ -375,15 +350,7 @@ class Hub:
         return all(self._store.is_local(name, None if key in (None, BEFORE_ALL) else given)
                    for name, (given, key) in ((n, cursors.get(n, (None, None))) for n in channel))
 
-    def _gap(self, channel: str, last_id: str | None, resume: str) -> Event:
-        self.counters.add("gaps")
-        return Event({"last_id": last_id, "resume_id": resume}, id=resume, name=GAP, channel=channel)
-
     # -- snapshots after a gap ------------------------------------------------
-
-    #: (channels, function) pairs, newest last; replaced, never changed in
-    #: place, so a gap reads it without a lock.
-    _snapshots: tuple[tuple[Channels, Callable[[str], Any]], ...] = ()
 
     def snapshot(self, channels: Channels, fn: Callable[[str], Any]) -> Callable[[], None]:
         """After a :data:`GAP` on *channels*, send ``fn(channel)``, the
@@ -421,57 +388,7 @@ class Hub:
             raise TypeError(f"channels must be a channel name or a function of one, got {channels!r}")
         if not callable(fn):
             raise TypeError(f"the snapshot function must be callable, got {fn!r}")
-        entry = (channels, fn)
-        with self._lock:
-            self._snapshots = self._snapshots + (entry,)
-
-        def remove() -> None:
-            with self._lock:
-                self._snapshots = tuple(e for e in self._snapshots if e is not entry)
-
-        return remove
-
-    def _after_gap(self, channel: str, ch: Channel, gap: Event) -> tuple[int, str, list[Event]] | None:
-        """The snapshot that follows *gap*: (cursor seq, its id, the gap and
-        the snapshot), or None (no snapshot function, it returned None or
-        failed). The caller holds no lock: ``fn`` may use the hub."""
-        try:
-            fn = next((f for match, f in reversed(self._snapshots)
-                       if (match == channel if isinstance(match, str) else match(channel))), None)
-            if fn is None:
-                return None
-            with ch.cond:  # the cursor before the state: nothing published after it is missed
-                seq, tail = ch.seq, ch.tail_id()
-            state = fn(channel)
-            if state is None:
-                return None
-            if isinstance(state, Event) and state.id is not None and state.id != tail:
-                seq, tail = self._snapshot_cursor(channel, ch, state.id)
-            snapshot = Event(state.data if isinstance(state, Event) else state, id=tail, name=SNAPSHOT,
-                             channel=channel)
-            snapshot.text()  # serialise here: a bad state is this function's failure, not the stream's
-        except Exception:
-            import logging
-
-            logging.getLogger("comet").exception("comet: snapshot of %r failed; sending the gap alone", channel)
-            return None
-        return seq, tail, [gap.replace(data={**gap.data, "snapshot": True}), snapshot]
-
-    def _snapshot_cursor(self, channel: str, ch: Channel, event_id: str) -> tuple[int, str]:
-        """(seq, id) of the cursor at *event_id*, which a snapshot says it is
-        exact at; ``ValueError`` if the buffer cannot resume there."""
-        key = parse_id(event_id)
-        caught_up = False
-        if key > parse_id(ch.tail_id()):
-            caught_up = self._store.catch_up(channel, ch)  # another process published it
-        with ch.cond:
-            if not parse_id(ch.floor) <= key <= parse_id(ch.tail_id()):
-                raise ValueError(f"a snapshot at {event_id} is out of the buffer of {channel!r} "
-                                 f"({ch.floor} to {ch.tail_id()})")
-            seq = ch.first_seq() - 1 + ch.count_upto(key)
-        if caught_up:
-            self._wake(ch)
-        return seq, event_id
+        return self._subs.add_snapshot(channels, fn)
 
     # -- reading ------------------------------------------------------------
 
@@ -515,7 +432,7 @@ class Hub:
     @property
     def subscriptions(self) -> int:
         """Subscriptions currently open (leak checks count these)."""
-        return self._subscriptions
+        return self._subs.open
 
     def channels(self) -> list[str]:
         """Names of the channels that exist: every channel published to and
@@ -532,34 +449,7 @@ class Hub:
         """Call ``wake()`` (from the publishing thread, after the event is
         stored) on every publish to *channel*, and on :meth:`end_subscriptions`.
         Returns the function that stops watching. Keep ``wake`` tiny."""
-        return self._watching(channel, self._store.acquire(channel), wake)
-
-    def _watch(self, channel: str, ch: Channel, wake: Callable[[], None]) -> Callable[[], None]:
-        """:meth:`watch` the channel object *ch* a subscription reads, even if
-        *channel* was forgotten since: the parked writer must hear of that
-        one's last events, not of its successor's."""
-        self._store.hold(ch)  # (the subscription holds it: it cannot go meanwhile)
-        return self._watching(channel, ch, wake)
-
-    def _watching(self, channel: str, ch: Channel, wake: Callable[[], None]) -> Callable[[], None]:
-        """Add *wake* to *ch*, held by the caller until the unwatch."""
-        with ch.cond:
-            ch.watchers = ch.watchers + (wake,)
-        done: list[bool] = []
-
-        def unwatch() -> None:
-            if done:
-                return
-            done.append(True)
-            with ch.cond:
-                ch.watchers = tuple(w for w in ch.watchers if w is not wake)
-            self._store.release(channel, ch)
-
-        return unwatch
-
-    def _count(self, delta: int) -> None:
-        with self._lock:
-            self._subscriptions += delta
+        return self._subs.watching(channel, self._store.acquire(channel), wake)
 
     # -- presence -------------------------------------------------------------
 
@@ -600,7 +490,7 @@ class Hub:
         >>> [(e.name, e.data) for e in hub.history("room")]
         [('comet.join', 'ann')]
         """
-        if self._closed:
+        if self._subs.closed:
             return None
         while True:
             ch = self._store.channel(channel) if create else self._store.get(channel)
@@ -659,10 +549,7 @@ class Hub:
 
     def end_subscriptions(self) -> None:
         """End every open subscription now (engine stop); the hub stays usable."""
-        with self._lock:
-            self._generation += 1
-        for ch in self._store.all():
-            self._wake(ch)
+        self._subs.end()
 
     def close(self) -> None:
         """End every subscription and refuse further use."""
@@ -671,7 +558,7 @@ class Hub:
             # this process there (RedisHub: its counts go, and its members'
             # leaves are appended by the same scripts after their grace).
             self._presence.close()
-        self._closed = True
+        self._subs.closed = True
         self.end_subscriptions()
         self._store.close()  # the sweeper (a backend: its threads and connections too)
 
@@ -748,409 +635,6 @@ class Hub:
     _check_channel = staticmethod(check_channel)
 
     def __repr__(self) -> str:
-        return f"<Hub epoch={self.epoch} channels={len(self._store)} subscriptions={self._subscriptions}>"
+        return f"<Hub epoch={self.epoch} channels={len(self._store)} subscriptions={self._subs.open}>"
 
-
-class Feed(Protocol):
-    """What a server that reads subscriptions without a thread each (the
-    parked writer, ``comet.writer``) needs of one besides ``take()``,
-    ``cursor``, ``last_id`` and ``ended``: :class:`Subscription` and
-    :class:`MultiSubscription` are feeds. The writer watches each channel
-    once for every stream reading it, and takes once for every stream at
-    the same cursor.
-
-    >>> hub = Hub()
-    >>> sub, other = hub.subscribe("room"), hub.subscribe("room")
-    >>> unwatch = sub.watch(lambda: print("wake"))
-    >>> _ = hub.publish("room", "hi")
-    wake
-    >>> sub.group_key() == other.group_key(), sub.moved(), sub.has_pending, sub.bounded()
-    (True, True, False, False)
-    >>> unwatch(); sub.close(); other.close()
-    """
-
-    @property
-    def hub(self) -> Hub: ...
-
-    def group_key(self) -> tuple[int, str]:
-        """Equal for feeds read from one channel object (one watcher, one take)."""
-
-    def watch(self, wake: Callable[[], None]) -> Callable[[], None]:
-        """Call ``wake()`` whenever a take may give something; returns the unwatch."""
-
-    def bounded(self) -> bool:
-        """May a slow client's feed be left unread (it catches up with a state)?"""
-
-    @property
-    def has_pending(self) -> bool:
-        """Are items waiting that are not the channel's events (no shared take)?"""
-
-    def jump(self, cursor: int, last_id: str) -> None:
-        """Advance as another feed at the same cursor just did by its take."""
-
-    def moved(self) -> bool:
-        """Has anything happened since the last take?"""
-
-    def wake(self) -> None:
-        """Wake whoever waits on this feed."""
-
-
-class Subscription:
-    """A cursor into one channel: what :meth:`Hub.subscribe` returns.
-
-    Iterate it (thread mode: blocks up to ``idle`` seconds at a time, yielding
-    :class:`Idle` ticks), or call :meth:`take` for what is ready now without
-    blocking (parked mode). :meth:`close` ends it and runs the callbacks
-    given to :meth:`on_close`, exactly once, whoever serves it.
-
-    >>> hub = Hub()
-    >>> sub = hub.subscribe("room", initial=["snapshot"])
-    >>> _ = hub.publish("room", "hello")
-    >>> [getattr(item, "data", item) for item in sub.take()]
-    ['snapshot', 'hello']
-    >>> sub.close()
-    """
-
-    def __init__(self, hub: Hub, ch: Channel, channel: str, cursor: int, last_id: str, pending: list[Any],
-                 view: View | None, idle: float) -> None:
-        self.hub = hub
-        self.channel = channel
-        self.view = view
-        self.idle = idle
-        self.cursor = cursor  # local seq of the last event taken
-        self._last_id = last_id  # ... and its id
-        self._ch = ch
-        # Each of 10,000 streams keeps its subscription: what most never need
-        # is made when first needed (fewer objects for the garbage collector
-        # to go over, and less memory): the empty tuples are placeholders.
-        self._pending: list[Any] | tuple[()] = pending or ()
-        self._generation = hub._generation
-        self._ready: deque[Any] | None = None  # taken, not yet handed out by __next__
-        self._tick = False  # a caught-up tick is due after the batch in _ready
-        self._waited = False
-        self._callbacks: list[Callable[[], None]] | tuple[()] = ()
-        self._counted = False
-        self._ending = False
-        self.closed = False
-
-    @property
-    def last_id(self) -> str:
-        """The id to resume after: the last event taken."""
-        return self._last_id
-
-    # -- the Feed protocol: what the parked writer (comet.writer) needs --
-
-    def jump(self, cursor: int, last_id: str) -> None:
-        """Advance as another subscription at the same cursor just did: the
-        parked writer shares one take() among equal cursors."""
-        self.cursor, self._last_id = cursor, last_id
-
-    def group_key(self) -> tuple[int, str]:
-        """Subscriptions with equal keys read one channel object: the writer
-        serves them as one group (one watcher, one shared take)."""
-        return id(self._ch), self.channel
-
-    def watch(self, wake: Callable[[], None]) -> Callable[[], None]:
-        """Call ``wake()`` whenever this subscription may have something new
-        (the writer waits on channels, not on threads); returns the unwatch."""
-        return self.hub._watch(self.channel, self._ch, wake)
-
-    def bounded(self) -> bool:
-        """Does a take give at most the channel's state (latest-value
-        channels, :meth:`Hub.latest`)? Then a server may leave it unread
-        while its client is slow, instead of disconnecting the client."""
-        return self._ch.latest is not None
-
-    @property
-    def has_pending(self) -> bool:
-        """Are initial items or a gap waiting to be taken? Then the next take
-        is this subscription's own: the writer does not share it."""
-        return bool(self._pending)
-
-    def moved(self) -> bool:
-        """Has anything happened since the last take? (The writer asks after
-        a step, so a publish during the step is not missed.)"""
-        return self.ended or self._ch.seq != self.cursor
-
-    def wake(self) -> None:
-        """Wake whoever waits on this subscription (a thread, or the writer):
-        how a cancelled step blocked in its wait notices at once."""
-        self.hub._wake(self._ch)
-
-    @property
-    def ended(self) -> bool:
-        """True once the hub closed or ended its subscriptions (engine stop),
-        or forgot the channel and everything published before was taken."""
-        return (self.closed or self._ending or self.hub._closed or self._generation != self.hub._generation
-                or (self._ch.dead and self.cursor >= self._ch.seq and not self._pending))
-
-    def end(self) -> None:
-        """End this subscription from any thread, as engine stop would: a
-        thread iterating it, the parked writer or a generator stepped on it
-        sees :attr:`ended` and finishes the stream (``Hub.disconnect``)."""
-        self._ending = True
-        self.wake()
-
-    def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Run *callback* when the subscription closes (the client went away,
-        the server stopped): presence, cleanup. Usable as a decorator."""
-        if not self._callbacks:
-            self._callbacks = []
-        self._callbacks.append(callback)
-        return callback
-
-    def start(self) -> None:
-        """Count this subscription as open (iteration and parking do this)."""
-        if not self._counted and not self.closed:
-            self._counted = True
-            self.hub._count(1)
-
-    def take(self) -> list[Any]:
-        """Everything ready for this subscriber now, cursor advanced; never blocks.
-
-        A subscriber that fell behind the buffer gets a :data:`GAP` event
-        first. ``view`` is applied here, once per event for this subscriber.
-        """
-        out = self._take_pending()
-        if out and isinstance(out[-1], _SnapshotDue):
-            out[-1:] = self._after_gap(out[-1].gap)
-        ch = self._ch
-        with ch.cond:
-            behind, start, batch, floor = ch.after(self.cursor)
-        if ch.dead and (behind or batch):
-            # Forgotten: this was the last take. Whoever serves it (the parked
-            # writer) must come back once more to see it ended.
-            self.wake()
-        if behind:
-            gap = self.hub._gap(self.channel, self._last_id, floor)
-            self.cursor, self._last_id = start - 1, floor
-            told = self._after_gap(gap)
-            out.extend(told)
-            if len(told) > 1:  # the snapshot holds the batch; what follows it comes next take
-                batch = []
-        if batch:
-            self.cursor = start + len(batch) - 1
-            self._last_id = stored_id(batch[-1])
-            view = self.view
-            if view is None:
-                out.extend(batch)
-            else:
-                for event in batch:
-                    shown = view(event)
-                    if shown is None:
-                        continue
-                    out.append(shown if isinstance(shown, Event) else event.replace(data=shown))
-        return out
-
-    def _take_pending(self) -> list[Any]:
-        """What was ready before the channel is read: items taken by
-        ``__next__`` and not handed out yet, then the initial items and a
-        gap (in order); a new list."""
-        pending, ready = self._pending, self._ready
-        self._pending, self._ready = (), None
-        out = list(ready) if ready else []
-        out += pending
-        return out
-
-    def _after_gap(self, gap: Event) -> list[Event]:
-        """*gap*, and the channel's snapshot if it has one: the cursor then
-        moves to where the snapshot is exact."""
-        found = self.hub._after_gap(self.channel, self._ch, gap)
-        if found is None:
-            return [gap]
-        self.cursor, self._last_id, shown = found
-        return shown
-
-    def __iter__(self) -> "Subscription":
-        return self
-
-    def __next__(self) -> Any:
-        """The next event, or a falsy :class:`Idle` tick: at once when caught
-        up, after each batch, and every ``idle`` seconds while nothing comes.
-
-        Iterated by a thread, it waits on the channel. Iterated inside
-        :func:`cooperative` (how comet steps a generator handler without a
-        thread of its own), it never waits: it tells the stepper which
-        subscription it would wait on and returns a tick at once.
-        """
-        if self.closed:
-            raise StopIteration
-        self.start()
-        while True:
-            if self._ready:
-                return self._ready.popleft()
-            self._ready = None
-            if self._tick:
-                self._tick = False
-                return Idle(self._last_id)
-            items = self.take()
-            if items:
-                self._ready = deque(items)
-                self._tick = True  # a tick after each batch: "caught up"
-                continue
-            if self.ended:
-                self.close()  # ended by the hub: release it as a close would
-                raise StopIteration
-            if not self._waited:
-                self._waited = True  # report "caught up" once before any wait, so streams can send headers
-                return Idle(self._last_id)
-            step = current_step()
-            if step is not None:
-                if step.cancelled:  # the stream this runs for has ended: end the handler's loop too
-                    self.close()
-                    raise StopIteration
-                if step.blocked is None:
-                    step.blocked = self
-                    return Idle(self._last_id)
-                # The handler swallowed the tick and asked again in the same
-                # step: it cannot be suspended, so this step waits (the
-                # stepper gives the stream a thread of its own meanwhile).
-            ch = self._ch
-            with ch.cond:
-                # Re-checked under the lock: a publish between take() and here
-                # has moved ch.seq, so we do not wait for it (no lost wake-up: invariant I1).
-                if ch.seq == self.cursor and not self.ended:
-                    ch.wait(self.idle)
-            items = self.take()
-            if items:
-                self._ready = deque(items)
-                self._tick = True
-                continue
-            return Idle(self._last_id)
-
-    def close(self) -> None:
-        """End the subscription; runs the ``on_close`` callbacks once."""
-        if self.closed:
-            return
-        self.closed = True
-        self._ready = None
-        if self._counted:
-            self.hub._count(-1)
-        self._release_channels()
-        callbacks, self._callbacks = self._callbacks, ()
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # one failing cleanup must not skip the others
-                import logging
-
-                logging.getLogger("comet").exception("comet: on_close callback failed")
-
-    def _release_channels(self) -> None:
-        self.hub.store.release(self.channel, self._ch)
-
-    def __repr__(self) -> str:
-        return f"<Subscription {self.channel!r} at {self.last_id}{' closed' if self.closed else ''}>"
-
-
-class MultiSubscription(Subscription):
-    """A subscription to several channels (``hub.subscribe([...])``).
-
-    Its items are :class:`~comet.framing.TaggedEvent`: each says its
-    ``channel``, and its ``id`` is the subscription's cursor on every
-    channel (``<name>.<id>`` pieces joined by ``_``, the name as
-    :func:`cursor_name` writes it), which
-    ``hub.subscribe(channels, last_id=...)`` takes back to resume each
-    channel exactly. Events of one channel come in order; events of
-    different channels in the order they were published in this process.
-    Served exactly like a :class:`Subscription`: iterated, returned,
-    ``yield from``.
-
-    >>> hub = Hub()
-    >>> sub = hub.subscribe(["room", "dm:ann:bob"])
-    >>> _ = hub.publish("dm:ann:bob", "psst"), hub.publish("room", "hello all")
-    >>> [(e.channel, e.data) for e in sub.take()]
-    [('dm:ann:bob', 'psst'), ('room', 'hello all')]
-    >>> resumed = hub.subscribe(["room", "dm:ann:bob"], last_id=sub.last_id)
-    >>> _ = hub.publish("room", "again")
-    >>> [e.data for e in resumed.take()]
-    ['again']
-    >>> sub.close(), resumed.close()
-    (None, None)
-    """
-
-    def __init__(self, hub: Hub, slots: list[Slot], pending: list[Any], view: View | None, idle: float) -> None:
-        self._slots = slots
-        #: The channels followed, in the order given.
-        self.channels = tuple(slot.name for slot in slots)
-        mux = Mux()
-        label = slots[0].name + (f" (+{len(slots) - 1})" if len(slots) > 1 else "")
-        super().__init__(hub, mux, label, 0, self._cursor(), pending, view, idle)
-        self._mux = mux
-        for slot in slots:
-            MuxFanout.join(hub._fanouts, slot.ch, mux)
-
-    def _cursor(self) -> str:
-        return "_".join([slot.piece for slot in self._slots])
-
-    def bounded(self) -> bool:
-        return all(slot.ch.latest is not None for slot in self._slots)
-
-    @property
-    def ended(self) -> bool:
-        """As for one channel; and once any followed channel was forgotten
-        and everything published to it before was taken."""
-        if super().ended:
-            return True
-        return any(slot.ch.dead and slot.cursor >= slot.ch.seq for slot in self._slots) and not self._pending
-
-    def take(self) -> list[Any]:
-        out = self._take_pending()
-        mux = self._mux
-        with mux.cond:  # read first: a publish from now on moves it again, so no wake-up is lost
-            self.cursor = mux.seq
-        merged: list[tuple[int, int, Slot, Event]] = []
-        for slot in self._slots:
-            ch = slot.ch
-            with ch.cond:
-                behind, start, batch, floor = ch.after(slot.cursor)
-            if ch.dead and (behind or batch):
-                self.wake()  # forgotten: whoever serves us must come back to see it ended
-            gap, slot.gap = slot.gap, None
-            if behind:
-                gap = (self.hub._gap(slot.name, slot.last, floor) if gap is None else
-                       Event({"last_id": slot.last, "resume_id": floor}, id=floor, name=GAP, channel=slot.name))
-                slot.cursor = start - 1
-            if gap is not None:
-                found = self.hub._after_gap(slot.name, ch, gap) if self.hub._snapshots else None
-                told = [gap]
-                if found is not None:  # the state at the snapshot's cursor, then what came after it
-                    slot.cursor, _, told = found
-                    with ch.cond:
-                        _, start, batch, _ = ch.after(slot.cursor)
-                order = order_of(batch[0]) if batch else 0
-                merged.extend((order, 0, slot, event) for event in told)
-            if batch:
-                slot.cursor = start + len(batch) - 1
-                merged.extend((order_of(event), 1, slot, event) for event in batch)
-        if len(self._slots) > 1:
-            merged.sort(key=lambda entry: (entry[0], entry[1]))
-        view = self.view
-        for _, kind, slot, event in merged:
-            slot.at(stored_id(event))
-            shown: Any = event
-            if kind and view is not None:
-                shown = view(event)
-                if shown is None:
-                    continue
-                if not isinstance(shown, Event):
-                    shown = event.replace(data=shown)
-            out.append(TaggedEvent.of(shown, self._cursor(), slot.name))
-        if merged:
-            self._last_id = self._cursor()
-        return out
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        for slot in self._slots:
-            MuxFanout.leave(self.hub._fanouts, slot.ch, self._mux)
-        super().close()
-
-    def _release_channels(self) -> None:
-        for slot in self._slots:
-            self.hub.store.release(slot.name, slot.ch)
-
-    def __repr__(self) -> str:
-        return f"<MultiSubscription {list(self.channels)!r} at {self.last_id}{' closed' if self.closed else ''}>"
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from .hub import Hub
+    from .subscription import Owner
     from .writer import Writer
 
 __all__ = ["StreamPool", "Admission", "DEFAULT_MAX_PARKED"]
@@ -126,7 +127,7 @@ class StreamPool:
         self._setup: set[Admission] = set()
         #: Hubs whose subscriptions this pool's streams follow: ended with
         #: the streams at shutdown, so no hub needs registering.
-        self._hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
+        self._hubs: "weakref.WeakSet[Owner]" = weakref.WeakSet()
         #: What happened since start (``comet.stats`` shows it): streams
         #: opened, closed, refused (admission) and parked, client disconnects,
         #: heartbeats, items (events and parts) and bytes written, slow
@@ -199,14 +200,16 @@ class StreamPool:
             self._setup.discard(admission)
             self._cond.notify_all()
 
-    def follow(self, hub: "Hub") -> None:
+    def follow(self, hub: "Owner") -> None:
         """Remember a hub this pool's streams subscribe to (automatic)."""
         if hub not in self._hubs:
             self._hubs.add(hub)
 
     def followed_hubs(self) -> list["Hub"]:
         """The hubs this pool's streams follow now (:meth:`follow`)."""
-        return list(self._hubs)
+        from .hub import Hub
+
+        return [hub for hub in self._hubs if isinstance(hub, Hub)]  # (every owner is one)
 
     def writer(self) -> "Writer | None":
         """The writer thread of parked streams, started on first use; ``None``

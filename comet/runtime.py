@@ -28,7 +28,7 @@ from .counters import Counters
 from .writer import Writer
 
 if TYPE_CHECKING:
-    from .hub import Hub
+    from .subscription import Owner
 
 __all__ = ["Runtime"]
 
@@ -36,7 +36,7 @@ __all__ = ["Runtime"]
 class Runtime:
     """The writer thread of one pool's parked streams, and its step pools."""
 
-    def __init__(self, counters: Counters, follow: Callable[["Hub"], None]) -> None:
+    def __init__(self, counters: Counters, follow: Callable[["Owner"], None]) -> None:
         self.counters = counters
         self.follow = follow
         self._lock = threading.Lock()

@@ -64,7 +64,7 @@ from .steps import StepPool
 from .timers import Timers
 
 if TYPE_CHECKING:
-    from .hub import Hub
+    from .subscription import Owner
 
 # (ParkedStream, its words and its limits are comet.parked's; named here too.)
 __all__ = ["Writer", "ParkedStream", "Phase", "News", "End", "LONGPOLL_MAX_BATCH", "STEP_HIGH_WATER"]
@@ -85,7 +85,7 @@ class Writer:
     *counters*, and calls *follow* with the hub of each channel it waits on
     (its subscriptions end with the pool's streams at shutdown)."""
 
-    def __init__(self, counters: Counters, follow: Callable[[Hub], None], max_buffer: int = 1 << 20) -> None:
+    def __init__(self, counters: Counters, follow: Callable[[Owner], None], max_buffer: int = 1 << 20) -> None:
         self.counters = counters
         self.max_buffer = max_buffer
         self.steps = StepPool()

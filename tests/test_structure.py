@@ -44,7 +44,6 @@ INTERNALS = "comet.internals"
 #: no longer occurs; never add one to make a new violation pass.
 KNOWN: set[str] = {
     "big class: comet.hub.Hub",
-    "big module: comet.hub",
     "private: comet.channel uses event._key",
 }
 
