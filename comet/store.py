@@ -18,9 +18,10 @@ extension points a backend implements or extends (its public methods):
 * :meth:`~ChannelStore.channel`: the channel by that name, made current
   (a backend loads it on first use);
 * :meth:`~ChannelStore.current`: the channel as a read should see it
-  (``None``: none here), :meth:`~ChannelStore.catch_up` and
-  :meth:`~ChannelStore.is_local`: whether a cursor may be ahead of this
-  process;
+  (``None``: none here); :meth:`~ChannelStore.catch_up`: append what
+  the shared store has and this process lacks (a cursor from elsewhere
+  may be ahead); :meth:`~ChannelStore.is_local`: would a subscribe be
+  answered without waiting on the network;
 * :meth:`~ChannelStore.forget`, :meth:`~ChannelStore.sweep`,
   :meth:`~ChannelStore.unfollow` (a channel was dropped here),
   :meth:`~ChannelStore.epoch_of`;
