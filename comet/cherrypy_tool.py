@@ -105,6 +105,8 @@ class CometPlugin(SimplePlugin):
         >>> from cherrypy.process.wspbus import Bus
         >>> plugin = CometPlugin(Bus())  # in an app: engine_plugin()
         >>> route = plugin.route("/scores/{match}", Hub(), channel="match:{match}", heartbeat=10)
+        >>> route.path, route.options.heartbeat
+        ('/scores/{match}', 10)
         """
         if self._routes is None:
             from .fastpath import FastRoutes
