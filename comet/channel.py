@@ -170,7 +170,7 @@ class Channel:
         assert latest is not None
         if self.latest_floor is None:
             self.latest_floor = self.floor  # (a backend may set the floor before the first event)
-        key = event.name if event._key is None else event._key
+        key = event.latest_key
         latest.pop(key, None)  # re-inserted last: the dict stays in order of seq
         latest[key] = (seq, event)
 

@@ -225,6 +225,16 @@ class Event:
         stored._wire.update(self._wire)  # its text, if made: a Part's base64 only when asked for
         return stored
 
+    @property
+    def latest_key(self) -> str | None:
+        """What this event is the newest value of on a latest-value channel
+        (``Hub.publish(..., key=)``; by default its name).
+
+        >>> Event(1, name="score").latest_key
+        'score'
+        """
+        return self.name if self._key is None else self._key
+
     def replace(self, **changes: Any) -> "Event":
         """A copy with some fields changed (used by per-subscriber views).
 

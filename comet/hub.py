@@ -35,8 +35,16 @@ no events still tells the client exactly where to resume.
 Where things are
 ----------------
 This module holds :class:`Hub` (the channels of a process: publishing,
-subscribing, retention, snapshots, presence). Below it, and knowing nothing
-of it: where its channels live, the channel table a backend replaces
+subscribing, retention, snapshots, presence). Two parts of its API are
+classes of their own that it inherits, each written against a protocol of
+what it needs of the hub: reading the channels and what they keep
+(:class:`~comet.hub_channels.ChannelMethods`: ``history``, ``last_id``,
+``before``, ``channels``, ``is_local``, ``latest``, ``sweep``) in
+:mod:`comet.hub_channels`, and presence
+(:class:`~comet.hub_presence.PresenceMethods`: ``members``,
+``disconnect``, ``on_presence``, ``has_channel``, ``announce``) in
+:mod:`comet.hub_presence`. Below it, and knowing nothing of it: where its
+channels live, the channel table a backend replaces
 (:class:`~comet.store.ChannelStore`, :class:`~comet.store.MemoryStore`;
 :class:`~comet.backends.redis_store.RedisStore` is a peer) in
 :mod:`comet.store`; the cursors it hands out (:class:`Subscription`,
@@ -56,10 +64,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from .channel import Channel
 from .cooperative import Idle, Step, cooperative, note_opened, subscriptions_recorded
 from .counters import Counters
-from .cursors import (BEFORE_ALL, MAX_CHANNELS, MAX_CURSOR, MAX_NAME, MAX_PART, channel_tag, check_channel,
-                      check_member, cursor_name, is_multi_cursor, multi_cursor, parse_id, split_cursor)
+from .cursors import (MAX_CHANNELS, MAX_CURSOR, MAX_NAME, channel_tag, check_channel, check_member, cursor_name,
+                      is_multi_cursor, multi_cursor, parse_id, split_cursor)
 from .errors import HubClosed, InvalidEvent, InvalidEventId
 from .framing import DEFAULT_MAX_EVENT_BYTES, Event
+from .hub_channels import ChannelMethods
+from .hub_presence import PresenceMethods
 from .mux import Slot
 from .store import Channels as Channels, ChannelStore, MaxAge as MaxAge, MemoryStore, wake
 from .subscription import GAP, SNAPSHOT, Feed, MultiSubscription, SnapshotDue, Subscription, Subscriptions, View
@@ -72,7 +82,7 @@ __all__ = ["Hub", "Subscription", "MultiSubscription", "Feed", "Idle", "GAP", "S
            "subscriptions_recorded"]
 
 
-class Hub:
+class Hub(ChannelMethods, PresenceMethods):
     """Channels of events that any thread may publish to and subscribe from.
 
     >>> hub = Hub()
@@ -332,24 +342,6 @@ class Hub:
         # Older epoch or evicted: everything held is new to the client.
         return ch.first_seq() - 1, ch.floor, self._subs.gap(channel, last_id, ch.floor)
 
-    def is_local(self, channel: str | Sequence[str], last_id: str | None) -> bool:
-        """Would :meth:`subscribe` (one channel or several) at *last_id*
-        answer without waiting on the network? ``comet.fastpath`` subscribes
-        on cheroot's accepting thread only then. Always, for the memory hub.
-
-        >>> Hub().is_local(["room", "dm:ann:bob"], None)
-        True
-        """
-        if isinstance(channel, str):
-            return self._store.is_local(channel, last_id)
-        try:
-            cursors = split_cursor(last_id, channel)
-        except ValueError:
-            return True  # subscribe refuses it without I/O
-        # A plain id's BEFORE_ALL asks for everything held: never ahead of a mirror.
-        return all(self._store.is_local(name, None if key in (None, BEFORE_ALL) else given)
-                   for name, (given, key) in ((n, cursors.get(n, (None, None))) for n in channel))
-
     # -- snapshots after a gap ------------------------------------------------
 
     def snapshot(self, channels: Channels, fn: Callable[[str], Any]) -> Callable[[], None]:
@@ -390,60 +382,12 @@ class Hub:
             raise TypeError(f"the snapshot function must be callable, got {fn!r}")
         return self._subs.add_snapshot(channels, fn)
 
-    # -- reading ------------------------------------------------------------
-
-    def history(self, channel: str, limit: int | None = None) -> list[Event]:
-        """The newest ``limit`` buffered events of *channel*, oldest first.
-
-        Render them into a page, then subscribe with the last one's id: the
-        stream resumes exactly after it, with no gap and no duplicate.
-        """
-        self._check_channel(channel)
-        ch = self._store.current(channel)  # reading creates nothing (a backend's mirror: made and caught up)
-        if ch is None:
-            return []
-        with ch.cond:
-            ch.expire(time.monotonic())
-            events = list(ch.events)
-        return events if limit is None else events[-limit:] if limit > 0 else []
-
-    def last_id(self, channel: str) -> str:
-        """Id of the newest event in *channel* (``"<epoch>-0"`` when none yet):
-        a cursor for "everything after now"."""
-        self._check_channel(channel)
-        ch = self._store.current(channel)
-        if ch is None:
-            return f"{self._store.epoch_of(channel)}-0"
-        with ch.cond:
-            return ch.tail_id()
-
-    @staticmethod
-    def before(event_id: str) -> str:
-        """The cursor just before *event_id* (to replay from that event on).
-
-        >>> Hub.before("7-3"), Hub.before("7-0")
-        ('7-2', '6-18446744073709551615')
-        """
-        epoch, seq = parse_id(event_id)
-        if seq:
-            return f"{epoch}-{seq - 1}"
-        return f"{epoch - 1}-{MAX_PART}" if epoch else "0-0"
+    # -- subscriptions and watchers ---------------------------------------------
 
     @property
     def subscriptions(self) -> int:
         """Subscriptions currently open (leak checks count these)."""
         return self._subs.open
-
-    def channels(self) -> list[str]:
-        """Names of the channels that exist: every channel published to and
-        not forgotten since (:meth:`forget`, ``max_idle``), and those with an
-        open subscription or watcher. (A channel nobody ever published to is
-        forgotten when its last subscriber leaves, so clients asking for
-        made-up channels cannot grow the hub.) With a backend such as
-        :class:`~comet.backends.redis.RedisHub`: the channels this process
-        mirrors (subscribed, watched, or read since), not every channel of
-        the shared store."""
-        return self._store.names()
 
     def watch(self, channel: str, wake: Callable[[], None]) -> Callable[[], None]:
         """Call ``wake()`` (from the publishing thread, after the event is
@@ -451,7 +395,7 @@ class Hub:
         Returns the function that stops watching. Keep ``wake`` tiny."""
         return self._subs.watching(channel, self._store.acquire(channel), wake)
 
-    # -- presence -------------------------------------------------------------
+    # -- presence (the rest of its API: comet.hub_presence) -----------------------
 
     @property
     def presence(self) -> "Presence":
@@ -464,92 +408,16 @@ class Hub:
                 presence = self._presence
         return presence
 
-    def has_channel(self, channel: str) -> bool:
-        """Whether this process holds *channel* now, not forgotten (what
-        presence asks before it counts a stream: :class:`comet.presence.Host`).
-
-        >>> hub = Hub()
-        >>> hub.has_channel("room"), hub.publish("room", "hi") != "", hub.has_channel("room")
-        (False, True, True)
-        """
-        ch = self._store.get(channel)
-        return ch is not None and not ch.dead
-
-    def announce(self, channel: str, name: str, data: str, *, create: bool) -> tuple[Callable[[], None], ...] | None:
-        """Append event *name* with *data* to *channel* in this process, as
-        :meth:`publish` does, but wake nobody: presence appends a join or a
-        leave under its own lock and wakes the watchers returned after it.
-        Only to a channel held here, unless *create*. None if nothing was
-        appended (not held, forgotten meanwhile, or the hub is closed).
-
-        >>> hub = Hub()
-        >>> hub.announce("room", "comet.join", "ann", create=False) is None
-        True
-        >>> hub.announce("room", "comet.join", "ann", create=True)
-        ()
-        >>> [(e.name, e.data) for e in hub.history("room")]
-        [('comet.join', 'ann')]
-        """
-        if self._subs.closed:
-            return None
-        while True:
-            ch = self._store.channel(channel) if create else self._store.get(channel)
-            if ch is None:
-                return None
-            with ch.cond:
-                if ch.dead:
-                    if not create:
-                        return None  # forgotten meanwhile: the join goes with it
-                    continue
-                ch.append(Event(data, id=f"{ch.epoch}-{ch.seq + 1}", name=name, channel=channel))
-                ch.notify_all()
-                watchers = ch.watchers
-            break
-        self.counters.add("published")
-        return watchers
-
-    def members(self, channel: str) -> dict[str, int]:
-        """Who is on *channel*: member -> open streams, for every member who
-        joined (``subscribe(..., member=...)``) and has not left. A member
-        whose last stream closed counts ``0`` for ``presence_grace`` seconds,
-        then leaves (a :data:`~comet.presence.LEAVE` event), unless a stream
-        of theirs opens again meanwhile.
-
-        >>> hub = Hub()
-        >>> sub = hub.subscribe("room", member="ann")
-        >>> hub.members("room")
-        {'ann': 1}
-        >>> sub.close()
-        """
-        self._check_channel(channel)
-        return self.presence.members(channel)
-
-    def disconnect(self, *, member: str) -> int:
-        """End *member*'s open streams, on every channel (with a backend: on
-        every process). Each ends as at shutdown: its response finishes
-        cleanly and the handler's ``finally`` runs. How many were open here.
-
-        >>> hub = Hub()
-        >>> sub = hub.subscribe("room", member="ann")
-        >>> hub.disconnect(member="ann"), sub.ended
-        (1, True)
-        >>> sub.close()
-        """
-        check_member(member)
-        return self.presence.disconnect(member)
-
-    def on_presence(self, callback: Callable[[str, str, str], None]) -> Callable[[], None]:
-        """Call ``callback(channel, event, member)`` after this process
-        published a join or leave (``event`` is :data:`~comet.presence.JOIN`
-        or :data:`~comet.presence.LEAVE`): exactly one process hears of each.
-        Returns the function that stops it."""
-        return self.presence.on_change(callback)
-
     # -- lifecycle ----------------------------------------------------------
 
     def end_subscriptions(self) -> None:
         """End every open subscription now (engine stop); the hub stays usable."""
         self._subs.end()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called: the hub refuses further use."""
+        return self._subs.closed
 
     def close(self) -> None:
         """End every subscription and refuse further use."""
@@ -593,42 +461,6 @@ class Hub:
         """*channel* is over: nobody leaves it. (Backends: in every process.)"""
         if self._presence is not None:  # (none made: nobody ever joined here)
             self._presence.forget(channel)
-
-    def sweep(self) -> int:
-        """Apply ``max_age`` and ``max_idle`` now (the sweeper thread calls
-        this regularly); how many channels were forgotten."""
-        return self._store.sweep()
-
-    # -- latest-value channels ------------------------------------------------
-
-    def latest(self, channels: Channels) -> None:
-        """Make *channels* latest-value channels: each event is the newest
-        value of its key (``publish(..., key=)``, default: the event's name),
-        and a subscriber is given, at each read, the newest event of every
-        key changed since its previous read. One that falls behind (a slow
-        client) thus catches up with the current state instead of a
-        :data:`GAP`, and the parked writer pauses it rather than disconnect
-        it: its memory stays bounded by the channel's number of keys.
-
-        *channels* is a channel's name or a function of a name (channels
-        made on the fly: ``lambda ch: ch.startswith("score:")``; called
-        under the hub's lock, keep it quick). With :class:`RedisHub` every
-        process declares the same.
-
-        >>> hub = Hub(buffer_size=3)
-        >>> hub.latest(lambda ch: ch.startswith("score:"))
-        >>> sub = hub.subscribe("score:7")
-        >>> for n in range(10):
-        ...     _ = hub.publish("score:7", n, key="ann" if n % 2 else "bob")
-        >>> [e.data for e in sub.take()]   # bob's newest, then ann's
-        [8, 9]
-        >>> sub.close()
-        """
-        if isinstance(channels, str):
-            self._check_channel(channels)
-        elif not callable(channels):
-            raise TypeError(f"channels must be a channel name or a function of one, got {channels!r}")
-        self._store.latest(channels)
 
     # -- helpers ------------------------------------------------------------
 
