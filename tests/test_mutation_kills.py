@@ -402,6 +402,11 @@ def test_retry_zero_is_a_valid_reconnect_delay_and_negative_is_not(comet_cherryp
         assert raw.chunk() == f"id: {event_id}\nretry: 0\ndata: now\n\n".encode()
     with pytest.raises(InvalidEvent):
         hub.publish("lobby", "never", retry=-1)
+    from comet import Options
+
+    assert Options(transport="sse", retry=0).retry == 0  # the stream's own retry too
+    with pytest.raises(ValueError, match="retry"):
+        Options(transport="sse", retry=-1)
 
 
 def thread_mode_root(hub):
