@@ -116,6 +116,8 @@ TESTS_FOR: dict[str, list[str]] = {
                  "tests/test_latest.py", "tests/test_channels.py"],
     "subscription.py": ["tests/test_mutation_kills.py", "tests/test_hub.py", "tests/test_hub_contract.py",
                         "tests/test_channels.py", "tests/test_snapshot.py", "tests/test_parked.py"],
+    "hub_presence.py": ["tests/test_presence.py", "tests/test_presence_http.py", "tests/test_hub_contract.py"],
+    "hub_channels.py": ["tests/test_hub.py", "tests/test_hub_contract.py", "tests/test_latest.py", "tests/test_channels.py"],
     # Split out of writer.py (round 4).
     "parked.py": ["tests/test_mutation_kills.py", "tests/test_parked.py", "tests/test_cherrypy.py", "tests/test_fastpath.py",
                   "tests/test_heartbeat.py"],
