@@ -21,7 +21,7 @@ from comet import Hub, comet
 from comet.cherrypy_tool import static_config
 from comet.testing import wait_until
 
-from .test_real_networks import HB, PAGE_JS, Tab, check_events, page_url, wait_shown
+from .test_real_networks import HB, PageRoot, Tab, check_events, page_url, wait_shown
 
 FETCH_TRANSPORTS = ["chunked", "multipart"]
 ERRORS = [500, 502]  # what the first connections of each stream are answered, in turn
@@ -49,20 +49,7 @@ def failing_server(comet_cherrypy):
     class Events:
         chunked, multipart = (stream(t) for t in FETCH_TRANSPORTS)
 
-    class Root:
-        events = Events()
-
-        @cherrypy.expose
-        def index(self, **params):
-            return (f'<!doctype html><body data-cursor="{hub.last_id("net")}">'
-                    '<script src="/comet/comet.js"></script><script src="/page.js"></script></body>')
-
-        @cherrypy.expose
-        def page_js(self):
-            cherrypy.response.headers["Content-Type"] = "text/javascript"
-            return PAGE_JS
-
-    server = comet_cherrypy(Root(), static_config("/comet"), thread_pool=20)
+    server = comet_cherrypy(PageRoot(hub, Events()), static_config("/comet"), thread_pool=20)
     server.hub, server.answered = hub, answered
     yield server
     hub.close()

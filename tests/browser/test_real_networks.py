@@ -61,6 +61,24 @@ for (const entry of (q.get("t") || "sse").split(",")) {
 """
 
 
+class PageRoot:
+    """The page (comet.js and PAGE_JS, the cursor of channel "net" in its
+    body) with its streams under /events."""
+
+    def __init__(self, hub, events):
+        self.hub, self.events = hub, events
+
+    @cherrypy.expose
+    def index(self, **params):
+        return (f'<!doctype html><body data-cursor="{self.hub.last_id("net")}">'
+                '<script src="/comet/comet.js"></script><script src="/page.js"></script></body>')
+
+    @cherrypy.expose
+    def page_js(self):
+        cherrypy.response.headers["Content-Type"] = "text/javascript"
+        return PAGE_JS
+
+
 @pytest.fixture
 def net_server(comet_cherrypy):
     hub = Hub(idle=0.2)
@@ -87,25 +105,13 @@ def net_server(comet_cherrypy):
                 raise
             return hub.subscribe("net", last_id=last_event_id)
 
-    class Root:
-        events = Events()
-
-        @cherrypy.expose
-        def index(self, **params):
-            return (f'<!doctype html><body data-cursor="{hub.last_id("net")}">'
-                    '<script src="/comet/comet.js"></script><script src="/page.js"></script></body>')
-
-        @cherrypy.expose
-        def page_js(self):
-            cherrypy.response.headers["Content-Type"] = "text/javascript"
-            return PAGE_JS
-
+    class Root(PageRoot):
         @cherrypy.expose
         def signed_url(self):
             cherrypy.response.headers["Cache-Control"] = "no-store"
             return "/events/signed?token=" + server.tokens.sign("ann", ["net"])
 
-    server = comet_cherrypy(Root(), static_config("/comet"), thread_pool=40)
+    server = comet_cherrypy(Root(hub, Events()), static_config("/comet"), thread_pool=40)
     server.hub, server.tokens, server.refused = hub, tokens, refused
     yield server
     hub.close()

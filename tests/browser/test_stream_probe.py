@@ -19,7 +19,7 @@ from comet import Hub, comet
 from comet.cherrypy_tool import static_config
 from comet.testing import FaultProxy, wait_until
 
-from .test_real_networks import HB, PAGE_JS, Tab, check_events, page_url, wait_shown
+from .test_real_networks import HB, PageRoot, Tab, check_events, page_url, wait_shown
 
 FETCH_TRANSPORTS = ["chunked", "multipart"]
 
@@ -48,20 +48,7 @@ def probe_server(comet_cherrypy):
         def poll(self, last_event_id=None):  # where a held-back stream falls back (pollUrl)
             return hub.subscribe("net", last_id=last_event_id)
 
-    class Root:
-        events = Events()
-
-        @cherrypy.expose
-        def index(self, **params):
-            return (f'<!doctype html><body data-cursor="{hub.last_id("net")}">'
-                    '<script src="/comet/comet.js"></script><script src="/page.js"></script></body>')
-
-        @cherrypy.expose
-        def page_js(self):
-            cherrypy.response.headers["Content-Type"] = "text/javascript"
-            return PAGE_JS
-
-    server = comet_cherrypy(Root(), static_config("/comet"), thread_pool=20)
+    server = comet_cherrypy(PageRoot(hub, Events()), static_config("/comet"), thread_pool=20)
     server.hub, server.refuse, server.refused = hub, None, refused
     yield server
     hub.close()
