@@ -556,3 +556,27 @@ def test_a_stream_does_not_hold_its_users_session_lock(comet_cherrypy, hub, tran
     settle(lambda: hub.subscriptions == 0, what="released")
     # the stream's end does not write its stale copy over what came later
     assert http_get(server.url + "/whoami", headers=cookie, timeout=5)[2].startswith(b"bob opened")
+
+
+def test_under_cherrypy_comets_log_records_go_to_cherrypys_error_log(comet_cherrypy, hub, tracker):
+    """Once the engine runs, a record of the ``comet`` logger is written by
+    cherrypy.log (``[time] COMET message``), wherever the app sends CherryPy's
+    error log, and reaches the root logger once."""
+    import logging
+
+    comet_cherrypy(make_root(hub, tracker), thread_pool=10)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    error_log = logging.getLogger("cherrypy.error")
+    error_log.addHandler(keep)
+    try:
+        logging.getLogger("comet").warning("a record for the error log")
+    finally:
+        error_log.removeHandler(keep)
+    assert [m for m in seen if m.endswith("COMET a record for the error log")], seen
+    assert logging.getLogger("comet").propagate is False  # (cherrypy.error propagates it: once)
