@@ -580,3 +580,13 @@ def test_under_cherrypy_comets_log_records_go_to_cherrypys_error_log(comet_cherr
         error_log.removeHandler(keep)
     assert [m for m in seen if m.endswith("COMET a record for the error log")], seen
     assert logging.getLogger("comet").propagate is False  # (cherrypy.error propagates it: once)
+
+
+def test_a_comet_log_record_that_cannot_be_written_is_reported_like_any_other(comet_cherrypy, hub, tracker, capfd):
+    """The bridge to cherrypy.log handles a failing record as logging does
+    (``--- Logging error ---`` on stderr), never swallowing it silently."""
+    import logging
+
+    comet_cherrypy(make_root(hub, tracker), thread_pool=10)
+    logging.getLogger("comet").warning("%d streams", "not a number")
+    assert "--- Logging error ---" in capfd.readouterr().err
