@@ -79,6 +79,8 @@ def test_cluster_urls_are_parsed_and_checked(cluster):
     for bad in ("redis+cluster://127.0.0.1", "redis+cluster://127.0.0.1:1/3", "redis+cluster://h:x"):
         with pytest.raises(ValueError):
             RedisHub(bad)
+    with pytest.raises(ValueError, match="expected host:port"):  # a port with no host
+        RedisHub("redis+cluster://127.0.0.1:7000,:7001")
     with pytest.raises(ValueError, match="replicas"):
         RedisHub(cluster.url, replicas=1)
     assert cluster.slot_of("{" + slot_tag(1234) + "}") == 1234
