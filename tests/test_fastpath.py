@@ -104,8 +104,9 @@ def test_the_middleware_serves_the_same_bytes(fast):
     server, hub, pool = fast
     with RawStream(server.url + "/events") as a, RawStream(server.url + "/%65vents") as b:
         assert counts(pool) == (1, 1)
-        for key in ("content-type", "transfer-encoding", "x-accel-buffering", "cache-control"):
+        for key in ("content-type", "transfer-encoding", "x-accel-buffering", "cache-control", "server"):
             assert a.headers[key] == b.headers[key], key
+        assert a.headers["server"] != "127.0.0.1"  # (cheroot's server_name: the bind address, which names nothing)
         assert no_cursor(a.chunk()) == no_cursor(b.chunk()) == b":ok\n\nevent: comet.heartbeat\ndata: 0.5\n\n"
         wait_until(lambda: pool.parked_streams == 2, what="both parked")
         hub.publish("lobby", {"n": 1})
@@ -589,3 +590,18 @@ def test_answers_name_the_server_not_its_address(fast):
         # as CherryPy's own server object names itself ("CherryPy/x Cheroot/y")
         assert re.findall(rb"\r\nServer: ([^\r]*)", head) == [cherrypy.server.httpserver.version.encode()], head
     wait_until(lambda: pool.open_streams == 0, what="streams released")
+
+
+def test_fast_routes_alone_as_a_wsgi_app_answer_404_off_their_routes(comet_wsgi, hub):
+    """``FastRoutes.wsgi()`` with no app behind it serves its routes and
+    answers anything else 404 with a reason, not a 500."""
+    routes = FastRoutes()
+    routes.add("/events", hub, "lobby", heartbeat=0.5)
+    try:
+        server = comet_wsgi(routes.wsgi())
+        status, _, body = http_get(server.url + "/elsewhere")
+        assert status == 404 and b"no such stream" in body, (status, body)
+        with RawStream(server.url + "/events") as raw:
+            assert raw.status == 200 and raw.headers["content-type"].startswith("text/event-stream")
+    finally:
+        routes.pool.close_all()
