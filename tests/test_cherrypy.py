@@ -328,6 +328,7 @@ def test_default_cap_leaves_threads_for_pages(comet_cherrypy, hub, tracker):
     ("/chunked?last_event_id=%0A1-1", {}, "CR, LF or NUL"),
     ("/longpoll", {"Last-Event-ID": "9" * (MAX_CURSOR + 1)}, f"at most {MAX_CURSOR}"),
     ("/multipart?last_event_id=99999999999999-1", {}, "from the future"),
+    ("/sse?self=1", {}, "missing or malformed parameters"),
     ("/sse?channel=bad%0Achannel", {}, "channel"),
 ])
 def test_bad_input_gets_400_with_reason(app, hub, tracker, path, headers, reason):
