@@ -820,3 +820,24 @@ def test_a_generator_whose_first_step_is_quick_answers_without_waiting_prime_wai
         times.append(time.monotonic() - started)
         assert status == 200 and body.endswith(b"first\n")
     assert min(times) < PRIME_WAIT * 0.8, f"the quickest first stream took {min(times):.3f} s"
+
+
+def test_a_first_step_that_fails_after_prime_wait_ends_the_stream_and_says_why(comet_cherrypy, caplog):
+    """A generator whose first step outlasts PRIME_WAIT (the headers went
+    first) and then raises: the stream ends with nothing of the exception in
+    it, and the failure is logged as a handler's, not as an item."""
+    class Root:
+        @cherrypy.expose
+        @comet(transport="chunked", heartbeat=30)
+        def late_failure(self):
+            time.sleep(0.3)  # a slow query before the first item: longer than PRIME_WAIT
+            raise RuntimeError("the database is down")
+            yield "never"
+
+    server = comet_cherrypy(Root())
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(f"GET /late_failure HTTP/1.1\r\nHost: {parts.hostname}\r\n\r\n".encode())
+        data = read_until(sock, None, timeout=10)  # the server ends it (cut short: the stream failed)
+    assert data.startswith(b"HTTP/1.1 200") and b"database" not in data, data
+    wait_until(lambda: "failed before its first item" in caplog.text, timeout=5, what="the failure logged")
