@@ -51,6 +51,7 @@ class CherryPyServer:
             # server.* settings live on the Server object and survive
             # config.reset(): clear TLS so one test's HTTPS is not the next one's.
             "server.ssl_certificate": None, "server.ssl_private_key": None, "server.ssl_certificate_chain": None,
+            "server.socket_queue_size": 5,  # CherryPy's default, which comet raises (comet.wsgi.BACKLOG)
             **self.global_config,
         })
         plugin = engine_plugin()

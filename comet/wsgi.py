@@ -37,13 +37,13 @@ from urllib.parse import parse_qs
 
 from .errors import InvalidEventId
 from .hub import MAX_CURSOR, Hub
-from .internals import connection_for, install_gateway
+from .internals import BACKLOG, connection_for, install_gateway
 from .options import Options
 from .pipeline import Refusal, open_stream
 from .pool import StreamPool
 from .tokens import redact_tokens
 
-__all__ = ["comet_app", "resume_id", "install_gateway", "server_threads", "tell_threads", "close_all"]
+__all__ = ["comet_app", "resume_id", "install_gateway", "BACKLOG", "server_threads", "tell_threads", "close_all"]
 
 log = logging.getLogger("comet")
 

@@ -32,6 +32,9 @@ cheroot (``cheroot.server``, ``cheroot.connections``):
 ``.server``, ``.close()``,           peer, the server, closing; dropping
 ``.rfile``, ``.wfile``               cheroot's file objects when a fast route
                                      takes a socket.
+``HTTPServer.request_queue_size``,   the listen backlog: raised from the default
+``.socket``                          5 before the server binds, or on its
+                                     listening socket (:func:`size_backlog`).
 ``HTTPServer.server_name``,          a direct request's ``request.local``, as
 ``.bind_addr``                       CherryPy's WSGI gateway makes it.
 ``HTTPConnection.linger``            set when a stream takes the connection:
@@ -97,14 +100,14 @@ from __future__ import annotations
 
 from .accept import (MAX_HEAD, AcceptHook, GetHead, HeadTaker, accept_hook_of, fast_routes_of, install_accept_hook,
                      keep_fast_routes, parse_get_head)
-from .connection import CherootConnection, Peer, connection_for, install_gateway, peer_of
+from .connection import BACKLOG, CherootConnection, Peer, connection_for, install_gateway, peer_of, size_backlog
 from .cprequest import (cheroot_server_of, comet_plugin_of, dispatched_callable, drop_gzip, http_error_reason,
                         is_direct, keep_charset, keep_comet_plugin, mark_direct, page_arguments, page_callable,
                         release_session, request_context, set_page_params)
 from .direct_request import (begin_direct_request, direct_settings, end_direct_request, prepare_direct_request,
                              response_head, slim_spent_request, why_not_direct, write_access_log)
 
-__all__ = ["install_gateway", "install_accept_hook", "AcceptHook", "accept_hook_of", "fast_routes_of", "keep_fast_routes",
+__all__ = ["install_gateway", "size_backlog", "BACKLOG", "install_accept_hook", "AcceptHook", "accept_hook_of", "fast_routes_of", "keep_fast_routes",
            "HeadTaker", "CherootConnection", "connection_for", "GetHead", "parse_get_head", "MAX_HEAD", "Peer", "peer_of",
            "why_not_direct", "begin_direct_request", "end_direct_request", "prepare_direct_request",
            "direct_settings", "write_access_log", "slim_spent_request", "response_head",

@@ -3,12 +3,28 @@ request in the environ, taking a connection over, noticing a peer that
 closed, and who is at either end (see :mod:`comet.internals`)."""
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import ssl
 from typing import Any, NamedTuple
 
 from .accept import install_accept_hook
+
+log = logging.getLogger("comet")
+
+#: The listen backlog comet gives a cheroot server left at cheroot's and
+#: CherryPy's default of 5 (``request_queue_size``,
+#: ``server.socket_queue_size``): a storm of connects (a deploy, a network
+#: blip, nginx opening upstream connections in a burst) waits in the
+#: kernel's queue instead of overflowing it, which leaves clients waiting on
+#: SYN retries or, behind a proxy, on a connection the proxy thinks is open.
+#: Linux caps it at ``net.core.somaxconn`` (4096 since 5.4).
+BACKLOG = 4096
+#: A backlog set explicitly below this gets a warning at start.
+SMALL_BACKLOG = 128
+_CHEROOT_DEFAULT_BACKLOG = 5
+_warned_backlog: set[str] = set()
 
 class Peer(NamedTuple):
     """Who is at either end of a connection, as CherryPy's WSGI gateway
@@ -56,6 +72,55 @@ def install_gateway(server: Any) -> None:
 
         server.gateway = CometGateway
     install_accept_hook(server)
+    size_backlog(server)
+
+
+def somaxconn() -> int | None:
+    """The kernel's cap on every listen backlog (Linux), or ``None``."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def size_backlog(server: Any) -> int:
+    """Give cheroot *server* a listen backlog sized for streams: :data:`BACKLOG`
+    when it has the default of 5; a smaller explicit one is kept, with a
+    warning naming the setting to raise. If the server listens already, its
+    socket listens again with the new size (Linux applies it at once). The
+    backlog the kernel will apply.
+
+    >>> from cheroot import wsgi
+    >>> server = wsgi.Server(("127.0.0.1", 0), lambda e, s: [])
+    >>> size_backlog(server) > 5, server.request_queue_size
+    (True, 4096)
+    """
+    size = int(getattr(server, "request_queue_size", _CHEROOT_DEFAULT_BACKLOG))
+    if size == _CHEROOT_DEFAULT_BACKLOG:
+        size = server.request_queue_size = BACKLOG
+        listening = getattr(server, "socket", None)
+        if listening is not None:
+            try:
+                listening.listen(size)
+            except OSError:  # closed meanwhile: the next bind uses the new size
+                pass
+    elif size < SMALL_BACKLOG:
+        _warn_backlog("small", f"comet: listen backlog {size}: a burst of connects overflows it and clients wait on SYN "
+                               f"retries; raise server.socket_queue_size (CherryPy) or request_queue_size (cheroot) "
+                               f"to {BACKLOG}")
+    cap = somaxconn()
+    if cap is not None and cap < min(size, 1024):
+        _warn_backlog("somaxconn", f"comet: the kernel caps every listen backlog at net.core.somaxconn = {cap}: "
+                                   f"raise it (sysctl -w net.core.somaxconn={BACKLOG})")
+    return min(size, cap) if cap is not None else size
+
+
+def _warn_backlog(key: str, message: str) -> None:
+    # Once per process: a test suite or a reloading app builds many servers.
+    if key not in _warned_backlog:
+        _warned_backlog.add(key)
+        log.warning(message)
 
 
 class CherootConnection:

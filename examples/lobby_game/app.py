@@ -40,6 +40,7 @@ import comet
 import comet.stats
 from comet import Event, Hub
 from comet.cherrypy_tool import static_config
+from comet.wsgi import BACKLOG
 
 from comet.backends import hub_from_url
 
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--behind-proxy", action="store_true",
                         help="count clients by the X-Forwarded-For address a proxy on this host appends")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
+    parser.add_argument("--backlog", type=int, default=BACKLOG, metavar="N",
+                        help=f"listen backlog: connects a storm may queue before they are accepted (default: {BACKLOG}; "
+                             "the kernel caps it at net.core.somaxconn)")
     parser.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
                         help="longest silence of a stream; a page notices a dead one in about twice that (default: 5)")
     parser.add_argument("--redis", metavar="URL", help="share lobbies and events through Redis, e.g. redis://127.0.0.1:6379/0")
@@ -343,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
                            openings=Openings(args.openings), behind_proxy=args.behind_proxy, heartbeat=args.heartbeat,
                            stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
-                            "server.thread_pool": args.threads, "engine.autoreload.on": False})
+                            "server.thread_pool": args.threads,
+                            "server.socket_queue_size": args.backlog, "engine.autoreload.on": False})
     print(f"lobby game on http://{args.host}:{args.port}/")
     try:
         cherrypy.quickstart(app, "/", config)

@@ -61,6 +61,7 @@ from comet.backends import hub_from_url
 
 from ..ratelimit import RateLimiter
 from comet.cherrypy_tool import static_config
+from comet.wsgi import BACKLOG
 
 HERE = Path(__file__).parent
 templates = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
@@ -467,6 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--behind-proxy", action="store_true",
                         help="count clients by the X-Forwarded-For address a proxy on this host appends")
     parser.add_argument("--threads", type=int, default=120, help="server threads (parked streams hold none)")
+    parser.add_argument("--backlog", type=int, default=BACKLOG, metavar="N",
+                        help=f"listen backlog: connects a storm may queue before they are accepted (default: {BACKLOG}; "
+                             "the kernel caps it at net.core.somaxconn)")
     parser.add_argument("--heartbeat", type=float, default=15.0, metavar="SECONDS",
                         help="longest silence of a stream; a page notices a dead one in about twice that (default: 15)")
     parser.add_argument("--stream-url-ttl", type=float, default=60.0, metavar="SECONDS",
@@ -496,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
                            behind_proxy=args.behind_proxy, heartbeat=args.heartbeat, stream_url_ttl=args.stream_url_ttl,
                            stats_password=args.stats_password, debug=args.debug)
     cherrypy.config.update({"server.socket_host": args.host, "server.socket_port": args.port,
-                            "server.thread_pool": args.threads, "engine.autoreload.on": False})
+                            "server.thread_pool": args.threads,
+                            "server.socket_queue_size": args.backlog, "engine.autoreload.on": False})
     print(f"shoutbox on http://{args.host}:{args.port}/  (moderator login at /login)")
     if not args.mod_secret:
         print(f"moderator secret for this run: {app.mod_secret}  (choose one with --mod-secret or $COMET_MOD_SECRET)")

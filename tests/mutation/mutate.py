@@ -79,7 +79,7 @@ TESTS_FOR: dict[str, list[str]] = {
     "internals/accept.py": ["tests/test_mutation_kills.py", "tests/test_hardening.py", "tests/test_parked.py",
                             "tests/test_fastpath.py", "tests/test_cherrypy.py"],
     "internals/connection.py": ["tests/test_mutation_kills.py", "tests/test_parked.py", "tests/test_wsgi.py",
-                                "tests/test_cherrypy.py", "tests/test_liveness_keepalive.py"],
+                                "tests/test_cherrypy.py", "tests/test_liveness_keepalive.py", "tests/test_backlog.py"],
     "internals/cprequest.py": ["tests/test_cherrypy.py", "tests/test_gzip.py", *ONE_MODEL,
                                "tests/test_direct.py"],
     "internals/direct_request.py": ["tests/test_direct.py", "tests/test_cherrypy.py"],
