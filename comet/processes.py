@@ -414,10 +414,12 @@ class NginxServer:
     by a free one; every directive is kept. A site that also listens with
     ``ssl`` gets a second free port (``https_url``) and a self-signed
     certificate for 127.0.0.1, made with ``openssl`` in its temp dir.
+    With *main* (``deploy/nginx.conf``), nginx runs with that main
+    configuration, as deployed, instead of a minimal one.
     """
 
     def __init__(self, site: str | os.PathLike[str], ports: Sequence[int], *, binary: str = "nginx",
-                 worker_connections: int = 4096) -> None:
+                 worker_connections: int = 4096, main: str | os.PathLike[str] | None = None) -> None:
         path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
         if path is None:
             raise RuntimeError(f"{binary} not found: install Debian's nginx (./run test does)")
@@ -429,9 +431,9 @@ class NginxServer:
         text, n = re.subn(r"(upstream\s+\w+\s*\{\n)(?:\s*server\s[^;]*;[^\n]*\n)+", lambda m: m[1] + servers, text)
         if n != 1:
             raise ValueError(f"{site}: expected one upstream block with server lines")
-        text, n = re.subn(r"(?m)^(\s*)listen\s+\d+;", f"\\1listen 127.0.0.1:{self.port};", text)  # not in comments
+        text, n = re.subn(r"(?m)^(\s*)listen\s+(?:127\.0\.0\.1:)?\d+;", f"\\1listen 127.0.0.1:{self.port};", text)  # not in comments
         if n != 1:
-            raise ValueError(f"{site}: expected one 'listen <port>;'")
+            raise ValueError(f"{site}: expected one 'listen [127.0.0.1:]<port>;'")
         self.tls_port: int | None = None
         self.certificate: str | None = None
         if re.search(r"(?m)^\s*listen\s+\d+\s+ssl\b", text):
@@ -442,12 +444,31 @@ class NginxServer:
             text = re.sub(r"(?m)^(\s*)ssl_certificate_key\s+[^;]+;", f"\\1ssl_certificate_key {self.dir}/key.pem;", text)
         Path(self.dir, "site.conf").write_text(text)
         temp = "".join(f"    {kind}_temp_path {self.dir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        Path(self.dir, "nginx.conf").write_text(
-            f"user root;\nworker_processes 1;\nworker_rlimit_nofile {2 * worker_connections + 100};\n"
-            f"pid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log warn;\n"
-            f"events {{ worker_connections {worker_connections}; }}\n"
-            f"http {{\n    access_log off;\n{temp}    include {self.dir}/site.conf;\n}}\n")
+        if main is not None:
+            Path(self.dir, "nginx.conf").write_text(self._main(Path(main).read_text(), temp))
+        else:
+            Path(self.dir, "nginx.conf").write_text(
+                f"user root;\nworker_processes 1;\nworker_rlimit_nofile {2 * worker_connections + 100};\n"
+                f"pid {self.dir}/nginx.pid;\nerror_log {self.dir}/error.log warn;\n"
+                f"events {{ worker_connections {worker_connections}; }}\n"
+                f"http {{\n    access_log off;\n{temp}    include {self.dir}/site.conf;\n}}\n")
         self.process: subprocess.Popen[bytes] | None = None
+
+    def _main(self, text: str, temp: str) -> str:
+        """A main configuration such as ``deploy/nginx.conf``, every directive
+        kept but where it would touch the host: pid, logs, the user, the
+        sites (only this one), temp paths (in this server's dir)."""
+        for pattern, replacement in ((r"(?m)^user\s+[^;]+;", "user root;"),
+                                     (r"(?m)^pid\s+[^;]+;", f"pid {self.dir}/nginx.pid;"),
+                                     (r"(?m)^error_log\s+[^;]+;", f"error_log {self.dir}/error.log warn;"),
+                                     (r"(?m)^(\s*)access_log\s+[^;]+;", "\\1access_log off;"),
+                                     (r"(?m)^\s*include\s+/etc/nginx/conf\.d/[^;]*;\n", ""),
+                                     (r"(?m)^(\s*)include\s+/etc/nginx/sites-enabled/[^;]*;",
+                                      f"{temp}\\1include {self.dir}/site.conf;")):
+            text, n = re.subn(pattern, replacement, text)
+            if n != 1:
+                raise ValueError(f"main configuration: expected one match of {pattern!r}")
+        return text
 
     @property
     def url(self) -> str:
@@ -482,6 +503,36 @@ class NginxServer:
 
         _wait(up, timeout, f"nginx on port {self.port}")
         return self
+
+    def reload(self) -> None:
+        """``nginx -s reload``: new workers start on the configuration read
+        again; the old ones finish their connections, for at most the main
+        configuration's ``worker_shutdown_timeout``."""
+        subprocess.run([self.binary, "-p", self.dir, "-c", f"{self.dir}/nginx.conf", "-s", "reload"],
+                       check=True, capture_output=True, timeout=30)
+
+    def workers(self) -> list[tuple[int, str]]:
+        """The master's worker processes now, as (pid, title): an old worker
+        finishing its connections after a reload is titled ``nginx: worker
+        process is shutting down``. Read from ``/proc`` (Linux)."""
+        if self.process is None:
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                if ppid != self.process.pid:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            if "worker process" in title:
+                found.append((int(entry), title))
+        return found
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None:

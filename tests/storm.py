@@ -15,6 +15,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import urlsplit
 
 
@@ -45,12 +46,21 @@ class Storm:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             async def shut() -> None:
-                for writer in self._writers:
-                    writer.close()
+                await _abort(self._writers)
                 loop.stop()
             asyncio.run_coroutine_threadsafe(shut(), loop)
         if self._thread is not None:
             self._thread.join(10)
+
+
+async def _abort(writers: list[asyncio.StreamWriter]) -> None:
+    """Close every connection now (no TLS close_notify: the peer sees a
+    reset or EOF), and let the loop run their close callbacks, so no socket
+    is left for the garbage collector."""
+    for writer in writers:
+        writer.transport.abort()
+    writers.clear()
+    await asyncio.sleep(0.1)
 
 
 def storm(url: str, n: int, *, deadline: float = 5.0, headers: dict[str, str] | None = None,
@@ -107,9 +117,7 @@ def storm(url: str, n: int, *, deadline: float = 5.0, headers: dict[str, str] | 
             loop.run_until_complete(main())
             loop.run_forever()  # keep the streams open until close()
         finally:
-            for writer in result._writers:
-                writer.close()
-            loop.run_until_complete(asyncio.sleep(0))
+            loop.run_until_complete(_abort(result._writers))
             loop.close()
             ready.set()
 
@@ -118,3 +126,143 @@ def storm(url: str, n: int, *, deadline: float = 5.0, headers: dict[str, str] | 
     if not ready.wait(deadline + 30):
         raise TimeoutError("the storm's loop did not finish")
     return result
+
+
+@dataclass
+class Seen:
+    """What one crowd client saw: every event (id, name, data) in order,
+    and how many times it (re)connected."""
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    connects: int = 0
+    last_id: str | None = None
+    error: str | None = None
+
+
+class Crowd:
+    """*n* SSE clients on *url* that reconnect as EventSource does: after a
+    lost connection (a proxy's worker shutting down, a process restarting)
+    each comes back within a second with ``Last-Event-ID``. Run in one
+    asyncio loop on a thread of their own; ``seen[i]`` is what client *i*
+    got. Bodies are decoded from HTTP/1.1 chunked framing, events parsed
+    as the SSE spec says (``id``, ``event``, ``data``; comments skipped).
+
+    Example::
+
+        crowd = Crowd(url, 1000).start()
+        crowd.wait(lambda: all(s.connects for s in crowd.seen), 10)
+        ...
+        crowd.close()
+    """
+
+    def __init__(self, url: str, n: int, *, cafile: str | None = None) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.context: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.context = ssl.create_default_context(cafile=cafile)
+            self.context.set_alpn_protocols(["http/1.1"])
+        self.path = parts.path + ("?" + parts.query if parts.query else "")
+        self.netloc = parts.netloc
+        self.seen = [Seen() for _ in range(n)]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="crowd", daemon=True)
+        self._stopping = False
+        self._tasks: list[asyncio.Future[None]] = []
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> "Crowd":
+        self._thread.start()
+
+        async def launch() -> None:
+            self._tasks = [asyncio.ensure_future(self._client(seen)) for seen in self.seen]
+
+        asyncio.run_coroutine_threadsafe(launch(), self._loop).result(10)
+        return self
+
+    def wait(self, condition: Callable[[], bool], timeout: float, what: str = "the crowd") -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: not within {timeout}s")
+            time.sleep(0.05)
+
+    def snapshot(self) -> list[list[tuple[str, str, str]]]:
+        with self._lock:
+            return [list(seen.events) for seen in self.seen]
+
+    async def _client(self, seen: Seen) -> None:
+        import random
+
+        while not self._stopping:
+            writer = None
+            try:
+                reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.context)
+                self._writers.add(writer)
+                lines = [f"GET {self.path} HTTP/1.1", f"Host: {self.netloc}", "Accept: text/event-stream"]
+                if seen.last_id is not None:
+                    lines.append(f"Last-Event-ID: {seen.last_id}")
+                writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                if status != 200:
+                    raise ValueError(f"status {status}")
+                seen.connects += 1
+                await self._read_events(reader, seen, b"transfer-encoding: chunked" in head.lower())
+            except (OSError, asyncio.IncompleteReadError, ValueError, asyncio.LimitOverrunError) as exc:
+                seen.error = type(exc).__name__ + ": " + str(exc)[:80]
+            finally:
+                if writer is not None:
+                    self._writers.discard(writer)
+                    writer.transport.abort()  # closed now, not by the garbage collector
+            if not self._stopping:
+                await asyncio.sleep(random.uniform(0.1, 1.0))  # EventSource's reconnect delay, spread
+
+    async def _read_events(self, reader: asyncio.StreamReader, seen: Seen, chunked: bool) -> None:
+        buffer = b""
+        fields: dict[str, str] = {}
+        while True:
+            if chunked:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    return
+                data = await reader.readexactly(size + 2)
+                buffer += data[:-2]
+            else:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                buffer += data
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                line = raw.decode("utf-8").rstrip("\r")
+                if not line:
+                    if "data" in fields:
+                        event = (fields.get("id", ""), fields.get("event", "message"), fields["data"])
+                        with self._lock:
+                            seen.events.append(event)
+                    if "id" in fields:
+                        seen.last_id = fields["id"]
+                    fields = {}
+                elif not line.startswith(":"):
+                    name, _, value = line.partition(":")
+                    value = value[1:] if value.startswith(" ") else value
+                    fields[name] = fields[name] + "\n" + value if name == "data" and "data" in fields else value
+
+    def close(self) -> None:
+        """Stop every client and the loop; close their connections."""
+        self._stopping = True
+
+        async def stop() -> None:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await _abort(list(self._writers))
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(stop(), self._loop).result(30)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(10)
+        self._loop.close()

@@ -21,17 +21,23 @@ import pytest
 
 from comet.testing import AppProcess, NginxServer, RedisServer, StreamClient, http_get, wait_until
 
+from storm import Crowd, storm
+from test_backlog import backlog_of, somaxconn
+
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "deploy" / "nginx-comet.conf"
+MAIN = ROOT / "deploy" / "nginx.conf"
+STORM = 1000  # browsers opening their stream at once (#29: all within 5 s)
 
 
 class Cluster:
     def __init__(self, redis_server: RedisServer, module: str, extra: tuple[str, ...] = ()) -> None:
-        self.apps = [AppProcess(["-m", module, "--redis", redis_server.url, "--threads", "20", *extra], cwd=ROOT)
-                     for _ in range(3)]
+        # As deploy/comet@.service starts them (its defaults: threads, backlog) ...
+        self.apps = [AppProcess(["-m", module, "--redis", redis_server.url, *extra], cwd=ROOT) for _ in range(3)]
         for app in self.apps:
             app.start()
-        self.nginx = NginxServer(SITE, [app.port for app in self.apps]).start()
+        # ... behind nginx with deploy/nginx.conf and the site deploy/nginx-comet.conf.
+        self.nginx = NginxServer(SITE, [app.port for app in self.apps], main=MAIN).start()
 
     def by_port(self, port: int) -> AppProcess:
         return next(app for app in self.apps if app.port == port)
@@ -204,14 +210,88 @@ def test_redirects_and_stats_through_nginx_keep_its_address(shoutbox):
     assert status == 200 and json.loads(body)["hubs"][0]["type"] == "RedisHub"
 
 
-def status_from(source: str, url: str) -> int:
-    """The status nginx answers a client at *source* (another loopback
+def head_from(source: str, url: str) -> bytes:
+    """The response head nginx sends a client at *source* (another loopback
     address stands in for a remote client)."""
     parts = urllib.parse.urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=10, source_address=(source, 0)) as sock:
         sock.sendall(f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
-        head = sock.recv(4096)
-    return int(head.split(b" ", 2)[1])
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(4096)
+            if not data:
+                break
+            head += data
+    return head.split(b"\r\n\r\n", 1)[0]
+
+
+def status_from(source: str, url: str) -> int:
+    return int(head_from(source, url).split(b" ", 2)[1])
+
+
+def test_other_clients_see_no_internal_address(shoutbox):
+    """X-Upstream (which process served) is for the proxy's own host only."""
+    assert b"x-upstream: 127.0.0.1:" in head_from("127.0.0.1", shoutbox.nginx.url + "/").lower()
+    remote = head_from("127.0.0.2", shoutbox.nginx.url + "/").lower()
+    assert remote.startswith(b"http/1.1 200") and b"x-upstream" not in remote and b"127.0.0.1" not in remote, remote
+
+
+def test_the_plain_http_listener_is_local_and_the_main_config_sized_for_streams():
+    """deploy/nginx-comet.conf's plain-HTTP listener is for this host only
+    (its comment says local); deploy/nginx.conf lifts Debian's 768
+    connections per worker and bounds a reload."""
+    site = SITE.read_text()
+    plain = [line.split() for line in site.splitlines() if line.strip().startswith("listen") and "ssl" not in line]
+    assert plain and all(words[1].startswith(("127.0.0.1:", "[::1]:")) for words in plain), plain
+    main = MAIN.read_text()
+    assert int(re.search(r"(?m)^\s*worker_connections\s+(\d+);", main)[1]) >= 10_000
+    assert re.search(r"(?m)^worker_shutdown_timeout\s+\d+s;", main)
+
+
+def test_a_storm_of_streams_through_nginx_all_stream_within_5_s(shoutbox):
+    """1,000 browsers open their stream at the same moment (a deploy, a
+    network blip), over TLS to nginx as deployed: every one streams within
+    5 s. Before #29: with CherryPy's backlog of 5, 27 of 100 had no
+    response after 30 s."""
+    nginx = shoutbox.nginx
+    result = storm(nginx.https_url + "/events", STORM, deadline=5.0, cafile=nginx.certificate)
+    try:
+        assert result.all_open, result.summary()
+    finally:
+        result.close()
+
+
+def test_nginx_reload_with_open_streams_finishes_and_every_client_resumes(shoutbox):
+    """``nginx -s reload`` with 1,000 streams open: the old workers hand over
+    within deploy/nginx.conf's worker_shutdown_timeout (10 s) instead of
+    keeping the streams forever, and every client (reconnecting as
+    EventSource does, with Last-Event-ID) has every shout, in order, once."""
+    nginx = shoutbox.nginx
+    crowd = Crowd(nginx.https_url + "/events", STORM, cafile=nginx.certificate).start()
+    try:
+        crowd.wait(lambda: all(seen.connects for seen in crowd.seen), 30, "every client streaming")
+        sent = [shout_ok(nginx.url, f"reload {i} before") for i in range(2)]
+        old = {pid for pid, _ in nginx.workers()}
+        assert old
+        reloaded = time.monotonic()
+        nginx.reload()
+        sent += [shout_ok(nginx.url, f"reload {i} during") for i in range(2)]
+        wait_until(lambda: not old & {pid for pid, _ in nginx.workers()}, 30, 0.1, what="the old workers gone")
+        took = time.monotonic() - reloaded
+        sent += [shout_ok(nginx.url, f"reload {i} after") for i in range(2)]
+
+        def ids(events):
+            return [event_id for event_id, name, _ in events if name == "shout" and event_id in sent]
+
+        crowd.wait(lambda: all(ids(events)[-1:] == sent[-1:] for events in crowd.snapshot()), 30,
+                   "the last shout at every client")
+        snapshot = crowd.snapshot()
+        assert all(ids(events) == sent for events in snapshot), [ids(e) for e in snapshot if ids(e) != sent][:3]
+        reconnected = sum(seen.connects > 1 for seen in crowd.seen)
+        assert reconnected == STORM, f"{reconnected} of {STORM} clients were handed over"
+        assert took < 25, f"old workers took {took:.1f}s (worker_shutdown_timeout 10 s)"
+    finally:
+        crowd.close()
 
 
 def test_the_stats_page_is_for_the_proxys_host_only(shoutbox):
@@ -300,6 +380,7 @@ def test_the_systemd_units_command_line_serves(redis_server):
     with app:
         status, _, body = http_get(app.url + "/")
         assert status == 200 and b"Lobby" in body
+        assert backlog_of(app.port) == min(4096, somaxconn())  # --backlog: sized for a storm
         assert app.stop() == 0  # KillSignal=SIGTERM: a clean exit
 
 
