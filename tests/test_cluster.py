@@ -8,6 +8,7 @@ returned an id), delivered (on a parked SSE stream served by CherryPy),
 duplicates, gaps, and acknowledged but lost, which must be 0."""
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -221,7 +222,11 @@ def _stream_through(comet_cherrypy, cluster, hub, change) -> dict:
             "in_order": [i for i in delivered if i in set(acked_ids)] == acked_ids}
 
 
-def test_a_resharding_mid_stream_loses_nothing(comet_cherrypy, cluster):
+def test_a_resharding_mid_stream_loses_nothing(comet_cherrypy, cluster, caplog):
+    """... and is an expected event, not a failure: the readers follow the
+    slot with no error in the log (MOVED, ASK and TRYAGAIN on a reader's
+    plain connection are recognised as a move)."""
+    caplog.set_level(logging.INFO, logger="comet")
     hub = RedisHub(cluster.url, idle=0.2, block=1.0, backoff=(0.05, 0.5))
 
     def reshard(key: str) -> None:
@@ -242,6 +247,7 @@ def test_a_resharding_mid_stream_loses_nothing(comet_cherrypy, cluster):
           f"acknowledged but lost {len(counts['lost'])}, reader regroups {regroups}")
     assert counts["lost"] == [] and counts["duplicates"] == 0 and counts["gaps"] == [] and counts["in_order"]
     assert regroups >= 1  # the reader noticed the move
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name == "comet"] == []
     assert _reader_threads() == []
 
 
@@ -375,4 +381,99 @@ def test_presence_across_processes_on_a_cluster(cluster):
             victim.stdout.close()
         a.close()
         b.close()
+    assert _reader_threads() == []
+
+
+class RecordingSink:
+    """The hub's side of ``comet.backends.redis_cluster.Sink``, recorded: a
+    test drives a real ClusterFollower with cursors it chooses."""
+
+    def __init__(self) -> None:
+        self.cursors: dict[bytes, str] = {}
+        self.got: list[tuple[bytes, bytes]] = []
+        self.connects = 0
+
+    def cursor(self, key):
+        return self.cursors.get(key)
+
+    def deliver(self, key, entries):
+        for entry_id, _ in entries:
+            self.got.append((key, entry_id))
+            self.cursors[key] = entry_id.decode()
+
+    def reader_changed(self, connected):
+        self.connects += connected
+
+
+def _follower(cluster, sink, block):
+    from comet.backends.redis_cluster import ClusterFollower
+    from comet.backends.redis_link import RedisLink
+
+    link = RedisLink(cluster.url, {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}, prefix="comet:", block=block,
+                     maxlen=100, approximate=True, max_age=None, max_idle=None)
+    return link, ClusterFollower(sink, link, block=block, backoff=(0.05, 0.5))
+
+
+def test_a_reader_whose_keys_have_no_cursor_yet_keeps_following(cluster, caplog):
+    """A master's reader can hold a key the hub has no cursor for (the hub
+    dropped the channel a moment before the reader heard of it): its sweeps
+    then read nothing there, and it goes on following, with no restart
+    (before: a reader that crashed and reconnected on every sweep, logging
+    a traceback each time, and delivering late)."""
+    lonely, other, _ = (f"comet:{name}".encode() for name in _one_channel_per_master(cluster))
+    sink = RecordingSink()
+    sink.cursors[other] = "0-0"
+    link, follower = _follower(cluster, sink, block=0.1)
+    try:
+        with caplog.at_level(logging.INFO, logger="comet"):
+            follower.follow(lonely)  # no cursor: its master's reader has nothing to read
+            follower.follow(other)
+            wait_until(lambda: sink.connects == 2, 10, what="both readers connected")
+            sent = link.redis.xadd(other, {"d": "x"})
+            wait_until(lambda: (other, sent) in sink.got, 10, what="the other key's entry")
+            time.sleep(1.0)  # ten sweeps of the lonely reader (block 0.1 s)
+            assert sink.connects == 2, "a reader reconnected"
+            beside = b"{" + lonely + b"}beside"  # (the hash tag puts it in the lonely key's slot)
+            sink.cursors[beside] = "0-0"
+            follower.follow(beside)  # a new channel on that master, while it holds the cursor-less key
+            sent = link.redis.xadd(beside, {"d": "z"})
+            wait_until(lambda: (beside, sent) in sink.got, 10, what="the new key's entry")
+            sink.cursors[lonely] = "0-0"  # the hub follows it after all: read from now on
+            sent = link.redis.xadd(lonely, {"d": "y"})
+            wait_until(lambda: (lonely, sent) in sink.got, 10, what="the lonely key's entry")
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        assert sink.connects == 2
+    finally:
+        follower.close()
+        link.close()
+    assert _reader_threads() == []
+
+
+def test_channels_followed_in_a_burst_are_all_read_at_once(cluster):
+    """A burst of new channels on one master (a page subscribing to many, a
+    room filling up) is followed at once, not after the reader's next sweep
+    (``block``, 30 s here): a change of its keys that arrives while it
+    subscribes to the previous ones is not missed."""
+    first = f"comet:{_one_channel_per_master(cluster)[0]}".encode()
+    sink = RecordingSink()
+    link, follower = _follower(cluster, sink, block=30.0)
+    try:
+        sink.cursors[first] = "0-0"
+        sent = link.redis.xadd(first, {"d": "x"})
+        follower.follow(first)
+        wait_until(lambda: (first, sent) in sink.got, 10, what="the reader up")
+        keys = [b"{" + first + b"}%d" % i for i in range(200)]  # (all in the first key's slot)
+        expected = set()
+        for key in keys:
+            sink.cursors[key] = "0-0"
+            expected.add((key, link.redis.xadd(key, {"d": "y"})))
+        started = time.monotonic()
+        for key in keys:
+            follower.follow(key)
+        wait_until(lambda: expected <= set(sink.got), 15, 0.05, what="every key of the burst read")
+        assert sink.connects == 1
+        assert time.monotonic() - started < 15  # far under the 30 s sweep
+    finally:
+        follower.close()
+        link.close()
     assert _reader_threads() == []

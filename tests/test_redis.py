@@ -254,6 +254,17 @@ def test_bad_settings_fail_at_construction():
     assert type(hub_from_url(None)) is Hub
 
 
+@pytest.mark.parametrize("name", ["block", "replica_timeout"])
+def test_second_settings_take_up_to_60_s_inclusive(name):
+    """The documented range is (0, 60] seconds: 60 itself is a setting a
+    user may well write, and must not be refused."""
+    RedisHub("redis://127.0.0.1:1/0", **{name: 60}).close()
+    RedisHub("redis://127.0.0.1:1/0", **{name: 0.001}).close()
+    for bad in (0, 60.001, -1, "5"):
+        with pytest.raises(ValueError, match=name):
+            RedisHub("redis://127.0.0.1:1/0", **{name: bad})
+
+
 def test_streams_over_http_from_a_redis_hub(comet_cherrypy, hubs):
     web, other = hubs(), hubs()
 
