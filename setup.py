@@ -46,7 +46,7 @@ setup(
         # prometheus_client's parser (comet itself writes the format), and
         # serves the WSGI example under waitress and gunicorn, and the Flask
         # and Django recipes.
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "redis>=5", "hiredis>=2",
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "hypothesis>=6.100", "redis>=5", "hiredis>=2",
                  "playwright>=1.40", "sphinx>=7", "myst-parser>=2", "mypy>=1.10", "jinja2>=3.1",
                  "build>=1", "twine>=5", "setuptools>=61", "wheel>=0.40",
                  "prometheus_client>=0.17", "waitress>=2.1", "gunicorn>=21", "flask>=2.3", "django>=4.2",
