@@ -50,9 +50,10 @@ def peer_of(conn: Any) -> Peer:
 
 
 def install_gateway(server: Any) -> None:
-    """Let comet park streams on a cheroot server, and keep incomplete
-    request heads off its worker threads (:class:`AcceptHook`). Idempotent;
-    the CherryPy plugin does it for ``cherrypy.server``.
+    """Let comet park streams on a cheroot server, keep incomplete request
+    heads off its worker threads (:class:`AcceptHook`) and give it a listen
+    backlog sized for a storm of connects (:func:`size_backlog`).
+    Idempotent; the CherryPy plugin does it for ``cherrypy.server``.
 
     >>> from cheroot import wsgi
     >>> server = wsgi.Server(("127.0.0.1", 0), lambda e, s: [])
