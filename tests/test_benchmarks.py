@@ -1,8 +1,9 @@
 """The benchmark scripts keep working: a tiny run of each comet server in
 ``benchmarks.capacity``, of ``benchmarks.idle_streams``, of
-``benchmarks.redis_publish`` and of ``benchmarks.scaleout`` on its three
-shared backends (timings are not checked, only that every event arrived
-once, in order, and every process was stopped); the load client's parser."""
+``benchmarks.redis_publish``, of ``benchmarks.many_streams`` (processes
+sharing a port) and of ``benchmarks.scaleout`` on its three shared
+backends (timings are not checked, only that every event arrived once, in
+order, and every process was stopped); the load client's parser."""
 import importlib.util
 import json
 import subprocess
@@ -81,6 +82,26 @@ def test_redis_publish_benchmark_runs():
     assert summary["rows"][0]["round_trips"] == 400  # unbatched: one each
     assert set(summary["batched_to_plain_per_s"]) == {"1", "8"}
     assert len(_running("redis-server")) == before, "the benchmark left its redis-server running"
+
+
+def test_many_streams_benchmark_runs_on_a_shared_port():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.many_streams", "--n", "400", "--processes", "2",
+                             "--front", "reuseport", "--broadcasts", "2", "--pause", "0.1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["bench"] == "many_streams" and summary["limits"]["nginx"]["streams"] > 0, summary
+    (row,) = summary["rows"]
+    fields = {"front", "n", "processes", "clients", "connect_s", "connect_cpu_us", "last_p50_ms", "last_p99_ms",
+              "stream_p50_ms", "stream_p99_ms", "cpu_us_per_delivery", "rss_kb", "kernel_kb", "server_kb",
+              "fds_max", "fds_min", "nginx_fds", "lost", "duplicate_or_out_of_order", "closed", "status",
+              "left_running"}
+    assert set(row) == fields, row  # and no "error"
+    assert (row["front"], row["n"], row["clients"]) == ("reuseport", 400, 2), row
+    assert row["lost"] == row["duplicate_or_out_of_order"] == row["closed"] == row["status"] == 0, row
+    # Both processes serve on the shared port: the kernel spread the 400 streams.
+    assert row["fds_min"] > 100, row
+    assert row["left_running"] == 0, "the benchmark left a server, nginx or redis-server running"
 
 
 def test_the_load_client_decodes_chunks_cut_anywhere():

@@ -15,7 +15,12 @@ of these behind nginx).
 Environment (benchmarks/idle_streams.py): BENCH_HEARTBEAT, the streams'
 heartbeat in seconds (comet's default, 15, when unset); BENCH_NO_WATCH_PEER=1,
 no comet.liveness socket options (TCP_USER_TIMEOUT, keepalive) on the
-streams, to measure what they cost. Never a knob of comet itself."""
+streams, to measure what they cost; BENCH_REUSE_PORT=1, listen with
+SO_REUSEPORT (cheroot's ``reuse_port``) so that several of these processes
+share one port, the kernel spreading connections over them
+(benchmarks/many_streams.py). Never a knob of comet itself. Once serving it
+prints "comet_app: serving" (a shared port answers before the process
+starting on it has bound it)."""
 import os
 import sys
 
@@ -87,4 +92,12 @@ threads = streams + 20 if mode == "thread" else 10 if mode == "generator" else 8
 cherrypy.config.update({"server.socket_host": "127.0.0.1", "server.socket_port": port, "server.thread_pool": threads,
                         "server.socket_queue_size": 4096, "engine.autoreload.on": False, "log.screen": False,
                         "comet.max_streams": threads, "server.shutdown_timeout": 1})
+if os.environ.get("BENCH_REUSE_PORT") == "1":
+    from cherrypy.process import servers
+
+    # CherryPy refuses a port something listens on: here it is shared on purpose.
+    servers.portend.free = lambda *args, **kwargs: None
+    cherrypy.server.httpserver, cherrypy.server.bind_addr = cherrypy.server.httpserver_from_self()
+    cherrypy.server.httpserver.reuse_port = True
+cherrypy.engine.subscribe("start", lambda: print("comet_app: serving", flush=True), priority=90)
 cherrypy.quickstart(Root(), "/", {"/": {"log.access_file": ""}})

@@ -1,0 +1,469 @@
+"""Many streams on one machine: several comet processes on one RedisHub, on
+two fronts side by side in one run, up to 100,000 streams (issue #29, point 1).
+
+    .venv/bin/python -m benchmarks.many_streams --n 100000 --processes 6 --front reuseport nginx
+
+(a quiet machine: it opens every stream from load clients on the same
+machine). ``--n 10000 25000 50000 100000`` (the default) prints the curve;
+a front stops at the largest N that fits this machine's limits (below) or
+at its first failed N, and says why.
+
+Fronts (each run starts its own redis-server on 127.0.0.1, ``--processes``
+comet processes ``benchmarks/peers/comet_app.py`` with a RedisHub and the
+channel on a fast route, which docs/capacity.md says is how to hold many
+streams: parked, no thread, the cheapest connect):
+
+* ``reuseport``: the processes share one port with SO_REUSEPORT (cheroot's
+  ``reuse_port``, ``BENCH_REUSE_PORT=1``); the kernel spreads connections.
+* ``nginx``: each process on its own port behind nginx, run with
+  ``deploy/nginx.conf`` and ``deploy/nginx-comet.conf`` as deployed
+  (``comet.processes.NginxServer``, as tests/test_deploy.py's Cluster).
+  nginx holds two connections per stream (client side and upstream), so
+  its capacity is workers x worker_connections / 2; N above that is run
+  at 90 % of it (workers do not share accepts evenly) and marked capped.
+
+For each front and N: open N SSE streams from load-client processes
+(asyncio; ``--per-client`` streams each, each from its own loopback
+source address 127.R.x.y, fresh per run, so neither ephemeral ports
+(about 28,000 per source address) nor the previous run's TIME_WAIT run
+short); then ``--broadcasts`` broadcasts, one at a time: POST /publish on
+the front (it lands on one process, goes through Redis to all). Reported:
+
+* ``connect_s``: from starting the load clients until all N streams have
+  their response headers; ``connect_cpu_us``: server-side CPU per connect;
+* ``last_p50_ms``/``last_p99_ms``: latency to the *last* stream of a
+  broadcast, over the broadcasts; ``stream_p50_ms``/``stream_p99_ms``: over
+  every (stream, broadcast);
+* ``cpu_us_per_delivery``: CPU of every server-side process (comet
+  processes, redis-server, nginx master and workers; /proc/<pid>/stat)
+  during the broadcasts, over broadcasts x N;
+* memory per stream, after the broadcasts: ``rss_kb`` (RSS of the server
+  side processes, after minus before the streams, over N) and
+  ``kernel_kb``: the kernel's socket memory for *both ends* of every
+  connection on this machine: the slab caches a TCP socket lives in
+  (/proc/slabinfo: TCP, sock_inode_cache, filp, dentry, eventpoll, skbuff,
+  bind buckets: the socket structures, which /proc/net/sockstat does not
+  count) plus /proc/net/sockstat's TCP "mem" pages (buffers: queued data
+  and forward allocations). Both are system-wide (another job's churn is
+  noise, small against 100,000 streams); ``ss -tm`` was not used: it shows
+  only the buffers and walks every socket. ``server_kb`` = ``rss_kb`` + the
+  server's share of ``kernel_kb`` (1 of 2 sockets per stream with
+  reuseport, 3 of 4 behind nginx), the figure for the goal of 8 KB;
+* ``lost`` (gaps and events missing at the end), ``duplicate_or_out_of_order``,
+  ``closed`` (streams that closed early), ``status`` (non-200 answers);
+* ``fds_max``/``fds_min``: descriptors of the busiest/idlest comet process
+  (how evenly the front spread the streams), ``nginx_fds`` per worker;
+  ``left_running``: server-side processes still alive after the run (0).
+
+Limits of this machine, read before each run (``limits`` in the JSON): the
+descriptor limit (``ulimit -n``; each comet process and load client must
+stay under 90 % of it, so N / processes must: use more ``--processes``),
+nginx's cap above, the ephemeral port range, and MemAvailable against an
+estimate of 60 KB per stream for everything (clients included). An N that
+does not fit is skipped with the reason.
+
+Options: ``--broadcasts`` (5), ``--per-client`` (10,000 streams per load
+client), ``--connect-timeout`` (600 s), ``--save`` (write the table and
+JSON to benchmarks/results/many-streams-<date>.{txt,json}; the lead saves
+the full run). Prints a table and one JSON line. 127.0.0.0/8 only; every
+process it starts is stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+from array import array
+from pathlib import Path
+
+from benchmarks.capacity import _Client, _cpu_s, _pct, _request, _rss_kb, _Stream
+from comet.processes import AppProcess, NginxServer, RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = ROOT / "deploy" / "nginx-comet.conf"
+MAIN = ROOT / "deploy" / "nginx.conf"
+RESULTS = ROOT / "benchmarks" / "results"
+FRONTS = ("reuseport", "nginx")
+#: Slab caches a TCP socket's structures live in (both ends of a loopback connection).
+SOCKET_SLABS = ("TCP", "request_sock_TCP", "tcp_bind_bucket", "tcp_bind2_bucket", "sock_inode_cache", "filp",
+                "dentry", "eventpoll_epi", "eventpoll_pwq", "skbuff_head_cache", "skbuff_fclone_cache")
+#: Everything per stream, for the memory check before a run: comet, kernel and the load clients.
+ESTIMATED_KB_PER_STREAM = 60
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- load client (its own process) ----------------------------------------------
+
+
+class _ManyClient(_Client):
+    """capacity's load client, from its own source address, reporting every
+    stream's latency per broadcast, and at the end how many events each
+    stream missed at its tail."""
+
+    def __init__(self, port: int, n: int, pipe, source: str, timeout: float) -> None:
+        super().__init__(port, n, pipe)
+        self.source, self.timeout = source, timeout
+
+    def received(self, seq: int, latency: float) -> None:
+        got = self.latencies.setdefault(seq, [])
+        got.append(latency)
+        if len(got) == self.n:
+            self.pipe.send(("seq", seq, array("d", got).tobytes()))
+            del self.latencies[seq]
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        gate = asyncio.Semaphore(128)
+        failed: list[str] = []
+
+        async def connect() -> None:
+            async with gate:
+                for attempt in range(30):
+                    try:
+                        _, stream = await self.loop.create_connection(
+                            lambda: _Stream(self), "127.0.0.1", self.port, local_addr=(self.source, 0))
+                        self.streams.append(stream)
+                        return
+                    except OSError as exc:
+                        error = exc
+                        await asyncio.sleep(0.05 * (attempt + 1))
+                failed.append(f"{type(error).__name__}: {error}")
+
+        await asyncio.gather(*(connect() for _ in range(self.n)))
+        if failed:
+            self.pipe.send(("error", f"{len(failed)} of {self.n} streams from {self.source} never connected: {failed[0]}"))
+        else:
+            try:
+                await asyncio.wait_for(self.all_open.wait(), max(1.0, self.timeout - (time.monotonic() - started)))
+                self.pipe.send(("open", time.monotonic() - started))
+            except asyncio.TimeoutError:
+                self.pipe.send(("error", f"{self.opened_count} of {self.n} streams from {self.source} had headers"))
+        expected = -1
+        while True:
+            if await self.loop.run_in_executor(None, self.pipe.poll, 0.2):
+                command = self.pipe.recv()
+                if command[0] == "stop":
+                    expected = command[1]
+                    break
+        bad = dict(self.bad)  # before closing: our own closes are not "closed"
+        bad["lost"] += sum(max(0, expected - s.last) for s in self.streams)
+        for stream in self.streams:
+            stream.transport.close()
+        self.pipe.send(("bye", bad))
+
+
+def _client_main(port: int, n: int, pipe, source: str, timeout: float) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(_ManyClient(port, n, pipe, source, timeout).run())
+
+
+# -- limits of this machine -------------------------------------------------------------
+
+
+def _nginx_capacity() -> dict:
+    """Streams nginx can hold as deploy/nginx.conf configures it: two
+    connections per stream, worker_connections per worker, the descriptor
+    limit it sets (worker_rlimit_nofile; above the hard limit only as root)."""
+    text = MAIN.read_text()
+    workers_set = re.search(r"(?m)^worker_processes\s+(\w+);", text)[1]
+    workers = (os.cpu_count() or 1) if workers_set == "auto" else int(workers_set)
+    connections = int(re.search(r"(?m)^\s*worker_connections\s+(\d+);", text)[1])
+    rlimit_match = re.search(r"(?m)^worker_rlimit_nofile\s+(\d+);", text)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    rlimit = int(rlimit_match[1]) if rlimit_match else resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if os.geteuid() != 0:
+        rlimit = min(rlimit, hard)
+    per_worker = min(connections, rlimit) - 64  # listeners, upstream keepalive, the publishes
+    return {"workers": workers, "worker_connections": connections, "worker_rlimit_nofile": rlimit,
+            "streams": workers * per_worker // 2, "run_at": int(0.9 * workers * per_worker // 2)}
+
+
+def machine_limits() -> dict:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    meminfo = Path("/proc/meminfo").read_text()
+    available_kb = int(re.search(r"MemAvailable:\s+(\d+)", meminfo)[1])
+    tcp_mem = [int(v) for v in Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()]
+    return {"nofile_soft": soft, "nofile_hard": hard, "fds_per_process": int(0.9 * soft),
+            "ephemeral_ports": high - low + 1, "mem_available_mb": available_kb // 1024,
+            "somaxconn": int(Path("/proc/sys/net/core/somaxconn").read_text()),
+            "tcp_mem_pressure_mb": tcp_mem[1] * PAGE // 2**20, "nginx": _nginx_capacity()}
+
+
+def does_not_fit(front: str, n: int, args, limits: dict) -> str | None:
+    """Why *n* streams on *front* would exceed a limit of this machine, or None."""
+    per_process = math.ceil(n / args.processes * 1.05) + 100  # reuseport spreads by hash: a margin
+    if per_process > limits["fds_per_process"]:
+        return (f"about {per_process} descriptors per comet process, over 90 % of ulimit -n "
+                f"({limits['nofile_soft']}): use --processes {math.ceil(n * 1.05 / (limits['fds_per_process'] - 100))}")
+    if args.per_client + 100 > limits["fds_per_process"]:
+        return f"--per-client {args.per_client} is over 90 % of ulimit -n ({limits['nofile_soft']})"
+    if args.per_client > 0.9 * limits["ephemeral_ports"]:
+        return f"--per-client {args.per_client}: over 90 % of the {limits['ephemeral_ports']} ephemeral ports of a source address"
+    if front == "nginx" and n > limits["nginx"]["streams"]:
+        return f"over nginx's {limits['nginx']['streams']} streams"
+    if front == "nginx" and n / args.processes > 0.9 * limits["ephemeral_ports"]:
+        return "nginx's upstream connections to one process would run out of ephemeral ports"
+    need_mb = n * ESTIMATED_KB_PER_STREAM // 1024
+    if need_mb > 0.8 * limits["mem_available_mb"]:
+        return f"an estimated {need_mb} MB, over 80 % of MemAvailable ({limits['mem_available_mb']} MB)"
+    return None
+
+
+# -- one run ------------------------------------------------------------------------------
+
+
+class Front:
+    """redis-server, *processes* comet processes (fast route on a RedisHub)
+    and, for ``nginx``, nginx as deployed in front of them."""
+
+    def __init__(self, front: str, processes: int) -> None:
+        self.front, self.nginx, self.apps = front, None, []
+        self.redis = RedisServer().start()
+        shared = free_port() if front == "reuseport" else None
+        env = {"BENCH_REUSE_PORT": "1"} if shared else {}
+        try:
+            for _ in range(processes):
+                app = AppProcess(["-m", "benchmarks.peers.comet_app", "{port}", "fast", "100", self.redis.url],
+                                 port=shared, env=env, cwd=ROOT, ready="comet_app: serving")
+                self.apps.append(app)
+                app.start()
+            if front == "nginx":
+                self.nginx = NginxServer(SITE, [a.port for a in self.apps], main=MAIN).start()
+        except BaseException:
+            self.close()
+            raise
+        self.port = self.nginx.port if self.nginx else shared
+
+    def nginx_workers(self) -> list[int]:
+        return [pid for pid, _ in self.nginx.workers()] if self.nginx else []
+
+    def pids(self) -> list[int]:
+        pids = [a.process.pid for a in self.apps] + [self.redis.process.pid]
+        if self.nginx:
+            pids += [self.nginx.process.pid, *self.nginx_workers()]
+        return pids
+
+    def cpu(self) -> float:
+        return sum(_cpu_s(pid) for pid in self.pids())
+
+    def rss_kb(self) -> int:
+        return sum(_rss_kb(pid) for pid in self.pids())
+
+    def close(self) -> None:
+        if self.nginx:
+            self.nginx.close()
+        for app in self.apps:
+            app.close()
+        self.redis.close()
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def kernel_socket_bytes() -> int:
+    """Socket slab caches plus TCP buffer pages, system-wide."""
+    total = 0
+    for line in Path("/proc/slabinfo").read_text().splitlines()[2:]:
+        fields = line.split()
+        if fields[0] in SOCKET_SLABS:
+            total += int(fields[1]) * int(fields[3])  # active objects x object size
+    sockstat = Path("/proc/net/sockstat").read_text()
+    return total + int(re.search(r"TCP:.* mem (\d+)", sockstat)[1]) * PAGE
+
+
+def _sources(run: int, clients: int) -> list[str]:
+    """Fresh loopback source addresses for run *run*: 127.<run+1>.x.y."""
+    return [f"127.{run % 250 + 1}.{i // 250}.{i % 250 + 2}" for i in range(clients)]
+
+
+def run_one(front: str, n: int, run: int, args) -> dict:
+    row: dict = {"front": front, "n": n, "processes": args.processes}
+    ctx = mp.get_context("fork")
+    pipes, procs, setup = [], [], None
+    try:
+        setup = Front(front, args.processes)
+        time.sleep(0.5)
+        rss0, kernel0, cpu0 = setup.rss_kb(), kernel_socket_bytes(), setup.cpu()
+        clients = max(2, math.ceil(n / args.per_client))
+        started = time.monotonic()
+        for i, source in enumerate(_sources(run, clients)):
+            parent, child = ctx.Pipe()
+            count = n // clients + (1 if i < n % clients else 0)
+            proc = ctx.Process(target=_client_main, args=(setup.port, count, child, source, args.connect_timeout),
+                               daemon=True)
+            proc.start()
+            pipes.append(parent)
+            procs.append(proc)
+        for pipe in pipes:
+            if not pipe.poll(args.connect_timeout + 30):
+                raise TimeoutError("a load client never reported")
+            message = pipe.recv()
+            if message[0] == "error":
+                raise RuntimeError(message[1])
+        row["connect_s"] = round(time.monotonic() - started, 2)
+        row["connect_cpu_us"] = round((setup.cpu() - cpu0) / n * 1e6, 1)
+        row["clients"] = clients
+        lasts, everyone = [], []
+        cpu1 = setup.cpu()
+        for seq in range(args.broadcasts):
+            _request(setup.port, "POST", f"/publish?seq={seq}&ts={time.time():.6f}")
+            pending, latencies = set(range(len(pipes))), array("d")
+            deadline = time.monotonic() + 120
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"broadcast {seq} reached {len(latencies)} of {n} streams in 120 s")
+                for i in list(pending):
+                    if pipes[i].poll(0.002):
+                        kind, got_seq, data = pipes[i].recv()
+                        if got_seq == seq:
+                            pending.discard(i)
+                            latencies.frombytes(data)
+            lasts.append(max(latencies))
+            everyone.extend(latencies)
+            time.sleep(args.pause)
+        cpu2 = setup.cpu()
+        time.sleep(1.0)
+        rss1, kernel1 = setup.rss_kb(), kernel_socket_bytes()
+        fds = [_fds(a.process.pid) for a in setup.apps]
+        server_share = 3 / 4 if front == "nginx" else 1 / 2
+        kernel_kb = (kernel1 - kernel0) / 1024 / n
+        rss_kb = (rss1 - rss0) / n
+        row.update({
+            "last_p50_ms": round(_pct(lasts, 50) * 1000, 1), "last_p99_ms": round(_pct(lasts, 99) * 1000, 1),
+            "stream_p50_ms": round(statistics.median(everyone) * 1000, 1),
+            "stream_p99_ms": round(_pct(everyone, 99) * 1000, 1),
+            "cpu_us_per_delivery": round((cpu2 - cpu1) / (args.broadcasts * n) * 1e6, 2),
+            "rss_kb": round(rss_kb, 2), "kernel_kb": round(kernel_kb, 2),
+            "server_kb": round(rss_kb + server_share * kernel_kb, 2),
+            "fds_max": max(fds), "fds_min": min(fds),
+            "nginx_fds": [_fds(pid) for pid in setup.nginx_workers()],
+        })
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        bad = {"lost": 0, "duplicate_or_out_of_order": 0, "closed": 0, "status": 0}
+        for pipe in pipes:
+            try:
+                pipe.send(("stop", args.broadcasts - 1))
+            except OSError:
+                pass
+        for pipe in pipes:
+            try:
+                while pipe.poll(20):
+                    message = pipe.recv()
+                    if message[0] == "bye":
+                        for key in bad:
+                            bad[key] += message[1][key]
+                        break
+                else:
+                    row.setdefault("error", "a load client did not say bye")
+            except (OSError, EOFError):
+                row.setdefault("error", "a load client died")
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        started_pids = setup.pids() if setup else []
+        if setup:
+            setup.close()
+    row.update(bad)
+    row["left_running"] = sum(_alive(pid) for pid in started_pids)
+    return row
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+COLUMNS = ["front", "n", "processes", "connect_s", "connect_cpu_us", "last_p50_ms", "last_p99_ms", "stream_p50_ms",
+           "stream_p99_ms", "cpu_us_per_delivery", "rss_kb", "kernel_kb", "server_kb", "fds_max", "fds_min",
+           "nginx_fds", "lost", "duplicate_or_out_of_order", "closed", "status", "left_running", "note", "error"]
+
+
+def plan(front: str, ns: list[int], limits: dict) -> list[tuple[int, str]]:
+    """The Ns to run on *front*, with a note: nginx's Ns above its cap
+    become one run at 90 % of the cap."""
+    if front != "nginx":
+        return [(n, "") for n in sorted(set(ns))]
+    cap = limits["nginx"]["run_at"]
+    runs = [(n, "") for n in sorted(set(ns)) if n <= cap]
+    if any(n > cap for n in ns) and cap not in {n for n, _ in runs}:
+        runs.append((cap, f"capped: nginx holds {limits['nginx']['streams']} streams as deployed"))
+    return runs
+
+
+def table(rows: list[dict]) -> str:
+    lines = [" | ".join(COLUMNS)]
+    lines += [" | ".join(str(row.get(c, "")) for c in COLUMNS) for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[10_000, 25_000, 50_000, 100_000])
+    parser.add_argument("--processes", type=int, default=6)
+    parser.add_argument("--front", nargs="+", choices=FRONTS, default=list(FRONTS))
+    parser.add_argument("--broadcasts", type=int, default=5)
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds between broadcasts")
+    parser.add_argument("--per-client", type=int, default=10_000, help="streams per load-client process")
+    parser.add_argument("--connect-timeout", type=float, default=600.0)
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/many-streams-<date>.{txt,json}")
+    args = parser.parse_args()
+    limits = machine_limits()
+    print(json.dumps({"limits": limits}), file=sys.stderr, flush=True)
+    rows, run = [], 0
+    for front in args.front:
+        stopped = None
+        for n, note in plan(front, args.n, limits):
+            why = stopped or does_not_fit(front, n, args, limits)
+            if why:
+                rows.append({"front": front, "n": n, "processes": args.processes, "note": f"skipped: {why}"})
+            else:
+                row = run_one(front, n, run, args)
+                run += 1
+                if note:
+                    row["note"] = note
+                rows.append(row)
+                if "error" in row:
+                    stopped = f"{front} failed at {n}"
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    summary = {"bench": "many_streams", "date": datetime.date.today().isoformat(),
+               "argv": sys.argv[1:], "limits": limits, "rows": rows}
+    line = json.dumps(summary)
+    print(line)
+    if args.save:
+        RESULTS.mkdir(exist_ok=True)
+        stem = RESULTS / f"many-streams-{summary['date']}"
+        stem.with_suffix(".txt").write_text(f"$ .venv/bin/python -m benchmarks.many_streams {' '.join(sys.argv[1:])}\n\n"
+                                            f"{text}\n\nlimits: {json.dumps(limits)}\n")
+        stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
