@@ -46,11 +46,17 @@ the front (it lands on one process, goes through Redis to all). Reported:
   count) plus /proc/net/sockstat's TCP "mem" pages (buffers: queued data
   and forward allocations). Both are system-wide (another job's churn is
   noise, small against 100,000 streams); ``ss -tm`` was not used: it shows
-  only the buffers and walks every socket. ``server_kb`` = ``rss_kb`` + the
-  server's share of ``kernel_kb`` (1 of 2 sockets per stream with
-  reuseport, 3 of 4 behind nginx), the figure for the goal of 8 KB;
+  only the buffers and walks every socket. ``kernel_buffers_kb`` is the
+  sockstat part alone (what ``net.ipv4.tcp_mem`` limits). ``server_kb`` =
+  ``rss_kb`` + the server's share of ``kernel_kb`` (1 of 2 sockets per
+  stream with reuseport, 3 of 4 behind nginx): the figure for the goal of
+  8 KB;
 * ``lost`` (gaps and events missing at the end), ``duplicate_or_out_of_order``,
   ``closed`` (streams that closed early), ``status`` (non-200 answers);
+* ``..._by_role``: the CPU and RSS above split into comet, redis and nginx;
+  ``client_cpu_us_per_delivery`` and ``client_rss_kb``: the load clients'
+  (not server side: they share the cores, which the latencies pay for;
+  their RSS is for the memory estimate below);
 * ``fds_max``/``fds_min``: descriptors of the busiest/idlest comet process
   (how evenly the front spread the streams), ``nginx_fds`` per worker;
   ``left_running``: server-side processes still alive after the run (0).
@@ -60,7 +66,27 @@ descriptor limit (``ulimit -n``; each comet process and load client must
 stay under 90 % of it, so N / processes must: use more ``--processes``),
 nginx's cap above, the ephemeral port range, and MemAvailable against an
 estimate of 60 KB per stream for everything (clients included). An N that
-does not fit is skipped with the reason.
+does not fit is skipped with the reason. Read on the 2-core, 23 GB
+machine of issue #29 (ulimit -n 20,000 hard, ports 32768-60999), for
+100,000 streams:
+
+* descriptors: 100,000 / 6 processes = about 16,700 per comet process
+  (reuseport spreads within a few %), under 18,000; 5 processes would not
+  fit (and comet.max_parked, 20,000, would refuse the rest);
+* nginx as deployed (2 workers on 2 cores, worker_connections 16,384;
+  worker_rlimit_nofile 65,536 takes, nginx's master runs as root) holds
+  about 16,300 streams: the nginx front is capped there, not at 100,000.
+  Given more connections, it would next meet the ephemeral ports of its
+  upstream connections (from 127.0.0.1: 28,232 per comet process);
+* ephemeral ports of the load clients: 10,000 per source address of
+  28,232; fresh addresses per run leave TIME_WAIT behind;
+* memory: about 7 KB per stream server side and 20-40 KB for the load
+  clients: a few GB of 23; kernel buffers far below tcp_mem's pressure
+  mark (1.5 GB); epoll watches (5.5 M per user), conntrack (262,144, not
+  tracking loopback here) and somaxconn (4,096) do not bind;
+* CPU: the load clients share the 2 cores with the servers, and parse
+  every event in Python: ``client_cpu_us_per_delivery`` says how much of
+  a broadcast's latency is theirs.
 
 Options: ``--broadcasts`` (5), ``--per-client`` (10,000 streams per load
 client), ``--connect-timeout`` (600 s), ``--save`` (write the table and
@@ -200,10 +226,15 @@ def machine_limits() -> dict:
     meminfo = Path("/proc/meminfo").read_text()
     available_kb = int(re.search(r"MemAvailable:\s+(\d+)", meminfo)[1])
     tcp_mem = [int(v) for v in Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()]
+    conntrack = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+    watches = Path("/proc/sys/fs/epoll/max_user_watches")
     return {"nofile_soft": soft, "nofile_hard": hard, "fds_per_process": int(0.9 * soft),
             "ephemeral_ports": high - low + 1, "mem_available_mb": available_kb // 1024,
             "somaxconn": int(Path("/proc/sys/net/core/somaxconn").read_text()),
-            "tcp_mem_pressure_mb": tcp_mem[1] * PAGE // 2**20, "nginx": _nginx_capacity()}
+            "tcp_mem_pressure_mb": tcp_mem[1] * PAGE // 2**20,
+            "conntrack_max": int(conntrack.read_text()) if conntrack.exists() else None,
+            "epoll_max_user_watches": int(watches.read_text()) if watches.exists() else None,
+            "nginx": _nginx_capacity()}
 
 
 def does_not_fit(front: str, n: int, args, limits: dict) -> str | None:
@@ -254,17 +285,25 @@ class Front:
     def nginx_workers(self) -> list[int]:
         return [pid for pid, _ in self.nginx.workers()] if self.nginx else []
 
-    def pids(self) -> list[int]:
-        pids = [a.process.pid for a in self.apps] + [self.redis.process.pid]
+    def roles(self) -> dict[str, list[int]]:
+        """The server-side processes by role."""
+        roles = {"comet": [a.process.pid for a in self.apps], "redis": [self.redis.process.pid]}
         if self.nginx:
-            pids += [self.nginx.process.pid, *self.nginx_workers()]
-        return pids
+            roles["nginx"] = [self.nginx.process.pid, *self.nginx_workers()]
+        return roles
 
-    def cpu(self) -> float:
-        return sum(_cpu_s(pid) for pid in self.pids())
+    def pids(self) -> list[int]:
+        return [pid for pids in self.roles().values() for pid in pids]
 
-    def rss_kb(self) -> int:
-        return sum(_rss_kb(pid) for pid in self.pids())
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far by role, and in all ("all")."""
+        by_role = {role: sum(_cpu_s(pid) for pid in pids) for role, pids in self.roles().items()}
+        return {**by_role, "all": sum(by_role.values())}
+
+    def rss_kb(self) -> dict[str, int]:
+        """RSS by role, and in all ("all")."""
+        by_role = {role: sum(_rss_kb(pid) for pid in pids) for role, pids in self.roles().items()}
+        return {**by_role, "all": sum(by_role.values())}
 
     def close(self) -> None:
         if self.nginx:
@@ -278,15 +317,15 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def kernel_socket_bytes() -> int:
-    """Socket slab caches plus TCP buffer pages, system-wide."""
-    total = 0
+def kernel_socket_bytes() -> tuple[int, int]:
+    """Socket slab caches, and TCP buffer pages (what tcp_mem limits), system-wide."""
+    slabs = 0
     for line in Path("/proc/slabinfo").read_text().splitlines()[2:]:
         fields = line.split()
         if fields[0] in SOCKET_SLABS:
-            total += int(fields[1]) * int(fields[3])  # active objects x object size
+            slabs += int(fields[1]) * int(fields[3])  # active objects x object size
     sockstat = Path("/proc/net/sockstat").read_text()
-    return total + int(re.search(r"TCP:.* mem (\d+)", sockstat)[1]) * PAGE
+    return slabs, int(re.search(r"TCP:.* mem (\d+)", sockstat)[1]) * PAGE
 
 
 def _sources(run: int, clients: int) -> list[str]:
@@ -319,10 +358,11 @@ def run_one(front: str, n: int, run: int, args) -> dict:
             if message[0] == "error":
                 raise RuntimeError(message[1])
         row["connect_s"] = round(time.monotonic() - started, 2)
-        row["connect_cpu_us"] = round((setup.cpu() - cpu0) / n * 1e6, 1)
+        row["connect_cpu_us"] = round((setup.cpu()["all"] - cpu0["all"]) / n * 1e6, 1)
         row["clients"] = clients
+        client_rss = sum(_rss_kb(proc.pid) for proc in procs)
         lasts, everyone = [], []
-        cpu1 = setup.cpu()
+        cpu1, client_cpu1 = setup.cpu(), sum(_cpu_s(proc.pid) for proc in procs)
         for seq in range(args.broadcasts):
             _request(setup.port, "POST", f"/publish?seq={seq}&ts={time.time():.6f}")
             pending, latencies = set(range(len(pipes))), array("d")
@@ -339,20 +379,26 @@ def run_one(front: str, n: int, run: int, args) -> dict:
             lasts.append(max(latencies))
             everyone.extend(latencies)
             time.sleep(args.pause)
-        cpu2 = setup.cpu()
+        cpu2, client_cpu2 = setup.cpu(), sum(_cpu_s(proc.pid) for proc in procs)
         time.sleep(1.0)
         rss1, kernel1 = setup.rss_kb(), kernel_socket_bytes()
         fds = [_fds(a.process.pid) for a in setup.apps]
         server_share = 3 / 4 if front == "nginx" else 1 / 2
-        kernel_kb = (kernel1 - kernel0) / 1024 / n
-        rss_kb = (rss1 - rss0) / n
+        kernel_kb = (sum(kernel1) - sum(kernel0)) / 1024 / n
+        rss_kb = (rss1["all"] - rss0["all"]) / n
         row.update({
             "last_p50_ms": round(_pct(lasts, 50) * 1000, 1), "last_p99_ms": round(_pct(lasts, 99) * 1000, 1),
             "stream_p50_ms": round(statistics.median(everyone) * 1000, 1),
             "stream_p99_ms": round(_pct(everyone, 99) * 1000, 1),
-            "cpu_us_per_delivery": round((cpu2 - cpu1) / (args.broadcasts * n) * 1e6, 2),
+            "cpu_us_per_delivery": round((cpu2["all"] - cpu1["all"]) / (args.broadcasts * n) * 1e6, 2),
+            "cpu_us_per_delivery_by_role": {role: round((cpu2[role] - cpu1[role]) / (args.broadcasts * n) * 1e6, 2)
+                                            for role in cpu2 if role != "all"},
+            "client_cpu_us_per_delivery": round((client_cpu2 - client_cpu1) / (args.broadcasts * n) * 1e6, 2),
             "rss_kb": round(rss_kb, 2), "kernel_kb": round(kernel_kb, 2),
+            "kernel_buffers_kb": round((kernel1[1] - kernel0[1]) / 1024 / n, 2),
             "server_kb": round(rss_kb + server_share * kernel_kb, 2),
+            "rss_kb_by_role": {role: round((rss1[role] - rss0[role]) / n, 2) for role in rss1 if role != "all"},
+            "client_rss_kb": round(client_rss / n, 2),
             "fds_max": max(fds), "fds_min": min(fds),
             "nginx_fds": [_fds(pid) for pid in setup.nginx_workers()],
         })
@@ -400,8 +446,9 @@ def _alive(pid: int) -> bool:
 
 
 COLUMNS = ["front", "n", "processes", "connect_s", "connect_cpu_us", "last_p50_ms", "last_p99_ms", "stream_p50_ms",
-           "stream_p99_ms", "cpu_us_per_delivery", "rss_kb", "kernel_kb", "server_kb", "fds_max", "fds_min",
-           "nginx_fds", "lost", "duplicate_or_out_of_order", "closed", "status", "left_running", "note", "error"]
+           "stream_p99_ms", "cpu_us_per_delivery", "cpu_us_per_delivery_by_role",
+           "client_cpu_us_per_delivery", "rss_kb", "rss_kb_by_role", "kernel_kb",
+           "kernel_buffers_kb", "server_kb", "client_rss_kb", "fds_max", "fds_min", "nginx_fds", "lost", "duplicate_or_out_of_order", "closed", "status", "left_running", "note", "error"]
 
 
 def plan(front: str, ns: list[int], limits: dict) -> list[tuple[int, str]]:

@@ -93,8 +93,9 @@ def test_many_streams_benchmark_runs_on_a_shared_port():
     assert summary["bench"] == "many_streams" and summary["limits"]["nginx"]["streams"] > 0, summary
     (row,) = summary["rows"]
     fields = {"front", "n", "processes", "clients", "connect_s", "connect_cpu_us", "last_p50_ms", "last_p99_ms",
-              "stream_p50_ms", "stream_p99_ms", "cpu_us_per_delivery", "rss_kb", "kernel_kb", "server_kb",
-              "fds_max", "fds_min", "nginx_fds", "lost", "duplicate_or_out_of_order", "closed", "status",
+              "stream_p50_ms", "stream_p99_ms", "cpu_us_per_delivery", "cpu_us_per_delivery_by_role",
+              "client_cpu_us_per_delivery", "rss_kb",
+              "rss_kb_by_role", "kernel_kb", "kernel_buffers_kb", "server_kb", "client_rss_kb", "fds_max", "fds_min", "nginx_fds", "lost", "duplicate_or_out_of_order", "closed", "status",
               "left_running"}
     assert set(row) == fields, row  # and no "error"
     assert (row["front"], row["n"], row["clients"]) == ("reuseport", 400, 2), row
