@@ -23,10 +23,10 @@ streams: parked, no thread, the cheapest connect):
   at 90 % of it (workers do not share accepts evenly) and marked capped.
 
 For each front and N: open N SSE streams from load-client processes
-(asyncio; ``--per-client`` streams each, each from its own loopback
-source address 127.R.x.y, fresh per run, so neither ephemeral ports
-(about 28,000 per source address) nor the previous run's TIME_WAIT run
-short); then ``--broadcasts`` broadcasts, one at a time: POST /publish on
+(one epoll loop each; ``--per-client`` streams each, each from its own
+loopback source address 127.R.x.y, fresh per run, so neither ephemeral
+ports (about 28,000 per source address and destination) nor the previous
+run's TIME_WAIT run short); then ``--broadcasts`` broadcasts, one at a time: POST /publish on
 the front (it lands on one process, goes through Redis to all). Reported:
 
 * ``connect_s``: from starting the load clients until all N streams have
@@ -97,21 +97,24 @@ process it starts is stopped.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
+import errno
+import heapq
 import json
 import math
 import multiprocessing as mp
 import os
 import re
 import resource
+import select
+import socket
 import statistics
 import sys
 import time
 from array import array
 from pathlib import Path
 
-from benchmarks.capacity import _Client, _cpu_s, _pct, _request, _rss_kb, _Stream
+from benchmarks.capacity import EVENT, Dechunk, _cpu_s, _pct, _request, _rss_kb
 from comet.processes import AppProcess, NginxServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,78 +128,174 @@ SOCKET_SLABS = ("TCP", "request_sock_TCP", "tcp_bind_bucket", "tcp_bind2_bucket"
 #: Everything per stream, for the memory check before a run: comet, kernel and the load clients.
 ESTIMATED_KB_PER_STREAM = 60
 PAGE = os.sysconf("SC_PAGE_SIZE")
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
 
 # -- load client (its own process) ----------------------------------------------
 
 
-class _ManyClient(_Client):
-    """capacity's load client, from its own source address, reporting every
-    stream's latency per broadcast, and at the end how many events each
-    stream missed at its tail."""
+class _Streams:
+    """The load client: *n* SSE streams from source address *source*, on
+    one epoll loop in plain Python (no asyncio: a third of the CPU per
+    event, and the clients share the cores with the servers). The parsing
+    is capacity's (its ``EVENT`` pattern, ``Dechunk`` for a chunked body);
+    per stream it counts gaps and repeats by sequence number, and reports
+    every stream's latency of each broadcast once all *n* have it."""
+
+    GATE = 128  # connects in flight
 
     def __init__(self, port: int, n: int, pipe, source: str, timeout: float) -> None:
-        super().__init__(port, n, pipe)
-        self.source, self.timeout = source, timeout
+        self.port, self.n, self.pipe, self.source, self.timeout = port, n, pipe, source, timeout
+        self.epoll = select.epoll()
+        self.socks: list[socket.socket | None] = [None] * n
+        self.by_fd: dict[int, int] = {}
+        self.state = [0] * n  # 0 waiting, 1 connecting, 2 reading the head, 3 streaming, 4 closed
+        self.head = [b""] * n
+        self.tail = [b""] * n
+        self.chunks: list[Dechunk | None] = [None] * n
+        self.last = [-1] * n
+        self.attempts = [0] * n
+        self.latencies: dict[int, list[float]] = {}
+        self.bad = {"lost": 0, "duplicate_or_out_of_order": 0, "closed": 0, "status": 0}
+        self.opened = self.connecting = 0
+        self.retry: list[tuple[float, int]] = []  # (when, stream)
+        self.failed: list[str] = []
 
-    def received(self, seq: int, latency: float) -> None:
-        got = self.latencies.setdefault(seq, [])
-        got.append(latency)
-        if len(got) == self.n:
-            self.pipe.send(("seq", seq, array("d", got).tobytes()))
-            del self.latencies[seq]
+    def _connect(self, i: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # the port is picked per destination at connect
+        sock.bind((self.source, 0))
+        sock.setblocking(False)
+        error = sock.connect_ex(("127.0.0.1", self.port))
+        self.socks[i], self.by_fd[sock.fileno()], self.state[i] = sock, i, 1
+        self.connecting += 1
+        self.epoll.register(sock.fileno(), select.EPOLLOUT)
+        if error not in (0, errno.EINPROGRESS):
+            self._give_up_or_retry(i, os.strerror(error))
 
-    async def run(self) -> None:
-        started = time.monotonic()
-        gate = asyncio.Semaphore(128)
-        failed: list[str] = []
-
-        async def connect() -> None:
-            async with gate:
-                for attempt in range(30):
-                    try:
-                        _, stream = await self.loop.create_connection(
-                            lambda: _Stream(self), "127.0.0.1", self.port, local_addr=(self.source, 0))
-                        self.streams.append(stream)
-                        return
-                    except OSError as exc:
-                        error = exc
-                        await asyncio.sleep(0.05 * (attempt + 1))
-                failed.append(f"{type(error).__name__}: {error}")
-
-        await asyncio.gather(*(connect() for _ in range(self.n)))
-        if failed:
-            self.pipe.send(("error", f"{len(failed)} of {self.n} streams from {self.source} never connected: {failed[0]}"))
+    def _give_up_or_retry(self, i: int, why: str) -> None:
+        sock = self.socks[i]
+        if sock is not None:
+            del self.by_fd[sock.fileno()]
+            self.epoll.unregister(sock.fileno())
+            sock.close()
+            self.socks[i] = None
+        self.connecting -= 1
+        self.attempts[i] += 1
+        if self.attempts[i] >= 30:
+            self.state[i] = 4
+            self.failed.append(why)
         else:
-            try:
-                await asyncio.wait_for(self.all_open.wait(), max(1.0, self.timeout - (time.monotonic() - started)))
-                self.pipe.send(("open", time.monotonic() - started))
-            except asyncio.TimeoutError:
-                self.pipe.send(("error", f"{self.opened_count} of {self.n} streams from {self.source} had headers"))
-        expected = -1
+            self.state[i] = 0
+            heapq.heappush(self.retry, (time.monotonic() + 0.05 * self.attempts[i], i))
+
+    def _writable(self, i: int) -> None:
+        sock = self.socks[i]
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._give_up_or_retry(i, os.strerror(error))
+            return
+        try:
+            sock.send(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n")
+        except OSError as exc:
+            self._give_up_or_retry(i, str(exc))
+            return
+        self.state[i] = 2
+        self.epoll.modify(sock.fileno(), select.EPOLLIN)
+
+    def _readable(self, i: int) -> None:
+        try:
+            data = self.socks[i].recv(65536)
+        except OSError:
+            data = b""
+        now = time.time()
+        if not data:
+            if self.state[i] == 2:
+                self._give_up_or_retry(i, "closed before its headers")
+            else:
+                self.bad["closed"] += 1
+                self.epoll.unregister(self.socks[i].fileno())
+                self.state[i] = 4
+            return
+        if self.state[i] == 2:
+            self.head[i] += data
+            if b"\r\n\r\n" not in self.head[i]:
+                return
+            head, _, data = self.head[i].partition(b"\r\n\r\n")
+            self.head[i], self.state[i] = b"", 3
+            self.connecting -= 1
+            self.opened += 1
+            if not head.startswith(b"HTTP/1.1 200"):
+                self.bad["status"] += 1
+            if b"transfer-encoding: chunked" in head.lower():
+                self.chunks[i] = Dechunk()
+        chunks = self.chunks[i]
+        if chunks is not None:
+            data = chunks.feed(data)
+        buf = self.tail[i] + data if self.tail[i] else data
+        end = buf.rfind(b"\n")  # every benchmark event is one data line: complete lines suffice
+        if end < 0:
+            self.tail[i] = buf
+            return
+        self.tail[i] = buf[end + 1:]
+        for match in EVENT.finditer(buf, 0, end + 1):
+            seq = int(match[1])
+            last = self.last[i]
+            if seq <= last:
+                self.bad["duplicate_or_out_of_order"] += 1
+                continue
+            if seq > last + 1 and last >= 0:
+                self.bad["lost"] += seq - last - 1
+            self.last[i] = seq
+            got = self.latencies.setdefault(seq, [])
+            got.append(now - float(match[2]))
+            if len(got) == self.n:
+                self.pipe.send(("seq", seq, array("d", got).tobytes()))
+                del self.latencies[seq]
+
+    def _step(self, wait: float) -> None:
+        now = time.monotonic()
+        while self.retry and self.retry[0][0] <= now and self.connecting < self.GATE:
+            self._connect(heapq.heappop(self.retry)[1])
+        for fd, events in self.epoll.poll(wait):
+            i = self.by_fd.get(fd)
+            if i is None:
+                continue
+            if self.state[i] == 1:
+                self._writable(i)
+            elif self.state[i] in (2, 3):
+                self._readable(i)
+
+    def run(self) -> None:
+        started = time.monotonic()
+        deadline = started + self.timeout
+        self.retry = [(0.0, i) for i in range(self.n)]  # every stream, in order (a heap already)
+        while self.opened + len(self.failed) < self.n and time.monotonic() < deadline:
+            self._step(0.05)
+        if self.failed:
+            self.pipe.send(("error", f"{len(self.failed)} of {self.n} streams from {self.source} "
+                                     f"never connected: {self.failed[0]}"))
+        elif self.opened < self.n:
+            self.pipe.send(("error", f"{self.opened} of {self.n} streams from {self.source} had headers"))
+        else:
+            self.pipe.send(("open", time.monotonic() - started))
+        self.epoll.register(self.pipe.fileno(), select.EPOLLIN)
         while True:
-            if await self.loop.run_in_executor(None, self.pipe.poll, 0.2):
+            self._step(1.0)
+            if self.pipe.poll():
                 command = self.pipe.recv()
                 if command[0] == "stop":
-                    expected = command[1]
                     break
-        bad = dict(self.bad)  # before closing: our own closes are not "closed"
-        bad["lost"] += sum(max(0, expected - s.last) for s in self.streams)
-        for stream in self.streams:
-            stream.transport.close()
+        bad = dict(self.bad)
+        bad["lost"] += sum(max(0, command[1] - last) for last, state in zip(self.last, self.state) if state == 3)
+        for sock in self.socks:
+            if sock is not None:
+                sock.close()
         self.pipe.send(("bye", bad))
 
 
 def _client_main(port: int, n: int, pipe, source: str, timeout: float) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    loop.run_until_complete(_ManyClient(port, n, pipe, source, timeout).run())
+    _Streams(port, n, pipe, source, timeout).run()
 
 
 # -- limits of this machine -------------------------------------------------------------
