@@ -1,10 +1,11 @@
 """Many streams on one machine: several comet processes on one RedisHub, on
 two fronts side by side in one run, up to 100,000 streams (issue #29, point 1).
 
-    .venv/bin/python -m benchmarks.many_streams --n 100000 --processes 6 --front reuseport nginx
+    .venv/bin/python -m benchmarks.many_streams --n 10000 25000 50000 100000 --processes 6 --front reuseport nginx --save
 
-(a quiet machine: it opens every stream from load clients on the same
-machine). ``--n 10000 25000 50000 100000`` (the default) prints the curve;
+(on a quiet machine: it opens every stream from load clients on the same
+machine; ``--n 100000`` alone skips the curve). ``--n 10000 25000 50000
+100000`` (the default) prints the curve;
 a front stops at the largest N that fits this machine's limits (below) or
 at its first failed N, and says why.
 
