@@ -837,3 +837,30 @@ def test_a_load_that_fails_refuses_every_stream_waiting_for_it_with_its_503(hubs
     finally:
         hub.close()
         server.stop()
+
+
+def test_a_reader_that_cannot_reach_redis_backs_off():
+    """While Redis drops every connection (restarting, overloaded), the
+    reader retries with its exponential backoff (``backoff=(first, max)``,
+    with jitter): a handful of attempts in 2 s, not a tight loop that burns
+    a core and floods the server the moment it is back. The listener here
+    is a TCP port that accepts and closes, as a Redis going down does."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.settimeout(0.05)
+        hub = RedisHub(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", backoff=(0.1, 0.4))
+        attempts = 0
+        deadline = time.monotonic() + 2.0
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                conn.close()
+                attempts += 1
+        finally:
+            hub.close()
+    # 0.1 s doubling to 0.4 s, times 0.5-1.0: about 5-12 attempts in 2 s
+    assert 2 <= attempts <= 30, attempts
