@@ -74,9 +74,9 @@ machine of issue #29 (ulimit -n 20,000 hard, ports 32768-60999), for
 * descriptors: 100,000 / 6 processes = about 16,700 per comet process
   (reuseport spreads within a few %), under 18,000; 5 processes would not
   fit (and comet.max_parked, 20,000, would refuse the rest);
-* nginx as deployed (2 workers on 2 cores, worker_connections 16,384;
-  worker_rlimit_nofile 65,536 takes, nginx's master runs as root) holds
-  about 16,300 streams: the nginx front is capped there, not at 100,000.
+* nginx as deployed (2 workers on 2 cores, worker_connections 65,536;
+  worker_rlimit_nofile 131,072 takes, nginx's master runs as root) holds
+  about 65,000 streams: the nginx front is capped there, not at 100,000.
   Given more connections, it would next meet the ephemeral ports of its
   upstream connections (from 127.0.0.1: 28,232 per comet process);
 * ephemeral ports of the load clients: 10,000 per source address of

@@ -431,7 +431,8 @@ class NginxServer:
         text, n = re.subn(r"(upstream\s+\w+\s*\{\n)(?:\s*server\s[^;]*;[^\n]*\n)+", lambda m: m[1] + servers, text)
         if n != 1:
             raise ValueError(f"{site}: expected one upstream block with server lines")
-        text, n = re.subn(r"(?m)^(\s*)listen\s+(?:127\.0\.0\.1:)?\d+;", f"\\1listen 127.0.0.1:{self.port};", text)  # not in comments
+        text, n = re.subn(r"(?m)^(\s*)listen\s+(?:127\.0\.0\.1:)?\d+((?:\s+backlog=\d+)?);",
+                          f"\\1listen 127.0.0.1:{self.port}\\2;", text)  # not in comments
         if n != 1:
             raise ValueError(f"{site}: expected one 'listen [127.0.0.1:]<port>;'")
         self.tls_port: int | None = None
