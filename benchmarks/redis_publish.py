@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.redis_publish [--events N] [--threads 1 8 32]
     .venv/bin/python -m benchmarks.redis_publish --sentinel   # the cost of Sentinel and of durable publishing
+    .venv/bin/python -m benchmarks.redis_publish --ratios     # next to redis-benchmark XADD (issue 29)
 
 Starts its own redis-server on 127.0.0.1. For each number of publishing
 threads (think CherryPy worker threads handling "send" requests), publishes
@@ -15,13 +16,30 @@ on the machine.
 a Sentinel group through ``redis+sentinel://`` (``RedisSentinels``: a
 master, a replica, three sentinels), and the same with ``replicas=1`` (each
 batch waits for the replica: durable publishing).
+
+``--ratios`` puts RedisHub next to what Redis itself takes, in one run on
+one redis-server: ``redis-benchmark`` XADD with 50 clients, unpipelined
+and with ``-P 32`` (Debian's redis-tools ships it), then acknowledged
+``publish`` from 1 and 8 threads over 100 channels and ``publish_many`` from
+1 thread in batches of 100, and prints publish(8 threads) / XADD and
+publish_many / pipelined XADD (issue 29's goal: at least 0.5 each). No
+subscriber runs while publishing (its reader would share this process's
+CPU); afterwards every stream is read back to check each event is there
+once, in its thread's order. ``client_cpu_us`` is this process's CPU per
+event, ``redis_cpu_us`` redis-server's.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import shutil
+import subprocess
 import threading
 import time
+from typing import Any
+
+import redis
 
 from comet.backends.redis import RedisHub
 from comet.processes import RedisSentinels, RedisServer
@@ -77,9 +95,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=8000)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--sentinel", action="store_true", help="single Redis vs Sentinel vs Sentinel durable")
+    parser.add_argument("--ratios", action="store_true", help="next to redis-benchmark XADD, in one run")
+    parser.add_argument("--xadd-requests", type=int, default=100000, help="redis-benchmark -n (with --ratios)")
     args = parser.parse_args()
     if args.sentinel:
         return sentinel(args)
+    if args.ratios:
+        return against_xadd(args.events, args.xadd_requests)
     rows = []
     with RedisServer() as server:
         for threads in args.threads:
@@ -114,6 +136,101 @@ def sentinel(args: argparse.Namespace) -> None:
         ratios[str(threads)] = {"sentinel_to_single": round(plain["per_s"] / single["per_s"], 2),
                                 "durable_to_single": round(durable["per_s"] / single["per_s"], 2)}
     print(json.dumps({"bench": "redis_publish --sentinel", "rows": rows, "per_s_ratios": ratios}))
+
+
+def redis_benchmark(port: int, requests: int, pipeline: int) -> float | None:
+    """redis-benchmark's XADD requests/s with 50 clients (None: not installed)."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return None
+    out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-n", str(requests), "-c", "50",
+                          "-P", str(pipeline), "--csv", "XADD", "bench", "*", "f", "v"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = list(csv.DictReader(out.splitlines()))
+    return float(rows[-1]["rps"])
+
+
+def redis_cpu(admin: redis.Redis) -> float:
+    info: dict[str, Any] = admin.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def hub_rate(url: str, admin: redis.Redis, prefix: str, threads: int, events: int, many: int = 0) -> dict:
+    """Acknowledged publishes from *threads* threads over 100 channels (with
+    *many*: publish_many batches of that size), then every stream read back."""
+    hub = RedisHub(url, prefix=prefix, maxlen=events + 1000)
+    channels = [f"c{n}" for n in range(100)]
+    per = events // threads
+    failures: list[BaseException] = []
+    for channel in channels:  # (not timed: a channel's first publish makes its stream)
+        hub.publish(channel, {"t": -1, "i": -1})
+
+    def work(t: int) -> None:
+        try:
+            if many:
+                for start in range(0, per, many):
+                    hub.publish_many(channels[(t + start // many) % 100],
+                                     [{"t": t, "i": i} for i in range(start, min(start + many, per))])
+            else:
+                for i in range(per):
+                    hub.publish(channels[(t + i) % 100], {"t": t, "i": i})
+        except BaseException as exc:  # reported below, not lost in a thread
+            failures.append(exc)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    server0, cpu0, start = redis_cpu(admin), time.process_time(), time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(600)
+    elapsed, cpu, server = time.perf_counter() - start, time.process_time() - cpu0, redis_cpu(admin) - server0
+    round_trips = hub.counters["round_trips"] - len(channels)
+    hub.close()
+    total = per * threads
+    seen: dict[int, list[int]] = {}
+    for channel in channels:
+        for _, fields in admin.xrange(prefix + channel):
+            data = json.loads(fields[b"d"])
+            if data["t"] >= 0:
+                seen.setdefault(data["t"], []).append(data["i"])
+    received = sum(len(v) for v in seen.values())
+    # in each channel a thread's events are in its order; across channels,
+    # each thread's set is exactly what it published, once
+    in_order = all(sorted(v) == list(range(per)) for v in seen.values()) and len(seen) == threads
+    for channel in channels:
+        order: dict[int, list[int]] = {}
+        for _, fields in admin.xrange(prefix + channel):
+            data = json.loads(fields[b"d"])
+            order.setdefault(data["t"], []).append(data["i"])
+        in_order = in_order and all(v == sorted(v) for v in order.values())
+    what = f"publish_many x{many}" if many else "publish"
+    return {"what": what, "threads": threads, "events": total, "per_s": round(total / elapsed),
+            "round_trips": round_trips, "client_cpu_us": round(cpu / total * 1e6, 1),
+            "redis_cpu_us": round(server / total * 1e6, 1), "all_once_in_order": received == total and in_order,
+            "failures": len(failures)}
+
+
+def against_xadd(events: int, xadd_requests: int) -> None:
+    with RedisServer() as server:
+        admin = redis.Redis.from_url(server.url)
+        xadd = redis_benchmark(server.port, xadd_requests, 1)
+        xadd_p32 = redis_benchmark(server.port, xadd_requests, 32)
+        rows = [hub_rate(server.url, admin, "r1:", 1, events), hub_rate(server.url, admin, "r8:", 8, events),
+                hub_rate(server.url, admin, "rm:", 1, events, many=100)]
+        admin.close()
+    print(f"redis-benchmark XADD, 50 clients: {xadd} /s; pipeline 32: {xadd_p32} /s"
+          if xadd is not None else "redis-benchmark not found (Debian package redis-tools): no XADD reference")
+    cols = ["what", "threads", "per_s", "round_trips", "client_cpu_us", "redis_cpu_us", "all_once_in_order", "failures"]
+    print(" | ".join(cols))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in cols))
+    publish8, many = rows[1], rows[2]
+    summary = {"bench": "redis_publish --ratios", "xadd_c50_per_s": xadd, "xadd_c50_p32_per_s": xadd_p32, "rows": rows,
+               "publish_8_threads_to_xadd": round(publish8["per_s"] / xadd, 3) if xadd else None,
+               "publish_many_to_xadd_p32": round(many["per_s"] / xadd_p32, 3) if xadd_p32 else None, "goal": 0.5}
+    print(f"publish, 8 threads / XADD: {summary['publish_8_threads_to_xadd']}; "
+          f"publish_many / pipelined XADD: {summary['publish_many_to_xadd_p32']} (goal: 0.5 each)")
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

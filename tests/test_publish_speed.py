@@ -1,0 +1,75 @@
+"""The publish path's fast lane (issue 29): RedisHub packs its commands and
+reads the replies on a pooled connection (comet.backends.redis_publish's
+``round_trip``), and ``benchmarks.redis_publish --ratios`` sets its rates
+next to redis-benchmark's XADD. Timings are not checked here, only that the
+benchmark runs and every event is stored once, in its thread's order."""
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from comet.backends.redis import RedisHub
+from comet.backends.redis_publish import pack, round_trip
+
+ROOT = Path(__file__).resolve().parents[1]
+_names = itertools.count()
+
+
+@pytest.fixture
+def prefix():
+    """Keys of their own per test: the Redis server is shared by the session."""
+    return f"speed{next(_names)}:"
+
+
+def test_the_ratios_benchmark_runs_and_stores_every_event_once_in_order():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.redis_publish", "--ratios", "--events", "400",
+                             "--xadd-requests", "2000"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["what"], r["threads"]) for r in summary["rows"]] == [("publish", 1), ("publish", 8),
+                                                                    ("publish_many x100", 1)]
+    for row in summary["rows"]:
+        assert row["all_once_in_order"] and row["failures"] == 0, row
+    assert summary["rows"][2]["round_trips"] == 4  # 400 events in batches of 100
+    if shutil.which("redis-benchmark"):
+        assert summary["xadd_c50_per_s"] > 0 and summary["publish_8_threads_to_xadd"] > 0
+        assert summary["publish_many_to_xadd_p32"] > 0
+
+
+def test_a_round_trip_answers_each_command_in_order_and_drops_a_broken_connection(comet_redis, prefix):
+    """Replies come back in order, an error reply in its place; a connection
+    that failed mid-reply is not handed out again with replies left unread
+    (redis-py drops it on a read timeout; round_trip drops it on anything)."""
+    client = redis.Redis.from_url(comet_redis.url, socket_timeout=0.5)
+    client.set(prefix + "text", "not a stream")
+    replies = round_trip(client, [pack(["XADD", prefix + "s", "*", "n", 1]), pack(["XADD", prefix + "text", "*", "n", 1]),
+                                  pack(["XLEN", prefix + "s"])])
+    assert isinstance(replies[0], bytes) and isinstance(replies[1], redis.ResponseError) and replies[2] == 1
+    with pytest.raises(redis.TimeoutError):  # the second reply takes a second: the read times out
+        round_trip(client, [pack(["PING"]), pack(["BLPOP", prefix + "empty", 1]), pack(["PING"])])
+    assert round_trip(client, [pack(["ECHO", "next"])]) == [b"next"]  # not the PING left over
+    client.close()
+
+
+def test_publish_many_after_a_script_flush_stores_each_event_once(comet_redis, prefix):
+    """A restarted Redis forgets the script: every EVALSHA of the EXEC fails
+    alike, nothing ran, and the batch goes again once loaded."""
+    hub = RedisHub(comet_redis.url, prefix=prefix)
+    admin = redis.Redis.from_url(comet_redis.url)
+    try:
+        hub.publish_many("room", ["a", "b"])
+        admin.script_flush()
+        ids = hub.publish_many("room", ["c", "d", "e"])
+        assert len(ids) == 3 and admin.xlen(prefix + "room") == 5
+        assert [fields[b"d"] for _, fields in admin.xrange(prefix + "room")] == [b"a", b"b", b"c", b"d", b"e"]
+        admin.set(prefix + "text", "not a stream")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            hub.publish_many("text", ["x"])
+    finally:
+        admin.close()
+        hub.close()
