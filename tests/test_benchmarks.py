@@ -6,8 +6,10 @@ backends (timings are not checked, only that every event arrived once, in
 order, and every process was stopped); the load client's parser."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_capacity_benchmark_runs_on_comet_servers():
+    env, tag = _tagged()
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.capacity", "--n", "40", "--servers", "comet-fast", "comet-parked",
          "comet-thread", "--broadcasts", "3", "--seconds", "1", "--rate", "3", "--idle", "0.5", "--burst", "5000"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     rows = {row["server"]: row for row in summary["rows"]}
@@ -32,10 +35,11 @@ def test_capacity_benchmark_runs_on_comet_servers():
         assert row["lost"] == 0 and row["duplicate_or_out_of_order"] == 0, (name, row)
         assert row["status"] == 0, (name, row)  # exited cleanly on SIGTERM
     assert all(b.get("one_stream_events_per_s", 0) > 0 for b in summary["bursts"]), summary["bursts"]
-    assert not _running("benchmarks.peers.comet_app"), "the benchmark left a server running"
+    assert _left_by(tag) == [], "the benchmark left a server running"
 
 
 def test_idle_streams_benchmark_runs(tmp_path):
+    env, tag = _tagged()
     servers = ["floor", "comet-parked", "comet-parked-nowatch", "comet-fast"]
     if importlib.util.find_spec("aiohttp"):
         servers.append("aiohttp")
@@ -44,7 +48,7 @@ def test_idle_streams_benchmark_runs(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.idle_streams", "--n", "20", "--heartbeat", "0.5", "--window", "1.5",
          "--out", str(tmp_path), "--servers", *servers],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     written = sorted(p.name for p in tmp_path.iterdir())
@@ -67,13 +71,13 @@ def test_idle_streams_benchmark_runs(tmp_path):
     assert set(summary["ratios_to_floor"]) == set(servers)
     assert set(summary["watchdog"]) == {"comet-parked"}
     assert "watchdog of comet-parked" in (tmp_path / written[1]).read_text()
-    assert not _running("benchmarks.peers."), "the benchmark left a server running"
+    assert _left_by(tag) == [], "the benchmark left a server running"
 
 
 def test_redis_publish_benchmark_runs():
-    before = len(_running("redis-server"))
+    env, tag = _tagged()
     result = subprocess.run([sys.executable, "-m", "benchmarks.redis_publish", "--events", "400", "--threads", "1", "8"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert [(r["threads"], r["batched"]) for r in summary["rows"]] == [(1, False), (1, True), (8, False), (8, True)]
@@ -81,7 +85,24 @@ def test_redis_publish_benchmark_runs():
         assert row["all_once"] and row["failures"] == 0, row
     assert summary["rows"][0]["round_trips"] == 400  # unbatched: one each
     assert set(summary["batched_to_plain_per_s"]) == {"1", "8"}
-    assert len(_running("redis-server")) == before, "the benchmark left its redis-server running"
+    assert _left_by(tag) == [], "the benchmark left processes running"
+
+
+def test_redis_read_benchmark_runs():
+    """benchmarks/redis_read.py, small: every event arrives once, in order,
+    and the Redis figures it reports are there."""
+    env, tag = _tagged()
+    result = subprocess.run([sys.executable, "-m", "benchmarks.redis_read", "--channels", "10", "100", "--rate", "200",
+                             "--seconds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [row["channels"] for row in summary["rows"]] == [10, 100]
+    for row in summary["rows"]:
+        assert row["published"] >= 150 and row["received"] == row["published"], row
+        assert row["lost"] == row["duplicated"] == row["out_of_order"] == row["failures"] == 0, row
+        assert row["xread_per_s"] > 0 and row["redis_cpu_us_per_event"] >= 0 and row["p99_ms"] > 0, row
+    assert set(summary["ratios_last_to_first"]) >= {"p99_ms", "redis_cpu_us_per_event"}
+    assert _left_by(tag) == [], "the benchmark left processes running"
 
 
 def test_many_streams_benchmark_runs_on_a_shared_port():
@@ -139,10 +160,11 @@ def test_a_burst_through_nginx_is_counted_whole(app_behind_nginx):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_scaleout_benchmark_has_sentinel_and_cluster_rows():
+    env, tag = _tagged()
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.scaleout", "--processes", "2", "--n", "10", "--broadcasts", "2",
          "--burst", "2000", "--backends", "redis", "--sentinel", "--cluster"],
-        cwd=ROOT, capture_output=True, text=True, timeout=380)
+        cwd=ROOT, capture_output=True, text=True, timeout=380, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     names = ["memory-direct", "redis-2p-nginx", "sentinel-2p-nginx", "cluster-2p-nginx"]
@@ -157,7 +179,31 @@ def test_scaleout_benchmark_has_sentinel_and_cluster_rows():
                for b in summary["bursts"]), summary["bursts"]
     assert set(summary["last_p50_ratio_to_single_redis"]) == {"10:sentinel-2p-nginx", "10:cluster-2p-nginx"}
     assert set(summary["burst_ratio_to_single_redis"]) == {"sentinel-2p-nginx", "cluster-2p-nginx"}
-    assert not _running("benchmarks.peers.comet_app"), "the benchmark left a server running"
+    assert _left_by(tag) == [], "the benchmark left a server running"
+
+
+def _tagged() -> tuple[dict[str, str], str]:
+    """An environment for a benchmark's subprocess whose every descendant
+    carries a tag, and the tag: what the benchmark leaves running is found by
+    it, whatever other tests (another pytest worker) run meanwhile."""
+    tag = f"COMET_BENCH_TAG={uuid.uuid4().hex}"
+    env = dict(os.environ)
+    env["COMET_BENCH_TAG"] = tag.split("=", 1)[1]
+    return env, tag
+
+
+def _left_by(tag: str) -> list[str]:
+    """Processes still running with *tag* in their environment."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or proc.name == str(os.getpid()):
+            continue
+        try:
+            if tag.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found
 
 
 def _running(needle: str) -> list[str]:
