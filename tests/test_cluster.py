@@ -477,3 +477,32 @@ def test_channels_followed_in_a_burst_are_all_read_at_once(cluster):
         follower.close()
         link.close()
     assert _reader_threads() == []
+
+
+def test_a_leave_lands_after_its_slot_moved(cluster):
+    """ann's page closes; during her grace period her channel's slot moves
+    to another master (a resharding), with no stream of this process on it
+    any more to notice: her leave still lands, on the new master, instead
+    of her staying online for good. (The push that meets MOVED reloads the
+    slot map and goes again.)"""
+    from comet.presence import LEAVE
+
+    a = RedisHub(cluster.url, idle=0.2, block=1.0, presence_grace=2.0, presence_lease=6.0)
+    b = RedisHub(cluster.url, idle=0.2, block=1.0)
+    try:
+        seen = b.subscribe("room")
+        ann = a.subscribe("room", member="ann")
+        wait_until(lambda: b.members("room") == {"ann": 1}, what="ann online")
+        ann.close()  # a's last stream on the channel: a follows it no more; the grace period runs
+        slot = cluster.slot_of(b"comet:room")
+        target = next(m for m in cluster.masters if m is not cluster.owner(slot))
+        cluster.move_slot(slot, target)
+        assert cluster.owner(slot) is target
+        wait_until(lambda: b.members("room") == {}, timeout=15, what="ann's leave on the slot's new master")
+        wait_until(lambda: any(e and e.name == LEAVE and e.data == "ann" for e in seen.take()), timeout=10,
+                   what="her comet.leave")
+        seen.close()
+    finally:
+        a.close()
+        b.close()
+    assert _reader_threads() == []

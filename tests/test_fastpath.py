@@ -2,6 +2,7 @@
 connection. The same guarantees as ``@comet`` parked streams (framing,
 heartbeats, resume, gaps, admission, disconnect, shutdown), the same bytes
 whichever way (accept time or the WSGI middleware) a request is served."""
+import logging
 import hashlib
 import hmac
 import http.client
@@ -389,9 +390,11 @@ def test_tls_server_serves_routes_through_the_middleware(comet_cherrypy, hub, tm
     wait_until(lambda: hub.subscriptions == 0 and pool.open_streams == 0, what="released after the TLS client left")
 
 
-def test_redis_hub_first_use_goes_through_a_worker_then_accept_time(comet_cherrypy, comet_redis):
+def test_redis_hub_first_use_goes_through_a_worker_then_accept_time(comet_cherrypy, comet_redis, caplog):
     """The accepting thread never waits on Redis: a channel's first subscribe
-    (which reads its history) is served by the middleware on a worker."""
+    (which reads its history) is served by the middleware on a worker, as a
+    matter of course (nothing logged)."""
+    caplog.set_level(logging.INFO, logger="comet")
     hub = RedisHub(comet_redis.url, prefix="fastpath:")
     try:
         engine_plugin().route("/events", hub, "lobby", heartbeat=0.5)
@@ -410,6 +413,7 @@ def test_redis_hub_first_use_goes_through_a_worker_then_accept_time(comet_cherry
                 assert first.wait_for(2)[1].data == second.wait_for(2)[1].data == "after"
     finally:
         hub.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_routes_are_checked_when_declared():
