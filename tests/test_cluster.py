@@ -506,3 +506,51 @@ def test_a_leave_lands_after_its_slot_moved(cluster):
         a.close()
         b.close()
     assert _reader_threads() == []
+
+
+def test_a_process_that_only_follows_keeps_up_with_a_resharding(cluster):
+    """The resharding seen from a process that publishes nothing (its
+    cluster client never meets MOVED on a command of its own, so only the
+    readers' regroup reloads its slot map): its subscribers get every event
+    published after the slot moved, from the new master."""
+    writer = RedisHub(cluster.url, idle=0.2, block=1.0)
+    follower = RedisHub(cluster.url, idle=0.2, block=1.0, backoff=(0.05, 0.5))
+    try:
+        sub = follower.subscribe("room")
+        sent = [writer.publish("room", "before")]
+        assert _next_event(sub).id == sent[0]
+        slot = cluster.slot_of(b"comet:room")
+        target = next(m for m in cluster.masters if m is not cluster.owner(slot))
+        cluster.move_slot(slot, target)
+        sent += [writer.publish("room", f"after {i}") for i in range(3)]
+        assert [_next_event(sub, timeout=15).id for _ in range(3)] == sent[1:]
+        sub.close()
+    finally:
+        writer.close()
+        follower.close()
+    assert _reader_threads() == []
+
+
+def test_a_master_restart_counts_one_reconnect_and_closing_logs_nothing(cluster, caplog):
+    """``hub.connects`` counts the readers' connections, not their failed
+    attempts: a master that restarts makes it go up by one. And a hub
+    closed with its readers connected says nothing."""
+    caplog.set_level(logging.INFO, logger="comet")
+    hub = RedisHub(cluster.url, idle=0.2, block=1.0, backoff=(0.05, 0.2))
+    try:
+        subs = [hub.subscribe(name) for name in _one_channel_per_master(cluster)]
+        wait_until(lambda: hub.connected and hub.connects == 3, what="a reader per master, connected")
+        master = cluster.owner(cluster.slot_of(b"comet:" + _one_channel_per_master(cluster)[0].encode()))
+        master.stop()
+        wait_until(lambda: not hub.connected, what="the lost master noticed")
+        time.sleep(0.5)  # several failed attempts at 0.05-0.2 s
+        master.start()
+        wait_until(lambda: hub.connected, timeout=30, what="reconnected")
+        assert hub.connects == 4
+        for sub in subs:
+            sub.close()
+    finally:
+        caplog.clear()
+        hub.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert _reader_threads() == []
