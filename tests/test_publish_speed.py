@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from comet import Event, Part
 from comet.backends.redis import RedisHub
 from comet.backends.redis_publish import pack, round_trip
 
@@ -72,4 +73,30 @@ def test_publish_many_after_a_script_flush_stores_each_event_once(comet_redis, p
             hub.publish_many("text", ["x"])
     finally:
         admin.close()
+        hub.close()
+
+
+def test_publish_many_stores_each_kind_of_event_with_its_exact_predecessor(comet_redis, prefix):
+    """One script call appends the batch: each entry names the one before it
+    (``p``), and every kind of event (text, JSON, a named one with a retry,
+    binary with headers, a latest-value key) reads back as it was sent."""
+    hub = RedisHub(comet_redis.url, prefix=prefix)
+    reader = RedisHub(comet_redis.url, prefix=prefix)
+    admin = redis.Redis.from_url(comet_redis.url)
+    try:
+        first = hub.publish("mixed", "before")
+        items = ["text", {"n": 1}, Event("named", name="tick", retry=1500),
+                 Event(Part(b"\x00\xff", "application/octet-stream", (("X-A", "1"),)))]
+        ids = hub.publish_many("mixed", items)
+        entries = admin.xrange(prefix + "mixed")
+        assert [i.decode() for i, _ in entries] == [first, *ids]
+        assert [f[b"p"].decode() for _, f in entries[1:]] == [first, *ids[:-1]]
+        got = list(itertools.islice(reader.subscribe("mixed", last_id=first), 4))
+        assert [e.id for e in got] == ids
+        assert [e.data for e in got[:3]] == ["text", {"n": 1}, "named"]
+        assert (got[2].name, got[2].retry) == ("tick", 1500)
+        assert got[3].data == Part(b"\x00\xff", "application/octet-stream", (("X-A", "1"),))
+    finally:
+        admin.close()
+        reader.close()
         hub.close()

@@ -15,16 +15,21 @@ idempotent. Only what provably never ran (``NOSCRIPT``, a redirection) is
 sent again.
 
 Speed: on a single Redis (and Sentinel's master) the commands are packed
-here (hiredis' ``pack_command``) and written to one of the client's pooled
-connections in one write, and the replies read straight from it
+here (hiredis' ``pack_command``) and written to a connection of the
+client's pool in one write, and the replies read straight from it
 (:func:`round_trip`): redis-py's pipeline and command machinery cost
 several times the round trip itself in client CPU (issue 29: about 25 µs
-more per command, 40 µs more per pipeline). Connections, their settings
-(TLS, password, db, timeouts) and Sentinel's master discovery stay
-redis-py's.
+more per command, 40 µs more per pipeline). The group commit, which sends
+one batch at a time, keeps one such connection for itself (a pool's get
+and release cost as much again). ``publish_many`` appends its events in
+one script call (:data:`~comet.backends.redis_scripts.PUBLISH_MANY`, each
+event as the publish script appends it), inside ``MULTI``/``EXEC``.
+Connections, their settings (TLS, password, db, timeouts) and Sentinel's
+master discovery stay redis-py's.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable, Generic, Sequence, TypeVar, cast
 
@@ -36,7 +41,7 @@ from redis.connection import PythonRespSerializer
 from ..counters import Counters
 from ..errors import BackendUnavailable
 from .redis_link import RedisLink, moving, pipeline_scripts
-from .redis_scripts import PUBLISH, PUBLISH_CLUSTER
+from .redis_scripts import PUBLISH, PUBLISH_CLUSTER, PUBLISH_MANY
 
 __all__ = ["Publisher", "GroupCommit", "MAX_BATCH", "Publish", "pack", "round_trip"]
 
@@ -69,14 +74,17 @@ def pack(args: Sequence[str | int | bytes]) -> bytes:
     return b"".join(_python_pack.pack(*args))
 
 
-def round_trip(client: redis.Redis, commands: list[bytes]) -> list[Any]:
-    """Send packed *commands* on one of *client*'s pooled connections, in
-    one write; their replies in order, an error reply as its
-    :class:`redis.ResponseError` in its place. Anything else (the
-    connection lost, a timeout) is raised, and that connection dropped: it
-    may have replies left unread."""
+def round_trip(client: redis.Redis, commands: list[bytes], conn: Any = None) -> list[Any]:
+    """Send packed *commands* on one of *client*'s pooled connections (or
+    on *conn*, one of them its caller holds), in one write; their replies in
+    order, an error reply as its :class:`redis.ResponseError` in its place.
+    Anything else (the connection lost, a timeout) is raised, and that
+    connection dropped: it may have replies left unread (a held one
+    reconnects at its next use)."""
     pool = client.connection_pool
-    conn: Any = pool.get_connection()  # (its methods are untyped in redis-py)
+    held = conn is not None
+    if not held:
+        conn = pool.get_connection()  # (its methods are untyped in redis-py)
     try:
         conn.send_packed_command([b"".join(commands)])
         replies: list[Any] = []
@@ -90,7 +98,9 @@ def round_trip(client: redis.Redis, commands: list[bytes]) -> list[Any]:
         conn.disconnect()
         raise
     finally:
-        pool.release(conn)
+        if not held:
+            pool.release(conn)
+
 
 
 _MULTI, _EXEC = pack(["MULTI"]), pack(["EXEC"])
@@ -108,8 +118,18 @@ class Publisher:
         self.replica_timeout = replica_timeout
         self.script = link.redis.register_script(PUBLISH_CLUSTER if link.cluster else PUBLISH)
         self._head = ("EVALSHA", self.script.sha, 2)
+        self.many_script = link.redis.register_script(PUBLISH_MANY)
+        self._many_head = ("EVALSHA", self.many_script.sha, 2)
+        self._load, self._load_many = (pack(["SCRIPT", "LOAD", PUBLISH_CLUSTER if link.cluster else PUBLISH]),
+                                       pack(["SCRIPT", "LOAD", PUBLISH_MANY]))
         self._wait = pack(["WAIT", replicas, int(replica_timeout * 1000)])
-        self._batches: GroupCommit[Publish, bytes] | None = GroupCommit(self.send_batch) if batch else None
+        self._batches: GroupCommit[Publish, bytes] | None = GroupCommit(self._send_grouped) if batch else None
+        # The group commit sends one batch at a time: on a connection of its
+        # own, taken from the pool once (a pool's get and release cost as
+        # much as the round trip itself). Not across a fork: the pool
+        # starts afresh in a child, and so does this.
+        self._lane: Any = None
+        self._lane_pid = 0
 
     def publish(self, key: str, args: list[str | int | bytes]) -> bytes:
         """Append one event (the publish script's *args*) to stream *key*; its id."""
@@ -122,27 +142,38 @@ class Publisher:
 
     def publish_many(self, key: str, events: list[list[str | int | bytes]]) -> list[bytes]:
         """Append events (each the publish script's args) to stream *key*,
-        all or none (``MULTI``/``EXEC``); their ids."""
+        all or none (``MULTI``/``EXEC``), in one script call
+        (:data:`~comet.backends.redis_scripts.PUBLISH_MANY`; on a cluster
+        one publish script call each, on the slot's master); their ids."""
         if self.link.cluster:
             return self._many_on_master(key, events)
-        # MULTI/EXEC and (durable) WAIT after it, in one write: WAIT covers
-        # exactly these writes. No SCRIPT LOAD first: a missing script fails
-        # every EVALSHA of the EXEC alike (one script, and EXEC is atomic),
-        # so nothing ran and sending them again after loading it stores
-        # each once.
-        commands = [_MULTI, *(self._evalsha(key, args) for args in events), _EXEC]
-        if self.replicas:
+        maxlen, approx = events[0][:2]  # (the same for every event: see script_args)
+        items: list[str | int | bytes] = [*self._many_head, key, self.link.forgotten_for(key), maxlen, approx,
+                                          *self.link.retained(key, [])]
+        for args in events:
+            items.append(len(args) - 2)
+            items += args[2:]
+        # Inside MULTI/EXEC still: a connection cut before EXEC reaches
+        # Redis stores nothing (the script alone would run once received).
+        commands = [_MULTI, pack(items), _EXEC]
+        if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
             commands.append(self._wait)
         for attempt in range(2):
             replies = round_trip(self.link.redis, commands)
             self.counters.add("round_trips")
-            executed = replies[len(events) + 1]
+            executed = replies[-2 if self.replicas else -1]
             if isinstance(executed, BaseException):
-                raise executed  # (EXECABORT: refused at queueing, nothing ran)
-            results: list[bytes | BaseException] = list(executed)
-            if attempt == 0 and results and all(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                self.link.redis.script_load(self.script.script)
+                raise executed  # (EXECABORT: refused when queued, nothing ran)
+            ids = executed[0]
+            if attempt == 0 and isinstance(ids, redis.exceptions.NoScriptError):
+                # A restarted Redis, a failover: the script never ran, so
+                # nothing is stored twice. Loaded on the same connection
+                # (another may reach another server after a failover).
+                commands.insert(0, self._load_many)
                 continue
+            if isinstance(ids, BaseException):
+                raise ids
+            results: list[bytes | BaseException] = list(ids)
             if self.replicas:
                 self._check_replicated(replies[-1], results)
             for result in results:
@@ -151,9 +182,13 @@ class Publisher:
             return cast("list[bytes]", results)
         raise AssertionError("unreachable")
 
-    def send_batch(self, batch: list[Publish]) -> list[bytes | BaseException]:
+    def _send_grouped(self, batch: list[Publish]) -> list[bytes | BaseException]:
+        return self.send_batch(batch, lane=True)
+
+    def send_batch(self, batch: list[Publish], lane: bool = False) -> list[bytes | BaseException]:
         """One round trip for queued publishes: their ids, or the error of each
-        that failed (a wrong-type key fails its own publish, not the batch)."""
+        that failed (a wrong-type key fails its own publish, not the batch).
+        *lane*: on the group commit's own connection (one send at a time)."""
         self.counters.add("round_trips")
         if self.link.cluster:
             if len(batch) == 1:
@@ -165,13 +200,15 @@ class Publisher:
                 except redis.ResponseError as exc:
                     return [exc]
             return self._cluster_pipeline(batch)  # (it recovers from NOSCRIPT per master)
-        results = self._pipeline(batch)
+        conn = self._connection() if lane else None
+        results = self._pipeline(batch, conn)
         # After a Redis restart the script is gone: those publishes never
         # ran, so sending them again after loading it stores nothing twice.
+        # (Loaded on the same connection, in the same round trip: after a
+        # failover another connection may reach another server.)
         again = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
         if again:
-            self.link.redis.script_load(self.script.script)
-            for i, result in zip(again, self._pipeline([batch[i] for i in again])):
+            for i, result in zip(again, self._pipeline([batch[i] for i in again], conn, load=True)):
                 results[i] = result
         return results
 
@@ -179,11 +216,29 @@ class Publisher:
         """The publish script's call for one event, packed."""
         return pack([*self._head, key, self.link.forgotten_for(key), *self.link.retained(key, args)])
 
-    def _pipeline(self, batch: list[Publish]) -> list[bytes | BaseException]:
+    def _connection(self) -> Any:
+        """The group commit's own connection (see __init__)."""
+        if self._lane is None or self._lane_pid != os.getpid():
+            self._lane = self.link.redis.connection_pool.get_connection()
+            self._lane_pid = os.getpid()
+        else:
+            # Reconnects, if a failure dropped it, as the pool would: through
+            # connect(), which on Sentinel asks for the master now (sending on
+            # a dropped connection would reconnect to the old address).
+            self._lane.connect()
+        return self._lane
+
+    def _pipeline(self, batch: list[Publish], conn: Any = None, load: bool = False) -> list[bytes | BaseException]:
+        """*batch* in one round trip (on *conn*, else a pooled connection),
+        after ``SCRIPT LOAD`` if *load*."""
         commands = [self._evalsha(key, args) for key, args in batch]
+        if load:
+            commands.insert(0, self._load)
         if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
             commands.append(self._wait)
-        results: list[bytes | BaseException] = round_trip(self.link.redis, commands)
+        results: list[bytes | BaseException] = round_trip(self.link.redis, commands, conn)
+        if load:
+            del results[0]  # (had it failed, so would each EVALSHA after it)
         if self.replicas:
             self._check_replicated(results.pop(), results)
         return results
@@ -229,7 +284,7 @@ class Publisher:
         for attempt in range(2):
             with self.link.master(key).pipeline(transaction=False) as pipe:
                 raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
-                pipe.script_load(self.script.script)  # see _many_durably
+                pipe.script_load(self.script.script)  # (a failover's new master may lack it: see publish_many)
                 raw.execute_command("MULTI")
                 for args in events:
                     pipe.evalsha(sha, 2, key, self.link.forgotten_for(key), *self.link.retained(key, args))

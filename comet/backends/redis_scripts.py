@@ -8,7 +8,7 @@ other languages (``docs/publishing.md`` shows it; a test checks they agree).
 """
 from __future__ import annotations
 
-__all__ = ["LIB", "PUBLISH_FN", "PUBLISH", "PUBLISH_CLUSTER", "LOAD", "FORGET"]
+__all__ = ["LIB", "PUBLISH_FN", "PUBLISH", "PUBLISH_CLUSTER", "PUBLISH_MANY", "LOAD", "FORGET"]
 
 # Shared by the scripts: stream ids compared exactly (as digit strings), the
 # server's time in ms, and the floor of a channel that has no stream: the id
@@ -69,6 +69,23 @@ PUBLISH = LIB + PUBLISH_FN + """
 local n = #ARGV
 return publish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[n - 2]), tonumber(ARGV[n - 1]), ARGV[n], BELL,
                {unpack(ARGV, 3, n - 3)})
+"""
+
+# Several events to one stream in one call (publish_many on a single Redis
+# or Sentinel's master): each appended as PUBLISH appends it, in order, in
+# one script (atomic, as MULTI/EXEC was, at a fraction of its cost per
+# event). KEYS as PUBLISH; ARGV: maxlen, "~" or "=", max_age ms, max_idle
+# ms, bucket, then for each event the number of its field/value items and
+# those items. Returns the ids.
+PUBLISH_MANY = LIB + PUBLISH_FN + """
+local maxlen, approx, max_age, idle, bucket = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local ids, i = {}, 6
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  ids[#ids + 1] = publish(KEYS[1], KEYS[2], maxlen, approx, max_age, idle, bucket, false, {unpack(ARGV, i + 1, i + n)})
+  i = i + n + 1
+end
+return ids
 """
 
 # A process starts mirroring a channel. KEYS as PUBLISH; ARGV: how many
