@@ -40,7 +40,7 @@ from redis.connection import PythonRespSerializer
 
 from ..counters import Counters
 from ..errors import BackendUnavailable
-from .redis_link import RedisLink, moving, pipeline_scripts
+from .redis_link import RedisLink, moving
 from .redis_scripts import PUBLISH, PUBLISH_CLUSTER, PUBLISH_MANY
 
 __all__ = ["Publisher", "GroupCommit", "MAX_BATCH", "Publish", "pack", "round_trip"]
@@ -191,14 +191,6 @@ class Publisher:
         *lane*: on the group commit's own connection (one send at a time)."""
         self.counters.add("round_trips")
         if self.link.cluster:
-            if len(batch) == 1:
-                key, args = batch[0]
-                try:
-                    # The script reloads itself after NOSCRIPT (a failover's
-                    # new master): no retry of a publish, the first attempt never ran.
-                    return [self.link.script(self.script, [key, self.link.forgotten_for(key)], self.link.retained(key, args))]
-                except redis.ResponseError as exc:
-                    return [exc]
             return self._cluster_pipeline(batch)  # (it recovers from NOSCRIPT per master)
         conn = self._connection() if lane else None
         results = self._pipeline(batch, conn)
@@ -255,7 +247,7 @@ class Publisher:
                 results[i] = error
 
     def _cluster_pipeline(self, batch: list[Publish]) -> list[bytes | BaseException]:
-        """:meth:`_pipeline` on a cluster: one pipeline per master; publishes
+        """:meth:`_pipeline` on a cluster: one round trip per master; publishes
         redirected (MOVED, ASK: they never ran) once more one by one through
         the cluster client, which follows redirections."""
         results: list[bytes | BaseException] = [RuntimeError("not sent")] * len(batch)
@@ -264,9 +256,17 @@ class Publisher:
             client = self.link.master(key)
             by_master.setdefault(id(client), (client, []))[1].append(i)
         for client, indexes in by_master.values():
-            calls = [([key, self.link.forgotten_for(key)], self.link.retained(key, args)) for key, args in (batch[i] for i in indexes)]
-            for i, result in zip(indexes, pipeline_scripts(client, self.script, calls)):
-                results[i] = result
+            # A failover's new master may lack the script (NOSCRIPT: those
+            # never ran): loaded, and they go again, in one round trip.
+            commands = [self._evalsha(*batch[i]) for i in indexes]
+            replies = round_trip(client, commands)
+            missing = [j for j, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
+            if missing:
+                again = round_trip(client, [self._load, *(commands[j] for j in missing)])[1:]
+                for j, reply in zip(missing, again):
+                    replies[j] = reply
+            for i, reply in zip(indexes, replies):
+                results[i] = reply
         for i, result in enumerate(results):
             if isinstance(result, redis.ResponseError) and moving(result):
                 key, args = batch[i]
