@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.redis_publish [--events N] [--threads 1 8 32]
     .venv/bin/python -m benchmarks.redis_publish --sentinel   # the cost of Sentinel and of durable publishing
     .venv/bin/python -m benchmarks.redis_publish --ratios     # next to redis-benchmark XADD (issue 29)
+    .venv/bin/python -m benchmarks.redis_publish --ratios --on sentinel [--replicas 1] | --on cluster
 
 Starts its own redis-server on 127.0.0.1. For each number of publishing
 threads (think CherryPy worker threads handling "send" requests), publishes
@@ -26,23 +27,28 @@ publish_many / pipelined XADD (issue 29's goal: at least 0.5 each). No
 subscriber runs while publishing (its reader would share this process's
 CPU); afterwards every stream is read back to check each event is there
 once, in its thread's order. ``client_cpu_us`` is this process's CPU per
-event, ``redis_cpu_us`` redis-server's.
+event, ``redis_cpu_us`` redis-server's (the masters'). ``--on sentinel`` (with
+``--replicas 1``: durable) and ``--on cluster`` (3 masters; XADD measured on
+one of them, so the ratios there are all masters against one) run the same
+against those.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import shutil
 import subprocess
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import redis
 
 from comet.backends.redis import RedisHub
-from comet.processes import RedisSentinels, RedisServer
+from comet.backends.redis_link import client_for, slot_tag
+from comet.processes import RedisClusterNodes, RedisSentinels, RedisServer
 
 
 def run(url: str, prefix: str, threads: int, events: int, batch: bool, replicas: int = 0) -> dict:
@@ -97,11 +103,14 @@ def main() -> None:
     parser.add_argument("--sentinel", action="store_true", help="single Redis vs Sentinel vs Sentinel durable")
     parser.add_argument("--ratios", action="store_true", help="next to redis-benchmark XADD, in one run")
     parser.add_argument("--xadd-requests", type=int, default=100000, help="redis-benchmark -n (with --ratios)")
+    parser.add_argument("--on", choices=["single", "sentinel", "cluster"], default="single",
+                        help="with --ratios: one redis-server, a Sentinel group, a 3-master cluster")
+    parser.add_argument("--replicas", type=int, default=0, help="with --ratios --on sentinel: durable (WAIT)")
     args = parser.parse_args()
     if args.sentinel:
         return sentinel(args)
     if args.ratios:
-        return against_xadd(args.events, args.xadd_requests)
+        return against_xadd(args.events, args.xadd_requests, args.on, args.replicas)
     rows = []
     with RedisServer() as server:
         for threads in args.threads:
@@ -138,27 +147,48 @@ def sentinel(args: argparse.Namespace) -> None:
     print(json.dumps({"bench": "redis_publish --sentinel", "rows": rows, "per_s_ratios": ratios}))
 
 
-def redis_benchmark(port: int, requests: int, pipeline: int) -> float | None:
+def redis_benchmark(port: int, requests: int, pipeline: int, key: str = "bench") -> float | None:
     """redis-benchmark's XADD requests/s with 50 clients (None: not installed)."""
     binary = shutil.which("redis-benchmark")
     if binary is None:
         return None
+    node = redis.Redis(port=port)
+    before = node.xlen(key)
     out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), "-n", str(requests), "-c", "50",
-                          "-P", str(pipeline), "--csv", "XADD", "bench", "*", "f", "v"],
+                          "-P", str(pipeline), "--csv", "XADD", key, "*", "f", "v"],
                          capture_output=True, text=True, timeout=600, check=True).stdout
+    added = node.xlen(key) - before
+    node.close()
+    if added < requests:  # (errors count as requests too: MOVED on a cluster; pipelined, it may send a few more)
+        raise RuntimeError(f"redis-benchmark added {added} entries for {requests} XADDs")
     rows = list(csv.DictReader(out.splitlines()))
     return float(rows[-1]["rps"])
 
 
-def redis_cpu(admin: redis.Redis) -> float:
-    info: dict[str, Any] = admin.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+def local_key(node: redis.Redis, port: int) -> str:
+    """A key whose slot is on the cluster master at *port* ("bench" outside a cluster)."""
+    if not node.info("cluster").get("cluster_enabled"):
+        return "bench"
+    for first, _last, master, *_ in node.execute_command("CLUSTER", "SLOTS"):
+        if int(master[1]) == port:
+            return "bench{" + slot_tag(int(first)) + "}"
+    raise RuntimeError(f"no slots on the master at port {port}")
 
 
-def hub_rate(url: str, admin: redis.Redis, prefix: str, threads: int, events: int, many: int = 0) -> dict:
+def redis_cpu(masters: list[redis.Redis]) -> float:
+    """CPU seconds the masters' redis-servers used so far."""
+    total = 0.0
+    for node in masters:
+        info: dict[str, Any] = node.info("cpu")
+        total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return total
+
+
+def hub_rate(url: str, admin: redis.Redis, masters: list[redis.Redis], prefix: str, threads: int, events: int,
+             many: int = 0, replicas: int = 0) -> dict:
     """Acknowledged publishes from *threads* threads over 100 channels (with
     *many*: publish_many batches of that size), then every stream read back."""
-    hub = RedisHub(url, prefix=prefix, maxlen=events + 1000)
+    hub = RedisHub(url, prefix=prefix, maxlen=events + 1000, replicas=replicas, replica_timeout=5.0)
     channels = [f"c{n}" for n in range(100)]
     per = events // threads
     failures: list[BaseException] = []
@@ -182,12 +212,12 @@ def hub_rate(url: str, admin: redis.Redis, prefix: str, threads: int, events: in
 
     workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     warm = hub.counters["round_trips"]
-    server0, cpu0, start = redis_cpu(admin), time.process_time(), time.perf_counter()
+    server0, cpu0, start = redis_cpu(masters), time.process_time(), time.perf_counter()
     for w in workers:
         w.start()
     for w in workers:
         w.join(600)
-    elapsed, cpu, server = time.perf_counter() - start, time.process_time() - cpu0, redis_cpu(admin) - server0
+    elapsed, cpu, server = time.perf_counter() - start, time.process_time() - cpu0, redis_cpu(masters) - server0
     round_trips = hub.counters["round_trips"] - warm
     hub.close()
     total = per * threads
@@ -214,26 +244,49 @@ def hub_rate(url: str, admin: redis.Redis, prefix: str, threads: int, events: in
             "failures": len(failures)}
 
 
-def against_xadd(events: int, xadd_requests: int) -> None:
-    with RedisServer() as server:
-        admin = redis.Redis.from_url(server.url)
-        xadd = redis_benchmark(server.port, xadd_requests, 1)
-        xadd_p32 = redis_benchmark(server.port, xadd_requests, 32)
-        rows = [hub_rate(server.url, admin, "r1:", 1, events), hub_rate(server.url, admin, "r8:", 8, events),
-                hub_rate(server.url, admin, "rm:", 1, events, many=100)]
+@contextlib.contextmanager
+def topology(on: str) -> Iterator[tuple[str, list[int]]]:
+    """A Redis to publish to: its URL and its masters' ports."""
+    if on == "sentinel":
+        with RedisSentinels() as group:
+            yield group.url, [group.master.port]
+    elif on == "cluster":
+        with RedisClusterNodes() as cluster:
+            yield cluster.url, [node.port for node in cluster.masters]
+    else:
+        with RedisServer() as server:
+            yield server.url, [server.port]
+
+
+def against_xadd(events: int, xadd_requests: int, on: str = "single", replicas: int = 0) -> None:
+    with topology(on) as (url, ports):
+        admin = client_for(url, {})
+        masters = [redis.Redis(port=port) for port in ports]
+        # XADD on one master (a stream key lives on one): the reference per master
+        key = local_key(masters[0], ports[0])
+        xadd = redis_benchmark(ports[0], xadd_requests, 1, key)
+        xadd_p32 = redis_benchmark(ports[0], xadd_requests, 32, key)
+        rows = [hub_rate(url, admin, masters, "r1:", 1, events, replicas=replicas),
+                hub_rate(url, admin, masters, "r8:", 8, events, replicas=replicas),
+                hub_rate(url, admin, masters, "rm:", 1, events, many=100, replicas=replicas)]
         admin.close()
-    print(f"redis-benchmark XADD, 50 clients: {xadd} /s; pipeline 32: {xadd_p32} /s"
+        for node in masters:
+            node.close()
+    print(f"on {on} ({len(ports)} master(s)){f', replicas={replicas}' if replicas else ''}")
+    print(f"redis-benchmark XADD on one master, 50 clients: {xadd} /s; pipeline 32: {xadd_p32} /s"
           if xadd is not None else "redis-benchmark not found (Debian package redis-tools): no XADD reference")
     cols = ["what", "threads", "per_s", "round_trips", "client_cpu_us", "redis_cpu_us", "all_once_in_order", "failures"]
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(str(row[c]) for c in cols))
     publish8, many = rows[1], rows[2]
-    summary = {"bench": "redis_publish --ratios", "xadd_c50_per_s": xadd, "xadd_c50_p32_per_s": xadd_p32, "rows": rows,
+    summary = {"bench": "redis_publish --ratios", "on": on, "masters": len(ports), "replicas": replicas,
+               "xadd_c50_per_s": xadd, "xadd_c50_p32_per_s": xadd_p32, "rows": rows,
                "publish_8_threads_to_xadd": round(publish8["per_s"] / xadd, 3) if xadd else None,
                "publish_many_to_xadd_p32": round(many["per_s"] / xadd_p32, 3) if xadd_p32 else None, "goal": 0.5}
     print(f"publish, 8 threads / XADD: {summary['publish_8_threads_to_xadd']}; "
-          f"publish_many / pipelined XADD: {summary['publish_many_to_xadd_p32']} (goal: 0.5 each)")
+          f"publish_many / pipelined XADD: {summary['publish_many_to_xadd_p32']} (goal: 0.5 each"
+          f"{'; all masters together against one' if len(ports) > 1 else ''})")
     print(json.dumps(summary))
 
 
