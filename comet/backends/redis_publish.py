@@ -41,7 +41,7 @@ from redis.connection import PythonRespSerializer
 from ..counters import Counters
 from ..errors import BackendUnavailable
 from .redis_link import RedisLink, moving
-from .redis_scripts import PUBLISH, PUBLISH_CLUSTER, PUBLISH_MANY
+from .redis_scripts import PUBLISH, PUBLISH_CLUSTER, PUBLISH_MANY, PUBLISH_MANY_CLUSTER
 
 __all__ = ["Publisher", "GroupCommit", "MAX_BATCH", "Publish", "pack", "round_trip"]
 
@@ -118,10 +118,11 @@ class Publisher:
         self.replica_timeout = replica_timeout
         self.script = link.redis.register_script(PUBLISH_CLUSTER if link.cluster else PUBLISH)
         self._head = ("EVALSHA", self.script.sha, 2)
-        self.many_script = link.redis.register_script(PUBLISH_MANY)
+        many = PUBLISH_MANY_CLUSTER if link.cluster else PUBLISH_MANY
+        self.many_script = link.redis.register_script(many)
         self._many_head = ("EVALSHA", self.many_script.sha, 2)
         self._load, self._load_many = (pack(["SCRIPT", "LOAD", PUBLISH_CLUSTER if link.cluster else PUBLISH]),
-                                       pack(["SCRIPT", "LOAD", PUBLISH_MANY]))
+                                       pack(["SCRIPT", "LOAD", many]))
         self._wait = pack(["WAIT", replicas, int(replica_timeout * 1000)])
         self._batches: GroupCommit[Publish, bytes] | None = GroupCommit(self._send_grouped) if batch else None
         # The group commit sends one batch at a time: on a connection of its
@@ -143,10 +144,8 @@ class Publisher:
     def publish_many(self, key: str, events: list[list[str | int | bytes]]) -> list[bytes]:
         """Append events (each the publish script's args) to stream *key*,
         all or none (``MULTI``/``EXEC``), in one script call
-        (:data:`~comet.backends.redis_scripts.PUBLISH_MANY`; on a cluster
-        one publish script call each, on the slot's master); their ids."""
-        if self.link.cluster:
-            return self._many_on_master(key, events)
+        (:data:`~comet.backends.redis_scripts.PUBLISH_MANY`; on a cluster on
+        the master of the stream's slot); their ids."""
         maxlen, approx = events[0][:2]  # (the same for every event: see script_args)
         items: list[str | int | bytes] = [*self._many_head, key, self.link.forgotten_for(key), maxlen, approx,
                                           *self.link.retained(key, [])]
@@ -158,14 +157,23 @@ class Publisher:
         commands = [_MULTI, pack(items), _EXEC]
         if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
             commands.append(self._wait)
-        for attempt in range(2):
-            replies = round_trip(self.link.redis, commands)
+        redirected = False
+        while True:
+            replies = round_trip(self.link.client_of(key), commands)
             self.counters.add("round_trips")
-            executed = replies[-2 if self.replicas else -1]
+            executed = replies[len(commands) - (2 if self.replicas else 1)]
             if isinstance(executed, BaseException):
-                raise executed  # (EXECABORT: refused when queued, nothing ran)
+                # EXECABORT: refused when queued, nothing ran; on a cluster
+                # the slot may have moved (MOVED, ASK): once more, on the
+                # master the refreshed slot map names.
+                refused = next((r for r in replies if isinstance(r, BaseException) and moving(r)), None)
+                if refused is None or redirected or not self.link.cluster:
+                    raise executed if refused is None else refused
+                redirected = True
+                cast(RedisCluster, self.link.redis).nodes_manager.initialize()
+                continue
             ids = executed[0]
-            if attempt == 0 and isinstance(ids, redis.exceptions.NoScriptError):
+            if isinstance(ids, redis.exceptions.NoScriptError) and commands[0] is not self._load_many:
                 # A restarted Redis, a failover: the script never ran, so
                 # nothing is stored twice. Loaded on the same connection
                 # (another may reach another server after a failover).
@@ -180,7 +188,6 @@ class Publisher:
                 if isinstance(result, BaseException):
                     raise result
             return cast("list[bytes]", results)
-        raise AssertionError("unreachable")
 
     def _send_grouped(self, batch: list[Publish]) -> list[bytes | BaseException]:
         return self.send_batch(batch, lane=True)
@@ -275,29 +282,6 @@ class Publisher:
                 except redis.ResponseError as exc:
                     results[i] = exc
         return results
-
-    def _many_on_master(self, key: str, events: list[list[str | int | bytes]]) -> list[bytes]:
-        """:meth:`publish_many` on a cluster: MULTI/EXEC on the master of the
-        stream's slot; once more after a redirection (a transaction that
-        got MOVED never ran)."""
-        sha = self.script.sha
-        for attempt in range(2):
-            with self.link.master(key).pipeline(transaction=False) as pipe:
-                raw: Any = pipe  # MULTI/EXEC as plain commands: execute_command is untyped in redis-py
-                pipe.script_load(self.script.script)  # (a failover's new master may lack it: see publish_many)
-                raw.execute_command("MULTI")
-                for args in events:
-                    pipe.evalsha(sha, 2, key, self.link.forgotten_for(key), *self.link.retained(key, args))
-                raw.execute_command("EXEC")
-                replies = pipe.execute(raise_on_error=False)
-            self.counters.add("round_trips")
-            error = next((r for r in replies if isinstance(r, BaseException)), None)
-            if error is None:
-                return cast("list[bytes]", replies[-1])
-            if not (attempt == 0 and moving(error)):
-                raise error
-            cast(RedisCluster, self.link.redis).nodes_manager.initialize()
-        raise AssertionError("unreachable")
 
 
 _Item = TypeVar("_Item")

@@ -8,7 +8,7 @@ other languages (``docs/publishing.md`` shows it; a test checks they agree).
 """
 from __future__ import annotations
 
-__all__ = ["LIB", "PUBLISH_FN", "PUBLISH", "PUBLISH_CLUSTER", "PUBLISH_MANY", "LOAD", "FORGET"]
+__all__ = ["LIB", "PUBLISH_FN", "PUBLISH", "PUBLISH_CLUSTER", "PUBLISH_MANY", "PUBLISH_MANY_CLUSTER", "LOAD", "FORGET"]
 
 # Shared by the scripts: stream ids compared exactly (as digit strings), the
 # server's time in ms, and the floor of a channel that has no stream: the id
@@ -71,8 +71,8 @@ return publish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[n - 2]), tonumb
                {unpack(ARGV, 3, n - 3)})
 """
 
-# Several events to one stream in one call (publish_many on a single Redis
-# or Sentinel's master): each appended as PUBLISH appends it, in order, in
+# Several events to one stream in one call (publish_many; on a cluster
+# each rings the bell, as PUBLISH_CLUSTER does): each appended as PUBLISH appends it, in order, in
 # one script (atomic, as MULTI/EXEC was, at a fraction of its cost per
 # event). KEYS as PUBLISH; ARGV: maxlen, "~" or "=", max_age ms, max_idle
 # ms, bucket, then for each event the number of its field/value items and
@@ -82,7 +82,7 @@ local maxlen, approx, max_age, idle, bucket = ARGV[1], ARGV[2], tonumber(ARGV[3]
 local ids, i = {}, 6
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  ids[#ids + 1] = publish(KEYS[1], KEYS[2], maxlen, approx, max_age, idle, bucket, false, {unpack(ARGV, i + 1, i + n)})
+  ids[#ids + 1] = publish(KEYS[1], KEYS[2], maxlen, approx, max_age, idle, bucket, BELL, {unpack(ARGV, i + 1, i + n)})
   i = i + n + 1
 end
 return ids
@@ -162,3 +162,5 @@ return {last, rest}
 # on the stream key, a shard channel of the same slot (see redis_cluster).
 PUBLISH_CLUSTER = PUBLISH.replace("BELL", "true")
 PUBLISH = PUBLISH.replace("BELL", "false")
+PUBLISH_MANY_CLUSTER = PUBLISH_MANY.replace("BELL", "true")
+PUBLISH_MANY = PUBLISH_MANY.replace("BELL", "false")
