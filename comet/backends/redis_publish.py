@@ -102,7 +102,6 @@ def round_trip(client: redis.Redis, commands: list[bytes], conn: Any = None) -> 
             pool.release(conn)
 
 
-
 _MULTI, _EXEC = pack(["MULTI"]), pack(["EXEC"])
 
 
