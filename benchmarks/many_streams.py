@@ -74,9 +74,11 @@ machine of issue #29 (ulimit -n 20,000 hard, ports 32768-60999), for
 * descriptors: 100,000 / 6 processes = about 16,700 per comet process
   (reuseport spreads within a few %), under 18,000; 5 processes would not
   fit (and comet.max_parked, 20,000, would refuse the rest);
-* nginx as deployed (2 workers on 2 cores, worker_connections 65,536;
-  worker_rlimit_nofile 131,072 takes, nginx's master runs as root) holds
-  about 65,000 streams: the nginx front is capped there, not at 100,000.
+* nginx as deployed (2 workers on 2 cores, worker_connections 65,536,
+  worker_rlimit_nofile 131,072) holds about 65,000 streams where it may
+  raise its descriptor limit; in this machine's container it may not
+  (no CAP_SYS_RESOURCE: setrlimit fails, each worker keeps 20,000
+  descriptors), so about 20,000: the nginx front is capped there.
   Given more connections, it would next meet the ephemeral ports of its
   upstream connections (from 127.0.0.1: 28,232 per comet process);
 * ephemeral ports of the load clients: 10,000 per source address of
@@ -302,10 +304,21 @@ def _client_main(port: int, n: int, pipe, source: str, timeout: float) -> None:
 # -- limits of this machine -------------------------------------------------------------
 
 
+def _may_raise_nofile() -> bool:
+    """Whether a process started here may raise its descriptor limit above
+    the hard limit (CAP_SYS_RESOURCE, bit 24 of CapEff): root in a container
+    often may not, and nginx's worker_rlimit_nofile then fails with EPERM."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
 def _nginx_capacity() -> dict:
     """Streams nginx can hold as deploy/nginx.conf configures it: two
     connections per stream, worker_connections per worker, the descriptor
-    limit it sets (worker_rlimit_nofile; above the hard limit only as root)."""
+    limit it sets (worker_rlimit_nofile; above the hard limit only with
+    CAP_SYS_RESOURCE)."""
     text = MAIN.read_text()
     workers_set = re.search(r"(?m)^worker_processes\s+(\w+);", text)[1]
     workers = (os.cpu_count() or 1) if workers_set == "auto" else int(workers_set)
@@ -313,7 +326,7 @@ def _nginx_capacity() -> dict:
     rlimit_match = re.search(r"(?m)^worker_rlimit_nofile\s+(\d+);", text)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     rlimit = int(rlimit_match[1]) if rlimit_match else resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if os.geteuid() != 0:
+    if not _may_raise_nofile():  # nginx's setrlimit fails (EPERM): it keeps the hard limit it inherits
         rlimit = min(rlimit, hard)
     per_worker = min(connections, rlimit) - 64  # listeners, upstream keepalive, the publishes
     return {"workers": workers, "worker_connections": connections, "worker_rlimit_nofile": rlimit,
