@@ -88,6 +88,7 @@ class ClusterFollower:
         self.lock = threading.Lock()
         self._regroup_lock = threading.Lock()
         self.readers: dict[str, _NodeReader] = {}  # node name ("host:port") -> its reader
+        self.retired: list[_NodeReader] = []  # readers regrouped away, still ending: joined at close
         self.owner: dict[bytes, str] = {}  # stream key -> node name
         self.stop = threading.Event()
         self.regroups = 0
@@ -150,6 +151,7 @@ class ClusterFollower:
                            if key in self.owner and self.owner[key] != node.name}
                 idle = [name for name, r in self.readers.items() if not r.keys]
                 retired = [self.readers.pop(name) for name in idle]
+                self.retired = [r for r in self.retired if r.thread.is_alive()] + retired
             for reader in touched:
                 reader.changed()
             for reader in retired:
@@ -164,6 +166,8 @@ class ClusterFollower:
         with self.lock:
             readers = list(self.readers.values())
             self.readers.clear()
+            readers += self.retired  # (a reader regrouped away may still be on its way out)
+            self.retired = []
         for reader in readers:
             reader.retire()
         for reader in readers:

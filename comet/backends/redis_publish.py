@@ -29,6 +29,7 @@ master discovery stay redis-py's.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from typing import Any, Callable, Generic, Sequence, TypeVar, cast
@@ -74,6 +75,17 @@ def pack(args: Sequence[str | int | bytes]) -> bytes:
     return b"".join(_python_pack.pack(*args))
 
 
+# redis-py 5.3 deprecated get_connection's command name (a warning), 5.0-5.2
+# require it: ask the signature once.
+_NAMED_GET = inspect.signature(redis.ConnectionPool.get_connection).parameters["command_name"].default \
+    is inspect.Parameter.empty
+
+
+def pooled_connection(pool: Any) -> Any:
+    """A connection from redis-py connection *pool*, on every redis-py comet allows."""
+    return pool.get_connection("_") if _NAMED_GET else pool.get_connection()
+
+
 def round_trip(client: redis.Redis, commands: list[bytes], conn: Any = None) -> list[Any]:
     """Send packed *commands* on one of *client*'s pooled connections (or
     on *conn*, one of them its caller holds), in one write; their replies in
@@ -84,7 +96,7 @@ def round_trip(client: redis.Redis, commands: list[bytes], conn: Any = None) -> 
     pool = client.connection_pool
     held = conn is not None
     if not held:
-        conn = pool.get_connection()  # (its methods are untyped in redis-py)
+        conn = pooled_connection(pool)  # (its methods are untyped in redis-py)
     try:
         conn.send_packed_command([b"".join(commands)])
         replies: list[Any] = []
@@ -217,7 +229,7 @@ class Publisher:
     def _connection(self) -> Any:
         """The group commit's own connection (see __init__)."""
         if self._lane is None or self._lane_pid != os.getpid():
-            self._lane = self.link.redis.connection_pool.get_connection()
+            self._lane = pooled_connection(self.link.redis.connection_pool)
             self._lane_pid = os.getpid()
         else:
             # Reconnects, if a failure dropped it, as the pool would: through
