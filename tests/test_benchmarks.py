@@ -5,6 +5,7 @@ sharing a port) and of ``benchmarks.scaleout`` on its three shared
 backends (timings are not checked, only that every event arrived once, in
 order, and every process was stopped); the load client's parser."""
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import cheroot.server
 import pytest
 
 from benchmarks.capacity import Dechunk, one_stream_burst
@@ -106,6 +108,8 @@ def test_redis_read_benchmark_runs():
     _nothing_left(tag, "the benchmark left processes running")
 
 
+@pytest.mark.skipif("reuse_port" not in inspect.signature(cheroot.server.HTTPServer.__init__).parameters,
+                    reason="this cheroot has no reuse_port (SO_REUSEPORT), which the benchmark's shared port needs")
 def test_many_streams_benchmark_runs_on_a_shared_port():
     result = subprocess.run([sys.executable, "-m", "benchmarks.many_streams", "--n", "400", "--processes", "2",
                              "--front", "reuseport", "--broadcasts", "2", "--pause", "0.1"],
