@@ -51,7 +51,9 @@ setup(
                  "build>=1", "twine>=5", "setuptools>=61", "wheel>=0.40",
                  "prometheus_client>=0.17", "waitress>=2.1", "gunicorn>=21", "flask>=2.3", "django>=4.2",
                  # Pillow: the JPEG frames of tests/browser/test_multipart_img.py
-                 "pillow>=10"],
+                 "pillow>=10",
+                 # h2 (hyper-h2): tests/test_deploy.py's storm over HTTP/2, as browsers open it
+                 "h2>=4"],
     },
     # The fixtures (comet_cherrypy, comet_wsgi, comet_redis) are available to
     # any test suite once comet is installed, like other pytest plugins. The

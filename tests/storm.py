@@ -7,6 +7,11 @@ stream is live. It returns a :class:`Storm` saying who got there, how
 fast, and who did not (with why), so a test can assert on every client.
 The connections stay open until :meth:`Storm.close`, so the server holds
 *n* streams at once, as after a real storm.
+
+``h2storm(url, n)`` is the same storm as browsers make it over HTTPS: each
+client its own TLS connection negotiating HTTP/2 (ALPN ``h2``), one stream
+on it; its :class:`H2Storm` keeps reading every stream after it opened, so
+a test can wait for an event to reach all of them.
 """
 from __future__ import annotations
 
@@ -15,8 +20,13 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 
 
 @dataclass
@@ -28,6 +38,7 @@ class Storm:
     first_bytes: list[bytes] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # readers that outlive the opening
     _thread: threading.Thread | None = None
 
     @property
@@ -36,7 +47,10 @@ class Storm:
 
     def summary(self) -> str:
         times = sorted(self.opened)
-        p = (lambda q: f"{times[min(len(times) - 1, int(q * len(times)))]:.2f}s") if times else (lambda q: "-")
+
+        def p(q: float) -> str:
+            return f"{times[min(len(times) - 1, int(q * len(times)))]:.2f}s" if times else "-"
+
         why = sorted(set(self.failed))[:5]
         return (f"{len(times)}/{self.n} streaming (p50 {p(0.5)}, p99 {p(0.99)}, last {p(1.0)}); statuses {self.statuses}; "
                 f"{len(self.failed)} failed: {why}")
@@ -46,6 +60,9 @@ class Storm:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             async def shut() -> None:
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
                 await _abort(self._writers)
                 loop.stop()
             asyncio.run_coroutine_threadsafe(shut(), loop)
@@ -79,7 +96,6 @@ def storm(url: str, n: int, *, deadline: float = 5.0, headers: dict[str, str] | 
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     result = Storm(n)
-    ready = threading.Event()
 
     async def one(start: float) -> None:
         try:
@@ -102,9 +118,21 @@ def storm(url: str, n: int, *, deadline: float = 5.0, headers: dict[str, str] | 
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             result.failed.append(type(exc).__name__ + ": " + str(exc)[:80])
 
+    return _launch(result, one, deadline)
+
+
+_S = TypeVar("_S", bound=Storm)
+
+
+def _launch(result: _S, one: Callable[[float], Awaitable[None]], deadline: float) -> _S:
+    """Run ``one(start)`` for each of ``result.n`` clients at once on a loop
+    of their own (a thread keeps it running until ``result.close()``);
+    return when every client got there or *deadline* seconds passed."""
+    ready = threading.Event()
+
     async def main() -> None:
         start = time.monotonic()
-        tasks = [asyncio.ensure_future(one(start)) for _ in range(n)]
+        tasks = [asyncio.ensure_future(one(start)) for _ in range(result.n)]
         done, pending = await asyncio.wait(tasks, timeout=deadline)
         for task in pending:
             task.cancel()
@@ -126,6 +154,144 @@ def storm(url: str, n: int, *, deadline: float = 5.0, headers: dict[str, str] | 
     if not ready.wait(deadline + 30):
         raise TimeoutError("the storm's loop did not finish")
     return result
+
+
+@dataclass
+class H2Storm(Storm):
+    """A :class:`Storm` over HTTP/2 whose streams are read on after they
+    opened: ``received[i]`` is every DATA frame's bytes the *i*-th client to
+    open got, with the ``time.monotonic()`` it arrived; ``lost`` says why,
+    for each stream that ended or broke after it opened."""
+    received: list[list[tuple[float, bytes]]] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return super().summary() + (f"; {len(self.lost)} lost after opening: {sorted(set(self.lost))[:5]}" if self.lost else "")
+
+    def wait_all_received(self, text: str, timeout: float) -> list[float]:
+        """Wait until every client that opened has received *text* in its
+        stream's body; the ``time.monotonic()`` each one got it. Example::
+
+            before = time.monotonic()
+            publish("hello")
+            slowest = max(result.wait_all_received("hello", 10)) - before
+        """
+        needle = text.encode()
+        at: dict[int, float] = {}
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, chunks in enumerate(list(self.received)):
+                if i not in at and (when := _arrival(list(chunks), needle)) is not None:
+                    at[i] = when
+            if len(at) == len(self.received):
+                return [at[i] for i in range(len(self.received))]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} reached {len(at)} of {len(self.received)} streams within {timeout}s; "
+                                   + self.summary())
+            time.sleep(0.05)
+
+
+def _arrival(chunks: list[tuple[float, bytes]], needle: bytes) -> float | None:
+    """When the body made of *chunks* first contained *needle*."""
+    body = b""
+    for when, data in chunks:
+        body += data
+        if needle in body:
+            return when
+    return None
+
+
+def h2storm(url: str, n: int, *, deadline: float = 5.0, headers: dict[str, str] | None = None,
+            cafile: str | None = None, source: str | None = None) -> H2Storm:
+    """:func:`storm` over HTTP/2: *n* TLS connections to the ``https`` *url*
+    at once, each offering ALPN ``h2`` and ``http/1.1`` as a browser does; a
+    client counts as streaming once the server chose ``h2`` and sent, on its
+    one stream (a GET with ``Accept: text/event-stream``, as EventSource
+    sends), HEADERS with ``:status`` 200 and ``content-type:
+    text/event-stream``, then the first bytes of the body. Every stream is
+    read on (flow control acknowledged) until the result's ``close()``."""
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        raise ValueError(f"{url}: HTTP/2 as browsers speak it is over TLS (https)")
+    host, port = parts.hostname or "127.0.0.1", parts.port or 443
+    context = ssl.create_default_context(cafile=cafile)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    request = [(":method", "GET"), (":scheme", "https"), (":authority", parts.netloc),
+               (":path", parts.path + ("?" + parts.query if parts.query else "")), ("accept", "text/event-stream")]
+    request += [(k.lower(), v) for k, v in (headers or {}).items()]
+    result = H2Storm(n)
+    config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+
+    async def one(start: float) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(host, port, ssl=context,
+                                                           local_addr=(source, 0) if source else None)
+            result._writers.append(writer)
+            protocol = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+            if protocol != "h2":
+                result.failed.append(f"ALPN chose {protocol}, not h2")
+                return
+            conn = h2.connection.H2Connection(config)
+            conn.initiate_connection()  # the preface and our SETTINGS
+            conn.send_headers(conn.get_next_available_stream_id(), request, end_stream=True)
+            writer.write(conn.data_to_send())
+            chunks: list[tuple[float, bytes]] = []
+            head = False
+            while not (head and chunks):
+                data = await reader.read(65536)
+                if not data:
+                    result.failed.append("closed before any body" if head else "closed before the response")
+                    return
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        fields = {str(k): str(v) for k, v in event.headers or ()}
+                        status = int(fields[":status"])
+                        result.statuses[status] = result.statuses.get(status, 0) + 1
+                        if status != 200:
+                            result.failed.append(f"status {status}")
+                            return
+                        if not fields.get("content-type", "").startswith("text/event-stream"):
+                            result.failed.append(f"content-type {fields.get('content-type')!r}")
+                            return
+                        head = True
+                    elif isinstance(event, h2.events.DataReceived):
+                        _take(conn, event, chunks)
+                    elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                        result.failed.append(type(event).__name__ + (" before any body" if head else " before the response"))
+                        return
+                writer.write(conn.data_to_send())  # SETTINGS acks, window updates
+            result.first_bytes.append(chunks[0][1])
+            result.opened.append(chunks[0][0] - start)
+            result.received.append(chunks)
+            result._tasks.append(asyncio.ensure_future(follow(reader, writer, conn, chunks)))
+        except (OSError, asyncio.IncompleteReadError, ValueError, KeyError, h2.exceptions.H2Error) as exc:
+            result.failed.append(type(exc).__name__ + ": " + str(exc)[:80])
+
+    async def follow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     conn: h2.connection.H2Connection, chunks: list[tuple[float, bytes]]) -> None:
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        _take(conn, event, chunks)
+                    elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                        result.lost.append(type(event).__name__)
+                        return
+                writer.write(conn.data_to_send())
+            result.lost.append("connection closed")
+        except (OSError, h2.exceptions.H2Error) as exc:
+            result.lost.append(type(exc).__name__ + ": " + str(exc)[:80])
+
+    return _launch(result, one, deadline)
+
+
+def _take(conn: h2.connection.H2Connection, event: h2.events.DataReceived, chunks: list[tuple[float, bytes]]) -> None:
+    """Keep a DATA frame's bytes, and give its flow-control credit back at
+    once (a stream nobody acknowledges stalls after 64 KB)."""
+    if event.data:
+        chunks.append((time.monotonic(), event.data))
+    if event.flow_controlled_length and event.stream_id is not None:
+        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
 
 
 @dataclass
