@@ -426,6 +426,17 @@ def test_a_batch_reports_each_publish_on_its_own(hubs, comet_redis, prefix):
     results = hub.store.publisher.send_batch([(prefix + "ok", args), (prefix + "wrong", args), (prefix + "ok", args)])
     assert isinstance(results[1], redis.ResponseError) and "WRONGTYPE" in str(results[1])
     assert all(isinstance(r, bytes) for r in (results[0], results[2])) and results[0] < results[2]
+    # One script call for the batch (PUBLISH_BATCH): each entry still names
+    # the one before it in its stream, across the failed publish and others
+    # in between; a stream's first entry names its floor.
+    first = hub.publish("ok2", "first")
+    results = hub.store.publisher.send_batch([(prefix + "ok", args), (prefix + "ok2", args), (prefix + "ok", args),
+                                              (prefix + "new", args), (prefix + "ok2", args)])
+    assert all(isinstance(r, bytes) for r in results)
+    for key in ("ok", "ok2", "new"):
+        entries = admin.xrange(prefix + key)
+        assert [f[b"p"] for _, f in entries] == [b"0-0"] + [i for i, _ in entries[:-1]]
+    assert [i for i, _ in admin.xrange(prefix + "ok2")] == [first.encode(), results[1], results[4]]
     admin.script_flush()
     results = hub.store.publisher.send_batch([(prefix + "after", args), (prefix + "after", args)])
     assert all(isinstance(r, bytes) for r in results) and admin.xlen(prefix + "after") == 2

@@ -3,10 +3,13 @@
 Every publish runs the publish script (:mod:`comet.backends.redis_scripts`)
 on the channel's stream. Publishing threads share round trips
 (:class:`GroupCommit`): while one publish is on the wire, others that arrive
-queue up, and the next of them sends the whole queue as one pipeline. Each
-caller still gets its own id or its own error, a thread's publishes stay in
-its order, and a lone publisher pays nothing extra: a batch of one is a
-plain call. ``replicas=N`` follows each pipeline with ``WAIT N`` on the same
+queue up, and the next of them sends the whole queue in one round trip: on
+a single Redis (and Sentinel's master) as one call of the batch script
+(:data:`~comet.backends.redis_scripts.PUBLISH_BATCH`, each publish as the
+publish script runs it), on a cluster as a pipeline of publish scripts per
+master. Each caller still gets its own id or its own error, a thread's
+publishes stay in its order, and a lone publisher pays nothing extra: a
+batch of one is a plain call. ``replicas=N`` follows each batch with ``WAIT N`` on the same
 connection, in the same round trip. On a cluster a batch is one pipeline
 per master (see :mod:`comet.backends.redis_cluster`).
 
@@ -42,7 +45,7 @@ from redis.connection import PythonRespSerializer
 from ..counters import Counters
 from ..errors import BackendUnavailable
 from .redis_link import RedisLink, moving
-from .redis_scripts import PUBLISH, PUBLISH_CLUSTER, PUBLISH_MANY, PUBLISH_MANY_CLUSTER
+from .redis_scripts import PUBLISH, PUBLISH_BATCH, PUBLISH_CLUSTER, PUBLISH_MANY, PUBLISH_MANY_CLUSTER
 
 __all__ = ["Publisher", "GroupCommit", "MAX_BATCH", "Publish", "pack", "round_trip"]
 
@@ -134,6 +137,10 @@ class Publisher:
         self._many_head = ("EVALSHA", self.many_script.sha, 2)
         self._load, self._load_many = (pack(["SCRIPT", "LOAD", PUBLISH_CLUSTER if link.cluster else PUBLISH]),
                                        pack(["SCRIPT", "LOAD", many]))
+        # (On a cluster a batch's streams are in several slots: one script
+        # call per publish there, see _cluster_pipeline.)
+        self.batch_script = link.redis.register_script(PUBLISH_BATCH)
+        self._load_batch = pack(["SCRIPT", "LOAD", PUBLISH_BATCH])
         self._wait = pack(["WAIT", replicas, int(replica_timeout * 1000)])
         self._batches: GroupCommit[Publish, bytes] | None = GroupCommit(self._send_grouped) if batch else None
         # The group commit sends one batch at a time: on a connection of its
@@ -239,18 +246,41 @@ class Publisher:
         return self._lane
 
     def _pipeline(self, batch: list[Publish], conn: Any = None, load: bool = False) -> list[bytes | BaseException]:
-        """*batch* in one round trip (on *conn*, else a pooled connection),
-        after ``SCRIPT LOAD`` if *load*."""
-        commands = [self._evalsha(key, args) for key, args in batch]
+        """*batch* in one round trip (on *conn*, else a pooled connection), a
+        publish alone as the publish script, more in one call of the batch
+        script (:data:`~comet.backends.redis_scripts.PUBLISH_BATCH`); after
+        ``SCRIPT LOAD`` if *load*."""
+        if len(batch) == 1:
+            commands, load_it = [self._evalsha(*batch[0])], self._load
+        else:
+            keys: list[str | int | bytes] = []
+            argv: list[str | int | bytes] = []
+            for key, args in batch:
+                keys += (key, self.link.forgotten_for(key))
+                full = self.link.retained(key, args)
+                argv.append(len(full))
+                argv += full
+            commands, load_it = [pack(["EVALSHA", self.batch_script.sha, len(keys), *keys, *argv])], self._load_batch
         if load:
-            commands.insert(0, self._load)
+            commands.insert(0, load_it)
         if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
             commands.append(self._wait)
-        results: list[bytes | BaseException] = round_trip(self.link.redis, commands, conn)
+        replies = round_trip(self.link.redis, commands, conn)
         if load:
-            del results[0]  # (had it failed, so would each EVALSHA after it)
+            del replies[0]  # (had it failed, so would the EVALSHA after it)
+        acked = replies.pop() if self.replicas else None
+        reply = replies[0]
+        # A refusal of the whole call (NOSCRIPT, READONLY after a failover)
+        # is every publish's: none of them ran.
+        results: list[bytes | BaseException]
+        if isinstance(reply, BaseException):
+            results = [reply] * len(batch)
+        elif len(batch) == 1:
+            results = [reply]
+        else:
+            results = list(reply)
         if self.replicas:
-            self._check_replicated(results.pop(), results)
+            self._check_replicated(acked, results)
         return results
 
     def _check_replicated(self, acked: Any, results: list[bytes | BaseException]) -> None:

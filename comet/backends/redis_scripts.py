@@ -8,7 +8,8 @@ other languages (``docs/publishing.md`` shows it; a test checks they agree).
 """
 from __future__ import annotations
 
-__all__ = ["LIB", "PUBLISH_FN", "PUBLISH", "PUBLISH_CLUSTER", "PUBLISH_MANY", "PUBLISH_MANY_CLUSTER", "LOAD", "FORGET"]
+__all__ = ["LIB", "PUBLISH_FN", "PUBLISH", "PUBLISH_CLUSTER", "PUBLISH_MANY", "PUBLISH_MANY_CLUSTER", "PUBLISH_BATCH",
+           "LOAD", "FORGET"]
 
 # Shared by the scripts: stream ids compared exactly (as digit strings), the
 # server's time in ms, and the floor of a channel that has no stream: the id
@@ -41,17 +42,21 @@ end
 # Appending one event to a channel's stream, as every writer does it (the
 # publish script, and presence's join and leave): reading the newest id and
 # adding happen atomically, so "p" is exact. *fields* are the entry's
-# field/value pairs; *bell* rings the stream's shard channel (Cluster).
+# field/value pairs; *bell* rings the stream's shard channel (Cluster);
+# *newest*, if given, is the stream's newest id, which this same script has
+# just added (a batch's scripts: one XREVRANGE costs more than the XADD).
 PUBLISH_FN = """
-local function publish(stream, forgotten, maxlen, approx, max_age, idle, bucket, bell, fields)
-  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-  local prev, id = nil, '*'
-  if #newest > 0 then prev = newest[1][1] else
-    prev = fresh_floor(forgotten, bucket, idle, idle)
-    -- A new stream's ids start at the clock: one forgotten in this very
-    -- millisecond had ids as high, so start right after its floor instead.
-    local ms, seq = string.match(prev, '(%d+)-(%d+)')
-    if tonumber(ms) >= now_ms() then id = ms .. '-' .. string.format('%d', tonumber(seq) + 1) end
+local function publish(stream, forgotten, maxlen, approx, max_age, idle, bucket, bell, fields, newest)
+  local prev, id = newest, '*'
+  if not prev then
+    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    if #last > 0 then prev = last[1][1] else
+      prev = fresh_floor(forgotten, bucket, idle, idle)
+      -- A new stream's ids start at the clock: one forgotten in this very
+      -- millisecond had ids as high, so start right after its floor instead.
+      local ms, seq = string.match(prev, '(%d+)-(%d+)')
+      if tonumber(ms) >= now_ms() then id = ms .. '-' .. string.format('%d', tonumber(seq) + 1) end
+    end
   end
   id = redis.call('XADD', stream, 'MAXLEN', approx, maxlen, id, 'p', prev, unpack(fields))
   if max_age > 0 then
@@ -82,8 +87,36 @@ local maxlen, approx, max_age, idle, bucket = ARGV[1], ARGV[2], tonumber(ARGV[3]
 local ids, i = {}, 6
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  ids[#ids + 1] = publish(KEYS[1], KEYS[2], maxlen, approx, max_age, idle, bucket, BELL, {unpack(ARGV, i + 1, i + n)})
+  ids[#ids + 1] = publish(KEYS[1], KEYS[2], maxlen, approx, max_age, idle, bucket, BELL, {unpack(ARGV, i + 1, i + n)},
+                         ids[#ids])
   i = i + n + 1
+end
+return ids
+"""
+
+# The group commit's batch on a single Redis (or Sentinel's master): several
+# publishes, to any streams, in one script call, each as PUBLISH runs it and
+# each with its own result: its id, or its error (a stream key of the wrong
+# type fails that publish alone, as when each was a call of its own). One
+# call instead of one per publish: Redis pays a script's setup once, and the
+# client packs and reads one command. KEYS: each publish's stream and
+# forgotten hash (two per publish); ARGV: for each, the number of its
+# arguments, then PUBLISH's ARGV. Returns the ids and errors, in order.
+PUBLISH_BATCH = LIB + PUBLISH_FN + """
+local ids, newest, i = {}, {}, 1
+for k = 1, #KEYS, 2 do
+  local a, z = i + 1, i + tonumber(ARGV[i])
+  local stream = KEYS[k]
+  local ok, id = pcall(publish, stream, KEYS[k + 1], ARGV[a], ARGV[a + 1], tonumber(ARGV[z - 2]),
+                       tonumber(ARGV[z - 1]), ARGV[z], false, {unpack(ARGV, a + 2, z - 3)}, newest[stream])
+  if ok then
+    newest[stream] = id
+  else
+    newest[stream] = nil
+    if type(id) ~= 'table' then id = redis.error_reply(tostring(id)) end
+  end
+  ids[#ids + 1] = id
+  i = z + 1
 end
 return ids
 """
