@@ -110,7 +110,7 @@ def check_channel(channel: str) -> None:
     """
     if not isinstance(channel, str) or not channel:
         raise InvalidEvent(f"channel must be a non-empty str, got {channel!r}")
-    if len(channel) > MAX_NAME or any(c in channel for c in "\r\n\x00"):
+    if len(channel) > MAX_NAME or "\r" in channel or "\n" in channel or "\x00" in channel:
         raise InvalidEvent(f"channel must be at most {MAX_NAME} characters without CR, LF or NUL: {channel[:80]!r}")
 
 

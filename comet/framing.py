@@ -139,10 +139,15 @@ def heartbeat_seconds(seconds: float) -> str:
     return text
 
 
+# One encoder for every event: json.dumps builds a new one per call when
+# given options (a third of an event's serialisation).
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def to_json(value: Any) -> str:
     """Compact JSON text for *value*, or :class:`UnserializableData`."""
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return _encode_json(value)
     except (TypeError, ValueError) as exc:
         raise UnserializableData(f"data is not JSON-serialisable: {exc}") from None
 
