@@ -23,7 +23,10 @@ one redis-server: ``redis-benchmark`` XADD with 50 clients, unpipelined
 and with ``-P 32`` (Debian's redis-tools ships it), then acknowledged
 ``publish`` from 1 and 8 threads over 100 channels and ``publish_many`` from
 1 thread in batches of 100, and prints publish(8 threads) / XADD and
-publish_many / pipelined XADD (issue 29's goal: at least 0.5 each). No
+publish_many / pipelined XADD (issue 29's goal: at least 0.5 each). Python's
+floor runs beside them: redis-benchmark's XADD from this process, from 8
+threads and pipelined by 100, on raw sockets with hiredis and nothing else,
+the fastest any Python client publishes here (see python_floor). No
 subscriber runs while publishing (its reader would share this process's
 CPU); afterwards every stream is read back to check each event is there
 once, in its thread's order. ``client_cpu_us`` is this process's CPU per
@@ -165,6 +168,44 @@ def redis_benchmark(port: int, requests: int, pipeline: int, key: str = "bench")
     return float(rows[-1]["rps"])
 
 
+def python_floor(port: int, key: str, threads: int, events: int, pipeline: int = 1) -> float:
+    """The same XADD as redis-benchmark's, from this Python process: *threads*
+    threads, each on its own socket, *pipeline* commands per round trip,
+    packed and parsed by hiredis and nothing else (no redis-py, no comet).
+    No Python client can publish faster on this machine: what is left
+    between it and redis-benchmark (C, epoll, no GIL) is CPython's."""
+    import socket
+
+    import hiredis
+
+    per = events // threads
+    command = hiredis.pack_command(("XADD", key, "*", "f", "v"))
+
+    def work() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reader = hiredis.Reader()
+            for _ in range(per // pipeline):
+                sock.sendall(command * pipeline)
+                got = 0
+                while got < pipeline:
+                    reply = reader.gets()
+                    if reply is False:
+                        reader.feed(sock.recv(1 << 16))
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        got += 1
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(600)
+    return round(per // pipeline * pipeline * threads / (time.perf_counter() - start), 2)
+
+
 def local_key(node: redis.Redis, port: int) -> str:
     """A key whose slot is on the cluster master at *port* ("bench" outside a cluster)."""
     if not node.info("cluster").get("cluster_enabled"):
@@ -266,6 +307,8 @@ def against_xadd(events: int, xadd_requests: int, on: str = "single", replicas: 
         key = local_key(masters[0], ports[0])
         xadd = redis_benchmark(ports[0], xadd_requests, 1, key)
         xadd_p32 = redis_benchmark(ports[0], xadd_requests, 32, key)
+        floor8 = python_floor(ports[0], key, 8, xadd_requests)
+        floor_p100 = python_floor(ports[0], key, 1, xadd_requests * 2, pipeline=100)
         rows = [hub_rate(url, admin, masters, "r1:", 1, events, replicas=replicas),
                 hub_rate(url, admin, masters, "r8:", 8, events, replicas=replicas),
                 hub_rate(url, admin, masters, "rm:", 1, events, many=100, replicas=replicas)]
@@ -275,6 +318,8 @@ def against_xadd(events: int, xadd_requests: int, on: str = "single", replicas: 
     print(f"on {on} ({len(ports)} master(s)){f', replicas={replicas}' if replicas else ''}")
     print(f"redis-benchmark XADD on one master, 50 clients: {xadd} /s; pipeline 32: {xadd_p32} /s"
           if xadd is not None else "redis-benchmark not found (Debian package redis-tools): no XADD reference")
+    print(f"Python's floor, the same XADD from this process (hiredis on raw sockets): 8 threads {floor8} /s; "
+          f"1 thread, 100 per round trip: {floor_p100} /s")
     cols = ["what", "threads", "per_s", "round_trips", "client_cpu_us", "redis_cpu_us", "all_once_in_order", "failures"]
     print(" | ".join(cols))
     for row in rows:
@@ -283,10 +328,18 @@ def against_xadd(events: int, xadd_requests: int, on: str = "single", replicas: 
     summary = {"bench": "redis_publish --ratios", "on": on, "masters": len(ports), "replicas": replicas,
                "xadd_c50_per_s": xadd, "xadd_c50_p32_per_s": xadd_p32, "rows": rows,
                "publish_8_threads_to_xadd": round(publish8["per_s"] / xadd, 3) if xadd else None,
-               "publish_many_to_xadd_p32": round(many["per_s"] / xadd_p32, 3) if xadd_p32 else None, "goal": 0.5}
+               "publish_many_to_xadd_p32": round(many["per_s"] / xadd_p32, 3) if xadd_p32 else None, "goal": 0.5,
+               "python_floor_8_threads_per_s": floor8, "python_floor_p100_per_s": floor_p100,
+               "python_floor_8_threads_to_xadd": round(floor8 / xadd, 3) if xadd else None,
+               "python_floor_p100_to_xadd_p32": round(floor_p100 / xadd_p32, 3) if xadd_p32 else None,
+               "publish_8_threads_to_floor": round(publish8["per_s"] / floor8, 3),
+               "publish_many_to_floor_p100": round(many["per_s"] / floor_p100, 3)}
     print(f"publish, 8 threads / XADD: {summary['publish_8_threads_to_xadd']}; "
           f"publish_many / pipelined XADD: {summary['publish_many_to_xadd_p32']} (goal: 0.5 each"
           f"{'; all masters together against one' if len(ports) > 1 else ''})")
+    print(f"Python's floor / redis-benchmark: 8 threads {summary['python_floor_8_threads_to_xadd']}, "
+          f"pipelined {summary['python_floor_p100_to_xadd_p32']}; comet / Python's floor: publish, 8 threads "
+          f"{summary['publish_8_threads_to_floor']}, publish_many {summary['publish_many_to_floor_p100']}")
     print(json.dumps(summary))
 
 
