@@ -15,7 +15,7 @@ import redis
 
 from comet import Event, Part
 from comet.backends.redis import RedisHub
-from comet.backends.redis_publish import pack, round_trip
+from comet.backends.redis_publish import pack, round_trip, round_trips
 
 ROOT = Path(__file__).resolve().parents[1]
 _names = itertools.count()
@@ -55,6 +55,31 @@ def test_a_round_trip_answers_each_command_in_order_and_drops_a_broken_connectio
         round_trip(client, [pack(["PING"]), pack(["BLPOP", prefix + "empty", 1]), pack(["PING"])])
     assert round_trip(client, [pack(["ECHO", "next"])]) == [b"next"]  # not the PING left over
     client.close()
+
+
+def test_round_trips_reach_servers_side_by_side_and_fail_one_alone(comet_redis, prefix):
+    """A cluster batch goes to every master at once (round_trips): each
+    server's replies come back to it, in order; a server that cannot be
+    reached fails its own commands, not the others', and leaves no
+    connection taken from any pool."""
+    import socket
+
+    with socket.socket() as spare:  # a port nothing listens on
+        spare.bind(("127.0.0.1", 0))
+        dead_port = spare.getsockname()[1]
+    up = redis.Redis.from_url(comet_redis.url)
+    other = redis.Redis.from_url(comet_redis.url)
+    down = redis.Redis(port=dead_port, socket_connect_timeout=1)
+    out = round_trips([(up, [pack(["XADD", prefix + "a", "*", "n", 1]), pack(["XLEN", prefix + "a"])]),
+                       (down, [pack(["PING"])]),
+                       (other, [pack(["ECHO", "other"])])])
+    assert isinstance(out[0], list) and isinstance(out[0][0], bytes) and out[0][1] == 1
+    assert isinstance(out[1], redis.ConnectionError)
+    assert out[2] == [b"other"]
+    for client in (up, other, down):
+        pool = client.connection_pool
+        assert len(pool._in_use_connections) == 0  # (redis-py's pool: every connection given back)
+        client.close()
 
 
 def test_publish_many_after_a_script_flush_stores_each_event_once(comet_redis, prefix):

@@ -47,7 +47,7 @@ from ..errors import BackendUnavailable
 from .redis_link import RedisLink, moving
 from .redis_scripts import PUBLISH, PUBLISH_BATCH, PUBLISH_CLUSTER, PUBLISH_MANY, PUBLISH_MANY_CLUSTER
 
-__all__ = ["Publisher", "GroupCommit", "MAX_BATCH", "Publish", "pack", "round_trip"]
+__all__ = ["Publisher", "GroupCommit", "MAX_BATCH", "Publish", "pack", "round_trip", "round_trips"]
 
 #: Most publishes one pipeline carries; the rest wait for the next one.
 MAX_BATCH = 256
@@ -117,6 +117,56 @@ def round_trip(client: redis.Redis, commands: list[bytes], conn: Any = None) -> 
             pool.release(conn)
 
 
+def round_trips(sends: list[tuple[redis.Redis, list[bytes]]]) -> list[list[Any] | Exception]:
+    """:func:`round_trip` to several servers at once (a cluster's masters):
+    every client's commands are written before any reply is read, so the
+    servers work side by side. Replies per client, as round_trip gives them,
+    or what failed that client's round trip (its connection then dropped):
+    one master down fails only its own commands."""
+    taken: list[tuple[Any, Any]] = []  # (pool, connection) to give back
+    sent: list[Any | Exception] = []  # per client: its connection, or why not
+    try:
+        for client, commands in sends:
+            pool = client.connection_pool
+            try:
+                conn = pooled_connection(pool)  # (it connects: may fail)
+            except Exception as exc:
+                sent.append(exc)
+                continue
+            taken.append((pool, conn))
+            try:
+                conn.send_packed_command([b"".join(commands)])
+                sent.append(conn)
+            except Exception as exc:
+                conn.disconnect()
+                sent.append(exc)
+        out: list[list[Any] | Exception] = []
+        for conn, (_, commands) in zip(sent, sends):
+            if isinstance(conn, Exception):
+                out.append(conn)
+                continue
+            replies: list[Any] = []
+            try:
+                for _ in commands:
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as exc:
+                        replies.append(exc)
+            except Exception as exc:
+                conn.disconnect()
+                out.append(exc)
+                continue
+            out.append(replies)
+        return out
+    except BaseException:
+        for _, conn in taken:
+            conn.disconnect()
+        raise
+    finally:
+        for pool, conn in taken:
+            pool.release(conn)
+
+
 _MULTI, _EXEC = pack(["MULTI"]), pack(["EXEC"])
 
 
@@ -137,8 +187,8 @@ class Publisher:
         self._many_head = ("EVALSHA", self.many_script.sha, 2)
         self._load, self._load_many = (pack(["SCRIPT", "LOAD", PUBLISH_CLUSTER if link.cluster else PUBLISH]),
                                        pack(["SCRIPT", "LOAD", many]))
-        # (On a cluster a batch's streams are in several slots: one script
-        # call per publish there, see _cluster_pipeline.)
+        # (Not on a cluster: a script's declared keys must share a slot, so
+        # there each publish is a call of its own, see _cluster_pipeline.)
         self.batch_script = link.redis.register_script(PUBLISH_BATCH)
         self._load_batch = pack(["SCRIPT", "LOAD", PUBLISH_BATCH])
         self._wait = pack(["WAIT", replicas, int(replica_timeout * 1000)])
@@ -250,17 +300,7 @@ class Publisher:
         publish alone as the publish script, more in one call of the batch
         script (:data:`~comet.backends.redis_scripts.PUBLISH_BATCH`); after
         ``SCRIPT LOAD`` if *load*."""
-        if len(batch) == 1:
-            commands, load_it = [self._evalsha(*batch[0])], self._load
-        else:
-            keys: list[str | int | bytes] = []
-            argv: list[str | int | bytes] = []
-            for key, args in batch:
-                keys += (key, self.link.forgotten_for(key))
-                full = self.link.retained(key, args)
-                argv.append(len(full))
-                argv += full
-            commands, load_it = [pack(["EVALSHA", self.batch_script.sha, len(keys), *keys, *argv])], self._load_batch
+        commands, load_it = [self._command(batch)], self._load if len(batch) == 1 else self._load_batch
         if load:
             commands.insert(0, load_it)
         if self.replicas:  # same connection, same round trip: WAIT covers exactly these writes
@@ -269,19 +309,35 @@ class Publisher:
         if load:
             del replies[0]  # (had it failed, so would the EVALSHA after it)
         acked = replies.pop() if self.replicas else None
-        reply = replies[0]
-        # A refusal of the whole call (NOSCRIPT, READONLY after a failover)
-        # is every publish's: none of them ran.
-        results: list[bytes | BaseException]
-        if isinstance(reply, BaseException):
-            results = [reply] * len(batch)
-        elif len(batch) == 1:
-            results = [reply]
-        else:
-            results = list(reply)
+        results = self._results(batch, replies[0])
         if self.replicas:
             self._check_replicated(acked, results)
         return results
+
+    def _command(self, batch: list[Publish]) -> bytes:
+        """One publish as the publish script, more as one call of the batch
+        script (:data:`~comet.backends.redis_scripts.PUBLISH_BATCH`)."""
+        if len(batch) == 1:
+            return self._evalsha(*batch[0])
+        keys: list[str | int | bytes] = []
+        argv: list[str | int | bytes] = []
+        for key, args in batch:
+            keys += (key, self.link.forgotten_for(key))
+            full = self.link.retained(key, args)
+            argv.append(len(full))
+            argv += full
+        return pack(["EVALSHA", self.batch_script.sha, len(keys), *keys, *argv])
+
+    @staticmethod
+    def _results(batch: list[Publish], reply: Any) -> list[bytes | BaseException]:
+        """Each publish's result from the reply to :meth:`_command`. A refusal
+        of the whole call (NOSCRIPT, READONLY after a failover, MOVED on a
+        cluster) is every publish's: none of them ran."""
+        if isinstance(reply, BaseException):
+            return [reply] * len(batch)
+        if len(batch) == 1:
+            return [reply]
+        return list(reply)
 
     def _check_replicated(self, acked: Any, results: list[bytes | BaseException]) -> None:
         """Turn the ids of writes fewer than ``replicas`` replicas acknowledged
@@ -295,19 +351,24 @@ class Publisher:
                 results[i] = error
 
     def _cluster_pipeline(self, batch: list[Publish]) -> list[bytes | BaseException]:
-        """:meth:`_pipeline` on a cluster: one round trip per master; publishes
-        redirected (MOVED, ASK: they never ran) once more one by one through
-        the cluster client, which follows redirections."""
+        """:meth:`_pipeline` on a cluster: a pipeline per master, all masters
+        at once (:func:`round_trips`); publishes redirected (MOVED, ASK: they
+        never ran) once more one by one through the cluster client, which
+        follows redirections."""
         results: list[bytes | BaseException] = [RuntimeError("not sent")] * len(batch)
         by_master: dict[int, tuple[redis.Redis, list[int]]] = {}
         for i, (key, _) in enumerate(batch):
             client = self.link.master(key)
             by_master.setdefault(id(client), (client, []))[1].append(i)
-        for client, indexes in by_master.values():
+        groups = list(by_master.values())
+        sends = [(client, [self._evalsha(*batch[i]) for i in indexes]) for client, indexes in groups]
+        for (client, indexes), (_, commands), replies in zip(groups, sends, round_trips(sends)):
+            if isinstance(replies, Exception):  # that master unreachable: its publishes fail, not the others'
+                for i in indexes:
+                    results[i] = replies
+                continue
             # A failover's new master may lack the script (NOSCRIPT: those
             # never ran): loaded, and they go again, in one round trip.
-            commands = [self._evalsha(*batch[i]) for i in indexes]
-            replies = round_trip(client, commands)
             missing = [j for j, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
             if missing:
                 again = round_trip(client, [self._load, *(commands[j] for j in missing)])[1:]
