@@ -82,6 +82,45 @@ def test_round_trips_reach_servers_side_by_side_and_fail_one_alone(comet_redis, 
         client.close()
 
 
+def test_a_forked_child_publishes_on_a_connection_of_its_own(comet_redis, prefix):
+    """A hub made before a fork (gunicorn --preload) publishes in the child
+    on its own connection: the group commit's held connection is the
+    parent's, and sharing it would cross the replies of both processes."""
+    import os
+    import warnings
+
+    hub = RedisHub(comet_redis.url, prefix=prefix)
+    admin = redis.Redis.from_url(comet_redis.url)
+    try:
+        hub.publish("room", "before the fork")  # the held connection is taken here
+        read, write = os.pipe()
+        with warnings.catch_warnings():  # (3.12+ warns of fork with threads: the hub's reader is one, idle here)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: publish, report its ids, never return into pytest
+            code = 1
+            try:
+                os.close(read)
+                ids = [hub.publish("room", f"child {i}") for i in range(300)]
+                os.write(write, json.dumps(ids).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        mine = [hub.publish("room", f"parent {i}") for i in range(300)]
+        with os.fdopen(read, "rb") as pipe:
+            theirs = json.loads(pipe.read() or b"[]")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        stored = {i.decode(): f[b"d"].decode() for i, f in admin.xrange(prefix + "room")}
+        assert len(stored) == 601
+        assert [stored[i] for i in mine] == [f"parent {i}" for i in range(300)]
+        assert [stored[i] for i in theirs] == [f"child {i}" for i in range(300)]
+    finally:
+        admin.close()
+        hub.close()
+
+
 def test_publish_many_after_a_script_flush_stores_each_event_once(comet_redis, prefix):
     """A restarted Redis forgets the script: every EVALSHA of the EXEC fails
     alike, nothing ran, and the batch goes again once loaded."""

@@ -169,6 +169,13 @@ def round_trips(sends: list[tuple[redis.Redis, list[bytes]]]) -> list[list[Any] 
 
 _MULTI, _EXEC = pack(["MULTI"]), pack(["EXEC"])
 
+# Forks so far in this process's line: a connection held across a fork is
+# the parent's. (Counted at fork, not asked per publish: os.getpid() is a
+# system call.)
+_forks = [0]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
 
 class Publisher:
     """How one hub publishes over its *link* (see the module's docstring);
@@ -198,7 +205,7 @@ class Publisher:
         # much as the round trip itself). Not across a fork: the pool
         # starts afresh in a child, and so does this.
         self._lane: Any = None
-        self._lane_pid = 0
+        self._lane_fork = 0
 
     def publish(self, key: str, args: list[str | int | bytes]) -> bytes:
         """Append one event (the publish script's *args*) to stream *key*; its id."""
@@ -285,13 +292,14 @@ class Publisher:
 
     def _connection(self) -> Any:
         """The group commit's own connection (see __init__)."""
-        if self._lane is None or self._lane_pid != os.getpid():
+        if self._lane is None or self._lane_fork != _forks[0]:
             self._lane = pooled_connection(self.link.redis.connection_pool)
-            self._lane_pid = os.getpid()
-        else:
+            self._lane_fork = _forks[0]
+        elif getattr(self._lane, "_sock", None) is None:
             # Reconnects, if a failure dropped it, as the pool would: through
             # connect(), which on Sentinel asks for the master now (sending on
-            # a dropped connection would reconnect to the old address).
+            # a dropped connection would reconnect to the old address). Only
+            # then: connect() costs a retry wrapper's calls even when connected.
             self._lane.connect()
         return self._lane
 
