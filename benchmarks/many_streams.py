@@ -92,7 +92,10 @@ machine of issue #29 (ulimit -n 20,000 hard, ports 32768-60999), for
   a broadcast's latency is theirs.
 
 Options: ``--broadcasts`` (5), ``--per-client`` (10,000 streams per load
-client), ``--connect-timeout`` (600 s), ``--save`` (write the table and
+client), ``--connect-timeout`` (600 s), ``--nginx-workers N`` (nginx's
+``worker_processes`` instead of the deployed ``auto``: where nginx may not
+raise its descriptor limit, more workers hold more streams, each with its
+inherited 20,000; the file saved gets ``-nginx-N-workers``), ``--save`` (write the table and
 JSON to benchmarks/results/many-streams-<date>.{txt,json}; the lead saves
 the full run). Prints a table and one JSON line. 127.0.0.0/8 only; every
 process it starts is stopped.
@@ -100,6 +103,7 @@ process it starts is stopped.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import errno
 import heapq
@@ -110,9 +114,11 @@ import os
 import re
 import resource
 import select
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -314,12 +320,11 @@ def _may_raise_nofile() -> bool:
     return False
 
 
-def _nginx_capacity() -> dict:
-    """Streams nginx can hold as deploy/nginx.conf configures it: two
-    connections per stream, worker_connections per worker, the descriptor
-    limit it sets (worker_rlimit_nofile; above the hard limit only with
-    CAP_SYS_RESOURCE)."""
-    text = MAIN.read_text()
+def _nginx_capacity(text: str) -> dict:
+    """Streams nginx can hold as main configuration *text* (deploy/nginx.conf)
+    configures it: two connections per stream, worker_connections per
+    worker, the descriptor limit it sets (worker_rlimit_nofile; above the
+    hard limit only with CAP_SYS_RESOURCE)."""
     workers_set = re.search(r"(?m)^worker_processes\s+(\w+);", text)[1]
     workers = (os.cpu_count() or 1) if workers_set == "auto" else int(workers_set)
     connections = int(re.search(r"(?m)^\s*worker_connections\s+(\d+);", text)[1])
@@ -333,7 +338,7 @@ def _nginx_capacity() -> dict:
             "streams": workers * per_worker // 2, "run_at": int(0.9 * workers * per_worker // 2)}
 
 
-def machine_limits() -> dict:
+def machine_limits(main_text: str) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     meminfo = Path("/proc/meminfo").read_text()
@@ -347,7 +352,7 @@ def machine_limits() -> dict:
             "tcp_mem_pressure_mb": tcp_mem[1] * PAGE // 2**20,
             "conntrack_max": int(conntrack.read_text()) if conntrack.exists() else None,
             "epoll_max_user_watches": int(watches.read_text()) if watches.exists() else None,
-            "nginx": _nginx_capacity()}
+            "nginx": _nginx_capacity(main_text)}
 
 
 def does_not_fit(front: str, n: int, args, limits: dict) -> str | None:
@@ -377,7 +382,7 @@ class Front:
     """redis-server, *processes* comet processes (fast route on a RedisHub)
     and, for ``nginx``, nginx as deployed in front of them."""
 
-    def __init__(self, front: str, processes: int) -> None:
+    def __init__(self, front: str, processes: int, main: Path = MAIN) -> None:
         self.front, self.nginx, self.apps = front, None, []
         self.redis = RedisServer().start()
         shared = free_port() if front == "reuseport" else None
@@ -389,7 +394,7 @@ class Front:
                 self.apps.append(app)
                 app.start()
             if front == "nginx":
-                self.nginx = NginxServer(SITE, [a.port for a in self.apps], main=MAIN).start()
+                self.nginx = NginxServer(SITE, [a.port for a in self.apps], main=main).start()
         except BaseException:
             self.close()
             raise
@@ -451,7 +456,7 @@ def run_one(front: str, n: int, run: int, args) -> dict:
     ctx = mp.get_context("fork")
     pipes, procs, setup = [], [], None
     try:
-        setup = Front(front, args.processes)
+        setup = Front(front, args.processes, args.main)
         time.sleep(0.5)
         rss0, kernel0, cpu0 = setup.rss_kb(), kernel_socket_bytes(), setup.cpu()
         clients = max(2, math.ceil(n / args.per_client))
@@ -591,9 +596,21 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between broadcasts")
     parser.add_argument("--per-client", type=int, default=10_000, help="streams per load-client process")
     parser.add_argument("--connect-timeout", type=float, default=600.0)
+    parser.add_argument("--nginx-workers", type=int, default=0,
+                        help="nginx's worker_processes instead of deploy/nginx.conf's (auto): more workers, more "
+                             "descriptors where nginx may not raise its limit")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/many-streams-<date>.{txt,json}")
     args = parser.parse_args()
-    limits = machine_limits()
+    main_text = MAIN.read_text()
+    args.main = MAIN
+    if args.nginx_workers:
+        main_text, n = re.subn(r"(?m)^worker_processes\s+\w+;", f"worker_processes {args.nginx_workers};", main_text)
+        assert n == 1, "deploy/nginx.conf: one worker_processes line"
+        scratch = tempfile.mkdtemp(prefix="many-streams-")
+        atexit.register(shutil.rmtree, scratch, True)
+        args.main = Path(scratch) / "nginx.conf"
+        args.main.write_text(main_text)
+    limits = machine_limits(main_text)
     print(json.dumps({"limits": limits}), file=sys.stderr, flush=True)
     rows, run = [], 0
     for front in args.front:
@@ -619,7 +636,7 @@ def main() -> None:
     print(line)
     if args.save:
         RESULTS.mkdir(exist_ok=True)
-        stem = RESULTS / f"many-streams-{summary['date']}"
+        stem = RESULTS / f"many-streams-{summary['date']}{f'-nginx-{args.nginx_workers}-workers' if args.nginx_workers else ''}"
         stem.with_suffix(".txt").write_text(f"$ .venv/bin/python -m benchmarks.many_streams {' '.join(sys.argv[1:])}\n\n"
                                             f"{text}\n\nlimits: {json.dumps(limits)}\n")
         stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
