@@ -108,6 +108,19 @@ def test_redis_read_benchmark_runs():
     _nothing_left(tag, "the benchmark left processes running")
 
 
+def test_connect_ports_benchmark_runs():
+    """benchmarks/connect_ports.py, small: a row per step, and its holder
+    process stopped."""
+    env, tag = _tagged()
+    result = subprocess.run([sys.executable, "-m", "benchmarks.connect_ports", "--upto", "600", "--step", "200"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line[:1].isdigit()]
+    assert [int(row[0]) for row in rows] == [200, 400, 600], result.stdout
+    assert all(float(row[3]) > 0 for row in rows), result.stdout
+    _nothing_left(tag, "the benchmark left its holder running")
+
+
 @pytest.mark.skipif("reuse_port" not in inspect.signature(cheroot.server.HTTPServer.__init__).parameters,
                     reason="this cheroot has no reuse_port (SO_REUSEPORT), which the benchmark's shared port needs")
 def test_many_streams_benchmark_runs_on_a_shared_port():
