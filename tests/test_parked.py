@@ -6,6 +6,7 @@ import ssl
 import subprocess
 import threading
 import time
+import uuid
 
 import cherrypy
 import pytest
@@ -227,8 +228,29 @@ def test_parked_admission_cap(comet_cherrypy, hub):
         engine_plugin().pool.max_parked = 20_000
 
 
+@pytest.fixture
+def parked_on_redis(comet_cherrypy, comet_redis):
+    from comet.backends.redis import RedisHub
+
+    hub = RedisHub(comet_redis.url, prefix=f"parked-{uuid.uuid4().hex[:8]}:", idle=0.2)
+    closes = Closes()
+    server = comet_cherrypy(parked_root(hub, closes), thread_pool=4)
+    yield server, hub, closes
+    hub.close()
+
+
 def test_slow_consumer_is_disconnected_and_never_blocks_publish(parked):
-    server, hub, closes = parked
+    _slow_consumer_never_blocks_publish(*parked)
+
+
+def test_slow_consumer_never_blocks_a_publish_through_redis(parked_on_redis):
+    """The same with a RedisHub: a publish is acknowledged by Redis and the
+    stuck stream's process reads its copy from Redis; nothing in between
+    waits for the slow client."""
+    _slow_consumer_never_blocks_publish(*parked_on_redis)
+
+
+def _slow_consumer_never_blocks_publish(server, hub, closes):
     stuck = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.sendall(b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read again
