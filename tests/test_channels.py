@@ -48,6 +48,16 @@ def any_hub(request):
     made.close()
 
 
+def mirror_read(hub, channel: str, last: str) -> None:
+    """On Redis, wait until this process's mirror of *channel* has appended
+    up to *last* (or dropped the channel). Its reader runs on a thread of its
+    own: until then a cursor may still be in the mirror, and a resume from
+    it rightly gets every event and no gap."""
+    mirrored = getattr(hub.store, "mirrored", None)
+    if mirrored is not None:
+        wait_until(lambda: mirrored(channel) in ("", last), what=f"the mirror of {channel!r} caught up, or gone")
+
+
 def take_until(sub, count: int, timeout: float = 5.0) -> list:
     """What *sub* hands out (events, gaps), until *count* items; the Redis
     hub's events arrive through its reader thread."""
@@ -113,12 +123,7 @@ def test_a_gap_is_reported_for_the_channel_that_fell_behind_only(any_hub):
     for n in range(60):  # more than the buffer (50) holds
         last = any_hub.publish("busy", n)
     any_hub.publish("quiet", "q2")
-    mirrored = getattr(any_hub.store, "mirrored", None)
-    if mirrored is not None:
-        # Redis: this process's mirror reads the stream on a thread of its
-        # own. Until it has appended the 60 (or dropped the channel), the
-        # cursor may still be in it, and a resume then rightly sees no gap.
-        wait_until(lambda: mirrored("busy") in ("", last), what="the mirror caught up, or gone")
+    mirror_read(any_hub, "busy", last)
     resumed = any_hub.subscribe(["busy", "quiet"], last_id=cursor)
     got: list = []
     wait_until(lambda: got.extend(resumed.take()) or {"q2", 59} <= {e.data for e in got if e.name != GAP}, what="the last of each")
@@ -434,8 +439,9 @@ def test_a_channel_that_fell_behind_gets_its_snapshot_on_a_stream_of_several(any
     cursor = take_until(sub, 1)[-1].id
     sub.close()
     for n in range(60):  # more than the buffer (50) holds
-        any_hub.publish("score", n)
+        last = any_hub.publish("score", n)
     any_hub.publish("chat", "still here")
+    mirror_read(any_hub, "score", last)
     resumed = any_hub.subscribe(["score", "chat"], last_id=cursor)
     got = take_until(resumed, 3)
     assert [(e.channel, e.name) for e in got[:2]] == [("score", GAP), ("score", "comet.snapshot")]
