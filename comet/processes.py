@@ -17,6 +17,7 @@ Debian packages: redis-server (with redis-cli), nginx (``./run test`` installs t
 """
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,13 +64,25 @@ def _terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> int |
     return process.returncode
 
 
+# Ports handed out lately, not yet bound by whoever asked: the kernel may
+# offer one again at the next bind to port 0 (nginx once got the same port
+# for its two listeners, and refused to start).
+_handed: collections.deque[int] = collections.deque(maxlen=1024)
+_handing = threading.Lock()
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for servers that need a
-    number up front, such as redis-server or nginx)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]  # (host, port) for AF_INET
-        return port
+    number up front, such as redis-server or nginx), and none of the last
+    1,024 this process handed out."""
+    with _handing:
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port: int = sock.getsockname()[1]  # (host, port) for AF_INET
+            if port not in _handed:
+                _handed.append(port)
+                return port
 
 
 class RedisServer:
