@@ -60,21 +60,29 @@ class Setup:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.name = f"{backend}-{processes}p-nginx" if processes else "memory-direct"
         self.redis = self.sentinels = self.cluster = None
-        if processes:
-            if backend == "redis":
-                self.redis = RedisServer().start()
-            elif backend == "sentinel":
-                self.sentinels = RedisSentinels().start()
-            else:
-                self.cluster = RedisClusterNodes().start()
-        shared = self.redis or self.sentinels or self.cluster
-        count = processes or 1
-        extra = [shared.url] if shared else []
-        self.apps = [AppProcess(["-m", "benchmarks.peers.comet_app", "{port}", "parked", "100", *extra], cwd=ROOT, ready=None)
-                     for _ in range(count)]
-        for app in self.apps:
-            app.start()
-        self.nginx = NginxServer(SITE, [a.port for a in self.apps], worker_connections=30_000).start() if processes else None
+        self.apps: list[AppProcess] = []
+        self.nginx: NginxServer | None = None
+        try:
+            if processes:
+                if backend == "redis":
+                    self.redis = RedisServer().start()
+                elif backend == "sentinel":
+                    self.sentinels = RedisSentinels().start()
+                else:
+                    self.cluster = RedisClusterNodes().start()
+            shared = self.redis or self.sentinels or self.cluster
+            extra = [shared.url] if shared else []
+            for _ in range(processes or 1):
+                app = AppProcess(["-m", "benchmarks.peers.comet_app", "{port}", "parked", "100", *extra], cwd=ROOT,
+                                 ready=None)
+                self.apps.append(app)
+                app.start()
+            if processes:
+                self.nginx = NginxServer(SITE, [a.port for a in self.apps], worker_connections=30_000)
+                self.nginx.start()
+        except BaseException:  # what started so far stops too: a failed setup leaves nothing running
+            self.close()
+            raise
         self.port = self.nginx.port if self.nginx else self.apps[0].port
 
     def pids(self) -> list[int]:
