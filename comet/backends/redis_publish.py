@@ -7,11 +7,11 @@ queue up, and the next of them sends the whole queue in one round trip: on
 a single Redis (and Sentinel's master) as one call of the batch script
 (:data:`~comet.backends.redis_scripts.PUBLISH_BATCH`, each publish as the
 publish script runs it), on a cluster as a pipeline of publish scripts per
-master. Each caller still gets its own id or its own error, a thread's
-publishes stay in its order, and a lone publisher pays nothing extra: a
-batch of one is a plain call. ``replicas=N`` follows each batch with ``WAIT N`` on the same
-connection, in the same round trip. On a cluster a batch is one pipeline
-per master (see :mod:`comet.backends.redis_cluster`).
+master (see :mod:`comet.backends.redis_cluster`), every master's at once.
+Each caller still gets its own id or its own error, a thread's publishes
+stay in its order, and a lone publisher pays nothing extra: a batch of one
+is a plain call. ``replicas=N`` follows each batch with ``WAIT N`` on the
+same connection, in the same round trip.
 
 Nothing here retries a publish that may have run: ``XADD`` is not
 idempotent. Only what provably never ran (``NOSCRIPT``, a redirection) is
@@ -102,19 +102,25 @@ def round_trip(client: redis.Redis, commands: list[bytes], conn: Any = None) -> 
         conn = pooled_connection(pool)  # (its methods are untyped in redis-py)
     try:
         conn.send_packed_command([b"".join(commands)])
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except redis.ResponseError as exc:
-                replies.append(exc)
-        return replies
+        return _replies(conn, len(commands))
     except BaseException:
         conn.disconnect()
         raise
     finally:
         if not held:
             pool.release(conn)
+
+
+def _replies(conn: Any, count: int) -> list[Any]:
+    """*count* replies read from *conn*, an error reply as its
+    :class:`redis.ResponseError` in its place; anything else is raised."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(conn.read_response())
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 def round_trips(sends: list[tuple[redis.Redis, list[bytes]]]) -> list[list[Any] | Exception]:
@@ -145,18 +151,11 @@ def round_trips(sends: list[tuple[redis.Redis, list[bytes]]]) -> list[list[Any] 
             if isinstance(conn, Exception):
                 out.append(conn)
                 continue
-            replies: list[Any] = []
             try:
-                for _ in commands:
-                    try:
-                        replies.append(conn.read_response())
-                    except redis.ResponseError as exc:
-                        replies.append(exc)
+                out.append(_replies(conn, len(commands)))
             except Exception as exc:
                 conn.disconnect()
                 out.append(exc)
-                continue
-            out.append(replies)
         return out
     except BaseException:
         for _, conn in taken:
@@ -339,8 +338,8 @@ class Publisher:
     @staticmethod
     def _results(batch: list[Publish], reply: Any) -> list[bytes | BaseException]:
         """Each publish's result from the reply to :meth:`_command`. A refusal
-        of the whole call (NOSCRIPT, READONLY after a failover, MOVED on a
-        cluster) is every publish's: none of them ran."""
+        of the whole call (NOSCRIPT, READONLY after a failover) is every
+        publish's: none of them ran."""
         if isinstance(reply, BaseException):
             return [reply] * len(batch)
         if len(batch) == 1:
