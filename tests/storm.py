@@ -28,6 +28,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
+from comet.testing import wait_until
+
 
 @dataclass
 class Storm:
@@ -178,17 +180,19 @@ class H2Storm(Storm):
         """
         needle = text.encode()
         at: dict[int, float] = {}
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def everyone() -> bool:
             for i, chunks in enumerate(list(self.received)):
                 if i not in at and (when := _arrival(list(chunks), needle)) is not None:
                     at[i] = when
-            if len(at) == len(self.received):
-                return [at[i] for i in range(len(self.received))]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} reached {len(at)} of {len(self.received)} streams within {timeout}s; "
-                                   + self.summary())
-            time.sleep(0.05)
+            return len(at) == len(self.received)
+
+        try:
+            wait_until(everyone, timeout, 0.05, what=f"{text!r} to reach every stream")
+        except TimeoutError:
+            raise TimeoutError(f"{text!r} reached {len(at)} of {len(self.received)} streams within {timeout}s; "
+                               + self.summary()) from None
+        return [at[i] for i in range(len(self.received))]
 
 
 def _arrival(chunks: list[tuple[float, bytes]], needle: bytes) -> float | None:

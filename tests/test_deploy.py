@@ -7,6 +7,7 @@ client does not care which process serves it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -16,12 +17,13 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 
 from comet.testing import AppProcess, NginxServer, RedisServer, StreamClient, http_get, wait_until
 
-from storm import Crowd, h2storm, storm
+from storm import Crowd, Storm, h2storm, storm
 from test_backlog import backlog_of, somaxconn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,20 +272,33 @@ def released(cluster: Cluster, streams: int, connections: int) -> None:
     wait_until(lambda: streams_open(cluster) <= streams, 20, 0.1, what="the apps releasing the storm's streams")
 
 
+S = TypeVar("S", bound=Storm)
+
+
+@contextlib.contextmanager
+def storming(cluster: Cluster, launch: Callable[..., S]) -> Iterator[tuple[S, int, int]]:
+    """*STORM* clients opened at once by *launch* (:func:`storm`,
+    :func:`h2storm`) on nginx's TLS listener; yields them with the streams
+    the apps and the connections nginx held before. Closed at the end, and
+    then nginx and the apps must hold none of them (:func:`released`)."""
+    nginx = cluster.nginx
+    assert nginx.tls_port is not None
+    streams, connections = streams_open(cluster), held_by_nginx(nginx.tls_port)
+    result = launch(nginx.https_url + "/events", STORM, deadline=5.0, cafile=nginx.certificate)
+    try:
+        yield result, streams, connections
+    finally:
+        result.close()
+    released(cluster, streams, connections)
+
+
 def test_a_storm_of_streams_through_nginx_all_stream_within_5_s(shoutbox):
     """1,000 browsers open their stream at the same moment (a deploy, a
     network blip), over TLS to nginx as deployed: every one streams within
     5 s. Before #29: with CherryPy's backlog of 5, 27 of 100 had no
     response after 30 s. Closed, nginx and the apps hold none of them."""
-    nginx = shoutbox.nginx
-    assert nginx.tls_port is not None
-    streams, connections = streams_open(shoutbox), held_by_nginx(nginx.tls_port)
-    result = storm(nginx.https_url + "/events", STORM, deadline=5.0, cafile=nginx.certificate)
-    try:
+    with storming(shoutbox, storm) as (result, _, _):
         assert result.all_open, result.summary()
-    finally:
-        result.close()
-    released(shoutbox, streams, connections)
 
 
 def test_a_storm_of_http2_streams_through_nginx_all_stream_within_5_s_and_hear_a_shout(shoutbox):
@@ -292,10 +307,7 @@ def test_a_storm_of_http2_streams_through_nginx_all_stream_within_5_s_and_hear_a
     fails), one stream on each. Every one streams within 5 s, a shout then
     reaches all 1,000, and once they close, nginx and the apps hold none."""
     nginx = shoutbox.nginx
-    assert nginx.tls_port is not None
-    streams, connections = streams_open(shoutbox), held_by_nginx(nginx.tls_port)
-    result = h2storm(nginx.https_url + "/events", STORM, deadline=5.0, cafile=nginx.certificate)
-    try:
+    with storming(shoutbox, h2storm) as (result, streams, connections):
         assert result.all_open, result.summary()
         assert held_by_nginx(nginx.tls_port) >= connections + STORM  # one connection each, not shared
         wait_until(lambda: streams_open(shoutbox) >= streams + STORM, 10, 0.1, what="every stream held by an app")
@@ -305,9 +317,6 @@ def test_a_storm_of_http2_streams_through_nginx_all_stream_within_5_s_and_hear_a
         slowest = max(result.wait_all_received(text, 10)) - posted
         assert not result.lost, result.summary()
         print(f"{result.summary()}; the shout reached all {STORM} in {slowest:.2f}s")
-    finally:
-        result.close()
-    released(shoutbox, streams, connections)
 
 
 def test_nginx_reload_with_open_streams_finishes_and_every_client_resumes(shoutbox):
